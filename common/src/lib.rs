@@ -1,0 +1,13 @@
+//! Pieces of Kiln that the coordinator, the agent and the CLI share.
+//!
+//! # Layout
+//! - [`spec`]: the `kiln.yml` pipeline file, parsed and validated into a DAG
+//!   with errors that name the file, line and column.
+//! - [`ids`]: newtypes for run ids and stage keys.
+//! - [`labels`]: `k=v,k=v` agent labels and how stages select agents.
+//! - [`logging`]: tracing set-up for the binaries.
+
+pub mod ids;
+pub mod labels;
+pub mod logging;
+pub mod spec;

@@ -1,14 +1,43 @@
-//! Kiln's coordinator.
+//! Kiln's coordinator: stores pipelines, runs and logs, and dispatches each
+//! ready stage to an agent.
 //!
 //! # Layout
-//! (filled in as the modules land)
+//! - [`run`] starts everything in a fixed order and stops it in reverse.
+//! - `store`: the [`Store`](store) trait and its sled implementation; the
+//!   only module that touches sled.
+//! - `commit`: group commit — many transitions, one flush, then the acks.
+//! - `engine`: the single owner of live state (runs, DAG progress, agents,
+//!   leases, fencing, dispatch, logs), driven by events.
+//! - `agent_service`, `control`: the tonic services, translating requests
+//!   into engine events.
+//! - `http`: `/healthz` and `/metrics`.
+//! - `views`: stored records as wire messages.
+
+mod agent_service;
+pub mod clock;
+mod commit;
+mod control;
+mod engine;
+mod error;
+mod http;
+mod metrics;
+mod store;
+mod views;
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
+
+use kiln_proto::v1::agent_service_server::AgentServiceServer;
+use kiln_proto::v1::control_service_server::ControlServiceServer;
+use tokio::sync::{mpsc, watch};
+
+pub use error::ApiError;
+pub use store::StoreError;
 
 /// Everything the coordinator needs to start; the binary builds it from flags.
 pub struct Config {
-    /// sled database and (later) artifact blobs live here.
+    /// sled database (and later artifact blobs) live here.
     pub data_dir: PathBuf,
     /// gRPC listener for agents and the CLI, already bound (tests bind port 0).
     pub grpc_listener: tokio::net::TcpListener,
@@ -20,11 +49,114 @@ pub struct Config {
     pub heartbeat_interval: Duration,
 }
 
+/// How long open streams get to end after shutdown begins.
+const DRAIN_GRACE: Duration = Duration::from_secs(5);
+
 /// Runs the coordinator until `shutdown` completes.
+///
+/// Start-up order: store, recovery, commit thread, engine, gRPC, HTTP.
+/// Shutdown runs the other way round; everything acknowledged before it is
+/// on disk when this returns.
 pub async fn run(
     config: Config,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let _ = (config, shutdown);
-    todo!()
+    std::fs::create_dir_all(&config.data_dir)?;
+    let store: Arc<dyn store::Store> = Arc::new(store::SledStore::open(&config.data_dir)?);
+    let metrics = Arc::new(metrics::Metrics::default());
+    let engine_config = engine::EngineConfig {
+        lease_ttl: config.lease_ttl,
+        heartbeat_interval: config.heartbeat_interval,
+    };
+    let engine = engine::Engine::recover(
+        store.clone(),
+        Arc::new(clock::SystemClock),
+        engine_config,
+        metrics.clone(),
+    )?;
+    tracing::info!(data_dir = %config.data_dir.display(), "store opened and state recovered");
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let (failed_tx, mut failed_rx) = mpsc::unbounded_channel::<String>();
+    let (committer, commit_thread) = commit::Committer::start(store.clone(), move |error| {
+        let _ = failed_tx.send(error);
+    });
+    let (events_tx, events_rx) = mpsc::channel(16 * 1024);
+    let engine_task = tokio::spawn(engine::run_engine(
+        engine,
+        events_rx,
+        committer,
+        stop_rx.clone(),
+    ));
+
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<AgentServiceServer<agent_service::AgentApi>>()
+        .await;
+    health_reporter
+        .set_serving::<ControlServiceServer<control::ControlApi>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(kiln_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let grpc_addr = config.grpc_listener.local_addr()?;
+    let incoming =
+        tonic::transport::server::TcpIncoming::from(config.grpc_listener).with_nodelay(Some(true));
+    let mut grpc_stop = stop_rx.clone();
+    let grpc = tokio::spawn(
+        tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(Duration::from_secs(10)))
+            .add_service(health_service)
+            .add_service(reflection)
+            .add_service(AgentServiceServer::new(agent_service::AgentApi::new(
+                events_tx.clone(),
+            )))
+            .add_service(ControlServiceServer::new(control::ControlApi::new(
+                events_tx,
+                store.clone(),
+            )))
+            .serve_with_incoming_shutdown(incoming, async move {
+                let _ = grpc_stop.changed().await;
+            }),
+    );
+    tracing::info!(%grpc_addr, "gRPC listening");
+    let http = match config.http_listener {
+        Some(listener) => {
+            tracing::info!(http_addr = %listener.local_addr()?, "HTTP listening");
+            Some(tokio::spawn(http::serve(
+                listener,
+                metrics,
+                stop_rx.clone(),
+            )))
+        }
+        None => None,
+    };
+
+    let failure = tokio::select! {
+        () = shutdown => None,
+        error = failed_rx.recv() => error,
+    };
+    tracing::info!("shutting down: engine, then listeners, then store");
+    let _ = stop_tx.send(true);
+    engine_task.await?;
+    for task in [Some(grpc), None].into_iter().flatten() {
+        if tokio::time::timeout(DRAIN_GRACE, task).await.is_err() {
+            tracing::warn!("gRPC streams did not end within {DRAIN_GRACE:?}; closing them");
+        }
+    }
+    if let Some(http) = http {
+        let _ = tokio::time::timeout(DRAIN_GRACE, http).await;
+    }
+    // The engine dropped its committer handle; the thread exits once it has
+    // committed the last group.
+    tokio::task::spawn_blocking(move || commit_thread.join())
+        .await?
+        .map_err(|_| anyhow::anyhow!("the commit thread panicked"))?;
+    store.flush()?;
+    tracing::info!("coordinator stopped");
+    match failure {
+        Some(error) => Err(anyhow::anyhow!("stopped after a storage failure: {error}")),
+        None => Ok(()),
+    }
 }

@@ -1,0 +1,146 @@
+//! The `kiln.yml` pipeline file.
+//!
+//! [`parse`] turns the text of a pipeline file into a validated [`Pipeline`]:
+//! a DAG of stages whose `needs` are resolved to indices. Every problem is a
+//! [`SpecError`] that names the file, the line and column, what is wrong and
+//! what to change.
+//!
+//! # Layout
+//! The text goes through three passes, each in its own module:
+//! - `yaml`: text to a tree of nodes that know their line and column
+//!   (saphyr), plus the repeated keys the tree itself cannot hold.
+//! - `schema`: the tree to a draft, one table of known keys per mapping;
+//!   every wrong key, type or value stops here, pointing at its node.
+//! - `validate`: the draft to a [`Pipeline`]: required keys, `needs` resolved
+//!   to indices, cycles, defaults applied.
+//!
+//! `values` reads single values for `schema`; `duration` and `suggest` are
+//! small helpers.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::Duration;
+
+mod duration;
+mod schema;
+mod suggest;
+mod validate;
+mod values;
+mod yaml;
+
+#[cfg(test)]
+mod tests;
+
+/// Stage timeout when neither the stage nor `defaults` sets one.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60 * 60);
+/// Re-dispatches after a lost agent or an infrastructure failure when neither
+/// the stage nor `defaults` sets `retries`.
+pub const DEFAULT_RETRIES: u32 = 1;
+
+/// A validated pipeline.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Pipeline {
+    /// The `pipeline:` name; lowercase letters, digits, `.`, `_` and `-`.
+    pub name: String,
+    /// In file order; `Stage::needs` indexes into this list.
+    pub stages: Vec<Stage>,
+}
+
+/// One stage, with the pipeline's `defaults` already applied.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Stage {
+    /// Unique within the pipeline; same characters as the pipeline name.
+    pub name: String,
+    /// Indices into `Pipeline::stages`, in the order the file lists them.
+    pub needs: Vec<usize>,
+    /// Run in order as one `sh -e` script.
+    pub commands: Vec<String>,
+    /// Extra environment variables for the commands; numbers and booleans
+    /// are kept as the text the file spells them with.
+    pub env: BTreeMap<String, String>,
+    /// How long the stage may run before it is stopped and failed.
+    pub timeout: Duration,
+    /// Re-dispatches after a lost agent or an infrastructure failure.
+    pub retries: u32,
+    /// `agent: { labels: {..} }`: an agent must carry all of them.
+    pub agent_labels: BTreeMap<String, String>,
+    /// Container image for the docker executor.
+    pub image: Option<String>,
+}
+
+/// Where in a file something is, 1-based.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Position {
+    /// Line, counting from 1.
+    pub line: usize,
+    /// Column in characters (not bytes), counting from 1.
+    pub column: usize,
+}
+
+/// One clear error about a pipeline file.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{file}:{}:{}: {message}", position.line, position.column)]
+pub struct SpecError {
+    /// The name `parse` was given for the file.
+    pub file: String,
+    /// The node the error is about.
+    pub position: Position,
+    /// Lowercase; says what is wrong and what to change.
+    pub message: String,
+}
+
+impl Pipeline {
+    /// Stage index by name.
+    pub fn stage_idx(&self, name: &str) -> Option<usize> {
+        self.stages.iter().position(|stage| stage.name == name)
+    }
+}
+
+impl fmt::Display for Position {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.line, self.column)
+    }
+}
+
+/// Parses and validates the text of a pipeline file; `file` is the name used
+/// in errors.
+///
+/// Stops at the first problem: each pass needs the previous one to have
+/// succeeded (a cycle check over stages with unknown `needs` would only add
+/// noise), so one precise error beats a list of knock-on ones.
+pub fn parse(file: &str, text: &str) -> Result<Pipeline, SpecError> {
+    let parsed = yaml::load(text)
+        .and_then(|document| schema::read(&document))
+        .and_then(validate::pipeline);
+    parsed.map_err(|problem| SpecError {
+        file: file.to_owned(),
+        position: problem.position,
+        message: problem.message,
+    })
+}
+
+/// An error before it is given the file name; every pass returns these.
+#[derive(Debug)]
+struct Problem {
+    position: Position,
+    message: String,
+}
+
+impl Problem {
+    fn new(position: Position, message: impl Into<String>) -> Self {
+        Self {
+            position,
+            message: message.into(),
+        }
+    }
+}
+
+/// Parses a duration as pipeline files write it (`500ms`, `30s`, `15m`,
+/// `1h30m`), for command-line flags that take the same form.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    duration::parse(text)
+        .filter(|duration| !duration.is_zero())
+        .ok_or_else(|| {
+            format!("bad duration `{text}`; use a number with a unit: 500ms, 30s, 15m, 2h")
+        })
+}

@@ -1,0 +1,69 @@
+//! `kiln-coordinator`: flags → config → `kiln_coordinator::run`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+
+/// The Kiln coordinator: stores pipelines, runs and logs in sled and
+/// dispatches stages to agents.
+#[derive(Parser)]
+#[command(version)]
+struct Flags {
+    /// Where the database lives.
+    #[arg(long, env = "KILN_DATA_DIR", default_value = "./kiln-data")]
+    data_dir: PathBuf,
+    /// gRPC address for agents and the CLI.
+    #[arg(long, env = "KILN_GRPC", default_value = "127.0.0.1:7700")]
+    grpc: String,
+    /// HTTP address for /healthz and /metrics ("" to disable).
+    #[arg(long, env = "KILN_HTTP", default_value = "127.0.0.1:7701")]
+    http: String,
+    /// An agent silent for this long loses its stages (e.g. 10s, 1500ms).
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    lease_ttl: Duration,
+    /// How often agents heartbeat.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    heartbeat: Duration,
+}
+
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    kiln_common::spec::parse_duration(text)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    kiln_common::logging::init("info");
+    let flags = Flags::parse();
+    let grpc_listener = tokio::net::TcpListener::bind(&flags.grpc)
+        .await
+        .map_err(|error| anyhow::anyhow!("cannot listen on {} for gRPC: {error}", flags.grpc))?;
+    let http_listener = if flags.http.is_empty() {
+        None
+    } else {
+        Some(
+            tokio::net::TcpListener::bind(&flags.http)
+                .await
+                .map_err(|error| {
+                    anyhow::anyhow!("cannot listen on {} for HTTP: {error}", flags.http)
+                })?,
+        )
+    };
+    let config = kiln_coordinator::Config {
+        data_dir: flags.data_dir,
+        grpc_listener,
+        http_listener,
+        lease_ttl: flags.lease_ttl,
+        heartbeat_interval: flags.heartbeat,
+    };
+    kiln_coordinator::run(config, shutdown_signal()).await
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("installing the SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

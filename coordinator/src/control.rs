@@ -1,0 +1,338 @@
+//! `ControlService`: the API of the `kiln` CLI. Requests that change state
+//! go through the engine and are answered once durable; pipeline reads go
+//! straight to the store (registrations are only confirmed once stored).
+
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures::{Stream, StreamExt};
+use kiln_common::ids::RunId;
+use kiln_common::spec;
+use kiln_proto::v1 as pb;
+use pb::control_service_server::ControlService;
+use tokio::sync::{mpsc, oneshot};
+use tokio_stream::wrappers::{UnboundedReceiverStream, WatchStream};
+use tonic::{Request, Response, Status};
+
+use crate::engine::{Event, NewPipeline, Reply};
+use crate::error::ApiError;
+use crate::store::{PipelineRecord, Store};
+
+/// Runs listed when the request says 0.
+const DEFAULT_RUN_LIMIT: usize = 50;
+
+pub(crate) struct ControlApi {
+    events: mpsc::Sender<Event>,
+    store: Arc<dyn Store>,
+}
+
+impl ControlApi {
+    pub(crate) fn new(events: mpsc::Sender<Event>, store: Arc<dyn Store>) -> Self {
+        Self { events, store }
+    }
+
+    /// Sends an event carrying a reply channel and waits for the answer.
+    async fn ask<T>(&self, event: impl FnOnce(Reply<T>) -> Event) -> Result<T, Status> {
+        let (reply, answer) = oneshot::channel();
+        self.events
+            .send(event(reply))
+            .await
+            .map_err(|_| Status::from(ApiError::ShuttingDown))?;
+        answer
+            .await
+            .map_err(|_| Status::from(ApiError::ShuttingDown))?
+            .map_err(Status::from)
+    }
+
+    fn latest_pipeline(&self, name: &str) -> Result<PipelineRecord, ApiError> {
+        self.store
+            .latest_pipelines()?
+            .into_iter()
+            .find(|record| record.name == name)
+            .ok_or_else(|| {
+                ApiError::NotFound(format!(
+                    "no pipeline named `{name}`; register it with `kiln pipeline register DIR`"
+                ))
+            })
+    }
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl ControlService for ControlApi {
+    async fn register_pipeline(
+        &self,
+        request: Request<pb::RegisterPipelineRequest>,
+    ) -> Result<Response<pb::RegisterPipelineResponse>, Status> {
+        let request = request.into_inner();
+        let file_name = if request.file_name.is_empty() {
+            "kiln.yml".to_owned()
+        } else {
+            request.file_name
+        };
+        let parsed = spec::parse(&file_name, &request.spec_yaml)
+            .map_err(|error| Status::invalid_argument(error.to_string()))?;
+        if request.repo.is_empty() {
+            return Err(Status::invalid_argument(
+                "repo is empty; give the git URL or path agents fetch the source from",
+            ));
+        }
+        let pipeline = NewPipeline {
+            name: parsed.name,
+            file_name,
+            spec_yaml: request.spec_yaml,
+            repo: request.repo,
+            branch: if request.branch.is_empty() {
+                "main".into()
+            } else {
+                request.branch
+            },
+            subdir: request.subdir,
+        };
+        let (record, created) = self
+            .ask(|reply| Event::Register { pipeline, reply })
+            .await?;
+        Ok(Response::new(pb::RegisterPipelineResponse {
+            pipeline: Some(pipeline_view(&record)),
+            created,
+        }))
+    }
+
+    async fn list_pipelines(
+        &self,
+        _request: Request<pb::ListPipelinesRequest>,
+    ) -> Result<Response<pb::ListPipelinesResponse>, Status> {
+        let pipelines = self
+            .store
+            .latest_pipelines()
+            .map_err(ApiError::from)?
+            .iter()
+            .map(pipeline_view)
+            .collect();
+        Ok(Response::new(pb::ListPipelinesResponse { pipelines }))
+    }
+
+    async fn get_pipeline(
+        &self,
+        request: Request<pb::GetPipelineRequest>,
+    ) -> Result<Response<pb::Pipeline>, Status> {
+        let request = request.into_inner();
+        let record = if request.version == 0 {
+            self.latest_pipeline(&request.name)?
+        } else {
+            self.store
+                .pipeline(&request.name, request.version)
+                .map_err(ApiError::from)?
+                .ok_or_else(|| {
+                    ApiError::NotFound(format!(
+                        "pipeline `{}` has no version {}",
+                        request.name, request.version
+                    ))
+                })?
+        };
+        Ok(Response::new(pipeline_view(&record)))
+    }
+
+    async fn trigger_run(
+        &self,
+        request: Request<pb::TriggerRunRequest>,
+    ) -> Result<Response<pb::Run>, Status> {
+        let request = request.into_inner();
+        let pipeline = self.latest_pipeline(&request.pipeline)?;
+        let commit = resolve_commit(&pipeline.repo, &pipeline.branch, &request.rev).await?;
+        let rev = if request.rev.is_empty() {
+            pipeline.branch.clone()
+        } else {
+            request.rev
+        };
+        let triggered_by = if request.triggered_by.is_empty() {
+            "api".to_owned()
+        } else {
+            request.triggered_by
+        };
+        let run = self
+            .ask(|reply| Event::Trigger {
+                pipeline,
+                commit,
+                rev,
+                triggered_by,
+                reply,
+            })
+            .await?;
+        Ok(Response::new(run))
+    }
+
+    async fn get_run(
+        &self,
+        request: Request<pb::GetRunRequest>,
+    ) -> Result<Response<pb::Run>, Status> {
+        let run = RunId(request.into_inner().run_id);
+        Ok(Response::new(
+            self.ask(|reply| Event::GetRun { run, reply }).await?,
+        ))
+    }
+
+    async fn list_runs(
+        &self,
+        request: Request<pb::ListRunsRequest>,
+    ) -> Result<Response<pb::ListRunsResponse>, Status> {
+        let request = request.into_inner();
+        let pipeline = Some(request.pipeline).filter(|name| !name.is_empty());
+        let limit = if request.limit == 0 {
+            DEFAULT_RUN_LIMIT
+        } else {
+            request.limit as usize
+        };
+        let runs = self
+            .ask(|reply| Event::ListRuns {
+                pipeline,
+                limit,
+                reply,
+            })
+            .await?;
+        Ok(Response::new(pb::ListRunsResponse { runs }))
+    }
+
+    type WatchRunStream = BoxStream<pb::Run>;
+
+    async fn watch_run(
+        &self,
+        request: Request<pb::GetRunRequest>,
+    ) -> Result<Response<Self::WatchRunStream>, Status> {
+        let run = RunId(request.into_inner().run_id);
+        let receiver = self.ask(|reply| Event::WatchRun { run, reply }).await?;
+        // Every snapshot, ending with the first finished one.
+        let stream = WatchStream::new(receiver).scan(false, |done, snapshot| {
+            if *done {
+                return futures::future::ready(None);
+            }
+            *done = is_finished(&snapshot);
+            futures::future::ready(Some(Ok(snapshot)))
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn cancel_run(
+        &self,
+        request: Request<pb::CancelRunRequest>,
+    ) -> Result<Response<pb::Run>, Status> {
+        let run = RunId(request.into_inner().run_id);
+        Ok(Response::new(
+            self.ask(|reply| Event::CancelRun { run, reply }).await?,
+        ))
+    }
+
+    async fn retry_stage(
+        &self,
+        request: Request<pb::RetryStageRequest>,
+    ) -> Result<Response<pb::Run>, Status> {
+        let request = request.into_inner();
+        let (run, stage) = (RunId(request.run_id), request.stage);
+        Ok(Response::new(
+            self.ask(|reply| Event::RetryStage { run, stage, reply })
+                .await?,
+        ))
+    }
+
+    type StreamLogsStream = BoxStream<pb::LogEntry>;
+
+    async fn stream_logs(
+        &self,
+        request: Request<pb::StreamLogsRequest>,
+    ) -> Result<Response<Self::StreamLogsStream>, Status> {
+        let request = request.into_inner();
+        let run = RunId(request.run_id);
+        let stage = Some(request.stage).filter(|name| !name.is_empty());
+        let follow = request.follow;
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.ask(|reply| Event::Logs {
+            run,
+            stage,
+            follow,
+            tx,
+            reply,
+        })
+        .await?;
+        Ok(Response::new(Box::pin(UnboundedReceiverStream::new(rx))))
+    }
+
+    async fn list_agents(
+        &self,
+        _request: Request<pb::ListAgentsRequest>,
+    ) -> Result<Response<pb::ListAgentsResponse>, Status> {
+        let agents = self.ask(|reply| Event::ListAgents { reply }).await?;
+        Ok(Response::new(pb::ListAgentsResponse { agents }))
+    }
+
+    async fn drain_agent(
+        &self,
+        request: Request<pb::DrainAgentRequest>,
+    ) -> Result<Response<pb::Agent>, Status> {
+        let name = request.into_inner().name;
+        Ok(Response::new(
+            self.ask(|reply| Event::DrainAgent { name, reply }).await?,
+        ))
+    }
+}
+
+fn is_finished(run: &pb::Run) -> bool {
+    matches!(
+        pb::RunState::try_from(run.state),
+        Ok(pb::RunState::Succeeded | pb::RunState::Failed | pb::RunState::Cancelled)
+    )
+}
+
+fn pipeline_view(record: &PipelineRecord) -> pb::Pipeline {
+    let stages = spec::parse(&record.file_name, &record.spec_yaml)
+        .map(|parsed| parsed.stages.into_iter().map(|stage| stage.name).collect())
+        .unwrap_or_default();
+    pb::Pipeline {
+        name: record.name.clone(),
+        version: record.version,
+        repo: record.repo.clone(),
+        branch: record.branch.clone(),
+        subdir: record.subdir.clone(),
+        spec_yaml: record.spec_yaml.clone(),
+        stages,
+        registered_ms: record.registered_ms,
+    }
+}
+
+/// Pins a run to one commit: the revision asked for, else the branch head.
+async fn resolve_commit(repo: &str, branch: &str, rev: &str) -> Result<String, ApiError> {
+    let wanted = if rev.is_empty() { branch } else { rev };
+    if wanted.len() == 40 && wanted.chars().all(|c| c.is_ascii_hexdigit()) {
+        return Ok(wanted.to_ascii_lowercase());
+    }
+    if wanted.starts_with('-') {
+        return Err(ApiError::InvalidArgument(format!(
+            "revision `{wanted}` is not a branch, tag or commit"
+        )));
+    }
+    let mut command = tokio::process::Command::new("git");
+    if Path::new(repo).is_dir() {
+        command.args([
+            "-C",
+            repo,
+            "rev-parse",
+            "--verify",
+            "--quiet",
+            &format!("{wanted}^{{commit}}"),
+        ]);
+    } else {
+        command.args(["ls-remote", "--", repo, wanted]);
+    }
+    let output = command.kill_on_drop(true).output().await.map_err(|error| {
+        ApiError::FailedPrecondition(format!("cannot run git to resolve `{wanted}`: {error}"))
+    })?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let commit = stdout.split_whitespace().next().unwrap_or_default();
+    if !output.status.success() || commit.len() != 40 {
+        return Err(ApiError::FailedPrecondition(format!(
+            "cannot resolve revision `{wanted}` in {repo}; push it or pass an existing branch, tag or commit with --rev"
+        )));
+    }
+    Ok(commit.to_owned())
+}

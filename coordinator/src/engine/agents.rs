@@ -1,0 +1,398 @@
+//! Agents: connections, heartbeats, leases and fencing.
+//!
+//! An agent holds a lease that every message renews. When it lapses the
+//! agent's stages are re-queued as new attempts (or failed with "agent
+//! lost" when no retries are left) and its connection is closed.
+//! **Architecture Invariant:** a message about a stage attempt is accepted
+//! only from the agent that holds that exact attempt; anything else is
+//! rejected, and a repeated completion of the same attempt is acknowledged
+//! again without changing anything.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use kiln_common::ids::{RunId, StageKey};
+use kiln_proto::v1 as pb;
+use pb::agent_message::Msg;
+use pb::coordinator_message::Msg as Out;
+use tokio::sync::mpsc;
+
+use super::Engine;
+use crate::error::ApiError;
+use crate::store::StageState;
+
+/// The outbound half of an agent's stream.
+pub(crate) type AgentTx = mpsc::UnboundedSender<Result<pb::CoordinatorMessage, tonic::Status>>;
+
+/// Distinguishes successive connections of one agent, so a late "gone" from
+/// an old connection does not cut off the new one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct ConnId(pub(crate) u64);
+
+pub(super) struct AgentState {
+    pub(super) name: String,
+    pub(super) labels: BTreeMap<String, String>,
+    pub(super) capacity: u32,
+    pub(super) version: String,
+    /// Current connection, if any.
+    pub(super) conn: Option<(ConnId, AgentTx)>,
+    pub(super) draining: bool,
+    /// The agent loses its stages when the clock passes this.
+    pub(super) lease_deadline_ms: u64,
+    pub(super) last_seen_ms: u64,
+    /// Stage attempts on the agent, whatever their recorded state (a
+    /// cancelled stage occupies its slot until the agent reports it ended).
+    pub(super) held: BTreeSet<(StageKey, u32)>,
+}
+
+impl AgentState {
+    pub(super) fn is_connected(&self) -> bool {
+        self.conn.is_some()
+    }
+
+    pub(super) fn free_slots(&self) -> u32 {
+        self.capacity.saturating_sub(self.held.len() as u32)
+    }
+
+    pub(super) fn view(&self) -> pb::Agent {
+        pb::Agent {
+            name: self.name.clone(),
+            labels: self.labels.clone().into_iter().collect(),
+            capacity: self.capacity,
+            running: self.held.len() as u32,
+            connected: self.is_connected(),
+            draining: self.draining,
+            version: self.version.clone(),
+            last_seen_ms: self.last_seen_ms,
+        }
+    }
+}
+
+fn stage_ref(key: StageKey, attempt: u32) -> pb::StageRef {
+    pb::StageRef {
+        run_id: key.run.0,
+        stage_idx: key.idx,
+        attempt,
+    }
+}
+
+fn key_of(stage: &pb::StageRef) -> (StageKey, u32) {
+    (
+        StageKey {
+            run: RunId(stage.run_id),
+            idx: stage.stage_idx,
+        },
+        stage.attempt,
+    )
+}
+
+/// Whether a message about an attempt comes from its rightful holder.
+enum Fence {
+    /// The attempt is current and this agent holds it.
+    Current,
+    /// Same attempt and agent, but the stage already ended (e.g. cancelled,
+    /// or a repeated completion).
+    Settled,
+    /// Not this agent's attempt (anymore).
+    Stale(String),
+}
+
+impl Engine {
+    fn fence(&self, agent: &str, key: StageKey, attempt: u32) -> Fence {
+        let stored;
+        let stage = match self.stage(key) {
+            Some(stage) => stage,
+            // A finished run left memory; a repeated completion of its last
+            // attempt must still be acknowledged, so ask the store.
+            None => {
+                stored = self
+                    .store
+                    .stages(key.run)
+                    .ok()
+                    .and_then(|stages| stages.into_iter().nth(key.idx as usize));
+                match &stored {
+                    Some(stage) => stage,
+                    None => return Fence::Stale(format!("stage {key} does not exist")),
+                }
+            }
+        };
+        if stage.attempt != attempt || stage.agent.as_deref() != Some(agent) {
+            return Fence::Stale(format!(
+                "stale attempt {attempt} of stage {key}: it is now attempt {} on {}",
+                stage.attempt,
+                stage.agent.as_deref().unwrap_or("no agent")
+            ));
+        }
+        if stage.state.is_terminal() {
+            Fence::Settled
+        } else {
+            Fence::Current
+        }
+    }
+
+    /// After a restart, stages recorded as on an agent wait one lease for
+    /// that agent to come back and claim them.
+    pub(super) fn expect_agent(&mut self, name: &str, key: StageKey, now: u64) {
+        let attempt = self.stage(key).map_or(0, |stage| stage.attempt);
+        let lease = now + self.config.lease_ttl.as_millis() as u64;
+        let agent = self
+            .agents
+            .entry(name.to_owned())
+            .or_insert_with(|| AgentState {
+                name: name.to_owned(),
+                labels: BTreeMap::new(),
+                capacity: 0,
+                version: String::new(),
+                conn: None,
+                draining: false,
+                lease_deadline_ms: lease,
+                last_seen_ms: 0,
+                held: BTreeSet::new(),
+            });
+        agent.held.insert((key, attempt));
+    }
+
+    pub(super) fn agent_hello(&mut self, hello: pb::Hello, conn: ConnId, tx: AgentTx) {
+        let now = self.clock.now_ms();
+        let lease = now + self.config.lease_ttl.as_millis() as u64;
+        let name = hello.name.clone();
+        tracing::info!(agent = %name, capacity = hello.capacity, held = hello.held.len(), "agent connected");
+        let previous = self.agents.remove(&name);
+        let before: BTreeSet<(StageKey, u32)> =
+            previous.map(|agent| agent.held).unwrap_or_default();
+        let mut agent = AgentState {
+            name: name.clone(),
+            labels: hello.labels.into_iter().collect(),
+            capacity: hello.capacity,
+            version: hello.version,
+            conn: Some((conn, tx)),
+            draining: false,
+            lease_deadline_ms: lease,
+            last_seen_ms: now,
+            held: BTreeSet::new(),
+        };
+        let mut welcome = pb::Welcome {
+            heartbeat_ms: self.config.heartbeat_interval.as_millis() as u32,
+            resume: Vec::new(),
+            drop: Vec::new(),
+        };
+        for held in &hello.held {
+            let (key, attempt) = key_of(held);
+            match self.fence(&name, key, attempt) {
+                Fence::Current => {
+                    let next_log_seq = self.stage(key).map_or(0, |stage| stage.next_log_seq);
+                    agent.held.insert((key, attempt));
+                    welcome.resume.push(pb::ResumeStage {
+                        stage: Some(held.clone()),
+                        next_log_seq,
+                    });
+                }
+                Fence::Settled | Fence::Stale(_) => welcome.drop.push(held.clone()),
+            }
+        }
+        // What the agent held before but no longer mentions is lost.
+        let lost: Vec<(StageKey, u32)> = before.difference(&agent.held).copied().collect();
+        agent.held.extend(lost.iter().copied());
+        self.agents.insert(name.clone(), agent);
+        for (key, attempt) in lost {
+            self.lose_stage(&name, key, attempt, "agent restarted without it");
+        }
+        if let Some(agent) = self.agents.get(&name) {
+            let conn_tx = agent.conn.as_ref().map(|(_, tx)| tx.clone());
+            self.after_commit(move |_| {
+                if let Some(tx) = conn_tx {
+                    let msg = Out::Welcome(welcome);
+                    let _ = tx.send(Ok(pb::CoordinatorMessage { msg: Some(msg) }));
+                }
+            });
+        }
+    }
+
+    pub(super) fn agent_message(&mut self, name: &str, conn: ConnId, msg: Msg) {
+        let now = self.clock.now_ms();
+        let lease_ttl = self.config.lease_ttl.as_millis() as u64;
+        let Some(agent) = self.agents.get_mut(name) else {
+            return;
+        };
+        if agent.conn.as_ref().map(|(id, _)| *id) != Some(conn) {
+            // A message from a connection that was replaced or expired.
+            return;
+        }
+        agent.lease_deadline_ms = now + lease_ttl;
+        agent.last_seen_ms = now;
+        match msg {
+            Msg::Hello(_) => {
+                tracing::warn!(agent = name, "ignoring a second hello on one stream");
+            }
+            Msg::Heartbeat(_) => {}
+            Msg::Draining(_) => {
+                tracing::info!(agent = name, "agent is draining");
+                agent.draining = true;
+            }
+            Msg::Started(started) => {
+                let Some(stage_ref) = started.stage else {
+                    return;
+                };
+                let (key, attempt) = key_of(&stage_ref);
+                if let Fence::Current = self.fence(name, key, attempt)
+                    && let Some(stage) = self.stage_mut(key)
+                    && stage.state == StageState::Assigned
+                {
+                    stage.state = StageState::Running;
+                    stage.started_ms = Some(now);
+                    self.save_stage(key);
+                }
+            }
+            Msg::Logs(batch) => self.store_logs(name, batch),
+            Msg::Finished(finished) => self.stage_finished(name, finished),
+        }
+    }
+
+    fn stage_finished(&mut self, name: &str, finished: pb::StageFinished) {
+        let Some(stage_ref) = finished.stage else {
+            return;
+        };
+        let (key, attempt) = key_of(&stage_ref);
+        let ack = match self.fence(name, key, attempt) {
+            Fence::Stale(reason) => {
+                tracing::warn!(agent = name, "rejected completion: {reason}");
+                pb::Ack {
+                    stage: Some(stage_ref),
+                    rejected: true,
+                    reason,
+                    ..Default::default()
+                }
+            }
+            Fence::Settled => pb::Ack {
+                stage: Some(stage_ref),
+                finished: true,
+                ..Default::default()
+            },
+            Fence::Current => {
+                let outcome = pb::Outcome::try_from(finished.outcome).unwrap_or_default();
+                let message = finished.message;
+                let exit = Some(finished.exit_code);
+                match outcome {
+                    pb::Outcome::Succeeded => {
+                        self.settle_stage(key, StageState::Succeeded, exit, message)
+                    }
+                    pb::Outcome::Failed => {
+                        let message = if message.is_empty() {
+                            format!("exited with code {}", finished.exit_code)
+                        } else {
+                            message
+                        };
+                        self.settle_stage(key, StageState::Failed, exit, message)
+                    }
+                    pb::Outcome::TimedOut => {
+                        self.settle_stage(key, StageState::TimedOut, exit, message)
+                    }
+                    pb::Outcome::Cancelled => {
+                        self.settle_stage(key, StageState::Cancelled, exit, message)
+                    }
+                    pb::Outcome::HandedBack => {
+                        self.requeue(key, false, &format!("handed back by {name}"))
+                    }
+                    pb::Outcome::InfraError | pb::Outcome::Unspecified => self.requeue(
+                        key,
+                        true,
+                        &format!("infrastructure error on {name}: {message}"),
+                    ),
+                }
+                pb::Ack {
+                    stage: Some(stage_ref),
+                    finished: true,
+                    ..Default::default()
+                }
+            }
+        };
+        if let Some(agent) = self.agents.get_mut(name) {
+            agent.held.remove(&(key, attempt));
+        }
+        self.send_after_commit(name, Out::Ack(ack));
+    }
+
+    pub(super) fn agent_gone(&mut self, name: &str, conn: ConnId) {
+        if let Some(agent) = self.agents.get_mut(name)
+            && agent.conn.as_ref().map(|(id, _)| *id) == Some(conn)
+        {
+            tracing::info!(
+                agent = name,
+                "agent disconnected; its lease keeps its stages for now"
+            );
+            agent.conn = None;
+        }
+    }
+
+    pub(super) fn expire_leases(&mut self) {
+        let now = self.clock.now_ms();
+        let expired: Vec<String> = self
+            .agents
+            .values()
+            .filter(|agent| {
+                agent.lease_deadline_ms < now && (agent.conn.is_some() || !agent.held.is_empty())
+            })
+            .map(|agent| agent.name.clone())
+            .collect();
+        for name in expired {
+            let Some(agent) = self.agents.get_mut(&name) else {
+                continue;
+            };
+            tracing::warn!(agent = %name, stages = agent.held.len(), "agent lease expired");
+            // Closing the stream makes a half-alive agent reconnect, and its
+            // hello then learns which of its stages are no longer its own.
+            agent.conn = None;
+            let held = std::mem::take(&mut agent.held);
+            for (key, attempt) in held {
+                self.lose_stage(&name, key, attempt, &format!("agent {name} lost"));
+            }
+        }
+    }
+
+    /// The attempt is gone with its agent: re-queue or fail the stage.
+    fn lose_stage(&mut self, name: &str, key: StageKey, attempt: u32, why: &str) {
+        if let Some(agent) = self.agents.get_mut(name) {
+            agent.held.remove(&(key, attempt));
+        }
+        if let Fence::Current = self.fence(name, key, attempt) {
+            self.requeue(key, true, why);
+        }
+    }
+
+    pub(super) fn drain_agent(&mut self, name: &str) -> Result<pb::Agent, ApiError> {
+        let agent = self
+            .agents
+            .get_mut(name)
+            .ok_or_else(|| ApiError::NotFound(format!("no agent named `{name}` has connected")))?;
+        agent.draining = true;
+        tracing::info!(agent = name, "agent drained by user");
+        Ok(agent.view())
+    }
+
+    pub(super) fn send_cancel(&mut self, name: &str, key: StageKey, attempt: u32, reason: &str) {
+        let msg = Out::Cancel(pb::Cancel {
+            stage: Some(stage_ref(key, attempt)),
+            reason: reason.to_owned(),
+        });
+        self.send_after_commit(name, msg);
+    }
+
+    /// Sends to the agent's current connection once the pending group is
+    /// durable.
+    pub(super) fn send_after_commit(&mut self, name: &str, msg: Out) {
+        let Some(tx) = self
+            .agents
+            .get(name)
+            .and_then(|agent| agent.conn.as_ref())
+            .map(|(_, tx)| tx.clone())
+        else {
+            return;
+        };
+        self.after_commit(move |_| {
+            let _ = tx.send(Ok(pb::CoordinatorMessage { msg: Some(msg) }));
+        });
+    }
+
+    pub(super) fn assign_ref(key: StageKey, attempt: u32) -> pb::StageRef {
+        stage_ref(key, attempt)
+    }
+}

@@ -1,0 +1,91 @@
+//! Dispatch: ready stages, oldest first, go to a connected agent whose
+//! labels match and that has a free slot — the one with the most free slots,
+//! so work spreads across the farm. Assignments are pushed down the agent's
+//! stream after the commit that records them.
+
+use std::collections::VecDeque;
+
+use kiln_common::labels;
+use kiln_proto::v1 as pb;
+use pb::coordinator_message::Msg as Out;
+
+use super::Engine;
+use crate::store::{RunState, StageState};
+
+impl Engine {
+    pub(super) fn dispatch(&mut self) {
+        let mut waiting = VecDeque::new();
+        while let Some(key) = self.ready.pop_front() {
+            if !self
+                .agents
+                .values()
+                .any(|agent| agent.is_connected() && !agent.draining && agent.free_slots() > 0)
+            {
+                waiting.push_back(key);
+                break;
+            }
+            let Some(active) = self.runs.get(&key.run) else {
+                continue;
+            };
+            let Some(stage) = active.stages.get(key.idx as usize) else {
+                continue;
+            };
+            if stage.state != StageState::Ready {
+                // Cancelled or re-queued since it was queued.
+                continue;
+            }
+            let spec = active.spec.clone();
+            let wanted = &spec.parsed.stages[key.idx as usize].agent_labels;
+            let chosen = self
+                .agents
+                .values()
+                .filter(|agent| {
+                    agent.is_connected()
+                        && !agent.draining
+                        && agent.free_slots() > 0
+                        && labels::satisfies(&agent.labels, wanted)
+                })
+                .max_by_key(|agent| agent.free_slots())
+                .map(|agent| agent.name.clone());
+            let Some(name) = chosen else {
+                waiting.push_back(key);
+                continue;
+            };
+            let Some(stage) = self.stage_mut(key) else {
+                continue;
+            };
+            stage.state = StageState::Assigned;
+            stage.agent = Some(name.clone());
+            let attempt = stage.attempt;
+            let stage_spec = &spec.parsed.stages[key.idx as usize];
+            let assign = pb::Assign {
+                stage: Some(Self::assign_ref(key, attempt)),
+                pipeline: spec.record.name.clone(),
+                stage_name: stage_spec.name.clone(),
+                commands: stage_spec.commands.clone(),
+                env: stage_spec.env.clone().into_iter().collect(),
+                timeout_ms: stage_spec.timeout.as_millis() as u64,
+                source: Some(pb::Source {
+                    repo: spec.record.repo.clone(),
+                    commit: self.runs[&key.run].record.commit.clone(),
+                    subdir: spec.record.subdir.clone(),
+                }),
+                image: stage_spec.image.clone().unwrap_or_default(),
+            };
+            if let Some(agent) = self.agents.get_mut(&name) {
+                agent.held.insert((key, attempt));
+            }
+            tracing::debug!(stage = %key, attempt, agent = %name, "assigned");
+            self.save_stage(key);
+            if let Some(active) = self.runs.get_mut(&key.run)
+                && active.record.state == RunState::Queued
+            {
+                active.record.state = RunState::Running;
+                self.save_run(key.run);
+            }
+            self.send_after_commit(&name, Out::Assign(assign));
+        }
+        waiting.append(&mut self.ready);
+        self.ready = waiting;
+    }
+}

@@ -1,0 +1,399 @@
+//! The engine: the single owner of live state.
+//!
+//! Every change to runs, stages and agents happens here, on one task, in
+//! response to an [`Event`]. Handling an event mutates memory at once and
+//! queues the matching writes plus the effects that depend on them; after a
+//! burst of events the engine hands the whole group to the [`Committer`],
+//! which makes it durable and only then runs the effects (acks, replies,
+//! assignments). Dispatch happens after every burst, so a stage that becomes
+//! ready is pushed to an agent in the same commit.
+//!
+//! - [`runs`]: creating runs and moving their DAG forward.
+//! - [`agents`]: connections, heartbeats, leases and fencing.
+//! - [`dispatch`]: matching ready stages to agents.
+//! - [`logs`]: storing, acknowledging and following log lines.
+
+mod agents;
+mod dispatch;
+mod logs;
+mod runs;
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use kiln_common::ids::{RunId, StageKey};
+use kiln_common::spec;
+use kiln_proto::v1 as pb;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::clock::Clock;
+use crate::commit::{Committer, Effect};
+use crate::error::ApiError;
+use crate::metrics::Metrics;
+use crate::store::{Batch, Op, PipelineRecord, RunRecord, StageRecord, Store};
+use crate::views;
+
+pub(crate) use agents::{AgentTx, ConnId};
+
+pub(crate) type Reply<T> = oneshot::Sender<Result<T, ApiError>>;
+pub(crate) type LogTx = mpsc::UnboundedSender<Result<pb::LogEntry, tonic::Status>>;
+
+/// Everything the engine reacts to.
+pub(crate) enum Event {
+    AgentHello {
+        hello: pb::Hello,
+        conn: ConnId,
+        tx: AgentTx,
+    },
+    AgentMessage {
+        agent: String,
+        conn: ConnId,
+        msg: pb::agent_message::Msg,
+    },
+    AgentGone {
+        agent: String,
+        conn: ConnId,
+    },
+    Register {
+        pipeline: NewPipeline,
+        reply: Reply<(PipelineRecord, bool)>,
+    },
+    Trigger {
+        pipeline: PipelineRecord,
+        commit: String,
+        rev: String,
+        triggered_by: String,
+        reply: Reply<pb::Run>,
+    },
+    GetRun {
+        run: RunId,
+        reply: Reply<pb::Run>,
+    },
+    ListRuns {
+        pipeline: Option<String>,
+        limit: usize,
+        reply: Reply<Vec<pb::Run>>,
+    },
+    WatchRun {
+        run: RunId,
+        reply: Reply<watch::Receiver<pb::Run>>,
+    },
+    CancelRun {
+        run: RunId,
+        reply: Reply<pb::Run>,
+    },
+    RetryStage {
+        run: RunId,
+        stage: String,
+        reply: Reply<pb::Run>,
+    },
+    Logs {
+        run: RunId,
+        stage: Option<String>,
+        follow: bool,
+        tx: LogTx,
+        reply: Reply<()>,
+    },
+    ListAgents {
+        reply: Reply<Vec<pb::Agent>>,
+    },
+    DrainAgent {
+        name: String,
+        reply: Reply<pb::Agent>,
+    },
+}
+
+/// A pipeline file that passed validation, before it gets a version.
+pub(crate) struct NewPipeline {
+    pub(crate) name: String,
+    pub(crate) file_name: String,
+    pub(crate) spec_yaml: String,
+    pub(crate) repo: String,
+    pub(crate) branch: String,
+    pub(crate) subdir: String,
+}
+
+/// A pipeline version, parsed once and shared by its runs.
+pub(crate) struct PipelineSpec {
+    pub(crate) record: PipelineRecord,
+    pub(crate) parsed: spec::Pipeline,
+    /// `dependents[i]`: stages that list stage `i` in their `needs`.
+    pub(crate) dependents: Vec<Vec<usize>>,
+}
+
+/// A run that is not finished yet, with everything needed to move it on.
+struct ActiveRun {
+    record: RunRecord,
+    stages: Vec<StageRecord>,
+    spec: Arc<PipelineSpec>,
+    /// Latest snapshot for `WatchRun` streams; created on first watch.
+    watch: Option<watch::Sender<pb::Run>>,
+    followers: Vec<logs::Follower>,
+}
+
+/// Tunables, from the coordinator's config.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct EngineConfig {
+    pub(crate) lease_ttl: Duration,
+    pub(crate) heartbeat_interval: Duration,
+}
+
+pub(crate) struct Engine {
+    store: Arc<dyn Store>,
+    clock: Arc<dyn Clock>,
+    config: EngineConfig,
+    metrics: Arc<Metrics>,
+    /// Latest version of every pipeline, by name.
+    latest: HashMap<String, PipelineRecord>,
+    /// Parsed pipeline versions that active runs use.
+    specs: HashMap<(String, u32), Arc<PipelineSpec>>,
+    runs: BTreeMap<RunId, ActiveRun>,
+    /// Ready stages in the order they became ready: FIFO across runs. May
+    /// hold stale keys (stage cancelled meanwhile); dispatch skips them.
+    ready: VecDeque<StageKey>,
+    agents: BTreeMap<String, agents::AgentState>,
+    next_run_id: u64,
+    /// Writes and effects of the events handled since the last commit.
+    batch: Batch,
+    effects: Vec<Effect>,
+}
+
+impl Engine {
+    /// Loads unfinished runs from the store and resumes them.
+    pub(crate) fn recover(
+        store: Arc<dyn Store>,
+        clock: Arc<dyn Clock>,
+        config: EngineConfig,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, ApiError> {
+        let latest = store
+            .latest_pipelines()?
+            .into_iter()
+            .map(|record| (record.name.clone(), record))
+            .collect();
+        let next_run_id = store.last_run_id()? + 1;
+        let mut engine = Self {
+            store: store.clone(),
+            clock,
+            config,
+            metrics,
+            latest,
+            specs: HashMap::new(),
+            runs: BTreeMap::new(),
+            ready: VecDeque::new(),
+            agents: BTreeMap::new(),
+            next_run_id,
+            batch: Batch::default(),
+            effects: Vec::new(),
+        };
+        for record in store.unfinished_runs()? {
+            let spec = engine.spec(&record.pipeline, record.pipeline_version)?;
+            let stages = store.stages(record.id)?;
+            engine.resume_run(record, stages, spec);
+        }
+        engine.update_gauges();
+        Ok(engine)
+    }
+
+    /// Handles one event; its writes join the pending group.
+    pub(crate) fn handle(&mut self, event: Event) {
+        match event {
+            Event::AgentHello { hello, conn, tx } => self.agent_hello(hello, conn, tx),
+            Event::AgentMessage { agent, conn, msg } => self.agent_message(&agent, conn, msg),
+            Event::AgentGone { agent, conn } => self.agent_gone(&agent, conn),
+            Event::Register { pipeline, reply } => {
+                let result = self.register(pipeline);
+                self.reply(reply, result);
+            }
+            Event::Trigger {
+                pipeline,
+                commit,
+                rev,
+                triggered_by,
+                reply,
+            } => {
+                let result = self.trigger(&pipeline, commit, rev, triggered_by);
+                self.reply_run(reply, result);
+            }
+            Event::GetRun { run, reply } => self.get_run(run, reply),
+            Event::ListRuns {
+                pipeline,
+                limit,
+                reply,
+            } => self.list_runs(pipeline, limit, reply),
+            Event::WatchRun { run, reply } => self.watch_run(run, reply),
+            Event::CancelRun { run, reply } => {
+                let result = self.cancel_run(run);
+                self.reply_run(reply, result);
+            }
+            Event::RetryStage { run, stage, reply } => {
+                let result = self.retry_stage(run, &stage);
+                self.reply_run(reply, result);
+            }
+            Event::Logs {
+                run,
+                stage,
+                follow,
+                tx,
+                reply,
+            } => self.logs(run, stage, follow, tx, reply),
+            Event::ListAgents { reply } => {
+                let agents = self.agents.values().map(|agent| agent.view()).collect();
+                self.reply(reply, Ok(agents));
+            }
+            Event::DrainAgent { name, reply } => {
+                let result = self.drain_agent(&name);
+                self.reply(reply, result);
+            }
+        }
+    }
+
+    /// Periodic work: expire leases.
+    pub(crate) fn tick(&mut self) {
+        self.expire_leases();
+    }
+
+    /// Pushes ready stages to agents, then returns the pending group.
+    pub(crate) fn take_commit(&mut self) -> (Batch, Vec<Effect>) {
+        self.dispatch();
+        self.update_gauges();
+        (
+            std::mem::take(&mut self.batch),
+            std::mem::take(&mut self.effects),
+        )
+    }
+
+    fn write(&mut self, op: Op) {
+        self.batch.push(op);
+    }
+
+    /// Runs `effect` once everything queued so far is durable.
+    fn after_commit(&mut self, effect: impl FnOnce(&dyn Store) + Send + 'static) {
+        self.effects.push(Box::new(effect));
+    }
+
+    /// Answers a request once everything it changed (and everything before
+    /// it) is durable.
+    fn reply<T: Send + 'static>(&mut self, reply: Reply<T>, result: Result<T, ApiError>) {
+        self.after_commit(move |_| {
+            let _ = reply.send(result);
+        });
+    }
+
+    /// Answers with the run as stored once this change is durable.
+    fn reply_run(&mut self, reply: Reply<pb::Run>, result: Result<RunId, ApiError>) {
+        self.after_commit(move |store| {
+            let _ = reply.send(result.and_then(|run| views::stored_run(store, run)));
+        });
+    }
+
+    /// The parsed pipeline version, from cache or store.
+    fn spec(&mut self, name: &str, version: u32) -> Result<Arc<PipelineSpec>, ApiError> {
+        if let Some(spec) = self.specs.get(&(name.to_owned(), version)) {
+            return Ok(spec.clone());
+        }
+        let record = self.store.pipeline(name, version)?.ok_or_else(|| {
+            ApiError::NotFound(format!("pipeline `{name}` has no version {version}"))
+        })?;
+        let parsed = spec::parse(&record.file_name, &record.spec_yaml)
+            .map_err(|error| ApiError::FailedPrecondition(error.to_string()))?;
+        let mut dependents = vec![Vec::new(); parsed.stages.len()];
+        for (idx, stage) in parsed.stages.iter().enumerate() {
+            for &need in &stage.needs {
+                dependents[need].push(idx);
+            }
+        }
+        let spec = Arc::new(PipelineSpec {
+            record,
+            parsed,
+            dependents,
+        });
+        self.specs.insert((name.to_owned(), version), spec.clone());
+        Ok(spec)
+    }
+
+    fn register(&mut self, new: NewPipeline) -> Result<(PipelineRecord, bool), ApiError> {
+        if let Some(latest) = self.latest.get(&new.name) {
+            let unchanged = latest.spec_yaml == new.spec_yaml
+                && latest.repo == new.repo
+                && latest.branch == new.branch
+                && latest.subdir == new.subdir;
+            if unchanged {
+                return Ok((latest.clone(), false));
+            }
+        }
+        let version = self
+            .latest
+            .get(&new.name)
+            .map_or(1, |latest| latest.version + 1);
+        let record = PipelineRecord {
+            name: new.name,
+            version,
+            file_name: new.file_name,
+            spec_yaml: new.spec_yaml,
+            repo: new.repo,
+            branch: new.branch,
+            subdir: new.subdir,
+            registered_ms: self.clock.now_ms(),
+        };
+        tracing::info!(pipeline = %record.name, version, "registered pipeline");
+        self.write(Op::Pipeline(record.clone()));
+        self.latest.insert(record.name.clone(), record.clone());
+        Ok((record, true))
+    }
+
+    fn update_gauges(&self) {
+        self.metrics.set_engine_gauges(
+            self.runs.len(),
+            self.ready.len(),
+            self.agents
+                .values()
+                .filter(|agent| agent.is_connected())
+                .count(),
+        );
+    }
+}
+
+/// Runs the engine until `events` closes, committing after every burst.
+pub(crate) async fn run_engine(
+    mut engine: Engine,
+    mut events: mpsc::Receiver<Event>,
+    committer: Committer,
+    mut stop: watch::Receiver<bool>,
+) {
+    // Leases are checked often enough that expiry is noticed within a small
+    // fraction of the TTL.
+    let tick_every = (engine.config.lease_ttl / 10).max(Duration::from_millis(20));
+    let mut ticker = tokio::time::interval(tick_every);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            event = events.recv() => {
+                let Some(event) = event else { break };
+                engine.handle(event);
+                // Drain what already waits so one flush serves all of it,
+                // but bounded so dispatch and acks are not starved.
+                for _ in 0..1024 {
+                    match events.try_recv() {
+                        Ok(event) => engine.handle(event),
+                        Err(_) => break,
+                    }
+                }
+            }
+            _ = ticker.tick() => engine.tick(),
+            _ = stop.changed() => break,
+        }
+        let (batch, effects) = engine.take_commit();
+        if !batch.is_empty() || !effects.is_empty() {
+            committer.submit(batch, effects);
+        }
+    }
+    let (batch, effects) = engine.take_commit();
+    committer.submit(batch, effects);
+    // Dropping the engine closes every agent stream.
+    drop(engine);
+    tracing::info!("engine stopped");
+}

@@ -1,0 +1,391 @@
+//! The engine driven directly: events in, durable effects out, time moved by
+//! hand. No network, no sleeps.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use kiln_proto::v1 as pb;
+use pb::agent_message::Msg;
+use pb::coordinator_message::Msg as Out;
+use tokio::sync::{mpsc, oneshot};
+
+use super::*;
+use crate::clock::ManualClock;
+use crate::store::SledStore;
+
+const LEASE_MS: u64 = 3_000;
+
+const DIAMOND: &str = "
+pipeline: diamond
+defaults: { retries: 1 }
+stages:
+  a: { commands: [echo a] }
+  b: { needs: [a], commands: [echo b] }
+  c: { needs: [a], commands: [echo c], retries: 0 }
+  d: { needs: [b, c], commands: [echo d] }
+";
+
+struct Harness {
+    engine: Engine,
+    store: Arc<dyn Store>,
+    clock: ManualClock,
+    _dir: tempfile::TempDir,
+}
+
+struct FakeAgent {
+    name: String,
+    conn: ConnId,
+    rx: mpsc::UnboundedReceiver<Result<pb::CoordinatorMessage, tonic::Status>>,
+}
+
+impl Harness {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(SledStore::open(dir.path()).unwrap());
+        let clock = ManualClock::new(1_000_000);
+        let config = EngineConfig {
+            lease_ttl: Duration::from_millis(LEASE_MS),
+            heartbeat_interval: Duration::from_millis(500),
+        };
+        let engine = Engine::recover(
+            store.clone(),
+            Arc::new(clock.clone()),
+            config,
+            Default::default(),
+        )
+        .unwrap();
+        Self {
+            engine,
+            store,
+            clock,
+            _dir: dir,
+        }
+    }
+
+    /// What the commit thread does: apply, flush, then run the effects.
+    fn commit(&mut self) {
+        let (batch, effects) = self.engine.take_commit();
+        self.store.apply(&batch).unwrap();
+        self.store.flush().unwrap();
+        for effect in effects {
+            effect(&*self.store);
+        }
+    }
+
+    fn ask<T>(&mut self, event: impl FnOnce(Reply<T>) -> Event) -> Result<T, ApiError> {
+        let (reply, mut answer) = oneshot::channel();
+        self.engine.handle(event(reply));
+        self.commit();
+        answer.try_recv().expect("answered after the commit")
+    }
+
+    fn start_run(&mut self, yaml: &str) -> RunId {
+        let pipeline = NewPipeline {
+            name: spec::parse("kiln.yml", yaml).unwrap().name,
+            file_name: "kiln.yml".into(),
+            spec_yaml: yaml.into(),
+            repo: "/nowhere".into(),
+            branch: "main".into(),
+            subdir: String::new(),
+        };
+        let (pipeline, _) = self
+            .ask(|reply| Event::Register { pipeline, reply })
+            .unwrap();
+        let run = self
+            .ask(|reply| Event::Trigger {
+                pipeline,
+                commit: "0".repeat(40),
+                rev: "main".into(),
+                triggered_by: "test".into(),
+                reply,
+            })
+            .unwrap();
+        RunId(run.id)
+    }
+
+    fn connect(
+        &mut self,
+        name: &str,
+        conn: u64,
+        capacity: u32,
+        held: Vec<pb::StageRef>,
+    ) -> FakeAgent {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let hello = pb::Hello {
+            name: name.into(),
+            capacity,
+            held,
+            ..Default::default()
+        };
+        self.engine.handle(Event::AgentHello {
+            hello,
+            conn: ConnId(conn),
+            tx,
+        });
+        self.commit();
+        FakeAgent {
+            name: name.into(),
+            conn: ConnId(conn),
+            rx,
+        }
+    }
+
+    fn send(&mut self, agent: &FakeAgent, msg: Msg) {
+        self.engine.handle(Event::AgentMessage {
+            agent: agent.name.clone(),
+            conn: agent.conn,
+            msg,
+        });
+        self.commit();
+    }
+
+    fn finish(&mut self, agent: &FakeAgent, stage: pb::StageRef, outcome: pb::Outcome) {
+        let finished = pb::StageFinished {
+            stage: Some(stage),
+            outcome: outcome as i32,
+            ..Default::default()
+        };
+        self.send(agent, Msg::Finished(finished));
+    }
+
+    fn run(&mut self, run: RunId) -> pb::Run {
+        self.ask(|reply| Event::GetRun { run, reply }).unwrap()
+    }
+
+    fn stage(&mut self, run: RunId, name: &str) -> pb::Stage {
+        self.run(run)
+            .stages
+            .into_iter()
+            .find(|stage| stage.name == name)
+            .unwrap()
+    }
+}
+
+impl FakeAgent {
+    fn received(&mut self) -> Vec<Out> {
+        std::iter::from_fn(|| self.rx.try_recv().ok())
+            .filter_map(|msg| msg.ok()?.msg)
+            .collect()
+    }
+
+    fn assignments(&mut self) -> Vec<pb::StageRef> {
+        self.received()
+            .into_iter()
+            .filter_map(|msg| match msg {
+                Out::Assign(assign) => assign.stage,
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+fn acks(messages: Vec<Out>) -> Vec<pb::Ack> {
+    messages
+        .into_iter()
+        .filter_map(|msg| match msg {
+            Out::Ack(ack) => Some(ack),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Assignments that reached any of `agents`, with the receiving agent's index.
+fn assignments(agents: &mut [FakeAgent]) -> Vec<(usize, pb::StageRef)> {
+    let mut out = Vec::new();
+    for (i, agent) in agents.iter_mut().enumerate() {
+        out.extend(agent.assignments().into_iter().map(|stage| (i, stage)));
+    }
+    out
+}
+
+#[test]
+fn diamond_runs_in_dependency_order_with_the_middle_in_parallel() {
+    let mut h = Harness::new();
+    let run = h.start_run(DIAMOND);
+    let mut agents = [
+        h.connect("one", 1, 1, vec![]),
+        h.connect("two", 2, 1, vec![]),
+    ];
+    let first = assignments(&mut agents);
+    assert_eq!(
+        first.iter().map(|(_, s)| s.stage_idx).collect::<Vec<_>>(),
+        [0],
+        "only `a` is ready"
+    );
+    h.finish(&agents[first[0].0], first[0].1, pb::Outcome::Succeeded);
+
+    let middle = assignments(&mut agents);
+    let mut idx: Vec<_> = middle.iter().map(|(_, stage)| stage.stage_idx).collect();
+    idx.sort();
+    assert_eq!(idx, [1, 2], "b and c go out together");
+    assert_ne!(middle[0].0, middle[1].0, "one on each agent");
+    assert!(assignments(&mut agents).is_empty(), "d waits for both");
+    h.finish(&agents[middle[0].0], middle[0].1, pb::Outcome::Succeeded);
+    assert!(
+        assignments(&mut agents).is_empty(),
+        "d still waits for the other"
+    );
+    h.finish(&agents[middle[1].0], middle[1].1, pb::Outcome::Succeeded);
+
+    let last = assignments(&mut agents);
+    assert_eq!(
+        last.iter().map(|(_, s)| s.stage_idx).collect::<Vec<_>>(),
+        [3]
+    );
+    h.finish(&agents[last[0].0], last[0].1, pb::Outcome::Succeeded);
+    assert_eq!(h.run(run).state, pb::RunState::Succeeded as i32);
+}
+
+#[test]
+fn a_failed_stage_skips_its_dependents_and_fails_the_run() {
+    let mut h = Harness::new();
+    let run = h.start_run(DIAMOND);
+    let mut agents = [h.connect("one", 1, 2, vec![])];
+    let a = assignments(&mut agents)[0].1;
+    h.finish(&agents[0], a, pb::Outcome::Succeeded);
+    let middle = assignments(&mut agents);
+    let c = middle.iter().find(|(_, s)| s.stage_idx == 2).unwrap().1;
+    let b = middle.iter().find(|(_, s)| s.stage_idx == 1).unwrap().1;
+    h.finish(&agents[0], c, pb::Outcome::Failed);
+    assert_eq!(h.stage(run, "d").state, pb::StageState::Skipped as i32);
+    assert_eq!(
+        h.run(run).state,
+        pb::RunState::Running as i32,
+        "b still runs"
+    );
+    h.finish(&agents[0], b, pb::Outcome::Succeeded);
+    assert_eq!(h.run(run).state, pb::RunState::Failed as i32);
+}
+
+#[test]
+fn lost_lease_requeues_and_fences_off_the_old_attempt() {
+    let mut h = Harness::new();
+    let run = h.start_run("pipeline: p\nstages:\n  only: { commands: [sleep 1] }\n");
+    let mut old = h.connect("old", 1, 1, vec![]);
+    let first = old.assignments()[0];
+    assert_eq!(first.attempt, 1);
+    // `old` goes silent; the lease runs out.
+    h.clock.advance(LEASE_MS + 1);
+    h.engine.tick();
+    h.commit();
+    let stage = h.stage(run, "only");
+    assert_eq!(
+        (stage.state, stage.attempt),
+        (pb::StageState::Ready as i32, 2)
+    );
+    let mut new = h.connect("new", 2, 1, vec![]);
+    let second = new.assignments()[0];
+    assert_eq!(second.attempt, 2);
+
+    // The old agent comes back still holding attempt 1: told to drop it.
+    let mut old = h.connect("old", 3, 1, vec![first]);
+    let welcome = old.received().into_iter().find_map(|msg| match msg {
+        Out::Welcome(welcome) => Some(welcome),
+        _ => None,
+    });
+    assert_eq!(welcome.unwrap().drop, [first]);
+    // Its late completion is rejected and changes nothing.
+    h.finish(&old, first, pb::Outcome::Succeeded);
+    let rejected = acks(old.received());
+    assert!(rejected[0].rejected, "{rejected:?}");
+    assert!(
+        rejected[0].reason.contains("stale attempt 1"),
+        "{}",
+        rejected[0].reason
+    );
+    assert_eq!(h.stage(run, "only").state, pb::StageState::Assigned as i32);
+
+    // The rightful completion counts once; a repeat is acknowledged again.
+    h.finish(&new, second, pb::Outcome::Succeeded);
+    h.finish(&new, second, pb::Outcome::Failed);
+    let acked = acks(new.received());
+    assert_eq!(acked.len(), 2);
+    assert!(acked.iter().all(|ack| ack.finished && !ack.rejected));
+    assert_eq!(h.stage(run, "only").state, pb::StageState::Succeeded as i32);
+    assert_eq!(h.run(run).state, pb::RunState::Succeeded as i32);
+}
+
+#[test]
+fn a_stage_without_retries_fails_with_agent_lost_and_skips_dependents() {
+    let mut h = Harness::new();
+    let run = h.start_run("pipeline: p\ndefaults: { retries: 0 }\nstages:\n  a: { commands: [x] }\n  b: { needs: [a], commands: [y] }\n");
+    let mut agent = h.connect("gone", 1, 1, vec![]);
+    assert_eq!(agent.assignments().len(), 1);
+    h.clock.advance(LEASE_MS + 1);
+    h.engine.tick();
+    h.commit();
+    let a = h.stage(run, "a");
+    assert_eq!(a.state, pb::StageState::Failed as i32);
+    assert!(a.message.contains("agent gone lost"), "{}", a.message);
+    assert_eq!(h.stage(run, "b").state, pb::StageState::Skipped as i32);
+    assert_eq!(h.run(run).state, pb::RunState::Failed as i32);
+}
+
+#[test]
+fn resent_log_lines_are_stored_once() {
+    let mut h = Harness::new();
+    let run = h.start_run("pipeline: p\nstages:\n  a: { commands: [x] }\n");
+    let mut agent = h.connect("one", 1, 1, vec![]);
+    let stage = agent.assignments()[0];
+    let batch = |first: u64, n: u64| {
+        let lines = (first..first + n)
+            .map(|seq| pb::LogLine {
+                stream: 1,
+                text: format!("line {seq}"),
+                at_ms: 0,
+            })
+            .collect();
+        Msg::Logs(pb::LogBatch {
+            stage: Some(stage),
+            first_seq: first,
+            lines,
+        })
+    };
+    h.send(&agent, batch(0, 3));
+    h.send(&agent, batch(1, 4));
+    let next: Vec<u64> = acks(agent.received())
+        .iter()
+        .map(|ack| ack.next_log_seq)
+        .collect();
+    assert_eq!(next, [3, 5]);
+    let key = StageKey { run, idx: 0 };
+    let texts: Vec<String> = h
+        .store
+        .logs(key, 1, 0)
+        .unwrap()
+        .into_iter()
+        .map(|log| log.line.text)
+        .collect();
+    assert_eq!(
+        texts,
+        (0..5).map(|seq| format!("line {seq}")).collect::<Vec<_>>()
+    );
+}
+
+#[test]
+fn recovery_resumes_unfinished_runs_and_waits_for_their_agents() {
+    let mut h = Harness::new();
+    let run = h.start_run(
+        "pipeline: p\nstages:\n  a: { commands: [x] }\n  b: { needs: [a], commands: [y] }\n",
+    );
+    let mut agent = h.connect("one", 1, 1, vec![]);
+    let stage = agent.assignments()[0];
+    // A restart: a new engine over the same store.
+    let config = h.engine.config;
+    h.engine = Engine::recover(
+        h.store.clone(),
+        Arc::new(h.clock.clone()),
+        config,
+        Default::default(),
+    )
+    .unwrap();
+    let mut agent = h.connect("one", 2, 1, vec![stage]);
+    let resumed = agent.received().into_iter().find_map(|msg| match msg {
+        Out::Welcome(welcome) => Some(welcome.resume),
+        _ => None,
+    });
+    assert_eq!(resumed.unwrap()[0].stage, Some(stage));
+    h.finish(&agent, stage, pb::Outcome::Succeeded);
+    assert_eq!(agent.assignments().len(), 1, "b follows after the restart");
+    assert_eq!(h.run(run).state, pb::RunState::Running as i32);
+}

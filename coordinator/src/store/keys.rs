@@ -1,0 +1,81 @@
+//! Key layout of the single sled tree. Integers are big-endian so prefix
+//! scans come out in numeric order.
+//!
+//! ```text
+//! p <name> 0x00 <version:u32>                     pipeline version
+//! r <run:u64>                                     run
+//! a <run:u64>                                     index of unfinished runs
+//! s <run:u64> <stage:u32>                         stage
+//! l <run:u64> <stage:u32> <attempt:u32> <seq:u64> log line
+//! ```
+
+use kiln_common::ids::{RunId, StageKey};
+
+pub(super) const PIPELINE: u8 = b'p';
+pub(super) const RUN: u8 = b'r';
+pub(super) const ACTIVE: u8 = b'a';
+pub(super) const STAGE: u8 = b's';
+pub(super) const LOG: u8 = b'l';
+
+pub(super) fn pipeline(name: &str, version: u32) -> Vec<u8> {
+    let mut key = pipeline_prefix(name);
+    key.extend_from_slice(&version.to_be_bytes());
+    key
+}
+
+pub(super) fn pipeline_prefix(name: &str) -> Vec<u8> {
+    let mut key = vec![PIPELINE];
+    key.extend_from_slice(name.as_bytes());
+    key.push(0);
+    key
+}
+
+pub(super) fn run(id: RunId) -> Vec<u8> {
+    with_run(RUN, id)
+}
+
+pub(super) fn active(id: RunId) -> Vec<u8> {
+    with_run(ACTIVE, id)
+}
+
+pub(super) fn stage(key: StageKey) -> Vec<u8> {
+    let mut out = with_run(STAGE, key.run);
+    out.extend_from_slice(&key.idx.to_be_bytes());
+    out
+}
+
+pub(super) fn stages_of(run: RunId) -> Vec<u8> {
+    with_run(STAGE, run)
+}
+
+pub(super) fn log_prefix(key: StageKey, attempt: u32) -> Vec<u8> {
+    let mut out = with_run(LOG, key.run);
+    out.extend_from_slice(&key.idx.to_be_bytes());
+    out.extend_from_slice(&attempt.to_be_bytes());
+    out
+}
+
+pub(super) fn log(key: StageKey, attempt: u32, seq: u64) -> Vec<u8> {
+    let mut out = log_prefix(key, attempt);
+    out.extend_from_slice(&seq.to_be_bytes());
+    out
+}
+
+/// The run id at bytes 1..9 of a run-scoped key.
+pub(super) fn run_of(key: &[u8]) -> Option<RunId> {
+    let bytes: [u8; 8] = key.get(1..9)?.try_into().ok()?;
+    Some(RunId(u64::from_be_bytes(bytes)))
+}
+
+/// The sequence number at the end of a log key.
+pub(super) fn log_seq(key: &[u8]) -> Option<u64> {
+    let bytes: [u8; 8] = key.get(key.len().checked_sub(8)?..)?.try_into().ok()?;
+    Some(u64::from_be_bytes(bytes))
+}
+
+fn with_run(tag: u8, id: RunId) -> Vec<u8> {
+    let mut key = Vec::with_capacity(32);
+    key.push(tag);
+    key.extend_from_slice(&id.0.to_be_bytes());
+    key
+}

@@ -1,0 +1,191 @@
+//! Durable state: the records the coordinator keeps and the small [`Store`]
+//! trait they live behind.
+//!
+//! sled is an implementation detail of [`sled_store`]; nothing else in the
+//! crate names it. Writes arrive as a [`Batch`] that is applied atomically
+//! (one transition = one batch) and made durable by [`Store::flush`], which
+//! the group committer calls once for many batches.
+
+mod keys;
+mod sled_store;
+
+use kiln_common::ids::{RunId, StageKey};
+use serde::{Deserialize, Serialize};
+
+pub(crate) use sled_store::SledStore;
+
+/// Errors of the storage layer.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("storage error: {0}")]
+    Sled(#[from] sled::Error),
+    #[error("corrupt record under key {key}: {source}")]
+    Corrupt {
+        key: String,
+        source: serde_json::Error,
+    },
+}
+
+pub(crate) type Result<T> = std::result::Result<T, StoreError>;
+
+/// One registered version of a pipeline.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub(crate) struct PipelineRecord {
+    pub(crate) name: String,
+    pub(crate) version: u32,
+    pub(crate) file_name: String,
+    pub(crate) spec_yaml: String,
+    pub(crate) repo: String,
+    pub(crate) branch: String,
+    pub(crate) subdir: String,
+    pub(crate) registered_ms: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum RunState {
+    Queued,
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl RunState {
+    pub(crate) fn is_terminal(self) -> bool {
+        matches!(self, Self::Succeeded | Self::Failed | Self::Cancelled)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub(crate) struct RunRecord {
+    pub(crate) id: RunId,
+    pub(crate) pipeline: String,
+    pub(crate) pipeline_version: u32,
+    pub(crate) commit: String,
+    pub(crate) rev: String,
+    pub(crate) state: RunState,
+    pub(crate) triggered_by: String,
+    pub(crate) created_ms: u64,
+    pub(crate) finished_ms: Option<u64>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum StageState {
+    Pending,
+    Ready,
+    Assigned,
+    Running,
+    Succeeded,
+    Failed,
+    TimedOut,
+    Cancelled,
+    Skipped,
+}
+
+impl StageState {
+    pub(crate) fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            Self::Succeeded | Self::Failed | Self::TimedOut | Self::Cancelled | Self::Skipped
+        )
+    }
+
+    /// On an agent: assigned or running.
+    pub(crate) fn is_held(self) -> bool {
+        matches!(self, Self::Assigned | Self::Running)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub(crate) struct StageRecord {
+    pub(crate) key: StageKey,
+    /// Copied from the pipeline version so a stored run reads on its own.
+    pub(crate) name: String,
+    pub(crate) needs: Vec<String>,
+    pub(crate) state: StageState,
+    /// Starts at 1; every re-dispatch increments it, which fences off the
+    /// agent that held the previous attempt.
+    pub(crate) attempt: u32,
+    /// Re-dispatches charged against the stage's `retries` (lost agents,
+    /// infrastructure errors); hand-backs and manual retries are free.
+    pub(crate) retries_used: u32,
+    pub(crate) agent: Option<String>,
+    pub(crate) started_ms: Option<u64>,
+    pub(crate) finished_ms: Option<u64>,
+    pub(crate) exit_code: Option<i32>,
+    pub(crate) message: String,
+    /// Log lines of the current attempt stored so far.
+    pub(crate) next_log_seq: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum LogStream {
+    Stdout,
+    Stderr,
+    System,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub(crate) struct LogLine {
+    pub(crate) stream: LogStream,
+    pub(crate) text: String,
+    pub(crate) at_ms: u64,
+}
+
+/// A stored log line with its place.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct StoredLog {
+    pub(crate) key: StageKey,
+    pub(crate) attempt: u32,
+    pub(crate) seq: u64,
+    pub(crate) line: LogLine,
+}
+
+/// Writes applied atomically as one unit.
+#[derive(Debug, Default)]
+pub(crate) struct Batch {
+    pub(crate) ops: Vec<Op>,
+}
+
+#[derive(Debug)]
+pub(crate) enum Op {
+    Pipeline(PipelineRecord),
+    Run(RunRecord),
+    Stage(StageRecord),
+    Log(StoredLog),
+}
+
+impl Batch {
+    pub(crate) fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+
+    pub(crate) fn push(&mut self, op: Op) {
+        self.ops.push(op);
+    }
+}
+
+/// The coordinator's durable state.
+pub(crate) trait Store: Send + Sync + 'static {
+    /// Applies every op of `batch` atomically (not yet durable).
+    fn apply(&self, batch: &Batch) -> Result<()>;
+    /// Makes everything applied so far durable.
+    fn flush(&self) -> Result<()>;
+
+    fn pipeline(&self, name: &str, version: u32) -> Result<Option<PipelineRecord>>;
+    /// The latest version of every pipeline, by name.
+    fn latest_pipelines(&self) -> Result<Vec<PipelineRecord>>;
+    fn run(&self, id: RunId) -> Result<Option<RunRecord>>;
+    /// Newest first.
+    fn runs(&self, pipeline: Option<&str>, limit: usize) -> Result<Vec<RunRecord>>;
+    /// Runs that are not finished, oldest first.
+    fn unfinished_runs(&self) -> Result<Vec<RunRecord>>;
+    /// The highest run id ever used (0 when none).
+    fn last_run_id(&self) -> Result<u64>;
+    fn stages(&self, run: RunId) -> Result<Vec<StageRecord>>;
+    /// Stored lines of one stage attempt with `seq >= from_seq`.
+    fn logs(&self, key: StageKey, attempt: u32, from_seq: u64) -> Result<Vec<StoredLog>>;
+}

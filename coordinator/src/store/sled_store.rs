@@ -1,0 +1,270 @@
+//! [`Store`] on sled 0.34: one tree, JSON values, big-endian keys.
+//!
+//! sled is unmaintained since 2021, which is why it stays behind the trait.
+//! Batches are applied with `apply_batch` (atomic, no closures to retry) and
+//! made durable with an explicit `flush`; sled's own background flush runs
+//! only every 500 ms and acknowledges nothing.
+
+use std::path::Path;
+
+use kiln_common::ids::{RunId, StageKey};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use super::{
+    Batch, LogLine, Op, PipelineRecord, Result, RunRecord, StageRecord, Store, StoreError,
+    StoredLog, keys,
+};
+
+pub(crate) struct SledStore {
+    db: sled::Db,
+}
+
+impl SledStore {
+    /// Opens (or creates) the database under `dir`.
+    pub(crate) fn open(dir: &Path) -> Result<Self> {
+        let db = sled::Config::new()
+            .path(dir.join("state.sled"))
+            // The page cache is the bulk of the coordinator's memory; hot
+            // state lives in the engine, so a small cache is enough.
+            .cache_capacity(64 * 1024 * 1024)
+            .open()?;
+        Ok(Self { db })
+    }
+
+    fn get<T: DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>> {
+        self.db
+            .get(key)?
+            .map(|value| decode(key, &value))
+            .transpose()
+    }
+
+    fn scan<T: DeserializeOwned>(&self, prefix: &[u8]) -> Result<Vec<T>> {
+        self.db
+            .scan_prefix(prefix)
+            .map(|entry| {
+                let (key, value) = entry?;
+                decode(&key, &value)
+            })
+            .collect()
+    }
+}
+
+fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    serde_json::to_vec(value).expect("records always serialize")
+}
+
+fn decode<T: DeserializeOwned>(key: &[u8], value: &[u8]) -> Result<T> {
+    serde_json::from_slice(value).map_err(|source| StoreError::Corrupt {
+        key: String::from_utf8_lossy(key).into_owned(),
+        source,
+    })
+}
+
+impl Store for SledStore {
+    fn apply(&self, batch: &Batch) -> Result<()> {
+        let mut writes = sled::Batch::default();
+        for op in &batch.ops {
+            match op {
+                Op::Pipeline(record) => {
+                    writes.insert(keys::pipeline(&record.name, record.version), encode(record));
+                }
+                Op::Run(record) => {
+                    writes.insert(keys::run(record.id), encode(record));
+                    if record.state.is_terminal() {
+                        writes.remove(keys::active(record.id));
+                    } else {
+                        writes.insert(keys::active(record.id), &[][..]);
+                    }
+                }
+                Op::Stage(record) => writes.insert(keys::stage(record.key), encode(record)),
+                Op::Log(log) => {
+                    writes.insert(keys::log(log.key, log.attempt, log.seq), encode(&log.line));
+                }
+            }
+        }
+        self.db.apply_batch(writes)?;
+        Ok(())
+    }
+
+    fn flush(&self) -> Result<()> {
+        self.db.flush()?;
+        Ok(())
+    }
+
+    fn pipeline(&self, name: &str, version: u32) -> Result<Option<PipelineRecord>> {
+        self.get(&keys::pipeline(name, version))
+    }
+
+    fn latest_pipelines(&self) -> Result<Vec<PipelineRecord>> {
+        let mut latest: Vec<PipelineRecord> = Vec::new();
+        for record in self.scan::<PipelineRecord>(&[keys::PIPELINE])? {
+            // Versions of one name are adjacent and ascending.
+            match latest.last_mut() {
+                Some(last) if last.name == record.name => *last = record,
+                _ => latest.push(record),
+            }
+        }
+        Ok(latest)
+    }
+
+    fn run(&self, id: RunId) -> Result<Option<RunRecord>> {
+        self.get(&keys::run(id))
+    }
+
+    fn runs(&self, pipeline: Option<&str>, limit: usize) -> Result<Vec<RunRecord>> {
+        let mut runs = Vec::new();
+        for entry in self.db.scan_prefix([keys::RUN]).rev() {
+            let (key, value) = entry?;
+            let run: RunRecord = decode(&key, &value)?;
+            if pipeline.is_none_or(|name| name == run.pipeline) {
+                runs.push(run);
+                if runs.len() == limit {
+                    break;
+                }
+            }
+        }
+        Ok(runs)
+    }
+
+    fn unfinished_runs(&self) -> Result<Vec<RunRecord>> {
+        let mut runs = Vec::new();
+        for entry in self.db.scan_prefix([keys::ACTIVE]) {
+            let (key, _) = entry?;
+            if let Some(run) = keys::run_of(&key).map(|id| self.run(id)).transpose()? {
+                runs.extend(run);
+            }
+        }
+        Ok(runs)
+    }
+
+    fn last_run_id(&self) -> Result<u64> {
+        let last = self.db.scan_prefix([keys::RUN]).next_back().transpose()?;
+        Ok(last
+            .and_then(|(key, _)| keys::run_of(&key))
+            .map_or(0, |id| id.0))
+    }
+
+    fn stages(&self, run: RunId) -> Result<Vec<StageRecord>> {
+        self.scan(&keys::stages_of(run))
+    }
+
+    fn logs(&self, key: StageKey, attempt: u32, from_seq: u64) -> Result<Vec<StoredLog>> {
+        let start = keys::log(key, attempt, from_seq);
+        let prefix = keys::log_prefix(key, attempt);
+        let mut logs = Vec::new();
+        for entry in self.db.range(start..) {
+            let (raw_key, value) = entry?;
+            if !raw_key.starts_with(&prefix) {
+                break;
+            }
+            let line: LogLine = decode(&raw_key, &value)?;
+            let seq = keys::log_seq(&raw_key).unwrap_or_default();
+            logs.push(StoredLog {
+                key,
+                attempt,
+                seq,
+                line,
+            });
+        }
+        Ok(logs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{LogStream, RunState, StageState};
+
+    fn run(id: u64, pipeline: &str, state: RunState) -> RunRecord {
+        RunRecord {
+            id: RunId(id),
+            pipeline: pipeline.into(),
+            pipeline_version: 1,
+            commit: "c".into(),
+            rev: String::new(),
+            state,
+            triggered_by: "test".into(),
+            created_ms: id,
+            finished_ms: None,
+        }
+    }
+
+    #[test]
+    fn records_survive_reopen_and_scan_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = SledStore::open(dir.path()).unwrap();
+            let mut batch = Batch::default();
+            for id in [1, 2, 300] {
+                batch.push(Op::Run(run(
+                    id,
+                    if id == 2 { "b" } else { "a" },
+                    RunState::Running,
+                )));
+            }
+            batch.push(Op::Run(run(1, "a", RunState::Succeeded)));
+            let key = StageKey {
+                run: RunId(2),
+                idx: 0,
+            };
+            batch.push(Op::Stage(StageRecord {
+                key,
+                name: "build".into(),
+                needs: Vec::new(),
+                state: StageState::Running,
+                attempt: 1,
+                retries_used: 0,
+                agent: Some("a1".into()),
+                started_ms: None,
+                finished_ms: None,
+                exit_code: None,
+                message: String::new(),
+                next_log_seq: 2,
+            }));
+            for seq in [0, 1, 256] {
+                batch.push(Op::Log(StoredLog {
+                    key,
+                    attempt: 1,
+                    seq,
+                    line: LogLine {
+                        stream: LogStream::Stdout,
+                        text: format!("line {seq}"),
+                        at_ms: 0,
+                    },
+                }));
+            }
+            store.apply(&batch).unwrap();
+            store.flush().unwrap();
+        }
+        let store = SledStore::open(dir.path()).unwrap();
+        assert_eq!(store.last_run_id().unwrap(), 300);
+        let unfinished: Vec<_> = store
+            .unfinished_runs()
+            .unwrap()
+            .iter()
+            .map(|r| r.id.0)
+            .collect();
+        assert_eq!(unfinished, [2, 300]);
+        let newest_a: Vec<_> = store
+            .runs(Some("a"), 10)
+            .unwrap()
+            .iter()
+            .map(|r| r.id.0)
+            .collect();
+        assert_eq!(newest_a, [300, 1]);
+        let key = StageKey {
+            run: RunId(2),
+            idx: 0,
+        };
+        let seqs: Vec<_> = store
+            .logs(key, 1, 1)
+            .unwrap()
+            .iter()
+            .map(|l| l.seq)
+            .collect();
+        assert_eq!(seqs, [1, 256]);
+        assert!(store.logs(key, 2, 0).unwrap().is_empty());
+        assert_eq!(store.stages(RunId(2)).unwrap().len(), 1);
+    }
+}

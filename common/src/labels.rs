@@ -8,7 +8,9 @@ pub fn parse(text: &str) -> Result<BTreeMap<String, String>, String> {
     let mut labels = BTreeMap::new();
     for pair in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
         let Some((key, value)) = pair.split_once('=') else {
-            return Err(format!("label `{pair}` has no `=`; write labels as key=value,key=value"));
+            return Err(format!(
+                "label `{pair}` has no `=`; write labels as key=value,key=value"
+            ));
         };
         let (key, value) = (key.trim(), value.trim());
         if key.is_empty() {
@@ -24,7 +26,9 @@ pub fn satisfies<'a>(
     agent: &BTreeMap<String, String>,
     wanted: impl IntoIterator<Item = (&'a String, &'a String)>,
 ) -> bool {
-    wanted.into_iter().all(|(key, value)| agent.get(key) == Some(value))
+    wanted
+        .into_iter()
+        .all(|(key, value)| agent.get(key) == Some(value))
 }
 
 #[cfg(test)]

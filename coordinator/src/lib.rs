@@ -96,10 +96,14 @@ pub async fn run(
     health_reporter
         .set_serving::<ControlServiceServer<control::ControlApi>>()
         .await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(kiln_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
+    // Both reflection versions: older grpcurl builds only speak v1alpha.
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(kiln_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection().build_v1()?;
+    let reflection_v1alpha = reflection().build_v1alpha()?;
     let grpc_addr = config.grpc_listener.local_addr()?;
     let incoming =
         tonic::transport::server::TcpIncoming::from(config.grpc_listener).with_nodelay(Some(true));
@@ -108,7 +112,8 @@ pub async fn run(
         tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(10)))
             .add_service(health_service)
-            .add_service(reflection)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
             .add_service(AgentServiceServer::new(agent_service::AgentApi::new(
                 events_tx.clone(),
             )))

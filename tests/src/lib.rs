@@ -1,1 +1,275 @@
-//! End-to-end test helpers.
+//! Helpers for Kiln's end-to-end tests and the benchmark: real
+//! `kiln-coordinator`, `kiln-agent` and `kiln` processes on 127.0.0.1, and
+//! throwaway git repositories holding a `kiln.yml`.
+//!
+//! The binaries come from the same target directory as the test executable
+//! (`cargo build --workspace` builds them; the README's test command does).
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use kiln_proto::v1 as pb;
+use pb::control_service_client::ControlServiceClient;
+use tonic::transport::Channel;
+
+/// Path of a workspace binary next to the running test executable.
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> or target/<profile>/<bin>
+    let mut dir = exe.parent().expect("exe dir").to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing; build the workspace first (cargo build --workspace)",
+        path.display()
+    );
+    path
+}
+
+/// A child process that is killed when dropped, so a failing test leaves
+/// nothing behind.
+pub struct Process {
+    pub child: Child,
+    pub name: String,
+}
+
+impl Process {
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// SIGKILL, as a crash would.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then wait up to `limit` for a clean exit.
+    pub fn terminate(&mut self, limit: Duration) -> Result<std::process::ExitStatus> {
+        unsafe { libc::kill(self.pid(), libc::SIGTERM) };
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                bail!("{} did not exit within {limit:?} of SIGTERM", self.name);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A coordinator process with its data dir.
+pub struct Coordinator {
+    pub process: Process,
+    pub grpc: String,
+    pub http: String,
+    pub data_dir: PathBuf,
+}
+
+/// Settings for [`Coordinator::start`].
+#[derive(Clone, Debug)]
+pub struct CoordinatorOptions {
+    pub lease_ttl: &'static str,
+    pub heartbeat: &'static str,
+    /// `127.0.0.1:0` for any free port; a fixed one to restart in place.
+    pub grpc: String,
+}
+
+impl Default for CoordinatorOptions {
+    fn default() -> Self {
+        Self {
+            lease_ttl: "3s",
+            heartbeat: "300ms",
+            grpc: "127.0.0.1:0".into(),
+        }
+    }
+}
+
+impl Coordinator {
+    pub fn start(data_dir: &Path, options: &CoordinatorOptions) -> Result<Self> {
+        let mut child = Command::new(binary("kiln-coordinator"))
+            .args(["--data-dir".as_ref(), data_dir.as_os_str()])
+            .args(["--grpc", &options.grpc, "--http", "127.0.0.1:0"])
+            .args(["--lease-ttl", options.lease_ttl, "--heartbeat", options.heartbeat])
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("starting kiln-coordinator")?;
+        let stdout = child.stdout.take().context("coordinator stdout")?;
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line)?;
+        let field = |name: &str| {
+            line.split_whitespace()
+                .find_map(|part| part.strip_prefix(name))
+                .map(str::to_owned)
+        };
+        let (Some(grpc), Some(http)) = (field("grpc="), field("http=")) else {
+            bail!("kiln-coordinator did not announce its addresses; it said: {line:?}");
+        };
+        Ok(Self {
+            process: Process { child, name: "kiln-coordinator".into() },
+            grpc,
+            http,
+            data_dir: data_dir.to_path_buf(),
+        })
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.grpc)
+    }
+
+    pub async fn client(&self) -> Result<ControlServiceClient<Channel>> {
+        let channel = Channel::from_shared(self.url())?.connect().await?;
+        Ok(ControlServiceClient::new(channel))
+    }
+
+    /// Runs `kiln ARGS` against this coordinator.
+    pub fn kiln(&self, args: &[&str]) -> Output {
+        kiln(&self.url(), args)
+    }
+}
+
+/// Runs the CLI against `url` and returns what it did.
+pub fn kiln(url: &str, args: &[&str]) -> Output {
+    Command::new(binary("kiln"))
+        .args(args)
+        .env("KILN_COORDINATOR", url)
+        .env("USER", "tester")
+        .stdin(Stdio::null())
+        .output()
+        .expect("running kiln")
+}
+
+/// Starts `kiln-agent` with the process executor.
+pub fn start_agent(url: &str, name: &str, labels: &str, capacity: u32, work_dir: &Path) -> Result<Process> {
+    let child = Command::new(binary("kiln-agent"))
+        .args(["--coordinator", url, "--name", name, "--labels", labels])
+        .args(["--capacity", &capacity.to_string(), "--executor", "process"])
+        .args(["--work-dir".as_ref(), work_dir.as_os_str()])
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("starting kiln-agent")?;
+    Ok(Process { child, name: format!("kiln-agent {name}") })
+}
+
+/// A git repository in a temp dir with a committed `kiln.yml`.
+pub struct Repo {
+    pub dir: tempfile::TempDir,
+}
+
+impl Repo {
+    pub fn new(kiln_yml: &str) -> Result<Self> {
+        let dir = tempfile::tempdir()?;
+        git(dir.path(), &["init", "-q", "-b", "main"])?;
+        let repo = Self { dir };
+        repo.commit("kiln.yml", kiln_yml)?;
+        Ok(repo)
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Writes `file` and commits it; returns the commit id.
+    pub fn commit(&self, file: &str, text: &str) -> Result<String> {
+        let path = self.path().join(file);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        std::fs::write(&path, text)?;
+        git(self.path(), &["add", "-A"])?;
+        git(self.path(), &["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", file])?;
+        let head = git(self.path(), &["rev-parse", "HEAD"])?;
+        Ok(head.trim().to_owned())
+    }
+}
+
+fn git(dir: &Path, args: &[&str]) -> Result<String> {
+    let output = Command::new("git").arg("-C").arg(dir).args(args).output()?;
+    if !output.status.success() {
+        bail!("git {args:?} failed: {}", String::from_utf8_lossy(&output.stderr));
+    }
+    Ok(String::from_utf8(output.stdout)?)
+}
+
+/// Polls `check` every 50 ms until it returns `Some`, or fails after `limit`.
+pub async fn eventually<T, F, Fut>(limit: Duration, what: &str, mut check: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<Option<T>>>,
+{
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(value) = check().await? {
+            return Ok(value);
+        }
+        if Instant::now() > deadline {
+            bail!("timed out after {limit:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The run as the coordinator has it.
+pub async fn get_run(client: &mut ControlServiceClient<Channel>, run: u64) -> Result<pb::Run> {
+    Ok(client.get_run(pb::GetRunRequest { run_id: run }).await?.into_inner())
+}
+
+/// Waits for the run to finish and returns it.
+pub async fn wait_run(client: &mut ControlServiceClient<Channel>, run: u64, limit: Duration) -> Result<pb::Run> {
+    let client = client.clone();
+    eventually(limit, &format!("run {run} to finish"), move || {
+        let mut client = client.clone();
+        async move {
+            let run = get_run(&mut client, run).await?;
+            let done = matches!(
+                pb::RunState::try_from(run.state)?,
+                pb::RunState::Succeeded | pb::RunState::Failed | pb::RunState::Cancelled
+            );
+            Ok(done.then_some(run))
+        }
+    })
+    .await
+}
+
+/// The stage of `run` called `name`.
+pub fn stage<'a>(run: &'a pb::Run, name: &str) -> &'a pb::Stage {
+    run.stages
+        .iter()
+        .find(|stage| stage.name == name)
+        .unwrap_or_else(|| panic!("run {} has no stage {name}", run.id))
+}
+
+/// Every log line of the run, as `stage: text`.
+pub async fn logs(client: &mut ControlServiceClient<Channel>, run: u64, stage: &str) -> Result<Vec<pb::LogEntry>> {
+    let request = pb::StreamLogsRequest { run_id: run, stage: stage.into(), follow: false };
+    let mut stream = client.stream_logs(request).await?.into_inner();
+    let mut entries = Vec::new();
+    while let Some(entry) = stream.message().await? {
+        entries.push(entry);
+    }
+    Ok(entries)
+}
+
+/// Whether a process with this pid still exists.
+pub fn alive(pid: i32) -> bool {
+    unsafe { libc::kill(pid, 0) == 0 }
+}

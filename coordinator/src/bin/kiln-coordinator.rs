@@ -49,6 +49,17 @@ async fn main() -> anyhow::Result<()> {
                 })?,
         )
     };
+    // One line on stdout with the bound addresses, so scripts and tests that
+    // pass port 0 learn the real ones.
+    println!(
+        "kiln-coordinator listening grpc={} http={}",
+        grpc_listener.local_addr()?,
+        http_listener
+            .as_ref()
+            .map(|listener| listener.local_addr().map(|addr| addr.to_string()))
+            .transpose()?
+            .unwrap_or_default()
+    );
     let config = kiln_coordinator::Config {
         data_dir: flags.data_dir,
         grpc_listener,

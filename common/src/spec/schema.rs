@@ -1,0 +1,275 @@
+//! The YAML tree to a [`Draft`]: the file's shape and every value checked,
+//! nothing cross-referenced yet.
+//!
+//! Each mapping with fixed keys has a table of [`Field`]s: a key's name and
+//! the function that reads its value. The table is both the parser and the
+//! list of keys that an "unknown key" error offers, so supporting a new key is
+//! one line in a table and one reader in `values`.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::Duration;
+
+use super::suggest::did_you_mean;
+use super::values;
+use super::yaml::{Document, Node};
+use super::{Position, Problem};
+
+/// The file as read, before `needs` are resolved and defaults applied.
+pub(super) struct Draft {
+    pub(super) name: String,
+    pub(super) defaults: Defaults,
+    /// Never empty, in file order.
+    pub(super) stages: Vec<StageDraft>,
+}
+
+/// The `defaults:` mapping; `None` where the file leaves a setting out.
+#[derive(Default)]
+pub(super) struct Defaults {
+    pub(super) image: Option<String>,
+    pub(super) timeout: Option<Duration>,
+    pub(super) retries: Option<u32>,
+}
+
+/// One stage as written; `None` settings fall back to `defaults`.
+pub(super) struct StageDraft {
+    pub(super) name: String,
+    /// Where the stage's name is, which errors about the whole stage point at.
+    pub(super) position: Position,
+    pub(super) needs: Vec<Named>,
+    pub(super) commands: Vec<String>,
+    pub(super) env: BTreeMap<String, String>,
+    pub(super) timeout: Option<Duration>,
+    pub(super) retries: Option<u32>,
+    pub(super) image: Option<String>,
+    pub(super) agent_labels: BTreeMap<String, String>,
+}
+
+/// A name and where it was written, so that a reference can be blamed.
+pub(super) struct Named {
+    pub(super) name: String,
+    pub(super) position: Position,
+}
+
+/// What a value is, for messages: "`timeout` in stage `build`".
+pub(super) struct Path<'p> {
+    pub(super) key: &'p str,
+    /// " in stage `build`", or "" at the top level.
+    pub(super) place: &'p str,
+}
+
+impl fmt::Display for Path<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "`{}`{}", self.key, self.place)
+    }
+}
+
+/// One key a mapping accepts and how its value is read into `T`.
+type Field<T> = (
+    &'static str,
+    fn(&mut T, Node<'_>, &Path<'_>) -> Result<(), Problem>,
+);
+
+/// The top level of the file, while it is being read.
+#[derive(Default)]
+struct TopLevel {
+    name: Option<String>,
+    defaults: Defaults,
+    stages: Option<Vec<StageDraft>>,
+}
+
+// The tables are kept one key per line by hand: they read as the schema.
+#[rustfmt::skip]
+const TOP_LEVEL_FIELDS: &[Field<TopLevel>] = &[
+    ("pipeline", |top, v, path| set(&mut top.name, values::name(v, path).map(Some))),
+    ("defaults", |top, v, path| read_defaults(&mut top.defaults, v, path)),
+    ("stages", |top, v, path| set(&mut top.stages, read_stages(v, path).map(Some))),
+];
+
+#[rustfmt::skip]
+const DEFAULTS_FIELDS: &[Field<Defaults>] = &[
+    ("image", |d, v, path| set(&mut d.image, values::image(v, path).map(Some))),
+    ("timeout", |d, v, path| set(&mut d.timeout, values::timeout(v, path).map(Some))),
+    ("retries", |d, v, path| set(&mut d.retries, values::retries(v, path).map(Some))),
+];
+
+#[rustfmt::skip]
+const STAGE_FIELDS: &[Field<StageDraft>] = &[
+    ("needs", |s, v, path| set(&mut s.needs, values::needs(v, path))),
+    ("commands", |s, v, path| set(&mut s.commands, values::commands(v, path))),
+    ("env", |s, v, path| set(&mut s.env, values::env(v, path))),
+    ("timeout", |s, v, path| set(&mut s.timeout, values::timeout(v, path).map(Some))),
+    ("retries", |s, v, path| set(&mut s.retries, values::retries(v, path).map(Some))),
+    ("image", |s, v, path| set(&mut s.image, values::image(v, path).map(Some))),
+    ("agent", read_agent),
+];
+
+/// `agent:` only narrows where a stage runs, so it reads straight into the stage.
+#[rustfmt::skip]
+const AGENT_FIELDS: &[Field<StageDraft>] = &[
+    ("labels", |s, v, path| set(&mut s.agent_labels, values::labels(v, path))),
+];
+
+/// Reads the whole file into a [`Draft`], or the first problem in it.
+pub(super) fn read(document: &Document<'_>) -> Result<Draft, Problem> {
+    let Some(root) = document.root().filter(|root| !root.is_null()) else {
+        return Err(Problem::new(
+            Position { line: 1, column: 1 },
+            "the file is empty; a pipeline needs at least `pipeline: NAME` and `stages:`",
+        ));
+    };
+    if root.entries().is_none() {
+        return Err(Problem::new(
+            root.position(),
+            format!(
+                "the top level must be a mapping with `pipeline:` and `stages:`; found {}",
+                root.describe()
+            ),
+        ));
+    }
+    let mut top = TopLevel::default();
+    read_fields(&mut top, root, TOP_LEVEL_FIELDS, "the top level", "")?;
+    let Some(name) = top.name else {
+        return Err(Problem::new(
+            root.position(),
+            "the file has no `pipeline` name; add `pipeline: NAME` at the top",
+        ));
+    };
+    let Some(stages) = top.stages else {
+        return Err(no_stages(root.position()));
+    };
+    Ok(Draft {
+        name,
+        defaults: top.defaults,
+        stages,
+    })
+}
+
+fn read_defaults(defaults: &mut Defaults, value: Node<'_>, path: &Path<'_>) -> Result<(), Problem> {
+    read_fields(
+        defaults,
+        value,
+        DEFAULTS_FIELDS,
+        &path.to_string(),
+        " in `defaults`",
+    )
+}
+
+fn read_stages(value: Node<'_>, path: &Path<'_>) -> Result<Vec<StageDraft>, Problem> {
+    if value.is_null() {
+        return Err(no_stages(value.position()));
+    }
+    let entries = values::mapping(value, path, "a mapping from stage name to stage")?;
+    if entries.is_empty() {
+        return Err(no_stages(value.position()));
+    }
+    // Repeats are reported before anything else in the mapping, because the
+    // tree holds only one of the two stages and reading it would blame the
+    // wrong lines.
+    if let Some((name, position)) = value.duplicate_key() {
+        return Err(Problem::new(
+            position,
+            format!(
+                "duplicate stage `{name}`; stage names must be unique, rename or remove this one"
+            ),
+        ));
+    }
+    entries
+        .into_iter()
+        .map(|(key, body)| read_stage(key, body))
+        .collect()
+}
+
+fn read_stage(key: Node<'_>, body: Node<'_>) -> Result<StageDraft, Problem> {
+    let name = values::stage_name(key)?;
+    let mut stage = StageDraft {
+        name,
+        position: key.position(),
+        needs: Vec::new(),
+        commands: Vec::new(),
+        env: BTreeMap::new(),
+        timeout: None,
+        retries: None,
+        image: None,
+        agent_labels: BTreeMap::new(),
+    };
+    // `build:` with nothing under it is a stage without commands, not a type error.
+    if !body.is_null() {
+        let what = format!("stage `{}`", stage.name);
+        let place = format!(" in stage `{}`", stage.name);
+        read_fields(&mut stage, body, STAGE_FIELDS, &what, &place)?;
+    }
+    if stage.commands.is_empty() {
+        return Err(Problem::new(
+            stage.position,
+            format!(
+                "stage `{}` has no commands; add `commands: [...]`",
+                stage.name
+            ),
+        ));
+    }
+    Ok(stage)
+}
+
+fn read_agent(stage: &mut StageDraft, value: Node<'_>, path: &Path<'_>) -> Result<(), Problem> {
+    let place = format!(" in `agent` of stage `{}`", stage.name);
+    read_fields(stage, value, AGENT_FIELDS, &path.to_string(), &place)
+}
+
+/// Reads a mapping whose keys must all come from `fields`. `what` names the
+/// mapping ("stage `build`"), `place` is appended to its keys' names.
+fn read_fields<T>(
+    target: &mut T,
+    mapping: Node<'_>,
+    fields: &[Field<T>],
+    what: &str,
+    place: &str,
+) -> Result<(), Problem> {
+    let entries = values::mapping(mapping, &what, "a mapping")?;
+    if let Some((key, position)) = mapping.duplicate_key() {
+        let place = place_or_top_level(place);
+        return Err(Problem::new(
+            position,
+            format!("duplicate key `{key}`{place}; remove one of the two"),
+        ));
+    }
+    for (key, value) in entries {
+        let key_text = values::key(key, place)?;
+        let Some((name, read)) = fields.iter().find(|(name, _)| *name == key_text) else {
+            let names = fields.iter().map(|(name, _)| *name);
+            let expected = names.clone().collect::<Vec<_>>().join(", ");
+            let place = place_or_top_level(place);
+            return Err(Problem::new(
+                key.position(),
+                format!(
+                    "unknown key `{key_text}`{place}; expected one of: {expected}{}",
+                    did_you_mean(key_text, names)
+                ),
+            ));
+        };
+        read(target, value, &Path { key: name, place })?;
+    }
+    Ok(())
+}
+
+/// Stores a value that was read, so that the tables above fit on a line each.
+fn set<T>(slot: &mut T, value: Result<T, Problem>) -> Result<(), Problem> {
+    *slot = value?;
+    Ok(())
+}
+
+/// Messages say "in stage `build`", and "at the top level" where `place` is "".
+pub(super) fn place_or_top_level(place: &str) -> &str {
+    if place.is_empty() {
+        " at the top level"
+    } else {
+        place
+    }
+}
+
+fn no_stages(position: Position) -> Problem {
+    Problem::new(
+        position,
+        "the pipeline has no stages; add at least one under `stages:`",
+    )
+}

@@ -1,0 +1,164 @@
+//! A [`Draft`] to a [`Pipeline`]: `needs` resolved to stage indices, checked
+//! to form a DAG, and `defaults` applied.
+
+use std::collections::HashMap;
+
+use super::schema::{Defaults, Draft, StageDraft};
+use super::suggest::did_you_mean;
+use super::{DEFAULT_RETRIES, DEFAULT_TIMEOUT, Pipeline, Problem, Stage};
+
+/// Builds the pipeline, failing on the first bad `needs` entry or cycle.
+pub(super) fn pipeline(draft: Draft) -> Result<Pipeline, Problem> {
+    let needs = resolve_needs(&draft.stages)?;
+    if let Some(cycle) = find_cycle(&needs) {
+        return Err(cycle_problem(&draft.stages, &cycle));
+    }
+    let stages = draft
+        .stages
+        .into_iter()
+        .zip(needs)
+        .map(|(stage, needs)| with_defaults(stage, needs, &draft.defaults))
+        .collect();
+    Ok(Pipeline {
+        name: draft.name,
+        stages,
+    })
+}
+
+/// Each stage's `needs` as indices into `stages`, in the order written.
+fn resolve_needs(stages: &[StageDraft]) -> Result<Vec<Vec<usize>>, Problem> {
+    // Names are unique here: the schema rejects repeated stage keys.
+    let idx_by_name: HashMap<&str, usize> = stages
+        .iter()
+        .enumerate()
+        .map(|(idx, stage)| (stage.name.as_str(), idx))
+        .collect();
+    let mut all_needs = Vec::with_capacity(stages.len());
+    for (stage_idx, stage) in stages.iter().enumerate() {
+        let mut needs = Vec::with_capacity(stage.needs.len());
+        for need in &stage.needs {
+            let Some(&need_idx) = idx_by_name.get(need.name.as_str()) else {
+                let names = stages.iter().map(|stage| stage.name.as_str());
+                return Err(Problem::new(
+                    need.position,
+                    format!(
+                        "stage `{}` needs `{}`, which is not a stage of this pipeline; name one \
+                         of the stages under `stages:`{}",
+                        stage.name,
+                        need.name,
+                        did_you_mean(&need.name, names)
+                    ),
+                ));
+            };
+            if need_idx == stage_idx {
+                return Err(Problem::new(
+                    need.position,
+                    format!(
+                        "stage `{}` needs itself; remove `{}` from its `needs`",
+                        stage.name, need.name
+                    ),
+                ));
+            }
+            if needs.contains(&need_idx) {
+                return Err(Problem::new(
+                    need.position,
+                    format!(
+                        "stage `{}` lists `{}` twice in `needs`; remove one",
+                        stage.name, need.name
+                    ),
+                ));
+            }
+            needs.push(need_idx);
+        }
+        all_needs.push(needs);
+    }
+    Ok(all_needs)
+}
+
+/// A cycle in the `needs` graph, as stage indices where each needs the next
+/// and the last needs the first; it starts at its stage that comes first in
+/// the file, so the message does not depend on where the search began.
+///
+/// Depth-first search with an explicit stack: a pipeline may be a long chain,
+/// and recursion depth would then be the chain's length.
+fn find_cycle(needs: &[Vec<usize>]) -> Option<Vec<usize>> {
+    #[derive(Clone, Copy, PartialEq)]
+    enum Mark {
+        Unvisited,
+        /// On the current search path.
+        Open,
+        Done,
+    }
+    let mut marks = vec![Mark::Unvisited; needs.len()];
+    for start in 0..needs.len() {
+        if marks[start] != Mark::Unvisited {
+            continue;
+        }
+        // (stage, how many of its needs have been followed); it is the path.
+        let mut path: Vec<(usize, usize)> = vec![(start, 0)];
+        marks[start] = Mark::Open;
+        while let Some((stage, n_followed)) = path.last_mut() {
+            let stage = *stage;
+            let Some(&next) = needs[stage].get(*n_followed) else {
+                marks[stage] = Mark::Done;
+                path.pop();
+                continue;
+            };
+            *n_followed += 1;
+            match marks[next] {
+                Mark::Unvisited => {
+                    marks[next] = Mark::Open;
+                    path.push((next, 0));
+                }
+                Mark::Open => {
+                    let from = path
+                        .iter()
+                        .position(|(idx, _)| *idx == next)
+                        .unwrap_or_default();
+                    let mut cycle: Vec<usize> = path[from..].iter().map(|(idx, _)| *idx).collect();
+                    let first = (0..cycle.len())
+                        .min_by_key(|i| cycle[*i])
+                        .unwrap_or_default();
+                    cycle.rotate_left(first);
+                    return Some(cycle);
+                }
+                Mark::Done => {}
+            }
+        }
+    }
+    None
+}
+
+fn cycle_problem(stages: &[StageDraft], cycle: &[usize]) -> Problem {
+    let names: Vec<&str> = cycle
+        .iter()
+        .chain(cycle.first())
+        .map(|idx| stages[*idx].name.as_str())
+        .collect();
+    Problem::new(
+        stages[cycle[0]].position,
+        format!(
+            "cycle in `needs`: {}; remove one of these dependencies",
+            names.join(" -> ")
+        ),
+    )
+}
+
+fn with_defaults(stage: StageDraft, needs: Vec<usize>, defaults: &Defaults) -> Stage {
+    Stage {
+        name: stage.name,
+        needs,
+        commands: stage.commands,
+        env: stage.env,
+        timeout: stage
+            .timeout
+            .or(defaults.timeout)
+            .unwrap_or(DEFAULT_TIMEOUT),
+        retries: stage
+            .retries
+            .or(defaults.retries)
+            .unwrap_or(DEFAULT_RETRIES),
+        agent_labels: stage.agent_labels,
+        image: stage.image.or_else(|| defaults.image.clone()),
+    }
+}

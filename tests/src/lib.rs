@@ -105,7 +105,12 @@ impl Coordinator {
         let mut child = Command::new(binary("kiln-coordinator"))
             .args(["--data-dir".as_ref(), data_dir.as_os_str()])
             .args(["--grpc", &options.grpc, "--http", "127.0.0.1:0"])
-            .args(["--lease-ttl", options.lease_ttl, "--heartbeat", options.heartbeat])
+            .args([
+                "--lease-ttl",
+                options.lease_ttl,
+                "--heartbeat",
+                options.heartbeat,
+            ])
             .env("RUST_LOG", "info")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -123,7 +128,10 @@ impl Coordinator {
             bail!("kiln-coordinator did not announce its addresses; it said: {line:?}");
         };
         Ok(Self {
-            process: Process { child, name: "kiln-coordinator".into() },
+            process: Process {
+                child,
+                name: "kiln-coordinator".into(),
+            },
             grpc,
             http,
             data_dir: data_dir.to_path_buf(),
@@ -157,7 +165,13 @@ pub fn kiln(url: &str, args: &[&str]) -> Output {
 }
 
 /// Starts `kiln-agent` with the process executor.
-pub fn start_agent(url: &str, name: &str, labels: &str, capacity: u32, work_dir: &Path) -> Result<Process> {
+pub fn start_agent(
+    url: &str,
+    name: &str,
+    labels: &str,
+    capacity: u32,
+    work_dir: &Path,
+) -> Result<Process> {
     let child = Command::new(binary("kiln-agent"))
         .args(["--coordinator", url, "--name", name, "--labels", labels])
         .args(["--capacity", &capacity.to_string(), "--executor", "process"])
@@ -167,7 +181,10 @@ pub fn start_agent(url: &str, name: &str, labels: &str, capacity: u32, work_dir:
         .stderr(Stdio::inherit())
         .spawn()
         .context("starting kiln-agent")?;
-    Ok(Process { child, name: format!("kiln-agent {name}") })
+    Ok(Process {
+        child,
+        name: format!("kiln-agent {name}"),
+    })
 }
 
 /// A git repository in a temp dir with a committed `kiln.yml`.
@@ -196,7 +213,19 @@ impl Repo {
         }
         std::fs::write(&path, text)?;
         git(self.path(), &["add", "-A"])?;
-        git(self.path(), &["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", file])?;
+        git(
+            self.path(),
+            &[
+                "-c",
+                "user.name=t",
+                "-c",
+                "user.email=t@t",
+                "commit",
+                "-q",
+                "-m",
+                file,
+            ],
+        )?;
         let head = git(self.path(), &["rev-parse", "HEAD"])?;
         Ok(head.trim().to_owned())
     }
@@ -205,7 +234,10 @@ impl Repo {
 fn git(dir: &Path, args: &[&str]) -> Result<String> {
     let output = Command::new("git").arg("-C").arg(dir).args(args).output()?;
     if !output.status.success() {
-        bail!("git {args:?} failed: {}", String::from_utf8_lossy(&output.stderr));
+        bail!(
+            "git {args:?} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
     }
     Ok(String::from_utf8(output.stdout)?)
 }
@@ -230,11 +262,18 @@ where
 
 /// The run as the coordinator has it.
 pub async fn get_run(client: &mut ControlServiceClient<Channel>, run: u64) -> Result<pb::Run> {
-    Ok(client.get_run(pb::GetRunRequest { run_id: run }).await?.into_inner())
+    Ok(client
+        .get_run(pb::GetRunRequest { run_id: run })
+        .await?
+        .into_inner())
 }
 
 /// Waits for the run to finish and returns it.
-pub async fn wait_run(client: &mut ControlServiceClient<Channel>, run: u64, limit: Duration) -> Result<pb::Run> {
+pub async fn wait_run(
+    client: &mut ControlServiceClient<Channel>,
+    run: u64,
+    limit: Duration,
+) -> Result<pb::Run> {
     let client = client.clone();
     eventually(limit, &format!("run {run} to finish"), move || {
         let mut client = client.clone();
@@ -259,8 +298,16 @@ pub fn stage<'a>(run: &'a pb::Run, name: &str) -> &'a pb::Stage {
 }
 
 /// Every log line of the run, as `stage: text`.
-pub async fn logs(client: &mut ControlServiceClient<Channel>, run: u64, stage: &str) -> Result<Vec<pb::LogEntry>> {
-    let request = pb::StreamLogsRequest { run_id: run, stage: stage.into(), follow: false };
+pub async fn logs(
+    client: &mut ControlServiceClient<Channel>,
+    run: u64,
+    stage: &str,
+) -> Result<Vec<pb::LogEntry>> {
+    let request = pb::StreamLogsRequest {
+        run_id: run,
+        stage: stage.into(),
+        follow: false,
+    };
     let mut stream = client.stream_logs(request).await?.into_inner();
     let mut entries = Vec::new();
     while let Some(entry) = stream.message().await? {

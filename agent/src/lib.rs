@@ -1,8 +1,60 @@
-//! Kiln's agent.
+//! Kiln's agent: runs on a build machine, keeps one gRPC stream open to the
+//! coordinator, runs the stage attempts it is assigned, and streams their
+//! logs and outcomes back until the coordinator has stored them.
+//!
+//! The binary `kiln-agent` turns flags into a [`Config`] and calls [`run`];
+//! `kiln demo` and the end-to-end tests embed agents the same way.
+//!
+//! # Layout
+//!
+//! - `supervisor`: the main loop. One task owns all state and reacts to
+//!   coordinator messages, stage events, timers and shutdown (drain, hand
+//!   back, await acks, close).
+//! - `connection`: the stream itself: `Hello` first, `Welcome` back,
+//!   heartbeats, HTTP/2 pings, reconnect backoff.
+//! - `stages`: every attempt the agent holds, and how `Welcome`, `Ack` and
+//!   `Cancel` change them; `outbox`: one attempt's sequence-numbered log
+//!   lines and `StageFinished`, kept until acknowledged. Both are plain data,
+//!   tested without a network.
+//! - `stage`: one attempt from start to end: workspace, executor, outcome.
+//! - `workspace`: attempt directories and the per-repository clone cache.
+//! - `executor`: the `Executor` seam; `executor::process` runs commands as
+//!   host processes in their own process group.
+//! - `logs`: how output becomes lines and reaches the supervisor.
+//!
+//! # Work dir
+//!
+//! `work_dir/ws/<run>-<stage_idx>-<attempt>` holds one attempt (removed when
+//! it ends, and all of `ws/` when the agent starts: a work dir belongs to one
+//! agent process); `work_dir/cache/<sha256(repo) prefix>` holds a bare clone
+//! per repository.
+//!
+//! # Guarantees
+//!
+//! - Log lines of an attempt are numbered from 0 and reach the coordinator
+//!   without gaps or duplicates across reconnects, all before the attempt's
+//!   `StageFinished`.
+//! - No process of a stage outlives it: timeouts, cancels and shutdown signal
+//!   the stage's whole process group, SIGTERM then SIGKILL.
+//! - Memory stays bounded: an attempt with too many unacknowledged lines
+//!   stops being read until the coordinator catches up.
 
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::path::PathBuf;
 use std::time::Duration;
+
+mod connection;
+mod error;
+mod executor;
+mod logs;
+mod outbox;
+mod stage;
+mod stages;
+mod supervisor;
+mod workspace;
+
+pub use error::Error;
 
 /// Which executor runs stages.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -12,14 +64,20 @@ pub enum ExecutorKind {
 }
 
 /// Everything the agent needs to start; the binary builds it from flags.
+#[derive(Clone, Debug)]
 pub struct Config {
-    /// e.g. `http://127.0.0.1:7700`.
+    /// The coordinator's gRPC address, e.g. `http://127.0.0.1:7700`.
     pub coordinator: String,
+    /// Unique per machine: a second agent with the same name replaces the
+    /// first at the coordinator.
     pub name: String,
+    /// What stages may ask for to be placed here (`role=deploy`).
     pub labels: BTreeMap<String, String>,
+    /// How many stages run at once.
     pub capacity: u32,
     /// Workspaces and the clone cache live here.
     pub work_dir: PathBuf,
+    /// How stages run.
     pub executor: ExecutorKind,
     /// After shutdown is requested, running stages get this long to finish
     /// before they are handed back.
@@ -28,10 +86,22 @@ pub struct Config {
 
 /// Runs the agent until `shutdown` completes and its stages are finished or
 /// handed back.
+///
+/// Unreachable coordinators are retried forever; only an unusable `config`
+/// or work dir is an error.
 pub async fn run(
     config: Config,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let _ = (config, shutdown);
-    todo!()
+    supervisor::run(config, shutdown).await?;
+    Ok(())
+}
+
+/// Sleeps until `deadline`, or forever without one: a timer branch of a
+/// `select!` that is switched off by passing `None`.
+async fn sleep_until_some(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
 }

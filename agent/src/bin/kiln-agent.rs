@@ -1,0 +1,146 @@
+//! `kiln-agent`: flags → [`kiln_agent::Config`] → [`kiln_agent::run`], until
+//! SIGTERM or SIGINT asks it to drain and stop.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, ValueEnum};
+use kiln_agent::{Config, ExecutorKind};
+use tokio::signal::unix::{SignalKind, signal};
+
+/// Runs the stages a Kiln coordinator assigns and streams their logs back.
+#[derive(Debug, Parser)]
+#[command(name = "kiln-agent", version)]
+struct Args {
+    /// gRPC address of the coordinator.
+    #[arg(
+        long,
+        env = "KILN_AGENT_COORDINATOR",
+        default_value = "http://127.0.0.1:7700",
+        value_name = "URL"
+    )]
+    coordinator: String,
+    /// Unique name of this agent.
+    #[arg(long, env = "KILN_AGENT_NAME")]
+    name: String,
+    /// Labels stages can select this agent by: key=value,key=value.
+    #[arg(long, env = "KILN_AGENT_LABELS", default_value = "", value_parser = parse_labels)]
+    labels: Labels,
+    /// How many stages run at once.
+    #[arg(long, env = "KILN_AGENT_CAPACITY", default_value_t = 1)]
+    capacity: u32,
+    /// Directory for workspaces and the clone cache.
+    #[arg(long, env = "KILN_AGENT_WORK_DIR", value_name = "DIR")]
+    work_dir: PathBuf,
+    /// How stages run.
+    #[arg(long, env = "KILN_AGENT_EXECUTOR", value_enum, default_value_t = Executor::Process)]
+    executor: Executor,
+    /// On SIGTERM, how long running stages may finish before they are handed
+    /// back: e.g. 30s, 500ms, 2m.
+    #[arg(long, env = "KILN_AGENT_DRAIN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    drain_timeout: Duration,
+}
+
+type Labels = BTreeMap<String, String>;
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Executor {
+    /// Host processes under `sh -e`.
+    Process,
+}
+
+fn parse_labels(text: &str) -> Result<Labels, String> {
+    kiln_common::labels::parse(text)
+}
+
+/// `<digits><unit>` with unit `ms`, `s`, `m` or `h`.
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (digits, unit) = text.split_at(split);
+    let number: u64 = digits
+        .parse()
+        .map_err(|_| format!("`{text}` is not a duration; write e.g. 30s, 500ms or 2m"))?;
+    let ms_per_unit = match unit {
+        "ms" => 1,
+        "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        _ => return Err(format!("`{text}` has no unit; write e.g. 30s, 500ms or 2m")),
+    };
+    Ok(Duration::from_millis(number.saturating_mul(ms_per_unit)))
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    kiln_common::logging::init("info");
+    match run(Args::parse()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let config = Config {
+        coordinator: args.coordinator,
+        name: args.name,
+        labels: args.labels,
+        capacity: args.capacity,
+        work_dir: args.work_dir,
+        executor: match args.executor {
+            Executor::Process => ExecutorKind::Process,
+        },
+        drain_timeout: args.drain_timeout,
+    };
+    // Installed before the agent starts, so an early signal is not lost.
+    let mut terminate = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?;
+    let shutdown = async move {
+        let name = tokio::select! {
+            _ = terminate.recv() => "SIGTERM",
+            _ = interrupt.recv() => "SIGINT",
+        };
+        tracing::info!(signal = name, "shutting down");
+    };
+    kiln_agent::run(config, shutdown).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_need_a_unit() {
+        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert!(parse_duration("30").unwrap_err().contains("no unit"));
+        assert!(parse_duration("s").is_err());
+    }
+
+    #[test]
+    fn flags_build_a_config() {
+        let args = Args::try_parse_from([
+            "kiln-agent",
+            "--name=a1",
+            "--labels=role=deploy,os=linux",
+            "--capacity=3",
+            "--work-dir=/tmp/kiln",
+            "--drain-timeout=5s",
+        ])
+        .unwrap();
+        assert_eq!(args.labels["role"], "deploy");
+        assert_eq!(args.capacity, 3);
+        assert_eq!(args.drain_timeout, Duration::from_secs(5));
+        assert!(
+            Args::try_parse_from(["kiln-agent", "--name=a", "--work-dir=d", "--labels=x"]).is_err()
+        );
+    }
+}

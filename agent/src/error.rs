@@ -1,0 +1,61 @@
+//! The one error type of the agent library.
+
+use std::io;
+use std::path::PathBuf;
+
+/// What went wrong, phrased for the operator who reads the log: what failed
+/// and what to do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// `Config::coordinator` is not a URL tonic can dial.
+    #[error(
+        "invalid coordinator address `{address}`: {source}; pass a URL like http://127.0.0.1:7700"
+    )]
+    CoordinatorAddress {
+        address: String,
+        #[source]
+        source: tonic::transport::Error,
+    },
+    /// `Config` asks for something the agent cannot do.
+    #[error("invalid agent config: {0}")]
+    Config(String),
+    /// Dialing the coordinator failed; the agent retries with backoff.
+    #[error(
+        "cannot reach the coordinator at {address}: {detail}; check that it runs and the address is right"
+    )]
+    Connect { address: String, detail: String },
+    /// The coordinator answered, but not as `kiln.v1` says it must.
+    #[error(
+        "the coordinator broke the protocol: {0}; check that agent and coordinator versions match"
+    )]
+    Protocol(String),
+    /// A directory under the work dir could not be created, read or removed.
+    #[error("cannot use {path}: {source}; check that the agent's work dir is writable")]
+    WorkDir {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// `Assign.source` is unusable as given.
+    #[error("invalid source: {0}; fix the pipeline's repository settings")]
+    Source(String),
+    /// A git command failed while preparing a workspace.
+    #[error(
+        "git {action} failed for {repo}: {detail}; check that the repository and commit are reachable from this agent"
+    )]
+    Git {
+        action: &'static str,
+        repo: String,
+        detail: String,
+    },
+    /// The stage's commands could not be started.
+    #[error("cannot start the stage's commands: {0}; check that `sh` exists on this agent")]
+    Spawn(#[source] io::Error),
+}
+
+impl Error {
+    pub(crate) fn work_dir(path: impl Into<PathBuf>) -> impl FnOnce(io::Error) -> Self {
+        let path = path.into();
+        move |source| Error::WorkDir { path, source }
+    }
+}

@@ -1,0 +1,286 @@
+//! One stage attempt from start to end: prepare its workspace, run its
+//! commands with the executor, remove the workspace, and say how it ended.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use kiln_proto::v1::{Assign, Outcome};
+
+use crate::error::Error;
+use crate::executor::{Executor, Exit, Job, describe_duration};
+use crate::logs::LogSink;
+use crate::stages::{AttemptKey, Stop, StopSignal};
+use crate::workspace::Workspaces;
+
+/// How an attempt ended: what its `StageFinished` says.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Report {
+    pub(crate) outcome: Outcome,
+    /// The commands' exit code; -1 when they did not exit on their own.
+    pub(crate) exit_code: i32,
+    /// Why it ended that way, for people; empty on success.
+    pub(crate) message: String,
+}
+
+impl Report {
+    fn new(outcome: Outcome, exit_code: i32, message: impl Into<String>) -> Self {
+        Report {
+            outcome,
+            exit_code,
+            message: message.into(),
+        }
+    }
+
+    pub(crate) fn from_exit(exit: Exit) -> Self {
+        match exit {
+            Exit::Code(0) => Report::new(Outcome::Succeeded, 0, ""),
+            Exit::Code(code) => {
+                Report::new(Outcome::Failed, code, format!("exited with code {code}"))
+            }
+            Exit::Signal(signal) => Report::new(
+                Outcome::Failed,
+                128 + signal,
+                format!("killed by signal {signal}"),
+            ),
+            Exit::TimedOut(limit) => Report::new(
+                Outcome::TimedOut,
+                -1,
+                format!("timed out after {}", describe_duration(limit)),
+            ),
+            Exit::Stopped(Stop::Cancel(reason)) if reason.is_empty() => {
+                Report::new(Outcome::Cancelled, -1, "cancelled")
+            }
+            Exit::Stopped(Stop::Cancel(reason)) => {
+                Report::new(Outcome::Cancelled, -1, format!("cancelled: {reason}"))
+            }
+            Exit::Stopped(Stop::HandBack) => Report::new(
+                Outcome::HandedBack,
+                -1,
+                "handed back: the agent is shutting down",
+            ),
+            // Nobody reads this one: the attempt was forgotten.
+            Exit::Stopped(Stop::Forget) => Report::new(
+                Outcome::Cancelled,
+                -1,
+                "the stage is no longer this agent's",
+            ),
+        }
+    }
+
+    fn infra(err: &Error) -> Self {
+        Report::new(Outcome::InfraError, -1, err.to_string())
+    }
+}
+
+/// What every stage task shares.
+pub(crate) struct StageRunner {
+    workspaces: Workspaces,
+    executor: Arc<dyn Executor>,
+}
+
+impl StageRunner {
+    pub(crate) fn new(workspaces: Workspaces, executor: Arc<dyn Executor>) -> Self {
+        StageRunner {
+            workspaces,
+            executor,
+        }
+    }
+
+    /// Runs the attempt `assign` describes until it ends or `stop` fires.
+    /// Output and progress go to `log`; the workspace is gone on return.
+    pub(crate) async fn run(&self, assign: Assign, log: &LogSink, mut stop: StopSignal) -> Report {
+        let key = AttemptKey::from(&assign.stage.unwrap_or_default());
+        let report = self.prepare_and_execute(key, assign, log, &mut stop).await;
+        self.workspaces.remove(key).await;
+        report
+    }
+
+    async fn prepare_and_execute(
+        &self,
+        key: AttemptKey,
+        assign: Assign,
+        log: &LogSink,
+        stop: &mut StopSignal,
+    ) -> Report {
+        let source = assign.source.clone().unwrap_or_default();
+        let prepared = tokio::select! {
+            prepared = self.workspaces.prepare(key, &source, log) => prepared,
+            stop = stop.stopped() => {
+                log.system(format!("{stop}; not starting the commands")).await;
+                return Report::from_exit(Exit::Stopped(stop));
+            }
+        };
+        let dir = match prepared {
+            Ok(dir) => dir,
+            Err(err) => {
+                log.system(err.to_string()).await;
+                return Report::infra(&err);
+            }
+        };
+        let job = Job {
+            name: key.dir_name(),
+            dir,
+            scratch: self.workspaces.scratch_dir().to_owned(),
+            env: stage_env(&assign),
+            timeout: (assign.timeout_ms > 0).then(|| Duration::from_millis(assign.timeout_ms)),
+            commands: assign.commands,
+        };
+        match self.executor.run(job, log.clone(), stop.clone()).await {
+            Ok(exit) => Report::from_exit(exit),
+            Err(err) => {
+                log.system(err.to_string()).await;
+                Report::infra(&err)
+            }
+        }
+    }
+}
+
+/// The pipeline's variables, then Kiln's, which win.
+fn stage_env(assign: &Assign) -> BTreeMap<String, String> {
+    let stage = assign.stage.unwrap_or_default();
+    let mut env: BTreeMap<String, String> = assign.env.clone().into_iter().collect();
+    env.extend([
+        ("KILN_RUN_ID".to_owned(), stage.run_id.to_string()),
+        ("KILN_STAGE".to_owned(), assign.stage_name.clone()),
+        ("KILN_ATTEMPT".to_owned(), stage.attempt.to_string()),
+        ("KILN_PIPELINE".to_owned(), assign.pipeline.clone()),
+        ("CI".to_owned(), "true".to_owned()),
+    ]);
+    env
+}
+
+#[cfg(test)]
+mod tests {
+    use kiln_proto::v1::{Source, StageRef};
+
+    use super::*;
+    use crate::executor::process::ProcessExecutor;
+    use crate::logs::testing;
+
+    #[test]
+    fn exits_map_to_outcomes() {
+        fn check(exit: Exit, outcome: Outcome, exit_code: i32, message: &str) {
+            let report = Report::from_exit(exit.clone());
+            assert_eq!(report, Report::new(outcome, exit_code, message), "{exit:?}");
+        }
+        check(Exit::Code(0), Outcome::Succeeded, 0, "");
+        check(Exit::Code(2), Outcome::Failed, 2, "exited with code 2");
+        check(Exit::Signal(9), Outcome::Failed, 137, "killed by signal 9");
+        let limit = Duration::from_secs(5);
+        check(
+            Exit::TimedOut(limit),
+            Outcome::TimedOut,
+            -1,
+            "timed out after 5s",
+        );
+        let cancel = Stop::Cancel("run cancelled".into());
+        check(
+            Exit::Stopped(cancel),
+            Outcome::Cancelled,
+            -1,
+            "cancelled: run cancelled",
+        );
+        check(
+            Exit::Stopped(Stop::Cancel(String::new())),
+            Outcome::Cancelled,
+            -1,
+            "cancelled",
+        );
+        let handed_back = "handed back: the agent is shutting down";
+        check(
+            Exit::Stopped(Stop::HandBack),
+            Outcome::HandedBack,
+            -1,
+            handed_back,
+        );
+    }
+
+    fn assign(commands: &[&str], source: Source) -> Assign {
+        Assign {
+            stage: Some(StageRef {
+                run_id: 12,
+                stage_idx: 4,
+                attempt: 2,
+            }),
+            pipeline: "demo".into(),
+            stage_name: "train".into(),
+            commands: commands.iter().map(|c| c.to_string()).collect(),
+            env: [("CI".to_owned(), "overridden?".to_owned())].into(),
+            timeout_ms: 10_000,
+            source: Some(source),
+            image: String::new(),
+        }
+    }
+
+    async fn runner(work_dir: &std::path::Path) -> StageRunner {
+        let workspaces = Workspaces::open(work_dir).await.unwrap();
+        let executor = Arc::new(ProcessExecutor::new(Duration::from_millis(200)));
+        StageRunner::new(workspaces, executor)
+    }
+
+    #[tokio::test]
+    async fn runs_in_a_fresh_workspace_with_kiln_variables_and_removes_it() {
+        let work_dir = tempfile::tempdir().unwrap();
+        let runner = runner(work_dir.path()).await;
+        let commands = [
+            "echo \"$KILN_PIPELINE $KILN_STAGE $KILN_RUN_ID $KILN_ATTEMPT $CI\"",
+            "basename \"$(pwd)\"",
+        ];
+        let (sink, mut capture) = testing::sink();
+        let (_stop_tx, stop) = StopSignal::new_pair();
+        let report = runner
+            .run(assign(&commands, Source::default()), &sink, stop)
+            .await;
+        assert_eq!(report.outcome, Outcome::Succeeded, "{report:?}");
+        assert_eq!(
+            capture.lines(),
+            [
+                "LOG_STREAM_STDOUT: demo train 12 2 true",
+                "LOG_STREAM_STDOUT: 12-4-2"
+            ]
+        );
+        let left = std::fs::read_dir(work_dir.path().join("ws"))
+            .unwrap()
+            .count();
+        assert_eq!(left, 0, "workspace and script are removed");
+    }
+
+    #[tokio::test]
+    async fn a_failed_checkout_is_an_infra_error_with_a_log_line() {
+        let work_dir = tempfile::tempdir().unwrap();
+        let runner = runner(work_dir.path()).await;
+        let source = Source {
+            repo: work_dir.path().join("no-such-repo").display().to_string(),
+            commit: "abc123".into(),
+            subdir: String::new(),
+        };
+        let (sink, mut capture) = testing::sink();
+        let (_stop_tx, stop) = StopSignal::new_pair();
+        let report = runner.run(assign(&["true"], source), &sink, stop).await;
+        assert_eq!(report.outcome, Outcome::InfraError);
+        assert!(
+            report.message.contains("git clone failed"),
+            "{}",
+            report.message
+        );
+        let lines = capture.lines();
+        assert!(
+            lines.last().unwrap().contains("git clone failed"),
+            "{lines:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_stop_before_the_commands_start_ends_the_attempt() {
+        let work_dir = tempfile::tempdir().unwrap();
+        let runner = runner(work_dir.path()).await;
+        let (sink, _capture) = testing::sink();
+        let (stop_tx, stop) = StopSignal::new_pair();
+        stop_tx.send_replace(Some(Stop::HandBack));
+        let report = runner
+            .run(assign(&["sleep 1000"], Source::default()), &sink, stop)
+            .await;
+        assert_eq!(report.outcome, Outcome::HandedBack);
+    }
+}

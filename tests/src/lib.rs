@@ -111,7 +111,7 @@ impl Coordinator {
                 "--heartbeat",
                 options.heartbeat,
             ])
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -176,7 +176,7 @@ pub fn start_agent(
         .args(["--coordinator", url, "--name", name, "--labels", labels])
         .args(["--capacity", &capacity.to_string(), "--executor", "process"])
         .args(["--work-dir".as_ref(), work_dir.as_os_str()])
-        .env("RUST_LOG", "info")
+        .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .spawn()

@@ -191,11 +191,8 @@ async fn cancel_kills_a_running_stage() -> Result<()> {
     let run = get_run(&mut client, id).await?;
     assert_eq!(state(stage(&run, "hang")), pb::StageState::Cancelled);
     // The agent's slot is free again: a new run goes through.
-    let id = register_and_run(
-        &farm,
-        &Repo::new("pipeline: quick\nstages:\n  x: { commands: [\"true\"] }\n")?,
-    )
-    .await?;
+    let quick = Repo::new("pipeline: quick\nstages:\n  x: { commands: [\"true\"] }\n")?;
+    let id = register_and_run(&farm, &quick).await?;
     let run = wait_run(&mut client, id, Duration::from_secs(30)).await?;
     assert_eq!(run.state, pb::RunState::Succeeded as i32);
     Ok(())

@@ -145,7 +145,7 @@ async fn a_killed_coordinator_restarts_without_losing_or_doubling_log_lines() ->
         "pipeline: chatty\nstages:\n  count:\n    commands: [\"for i in $(seq 1 60); do echo line-$i; sleep 0.05; done\"]\n  after:\n    needs: [count]\n    commands: [\"echo after\"]\n",
     )?;
     let id = register_and_run(&coordinator, &repo).await?;
-    let mut client = coordinator.client().await?;
+    let client = coordinator.client().await?;
     eventually(Duration::from_secs(30), "some lines to be stored", || {
         let mut client = client.clone();
         async move { Ok((logs(&mut client, id, "count").await?.len() >= 10).then_some(())) }

@@ -182,11 +182,11 @@ impl Engine {
                     let next_log_seq = self.stage(key).map_or(0, |stage| stage.next_log_seq);
                     agent.held.insert((key, attempt));
                     welcome.resume.push(pb::ResumeStage {
-                        stage: Some(held.clone()),
+                        stage: Some(*held),
                         next_log_seq,
                     });
                 }
-                Fence::Settled | Fence::Stale(_) => welcome.drop.push(held.clone()),
+                Fence::Settled | Fence::Stale(_) => welcome.drop.push(*held),
             }
         }
         // What the agent held before but no longer mentions is lost.

@@ -98,8 +98,9 @@ impl Engine {
             });
         }
         let next_log_seq = stage.next_log_seq;
-        let (name, record) = (stage.name.clone(), stage.clone());
-        self.write(Op::Stage(record));
+        let name = stage.name.clone();
+        // The new `next_log_seq` is written with the lines, atomically.
+        self.dirty.stages.insert(key);
         let targets = self.follower_txs(key);
         for log in &stored {
             self.write(Op::Log(log.clone()));

@@ -20,7 +20,7 @@ mod runs;
 #[cfg(test)]
 mod tests;
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -134,6 +134,15 @@ struct ActiveRun {
     followers: Vec<logs::Follower>,
 }
 
+/// What changed during the current burst of events.
+#[derive(Default)]
+struct Dirty {
+    stages: BTreeSet<StageKey>,
+    runs: BTreeSet<RunId>,
+    /// Runs whose `WatchRun` streams get a new snapshot.
+    watched: BTreeSet<RunId>,
+}
+
 /// Tunables, from the coordinator's config.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct EngineConfig {
@@ -156,6 +165,8 @@ pub(crate) struct Engine {
     ready: VecDeque<StageKey>,
     agents: BTreeMap<String, agents::AgentState>,
     next_run_id: u64,
+    /// Records changed since the last commit, written once at its end.
+    dirty: Dirty,
     /// Writes and effects of the events handled since the last commit.
     batch: Batch,
     effects: Vec<Effect>,
@@ -186,6 +197,7 @@ impl Engine {
             ready: VecDeque::new(),
             agents: BTreeMap::new(),
             next_run_id,
+            dirty: Dirty::default(),
             batch: Batch::default(),
             effects: Vec::new(),
         };
@@ -259,6 +271,7 @@ impl Engine {
     /// Pushes ready stages to agents, then returns the pending group.
     pub(crate) fn take_commit(&mut self) -> (Batch, Vec<Effect>) {
         self.dispatch();
+        self.write_dirty(None);
         self.update_gauges();
         (
             std::mem::take(&mut self.batch),

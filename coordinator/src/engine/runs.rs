@@ -66,7 +66,6 @@ impl Engine {
             })
             .collect();
         tracing::info!(run = %id, pipeline = %record.pipeline, commit = %record.commit, "run triggered");
-        self.write(Op::Run(record.clone()));
         self.runs.insert(
             id,
             ActiveRun {
@@ -77,6 +76,7 @@ impl Engine {
                 followers: Vec::new(),
             },
         );
+        self.save_run(id);
         for idx in 0..spec.parsed.stages.len() {
             if spec.parsed.stages[idx].needs.is_empty() {
                 self.make_ready(StageKey {
@@ -137,19 +137,58 @@ impl Engine {
             .get_mut(key.idx as usize)
     }
 
-    /// Queues the stage's current record for writing and its run for a
-    /// snapshot push.
+    /// Marks the stage's record for writing, and its run for a snapshot
+    /// push, at the end of the burst: a stage that changes several times in
+    /// one burst is encoded and written once.
     pub(super) fn save_stage(&mut self, key: StageKey) {
-        if let Some(stage) = self.stage(key).cloned() {
-            self.write(Op::Stage(stage));
-            self.publish(key.run);
-        }
+        self.dirty.stages.insert(key);
+        self.dirty.watched.insert(key.run);
     }
 
     pub(super) fn save_run(&mut self, run: RunId) {
-        if let Some(active) = self.runs.get(&run) {
-            let record = active.record.clone();
-            self.write(Op::Run(record));
+        self.dirty.runs.insert(run);
+        self.dirty.watched.insert(run);
+    }
+
+    /// Queues the writes and snapshots of everything marked dirty (of one
+    /// run, or of all).
+    pub(super) fn write_dirty(&mut self, only: Option<RunId>) {
+        let wanted = |run: RunId| only.is_none_or(|only| only == run);
+        let stages: Vec<StageKey> = self
+            .dirty
+            .stages
+            .iter()
+            .copied()
+            .filter(|key| wanted(key.run))
+            .collect();
+        for key in stages {
+            self.dirty.stages.remove(&key);
+            if let Some(stage) = self.stage(key).cloned() {
+                self.write(Op::Stage(stage));
+            }
+        }
+        let runs: Vec<RunId> = self
+            .dirty
+            .runs
+            .iter()
+            .copied()
+            .filter(|&run| wanted(run))
+            .collect();
+        for run in runs {
+            self.dirty.runs.remove(&run);
+            if let Some(record) = self.runs.get(&run).map(|active| active.record.clone()) {
+                self.write(Op::Run(record));
+            }
+        }
+        let watched: Vec<RunId> = self
+            .dirty
+            .watched
+            .iter()
+            .copied()
+            .filter(|&run| wanted(run))
+            .collect();
+        for run in watched {
+            self.dirty.watched.remove(&run);
             self.publish(run);
         }
     }
@@ -180,7 +219,7 @@ impl Engine {
         stage.exit_code = exit_code;
         stage.message = message;
         stage.finished_ms = Some(now);
-        tracing::info!(stage = %key, name = %stage.name, ?state, "stage settled");
+        tracing::debug!(stage = %key, name = %stage.name, ?state, "stage settled");
         self.metrics.stage_finished(state);
         self.save_stage(key);
         self.end_followers(key);
@@ -298,6 +337,7 @@ impl Engine {
 
     /// Drops a finished run from memory once its last snapshot is out.
     fn retire(&mut self, run: RunId) {
+        self.write_dirty(Some(run));
         let Some(active) = self.runs.remove(&run) else {
             return;
         };

@@ -76,6 +76,8 @@ impl Outbox {
                 exit_code,
                 message,
                 log_lines: self.next_seq(),
+                // Filled in by executors that run images.
+                image_digest: String::new(),
             });
         }
     }

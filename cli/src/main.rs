@@ -1,1 +1,95 @@
-fn main() {}
+//! `kiln`: the command-line client of a Kiln build farm, and `kiln demo`.
+//!
+//! # Layout
+//! - [`args`]: the command line (clap), including the exit codes in `--help`.
+//! - [`commands`]: one module per group of commands; each prints its result.
+//! - [`demo`]: an embedded coordinator and two agents running an example.
+//! - [`client`]: the `ControlService` connection; turns failures into
+//!   [`error::CliError`].
+//! - [`view`]: what is shown, built from the proto messages; the JSON shape.
+//! - [`output`]: tables and JSON; [`timefmt`]: times and durations.
+//! - [`git`]: where a pipeline directory lives in git.
+//! - [`error`]: failures and their exit codes.
+//!
+//! This file only parses flags, connects, dispatches, and turns the result
+//! into an exit code.
+
+mod args;
+mod client;
+mod commands;
+mod demo;
+mod error;
+mod git;
+mod output;
+mod timefmt;
+mod view;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use crate::args::{AgentCommand, Cli, Command, OutputFormat, PipelineCommand};
+use crate::client::Coordinator;
+use crate::commands::{agents, logs, pipeline, runs};
+use crate::error::{CliError, Outcome};
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let code = match dispatch(cli).await {
+        Ok(outcome) => outcome.exit_code(),
+        Err(error) => {
+            if error.should_print() {
+                eprintln!("error: {error}");
+            }
+            error.exit_code()
+        }
+    };
+    ExitCode::from(code)
+}
+
+async fn dispatch(cli: Cli) -> Result<Outcome, CliError> {
+    let format = cli.global.output;
+    let url = &cli.global.coordinator;
+    match cli.command {
+        // The demo brings its own coordinator.
+        Command::Demo(args) => demo::demo(&args, format).await,
+        Command::Pipeline(PipelineCommand::Register { dir }) => {
+            // A broken kiln.yml is reported even when no coordinator is up.
+            let prepared = pipeline::prepare(&dir)?;
+            let coordinator = Coordinator::connect(url).await?;
+            pipeline::register(&coordinator, format, prepared).await
+        }
+        command => {
+            let coordinator = Coordinator::connect(url).await?;
+            remote(&coordinator, format, command).await
+        }
+    }
+}
+
+/// The commands that only talk to the coordinator.
+async fn remote(
+    c: &Coordinator,
+    format: OutputFormat,
+    command: Command,
+) -> Result<Outcome, CliError> {
+    match command {
+        Command::Pipeline(PipelineCommand::List) => pipeline::list(c, format).await,
+        Command::Pipeline(PipelineCommand::Show { name, version }) => {
+            pipeline::show(c, format, &name, version).await
+        }
+        Command::Run(args) => runs::run(c, format, &args).await,
+        Command::Runs(args) => runs::list(c, format, &args).await,
+        Command::Status(run) => runs::status(c, format, run.run).await,
+        Command::Logs(args) => {
+            logs::logs(c, format, args.run, args.stage.as_deref(), args.follow).await
+        }
+        Command::Cancel(run) => runs::cancel(c, format, run.run).await,
+        Command::Retry(args) => runs::retry(c, format, args.run, &args.stage).await,
+        Command::Agents => agents::list(c, format).await,
+        Command::Agent(AgentCommand::Drain { name }) => agents::drain(c, format, &name).await,
+        Command::Demo(_) | Command::Pipeline(PipelineCommand::Register { .. }) => {
+            unreachable!("dispatch handles the commands that do more than call the coordinator")
+        }
+    }
+}

@@ -40,6 +40,7 @@ fn stage(record: &StageRecord) -> pb::Stage {
         exit_code: record.exit_code.unwrap_or_default(),
         message: record.message.clone(),
         needs: record.needs.clone(),
+        image_digest: record.image_digest.clone().unwrap_or_default(),
     }
 }
 

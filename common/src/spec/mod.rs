@@ -66,6 +66,39 @@ pub struct Stage {
     pub agent_labels: BTreeMap<String, String>,
     /// Container image for the docker executor.
     pub image: Option<String>,
+    /// Container settings for the docker executor (`pull`, `resources`,
+    /// `network`); the process executor ignores them.
+    pub container: ContainerSettings,
+}
+
+/// How a docker stage gets its image, what it may use, and its network.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ContainerSettings {
+    pub pull: PullPolicy,
+    /// `None` = the agent's default limit.
+    pub memory_bytes: Option<u64>,
+    pub cpus: Option<f64>,
+    pub pids: Option<i64>,
+    pub network: NetworkMode,
+}
+
+/// `pull:` — when the docker executor may pull the stage's image.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum PullPolicy {
+    /// Use the local image; pull only when it is missing.
+    #[default]
+    IfMissing,
+    Always,
+    Never,
+}
+
+/// `network:` of a docker stage.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum NetworkMode {
+    /// No network at all: the safe default for build and test stages.
+    #[default]
+    None,
+    Bridge,
 }
 
 /// Where in a file something is, 1-based.

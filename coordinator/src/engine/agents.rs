@@ -268,6 +268,11 @@ impl Engine {
                 ..Default::default()
             },
             Fence::Current => {
+                if !finished.image_digest.is_empty()
+                    && let Some(stage) = self.stage_mut(key)
+                {
+                    stage.image_digest = Some(finished.image_digest.clone());
+                }
                 let outcome = pb::Outcome::try_from(finished.outcome).unwrap_or_default();
                 let message = finished.message;
                 let exit = Some(finished.exit_code);

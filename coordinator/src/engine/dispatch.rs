@@ -5,7 +5,7 @@
 
 use std::collections::VecDeque;
 
-use kiln_common::labels;
+use kiln_common::{labels, spec};
 use kiln_proto::v1 as pb;
 use pb::coordinator_message::Msg as Out;
 
@@ -71,6 +71,7 @@ impl Engine {
                     subdir: spec.record.subdir.clone(),
                 }),
                 image: stage_spec.image.clone().unwrap_or_default(),
+                docker: Some(docker_options(&stage_spec.container)),
             };
             if let Some(agent) = self.agents.get_mut(&name) {
                 agent.held.insert((key, attempt));
@@ -87,5 +88,24 @@ impl Engine {
         }
         waiting.append(&mut self.ready);
         self.ready = waiting;
+    }
+}
+
+fn docker_options(container: &spec::ContainerSettings) -> pb::DockerOptions {
+    pb::DockerOptions {
+        pull: match container.pull {
+            spec::PullPolicy::IfMissing => "if-missing",
+            spec::PullPolicy::Always => "always",
+            spec::PullPolicy::Never => "never",
+        }
+        .to_owned(),
+        memory_bytes: container.memory_bytes.unwrap_or_default(),
+        cpus: container.cpus.unwrap_or_default(),
+        pids: container.pids.unwrap_or_default(),
+        network: match container.network {
+            spec::NetworkMode::None => "none",
+            spec::NetworkMode::Bridge => "bridge",
+        }
+        .to_owned(),
     }
 }

@@ -63,6 +63,7 @@ impl Engine {
                 exit_code: None,
                 message: String::new(),
                 next_log_seq: 0,
+                image_digest: None,
             })
             .collect();
         tracing::info!(run = %id, pipeline = %record.pipeline, commit = %record.commit, "run triggered");

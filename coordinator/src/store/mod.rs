@@ -118,6 +118,9 @@ pub(crate) struct StageRecord {
     pub(crate) message: String,
     /// Log lines of the current attempt stored so far.
     pub(crate) next_log_seq: u64,
+    /// The image the last attempt ran in, by digest (docker executor).
+    #[serde(default)]
+    pub(crate) image_digest: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

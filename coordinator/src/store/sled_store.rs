@@ -221,6 +221,7 @@ mod tests {
                 exit_code: None,
                 message: String::new(),
                 next_log_seq: 2,
+                image_digest: None,
             }));
             for seq in [0, 1, 256] {
                 batch.push(Op::Log(StoredLog {

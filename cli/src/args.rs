@@ -1,0 +1,210 @@
+//! The command line, as clap parses it. Only shapes live here; what each
+//! command does lives in `commands/` and `demo.rs`.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// Shown after `kiln --help`: the contract scripts rely on.
+const AFTER_HELP: &str = "\
+Exit codes:
+  0  success
+  1  the run finished but did not succeed (`kiln run --wait`, `kiln demo`)
+  2  usage or input error, or the coordinator refused the request
+     (invalid argument, not found, failed precondition, ...)
+  3  the coordinator cannot be reached
+
+Errors are printed as one line on stderr: `error: <message>`.
+With `--output json`, commands print JSON objects whose fields are listed in
+cli/README.md (names are stable); `kiln logs` prints one object per line.";
+
+/// kiln: the command-line client of a Kiln build farm.
+#[derive(Debug, Parser)]
+#[command(name = "kiln", version, after_help = AFTER_HELP)]
+pub(crate) struct Cli {
+    #[command(flatten)]
+    pub(crate) global: GlobalArgs,
+    #[command(subcommand)]
+    pub(crate) command: Command,
+}
+
+/// Flags every command accepts.
+#[derive(Debug, Args)]
+pub(crate) struct GlobalArgs {
+    /// gRPC address of the coordinator.
+    #[arg(
+        long,
+        global = true,
+        env = "KILN_COORDINATOR",
+        default_value = "http://127.0.0.1:7700",
+        value_name = "URL"
+    )]
+    pub(crate) coordinator: String,
+    /// How results are printed.
+    #[arg(long, global = true, value_enum, default_value_t = OutputFormat::Table)]
+    pub(crate) output: OutputFormat,
+}
+
+/// `--output`: tables for people, JSON for scripts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub(crate) enum OutputFormat {
+    Table,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum Command {
+    /// Register, list and show pipelines.
+    #[command(subcommand)]
+    Pipeline(PipelineCommand),
+    /// Trigger a run of a pipeline; prints the run id (or follows it with --wait).
+    Run(RunArgs),
+    /// List recent runs, newest first.
+    Runs(RunsArgs),
+    /// Show a run and its stages.
+    Status(RunRef),
+    /// Print the logs of a run, or of one of its stages.
+    Logs(LogsArgs),
+    /// Cancel a run.
+    Cancel(RunRef),
+    /// Run a failed stage of a run again (and the stages after it).
+    Retry(RetryArgs),
+    /// List the agents the coordinator knows.
+    Agents,
+    /// Manage one agent.
+    #[command(subcommand)]
+    Agent(AgentCommand),
+    /// Start an embedded coordinator and two agents, and run an example pipeline.
+    Demo(DemoArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum PipelineCommand {
+    /// Validate DIR/kiln.yml and register it with the git work tree around DIR.
+    Register {
+        /// Directory holding kiln.yml, inside a git work tree.
+        dir: PathBuf,
+    },
+    /// List registered pipelines (latest versions).
+    List,
+    /// Show a pipeline: stages, source and its kiln.yml.
+    Show {
+        name: String,
+        /// A specific version; the latest when omitted.
+        #[arg(long)]
+        version: Option<u32>,
+    },
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct RunArgs {
+    /// Pipeline name.
+    pub(crate) pipeline: String,
+    /// Branch, tag or commit; the head of the registered branch when omitted.
+    #[arg(long)]
+    pub(crate) rev: Option<String>,
+    /// Follow the run until it ends; exit 0 only if it succeeded.
+    #[arg(long)]
+    pub(crate) wait: bool,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct RunsArgs {
+    /// Only runs of this pipeline.
+    #[arg(long)]
+    pub(crate) pipeline: Option<String>,
+    /// At most this many runs (the coordinator's default is 50).
+    #[arg(long)]
+    pub(crate) limit: Option<u32>,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct RunRef {
+    /// Run id, as printed by `kiln run`.
+    pub(crate) run: u64,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct LogsArgs {
+    /// Run id.
+    pub(crate) run: u64,
+    /// Only this stage; all stages, in stage order, when omitted.
+    pub(crate) stage: Option<String>,
+    /// Keep printing new lines until the stage(s) end.
+    #[arg(short, long)]
+    pub(crate) follow: bool,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct RetryArgs {
+    /// Run id.
+    pub(crate) run: u64,
+    /// Stage name.
+    pub(crate) stage: String,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum AgentCommand {
+    /// Stop giving work to an agent; its running stages finish.
+    Drain {
+        /// Agent name.
+        name: String,
+    },
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct DemoArgs {
+    /// Directory of the example pipeline (must be committed to git).
+    #[arg(long, value_name = "DIR")]
+    pub(crate) example: Option<PathBuf>,
+    /// Where the embedded coordinator and agents keep their state.
+    #[arg(long, value_name = "D", default_value = ".kiln-demo")]
+    pub(crate) data_dir: PathBuf,
+    /// Keep the data dir from an earlier demo instead of clearing it.
+    #[arg(long)]
+    pub(crate) keep: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn global_flags_work_after_the_subcommand() {
+        let cli = Cli::try_parse_from([
+            "kiln",
+            "runs",
+            "--output",
+            "json",
+            "--coordinator",
+            "http://h:1",
+        ])
+        .unwrap();
+        assert_eq!(cli.global.output, OutputFormat::Json);
+        assert_eq!(cli.global.coordinator, "http://h:1");
+    }
+
+    #[test]
+    fn logs_takes_an_optional_stage_and_follow() {
+        let cli = Cli::try_parse_from(["kiln", "logs", "7", "train", "-f"]).unwrap();
+        let Command::Logs(logs) = cli.command else {
+            panic!("expected logs")
+        };
+        assert_eq!(
+            (logs.run, logs.stage.as_deref(), logs.follow),
+            (7, Some("train"), true)
+        );
+    }
+
+    #[test]
+    fn a_bad_run_id_is_a_usage_error() {
+        let err = Cli::try_parse_from(["kiln", "status", "seven"]).unwrap_err();
+        assert_eq!(err.exit_code(), 2);
+    }
+}

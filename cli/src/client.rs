@@ -1,0 +1,179 @@
+//! The connection to a coordinator's `ControlService`.
+//!
+//! Every call goes through [`Coordinator`] so that each failure is turned
+//! into a [`CliError`] that knows the coordinator's URL, in one place.
+
+use std::time::Duration;
+
+use futures::{Stream, StreamExt};
+use kiln_proto::v1 as pb;
+use kiln_proto::v1::control_service_client::ControlServiceClient;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::error::CliError;
+
+/// Long enough for a coordinator on another continent, short enough that a
+/// typo in `--coordinator` does not look like a hang.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A connected `ControlService` client.
+#[derive(Clone)]
+pub(crate) struct Coordinator {
+    /// As the user gave it, for error messages.
+    url: String,
+    rpc: ControlServiceClient<Channel>,
+}
+
+impl Coordinator {
+    /// Connects eagerly, so that "nobody listens there" is reported as such
+    /// (exit 3) before any request is built.
+    pub(crate) async fn connect(url: &str) -> Result<Self, CliError> {
+        // `host:port` is what people paste; tonic needs a scheme.
+        let full_url = if url.contains("://") {
+            url.to_owned()
+        } else {
+            format!("http://{url}")
+        };
+        let endpoint = Endpoint::from_shared(full_url)
+            .map_err(|e| CliError::Input(format!("`{url}` is not a valid coordinator URL: {e}")))?;
+        let channel = endpoint
+            .connect_timeout(CONNECT_TIMEOUT)
+            .connect()
+            .await
+            .map_err(|e| CliError::unreachable(url, &e))?;
+        Ok(Coordinator {
+            url: url.to_owned(),
+            rpc: ControlServiceClient::new(channel),
+        })
+    }
+
+    fn fail(&self, status: tonic::Status) -> CliError {
+        CliError::from_status(status, &self.url)
+    }
+
+    pub(crate) async fn register_pipeline(
+        &self,
+        request: pb::RegisterPipelineRequest,
+    ) -> Result<pb::RegisterPipelineResponse, CliError> {
+        let reply = self.rpc.clone().register_pipeline(request).await;
+        reply
+            .map(tonic::Response::into_inner)
+            .map_err(|s| self.fail(s))
+    }
+
+    pub(crate) async fn list_pipelines(&self) -> Result<Vec<pb::Pipeline>, CliError> {
+        let reply = self
+            .rpc
+            .clone()
+            .list_pipelines(pb::ListPipelinesRequest {})
+            .await;
+        reply
+            .map(|r| r.into_inner().pipelines)
+            .map_err(|s| self.fail(s))
+    }
+
+    /// `version` 0 = the latest.
+    pub(crate) async fn get_pipeline(
+        &self,
+        name: &str,
+        version: u32,
+    ) -> Result<pb::Pipeline, CliError> {
+        let request = pb::GetPipelineRequest {
+            name: name.to_owned(),
+            version,
+        };
+        let reply = self.rpc.clone().get_pipeline(request).await;
+        reply
+            .map(tonic::Response::into_inner)
+            .map_err(|s| self.fail(s))
+    }
+
+    pub(crate) async fn trigger_run(
+        &self,
+        request: pb::TriggerRunRequest,
+    ) -> Result<pb::Run, CliError> {
+        let reply = self.rpc.clone().trigger_run(request).await;
+        reply
+            .map(tonic::Response::into_inner)
+            .map_err(|s| self.fail(s))
+    }
+
+    pub(crate) async fn get_run(&self, run_id: u64) -> Result<pb::Run, CliError> {
+        let reply = self.rpc.clone().get_run(pb::GetRunRequest { run_id }).await;
+        reply
+            .map(tonic::Response::into_inner)
+            .map_err(|s| self.fail(s))
+    }
+
+    pub(crate) async fn list_runs(
+        &self,
+        request: pb::ListRunsRequest,
+    ) -> Result<Vec<pb::Run>, CliError> {
+        let reply = self.rpc.clone().list_runs(request).await;
+        reply.map(|r| r.into_inner().runs).map_err(|s| self.fail(s))
+    }
+
+    /// The run now and after every change; ends once the run is finished.
+    pub(crate) async fn watch_run(
+        &self,
+        run_id: u64,
+    ) -> Result<impl Stream<Item = Result<pb::Run, CliError>> + use<>, CliError> {
+        let reply = self
+            .rpc
+            .clone()
+            .watch_run(pb::GetRunRequest { run_id })
+            .await;
+        let stream = reply.map_err(|s| self.fail(s))?.into_inner();
+        let url = self.url.clone();
+        Ok(stream.map(move |item| item.map_err(|s| CliError::from_status(s, &url))))
+    }
+
+    pub(crate) async fn cancel_run(&self, run_id: u64) -> Result<pb::Run, CliError> {
+        let reply = self
+            .rpc
+            .clone()
+            .cancel_run(pb::CancelRunRequest { run_id })
+            .await;
+        reply
+            .map(tonic::Response::into_inner)
+            .map_err(|s| self.fail(s))
+    }
+
+    pub(crate) async fn retry_stage(&self, run_id: u64, stage: &str) -> Result<pb::Run, CliError> {
+        let request = pb::RetryStageRequest {
+            run_id,
+            stage: stage.to_owned(),
+        };
+        let reply = self.rpc.clone().retry_stage(request).await;
+        reply
+            .map(tonic::Response::into_inner)
+            .map_err(|s| self.fail(s))
+    }
+
+    pub(crate) async fn stream_logs(
+        &self,
+        request: pb::StreamLogsRequest,
+    ) -> Result<impl Stream<Item = Result<pb::LogEntry, CliError>> + use<>, CliError> {
+        let reply = self.rpc.clone().stream_logs(request).await;
+        let stream = reply.map_err(|s| self.fail(s))?.into_inner();
+        let url = self.url.clone();
+        Ok(stream.map(move |item| item.map_err(|s| CliError::from_status(s, &url))))
+    }
+
+    pub(crate) async fn list_agents(&self) -> Result<Vec<pb::Agent>, CliError> {
+        let reply = self.rpc.clone().list_agents(pb::ListAgentsRequest {}).await;
+        reply
+            .map(|r| r.into_inner().agents)
+            .map_err(|s| self.fail(s))
+    }
+
+    pub(crate) async fn drain_agent(&self, name: &str) -> Result<pb::Agent, CliError> {
+        let request = pb::DrainAgentRequest {
+            name: name.to_owned(),
+        };
+        let reply = self.rpc.clone().drain_agent(request).await;
+        reply
+            .map(tonic::Response::into_inner)
+            .map_err(|s| self.fail(s))
+    }
+}

@@ -1,0 +1,9 @@
+//! One module per group of commands. Each command function takes the
+//! connected coordinator and the output format, prints its result and
+//! returns how it ended; `main` turns that into an exit code.
+
+pub(crate) mod agents;
+pub(crate) mod logs;
+pub(crate) mod pipeline;
+pub(crate) mod runs;
+pub(crate) mod watch;

@@ -1,0 +1,300 @@
+//! `kiln demo`: a whole farm in one process.
+//!
+//! An embedded coordinator on `127.0.0.1:0` and two process-executor
+//! agents run as tasks on this runtime; the demo then drives them through
+//! the same code paths as `kiln pipeline register`, `kiln run --wait`,
+//! `kiln logs` and `kiln status`. Start-up and shutdown follow a fixed
+//! order: coordinator, agents; then agents stop (finishing or handing back
+//! their stages) before the coordinator stops.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use kiln_agent::ExecutorKind;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::args::{DemoArgs, OutputFormat};
+use crate::client::Coordinator;
+use crate::commands::{logs, pipeline, runs, watch as progress};
+use crate::error::{CliError, Outcome};
+use crate::git::Drift;
+use crate::output;
+
+/// Marks a directory as made by `kiln demo`, so that clearing it can never
+/// wipe a directory someone passed to `--data-dir` by mistake.
+const MARKER: &str = ".kiln-demo-data";
+/// The agents: name and the `role` label that stages select on.
+const AGENTS: [(&str, &str); 2] = [("demo-agent-1", "build"), ("demo-agent-2", "deploy")];
+/// Stages each agent runs at once.
+const AGENT_CAPACITY: u32 = 2;
+/// Short, so a demo agent killed mid-run is noticed quickly.
+const LEASE_TTL: Duration = Duration::from_secs(10);
+const HEARTBEAT: Duration = Duration::from_secs(1);
+/// How long stages may keep running after the demo asks agents to stop.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// Beyond this, a task that does not stop is abandoned (and reported).
+const STOP_TIMEOUT: Duration = Duration::from_secs(15);
+/// Agents connect within milliseconds; this only bounds a broken start.
+const AGENTS_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A service task and the signal that stops it.
+struct Service {
+    name: String,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+/// `kiln demo [--example DIR] [--data-dir D] [--keep]`.
+pub(crate) async fn demo(args: &DemoArgs, format: OutputFormat) -> Result<Outcome, CliError> {
+    // The libraries report through tracing; warnings and errors only, so
+    // the demo's own lines stay readable.
+    kiln_common::logging::init("warn");
+    let example = example_dir(args.example.as_deref());
+    // Checked before anything starts: a broken or uncommitted example
+    // would only fail later, inside the run.
+    let registration = pipeline::prepare(&example)?;
+    match (registration.drift, registration.drift_warning()) {
+        (Drift::NotCommitted, Some(warning)) => return Err(CliError::Input(warning)),
+        (_, Some(warning)) => output::progress(format, &format!("warning: {warning}"))?,
+        (_, None) => {}
+    }
+    let data_dir = prepare_data_dir(&args.data_dir, args.keep)?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .map_err(|e| CliError::Input(format!("cannot listen on 127.0.0.1: {e}")))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| CliError::Input(format!("cannot read the listening address: {e}")))?;
+    let url = format!("http://{addr}");
+    output::progress(
+        format,
+        &format!(
+            "starting an embedded coordinator on {addr} and two agents (data in {})",
+            data_dir.display()
+        ),
+    )?;
+
+    let coordinator = start_coordinator(&data_dir, listener);
+    let agents: Vec<Service> = AGENTS
+        .iter()
+        .map(|(name, role)| start_agent(&data_dir, &url, name, role))
+        .collect();
+
+    let script = tokio::select! {
+        result = run_example(&url, registration, format) => result,
+        _ = tokio::signal::ctrl_c() => Err(CliError::Input("interrupted".to_owned())),
+    };
+
+    // Shutdown happens even if stdout is gone, so no `?` here.
+    let _ = output::progress(format, "stopping the agents, then the coordinator");
+    for agent in agents {
+        stop(agent).await;
+    }
+    stop(coordinator).await;
+    script
+}
+
+/// The part a user would type: wait for agents, register, run, show.
+async fn run_example(
+    url: &str,
+    registration: pipeline::Prepared,
+    format: OutputFormat,
+) -> Result<Outcome, CliError> {
+    let coordinator = Coordinator::connect(url).await?;
+    wait_for_agents(&coordinator, format).await?;
+    let registered = pipeline::submit(&coordinator, registration.request).await?;
+    output::progress(format, &pipeline::registered_line(&registered))?;
+    let run = runs::trigger(&coordinator, &registered.pipeline.name, None).await?;
+    let finished = progress::follow(&coordinator, run.id, format).await?;
+    // In JSON mode `follow` printed the final run, which is all stdout gets.
+    if format == OutputFormat::Table {
+        output::line(format!("\n--- logs of run {} ---", run.id))?;
+        logs::print_logs(&coordinator, format, run.id, None, false).await?;
+        output::line("\n--- status ---")?;
+        runs::print_status(&finished, format)?;
+    }
+    Ok(runs::outcome_of(&finished))
+}
+
+fn start_coordinator(data_dir: &Path, listener: tokio::net::TcpListener) -> Service {
+    let config = kiln_coordinator::Config {
+        data_dir: data_dir.join("coordinator"),
+        grpc_listener: listener,
+        http_listener: None,
+        lease_ttl: LEASE_TTL,
+        heartbeat_interval: HEARTBEAT,
+    };
+    let (stop, stopped) = watch::channel(false);
+    let task = tokio::spawn(kiln_coordinator::run(config, stop_requested(stopped)));
+    Service {
+        name: "the coordinator".to_owned(),
+        stop,
+        task,
+    }
+}
+
+fn start_agent(data_dir: &Path, url: &str, name: &str, role: &str) -> Service {
+    let config = kiln_agent::Config {
+        coordinator: url.to_owned(),
+        name: name.to_owned(),
+        labels: BTreeMap::from([("role".to_owned(), role.to_owned())]),
+        capacity: AGENT_CAPACITY,
+        work_dir: data_dir.join("agents").join(name),
+        executor: ExecutorKind::Process,
+        drain_timeout: DRAIN_TIMEOUT,
+    };
+    let (stop, stopped) = watch::channel(false);
+    let task = tokio::spawn(kiln_agent::run(config, stop_requested(stopped)));
+    Service {
+        name: name.to_owned(),
+        stop,
+        task,
+    }
+}
+
+/// Completes when the flag is set, or when its sender is gone (the demo
+/// itself is going away, so the service should too).
+async fn stop_requested(mut stopped: watch::Receiver<bool>) {
+    let _ = stopped.wait_for(|stop| *stop).await;
+}
+
+/// Signals a service and waits for it; a failure is reported, not
+/// returned, because the demo's verdict is the run's.
+async fn stop(service: Service) {
+    let _ = service.stop.send(true);
+    let mut task = service.task;
+    let problem = match tokio::time::timeout(STOP_TIMEOUT, &mut task).await {
+        Ok(Ok(Ok(()))) => return,
+        Ok(Ok(Err(error))) => format!("failed: {error:#}"),
+        Ok(Err(join_error)) if join_error.is_panic() => {
+            format!("panicked: {}", panic_message(join_error.into_panic()))
+        }
+        Ok(Err(join_error)) => format!("was aborted: {join_error}"),
+        Err(_) => {
+            task.abort();
+            format!(
+                "did not stop within {}s and was aborted",
+                STOP_TIMEOUT.as_secs()
+            )
+        }
+    };
+    eprintln!("error: {} {problem}", service.name);
+}
+
+fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
+    match payload.downcast::<String>() {
+        Ok(message) => *message,
+        Err(payload) => payload
+            .downcast_ref::<&str>()
+            .map_or_else(|| "(no message)".to_owned(), |m| (*m).to_owned()),
+    }
+}
+
+/// Waits until both agents are connected, so the first stages do not sit in
+/// `ready` while the agents start.
+async fn wait_for_agents(coordinator: &Coordinator, format: OutputFormat) -> Result<(), CliError> {
+    let deadline = tokio::time::Instant::now() + AGENTS_CONNECT_TIMEOUT;
+    loop {
+        let agents = coordinator.list_agents().await?;
+        let connected = agents.into_iter().filter(|a| a.connected).count();
+        if connected >= AGENTS.len() {
+            let names: Vec<_> = AGENTS
+                .iter()
+                .map(|(n, r)| format!("{n} (role={r})"))
+                .collect();
+            let text = format!("agents connected: {}", names.join(", "));
+            return output::progress(format, &text);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            // The coordinator queues the stages meanwhile; carry on.
+            let text = format!(
+                "warning: only {connected} of {} agents connected after {}s",
+                AGENTS.len(),
+                AGENTS_CONNECT_TIMEOUT.as_secs()
+            );
+            return output::progress(format, &text);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// `--example`, else `examples/hello` here, else the one next to the
+/// sources this binary was built from.
+fn example_dir(given: Option<&Path>) -> PathBuf {
+    if let Some(dir) = given {
+        return dir.to_path_buf();
+    }
+    let here = PathBuf::from("examples/hello");
+    if here.join("kiln.yml").is_file() {
+        return here;
+    }
+    let built_from = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/hello");
+    built_from.canonicalize().unwrap_or(built_from)
+}
+
+/// Creates (or, without `keep`, clears) the data dir; returns its absolute
+/// path so the agents' work dirs do not depend on the current directory.
+fn prepare_data_dir(dir: &Path, keep: bool) -> Result<PathBuf, CliError> {
+    let shown = dir.display();
+    let io_error =
+        |what: &str, e: std::io::Error| CliError::Input(format!("cannot {what} {shown}: {e}"));
+    if dir.exists() && !keep {
+        let is_ours = dir.join(MARKER).is_file();
+        let is_empty = std::fs::read_dir(dir)
+            .map_err(|e| io_error("read", e))?
+            .next()
+            .is_none();
+        if !is_ours && !is_empty {
+            return Err(CliError::Input(format!(
+                "{shown} is not empty and was not made by `kiln demo`; pass another \
+                 --data-dir (it is cleared at start), or --keep"
+            )));
+        }
+        std::fs::remove_dir_all(dir).map_err(|e| io_error("clear", e))?;
+    }
+    std::fs::create_dir_all(dir).map_err(|e| io_error("create", e))?;
+    std::fs::write(
+        dir.join(MARKER),
+        "made by `kiln demo`; cleared by the next demo\n",
+    )
+    .map_err(|e| io_error("write into", e))?;
+    dir.canonicalize().map_err(|e| io_error("resolve", e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn data_dir_is_cleared_only_if_the_demo_made_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("demo");
+        let made = prepare_data_dir(&dir, false).unwrap();
+        std::fs::write(made.join("old-run"), "x").unwrap();
+        prepare_data_dir(&dir, true).unwrap();
+        assert!(made.join("old-run").exists(), "--keep keeps");
+        prepare_data_dir(&dir, false).unwrap();
+        assert!(!made.join("old-run").exists(), "a new demo starts clean");
+
+        let foreign = tmp.path().join("home");
+        std::fs::create_dir_all(&foreign).unwrap();
+        std::fs::write(foreign.join("thesis.tex"), "x").unwrap();
+        let error = prepare_data_dir(&foreign, false).unwrap_err().to_string();
+        assert!(error.contains("was not made by `kiln demo`"), "{error}");
+        assert!(foreign.join("thesis.tex").exists());
+    }
+
+    #[test]
+    fn an_explicit_example_wins() {
+        assert_eq!(example_dir(Some(Path::new("x/y"))), PathBuf::from("x/y"));
+        assert!(example_dir(None).ends_with("examples/hello"));
+    }
+
+    #[test]
+    fn panics_are_reported_with_their_message() {
+        assert_eq!(panic_message(Box::new("boom")), "boom");
+        assert_eq!(panic_message(Box::new(String::from("bang"))), "bang");
+    }
+}

@@ -1,0 +1,329 @@
+//! Printing: aligned tables for people, JSON for scripts.
+//!
+//! Table headers are stable (the end-to-end tests and scripts match on
+//! them); columns are separated by at least two spaces and the last column
+//! is not padded. Every write returns an error instead of panicking, so a
+//! closed pipe (`kiln runs | head -1`) ends the command quietly.
+
+use std::io::{self, IsTerminal, Write};
+
+use serde::Serialize;
+
+use crate::args::OutputFormat;
+use crate::error::CliError;
+use crate::timefmt;
+use crate::view::{AgentView, PipelineView, RunView, StageView};
+
+/// Writes one line to stdout.
+pub(crate) fn line(text: impl std::fmt::Display) -> Result<(), CliError> {
+    writeln!(io::stdout().lock(), "{text}")?;
+    Ok(())
+}
+
+/// A line for people watching: on stdout normally, on stderr when stdout
+/// is reserved for JSON.
+pub(crate) fn progress(format: OutputFormat, text: &str) -> Result<(), CliError> {
+    match format {
+        OutputFormat::Table => line(text),
+        OutputFormat::Json => {
+            writeln!(io::stderr().lock(), "{text}")?;
+            Ok(())
+        }
+    }
+}
+
+/// Pretty JSON for one value (an object or an array), then a newline.
+pub(crate) fn json(value: &impl Serialize) -> Result<(), CliError> {
+    let mut out = io::stdout().lock();
+    serde_json::to_writer_pretty(&mut out, value).map_err(io::Error::from)?;
+    writeln!(out)?;
+    Ok(())
+}
+
+/// Compact JSON on one line, for streams (`kiln logs --output json`).
+pub(crate) fn json_line(value: &impl Serialize) -> Result<(), CliError> {
+    let mut out = io::stdout().lock();
+    serde_json::to_writer(&mut out, value).map_err(io::Error::from)?;
+    writeln!(out)?;
+    out.flush()?;
+    Ok(())
+}
+
+/// True when stdout is a terminal that wants colour (`NO_COLOR` unset), so
+/// pipes and files never see escape codes.
+pub(crate) fn colour_enabled() -> bool {
+    io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none()
+}
+
+/// Faint text when `colour` is on, plain text otherwise.
+pub(crate) fn dim(text: &str, colour: bool) -> String {
+    if colour {
+        format!("\x1b[2m{text}\x1b[0m")
+    } else {
+        text.to_owned()
+    }
+}
+
+/// Columns padded to their widest cell.
+pub(crate) fn table<const N: usize>(headers: [&str; N], rows: &[[String; N]]) -> String {
+    let mut widths = headers.map(|h| h.chars().count());
+    for row in rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    let mut text = String::new();
+    let header_row = headers.map(str::to_owned);
+    for row in std::iter::once(&header_row).chain(rows) {
+        let mut rendered = String::new();
+        for (i, (cell, width)) in row.iter().zip(widths).enumerate() {
+            if i + 1 == N {
+                rendered.push_str(cell);
+            } else {
+                rendered.push_str(&format!("{cell:<width$}  "));
+            }
+        }
+        text.push_str(rendered.trim_end());
+        text.push('\n');
+    }
+    text
+}
+
+/// The first 10 characters of a commit id, the usual short form.
+pub(crate) fn short_commit(commit: &str) -> &str {
+    commit.get(..10).unwrap_or(commit)
+}
+
+/// `ID PIPELINE STATE COMMIT TRIGGERED_BY AGE DURATION`.
+pub(crate) fn runs_table(runs: &[RunView], now_ms: u64) -> String {
+    let rows: Vec<_> = runs
+        .iter()
+        .map(|run| {
+            let created = run.created_ms.unwrap_or(0);
+            [
+                run.id.to_string(),
+                run.pipeline.clone(),
+                run.state.as_str().to_owned(),
+                or_dash(short_commit(&run.commit)),
+                or_dash(&run.triggered_by),
+                timefmt::age(created, now_ms),
+                timefmt::elapsed(created, run.finished_ms.unwrap_or(0), now_ms),
+            ]
+        })
+        .collect();
+    let headers = [
+        "ID",
+        "PIPELINE",
+        "STATE",
+        "COMMIT",
+        "TRIGGERED_BY",
+        "AGE",
+        "DURATION",
+    ];
+    table(headers, &rows)
+}
+
+/// `STAGE STATE ATTEMPT AGENT DURATION MESSAGE`.
+pub(crate) fn stages_table(stages: &[StageView], now_ms: u64) -> String {
+    let rows: Vec<_> = stages
+        .iter()
+        .map(|stage| {
+            let attempt = match stage.attempt {
+                0 => "-".to_owned(),
+                n => n.to_string(),
+            };
+            let started = stage.started_ms.unwrap_or(0);
+            [
+                stage.name.clone(),
+                stage.state.as_str().to_owned(),
+                attempt,
+                or_dash(stage.agent.as_deref().unwrap_or("")),
+                timefmt::elapsed(started, stage.finished_ms.unwrap_or(0), now_ms),
+                stage_message(stage),
+            ]
+        })
+        .collect();
+    let headers = ["STAGE", "STATE", "ATTEMPT", "AGENT", "DURATION", "MESSAGE"];
+    table(headers, &rows)
+}
+
+/// The coordinator's message, or the exit code of a failed command when it
+/// gave none.
+pub(crate) fn stage_message(stage: &StageView) -> String {
+    match stage.exit_code {
+        _ if !stage.message.is_empty() => stage.message.clone(),
+        Some(code) if code != 0 => format!("exit code {code}"),
+        _ => String::new(),
+    }
+}
+
+/// The lines above `kiln status`'s stage table.
+pub(crate) fn run_header(run: &RunView, now_ms: u64) -> String {
+    let created = run.created_ms.unwrap_or(0);
+    let rev = if run.rev.is_empty() {
+        "branch head"
+    } else {
+        &run.rev
+    };
+    let duration = timefmt::elapsed(created, run.finished_ms.unwrap_or(0), now_ms);
+    format!(
+        "run {id}  {pipeline} (version {version})  {state}\n\
+         commit     {commit} ({rev})\n\
+         triggered  by {by}, {age} ({at})\n\
+         duration   {duration}\n",
+        id = run.id,
+        pipeline = run.pipeline,
+        version = run.pipeline_version,
+        state = run.state.as_str(),
+        commit = or_dash(&run.commit),
+        by = or_dash(&run.triggered_by),
+        age = timefmt::age(created, now_ms),
+        at = timefmt::datetime(created),
+    )
+}
+
+/// `NAME STATE RUNNING/CAPACITY LABELS LAST_SEEN`.
+pub(crate) fn agents_table(agents: &[AgentView], now_ms: u64) -> String {
+    let rows: Vec<_> = agents
+        .iter()
+        .map(|agent| {
+            let labels: Vec<_> = agent
+                .labels
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect();
+            [
+                agent.name.clone(),
+                agent.state.as_str().to_owned(),
+                format!("{}/{}", agent.running, agent.capacity),
+                or_dash(&labels.join(",")),
+                timefmt::age(agent.last_seen_ms.unwrap_or(0), now_ms),
+            ]
+        })
+        .collect();
+    table(
+        ["NAME", "STATE", "RUNNING/CAPACITY", "LABELS", "LAST_SEEN"],
+        &rows,
+    )
+}
+
+/// `NAME VERSION STAGES REPO BRANCH SUBDIR REGISTERED`.
+pub(crate) fn pipelines_table(pipelines: &[PipelineView], now_ms: u64) -> String {
+    let rows: Vec<_> = pipelines
+        .iter()
+        .map(|p| {
+            [
+                p.name.clone(),
+                p.version.to_string(),
+                p.stages.len().to_string(),
+                p.repo.clone(),
+                p.branch.clone(),
+                or_dash(&p.subdir),
+                timefmt::age(p.registered_ms.unwrap_or(0), now_ms),
+            ]
+        })
+        .collect();
+    let headers = [
+        "NAME",
+        "VERSION",
+        "STAGES",
+        "REPO",
+        "BRANCH",
+        "SUBDIR",
+        "REGISTERED",
+    ];
+    table(headers, &rows)
+}
+
+/// `kiln pipeline show`: the facts, then the file.
+pub(crate) fn pipeline_details(p: &PipelineView) -> String {
+    let rows = [
+        ["pipeline".to_owned(), p.name.clone()],
+        ["version".to_owned(), p.version.to_string()],
+        ["stages".to_owned(), p.stages.join(", ")],
+        ["repo".to_owned(), p.repo.clone()],
+        ["branch".to_owned(), p.branch.clone()],
+        ["subdir".to_owned(), or_dash(&p.subdir)],
+        [
+            "registered".to_owned(),
+            timefmt::datetime(p.registered_ms.unwrap_or(0)),
+        ],
+    ];
+    let facts: String = rows.iter().map(|[k, v]| format!("{k:<11}{v}\n")).collect();
+    let yaml = p.spec_yaml.trim_end();
+    format!("{facts}\n--- kiln.yml ---\n{yaml}\n")
+}
+
+fn or_dash(text: &str) -> String {
+    if text.is_empty() {
+        "-".to_owned()
+    } else {
+        text.to_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::view::{StageState, StageView};
+
+    #[test]
+    fn tables_align_columns_and_do_not_pad_the_last() {
+        let text = table(
+            ["A", "LONG_HEADER", "Z"],
+            &[
+                ["x".into(), "y".into(), "last".into()],
+                ["wide cell".into(), "".into(), "".into()],
+            ],
+        );
+        assert_eq!(
+            text,
+            "A          LONG_HEADER  Z\n\
+             x          y            last\n\
+             wide cell\n"
+        );
+    }
+
+    #[test]
+    fn stage_rows_show_dashes_until_things_happen() {
+        let stage = StageView {
+            idx: 0,
+            name: "train".into(),
+            state: StageState::Failed,
+            attempt: 2,
+            agent: Some("agent-1".into()),
+            started_ms: Some(1_000),
+            finished_ms: Some(3_500),
+            exit_code: Some(3),
+            message: String::new(),
+            needs: vec![],
+        };
+        let pending = StageView {
+            name: "evaluate".into(),
+            state: StageState::Pending,
+            attempt: 0,
+            agent: None,
+            started_ms: None,
+            finished_ms: None,
+            exit_code: None,
+            ..stage.clone()
+        };
+        let text = stages_table(&[stage, pending], 10_000);
+        let lines: Vec<_> = text.lines().collect();
+        assert_eq!(
+            lines[0],
+            "STAGE     STATE    ATTEMPT  AGENT    DURATION  MESSAGE"
+        );
+        assert_eq!(
+            lines[1],
+            "train     failed   2        agent-1  2.5s      exit code 3"
+        );
+        assert_eq!(lines[2], "evaluate  pending  -        -        -");
+    }
+
+    #[test]
+    fn short_commits_are_ten_characters() {
+        assert_eq!(short_commit("0123456789abcdef"), "0123456789");
+        assert_eq!(short_commit("abc"), "abc");
+    }
+}

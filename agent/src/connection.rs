@@ -69,7 +69,7 @@ pub(crate) enum Link {
 pub(crate) enum LinkEvent {
     RetryDue,
     Opened(Result<(Box<Session>, Welcome), Error>),
-    Message(CoordinatorMessage),
+    Message(Box<CoordinatorMessage>),
     /// The stream ended or failed, with why.
     Lost(String),
     HeartbeatDue,
@@ -87,7 +87,7 @@ impl Link {
             Link::Opening(opening) => LinkEvent::Opened(opening.as_mut().await),
             Link::Up(session) => tokio::select! {
                 message = session.inbound.next() => match message {
-                    Some(Ok(message)) => LinkEvent::Message(message),
+                    Some(Ok(message)) => LinkEvent::Message(Box::new(message)),
                     Some(Err(status)) => LinkEvent::Lost(describe_status(&status)),
                     None => LinkEvent::Lost("the coordinator closed the stream".into()),
                 },

@@ -225,7 +225,7 @@ impl Supervisor {
                     retry_at: Instant::now() + delay,
                 };
             }
-            LinkEvent::Message(message) => self.on_message(message),
+            LinkEvent::Message(message) => self.on_message(*message),
             LinkEvent::Lost(reason) => {
                 let delay = self.backoff.next_delay();
                 warn!(%reason, retry_in = ?delay, "lost the coordinator stream; reconnecting");

@@ -210,6 +210,7 @@ mod tests {
             timeout_ms: 10_000,
             source: Some(source),
             image: String::new(),
+            docker: None,
         }
     }
 

@@ -1,0 +1,175 @@
+//! The `kiln` CLI against a real farm: exit codes, `--output json`, and the
+//! validation errors a user sees.
+
+use anyhow::Result;
+use kiln_tests::{Coordinator, CoordinatorOptions, Repo, kiln, start_agent};
+use serde_json::Value;
+
+fn stdout(output: &std::process::Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn stderr(output: &std::process::Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+fn json(output: &std::process::Output) -> Value {
+    serde_json::from_slice(&output.stdout)
+        .unwrap_or_else(|error| panic!("not JSON ({error}): {}", stdout(output)))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn run_wait_exit_codes_and_json_output() -> Result<()> {
+    let data = tempfile::tempdir()?;
+    let coordinator = Coordinator::start(data.path(), &CoordinatorOptions::default())?;
+    let work = tempfile::tempdir()?;
+    let _agent = start_agent(&coordinator.url(), "cli-agent", "", 2, work.path())?;
+    let repo = Repo::new(
+        "pipeline: good\nstages:\n  one: { commands: [\"echo hello from one\"] }\n  two: { needs: [one], commands: [\"echo two\"] }\n",
+    )?;
+    let dir = repo.path().to_str().unwrap();
+
+    let registered = coordinator.kiln(&["pipeline", "register", dir]);
+    assert_eq!(registered.status.code(), Some(0), "{}", stderr(&registered));
+    assert!(
+        stdout(&registered).contains("registered good version 1"),
+        "{}",
+        stdout(&registered)
+    );
+    let again = coordinator.kiln(&["pipeline", "register", dir]);
+    assert!(stdout(&again).contains("unchanged"), "{}", stdout(&again));
+
+    // Without --wait: the run id alone on stdout.
+    let started = coordinator.kiln(&["run", "good"]);
+    assert_eq!(started.status.code(), Some(0), "{}", stderr(&started));
+    let id: u64 = stdout(&started).trim().parse().expect("the run id alone");
+
+    let waited = coordinator.kiln(&["--output", "json", "run", "good", "--wait"]);
+    assert_eq!(waited.status.code(), Some(0), "{}", stderr(&waited));
+    let run = json(&waited);
+    assert_eq!(run["state"], "succeeded");
+    assert_eq!(run["stages"].as_array().unwrap().len(), 2);
+    assert_eq!(run["stages"][0]["name"], "one");
+    assert_eq!(run["stages"][0]["exit_code"], 0);
+
+    let status = coordinator.kiln(&["--output", "json", "status", &id.to_string()]);
+    assert_eq!(json(&status)["id"], id);
+    let logs = coordinator.kiln(&["logs", &run["id"].to_string(), "one"]);
+    assert!(
+        stdout(&logs).contains("hello from one"),
+        "{}",
+        stdout(&logs)
+    );
+    let runs = coordinator.kiln(&["--output", "json", "runs"]);
+    assert_eq!(json(&runs).as_array().unwrap().len(), 2);
+    let agents = coordinator.kiln(&["--output", "json", "agents"]);
+    assert_eq!(json(&agents)[0]["name"], "cli-agent");
+
+    // A failing run: exit 1.
+    repo.commit(
+        "kiln.yml",
+        "pipeline: good\nstages:\n  one: { commands: [\"exit 4\"] }\n",
+    )?;
+    assert_eq!(
+        coordinator
+            .kiln(&["pipeline", "register", dir])
+            .status
+            .code(),
+        Some(0)
+    );
+    let failed = coordinator.kiln(&["run", "good", "--wait"]);
+    assert_eq!(failed.status.code(), Some(1), "{}", stdout(&failed));
+
+    // Coordinator errors: one readable line, exit 2.
+    let missing = coordinator.kiln(&["status", "999"]);
+    assert_eq!(missing.status.code(), Some(2));
+    assert_eq!(stderr(&missing).trim(), "error: run 999 does not exist");
+    let no_pipeline = coordinator.kiln(&["run", "nope"]);
+    assert_eq!(no_pipeline.status.code(), Some(2));
+    assert!(
+        stderr(&no_pipeline).contains("no pipeline named `nope`"),
+        "{}",
+        stderr(&no_pipeline)
+    );
+    let bad_rev = coordinator.kiln(&["run", "good", "--rev", "no-such-branch"]);
+    assert_eq!(bad_rev.status.code(), Some(2));
+    assert!(
+        stderr(&bad_rev).contains("cannot resolve revision `no-such-branch`"),
+        "{}",
+        stderr(&bad_rev)
+    );
+    Ok(())
+}
+
+#[test]
+fn an_unreachable_coordinator_is_exit_3() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    drop(listener);
+    let output = kiln(&url, &["runs"]);
+    assert_eq!(output.status.code(), Some(3));
+    assert!(
+        stderr(&output).starts_with("error: cannot reach the coordinator"),
+        "{}",
+        stderr(&output)
+    );
+}
+
+/// Invalid pipeline files are refused with file:line:column, by the CLI
+/// before anything is sent and by the coordinator itself.
+#[tokio::test(flavor = "multi_thread")]
+async fn invalid_files_are_refused_with_their_position() -> Result<()> {
+    let data = tempfile::tempdir()?;
+    let coordinator = Coordinator::start(data.path(), &CoordinatorOptions::default())?;
+    let cases = [
+        (
+            "pipeline: p\nstages:\n  a: { comands: [x] }\n",
+            "kiln.yml:3:8: unknown key `comands` in stage `a`",
+        ),
+        (
+            "pipeline: p\nstages:\n  a: { needs: [b], commands: [x] }\n  b: { needs: [a], commands: [x] }\n",
+            "kiln.yml:3:3: cycle in `needs`: a -> b -> a",
+        ),
+        (
+            "pipeline: p\nstages:\n  a: { needs: [zz], commands: [x] }\n",
+            "kiln.yml:3:16: ",
+        ),
+        (
+            "pipeline: p\nstages:\n  a: { commands: [x], timeout: 15x }\n",
+            "bad duration `15x`",
+        ),
+    ];
+    for (yaml, expected) in cases {
+        let repo = Repo::new(yaml)?;
+        let output = coordinator.kiln(&["pipeline", "register", repo.path().to_str().unwrap()]);
+        assert_eq!(output.status.code(), Some(2), "{yaml}");
+        let message = stderr(&output);
+        assert!(
+            message.contains(expected),
+            "expected {expected:?} in {message:?}"
+        );
+        assert_eq!(message.lines().count(), 1, "one line: {message}");
+
+        // The coordinator validates on its own too.
+        let mut client = coordinator.client().await?;
+        let request = kiln_proto::v1::RegisterPipelineRequest {
+            file_name: "kiln.yml".into(),
+            spec_yaml: yaml.into(),
+            repo: "/r".into(),
+            branch: "main".into(),
+            subdir: String::new(),
+        };
+        let status = client.register_pipeline(request).await.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+        assert!(
+            status
+                .message()
+                .contains(expected.trim_start_matches("kiln.yml:")),
+            "{}",
+            status.message()
+        );
+    }
+    let listed = coordinator.kiln(&["--output", "json", "pipeline", "list"]);
+    assert_eq!(json(&listed), serde_json::json!([]), "nothing was stored");
+    Ok(())
+}

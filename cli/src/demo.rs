@@ -125,6 +125,7 @@ fn start_coordinator(data_dir: &Path, listener: tokio::net::TcpListener) -> Serv
         http_listener: None,
         lease_ttl: LEASE_TTL,
         heartbeat_interval: HEARTBEAT,
+        artifacts: kiln_coordinator::ArtifactPolicy::default(),
     };
     let (stop, stopped) = watch::channel(false);
     let task = tokio::spawn(kiln_coordinator::run(config, stop_requested(stopped)));

@@ -15,8 +15,10 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::{UnboundedReceiverStream, WatchStream};
 use tonic::{Request, Response, Status};
 
+use crate::blobs::{BlobDigest, BlobStore};
 use crate::engine::{Event, NewPipeline, Reply};
 use crate::error::ApiError;
+use crate::gc;
 use crate::store::{PipelineRecord, Store};
 
 /// Runs listed when the request says 0.
@@ -25,11 +27,24 @@ const DEFAULT_RUN_LIMIT: usize = 50;
 pub(crate) struct ControlApi {
     events: mpsc::Sender<Event>,
     store: Arc<dyn Store>,
+    blobs: Arc<BlobStore>,
+    /// `kiln gc` keeps outputs of runs finished within this many days.
+    keep_days: u32,
 }
 
 impl ControlApi {
-    pub(crate) fn new(events: mpsc::Sender<Event>, store: Arc<dyn Store>) -> Self {
-        Self { events, store }
+    pub(crate) fn new(
+        events: mpsc::Sender<Event>,
+        store: Arc<dyn Store>,
+        blobs: Arc<BlobStore>,
+        keep_days: u32,
+    ) -> Self {
+        Self {
+            events,
+            store,
+            blobs,
+            keep_days,
+        }
     }
 
     /// Sends an event carrying a reply channel and waits for the answer.
@@ -141,11 +156,27 @@ impl ControlService for ControlApi {
     ) -> Result<Response<pb::Run>, Status> {
         let request = request.into_inner();
         let pipeline = self.latest_pipeline(&request.pipeline)?;
-        let commit = resolve_commit(&pipeline.repo, &pipeline.branch, &request.rev).await?;
-        let rev = if request.rev.is_empty() {
-            pipeline.branch.clone()
-        } else {
-            request.rev
+        let source_digest = Some(request.source_digest).filter(|digest| !digest.is_empty());
+        let (commit, rev) = match &source_digest {
+            // An uploaded snapshot stands in for a revision.
+            Some(digest) => {
+                let parsed = BlobDigest::parse(digest)?;
+                if self.blobs.stat(&parsed).is_none() {
+                    return Err(Status::failed_precondition(format!(
+                        "source snapshot {digest} is not stored; upload it before triggering the run"
+                    )));
+                }
+                (String::new(), "uploaded source".to_owned())
+            }
+            None => {
+                let commit = resolve_commit(&pipeline.repo, &pipeline.branch, &request.rev).await?;
+                let rev = if request.rev.is_empty() {
+                    pipeline.branch.clone()
+                } else {
+                    request.rev
+                };
+                (commit, rev)
+            }
         };
         let triggered_by = if request.triggered_by.is_empty() {
             "api".to_owned()
@@ -158,6 +189,7 @@ impl ControlService for ControlApi {
                 commit,
                 rev,
                 triggered_by,
+                source_digest,
                 reply,
             })
             .await?;
@@ -274,6 +306,55 @@ impl ControlService for ControlApi {
         Ok(Response::new(
             self.ask(|reply| Event::DrainAgent { name, reply }).await?,
         ))
+    }
+
+    async fn list_artifacts(
+        &self,
+        request: Request<pb::ListArtifactsRequest>,
+    ) -> Result<Response<pb::ListArtifactsResponse>, Status> {
+        let request = request.into_inner();
+        let run_id = RunId(request.run_id);
+        let run = self
+            .ask(|reply| Event::GetRun { run: run_id, reply })
+            .await?;
+        if !request.stage.is_empty() && !run.stages.iter().any(|stage| stage.name == request.stage)
+        {
+            return Err(ApiError::NotFound(format!(
+                "run {run_id} has no stage `{}`",
+                request.stage
+            ))
+            .into());
+        }
+        let artifacts = run
+            .stages
+            .into_iter()
+            .filter(|stage| request.stage.is_empty() || stage.name == request.stage)
+            .flat_map(|stage| stage.outputs)
+            .collect();
+        Ok(Response::new(pb::ListArtifactsResponse { artifacts }))
+    }
+
+    async fn collect_garbage(
+        &self,
+        request: Request<pb::GcRequest>,
+    ) -> Result<Response<pb::GcResponse>, Status> {
+        let request = request.into_inner();
+        let keep_days = if request.keep_days == 0 {
+            self.keep_days
+        } else {
+            request.keep_days
+        };
+        let (store, blobs) = (self.store.clone(), self.blobs.clone());
+        let report = tokio::task::spawn_blocking(move || {
+            gc::collect(&*store, &blobs, keep_days, request.dry_run)
+        })
+        .await
+        .map_err(|error| Status::internal(format!("garbage collection panicked: {error}")))??;
+        Ok(Response::new(pb::GcResponse {
+            blobs_deleted: report.deleted,
+            bytes_freed: report.freed,
+            blobs_kept: report.kept,
+        }))
     }
 }
 

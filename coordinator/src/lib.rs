@@ -10,15 +10,20 @@
 //!   leases, fencing, dispatch, logs), driven by events.
 //! - `agent_service`, `control`: the tonic services, translating requests
 //!   into engine events.
+//! - `blobs`, `artifact_service`: the content-addressed blob store (files
+//!   in the data dir) and its chunked upload/download service.
 //! - `http`: `/healthz` and `/metrics`.
 //! - `views`: stored records as wire messages.
 
 mod agent_service;
+mod artifact_service;
+mod blobs;
 pub mod clock;
 mod commit;
 mod control;
 mod engine;
 mod error;
+mod gc;
 mod http;
 mod metrics;
 mod store;
@@ -29,6 +34,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use kiln_proto::v1::agent_service_server::AgentServiceServer;
+use kiln_proto::v1::artifact_service_server::ArtifactServiceServer;
 use kiln_proto::v1::control_service_server::ControlServiceServer;
 use tokio::sync::{mpsc, watch};
 
@@ -47,6 +53,29 @@ pub struct Config {
     pub lease_ttl: Duration,
     /// How often agents are told to heartbeat.
     pub heartbeat_interval: Duration,
+    /// Size limits and retention of artifacts.
+    pub artifacts: ArtifactPolicy,
+}
+
+/// Size limits and retention of stored artifacts.
+#[derive(Clone, Copy, Debug)]
+pub struct ArtifactPolicy {
+    /// Largest single blob accepted.
+    pub max_blob_bytes: u64,
+    /// Total outputs one run may store.
+    pub max_run_bytes: u64,
+    /// `kiln gc` keeps outputs of runs finished within this many days.
+    pub keep_days: u32,
+}
+
+impl Default for ArtifactPolicy {
+    fn default() -> Self {
+        Self {
+            max_blob_bytes: 64 << 30,
+            max_run_bytes: 256 << 30,
+            keep_days: 30,
+        }
+    }
 }
 
 /// How long open streams get to end after shutdown begins.
@@ -63,13 +92,19 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.data_dir)?;
     let store: Arc<dyn store::Store> = Arc::new(store::SledStore::open(&config.data_dir)?);
+    let blobs = Arc::new(blobs::BlobStore::open(
+        &config.data_dir,
+        config.artifacts.max_blob_bytes,
+    )?);
     let metrics = Arc::new(metrics::Metrics::default());
     let engine_config = engine::EngineConfig {
         lease_ttl: config.lease_ttl,
         heartbeat_interval: config.heartbeat_interval,
+        max_run_artifact_bytes: config.artifacts.max_run_bytes,
     };
     let engine = engine::Engine::recover(
         store.clone(),
+        blobs.clone(),
         Arc::new(clock::SystemClock),
         engine_config,
         metrics.clone(),
@@ -96,6 +131,9 @@ pub async fn run(
     health_reporter
         .set_serving::<ControlServiceServer<control::ControlApi>>()
         .await;
+    health_reporter
+        .set_serving::<ArtifactServiceServer<artifact_service::ArtifactApi>>()
+        .await;
     // Both reflection versions: older grpcurl builds only speak v1alpha.
     let reflection = || {
         tonic_reflection::server::Builder::configure()
@@ -117,9 +155,15 @@ pub async fn run(
             .add_service(AgentServiceServer::new(agent_service::AgentApi::new(
                 events_tx.clone(),
             )))
+            .add_service(
+                ArtifactServiceServer::new(artifact_service::ArtifactApi::new(blobs.clone()))
+                    .max_decoding_message_size(4 * blobs::CHUNK_BYTES),
+            )
             .add_service(ControlServiceServer::new(control::ControlApi::new(
                 events_tx,
                 store.clone(),
+                blobs,
+                config.artifacts.keep_days,
             )))
             .serve_with_incoming_shutdown(incoming, async move {
                 let _ = grpc_stop.changed().await;

@@ -4,7 +4,9 @@ use kiln_common::ids::RunId;
 use kiln_proto::v1 as pb;
 
 use crate::error::ApiError;
-use crate::store::{LogStream, RunRecord, RunState, StageRecord, StageState, Store, StoredLog};
+use crate::store::{
+    ArtifactRecord, LogStream, RunRecord, RunState, StageRecord, StageState, Store, StoredLog,
+};
 
 pub(crate) fn run(record: &RunRecord, stages: &[StageRecord]) -> pb::Run {
     pb::Run {
@@ -18,6 +20,7 @@ pub(crate) fn run(record: &RunRecord, stages: &[StageRecord]) -> pb::Run {
         created_ms: record.created_ms,
         finished_ms: record.finished_ms.unwrap_or_default(),
         stages: stages.iter().map(stage).collect(),
+        source_digest: record.source_digest.clone().unwrap_or_default(),
     }
 }
 
@@ -41,6 +44,20 @@ fn stage(record: &StageRecord) -> pb::Stage {
         message: record.message.clone(),
         needs: record.needs.clone(),
         image_digest: record.image_digest.clone().unwrap_or_default(),
+        outputs: record
+            .outputs
+            .iter()
+            .map(|output| artifact(&record.name, output))
+            .collect(),
+    }
+}
+
+pub(crate) fn artifact(stage: &str, record: &ArtifactRecord) -> pb::Artifact {
+    pb::Artifact {
+        path: record.path.clone(),
+        digest: record.digest.clone(),
+        size: record.size,
+        stage: stage.to_owned(),
     }
 }
 

@@ -74,6 +74,7 @@ async fn register_and_run(farm: &Farm, repo: &Repo) -> Result<u64> {
             pipeline: name,
             rev: String::new(),
             triggered_by: "test".into(),
+            ..Default::default()
         })
         .await?
         .into_inner();

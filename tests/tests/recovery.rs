@@ -33,6 +33,7 @@ async fn register_and_run(coordinator: &Coordinator, repo: &Repo) -> Result<u64>
             pipeline: pipeline.name,
             rev: String::new(),
             triggered_by: "test".into(),
+            ..Default::default()
         })
         .await?
         .into_inner();

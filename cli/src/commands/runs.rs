@@ -38,6 +38,7 @@ pub(crate) async fn trigger(
         pipeline: pipeline.to_owned(),
         rev: rev.unwrap_or_default().to_owned(),
         triggered_by: triggered_by(std::env::var("USER").ok().as_deref()),
+        ..Default::default()
     };
     Ok(coordinator.trigger_run(request).await?.into())
 }

@@ -14,13 +14,15 @@
 //! - `validate`: the draft to a [`Pipeline`]: required keys, `needs` resolved
 //!   to indices, cycles, defaults applied.
 //!
-//! `values` reads single values for `schema`; `duration` and `suggest` are
-//! small helpers.
+//! `values` reads single values for `schema`, `container` the docker
+//! settings (`executor`, `pull`, `resources`, `network`); `duration` and
+//! `suggest` are small helpers.
 
 use std::collections::BTreeMap;
 use std::fmt;
 use std::time::Duration;
 
+mod container;
 mod duration;
 mod schema;
 mod suggest;
@@ -36,6 +38,11 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60 * 60);
 /// Re-dispatches after a lost agent or an infrastructure failure when neither
 /// the stage nor `defaults` sets `retries`.
 pub const DEFAULT_RETRIES: u32 = 1;
+
+/// The agent label that says how an agent runs stages (`docker` or
+/// `process`): every agent advertises it, and a stage's `executor:` key
+/// requires it.
+pub const EXECUTOR_LABEL: &str = "executor";
 
 /// A validated pipeline.
 #[derive(Clone, Debug, PartialEq)]
@@ -62,13 +69,19 @@ pub struct Stage {
     pub timeout: Duration,
     /// Re-dispatches after a lost agent or an infrastructure failure.
     pub retries: u32,
-    /// `agent: { labels: {..} }`: an agent must carry all of them.
+    /// `agent: { labels: {..} }`: an agent must carry all of them. A stage's
+    /// `executor: KIND` is here too, as [`EXECUTOR_LABEL`]`=KIND`.
     pub agent_labels: BTreeMap<String, String>,
     /// Container image for the docker executor.
     pub image: Option<String>,
     /// Container settings for the docker executor (`pull`, `resources`,
     /// `network`); the process executor ignores them.
     pub container: ContainerSettings,
+    /// `artifacts:` workspace-relative paths packed and uploaded after the
+    /// stage, and restored in the workspaces of the stages that need it.
+    pub artifacts: Vec<String>,
+    /// `artifacts: {when: always}`: upload after a failure too.
+    pub artifacts_always: bool,
 }
 
 /// How a docker stage gets its image, what it may use, and its network.

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 
 use super::schema::{Defaults, Draft, StageDraft};
 use super::suggest::did_you_mean;
-use super::{ContainerSettings, DEFAULT_RETRIES, DEFAULT_TIMEOUT, Pipeline, Problem, Stage};
+use super::{DEFAULT_RETRIES, DEFAULT_TIMEOUT, Pipeline, Problem, Stage};
 
 /// Builds the pipeline, failing on the first bad `needs` entry or cycle.
 pub(super) fn pipeline(draft: Draft) -> Result<Pipeline, Problem> {
@@ -160,6 +160,8 @@ fn with_defaults(stage: StageDraft, needs: Vec<usize>, defaults: &Defaults) -> S
             .unwrap_or(DEFAULT_RETRIES),
         agent_labels: stage.agent_labels,
         image: stage.image.or_else(|| defaults.image.clone()),
-        container: ContainerSettings::default(),
+        container: stage.container.or_defaults(defaults.container),
+        artifacts: Vec::new(),
+        artifacts_always: false,
     }
 }

@@ -25,6 +25,15 @@ struct Flags {
     /// How often agents heartbeat.
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
     heartbeat: Duration,
+    /// Largest single artifact (or source snapshot) accepted, in bytes.
+    #[arg(long, default_value_t = kiln_coordinator::ArtifactPolicy::default().max_blob_bytes)]
+    max_artifact_bytes: u64,
+    /// Total bytes of artifacts one run may store.
+    #[arg(long, default_value_t = kiln_coordinator::ArtifactPolicy::default().max_run_bytes)]
+    max_run_artifact_bytes: u64,
+    /// `kiln gc` keeps the outputs of runs finished within this many days.
+    #[arg(long, default_value_t = kiln_coordinator::ArtifactPolicy::default().keep_days)]
+    artifact_keep_days: u32,
 }
 
 fn parse_duration(text: &str) -> Result<Duration, String> {
@@ -66,6 +75,11 @@ async fn main() -> anyhow::Result<()> {
         http_listener,
         lease_ttl: flags.lease_ttl,
         heartbeat_interval: flags.heartbeat,
+        artifacts: kiln_coordinator::ArtifactPolicy {
+            max_blob_bytes: flags.max_artifact_bytes,
+            max_run_bytes: flags.max_run_artifact_bytes,
+            keep_days: flags.artifact_keep_days,
+        },
     };
     kiln_coordinator::run(config, shutdown_signal()).await
 }

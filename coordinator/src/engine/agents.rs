@@ -17,8 +17,9 @@ use pb::coordinator_message::Msg as Out;
 use tokio::sync::mpsc;
 
 use super::Engine;
+use crate::blobs::BlobDigest;
 use crate::error::ApiError;
-use crate::store::StageState;
+use crate::store::{ArtifactRecord, StageState};
 
 /// The outbound half of an agent's stream.
 pub(crate) type AgentTx = mpsc::UnboundedSender<Result<pb::CoordinatorMessage, tonic::Status>>;
@@ -274,7 +275,18 @@ impl Engine {
                     stage.image_digest = Some(finished.image_digest.clone());
                 }
                 let outcome = pb::Outcome::try_from(finished.outcome).unwrap_or_default();
-                let message = finished.message;
+                let mut message = finished.message;
+                let outcome = match self.record_outputs(key, &finished.outputs) {
+                    Ok(()) => outcome,
+                    Err(problem) => {
+                        message = problem;
+                        if outcome == pb::Outcome::Succeeded {
+                            pb::Outcome::Failed
+                        } else {
+                            outcome
+                        }
+                    }
+                };
                 let exit = Some(finished.exit_code);
                 match outcome {
                     pb::Outcome::Succeeded => {
@@ -314,6 +326,50 @@ impl Engine {
             agent.held.remove(&(key, attempt));
         }
         self.send_after_commit(name, Out::Ack(ack));
+    }
+
+    /// Checks a stage's reported outputs against the blob store and the
+    /// run's size limit, and records them.
+    fn record_outputs(&mut self, key: StageKey, outputs: &[pb::Artifact]) -> Result<(), String> {
+        let mut records = Vec::new();
+        for output in outputs {
+            let digest = BlobDigest::parse(&output.digest).map_err(|error| error.to_string())?;
+            // Also marks the blob as used, which keeps GC off it.
+            let Some(size) = self.blobs.stat(&digest) else {
+                return Err(format!(
+                    "artifact `{}` ({}) was never uploaded",
+                    output.path, output.digest
+                ));
+            };
+            records.push(ArtifactRecord {
+                path: output.path.clone(),
+                digest: output.digest.clone(),
+                size,
+            });
+        }
+        let limit = self.config.max_run_artifact_bytes;
+        let run_total: u64 = self
+            .runs
+            .get(&key.run)
+            .map(|run| {
+                run.stages
+                    .iter()
+                    .flat_map(|stage| &stage.outputs)
+                    .map(|output| output.size)
+                    .sum()
+            })
+            .unwrap_or_default();
+        let added: u64 = records.iter().map(|record| record.size).sum();
+        if run_total + added > limit {
+            return Err(format!(
+                "the run's artifacts would take {} bytes, over the per-run limit of {limit} bytes; upload less or raise --max-run-artifact-bytes",
+                run_total + added
+            ));
+        }
+        if let Some(stage) = self.stage_mut(key) {
+            stage.outputs = records;
+        }
+        Ok(())
     }
 
     pub(super) fn agent_gone(&mut self, name: &str, conn: ConnId) {

@@ -9,8 +9,11 @@ use kiln_common::{labels, spec};
 use kiln_proto::v1 as pb;
 use pb::coordinator_message::Msg as Out;
 
-use super::Engine;
+use kiln_common::ids::StageKey;
+
+use super::{Engine, PipelineSpec};
 use crate::store::{RunState, StageState};
+use crate::views;
 
 impl Engine {
     pub(super) fn dispatch(&mut self) {
@@ -69,9 +72,17 @@ impl Engine {
                     repo: spec.record.repo.clone(),
                     commit: self.runs[&key.run].record.commit.clone(),
                     subdir: spec.record.subdir.clone(),
+                    snapshot: self.runs[&key.run]
+                        .record
+                        .source_digest
+                        .clone()
+                        .unwrap_or_default(),
                 }),
                 image: stage_spec.image.clone().unwrap_or_default(),
                 docker: Some(docker_options(&stage_spec.container)),
+                inputs: self.inputs_of(key, &spec),
+                output_paths: stage_spec.artifacts.clone(),
+                outputs_always: stage_spec.artifacts_always,
             };
             if let Some(agent) = self.agents.get_mut(&name) {
                 agent.held.insert((key, attempt));
@@ -88,6 +99,27 @@ impl Engine {
         }
         waiting.append(&mut self.ready);
         self.ready = waiting;
+    }
+}
+
+impl Engine {
+    /// The outputs of the stages `key` needs, to restore before it runs.
+    fn inputs_of(&self, key: StageKey, spec: &PipelineSpec) -> Vec<pb::Artifact> {
+        spec.parsed.stages[key.idx as usize]
+            .needs
+            .iter()
+            .filter_map(|&need| {
+                self.stage(StageKey {
+                    run: key.run,
+                    idx: need as u32,
+                })
+            })
+            .flat_map(|need| {
+                need.outputs
+                    .iter()
+                    .map(|output| views::artifact(&need.name, output))
+            })
+            .collect()
     }
 }
 

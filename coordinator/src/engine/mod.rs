@@ -29,6 +29,7 @@ use kiln_common::spec;
 use kiln_proto::v1 as pb;
 use tokio::sync::{mpsc, oneshot, watch};
 
+use crate::blobs::BlobStore;
 use crate::clock::Clock;
 use crate::commit::{Committer, Effect};
 use crate::error::ApiError;
@@ -66,6 +67,7 @@ pub(crate) enum Event {
         commit: String,
         rev: String,
         triggered_by: String,
+        source_digest: Option<String>,
         reply: Reply<pb::Run>,
     },
     GetRun {
@@ -148,10 +150,14 @@ struct Dirty {
 pub(crate) struct EngineConfig {
     pub(crate) lease_ttl: Duration,
     pub(crate) heartbeat_interval: Duration,
+    /// Total bytes of stage outputs one run may store.
+    pub(crate) max_run_artifact_bytes: u64,
 }
 
 pub(crate) struct Engine {
     store: Arc<dyn Store>,
+    /// Checked (and touched) when a stage reports outputs.
+    blobs: Arc<BlobStore>,
     clock: Arc<dyn Clock>,
     config: EngineConfig,
     metrics: Arc<Metrics>,
@@ -176,6 +182,7 @@ impl Engine {
     /// Loads unfinished runs from the store and resumes them.
     pub(crate) fn recover(
         store: Arc<dyn Store>,
+        blobs: Arc<BlobStore>,
         clock: Arc<dyn Clock>,
         config: EngineConfig,
         metrics: Arc<Metrics>,
@@ -188,6 +195,7 @@ impl Engine {
         let next_run_id = store.last_run_id()? + 1;
         let mut engine = Self {
             store: store.clone(),
+            blobs,
             clock,
             config,
             metrics,
@@ -225,9 +233,10 @@ impl Engine {
                 commit,
                 rev,
                 triggered_by,
+                source_digest,
                 reply,
             } => {
-                let result = self.trigger(&pipeline, commit, rev, triggered_by);
+                let result = self.trigger(&pipeline, commit, rev, triggered_by, source_digest);
                 self.reply_run(reply, result);
             }
             Event::GetRun { run, reply } => self.get_run(run, reply),

@@ -23,6 +23,7 @@ impl Engine {
         commit: String,
         rev: String,
         triggered_by: String,
+        source_digest: Option<String>,
     ) -> Result<RunId, ApiError> {
         let spec = self.spec(&pipeline.name, pipeline.version)?;
         let id = RunId(self.next_run_id);
@@ -37,6 +38,7 @@ impl Engine {
             triggered_by,
             created_ms: self.clock.now_ms(),
             finished_ms: None,
+            source_digest,
         };
         let stages: Vec<StageRecord> = spec
             .parsed
@@ -64,6 +66,7 @@ impl Engine {
                 message: String::new(),
                 next_log_seq: 0,
                 image_digest: None,
+                outputs: Vec::new(),
             })
             .collect();
         tracing::info!(run = %id, pipeline = %record.pipeline, commit = %record.commit, "run triggered");
@@ -561,6 +564,7 @@ impl Engine {
 /// Clears a stage for a fresh attempt.
 fn reset_stage(stage: Option<&mut StageRecord>, message: &str) {
     if let Some(stage) = stage {
+        stage.outputs.clear();
         stage.attempt += 1;
         stage.retries_used = 0;
         stage.agent = None;

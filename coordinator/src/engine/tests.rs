@@ -28,6 +28,7 @@ stages:
 struct Harness {
     engine: Engine,
     store: Arc<dyn Store>,
+    blobs: Arc<BlobStore>,
     clock: ManualClock,
     _dir: tempfile::TempDir,
 }
@@ -46,9 +47,12 @@ impl Harness {
         let config = EngineConfig {
             lease_ttl: Duration::from_millis(LEASE_MS),
             heartbeat_interval: Duration::from_millis(500),
+            max_run_artifact_bytes: 1 << 30,
         };
+        let blobs = Arc::new(BlobStore::open(dir.path(), 1 << 30).unwrap());
         let engine = Engine::recover(
             store.clone(),
+            blobs.clone(),
             Arc::new(clock.clone()),
             config,
             Default::default(),
@@ -57,6 +61,7 @@ impl Harness {
         Self {
             engine,
             store,
+            blobs,
             clock,
             _dir: dir,
         }
@@ -97,6 +102,7 @@ impl Harness {
                 commit: "0".repeat(40),
                 rev: "main".into(),
                 triggered_by: "test".into(),
+                source_digest: None,
                 reply,
             })
             .unwrap();
@@ -374,6 +380,7 @@ fn recovery_resumes_unfinished_runs_and_waits_for_their_agents() {
     let config = h.engine.config;
     h.engine = Engine::recover(
         h.store.clone(),
+        h.blobs.clone(),
         Arc::new(h.clock.clone()),
         config,
         Default::default(),

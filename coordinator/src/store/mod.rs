@@ -68,6 +68,9 @@ pub(crate) struct RunRecord {
     pub(crate) triggered_by: String,
     pub(crate) created_ms: u64,
     pub(crate) finished_ms: Option<u64>,
+    /// An uploaded source snapshot the run uses instead of a git checkout.
+    #[serde(default)]
+    pub(crate) source_digest: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -121,6 +124,17 @@ pub(crate) struct StageRecord {
     /// The image the last attempt ran in, by digest (docker executor).
     #[serde(default)]
     pub(crate) image_digest: Option<String>,
+    /// What the last attempt uploaded.
+    #[serde(default)]
+    pub(crate) outputs: Vec<ArtifactRecord>,
+}
+
+/// A stage output: a packed workspace path stored as a blob.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct ArtifactRecord {
+    pub(crate) path: String,
+    pub(crate) digest: String,
+    pub(crate) size: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

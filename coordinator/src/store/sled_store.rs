@@ -187,6 +187,7 @@ mod tests {
             triggered_by: "test".into(),
             created_ms: id,
             finished_ms: None,
+            source_digest: None,
         }
     }
 
@@ -222,6 +223,7 @@ mod tests {
                 message: String::new(),
                 next_log_seq: 2,
                 image_digest: None,
+                outputs: Vec::new(),
             }));
             for seq in [0, 1, 256] {
                 batch.push(Op::Log(StoredLog {

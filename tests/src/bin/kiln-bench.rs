@@ -127,6 +127,7 @@ async fn main() -> Result<()> {
                     pipeline: "bench".into(),
                     rev: "0".repeat(40),
                     triggered_by: "bench".into(),
+                    ..Default::default()
                 })
                 .await?;
             anyhow::Ok(())

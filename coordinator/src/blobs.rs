@@ -1,0 +1,365 @@
+//! The content-addressed blob store: artifacts and source snapshots as files
+//! under `DATA/blobs/sha256/<2 hex>/<64 hex>`, never in sled.
+//!
+//! An upload is written to `blobs/tmp/` while it is hashed, checked against
+//! the digest and size its sender declared, flushed, and renamed into place:
+//! a blob under its digest is always complete and correct when written.
+//! Reads hash as they go, so a blob corrupted on disk later is reported (the
+//! stream ends with an error) rather than served as good. Memory per transfer
+//! is one chunk.
+//!
+//! Every use of a blob touches its modification time. Garbage collection
+//! only removes blobs that nothing referenced during its scan and that were
+//! not touched since the scan began; it moves a blob aside first and checks
+//! the time again, so a blob referenced at the last moment survives.
+
+use std::collections::{HashMap, HashSet};
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
+
+use futures::{Stream, StreamExt};
+use sha2::{Digest as _, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Bytes per streamed chunk, both ways.
+pub(crate) const CHUNK_BYTES: usize = 1024 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum BlobError {
+    #[error("`{0}` is not a blob digest; write it as sha256:<64 lowercase hex digits>")]
+    BadDigest(String),
+    #[error("blob {0} is not stored")]
+    Missing(String),
+    #[error("upload rejected: declared {declared} but received {actual}")]
+    Mismatch { declared: String, actual: String },
+    #[error("blob of {size} bytes exceeds the per-artifact limit of {limit} bytes")]
+    TooLarge { size: u64, limit: u64 },
+    #[error("blob {digest} is corrupted on disk (it hashes to {actual}); it was not served")]
+    Corrupt { digest: String, actual: String },
+    #[error("blob storage: {0}")]
+    Io(#[from] io::Error),
+}
+
+impl From<BlobError> for tonic::Status {
+    fn from(error: BlobError) -> Self {
+        let message = error.to_string();
+        match error {
+            BlobError::BadDigest(_) | BlobError::TooLarge { .. } => Self::invalid_argument(message),
+            BlobError::Missing(_) => Self::not_found(message),
+            BlobError::Mismatch { .. } => Self::failed_precondition(message),
+            BlobError::Corrupt { .. } => Self::data_loss(message),
+            BlobError::Io(_) => Self::internal(message),
+        }
+    }
+}
+
+/// A validated `sha256:<hex>` digest.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub(crate) struct BlobDigest(String);
+
+impl BlobDigest {
+    pub(crate) fn parse(text: &str) -> Result<Self, BlobError> {
+        let hex = text.strip_prefix("sha256:").unwrap_or_default();
+        let valid = hex.len() == 64
+            && hex
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+        if valid {
+            Ok(Self(text.to_owned()))
+        } else {
+            Err(BlobError::BadDigest(text.to_owned()))
+        }
+    }
+
+    fn hex(&self) -> &str {
+        &self.0["sha256:".len()..]
+    }
+
+    pub(crate) fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+fn digest_of(hasher: Sha256) -> String {
+    format!("sha256:{}", hex::encode(hasher.finalize()))
+}
+
+/// What a garbage collection did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(crate) struct GcReport {
+    pub(crate) deleted: u64,
+    pub(crate) freed: u64,
+    pub(crate) kept: u64,
+}
+
+pub(crate) struct BlobStore {
+    root: PathBuf,
+    max_blob_bytes: u64,
+    /// Digests being uploaded right now, with a count per digest.
+    in_flight: Mutex<HashMap<String, usize>>,
+    next_tmp: AtomicU64,
+}
+
+impl BlobStore {
+    /// Opens the store under `data_dir`, discarding unfinished uploads.
+    pub(crate) fn open(data_dir: &Path, max_blob_bytes: u64) -> io::Result<Self> {
+        let root = data_dir.join("blobs");
+        let _ = std::fs::remove_dir_all(root.join("tmp"));
+        std::fs::create_dir_all(root.join("tmp"))?;
+        std::fs::create_dir_all(root.join("sha256"))?;
+        Ok(Self {
+            root,
+            max_blob_bytes,
+            in_flight: Mutex::new(HashMap::new()),
+            next_tmp: AtomicU64::new(0),
+        })
+    }
+
+    fn path(&self, digest: &BlobDigest) -> PathBuf {
+        let hex = digest.hex();
+        self.root.join("sha256").join(&hex[..2]).join(hex)
+    }
+
+    fn tmp_path(&self) -> PathBuf {
+        let n = self.next_tmp.fetch_add(1, Ordering::Relaxed);
+        self.root
+            .join("tmp")
+            .join(format!("{}-{n}", std::process::id()))
+    }
+
+    /// The stored size, touching the blob as used.
+    pub(crate) fn stat(&self, digest: &BlobDigest) -> Option<u64> {
+        let path = self.path(digest);
+        touch(&path).ok()?;
+        std::fs::metadata(path).ok().map(|meta| meta.len())
+    }
+
+    /// Receives a blob. Returns its size and whether it was stored already.
+    pub(crate) async fn write(
+        &self,
+        digest: &BlobDigest,
+        declared_size: u64,
+        mut chunks: impl Stream<Item = Result<Vec<u8>, tonic::Status>> + Unpin,
+    ) -> Result<(u64, bool), tonic::Status> {
+        if declared_size > self.max_blob_bytes {
+            return Err(BlobError::TooLarge {
+                size: declared_size,
+                limit: self.max_blob_bytes,
+            }
+            .into());
+        }
+        let _guard = InFlight::enter(&self.in_flight, digest.as_str());
+        let tmp = self.tmp_path();
+        let result = async {
+            let mut file = tokio::fs::File::create(&tmp)
+                .await
+                .map_err(BlobError::from)?;
+            let mut hasher = Sha256::new();
+            let mut size = 0u64;
+            while let Some(chunk) = chunks.next().await {
+                let chunk = chunk?;
+                size += chunk.len() as u64;
+                if size > declared_size {
+                    return Err(BlobError::Mismatch {
+                        declared: format!("{declared_size} bytes"),
+                        actual: format!("more than {declared_size} bytes"),
+                    }
+                    .into());
+                }
+                hasher.update(&chunk);
+                file.write_all(&chunk).await.map_err(BlobError::from)?;
+            }
+            if size != declared_size {
+                return Err(BlobError::Mismatch {
+                    declared: format!("{declared_size} bytes"),
+                    actual: format!("{size} bytes"),
+                }
+                .into());
+            }
+            let actual = digest_of(hasher);
+            if actual != digest.as_str() {
+                return Err(BlobError::Mismatch {
+                    declared: digest.as_str().to_owned(),
+                    actual,
+                }
+                .into());
+            }
+            file.sync_all().await.map_err(BlobError::from)?;
+            let target = self.path(digest);
+            if target.exists() {
+                touch(&target).map_err(BlobError::from)?;
+                return Ok((size, true));
+            }
+            let dir = target.parent().expect("blob paths have a parent");
+            tokio::fs::create_dir_all(dir)
+                .await
+                .map_err(BlobError::from)?;
+            tokio::fs::rename(&tmp, &target)
+                .await
+                .map_err(BlobError::from)?;
+            // The rename is durable only once the directory is.
+            sync_dir(dir).await.map_err(BlobError::from)?;
+            Ok((size, false))
+        }
+        .await;
+        let _ = tokio::fs::remove_file(&tmp).await;
+        result
+    }
+
+    /// Streams a blob from `offset`, verifying the whole blob as it goes.
+    pub(crate) fn read(
+        &self,
+        digest: BlobDigest,
+        offset: u64,
+    ) -> impl Stream<Item = Result<Vec<u8>, tonic::Status>> + Send + 'static {
+        let path = self.path(&digest);
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tokio::spawn(async move {
+            if let Err(status) = send_verified(&path, &digest, offset, &tx).await {
+                let _ = tx.send(Err(status)).await;
+            }
+        });
+        tokio_stream::wrappers::ReceiverStream::new(rx)
+    }
+
+    /// Deletes every blob that is not in `keep`, not being uploaded, and not
+    /// used since `cutoff` (the scan's start minus [`GC_GRACE`]).
+    pub(crate) fn collect(
+        &self,
+        keep: &HashSet<String>,
+        cutoff: SystemTime,
+        dry_run: bool,
+    ) -> io::Result<GcReport> {
+        let mut report = GcReport::default();
+        for shard in std::fs::read_dir(self.root.join("sha256"))? {
+            for entry in std::fs::read_dir(shard?.path())? {
+                let entry = entry?;
+                let digest = format!("sha256:{}", entry.file_name().to_string_lossy());
+                let meta = entry.metadata()?;
+                let used_since_scan = meta.modified()? >= cutoff;
+                let uploading = self
+                    .in_flight
+                    .lock()
+                    .expect("in-flight lock")
+                    .contains_key(&digest);
+                if keep.contains(&digest) || used_since_scan || uploading {
+                    report.kept += 1;
+                    continue;
+                }
+                if dry_run {
+                    report.deleted += 1;
+                    report.freed += meta.len();
+                    continue;
+                }
+                // Move it aside, then look again: a use that raced with the
+                // move either touched it before (kept, moved back) or finds
+                // it missing afterwards (and reports it missing).
+                let aside = self.tmp_path();
+                std::fs::rename(entry.path(), &aside)?;
+                if std::fs::metadata(&aside)?.modified()? >= cutoff {
+                    std::fs::rename(&aside, entry.path())?;
+                    report.kept += 1;
+                    continue;
+                }
+                std::fs::remove_file(&aside)?;
+                report.deleted += 1;
+                report.freed += meta.len();
+            }
+        }
+        Ok(report)
+    }
+}
+
+/// Marks a blob as used now.
+fn touch(path: &Path) -> io::Result<()> {
+    std::fs::File::options()
+        .write(true)
+        .open(path)?
+        .set_modified(SystemTime::now())
+}
+
+async fn send_verified(
+    path: &Path,
+    digest: &BlobDigest,
+    offset: u64,
+    tx: &tokio::sync::mpsc::Sender<Result<Vec<u8>, tonic::Status>>,
+) -> Result<(), tonic::Status> {
+    let mut file = match tokio::fs::File::open(path).await {
+        Ok(file) => file,
+        Err(error) if error.kind() == io::ErrorKind::NotFound => {
+            return Err(BlobError::Missing(digest.as_str().to_owned()).into());
+        }
+        Err(error) => return Err(BlobError::from(error).into()),
+    };
+    let _ = touch(path);
+    let mut hasher = Sha256::new();
+    let mut position = 0u64;
+    let mut buffer = vec![0u8; CHUNK_BYTES];
+    loop {
+        let n = file.read(&mut buffer).await.map_err(BlobError::from)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buffer[..n]);
+        let end = position + n as u64;
+        if end > offset {
+            let start = offset.saturating_sub(position) as usize;
+            if tx.send(Ok(buffer[start..n].to_vec())).await.is_err() {
+                return Ok(());
+            }
+        }
+        position = end;
+    }
+    let actual = digest_of(hasher);
+    if actual != digest.as_str() {
+        tracing::error!(digest = digest.as_str(), %actual, "corrupted blob on disk");
+        return Err(BlobError::Corrupt {
+            digest: digest.as_str().to_owned(),
+            actual,
+        }
+        .into());
+    }
+    Ok(())
+}
+
+/// Counts an upload as in flight for as long as it lives.
+struct InFlight<'a> {
+    map: &'a Mutex<HashMap<String, usize>>,
+    digest: String,
+}
+
+impl<'a> InFlight<'a> {
+    fn enter(map: &'a Mutex<HashMap<String, usize>>, digest: &str) -> Self {
+        *map.lock()
+            .expect("in-flight lock")
+            .entry(digest.to_owned())
+            .or_default() += 1;
+        Self {
+            map,
+            digest: digest.to_owned(),
+        }
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        let mut map = self.map.lock().expect("in-flight lock");
+        if let Some(count) = map.get_mut(&self.digest) {
+            *count -= 1;
+            if *count == 0 {
+                map.remove(&self.digest);
+            }
+        }
+    }
+}
+
+async fn sync_dir(dir: &Path) -> io::Result<()> {
+    tokio::fs::File::open(dir).await?.sync_all().await
+}
+
+/// How long GC leaves a blob nothing references yet: an upload finishes
+/// before the stage that made it reports, so a fresh blob is not garbage.
+pub(crate) const GC_GRACE: Duration = Duration::from_secs(60 * 60);

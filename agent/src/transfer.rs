@@ -5,7 +5,11 @@
 //!
 //! Files are streamed in 1 MiB chunks; no blob is ever held in memory.
 
-use std::path::Path;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use kiln_common::archive::{self, ArchiveError, HashingWriter, Limits, PackSummary, UnpackSummary};
 
 use futures::StreamExt;
 use kiln_proto::v1 as pb;
@@ -31,6 +35,8 @@ pub enum TransferError {
     Refused { digest: String, status: String },
     #[error("downloaded {digest} but the bytes hash to {actual}; the copy was discarded")]
     Corrupt { digest: String, actual: String },
+    #[error(transparent)]
+    Archive(#[from] ArchiveError),
 }
 
 fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> TransferError + '_ {
@@ -192,4 +198,76 @@ fn is_transient(status: &tonic::Status) -> bool {
         status.code(),
         tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
     )
+}
+
+/// Scratch files get unique names within one process.
+static SCRATCH: AtomicU64 = AtomicU64::new(0);
+
+fn scratch_file(dir: &Path, what: &str) -> PathBuf {
+    let n = SCRATCH.fetch_add(1, Ordering::Relaxed);
+    dir.join(format!(".kiln-{what}-{}-{n}", std::process::id()))
+}
+
+/// Packs with `pack` (into a scratch file in `scratch_dir`, hashing as it
+/// writes) and uploads the result unless the coordinator has it. Returns
+/// the digest, the blob size and what was packed.
+pub async fn pack_and_upload<P>(
+    client: &mut ArtifactServiceClient<Channel>,
+    scratch_dir: &Path,
+    pack: P,
+    progress: impl Fn(u64) + Send + 'static,
+) -> Result<(String, u64, PackSummary), TransferError>
+where
+    P: FnOnce(&mut dyn Write) -> Result<PackSummary, ArchiveError> + Send + 'static,
+{
+    let file = scratch_file(scratch_dir, "pack");
+    let packed = {
+        let file = file.clone();
+        tokio::task::spawn_blocking(move || -> Result<_, TransferError> {
+            let out = std::fs::File::create(&file).map_err(io_error(&file))?;
+            let mut writer = HashingWriter::new(std::io::BufWriter::with_capacity(CHUNK_BYTES, out));
+            let summary = pack(&mut writer)?;
+            let (mut out, info) = writer.finish();
+            out.flush().map_err(io_error(&file))?;
+            Ok((info, summary))
+        })
+        .await
+        .expect("packing does not panic")
+    };
+    let result = async {
+        let (info, summary) = packed?;
+        let digest = info.digest.to_string();
+        upload_file(client, &file, &digest, info.size, "application/x-kiln-tar+zstd", progress).await?;
+        Ok((digest, info.size, summary))
+    }
+    .await;
+    let _ = tokio::fs::remove_file(&file).await;
+    result
+}
+
+/// Downloads the archive `digest` (verified) into a scratch file in
+/// `scratch_dir` and unpacks it into `target` within `limits`.
+pub async fn download_and_unpack(
+    client: &mut ArtifactServiceClient<Channel>,
+    digest: &str,
+    scratch_dir: &Path,
+    target: &Path,
+    limits: Limits,
+    progress: impl Fn(u64),
+) -> Result<UnpackSummary, TransferError> {
+    let file = scratch_file(scratch_dir, "unpack");
+    let result = async {
+        download_file(client, digest, &file, progress).await?;
+        let (file, target) = (file.clone(), target.to_path_buf());
+        tokio::task::spawn_blocking(move || -> Result<_, TransferError> {
+            let input = std::fs::File::open(&file).map_err(io_error(&file))?;
+            let reader = std::io::BufReader::with_capacity(CHUNK_BYTES, input);
+            Ok(archive::unpack(reader, &target, &limits)?)
+        })
+        .await
+        .expect("unpacking does not panic")
+    }
+    .await;
+    let _ = tokio::fs::remove_file(&file).await;
+    result
 }

@@ -74,6 +74,11 @@ pub(crate) enum Command {
     /// Manage one agent.
     #[command(subcommand)]
     Agent(AgentCommand),
+    /// List and download the artifacts of a run.
+    #[command(subcommand)]
+    Artifacts(ArtifactsCommand),
+    /// Delete stored artifacts that no run or release keeps any more.
+    Gc(GcArgs),
     /// Start an embedded coordinator and two agents, and run an example pipeline.
     Demo(DemoArgs),
 }
@@ -106,6 +111,41 @@ pub(crate) struct RunArgs {
     /// Follow the run until it ends; exit 0 only if it succeeded.
     #[arg(long)]
     pub(crate) wait: bool,
+    /// Run this directory as it is now (uncommitted work included, .gitignore
+    /// honoured) instead of a git revision: it is packed and uploaded first.
+    #[arg(long, value_name = "DIR", conflicts_with = "rev")]
+    pub(crate) source: Option<std::path::PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum ArtifactsCommand {
+    /// List what the stages of a run stored.
+    Ls {
+        run: u64,
+        /// Only this stage.
+        stage: Option<String>,
+    },
+    /// Download an artifact, check its digest and unpack it into a directory.
+    Get {
+        run: u64,
+        stage: String,
+        /// The artifact's workspace path, as `kiln artifacts ls` shows it.
+        path: String,
+        /// Where to unpack it (its path is recreated below this directory).
+        #[arg(short, long, default_value = ".")]
+        out: std::path::PathBuf,
+    },
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct GcArgs {
+    /// Keep the outputs of runs finished within this many days (default: the
+    /// coordinator's `--artifact-keep-days`).
+    #[arg(long)]
+    pub(crate) keep_days: Option<u32>,
+    /// Only report what would be deleted.
+    #[arg(long)]
+    pub(crate) dry_run: bool,
 }
 
 #[derive(Debug, Args)]

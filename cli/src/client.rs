@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use futures::{Stream, StreamExt};
 use kiln_proto::v1 as pb;
+use kiln_proto::v1::artifact_service_client::ArtifactServiceClient;
 use kiln_proto::v1::control_service_client::ControlServiceClient;
 use tonic::transport::{Channel, Endpoint};
 
@@ -22,6 +23,8 @@ pub(crate) struct Coordinator {
     /// As the user gave it, for error messages.
     url: String,
     rpc: ControlServiceClient<Channel>,
+    /// The same connection, for blob transfers.
+    channel: Channel,
 }
 
 impl Coordinator {
@@ -43,8 +46,35 @@ impl Coordinator {
             .map_err(|e| CliError::unreachable(url, &e))?;
         Ok(Coordinator {
             url: url.to_owned(),
-            rpc: ControlServiceClient::new(channel),
+            rpc: ControlServiceClient::new(channel.clone()),
+            channel,
         })
+    }
+
+    /// A client of the coordinator's `ArtifactService` on this connection.
+    pub(crate) fn artifacts(&self) -> ArtifactServiceClient<Channel> {
+        // Chunks are 1 MiB; leave room above tonic's 4 MiB default anyway.
+        ArtifactServiceClient::new(self.channel.clone()).max_decoding_message_size(8 << 20)
+    }
+
+    /// Turns a transfer failure into one readable line.
+    pub(crate) fn transfer_failed(&self, error: kiln_agent::transfer::TransferError) -> CliError {
+        CliError::Coordinator(error.to_string())
+    }
+
+    pub(crate) async fn list_artifacts(
+        &self,
+        request: pb::ListArtifactsRequest,
+    ) -> Result<Vec<pb::Artifact>, CliError> {
+        let reply = self.rpc.clone().list_artifacts(request).await;
+        reply
+            .map(|response| response.into_inner().artifacts)
+            .map_err(|s| self.fail(s))
+    }
+
+    pub(crate) async fn collect_garbage(&self, request: pb::GcRequest) -> Result<pb::GcResponse, CliError> {
+        let reply = self.rpc.clone().collect_garbage(request).await;
+        reply.map(tonic::Response::into_inner).map_err(|s| self.fail(s))
     }
 
     fn fail(&self, status: tonic::Status) -> CliError {

@@ -28,9 +28,9 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-use crate::args::{AgentCommand, Cli, Command, OutputFormat, PipelineCommand};
+use crate::args::{AgentCommand, ArtifactsCommand, Cli, Command, OutputFormat, PipelineCommand};
 use crate::client::Coordinator;
-use crate::commands::{agents, logs, pipeline, runs};
+use crate::commands::{agents, artifacts, logs, pipeline, runs};
 use crate::error::{CliError, Outcome};
 
 #[tokio::main]
@@ -88,6 +88,13 @@ async fn remote(
         Command::Retry(args) => runs::retry(c, format, args.run, &args.stage).await,
         Command::Agents => agents::list(c, format).await,
         Command::Agent(AgentCommand::Drain { name }) => agents::drain(c, format, &name).await,
+        Command::Artifacts(ArtifactsCommand::Ls { run, stage }) => {
+            artifacts::list(c, format, run, stage.as_deref()).await
+        }
+        Command::Artifacts(ArtifactsCommand::Get { run, stage, path, out }) => {
+            artifacts::get(c, format, run, &stage, &path, &out).await
+        }
+        Command::Gc(args) => artifacts::gc(c, format, &args).await,
         Command::Demo(_) | Command::Pipeline(PipelineCommand::Register { .. }) => {
             unreachable!("dispatch handles the commands that do more than call the coordinator")
         }

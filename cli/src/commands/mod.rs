@@ -3,6 +3,7 @@
 //! returns how it ended; `main` turns that into an exit code.
 
 pub(crate) mod agents;
+pub(crate) mod artifacts;
 pub(crate) mod logs;
 pub(crate) mod pipeline;
 pub(crate) mod runs;

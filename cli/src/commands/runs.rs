@@ -4,7 +4,7 @@ use kiln_proto::v1 as pb;
 
 use crate::args::{OutputFormat, RunArgs, RunsArgs};
 use crate::client::Coordinator;
-use crate::commands::watch;
+use crate::commands::{artifacts, watch};
 use crate::error::{CliError, Outcome};
 use crate::view::{RunState, RunView};
 use crate::{output, timefmt};
@@ -15,7 +15,18 @@ pub(crate) async fn run(
     format: OutputFormat,
     args: &RunArgs,
 ) -> Result<Outcome, CliError> {
-    let run = trigger(coordinator, &args.pipeline, args.rev.as_deref()).await?;
+    let run = match &args.source {
+        Some(dir) => {
+            let source_digest = artifacts::upload_source(coordinator, dir).await?;
+            trigger_request(coordinator, pb::TriggerRunRequest {
+                pipeline: args.pipeline.clone(),
+                source_digest,
+                ..request(&args.pipeline, None)
+            })
+            .await?
+        }
+        None => trigger(coordinator, &args.pipeline, args.rev.as_deref()).await?,
+    };
     if args.wait {
         let finished = watch::follow(coordinator, run.id, format).await?;
         return Ok(outcome_of(&finished));
@@ -34,12 +45,22 @@ pub(crate) async fn trigger(
     pipeline: &str,
     rev: Option<&str>,
 ) -> Result<RunView, CliError> {
-    let request = pb::TriggerRunRequest {
+    trigger_request(coordinator, request(pipeline, rev)).await
+}
+
+fn request(pipeline: &str, rev: Option<&str>) -> pb::TriggerRunRequest {
+    pb::TriggerRunRequest {
         pipeline: pipeline.to_owned(),
         rev: rev.unwrap_or_default().to_owned(),
         triggered_by: triggered_by(std::env::var("USER").ok().as_deref()),
         ..Default::default()
-    };
+    }
+}
+
+async fn trigger_request(
+    coordinator: &Coordinator,
+    request: pb::TriggerRunRequest,
+) -> Result<RunView, CliError> {
     Ok(coordinator.trigger_run(request).await?.into())
 }
 

@@ -1,0 +1,207 @@
+//! `kiln artifacts ls|get`, `kiln gc`, and the source upload behind
+//! `kiln run --source`.
+
+use std::io::IsTerminal;
+use std::path::Path;
+use std::time::Instant;
+
+use kiln_common::archive::{self, Limits};
+use kiln_proto::v1 as pb;
+use serde::Serialize;
+
+use crate::args::{GcArgs, OutputFormat};
+use crate::client::Coordinator;
+use crate::error::{CliError, Outcome};
+use crate::output;
+
+/// A stored stage output. JSON: `{stage, path, digest, size}`.
+#[derive(Debug, Serialize)]
+struct ArtifactView {
+    stage: String,
+    path: String,
+    digest: String,
+    size: u64,
+}
+
+/// `kiln artifacts ls RUN [STAGE]`.
+pub(crate) async fn list(
+    coordinator: &Coordinator,
+    format: OutputFormat,
+    run: u64,
+    stage: Option<&str>,
+) -> Result<Outcome, CliError> {
+    let request = pb::ListArtifactsRequest { run_id: run, stage: stage.unwrap_or_default().to_owned() };
+    let artifacts: Vec<ArtifactView> = coordinator
+        .list_artifacts(request)
+        .await?
+        .into_iter()
+        .map(|a| ArtifactView { stage: a.stage, path: a.path, digest: a.digest, size: a.size })
+        .collect();
+    match format {
+        OutputFormat::Json => output::json(&artifacts)?,
+        OutputFormat::Table => {
+            let rows: Vec<[String; 4]> = artifacts
+                .iter()
+                .map(|a| [a.stage.clone(), a.path.clone(), human_bytes(a.size), a.digest.clone()])
+                .collect();
+            output::line(output::table(["STAGE", "PATH", "SIZE", "DIGEST"], &rows).trim_end())?;
+        }
+    }
+    Ok(Outcome::Ok)
+}
+
+/// `kiln artifacts get RUN STAGE PATH [-o DIR]`.
+pub(crate) async fn get(
+    coordinator: &Coordinator,
+    format: OutputFormat,
+    run: u64,
+    stage: &str,
+    path: &str,
+    out: &Path,
+) -> Result<Outcome, CliError> {
+    let request = pb::ListArtifactsRequest { run_id: run, stage: stage.to_owned() };
+    let artifacts = coordinator.list_artifacts(request).await?;
+    let Some(artifact) = artifacts.iter().find(|a| a.path == path) else {
+        let known: Vec<&str> = artifacts.iter().map(|a| a.path.as_str()).collect();
+        return Err(CliError::Input(format!(
+            "stage `{stage}` of run {run} stored no artifact `{path}`; it stored: {}",
+            if known.is_empty() { "nothing".to_owned() } else { known.join(", ") }
+        )));
+    };
+    std::fs::create_dir_all(out)
+        .map_err(|e| CliError::Input(format!("cannot create {}: {e}", out.display())))?;
+    let bar = Progress::new("downloading", artifact.size);
+    let progress = bar.clone();
+    let summary = kiln_agent::transfer::download_and_unpack(
+        &mut coordinator.artifacts(),
+        &artifact.digest,
+        &std::env::temp_dir(),
+        out,
+        Limits::UNLIMITED,
+        move |done| progress.update(done),
+    )
+    .await
+    .map_err(|error| coordinator.transfer_failed(error))?;
+    bar.finish();
+    let message = format!(
+        "unpacked {path} ({} files, {}) into {}",
+        summary.files,
+        human_bytes(summary.bytes),
+        out.display()
+    );
+    match format {
+        OutputFormat::Table => output::line(message)?,
+        OutputFormat::Json => output::json(&serde_json::json!({
+            "path": path, "digest": artifact.digest, "files": summary.files, "bytes": summary.bytes,
+        }))?,
+    }
+    Ok(Outcome::Ok)
+}
+
+/// `kiln gc [--keep-days N] [--dry-run]`.
+pub(crate) async fn gc(coordinator: &Coordinator, format: OutputFormat, args: &GcArgs) -> Result<Outcome, CliError> {
+    let request = pb::GcRequest { keep_days: args.keep_days.unwrap_or(0), dry_run: args.dry_run };
+    let report = coordinator.collect_garbage(request).await?;
+    match format {
+        OutputFormat::Json => output::json(&serde_json::json!({
+            "dry_run": args.dry_run,
+            "blobs_deleted": report.blobs_deleted,
+            "bytes_freed": report.bytes_freed,
+            "blobs_kept": report.blobs_kept,
+        }))?,
+        OutputFormat::Table => output::line(format!(
+            "{} {} blobs ({}), kept {}",
+            if args.dry_run { "would delete" } else { "deleted" },
+            report.blobs_deleted,
+            human_bytes(report.bytes_freed),
+            report.blobs_kept
+        ))?,
+    }
+    Ok(Outcome::Ok)
+}
+
+/// Packs `dir` (honouring .gitignore) and uploads it; returns its digest.
+pub(crate) async fn upload_source(coordinator: &Coordinator, dir: &Path) -> Result<String, CliError> {
+    if !dir.is_dir() {
+        return Err(CliError::Input(format!("--source {} is not a directory", dir.display())));
+    }
+    let source = dir.to_path_buf();
+    let bar = Progress::new("uploading source", 0);
+    let progress = bar.clone();
+    let (digest, size, summary) = kiln_agent::transfer::pack_and_upload(
+        &mut coordinator.artifacts(),
+        &std::env::temp_dir(),
+        move |out| archive::pack_source(&source, out),
+        move |done| progress.update(done),
+    )
+    .await
+    .map_err(|error| coordinator.transfer_failed(error))?;
+    bar.finish();
+    eprintln!(
+        "uploaded {} ({} files, {} packed) as {digest}",
+        dir.display(),
+        summary.files,
+        human_bytes(size)
+    );
+    Ok(digest)
+}
+
+/// A one-line progress display (bytes, rate, ETA) on stderr when stdout is
+/// a terminal; silent otherwise, so scripts and logs stay clean.
+#[derive(Clone)]
+struct Progress {
+    label: &'static str,
+    total: u64,
+    started: Instant,
+    on_terminal: bool,
+}
+
+impl Progress {
+    fn new(label: &'static str, total: u64) -> Self {
+        Self { label, total, started: Instant::now(), on_terminal: std::io::stdout().is_terminal() }
+    }
+
+    fn update(&self, done: u64) {
+        if !self.on_terminal {
+            return;
+        }
+        let seconds = self.started.elapsed().as_secs_f64().max(0.001);
+        let rate = done as f64 / seconds;
+        let eta = if self.total > done && rate > 0.0 {
+            format!(", {:.0}s left", (self.total - done) as f64 / rate)
+        } else {
+            String::new()
+        };
+        let of_total = if self.total > 0 { format!(" of {}", human_bytes(self.total)) } else { String::new() };
+        eprint!("\r{}: {}{of_total} at {}/s{eta}   ", self.label, human_bytes(done), human_bytes(rate as u64));
+    }
+
+    fn finish(&self) {
+        if self.on_terminal {
+            eprintln!();
+        }
+    }
+}
+
+fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 { format!("{bytes} B") } else { format!("{value:.1} {}", UNITS[unit]) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::human_bytes;
+
+    #[test]
+    fn bytes_read_as_people_write_them() {
+        assert_eq!(human_bytes(512), "512 B");
+        assert_eq!(human_bytes(1536), "1.5 KiB");
+        assert_eq!(human_bytes(3 << 30), "3.0 GiB");
+    }
+}

@@ -72,9 +72,14 @@ impl Coordinator {
             .map_err(|s| self.fail(s))
     }
 
-    pub(crate) async fn collect_garbage(&self, request: pb::GcRequest) -> Result<pb::GcResponse, CliError> {
+    pub(crate) async fn collect_garbage(
+        &self,
+        request: pb::GcRequest,
+    ) -> Result<pb::GcResponse, CliError> {
         let reply = self.rpc.clone().collect_garbage(request).await;
-        reply.map(tonic::Response::into_inner).map_err(|s| self.fail(s))
+        reply
+            .map(tonic::Response::into_inner)
+            .map_err(|s| self.fail(s))
     }
 
     fn fail(&self, status: tonic::Status) -> CliError {

@@ -91,9 +91,12 @@ async fn remote(
         Command::Artifacts(ArtifactsCommand::Ls { run, stage }) => {
             artifacts::list(c, format, run, stage.as_deref()).await
         }
-        Command::Artifacts(ArtifactsCommand::Get { run, stage, path, out }) => {
-            artifacts::get(c, format, run, &stage, &path, &out).await
-        }
+        Command::Artifacts(ArtifactsCommand::Get {
+            run,
+            stage,
+            path,
+            out,
+        }) => artifacts::get(c, format, run, &stage, &path, &out).await,
         Command::Gc(args) => artifacts::gc(c, format, &args).await,
         Command::Demo(_) | Command::Pipeline(PipelineCommand::Register { .. }) => {
             unreachable!("dispatch handles the commands that do more than call the coordinator")

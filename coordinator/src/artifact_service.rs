@@ -10,7 +10,7 @@ use pb::artifact_service_server::ArtifactService;
 use pb::upload_chunk::Part;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::blobs::{BlobDigest, BlobStore};
+use crate::blobs::{BlobStore, parse_digest};
 
 pub(crate) struct ArtifactApi {
     blobs: Arc<BlobStore>,
@@ -30,7 +30,7 @@ impl ArtifactService for ArtifactApi {
         &self,
         request: Request<pb::StatBlobRequest>,
     ) -> Result<Response<pb::StatBlobResponse>, Status> {
-        let digest = BlobDigest::parse(&request.into_inner().digest)?;
+        let digest = parse_digest(&request.into_inner().digest)?;
         let size = self.blobs.stat(&digest);
         Ok(Response::new(pb::StatBlobResponse {
             exists: size.is_some(),
@@ -51,7 +51,7 @@ impl ArtifactService for ArtifactApi {
                 "an upload must start with its header (digest and size)",
             ));
         };
-        let digest = BlobDigest::parse(&header.digest)?;
+        let digest = parse_digest(&header.digest)?;
         let chunks = parts.map(|part| match part?.part {
             Some(Part::Data(data)) => Ok(data),
             Some(Part::Header(_)) => Err(Status::invalid_argument(
@@ -60,9 +60,9 @@ impl ArtifactService for ArtifactApi {
             None => Ok(Vec::new()),
         });
         let (size, existed) = self.blobs.write(&digest, header.size, chunks).await?;
-        tracing::debug!(digest = digest.as_str(), size, existed, "blob stored");
+        tracing::debug!(%digest, size, existed, "blob stored");
         Ok(Response::new(pb::BlobInfo {
-            digest: digest.as_str().to_owned(),
+            digest: digest.to_string(),
             size,
             existed,
         }))
@@ -75,18 +75,14 @@ impl ArtifactService for ArtifactApi {
         request: Request<pb::DownloadBlobRequest>,
     ) -> Result<Response<Self::DownloadBlobStream>, Status> {
         let request = request.into_inner();
-        let digest = BlobDigest::parse(&request.digest)?;
+        let digest = parse_digest(&request.digest)?;
         let Some(size) = self.blobs.stat(&digest) else {
-            return Err(Status::not_found(format!(
-                "blob {} is not stored",
-                digest.as_str()
-            )));
+            return Err(Status::not_found(format!("blob {} is not stored", digest)));
         };
         if request.offset > size {
             return Err(Status::out_of_range(format!(
                 "offset {} is past the end of blob {} ({size} bytes)",
-                request.offset,
-                digest.as_str()
+                request.offset, digest
             )));
         }
         let stream = self

@@ -21,6 +21,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use futures::{Stream, StreamExt};
+use kiln_common::archive::BlobDigest;
 use sha2::{Digest as _, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -56,31 +57,10 @@ impl From<BlobError> for tonic::Status {
     }
 }
 
-/// A validated `sha256:<hex>` digest.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub(crate) struct BlobDigest(String);
-
-impl BlobDigest {
-    pub(crate) fn parse(text: &str) -> Result<Self, BlobError> {
-        let hex = text.strip_prefix("sha256:").unwrap_or_default();
-        let valid = hex.len() == 64
-            && hex
-                .bytes()
-                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
-        if valid {
-            Ok(Self(text.to_owned()))
-        } else {
-            Err(BlobError::BadDigest(text.to_owned()))
-        }
-    }
-
-    fn hex(&self) -> &str {
-        &self.0["sha256:".len()..]
-    }
-
-    pub(crate) fn as_str(&self) -> &str {
-        &self.0
-    }
+/// Parses a wire digest, with the store's error.
+pub(crate) fn parse_digest(text: &str) -> Result<BlobDigest, BlobError> {
+    text.parse()
+        .map_err(|_| BlobError::BadDigest(text.to_owned()))
 }
 
 fn digest_of(hasher: Sha256) -> String {
@@ -120,7 +100,7 @@ impl BlobStore {
 
     fn path(&self, digest: &BlobDigest) -> PathBuf {
         let hex = digest.hex();
-        self.root.join("sha256").join(&hex[..2]).join(hex)
+        self.root.join("sha256").join(&hex[..2]).join(&hex)
     }
 
     fn tmp_path(&self) -> PathBuf {
@@ -151,7 +131,7 @@ impl BlobStore {
             }
             .into());
         }
-        let _guard = InFlight::enter(&self.in_flight, digest.as_str());
+        let _guard = InFlight::enter(&self.in_flight, &digest.to_string());
         let tmp = self.tmp_path();
         let result = async {
             let mut file = tokio::fs::File::create(&tmp)
@@ -180,9 +160,9 @@ impl BlobStore {
                 .into());
             }
             let actual = digest_of(hasher);
-            if actual != digest.as_str() {
+            if actual != digest.to_string() {
                 return Err(BlobError::Mismatch {
-                    declared: digest.as_str().to_owned(),
+                    declared: digest.to_string(),
                     actual,
                 }
                 .into());
@@ -290,7 +270,7 @@ async fn send_verified(
     let mut file = match tokio::fs::File::open(path).await {
         Ok(file) => file,
         Err(error) if error.kind() == io::ErrorKind::NotFound => {
-            return Err(BlobError::Missing(digest.as_str().to_owned()).into());
+            return Err(BlobError::Missing(digest.to_string()).into());
         }
         Err(error) => return Err(BlobError::from(error).into()),
     };
@@ -314,10 +294,10 @@ async fn send_verified(
         position = end;
     }
     let actual = digest_of(hasher);
-    if actual != digest.as_str() {
-        tracing::error!(digest = digest.as_str(), %actual, "corrupted blob on disk");
+    if actual != digest.to_string() {
+        tracing::error!(%digest, %actual, "corrupted blob on disk");
         return Err(BlobError::Corrupt {
-            digest: digest.as_str().to_owned(),
+            digest: digest.to_string(),
             actual,
         }
         .into());

@@ -15,7 +15,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::{UnboundedReceiverStream, WatchStream};
 use tonic::{Request, Response, Status};
 
-use crate::blobs::{BlobDigest, BlobStore};
+use crate::blobs::{BlobStore, parse_digest};
 use crate::engine::{Event, NewPipeline, Reply};
 use crate::error::ApiError;
 use crate::gc;
@@ -160,7 +160,7 @@ impl ControlService for ControlApi {
         let (commit, rev) = match &source_digest {
             // An uploaded snapshot stands in for a revision.
             Some(digest) => {
-                let parsed = BlobDigest::parse(digest)?;
+                let parsed = parse_digest(digest)?;
                 if self.blobs.stat(&parsed).is_none() {
                     return Err(Status::failed_precondition(format!(
                         "source snapshot {digest} is not stored; upload it before triggering the run"

@@ -30,19 +30,34 @@ pub(crate) async fn list(
     run: u64,
     stage: Option<&str>,
 ) -> Result<Outcome, CliError> {
-    let request = pb::ListArtifactsRequest { run_id: run, stage: stage.unwrap_or_default().to_owned() };
+    let request = pb::ListArtifactsRequest {
+        run_id: run,
+        stage: stage.unwrap_or_default().to_owned(),
+    };
     let artifacts: Vec<ArtifactView> = coordinator
         .list_artifacts(request)
         .await?
         .into_iter()
-        .map(|a| ArtifactView { stage: a.stage, path: a.path, digest: a.digest, size: a.size })
+        .map(|a| ArtifactView {
+            stage: a.stage,
+            path: a.path,
+            digest: a.digest,
+            size: a.size,
+        })
         .collect();
     match format {
         OutputFormat::Json => output::json(&artifacts)?,
         OutputFormat::Table => {
             let rows: Vec<[String; 4]> = artifacts
                 .iter()
-                .map(|a| [a.stage.clone(), a.path.clone(), human_bytes(a.size), a.digest.clone()])
+                .map(|a| {
+                    [
+                        a.stage.clone(),
+                        a.path.clone(),
+                        human_bytes(a.size),
+                        a.digest.clone(),
+                    ]
+                })
                 .collect();
             output::line(output::table(["STAGE", "PATH", "SIZE", "DIGEST"], &rows).trim_end())?;
         }
@@ -59,13 +74,20 @@ pub(crate) async fn get(
     path: &str,
     out: &Path,
 ) -> Result<Outcome, CliError> {
-    let request = pb::ListArtifactsRequest { run_id: run, stage: stage.to_owned() };
+    let request = pb::ListArtifactsRequest {
+        run_id: run,
+        stage: stage.to_owned(),
+    };
     let artifacts = coordinator.list_artifacts(request).await?;
     let Some(artifact) = artifacts.iter().find(|a| a.path == path) else {
         let known: Vec<&str> = artifacts.iter().map(|a| a.path.as_str()).collect();
         return Err(CliError::Input(format!(
             "stage `{stage}` of run {run} stored no artifact `{path}`; it stored: {}",
-            if known.is_empty() { "nothing".to_owned() } else { known.join(", ") }
+            if known.is_empty() {
+                "nothing".to_owned()
+            } else {
+                known.join(", ")
+            }
         )));
     };
     std::fs::create_dir_all(out)
@@ -99,8 +121,15 @@ pub(crate) async fn get(
 }
 
 /// `kiln gc [--keep-days N] [--dry-run]`.
-pub(crate) async fn gc(coordinator: &Coordinator, format: OutputFormat, args: &GcArgs) -> Result<Outcome, CliError> {
-    let request = pb::GcRequest { keep_days: args.keep_days.unwrap_or(0), dry_run: args.dry_run };
+pub(crate) async fn gc(
+    coordinator: &Coordinator,
+    format: OutputFormat,
+    args: &GcArgs,
+) -> Result<Outcome, CliError> {
+    let request = pb::GcRequest {
+        keep_days: args.keep_days.unwrap_or(0),
+        dry_run: args.dry_run,
+    };
     let report = coordinator.collect_garbage(request).await?;
     match format {
         OutputFormat::Json => output::json(&serde_json::json!({
@@ -111,7 +140,11 @@ pub(crate) async fn gc(coordinator: &Coordinator, format: OutputFormat, args: &G
         }))?,
         OutputFormat::Table => output::line(format!(
             "{} {} blobs ({}), kept {}",
-            if args.dry_run { "would delete" } else { "deleted" },
+            if args.dry_run {
+                "would delete"
+            } else {
+                "deleted"
+            },
             report.blobs_deleted,
             human_bytes(report.bytes_freed),
             report.blobs_kept
@@ -121,9 +154,15 @@ pub(crate) async fn gc(coordinator: &Coordinator, format: OutputFormat, args: &G
 }
 
 /// Packs `dir` (honouring .gitignore) and uploads it; returns its digest.
-pub(crate) async fn upload_source(coordinator: &Coordinator, dir: &Path) -> Result<String, CliError> {
+pub(crate) async fn upload_source(
+    coordinator: &Coordinator,
+    dir: &Path,
+) -> Result<String, CliError> {
     if !dir.is_dir() {
-        return Err(CliError::Input(format!("--source {} is not a directory", dir.display())));
+        return Err(CliError::Input(format!(
+            "--source {} is not a directory",
+            dir.display()
+        )));
     }
     let source = dir.to_path_buf();
     let bar = Progress::new("uploading source", 0);
@@ -158,7 +197,12 @@ struct Progress {
 
 impl Progress {
     fn new(label: &'static str, total: u64) -> Self {
-        Self { label, total, started: Instant::now(), on_terminal: std::io::stdout().is_terminal() }
+        Self {
+            label,
+            total,
+            started: Instant::now(),
+            on_terminal: std::io::stdout().is_terminal(),
+        }
     }
 
     fn update(&self, done: u64) {
@@ -172,8 +216,17 @@ impl Progress {
         } else {
             String::new()
         };
-        let of_total = if self.total > 0 { format!(" of {}", human_bytes(self.total)) } else { String::new() };
-        eprint!("\r{}: {}{of_total} at {}/s{eta}   ", self.label, human_bytes(done), human_bytes(rate as u64));
+        let of_total = if self.total > 0 {
+            format!(" of {}", human_bytes(self.total))
+        } else {
+            String::new()
+        };
+        eprint!(
+            "\r{}: {}{of_total} at {}/s{eta}   ",
+            self.label,
+            human_bytes(done),
+            human_bytes(rate as u64)
+        );
     }
 
     fn finish(&self) {
@@ -191,7 +244,11 @@ fn human_bytes(bytes: u64) -> String {
         value /= 1024.0;
         unit += 1;
     }
-    if unit == 0 { format!("{bytes} B") } else { format!("{value:.1} {}", UNITS[unit]) }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
 }
 
 #[cfg(test)]

@@ -18,11 +18,14 @@ pub(crate) async fn run(
     let run = match &args.source {
         Some(dir) => {
             let source_digest = artifacts::upload_source(coordinator, dir).await?;
-            trigger_request(coordinator, pb::TriggerRunRequest {
-                pipeline: args.pipeline.clone(),
-                source_digest,
-                ..request(&args.pipeline, None)
-            })
+            trigger_request(
+                coordinator,
+                pb::TriggerRunRequest {
+                    pipeline: args.pipeline.clone(),
+                    source_digest,
+                    ..request(&args.pipeline, None)
+                },
+            )
             .await?
         }
         None => trigger(coordinator, &args.pipeline, args.rev.as_deref()).await?,

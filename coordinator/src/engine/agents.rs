@@ -17,7 +17,7 @@ use pb::coordinator_message::Msg as Out;
 use tokio::sync::mpsc;
 
 use super::Engine;
-use crate::blobs::BlobDigest;
+use crate::blobs::parse_digest;
 use crate::error::ApiError;
 use crate::store::{ArtifactRecord, StageState};
 
@@ -333,7 +333,7 @@ impl Engine {
     fn record_outputs(&mut self, key: StageKey, outputs: &[pb::Artifact]) -> Result<(), String> {
         let mut records = Vec::new();
         for output in outputs {
-            let digest = BlobDigest::parse(&output.digest).map_err(|error| error.to_string())?;
+            let digest = parse_digest(&output.digest).map_err(|error| error.to_string())?;
             // Also marks the blob as used, which keeps GC off it.
             let Some(size) = self.blobs.stat(&digest) else {
                 return Err(format!(

@@ -3,10 +3,13 @@
 //! # Layout
 //! - [`spec`]: the `kiln.yml` pipeline file, parsed and validated into a DAG
 //!   with errors that name the file, line and column.
+//! - [`archive`]: artifacts and source trees as zstd-compressed tar streams,
+//!   packed deterministically and unpacked without escaping the target.
 //! - [`ids`]: newtypes for run ids and stage keys.
 //! - [`labels`]: `k=v,k=v` agent labels and how stages select agents.
 //! - [`logging`]: tracing set-up for the binaries.
 
+pub mod archive;
 pub mod ids;
 pub mod labels;
 pub mod logging;

@@ -51,6 +51,27 @@ pub enum Error {
     /// The stage's commands could not be started.
     #[error("cannot start the stage's commands: {0}; check that `sh` exists on this agent")]
     Spawn(#[source] io::Error),
+    /// The docker executor cannot use its engine at start-up.
+    #[error(
+        "cannot use the docker engine at {host}: {detail}; start dockerd, point --docker-host at \
+         it, or run the agent with --executor process"
+    )]
+    DockerConnect { host: String, detail: String },
+    /// A call to the docker engine failed while running a stage.
+    #[error(
+        "docker {action} failed: {detail}; check that the docker engine runs and has room \
+         (disk, memory) for the stage's container"
+    )]
+    Docker {
+        action: &'static str,
+        detail: String,
+    },
+    /// The stage reached a docker agent without an image to run in.
+    #[error(
+        "the stage names no image and this agent runs stages in docker; set `image:` on the \
+         stage or under `defaults:` in kiln.yml, or give the stage `executor: process`"
+    )]
+    NoImage,
 }
 
 impl Error {
@@ -58,4 +79,17 @@ impl Error {
         let path = path.into();
         move |source| Error::WorkDir { path, source }
     }
+
+    /// Wraps a bollard error as [`Error::Docker`] for `action` ("create container").
+    pub(crate) fn docker(action: &'static str) -> impl FnOnce(bollard::errors::Error) -> Self {
+        move |err| Error::Docker {
+            action,
+            detail: one_line(&err.to_string()),
+        }
+    }
+}
+
+/// `text` with line breaks folded, so it fits a one-line message.
+pub(crate) fn one_line(text: &str) -> String {
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
 }

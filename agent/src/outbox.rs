@@ -68,7 +68,13 @@ impl Outbox {
     }
 
     /// Records how the attempt ended; `log_lines` counts every line pushed.
-    pub(crate) fn finish(&mut self, outcome: Outcome, exit_code: i32, message: String) {
+    pub(crate) fn finish(
+        &mut self,
+        outcome: Outcome,
+        exit_code: i32,
+        message: String,
+        image_digest: String,
+    ) {
         if self.finished.is_none() {
             self.finished = Some(StageFinished {
                 stage: Some(self.stage),
@@ -76,8 +82,8 @@ impl Outbox {
                 exit_code,
                 message,
                 log_lines: self.next_seq(),
-                // Filled in by executors that run images.
-                image_digest: String::new(),
+                image_digest,
+                outputs: Vec::new(),
             });
         }
     }
@@ -280,12 +286,13 @@ mod tests {
     #[test]
     fn finished_goes_out_after_the_last_line_and_again_after_a_reconnect() {
         let mut outbox = outbox_with(3);
-        outbox.finish(Outcome::Succeeded, 0, String::new());
+        outbox.finish(Outcome::Succeeded, 0, String::new(), "sha256:abc".into());
         assert!(outbox.take_finished().is_none(), "lines are still unsent");
         drain(&mut outbox, 256);
         let finished = outbox.take_finished().unwrap();
         assert_eq!(finished.log_lines, 3);
         assert_eq!(finished.outcome, Outcome::Succeeded as i32);
+        assert_eq!(finished.image_digest, "sha256:abc");
         assert!(outbox.take_finished().is_none(), "sent once per connection");
 
         outbox.resume(1);
@@ -297,7 +304,12 @@ mod tests {
     #[test]
     fn lines_after_the_finish_are_dropped() {
         let mut outbox = outbox_with(1);
-        outbox.finish(Outcome::Failed, 1, "exited with code 1".into());
+        outbox.finish(
+            Outcome::Failed,
+            1,
+            "exited with code 1".into(),
+            String::new(),
+        );
         outbox.push(line(1));
         assert_eq!(outbox.next_seq(), 1);
     }

@@ -8,7 +8,7 @@ use std::time::Duration;
 use kiln_proto::v1::{Assign, Outcome};
 
 use crate::error::Error;
-use crate::executor::{Executor, Exit, Job, describe_duration};
+use crate::executor::{Ended, Executor, Exit, Job, describe_duration};
 use crate::logs::LogSink;
 use crate::stages::{AttemptKey, Stop, StopSignal};
 use crate::workspace::Workspaces;
@@ -21,6 +21,8 @@ pub(crate) struct Report {
     pub(crate) exit_code: i32,
     /// Why it ended that way, for people; empty on success.
     pub(crate) message: String,
+    /// The image the commands ran in, by digest; "" without a container.
+    pub(crate) image_digest: String,
 }
 
 impl Report {
@@ -29,6 +31,14 @@ impl Report {
             outcome,
             exit_code,
             message: message.into(),
+            image_digest: String::new(),
+        }
+    }
+
+    pub(crate) fn from_ended(ended: Ended) -> Self {
+        Report {
+            image_digest: ended.image_digest,
+            ..Report::from_exit(ended.exit)
         }
     }
 
@@ -59,6 +69,12 @@ impl Report {
                 -1,
                 "handed back: the agent is shutting down",
             ),
+            // 137 is what a shell reports for a SIGKILLed command, which is
+            // how the kernel ends a process at its memory limit.
+            Exit::OutOfMemory { limit_bytes } => {
+                Report::new(Outcome::Failed, 137, out_of_memory_message(limit_bytes))
+            }
+            Exit::CannotStart(message) => Report::new(Outcome::Failed, -1, message),
             // Nobody reads this one: the attempt was forgotten.
             Exit::Stopped(Stop::Forget) => Report::new(
                 Outcome::Cancelled,
@@ -71,6 +87,30 @@ impl Report {
     fn infra(err: &Error) -> Self {
         Report::new(Outcome::InfraError, -1, err.to_string())
     }
+}
+
+/// What a stage killed at its memory limit reports, and logs.
+pub(crate) fn out_of_memory_message(limit_bytes: u64) -> String {
+    format!(
+        "ran out of memory: the kernel killed the commands at the container's limit of {}; \
+         raise `resources.memory` in kiln.yml or make the commands use less",
+        describe_bytes(limit_bytes)
+    )
+}
+
+/// `16Mi`, `2Gi`, or plain bytes: how `resources.memory` is written.
+fn describe_bytes(bytes: u64) -> String {
+    const UNITS: [(&str, u64); 4] = [
+        ("Ti", 1 << 40),
+        ("Gi", 1 << 30),
+        ("Mi", 1 << 20),
+        ("Ki", 1 << 10),
+    ];
+    UNITS
+        .iter()
+        .find(|(_, size)| bytes >= *size && bytes.is_multiple_of(*size))
+        .map(|(unit, size)| format!("{}{unit}", bytes / size))
+        .unwrap_or_else(|| format!("{bytes} bytes"))
 }
 
 /// What every stage task shares.
@@ -119,15 +159,20 @@ impl StageRunner {
             }
         };
         let job = Job {
+            key,
             name: key.dir_name(),
+            workspace: self.workspaces.attempt_dir(key),
             dir,
             scratch: self.workspaces.scratch_dir().to_owned(),
             env: stage_env(&assign),
             timeout: (assign.timeout_ms > 0).then(|| Duration::from_millis(assign.timeout_ms)),
+            stage_name: assign.stage_name,
             commands: assign.commands,
+            image: assign.image,
+            docker: assign.docker.unwrap_or_default(),
         };
         match self.executor.run(job, log.clone(), stop.clone()).await {
-            Ok(exit) => Report::from_exit(exit),
+            Ok(ended) => Report::from_ended(ended),
             Err(err) => {
                 log.system(err.to_string()).await;
                 Report::infra(&err)
@@ -167,6 +212,21 @@ mod tests {
         check(Exit::Code(0), Outcome::Succeeded, 0, "");
         check(Exit::Code(2), Outcome::Failed, 2, "exited with code 2");
         check(Exit::Signal(9), Outcome::Failed, 137, "killed by signal 9");
+        check(
+            Exit::OutOfMemory {
+                limit_bytes: 16 << 20,
+            },
+            Outcome::Failed,
+            137,
+            "ran out of memory: the kernel killed the commands at the container's limit of 16Mi; \
+             raise `resources.memory` in kiln.yml or make the commands use less",
+        );
+        check(
+            Exit::CannotStart("image `x` is missing".into()),
+            Outcome::Failed,
+            -1,
+            "image `x` is missing",
+        );
         let limit = Duration::from_secs(5);
         check(
             Exit::TimedOut(limit),
@@ -209,8 +269,7 @@ mod tests {
             env: [("CI".to_owned(), "overridden?".to_owned())].into(),
             timeout_ms: 10_000,
             source: Some(source),
-            image: String::new(),
-            docker: None,
+            ..Assign::default()
         }
     }
 
@@ -218,6 +277,14 @@ mod tests {
         let workspaces = Workspaces::open(work_dir).await.unwrap();
         let executor = Arc::new(ProcessExecutor::new(Duration::from_millis(200)));
         StageRunner::new(workspaces, executor)
+    }
+
+    #[test]
+    fn byte_counts_read_like_pipeline_files() {
+        assert_eq!(describe_bytes(16 << 20), "16Mi");
+        assert_eq!(describe_bytes(2 << 30), "2Gi");
+        assert_eq!(describe_bytes(1_000_000_000), "1000000000 bytes");
+        assert_eq!(describe_bytes(1536 << 10), "1536Ki");
     }
 
     #[tokio::test]
@@ -254,7 +321,7 @@ mod tests {
         let source = Source {
             repo: work_dir.path().join("no-such-repo").display().to_string(),
             commit: "abc123".into(),
-            subdir: String::new(),
+            ..Source::default()
         };
         let (sink, mut capture) = testing::sink();
         let (_stop_tx, stop) = StopSignal::new_pair();

@@ -199,7 +199,7 @@ impl StageTable {
     /// it); its `StageFinished` is kept until acknowledged like any other.
     pub(crate) fn refuse(&mut self, stage: StageRef, outcome: Outcome, message: String) {
         let mut outbox = Outbox::new(stage);
-        outbox.finish(outcome, 0, message);
+        outbox.finish(outcome, 0, message, String::new());
         self.entries
             .insert(AttemptKey::from(&stage), Entry { outbox, task: None });
     }
@@ -231,9 +231,12 @@ impl StageTable {
             return;
         }
         entry.task = None;
-        entry
-            .outbox
-            .finish(report.outcome, report.exit_code, report.message);
+        entry.outbox.finish(
+            report.outcome,
+            report.exit_code,
+            report.message,
+            report.image_digest,
+        );
     }
 
     /// Asks a running attempt to stop as cancelled; false when it does not run
@@ -421,6 +424,7 @@ mod tests {
             outcome,
             exit_code: 0,
             message: String::new(),
+            image_digest: String::new(),
         }
     }
 

@@ -25,7 +25,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::connection::{self, Backoff, Link, LinkEvent, Session};
 use crate::error::Error;
-use crate::executor::{self, describe_duration, process::KILL_GRACE};
+use crate::executor::{self, KILL_GRACE, describe_duration};
 use crate::logs::{LogSink, StageEvent};
 use crate::stage::{Report, StageRunner};
 use crate::stages::{AttemptKey, StageTable};
@@ -51,9 +51,10 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
 /// Checks `config`, sets up the work dir and runs the loop until shutdown.
 pub(crate) async fn run(
-    config: Config,
+    mut config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
+    advertise_executor(&mut config)?;
     if config.name.trim().is_empty() {
         return Err(Error::Config("the agent needs a name (--name)".into()));
     }
@@ -70,10 +71,11 @@ pub(crate) async fn run(
         .connect_timeout(Duration::from_secs(5))
         .tcp_nodelay(true);
     let workspaces = Workspaces::open(&config.work_dir).await?;
-    let runner = StageRunner::new(workspaces, executor::build(config.executor));
+    let runner = StageRunner::new(workspaces, executor::build(&config).await?);
     info!(
         name = %config.name,
         coordinator = %config.coordinator,
+        executor = config.executor.label(),
         capacity = config.capacity,
         work_dir = %config.work_dir.display(),
         "agent starting"
@@ -83,6 +85,23 @@ pub(crate) async fn run(
         .await;
     info!("agent stopped");
     Ok(())
+}
+
+/// Adds the label `executor=<kind>` that stages select executors by; an
+/// operator's `--labels executor=...` may only repeat it.
+fn advertise_executor(config: &mut Config) -> Result<(), Error> {
+    let kind = config.executor.label();
+    let label = kiln_common::spec::EXECUTOR_LABEL;
+    match config.labels.get(label) {
+        Some(value) if value != kind => Err(Error::Config(format!(
+            "the label `{label}={value}` contradicts `--executor {kind}`; the agent sets \
+             `{label}` itself, remove it from --labels"
+        ))),
+        _ => {
+            config.labels.insert(label.to_owned(), kind.to_owned());
+            Ok(())
+        }
+    }
 }
 
 /// Where shutdown stands.
@@ -343,6 +362,7 @@ impl Supervisor {
                 outcome: Outcome::InfraError,
                 exit_code: -1,
                 message: "the agent's stage task panicked; see the agent's log".into(),
+                image_digest: String::new(),
             };
             self.stages.finish(key, task_id, report);
             self.flush();
@@ -457,5 +477,44 @@ impl Supervisor {
             version: env!("CARGO_PKG_VERSION").to_owned(),
             held: self.stages.held(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ExecutorKind;
+
+    fn config(labels: &[(&str, &str)]) -> Config {
+        Config {
+            coordinator: "http://127.0.0.1:1".into(),
+            name: "a".into(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            capacity: 1,
+            work_dir: "/nonexistent".into(),
+            executor: ExecutorKind::Process,
+            drain_timeout: Duration::from_secs(1),
+        }
+    }
+
+    #[test]
+    fn the_executor_label_is_added_and_may_not_be_contradicted() {
+        let mut plain = config(&[("role", "build")]);
+        advertise_executor(&mut plain).unwrap();
+        assert_eq!(plain.labels["executor"], "process");
+        assert_eq!(plain.labels["role"], "build");
+
+        let mut repeated = config(&[("executor", "process")]);
+        advertise_executor(&mut repeated).unwrap();
+
+        let mut contradicting = config(&[("executor", "docker")]);
+        let err = advertise_executor(&mut contradicting).unwrap_err();
+        assert!(
+            err.to_string().contains("contradicts `--executor process`"),
+            "{err}"
+        );
     }
 }

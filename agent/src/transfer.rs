@@ -32,7 +32,11 @@ pub enum TransferError {
         source: std::io::Error,
     },
     #[error("the coordinator refused the transfer of {digest}: {status}")]
-    Refused { digest: String, status: String },
+    Refused {
+        digest: String,
+        status: String,
+        code: tonic::Code,
+    },
     #[error("downloaded {digest} but the bytes hash to {actual}; the copy was discarded")]
     Corrupt { digest: String, actual: String },
     #[error(transparent)]
@@ -50,6 +54,22 @@ fn refused(digest: &str) -> impl FnOnce(tonic::Status) -> TransferError + '_ {
     move |status| TransferError::Refused {
         digest: digest.to_owned(),
         status: status.message().to_owned(),
+        code: status.code(),
+    }
+}
+
+impl TransferError {
+    /// True when trying again cannot help: the coordinator judged the blob
+    /// itself (too large, wrong digest) or the archive is unsafe.
+    pub fn is_permanent(&self) -> bool {
+        match self {
+            Self::Refused { code, .. } => matches!(
+                code,
+                tonic::Code::InvalidArgument | tonic::Code::FailedPrecondition | tonic::Code::OutOfRange
+            ),
+            Self::Archive(_) => true,
+            Self::Io { .. } | Self::Corrupt { .. } => false,
+        }
     }
 }
 

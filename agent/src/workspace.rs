@@ -71,6 +71,11 @@ impl Workspaces {
         &self.ws_root
     }
 
+    /// The attempt's directory (whether or not it exists yet).
+    pub(crate) fn attempt_dir(&self, key: AttemptKey) -> PathBuf {
+        self.ws_root.join(key.dir_name())
+    }
+
     /// Creates the attempt's directory and checks `source` out into it
     /// (nothing when `source.repo` is empty), logging progress as system
     /// lines. Returns where the commands run: the directory's `subdir`.
@@ -81,7 +86,7 @@ impl Workspaces {
         log: &LogSink,
     ) -> Result<PathBuf, Error> {
         let subdir = checked_subdir(&source.subdir)?;
-        let root = self.ws_root.join(key.dir_name());
+        let root = self.attempt_dir(key);
         if tokio::fs::try_exists(&root).await.unwrap_or(false) {
             remove_tree(&root).await.map_err(Error::work_dir(&root))?;
         }
@@ -115,7 +120,7 @@ impl Workspaces {
     /// Removes an attempt's directory, if there is one; failures are only
     /// logged, as the next agent start removes leftovers anyway.
     pub(crate) async fn remove(&self, key: AttemptKey) {
-        let root = self.ws_root.join(key.dir_name());
+        let root = self.attempt_dir(key);
         if !tokio::fs::try_exists(&root).await.unwrap_or(true) {
             return;
         }
@@ -406,6 +411,7 @@ mod tests {
                 repo: self.dir.path().display().to_string(),
                 commit: commit.to_owned(),
                 subdir: subdir.to_owned(),
+                ..Source::default()
             }
         }
     }
@@ -519,7 +525,7 @@ mod tests {
         let source = Source {
             repo: work_dir.path().join("nope").display().to_string(),
             commit: "abc".into(),
-            subdir: String::new(),
+            ..Source::default()
         };
         let (result, _) = prepare(&workspaces, 1, &source).await;
         assert!(matches!(

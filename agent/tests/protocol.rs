@@ -224,6 +224,10 @@ async fn runs_an_assigned_stage_and_reports_it() {
     assert_eq!(conn.hello.name, "agent-1");
     assert_eq!(conn.hello.capacity, 2);
     assert_eq!(conn.hello.labels["role"], "test");
+    assert_eq!(
+        conn.hello.labels["executor"], "process",
+        "the agent advertises its executor"
+    );
     assert!(conn.hello.held.is_empty());
 
     conn.send(assign(0, &["echo one", "echo two >&2"])).await;

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, ValueEnum};
-use kiln_agent::{Config, ExecutorKind};
+use kiln_agent::{AllowedMount, Config, DockerConfig, ExecutorKind};
 use tokio::signal::unix::{SignalKind, signal};
 
 /// Runs the stages a Kiln coordinator assigns and streams their logs back.
@@ -35,9 +35,27 @@ struct Args {
     /// Directory for workspaces and the clone cache.
     #[arg(long, env = "KILN_AGENT_WORK_DIR", value_name = "DIR")]
     work_dir: PathBuf,
-    /// How stages run.
+    /// How stages run; the agent advertises it as the label executor=KIND.
     #[arg(long, env = "KILN_AGENT_EXECUTOR", value_enum, default_value_t = Executor::Process)]
     executor: Executor,
+    /// The Docker engine of `--executor docker`: unix:///PATH or tcp://HOST:PORT.
+    #[arg(
+        long,
+        env = "DOCKER_HOST",
+        default_value = "unix:///var/run/docker.sock",
+        value_name = "URL"
+    )]
+    docker_host: String,
+    /// A host path to mount into every stage container at the same path:
+    /// PATH (read-only) or PATH:rw. Repeat it, or separate paths with commas.
+    /// Nothing but the workspace is mounted without it.
+    #[arg(
+        long = "allow-mount",
+        env = "KILN_AGENT_ALLOW_MOUNTS",
+        value_name = "PATH[:rw]",
+        value_delimiter = ','
+    )]
+    allow_mounts: Vec<AllowedMount>,
     /// On SIGTERM, how long running stages may finish before they are handed
     /// back: e.g. 30s, 500ms, 2m.
     #[arg(long, env = "KILN_AGENT_DRAIN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
@@ -50,6 +68,8 @@ type Labels = BTreeMap<String, String>;
 enum Executor {
     /// Host processes under `sh -e`.
     Process,
+    /// One container per stage on the Docker engine at --docker-host.
+    Docker,
 }
 
 fn parse_labels(text: &str) -> Result<Labels, String> {
@@ -96,6 +116,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
         work_dir: args.work_dir,
         executor: match args.executor {
             Executor::Process => ExecutorKind::Process,
+            Executor::Docker => ExecutorKind::Docker(DockerConfig {
+                host: args.docker_host,
+                allow_mounts: args.allow_mounts,
+            }),
         },
         drain_timeout: args.drain_timeout,
     };
@@ -142,5 +166,39 @@ mod tests {
         assert!(
             Args::try_parse_from(["kiln-agent", "--name=a", "--work-dir=d", "--labels=x"]).is_err()
         );
+    }
+
+    #[test]
+    fn docker_flags() {
+        let args = Args::try_parse_from([
+            "kiln-agent",
+            "--name=a1",
+            "--work-dir=/tmp/kiln",
+            "--executor=docker",
+            "--allow-mount=/data",
+            "--allow-mount=/var/run/docker.sock:rw,/cache",
+        ])
+        .unwrap();
+        assert!(matches!(args.executor, Executor::Docker));
+        let paths: Vec<_> = args
+            .allow_mounts
+            .iter()
+            .map(|m| (m.path.display().to_string(), m.read_only))
+            .collect();
+        assert_eq!(
+            paths,
+            [
+                ("/data".to_owned(), true),
+                ("/var/run/docker.sock".to_owned(), false),
+                ("/cache".to_owned(), true)
+            ]
+        );
+        let relative = [
+            "kiln-agent",
+            "--name=a",
+            "--work-dir=d",
+            "--allow-mount=data",
+        ];
+        assert!(Args::try_parse_from(relative).is_err());
     }
 }

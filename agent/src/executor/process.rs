@@ -15,14 +15,11 @@ use kiln_proto::v1::LogStream;
 use tokio::process::{Child, Command};
 use tokio::time::{Instant, sleep, timeout};
 
-use super::{Executor, Exit, Job, describe_duration};
+use super::{Ended, Executor, Exit, Job, describe_duration};
 use crate::error::Error;
 use crate::logs::{LogSink, forward_lines};
 use crate::sleep_until_some;
 use crate::stages::{Stop, StopSignal};
-
-/// Between SIGTERM and SIGKILL: time for the commands to clean up.
-pub(crate) const KILL_GRACE: Duration = Duration::from_secs(5);
 
 /// How long output may keep flowing after the shell is gone. Only a process
 /// that left the group (`setsid`) can hold the pipes open that long.
@@ -172,8 +169,8 @@ impl Executor for ProcessExecutor {
         job: Job,
         log: LogSink,
         stop: StopSignal,
-    ) -> BoxFuture<'a, Result<Exit, Error>> {
-        Box::pin(self.run_job(job, log, stop))
+    ) -> BoxFuture<'a, Result<Ended, Error>> {
+        Box::pin(async move { self.run_job(job, log, stop).await.map(Ended::from) })
     }
 }
 
@@ -247,20 +244,29 @@ mod tests {
     impl Setup {
         fn job(&self, commands: &[&str], timeout: Option<Duration>) -> Job {
             Job {
+                key: crate::stages::AttemptKey {
+                    run_id: 1,
+                    stage_idx: 0,
+                    attempt: 1,
+                },
+                stage_name: "build".into(),
                 name: "1-0-1".into(),
+                workspace: self.dir.path().to_owned(),
                 dir: self.dir.path().to_owned(),
                 scratch: self.scratch.path().to_owned(),
                 commands: commands.iter().map(|c| c.to_string()).collect(),
                 env: BTreeMap::new(),
                 timeout,
+                image: String::new(),
+                docker: Default::default(),
             }
         }
 
         async fn run(&self, job: Job) -> (Exit, Vec<String>) {
             let (sink, mut capture) = testing::sink();
             let (_stop_tx, stop) = StopSignal::new_pair();
-            let exit = self.executor.run(job, sink, stop).await.unwrap();
-            (exit, capture.lines())
+            let ended = self.executor.run(job, sink, stop).await.unwrap();
+            (ended.exit, capture.lines())
         }
     }
 
@@ -389,7 +395,7 @@ mod tests {
 
         let pid = echoed_pid(&mut capture).await;
         stop_tx.send_replace(Some(Stop::Cancel("user asked".into())));
-        let exit = running.await.unwrap().unwrap();
+        let exit = running.await.unwrap().unwrap().exit;
         assert_eq!(exit, Exit::Stopped(Stop::Cancel("user asked".into())));
         assert!(
             gone(pid).await,
@@ -417,7 +423,7 @@ mod tests {
 
         let pid = echoed_pid(&mut capture).await;
         stop_tx.send_replace(Some(Stop::HandBack));
-        let exit = running.await.unwrap().unwrap();
+        let exit = running.await.unwrap().unwrap().exit;
         assert_eq!(exit, Exit::Stopped(Stop::HandBack));
         assert!(gone(pid).await, "background sleep {pid} survived SIGKILL");
         let lines = capture.lines();

@@ -10,10 +10,11 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::time::Duration;
 
+use super::container::{self, ContainerDraft};
 use super::suggest::did_you_mean;
 use super::values;
 use super::yaml::{Document, Node};
-use super::{Position, Problem};
+use super::{EXECUTOR_LABEL, Position, Problem};
 
 /// The file as read, before `needs` are resolved and defaults applied.
 pub(super) struct Draft {
@@ -29,6 +30,7 @@ pub(super) struct Defaults {
     pub(super) image: Option<String>,
     pub(super) timeout: Option<Duration>,
     pub(super) retries: Option<u32>,
+    pub(super) container: ContainerDraft,
 }
 
 /// One stage as written; `None` settings fall back to `defaults`.
@@ -43,6 +45,10 @@ pub(super) struct StageDraft {
     pub(super) retries: Option<u32>,
     pub(super) image: Option<String>,
     pub(super) agent_labels: BTreeMap<String, String>,
+    /// `executor:` as the agent label value it requires, and where it was
+    /// written; already merged into `agent_labels`.
+    pub(super) executor: Option<(&'static str, Position)>,
+    pub(super) container: ContainerDraft,
 }
 
 /// A name and where it was written, so that a reference can be blamed.
@@ -91,6 +97,9 @@ const DEFAULTS_FIELDS: &[Field<Defaults>] = &[
     ("image", |d, v, path| set(&mut d.image, values::image(v, path).map(Some))),
     ("timeout", |d, v, path| set(&mut d.timeout, values::timeout(v, path).map(Some))),
     ("retries", |d, v, path| set(&mut d.retries, values::retries(v, path).map(Some))),
+    ("pull", |d, v, path| set(&mut d.container.pull, container::pull(v, path).map(Some))),
+    ("resources", |d, v, path| read_resources(&mut d.container, v, path)),
+    ("network", |d, v, path| set(&mut d.container.network, container::network(v, path).map(Some))),
 ];
 
 #[rustfmt::skip]
@@ -102,12 +111,24 @@ const STAGE_FIELDS: &[Field<StageDraft>] = &[
     ("retries", |s, v, path| set(&mut s.retries, values::retries(v, path).map(Some))),
     ("image", |s, v, path| set(&mut s.image, values::image(v, path).map(Some))),
     ("agent", read_agent),
+    ("executor", |s, v, path| set(&mut s.executor, container::executor(v, path).map(Some))),
+    ("pull", |s, v, path| set(&mut s.container.pull, container::pull(v, path).map(Some))),
+    ("resources", |s, v, path| read_resources(&mut s.container, v, path)),
+    ("network", |s, v, path| set(&mut s.container.network, container::network(v, path).map(Some))),
 ];
 
 /// `agent:` only narrows where a stage runs, so it reads straight into the stage.
 #[rustfmt::skip]
 const AGENT_FIELDS: &[Field<StageDraft>] = &[
     ("labels", |s, v, path| set(&mut s.agent_labels, values::labels(v, path))),
+];
+
+/// `resources:` of a stage or of `defaults`; each limit falls back separately.
+#[rustfmt::skip]
+const RESOURCES_FIELDS: &[Field<ContainerDraft>] = &[
+    ("memory", |c, v, path| set(&mut c.memory_bytes, container::memory(v, path).map(Some))),
+    ("cpus", |c, v, path| set(&mut c.cpus, container::cpus(v, path).map(Some))),
+    ("pids", |c, v, path| set(&mut c.pids, container::pids(v, path).map(Some))),
 ];
 
 /// Reads the whole file into a [`Draft`], or the first problem in it.
@@ -192,6 +213,8 @@ fn read_stage(key: Node<'_>, body: Node<'_>) -> Result<StageDraft, Problem> {
         retries: None,
         image: None,
         agent_labels: BTreeMap::new(),
+        executor: None,
+        container: ContainerDraft::default(),
     };
     // `build:` with nothing under it is a stage without commands, not a type error.
     if !body.is_null() {
@@ -199,6 +222,7 @@ fn read_stage(key: Node<'_>, body: Node<'_>) -> Result<StageDraft, Problem> {
         let place = format!(" in stage `{}`", stage.name);
         read_fields(&mut stage, body, STAGE_FIELDS, &what, &place)?;
     }
+    require_executor_label(&mut stage)?;
     if stage.commands.is_empty() {
         return Err(Problem::new(
             stage.position,
@@ -214,6 +238,49 @@ fn read_stage(key: Node<'_>, body: Node<'_>) -> Result<StageDraft, Problem> {
 fn read_agent(stage: &mut StageDraft, value: Node<'_>, path: &Path<'_>) -> Result<(), Problem> {
     let place = format!(" in `agent` of stage `{}`", stage.name);
     read_fields(stage, value, AGENT_FIELDS, &path.to_string(), &place)
+}
+
+/// `resources: {memory, cpus, pids}`; its keys are named "`memory` in
+/// `resources` of stage `build`".
+fn read_resources(
+    container: &mut ContainerDraft,
+    value: Node<'_>,
+    path: &Path<'_>,
+) -> Result<(), Problem> {
+    let owner = path.place.strip_prefix(" in").unwrap_or(path.place);
+    let place = format!(" in `{}` of{owner}", path.key);
+    read_fields(
+        container,
+        value,
+        RESOURCES_FIELDS,
+        &path.to_string(),
+        &place,
+    )
+}
+
+/// `executor: docker` is placement: it becomes the agent label
+/// `executor=docker`, which agents advertise. A stage that also names that
+/// label under `agent.labels` must not ask for something else there.
+fn require_executor_label(stage: &mut StageDraft) -> Result<(), Problem> {
+    let Some((kind, position)) = stage.executor else {
+        return Ok(());
+    };
+    match stage.agent_labels.get(EXECUTOR_LABEL) {
+        Some(label) if label != kind => Err(Problem::new(
+            position,
+            format!(
+                "stage `{}` sets `executor: {kind}` but its `agent.labels` require \
+                 `{EXECUTOR_LABEL}: {label}`; remove one of the two",
+                stage.name
+            ),
+        )),
+        _ => {
+            stage
+                .agent_labels
+                .insert(EXECUTOR_LABEL.to_owned(), kind.to_owned());
+            Ok(())
+        }
+    }
 }
 
 /// Reads a mapping whose keys must all come from `fields`. `what` names the

@@ -102,7 +102,7 @@ fn unknown_keys() {
           imgae: python:3.12
         ",
         "kiln.yml:4:3: unknown key `imgae` in `defaults`; expected one of: image, timeout, \
-         retries (did you mean `image`?)",
+         retries, pull, resources, network (did you mean `image`?)",
     );
     check(
         "
@@ -112,7 +112,8 @@ fn unknown_keys() {
             comands: [make]
         ",
         "kiln.yml:4:5: unknown key `comands` in stage `build`; expected one of: needs, \
-         commands, env, timeout, retries, image, agent (did you mean `commands`?)",
+         commands, env, timeout, retries, image, agent, executor, pull, resources, network (did you \
+         mean `commands`?)",
     );
     check(
         "
@@ -121,7 +122,8 @@ fn unknown_keys() {
           build: { commands: [make], Needs: [] }
         ",
         "kiln.yml:3:30: unknown key `Needs` in stage `build`; expected one of: needs, \
-         commands, env, timeout, retries, image, agent (did you mean `needs`?)",
+         commands, env, timeout, retries, image, agent, executor, pull, resources, network (did you \
+         mean `needs`?)",
     );
     check(
         "

@@ -49,6 +49,10 @@ pub(super) struct StageDraft {
     /// written; already merged into `agent_labels`.
     pub(super) executor: Option<(&'static str, Position)>,
     pub(super) container: ContainerDraft,
+    /// `artifacts:` paths, validated to stay inside the workspace.
+    pub(super) artifacts: Vec<String>,
+    /// `artifacts: {when: always}`.
+    pub(super) artifacts_always: bool,
 }
 
 /// A name and where it was written, so that a reference can be blamed.
@@ -115,6 +119,14 @@ const STAGE_FIELDS: &[Field<StageDraft>] = &[
     ("pull", |s, v, path| set(&mut s.container.pull, container::pull(v, path).map(Some))),
     ("resources", |s, v, path| read_resources(&mut s.container, v, path)),
     ("network", |s, v, path| set(&mut s.container.network, container::network(v, path).map(Some))),
+    ("artifacts", read_artifacts),
+];
+
+/// The long form `artifacts: {paths: [...], when: always}`.
+#[rustfmt::skip]
+const ARTIFACTS_FIELDS: &[Field<StageDraft>] = &[
+    ("paths", |s, v, path| set(&mut s.artifacts, values::artifact_paths(v, path))),
+    ("when", |s, v, path| set(&mut s.artifacts_always, values::artifacts_when(v, path))),
 ];
 
 /// `agent:` only narrows where a stage runs, so it reads straight into the stage.
@@ -215,6 +227,8 @@ fn read_stage(key: Node<'_>, body: Node<'_>) -> Result<StageDraft, Problem> {
         agent_labels: BTreeMap::new(),
         executor: None,
         container: ContainerDraft::default(),
+        artifacts: Vec::new(),
+        artifacts_always: false,
     };
     // `build:` with nothing under it is a stage without commands, not a type error.
     if !body.is_null() {
@@ -238,6 +252,15 @@ fn read_stage(key: Node<'_>, body: Node<'_>) -> Result<StageDraft, Problem> {
 fn read_agent(stage: &mut StageDraft, value: Node<'_>, path: &Path<'_>) -> Result<(), Problem> {
     let place = format!(" in `agent` of stage `{}`", stage.name);
     read_fields(stage, value, AGENT_FIELDS, &path.to_string(), &place)
+}
+
+/// `artifacts: [paths]`, or the mapping form with `when`.
+fn read_artifacts(stage: &mut StageDraft, value: Node<'_>, path: &Path<'_>) -> Result<(), Problem> {
+    if value.entries().is_none() {
+        return set(&mut stage.artifacts, values::artifact_paths(value, path));
+    }
+    let place = format!(" in `artifacts` of stage `{}`", stage.name);
+    read_fields(stage, value, ARTIFACTS_FIELDS, &path.to_string(), &place)
 }
 
 /// `resources: {memory, cpus, pids}`; its keys are named "`memory` in

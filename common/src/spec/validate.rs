@@ -161,7 +161,7 @@ fn with_defaults(stage: StageDraft, needs: Vec<usize>, defaults: &Defaults) -> S
         agent_labels: stage.agent_labels,
         image: stage.image.or_else(|| defaults.image.clone()),
         container: stage.container.or_defaults(defaults.container),
-        artifacts: Vec::new(),
-        artifacts_always: false,
+        artifacts: stage.artifacts,
+        artifacts_always: stage.artifacts_always,
     }
 }

@@ -303,3 +303,43 @@ fn is_env_name(text: &str) -> bool {
         .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
+
+/// `artifacts:` paths: workspace-relative, no `..`, each listed once.
+pub(super) fn artifact_paths(value: Node<'_>, path: &Path<'_>) -> Result<Vec<String>, Problem> {
+    let expected = "a list of workspace paths, like `[build/model, build/metrics.json]`";
+    let Some(items) = value.items() else {
+        return Err(wrong_type(value, path, expected));
+    };
+    let mut paths: Vec<String> = Vec::new();
+    for item in items {
+        let Some(text) = item.string() else {
+            return Err(wrong_type(item, path, expected));
+        };
+        crate::archive::check_artifact_path(text).map_err(|why| {
+            Problem::new(item.position(), format!("artifact path `{text}` {why}"))
+        })?;
+        if paths.iter().any(|seen| seen == text) {
+            return Err(Problem::new(
+                item.position(),
+                format!("artifact path `{text}` is listed twice in {path}; list it once"),
+            ));
+        }
+        paths.push(text.to_owned());
+    }
+    Ok(paths)
+}
+
+/// `when: always | on_success`, as whether to upload after a failure too.
+pub(super) fn artifacts_when(value: Node<'_>, path: &Path<'_>) -> Result<bool, Problem> {
+    match value.string() {
+        Some("always") => Ok(true),
+        Some("on_success") => Ok(false),
+        _ => Err(Problem::new(
+            value.position(),
+            format!(
+                "{path} must be `always` or `on_success`; found {}",
+                value.describe()
+            ),
+        )),
+    }
+}

@@ -4,6 +4,7 @@
 //! Cases are indented with the code around them; `trim_indent` removes that,
 //! so line numbers in expectations count from the case's first line.
 
+mod artifacts;
 mod containers;
 mod errors;
 mod pipelines;

@@ -15,6 +15,9 @@ use kiln_proto::v1 as pb;
 use pb::control_service_client::ControlServiceClient;
 use tonic::transport::Channel;
 
+pub mod docker;
+pub mod farm;
+
 /// Path of a workspace binary next to the running test executable.
 pub fn binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
@@ -88,6 +91,8 @@ pub struct CoordinatorOptions {
     pub heartbeat: &'static str,
     /// `127.0.0.1:0` for any free port; a fixed one to restart in place.
     pub grpc: String,
+    /// More flags for `kiln-coordinator`.
+    pub extra_args: Vec<String>,
 }
 
 impl Default for CoordinatorOptions {
@@ -96,6 +101,7 @@ impl Default for CoordinatorOptions {
             lease_ttl: "3s",
             heartbeat: "300ms",
             grpc: "127.0.0.1:0".into(),
+            extra_args: Vec::new(),
         }
     }
 }
@@ -319,4 +325,39 @@ pub async fn logs(
 /// Whether a process with this pid still exists.
 pub fn alive(pid: i32) -> bool {
     unsafe { libc::kill(pid, 0) == 0 }
+}
+
+/// Peak resident set size of a process (VmHWM), in MB.
+pub fn peak_rss_mb(pid: i32) -> Result<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kb: f64 = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmHWM:"))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|value| value.parse().ok())
+        .context("VmHWM missing")?;
+    Ok(kb / 1024.0)
+}
+
+/// Writes `size` bytes of deterministic pseudo-random data to `path`,
+/// streaming (xorshift, so it does not compress to nothing).
+pub fn write_generated(path: &Path, size: u64, seed: u64) -> Result<()> {
+    use std::io::Write;
+    let mut out = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(path)?);
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut block = vec![0u8; 1 << 20];
+    let mut left = size;
+    while left > 0 {
+        for word in block.chunks_exact_mut(8) {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            word.copy_from_slice(&state.to_le_bytes());
+        }
+        let n = left.min(block.len() as u64) as usize;
+        out.write_all(&block[..n])?;
+        left -= n as u64;
+    }
+    out.flush()?;
+    Ok(())
 }

@@ -9,7 +9,7 @@
 
 use std::collections::VecDeque;
 
-use kiln_proto::v1::{LogBatch, LogLine, Outcome, StageFinished, StageRef};
+use kiln_proto::v1::{Artifact, LogBatch, LogLine, Outcome, StageFinished, StageRef};
 
 /// Bytes a line costs in a batch on top of its text (tag, timestamp, length).
 const LINE_OVERHEAD_BYTES: usize = 16;
@@ -74,6 +74,7 @@ impl Outbox {
         exit_code: i32,
         message: String,
         image_digest: String,
+        outputs: Vec<Artifact>,
     ) {
         if self.finished.is_none() {
             self.finished = Some(StageFinished {
@@ -83,7 +84,7 @@ impl Outbox {
                 message,
                 log_lines: self.next_seq(),
                 image_digest,
-                outputs: Vec::new(),
+                outputs,
             });
         }
     }
@@ -286,7 +287,13 @@ mod tests {
     #[test]
     fn finished_goes_out_after_the_last_line_and_again_after_a_reconnect() {
         let mut outbox = outbox_with(3);
-        outbox.finish(Outcome::Succeeded, 0, String::new(), "sha256:abc".into());
+        outbox.finish(
+            Outcome::Succeeded,
+            0,
+            String::new(),
+            "sha256:abc".into(),
+            Vec::new(),
+        );
         assert!(outbox.take_finished().is_none(), "lines are still unsent");
         drain(&mut outbox, 256);
         let finished = outbox.take_finished().unwrap();
@@ -309,6 +316,7 @@ mod tests {
             1,
             "exited with code 1".into(),
             String::new(),
+            Vec::new(),
         );
         outbox.push(line(1));
         assert_eq!(outbox.next_seq(), 1);

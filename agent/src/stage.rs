@@ -5,12 +5,18 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use kiln_proto::v1::{Assign, Outcome};
+use std::path::{Path, PathBuf};
+
+use kiln_common::archive::{self, Limits};
+use kiln_proto::v1::artifact_service_client::ArtifactServiceClient;
+use kiln_proto::v1::{Artifact, Assign, Outcome, Source};
+use tonic::transport::Channel;
 
 use crate::error::Error;
 use crate::executor::{Ended, Executor, Exit, Job, describe_duration};
 use crate::logs::LogSink;
 use crate::stages::{AttemptKey, Stop, StopSignal};
+use crate::transfer;
 use crate::workspace::Workspaces;
 
 /// How an attempt ended: what its `StageFinished` says.
@@ -23,6 +29,8 @@ pub(crate) struct Report {
     pub(crate) message: String,
     /// The image the commands ran in, by digest; "" without a container.
     pub(crate) image_digest: String,
+    /// Artifacts uploaded after the commands.
+    pub(crate) outputs: Vec<Artifact>,
 }
 
 impl Report {
@@ -32,6 +40,7 @@ impl Report {
             exit_code,
             message: message.into(),
             image_digest: String::new(),
+            outputs: Vec::new(),
         }
     }
 
@@ -117,13 +126,27 @@ fn describe_bytes(bytes: u64) -> String {
 pub(crate) struct StageRunner {
     workspaces: Workspaces,
     executor: Arc<dyn Executor>,
+    /// The coordinator's blob store: inputs, outputs, source snapshots.
+    artifacts: ArtifactServiceClient<Channel>,
 }
 
+/// What one restored input may unpack to; the coordinator's limits bound
+/// what was uploaded, these bound what a hostile archive may expand to.
+const INPUT_LIMITS: Limits = Limits {
+    max_bytes: 256 << 30,
+    max_entries: 10_000_000,
+};
+
 impl StageRunner {
-    pub(crate) fn new(workspaces: Workspaces, executor: Arc<dyn Executor>) -> Self {
+    pub(crate) fn new(
+        workspaces: Workspaces,
+        executor: Arc<dyn Executor>,
+        artifacts: ArtifactServiceClient<Channel>,
+    ) -> Self {
         StageRunner {
             workspaces,
             executor,
+            artifacts,
         }
     }
 
@@ -144,8 +167,13 @@ impl StageRunner {
         stop: &mut StopSignal,
     ) -> Report {
         let source = assign.source.clone().unwrap_or_default();
+        let restore = async {
+            let dir = self.prepare_source(key, &source, log).await?;
+            self.restore_inputs(&assign.inputs, &dir, log).await?;
+            Ok::<_, Error>(dir)
+        };
         let prepared = tokio::select! {
-            prepared = self.workspaces.prepare(key, &source, log) => prepared,
+            prepared = restore => prepared,
             stop = stop.stopped() => {
                 log.system(format!("{stop}; not starting the commands")).await;
                 return Report::from_exit(Exit::Stopped(stop));
@@ -158,6 +186,8 @@ impl StageRunner {
                 return Report::infra(&err);
             }
         };
+        let (output_paths, outputs_always) = (assign.output_paths.clone(), assign.outputs_always);
+        let cwd = dir.clone();
         let job = Job {
             key,
             name: key.dir_name(),
@@ -171,13 +201,142 @@ impl StageRunner {
             image: assign.image,
             docker: assign.docker.unwrap_or_default(),
         };
-        match self.executor.run(job, log.clone(), stop.clone()).await {
+        let report = match self.executor.run(job, log.clone(), stop.clone()).await {
             Ok(ended) => Report::from_ended(ended),
             Err(err) => {
                 log.system(err.to_string()).await;
-                Report::infra(&err)
+                return Report::infra(&err);
+            }
+        };
+        let wanted = match report.outcome {
+            Outcome::Succeeded => true,
+            Outcome::Failed | Outcome::TimedOut => outputs_always,
+            _ => false,
+        };
+        if !wanted || output_paths.is_empty() {
+            return report;
+        }
+        self.upload_outputs(report, &output_paths, &cwd, log).await
+    }
+
+    /// The attempt's workspace with the sources in it: a git checkout, or an
+    /// uploaded snapshot of the pipeline directory. Returns where the
+    /// commands run.
+    async fn prepare_source(
+        &self,
+        key: AttemptKey,
+        source: &Source,
+        log: &LogSink,
+    ) -> Result<PathBuf, Error> {
+        if source.snapshot.is_empty() {
+            return self.workspaces.prepare(key, source, log).await;
+        }
+        let empty = Source {
+            subdir: source.subdir.clone(),
+            ..Source::default()
+        };
+        let dir = self.workspaces.prepare(key, &empty, log).await?;
+        log.system(format!("unpacking the uploaded source {}", source.snapshot))
+            .await;
+        let mut client = self.artifacts.clone();
+        transfer::download_and_unpack(
+            &mut client,
+            &source.snapshot,
+            self.workspaces.scratch_dir(),
+            &dir,
+            INPUT_LIMITS,
+            |_| {},
+        )
+        .await
+        .map_err(|error| Error::Source(format!("cannot unpack the uploaded source: {error}")))?;
+        Ok(dir)
+    }
+
+    /// Restores the outputs of the stages this one needs, verified by digest.
+    async fn restore_inputs(
+        &self,
+        inputs: &[Artifact],
+        dir: &Path,
+        log: &LogSink,
+    ) -> Result<(), Error> {
+        for input in inputs {
+            log.system(format!(
+                "restoring {} from stage `{}` ({}, {} bytes)",
+                input.path, input.stage, input.digest, input.size
+            ))
+            .await;
+            let mut client = self.artifacts.clone();
+            transfer::download_and_unpack(
+                &mut client,
+                &input.digest,
+                self.workspaces.scratch_dir(),
+                dir,
+                INPUT_LIMITS,
+                |_| {},
+            )
+            .await
+            .map_err(|error| {
+                Error::Source(format!("cannot restore artifact `{}`: {error}", input.path))
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Packs and uploads each output path; a path that is missing, unsafe
+    /// or refused fails the stage, a transfer problem is an infrastructure
+    /// error (retried elsewhere).
+    async fn upload_outputs(
+        &self,
+        mut report: Report,
+        paths: &[String],
+        dir: &Path,
+        log: &LogSink,
+    ) -> Report {
+        for path in paths {
+            let (root, rel) = (dir.to_path_buf(), path.clone());
+            let mut client = self.artifacts.clone();
+            let uploaded = transfer::pack_and_upload(
+                &mut client,
+                self.workspaces.scratch_dir(),
+                move |out| archive::pack(&root, &rel, out),
+                |_| {},
+            )
+            .await;
+            match uploaded {
+                Ok((digest, size, summary)) => {
+                    log.system(format!(
+                        "stored artifact {path}: {} files, {size} bytes packed, {digest}",
+                        summary.files
+                    ))
+                    .await;
+                    report.outputs.push(Artifact {
+                        path: path.clone(),
+                        digest,
+                        size,
+                        stage: String::new(),
+                    });
+                }
+                Err(error) => {
+                    let message = format!("artifact `{path}`: {error}");
+                    log.system(message.clone()).await;
+                    let outcome = if error.is_permanent() {
+                        Outcome::Failed
+                    } else {
+                        Outcome::InfraError
+                    };
+                    let exit_code = if outcome == Outcome::Failed {
+                        report.exit_code
+                    } else {
+                        -1
+                    };
+                    return Report {
+                        outputs: Vec::new(),
+                        ..Report::new(outcome, exit_code, message)
+                    };
+                }
             }
         }
+        report
     }
 }
 
@@ -276,7 +435,9 @@ mod tests {
     async fn runner(work_dir: &std::path::Path) -> StageRunner {
         let workspaces = Workspaces::open(work_dir).await.unwrap();
         let executor = Arc::new(ProcessExecutor::new(Duration::from_millis(200)));
-        StageRunner::new(workspaces, executor)
+        // Nothing listens here: these stages move no artifacts.
+        let channel = tonic::transport::Endpoint::from_static("http://127.0.0.1:9").connect_lazy();
+        StageRunner::new(workspaces, executor, ArtifactServiceClient::new(channel))
     }
 
     #[test]

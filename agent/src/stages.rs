@@ -199,7 +199,7 @@ impl StageTable {
     /// it); its `StageFinished` is kept until acknowledged like any other.
     pub(crate) fn refuse(&mut self, stage: StageRef, outcome: Outcome, message: String) {
         let mut outbox = Outbox::new(stage);
-        outbox.finish(outcome, 0, message, String::new());
+        outbox.finish(outcome, 0, message, String::new(), Vec::new());
         self.entries
             .insert(AttemptKey::from(&stage), Entry { outbox, task: None });
     }
@@ -236,6 +236,7 @@ impl StageTable {
             report.exit_code,
             report.message,
             report.image_digest,
+            report.outputs,
         );
     }
 
@@ -425,6 +426,7 @@ mod tests {
             exit_code: 0,
             message: String::new(),
             image_digest: String::new(),
+            outputs: Vec::new(),
         }
     }
 

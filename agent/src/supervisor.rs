@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use kiln_proto::v1::agent_message::Msg;
+use kiln_proto::v1::artifact_service_client::ArtifactServiceClient;
 use kiln_proto::v1::coordinator_message::Msg as CoordinatorMsg;
 use kiln_proto::v1::{
     Assign, CoordinatorMessage, Draining, Heartbeat, Hello, Outcome, StageStarted, Welcome,
@@ -71,7 +72,11 @@ pub(crate) async fn run(
         .connect_timeout(Duration::from_secs(5))
         .tcp_nodelay(true);
     let workspaces = Workspaces::open(&config.work_dir).await?;
-    let runner = StageRunner::new(workspaces, executor::build(&config).await?);
+    // Blob transfers get their own HTTP/2 connection, so a large artifact
+    // never delays heartbeats and acks on the control stream.
+    let artifacts = ArtifactServiceClient::new(endpoint.clone().connect_lazy())
+        .max_decoding_message_size(8 << 20);
+    let runner = StageRunner::new(workspaces, executor::build(&config).await?, artifacts);
     info!(
         name = %config.name,
         coordinator = %config.coordinator,
@@ -363,6 +368,7 @@ impl Supervisor {
                 exit_code: -1,
                 message: "the agent's stage task panicked; see the agent's log".into(),
                 image_digest: String::new(),
+                outputs: Vec::new(),
             };
             self.stages.finish(key, task_id, report);
             self.flush();

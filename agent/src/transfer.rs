@@ -65,7 +65,9 @@ impl TransferError {
         match self {
             Self::Refused { code, .. } => matches!(
                 code,
-                tonic::Code::InvalidArgument | tonic::Code::FailedPrecondition | tonic::Code::OutOfRange
+                tonic::Code::InvalidArgument
+                    | tonic::Code::FailedPrecondition
+                    | tonic::Code::OutOfRange
             ),
             Self::Archive(_) => true,
             Self::Io { .. } | Self::Corrupt { .. } => false,
@@ -245,7 +247,8 @@ where
         let file = file.clone();
         tokio::task::spawn_blocking(move || -> Result<_, TransferError> {
             let out = std::fs::File::create(&file).map_err(io_error(&file))?;
-            let mut writer = HashingWriter::new(std::io::BufWriter::with_capacity(CHUNK_BYTES, out));
+            let mut writer =
+                HashingWriter::new(std::io::BufWriter::with_capacity(CHUNK_BYTES, out));
             let summary = pack(&mut writer)?;
             let (mut out, info) = writer.finish();
             out.flush().map_err(io_error(&file))?;
@@ -257,7 +260,15 @@ where
     let result = async {
         let (info, summary) = packed?;
         let digest = info.digest.to_string();
-        upload_file(client, &file, &digest, info.size, "application/x-kiln-tar+zstd", progress).await?;
+        upload_file(
+            client,
+            &file,
+            &digest,
+            info.size,
+            "application/x-kiln-tar+zstd",
+            progress,
+        )
+        .await?;
         Ok((digest, info.size, summary))
     }
     .await;

@@ -117,6 +117,7 @@ impl Coordinator {
                 "--heartbeat",
                 options.heartbeat,
             ])
+            .args(&options.extra_args)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -182,7 +183,7 @@ pub fn start_agent(
         .args(["--coordinator", url, "--name", name, "--labels", labels])
         .args(["--capacity", &capacity.to_string(), "--executor", "process"])
         .args(["--work-dir".as_ref(), work_dir.as_os_str()])
-        .env("RUST_LOG", "warn")
+        .env("RUST_LOG", "error")
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .spawn()

@@ -112,8 +112,8 @@ fn unknown_keys() {
             comands: [make]
         ",
         "kiln.yml:4:5: unknown key `comands` in stage `build`; expected one of: needs, \
-         commands, env, timeout, retries, image, agent, executor, pull, resources, network (did you \
-         mean `commands`?)",
+         commands, env, timeout, retries, image, agent, executor, pull, resources, network, \
+         artifacts (did you mean `commands`?)",
     );
     check(
         "
@@ -122,8 +122,8 @@ fn unknown_keys() {
           build: { commands: [make], Needs: [] }
         ",
         "kiln.yml:3:30: unknown key `Needs` in stage `build`; expected one of: needs, \
-         commands, env, timeout, retries, image, agent, executor, pull, resources, network (did you \
-         mean `needs`?)",
+         commands, env, timeout, retries, image, agent, executor, pull, resources, network, \
+         artifacts (did you mean `needs`?)",
     );
     check(
         "

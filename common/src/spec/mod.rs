@@ -22,7 +22,12 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::time::Duration;
 
+pub use delivery::{
+    Approval, Condition, Gate, MaxRegression, Monitor, MonitorSource, OnBreach, OnMissing, Op,
+};
+
 mod container;
+mod delivery;
 mod duration;
 mod schema;
 mod suggest;
@@ -82,6 +87,14 @@ pub struct Stage {
     pub artifacts: Vec<String>,
     /// `artifacts: {when: always}`: upload after a failure too.
     pub artifacts_always: bool,
+    /// `metrics:` a flat JSON file of numbers the coordinator reads.
+    pub metrics: Option<String>,
+    /// `environment:` success creates a release there.
+    pub environment: Option<String>,
+    /// `gate:` evaluated by the coordinator; such a stage has no commands.
+    pub gate: Option<Gate>,
+    /// `monitor:` watches the release this stage makes.
+    pub monitor: Option<Monitor>,
 }
 
 /// How a docker stage gets its image, what it may use, and its network.

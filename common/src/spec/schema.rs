@@ -11,6 +11,7 @@ use std::fmt;
 use std::time::Duration;
 
 use super::container::{self, ContainerDraft};
+use super::delivery::{self, DeliveryDraft};
 use super::suggest::did_you_mean;
 use super::values;
 use super::yaml::{Document, Node};
@@ -53,6 +54,8 @@ pub(super) struct StageDraft {
     pub(super) artifacts: Vec<String>,
     /// `artifacts: {when: always}`.
     pub(super) artifacts_always: bool,
+    /// `metrics`, `environment`, `gate`, `monitor`.
+    pub(super) delivery: DeliveryDraft,
 }
 
 /// A name and where it was written, so that a reference can be blamed.
@@ -75,7 +78,7 @@ impl fmt::Display for Path<'_> {
 }
 
 /// One key a mapping accepts and how its value is read into `T`.
-type Field<T> = (
+pub(super) type Field<T> = (
     &'static str,
     fn(&mut T, Node<'_>, &Path<'_>) -> Result<(), Problem>,
 );
@@ -120,6 +123,10 @@ const STAGE_FIELDS: &[Field<StageDraft>] = &[
     ("resources", |s, v, path| read_resources(&mut s.container, v, path)),
     ("network", |s, v, path| set(&mut s.container.network, container::network(v, path).map(Some))),
     ("artifacts", read_artifacts),
+    ("metrics", |s, v, path| set(&mut s.delivery.metrics, delivery::metrics(v, path).map(Some))),
+    ("environment", |s, v, path| set(&mut s.delivery.environment, delivery::environment(v, path).map(Some))),
+    ("gate", |s, v, path| set(&mut s.delivery.gate, delivery::gate(v, path, &s.name.clone()).map(Some))),
+    ("monitor", |s, v, path| set(&mut s.delivery.monitor, delivery::monitor(v, path, &s.name.clone()).map(Some))),
 ];
 
 /// The long form `artifacts: {paths: [...], when: always}`.
@@ -229,6 +236,7 @@ fn read_stage(key: Node<'_>, body: Node<'_>) -> Result<StageDraft, Problem> {
         container: ContainerDraft::default(),
         artifacts: Vec::new(),
         artifacts_always: false,
+        delivery: DeliveryDraft::default(),
     };
     // `build:` with nothing under it is a stage without commands, not a type error.
     if !body.is_null() {
@@ -237,7 +245,8 @@ fn read_stage(key: Node<'_>, body: Node<'_>) -> Result<StageDraft, Problem> {
         read_fields(&mut stage, body, STAGE_FIELDS, &what, &place)?;
     }
     require_executor_label(&mut stage)?;
-    if stage.commands.is_empty() {
+    check_delivery(&stage)?;
+    if stage.commands.is_empty() && stage.delivery.gate.is_none() {
         return Err(Problem::new(
             stage.position,
             format!(
@@ -252,6 +261,40 @@ fn read_stage(key: Node<'_>, body: Node<'_>) -> Result<StageDraft, Problem> {
 fn read_agent(stage: &mut StageDraft, value: Node<'_>, path: &Path<'_>) -> Result<(), Problem> {
     let place = format!(" in `agent` of stage `{}`", stage.name);
     read_fields(stage, value, AGENT_FIELDS, &path.to_string(), &place)
+}
+
+/// A gate is evaluated by the coordinator: it runs nothing and makes
+/// nothing. A monitor watches an environment's release.
+fn check_delivery(stage: &StageDraft) -> Result<(), Problem> {
+    let name = &stage.name;
+    if let Some((_, at)) = &stage.delivery.gate {
+        let extra = [
+            (!stage.commands.is_empty(), "commands"),
+            (!stage.artifacts.is_empty(), "artifacts"),
+            (stage.delivery.metrics.is_some(), "metrics"),
+            (stage.delivery.environment.is_some(), "environment"),
+            (stage.delivery.monitor.is_some(), "monitor"),
+        ];
+        if let Some((_, key)) = extra.iter().find(|(present, _)| *present) {
+            return Err(Problem::new(
+                *at,
+                format!(
+                    "stage `{name}` is a gate, which the coordinator evaluates without running anything; remove `{key}` or make it a separate stage"
+                ),
+            ));
+        }
+    }
+    if let Some((_, at)) = &stage.delivery.monitor
+        && stage.delivery.environment.is_none()
+    {
+        return Err(Problem::new(
+            *at,
+            format!(
+                "stage `{name}` has a `monitor` but no `environment`; a monitor watches the release an environment stage makes"
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// `artifacts: [paths]`, or the mapping form with `when`.
@@ -308,7 +351,7 @@ fn require_executor_label(stage: &mut StageDraft) -> Result<(), Problem> {
 
 /// Reads a mapping whose keys must all come from `fields`. `what` names the
 /// mapping ("stage `build`"), `place` is appended to its keys' names.
-fn read_fields<T>(
+pub(super) fn read_fields<T>(
     target: &mut T,
     mapping: Node<'_>,
     fields: &[Field<T>],
@@ -343,7 +386,7 @@ fn read_fields<T>(
 }
 
 /// Stores a value that was read, so that the tables above fit on a line each.
-fn set<T>(slot: &mut T, value: Result<T, Problem>) -> Result<(), Problem> {
+pub(super) fn set<T>(slot: &mut T, value: Result<T, Problem>) -> Result<(), Problem> {
     *slot = value?;
     Ok(())
 }

@@ -163,5 +163,9 @@ fn with_defaults(stage: StageDraft, needs: Vec<usize>, defaults: &Defaults) -> S
         container: stage.container.or_defaults(defaults.container),
         artifacts: stage.artifacts,
         artifacts_always: stage.artifacts_always,
+        metrics: stage.delivery.metrics,
+        environment: stage.delivery.environment,
+        gate: stage.delivery.gate.map(|(gate, _)| gate),
+        monitor: stage.delivery.monitor.map(|(monitor, _)| monitor),
     }
 }

@@ -113,7 +113,7 @@ fn unknown_keys() {
         ",
         "kiln.yml:4:5: unknown key `comands` in stage `build`; expected one of: needs, \
          commands, env, timeout, retries, image, agent, executor, pull, resources, network, \
-         artifacts (did you mean `commands`?)",
+         artifacts, metrics, environment, gate, monitor (did you mean `commands`?)",
     );
     check(
         "
@@ -123,7 +123,7 @@ fn unknown_keys() {
         ",
         "kiln.yml:3:30: unknown key `Needs` in stage `build`; expected one of: needs, \
          commands, env, timeout, retries, image, agent, executor, pull, resources, network, \
-         artifacts (did you mean `needs`?)",
+         artifacts, metrics, environment, gate, monitor (did you mean `needs`?)",
     );
     check(
         "

@@ -6,6 +6,7 @@
 
 mod artifacts;
 mod containers;
+mod delivery;
 mod errors;
 mod pipelines;
 mod robustness;

@@ -1,0 +1,146 @@
+//! `metrics`, `environment`, `gate` and `monitor`.
+
+use std::time::Duration;
+
+use super::{check, parse_ok};
+use crate::spec::{Approval, Condition, MaxRegression, MonitorSource, OnBreach, OnMissing, Op};
+
+#[test]
+fn the_design_example_reads_as_written() {
+    let pipeline = parse_ok(
+        r#"
+        pipeline: customer-behavior
+        stages:
+          evaluate:
+            commands: [python -m src.evaluate]
+            metrics: build/metrics.json
+          deploy-staging:
+            needs: [evaluate]
+            environment: staging
+            commands: [./deploy.sh staging]
+          acceptance:
+            needs: [deploy-staging]
+            gate:
+              require: { recall: ">= 0.10", precision: ">= 0.15", accuracy: ">= 0.90" }
+              compare_to: production
+              max_regression: { recall: 0.02, precision: "5%" }
+              approval: manual
+          deploy-production:
+            needs: [acceptance]
+            environment: production
+            commands: [./deploy.sh production]
+            monitor:
+              scrape: http://127.0.0.1:9101/metrics
+              every: 10s
+              rollback_when: { model_error_ratio: "> 0.05" }
+              failure_limit: 3
+              for: 10m
+        "#,
+    );
+    let evaluate = &pipeline.stages[0];
+    assert_eq!(evaluate.metrics.as_deref(), Some("build/metrics.json"));
+    assert_eq!(pipeline.stages[1].environment.as_deref(), Some("staging"));
+    let gate = pipeline.stages[2].gate.as_ref().unwrap();
+    assert!(pipeline.stages[2].commands.is_empty());
+    assert_eq!(
+        gate.require["recall"],
+        Condition {
+            op: Op::Ge,
+            value: 0.10
+        }
+    );
+    assert_eq!(gate.compare_to.as_deref(), Some("production"));
+    assert_eq!(
+        gate.max_regression["recall"],
+        MaxRegression {
+            amount: 0.02,
+            relative: false
+        }
+    );
+    assert_eq!(
+        gate.max_regression["precision"],
+        MaxRegression {
+            amount: 0.05,
+            relative: true
+        }
+    );
+    assert_eq!(
+        (gate.on_missing, gate.approval),
+        (OnMissing::Fail, Approval::Manual)
+    );
+    let monitor = pipeline.stages[3].monitor.as_ref().unwrap();
+    assert!(
+        matches!(&monitor.source, MonitorSource::Scrape { url, .. } if url == "http://127.0.0.1:9101/metrics")
+    );
+    assert_eq!(
+        (monitor.every, monitor.window),
+        (Duration::from_secs(10), Duration::from_secs(600))
+    );
+    assert_eq!(
+        monitor.rollback_when["model_error_ratio"],
+        Condition {
+            op: Op::Gt,
+            value: 0.05
+        }
+    );
+    assert_eq!(
+        (monitor.failure_limit, monitor.on_breach),
+        (3, OnBreach::Rollback)
+    );
+}
+
+#[test]
+fn mistakes_in_delivery_keys() {
+    check(
+        "
+        pipeline: p
+        stages:
+          g:
+            commands: [x]
+            gate: { require: { recall: \">= 0.1\" } }
+        ",
+        "kiln.yml:5:11: stage `g` is a gate, which the coordinator evaluates without running anything; \
+         remove `commands` or make it a separate stage",
+    );
+    check(
+        "
+        pipeline: p
+        stages:
+          g:
+            gate: { require: { recall: \"at least 0.1\" } }
+        ",
+        "kiln.yml:4:32: bad condition `at least 0.1` in `require` in `gate` of stage `g`; write a \
+         comparison and a number, like \">= 0.9\" (one of >=, <=, >, <, ==)",
+    );
+    check(
+        "
+        pipeline: p
+        stages:
+          g:
+            gate: { max_regression: { recall: 0.1 } }
+        ",
+        "kiln.yml:4:11: `max_regression` of `recall` in stage `g` needs a champion; add `compare_to: ENVIRONMENT`",
+    );
+    check(
+        "
+        pipeline: p
+        stages:
+          d:
+            commands: [x]
+            monitor: { scrape: http://h/metrics, rollback_when: { e: \"> 1\" } }
+        ",
+        "kiln.yml:5:14: stage `d` has a `monitor` but no `environment`; a monitor watches the release \
+         an environment stage makes",
+    );
+    check(
+        "
+        pipeline: p
+        stages:
+          d:
+            commands: [x]
+            environment: prod
+            monitor: { rollback_when: { e: \"> 1\" } }
+        ",
+        "kiln.yml:6:14: `monitor` of stage `d` has no source; add `scrape: URL` or `prometheus: {url, query}`",
+    );
+}

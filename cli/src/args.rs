@@ -79,6 +79,18 @@ pub(crate) enum Command {
     Artifacts(ArtifactsCommand),
     /// Delete stored artifacts that no run or release keeps any more.
     Gc(GcArgs),
+    /// Environments and their releases.
+    #[command(subcommand)]
+    Env(EnvCommand),
+    /// Releases: what went live where, built from what.
+    #[command(subcommand)]
+    Release(ReleaseCommand),
+    /// Let a manual gate pass.
+    Approve(DecideArgs),
+    /// Fail a manual gate.
+    Reject(DecideArgs),
+    /// Put an environment's previous (or a chosen) release back.
+    Rollback(RollbackArgs),
     /// Start an embedded coordinator and two agents, and run an example pipeline.
     Demo(DemoArgs),
 }
@@ -247,4 +259,35 @@ mod tests {
         let err = Cli::try_parse_from(["kiln", "status", "seven"]).unwrap_err();
         assert_eq!(err.exit_code(), 2);
     }
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum EnvCommand {
+    /// List environments and what is live in each.
+    Ls,
+    /// Every release of an environment, newest first.
+    History { environment: String },
+    /// Allow promotions again after a monitor froze the environment.
+    Unfreeze { environment: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum ReleaseCommand {
+    /// A release's lineage: run, source, artifacts, image, metrics, gates.
+    Show { release: u64 },
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct DecideArgs {
+    pub(crate) run: u64,
+    /// The gate stage waiting for a decision.
+    pub(crate) stage: String,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct RollbackArgs {
+    pub(crate) environment: String,
+    /// The release to restore; the one live before the current one if omitted.
+    #[arg(long)]
+    pub(crate) to: Option<u64>,
 }

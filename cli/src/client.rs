@@ -82,6 +82,16 @@ impl Coordinator {
             .map_err(|s| self.fail(s))
     }
 
+    /// The control client, for calls that need no special handling.
+    pub(crate) fn control(&self) -> ControlServiceClient<Channel> {
+        self.rpc.clone()
+    }
+
+    /// One readable line for a failed call.
+    pub(crate) fn failed(&self, status: tonic::Status) -> CliError {
+        self.fail(status)
+    }
+
     fn fail(&self, status: tonic::Status) -> CliError {
         CliError::from_status(status, &self.url)
     }

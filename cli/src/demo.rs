@@ -126,6 +126,7 @@ fn start_coordinator(data_dir: &Path, listener: tokio::net::TcpListener) -> Serv
         lease_ttl: LEASE_TTL,
         heartbeat_interval: HEARTBEAT,
         artifacts: kiln_coordinator::ArtifactPolicy::default(),
+        alerts: kiln_coordinator::AlertTargets::default(),
     };
     let (stop, stopped) = watch::channel(false);
     let task = tokio::spawn(kiln_coordinator::run(config, stop_requested(stopped)));

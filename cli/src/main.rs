@@ -28,9 +28,12 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-use crate::args::{AgentCommand, ArtifactsCommand, Cli, Command, OutputFormat, PipelineCommand};
+use crate::args::{
+    AgentCommand, ArtifactsCommand, Cli, Command, EnvCommand, OutputFormat, PipelineCommand,
+    ReleaseCommand,
+};
 use crate::client::Coordinator;
-use crate::commands::{agents, artifacts, logs, pipeline, runs};
+use crate::commands::{agents, artifacts, delivery, logs, pipeline, runs};
 use crate::error::{CliError, Outcome};
 
 #[tokio::main]
@@ -98,6 +101,19 @@ async fn remote(
             out,
         }) => artifacts::get(c, format, run, &stage, &path, &out).await,
         Command::Gc(args) => artifacts::gc(c, format, &args).await,
+        Command::Env(EnvCommand::Ls) => delivery::environments(c, format).await,
+        Command::Env(EnvCommand::History { environment }) => {
+            delivery::history(c, format, &environment).await
+        }
+        Command::Env(EnvCommand::Unfreeze { environment }) => {
+            delivery::unfreeze(c, format, &environment).await
+        }
+        Command::Release(ReleaseCommand::Show { release }) => {
+            delivery::show_release(c, format, release).await
+        }
+        Command::Approve(args) => delivery::decide(c, format, &args, true).await,
+        Command::Reject(args) => delivery::decide(c, format, &args, false).await,
+        Command::Rollback(args) => delivery::rollback(c, format, &args).await,
         Command::Demo(_) | Command::Pipeline(PipelineCommand::Register { .. }) => {
             unreachable!("dispatch handles the commands that do more than call the coordinator")
         }

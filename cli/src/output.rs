@@ -262,6 +262,55 @@ fn or_dash(text: &str) -> String {
     }
 }
 
+/// Metrics and gate decisions under the stage table ("" when none).
+pub(crate) fn delivery_details(stages: &[StageView]) -> String {
+    let mut out = String::new();
+    for stage in stages {
+        if !stage.metrics.is_empty() {
+            let values: Vec<String> = stage
+                .metrics
+                .iter()
+                .map(|(k, v)| format!("{k}={}", number(*v)))
+                .collect();
+            out.push_str(&format!(
+                "\nmetrics of {}: {}",
+                stage.name,
+                values.join(" ")
+            ));
+        }
+        if let Some(gate) = &stage.gate {
+            out.push_str(&format!("\ngate {}: {}", stage.name, gate.summary));
+            for check in &gate.checks {
+                let value = check.value.map_or("missing".to_owned(), number);
+                let champion = check
+                    .champion
+                    .map(|c| format!(" (champion {})", number(c)))
+                    .unwrap_or_default();
+                let by = check
+                    .decided_by_on_missing
+                    .as_ref()
+                    .map(|policy| format!(" [on_missing: {policy} decided]"))
+                    .unwrap_or_default();
+                let verdict = if check.passed { "pass" } else { "FAIL" };
+                out.push_str(&format!(
+                    "\n  {verdict} {} {} {value}{champion}{by}",
+                    check.metric, check.rule
+                ));
+            }
+        }
+    }
+    out
+}
+
+/// A metric value for people: 4 decimals, NaN spelled out.
+pub(crate) fn number(value: f64) -> String {
+    if value.is_nan() {
+        "NaN".to_owned()
+    } else {
+        format!("{value:.4}")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -297,6 +346,8 @@ mod tests {
             exit_code: Some(3),
             message: String::new(),
             needs: vec![],
+            metrics: Default::default(),
+            gate: None,
         };
         let pending = StageView {
             name: "evaluate".into(),

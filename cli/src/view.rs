@@ -41,6 +41,8 @@ pub(crate) enum StageState {
     TimedOut,
     Cancelled,
     Skipped,
+    /// A manual gate that passed its checks, waiting for `kiln approve`.
+    AwaitingApproval,
 }
 
 /// A run (`kiln status`, `kiln runs`, `kiln run`, `cancel`, `retry`).
@@ -83,6 +85,53 @@ pub(crate) struct StageView {
     /// Why it ended the way it did ("agent lost", "timed out after 5s").
     pub(crate) message: String,
     pub(crate) needs: Vec<String>,
+    /// Parsed by the coordinator from the stage's metrics file (NaN = null).
+    pub(crate) metrics: BTreeMap<String, f64>,
+    /// A gate's decision and the values that decided it.
+    pub(crate) gate: Option<GateView>,
+}
+
+/// A gate's decision. JSON: `{passed, summary, decided_by, checks: [{metric,
+/// rule, value, champion, passed, decided_by_on_missing}]}`.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub(crate) struct GateView {
+    pub(crate) passed: bool,
+    pub(crate) summary: String,
+    pub(crate) decided_by: Option<String>,
+    pub(crate) checks: Vec<GateCheckView>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub(crate) struct GateCheckView {
+    pub(crate) metric: String,
+    pub(crate) rule: String,
+    pub(crate) value: Option<f64>,
+    pub(crate) champion: Option<f64>,
+    pub(crate) passed: bool,
+    pub(crate) decided_by_on_missing: Option<String>,
+}
+
+impl From<pb::GateDecision> for GateView {
+    fn from(gate: pb::GateDecision) -> Self {
+        GateView {
+            passed: gate.passed,
+            summary: gate.summary,
+            decided_by: (!gate.decided_by.is_empty()).then_some(gate.decided_by),
+            checks: gate
+                .checks
+                .into_iter()
+                .map(|check| GateCheckView {
+                    metric: check.metric,
+                    rule: check.rule,
+                    value: check.value,
+                    champion: check.champion,
+                    passed: check.passed,
+                    decided_by_on_missing: (!check.decided_by_on_missing.is_empty())
+                        .then_some(check.decided_by_on_missing),
+                })
+                .collect(),
+        }
+    }
 }
 
 /// A registered pipeline version (`kiln pipeline list|show|register`).
@@ -214,6 +263,7 @@ impl StageState {
             StageState::TimedOut => "timed_out",
             StageState::Cancelled => "cancelled",
             StageState::Skipped => "skipped",
+            StageState::AwaitingApproval => "awaiting_approval",
         }
     }
 }
@@ -254,6 +304,7 @@ impl From<pb::StageState> for StageState {
             pb::StageState::TimedOut => StageState::TimedOut,
             pb::StageState::Cancelled => StageState::Cancelled,
             pb::StageState::Skipped => StageState::Skipped,
+            pb::StageState::AwaitingApproval => StageState::AwaitingApproval,
         }
     }
 }
@@ -292,6 +343,8 @@ impl From<pb::Stage> for StageView {
             exit_code: (exited && state.is_finished()).then_some(stage.exit_code),
             message: stage.message,
             needs: stage.needs,
+            metrics: stage.metrics.into_iter().collect(),
+            gate: stage.gate.map(GateView::from),
         }
     }
 }

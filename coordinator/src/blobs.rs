@@ -205,6 +205,46 @@ impl BlobStore {
         tokio_stream::wrappers::ReceiverStream::new(rx)
     }
 
+    /// Reads one small file out of an archive blob (a stage's metrics file),
+    /// verifying the blob first. Bounded by `max_bytes` both packed and
+    /// unpacked.
+    pub(crate) fn read_single_file(
+        &self,
+        digest: &str,
+        path: &str,
+        max_bytes: u64,
+    ) -> Result<String, String> {
+        let digest = parse_digest(digest).map_err(|error| error.to_string())?;
+        let file = self.path(&digest);
+        let size = std::fs::metadata(&file)
+            .map_err(|_| format!("blob {digest} is not stored"))?
+            .len();
+        if size > max_bytes {
+            return Err(format!(
+                "its archive is {size} bytes, over the {max_bytes}-byte limit"
+            ));
+        }
+        let bytes = std::fs::read(&file).map_err(|error| error.to_string())?;
+        let actual = digest_of(Sha256::new_with_prefix(&bytes));
+        if actual != digest.to_string() {
+            return Err(BlobError::Corrupt {
+                digest: digest.to_string(),
+                actual,
+            }
+            .to_string());
+        }
+        let scratch =
+            tempfile::tempdir_in(self.root.join("tmp")).map_err(|error| error.to_string())?;
+        let limits = kiln_common::archive::Limits {
+            max_bytes,
+            max_entries: 64,
+        };
+        kiln_common::archive::unpack(&bytes[..], scratch.path(), &limits)
+            .map_err(|error| error.to_string())?;
+        std::fs::read_to_string(scratch.path().join(path))
+            .map_err(|error| format!("cannot read it from its archive: {error}"))
+    }
+
     /// Deletes every blob that is not in `keep`, not being uploaded, and not
     /// used since `cutoff` (the scan's start minus [`GC_GRACE`]).
     pub(crate) fn collect(

@@ -20,6 +20,7 @@ use crate::engine::{Event, NewPipeline, Reply};
 use crate::error::ApiError;
 use crate::gc;
 use crate::store::{PipelineRecord, Store};
+use crate::views;
 
 /// Runs listed when the request says 0.
 const DEFAULT_RUN_LIMIT: usize = 50;
@@ -58,6 +59,24 @@ impl ControlApi {
             .await
             .map_err(|_| Status::from(ApiError::ShuttingDown))?
             .map_err(Status::from)
+    }
+
+    async fn decide(
+        &self,
+        request: pb::DecideStageRequest,
+        approve: bool,
+    ) -> Result<Response<pb::Run>, Status> {
+        let (run, stage, user) = (RunId(request.run_id), request.stage, or_api(request.user));
+        Ok(Response::new(
+            self.ask(|reply| Event::DecideGate {
+                run,
+                stage,
+                user,
+                approve,
+                reply,
+            })
+            .await?,
+        ))
     }
 
     fn latest_pipeline(&self, name: &str) -> Result<PipelineRecord, ApiError> {
@@ -334,6 +353,98 @@ impl ControlService for ControlApi {
         Ok(Response::new(pb::ListArtifactsResponse { artifacts }))
     }
 
+    async fn list_environments(
+        &self,
+        _request: Request<pb::ListEnvironmentsRequest>,
+    ) -> Result<Response<pb::ListEnvironmentsResponse>, Status> {
+        let environments = self
+            .store
+            .environments()
+            .map_err(ApiError::from)?
+            .iter()
+            .map(views::environment)
+            .collect();
+        Ok(Response::new(pb::ListEnvironmentsResponse { environments }))
+    }
+
+    async fn environment_history(
+        &self,
+        request: Request<pb::EnvironmentHistoryRequest>,
+    ) -> Result<Response<pb::ListReleasesResponse>, Status> {
+        let environment = request.into_inner().environment;
+        let mut releases: Vec<pb::Release> = self
+            .store
+            .releases()
+            .map_err(ApiError::from)?
+            .iter()
+            .filter(|release| release.environment == environment)
+            .map(views::release)
+            .collect();
+        if releases.is_empty() {
+            return Err(
+                ApiError::NotFound(format!("environment `{environment}` has no releases")).into(),
+            );
+        }
+        releases.reverse();
+        Ok(Response::new(pb::ListReleasesResponse { releases }))
+    }
+
+    async fn get_release(
+        &self,
+        request: Request<pb::GetReleaseRequest>,
+    ) -> Result<Response<pb::Release>, Status> {
+        let id = request.into_inner().release_id;
+        let release = self
+            .store
+            .release(id)
+            .map_err(ApiError::from)?
+            .ok_or_else(|| ApiError::NotFound(format!("release {id} does not exist")))?;
+        Ok(Response::new(views::release(&release)))
+    }
+
+    async fn approve_stage(
+        &self,
+        request: Request<pb::DecideStageRequest>,
+    ) -> Result<Response<pb::Run>, Status> {
+        self.decide(request.into_inner(), true).await
+    }
+
+    async fn reject_stage(
+        &self,
+        request: Request<pb::DecideStageRequest>,
+    ) -> Result<Response<pb::Run>, Status> {
+        self.decide(request.into_inner(), false).await
+    }
+
+    async fn rollback(
+        &self,
+        request: Request<pb::RollbackRequest>,
+    ) -> Result<Response<pb::Run>, Status> {
+        let request = request.into_inner();
+        let (environment, user) = (request.environment, or_api(request.user));
+        let to = Some(request.to_release).filter(|&id| id != 0);
+        Ok(Response::new(
+            self.ask(|reply| Event::Rollback {
+                environment,
+                to,
+                user,
+                reply,
+            })
+            .await?,
+        ))
+    }
+
+    async fn unfreeze_environment(
+        &self,
+        request: Request<pb::EnvironmentHistoryRequest>,
+    ) -> Result<Response<pb::Environment>, Status> {
+        let environment = request.into_inner().environment;
+        Ok(Response::new(
+            self.ask(|reply| Event::Unfreeze { environment, reply })
+                .await?,
+        ))
+    }
+
     async fn collect_garbage(
         &self,
         request: Request<pb::GcRequest>,
@@ -355,6 +466,15 @@ impl ControlService for ControlApi {
             bytes_freed: report.freed,
             blobs_kept: report.kept,
         }))
+    }
+}
+
+/// Who asked, or "api" when the caller did not say.
+fn or_api(user: String) -> String {
+    if user.is_empty() {
+        "api".to_owned()
+    } else {
+        user
     }
 }
 

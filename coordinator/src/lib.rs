@@ -21,6 +21,7 @@ mod blobs;
 pub mod clock;
 mod commit;
 mod control;
+mod delivery;
 mod engine;
 mod error;
 mod gc;
@@ -55,6 +56,19 @@ pub struct Config {
     pub heartbeat_interval: Duration,
     /// Size limits and retention of artifacts.
     pub artifacts: ArtifactPolicy,
+    /// Where alerts go.
+    pub alerts: AlertTargets,
+}
+
+/// Alert destinations; none configured = alerts are only logged.
+#[derive(Clone, Debug, Default)]
+pub struct AlertTargets {
+    /// Prometheus Alertmanager root URL (alerts go to `/api/v2/alerts`).
+    pub alertmanager_url: Option<String>,
+    /// Generic webhook receiving JSON.
+    pub webhook_url: Option<String>,
+    /// HMAC-SHA256 key for the webhook's `X-Kiln-Signature` header.
+    pub webhook_secret: Option<String>,
 }
 
 /// Size limits and retention of stored artifacts.
@@ -117,11 +131,23 @@ pub async fn run(
         let _ = failed_tx.send(error);
     });
     let (events_tx, events_rx) = mpsc::channel(16 * 1024);
+    let generator = format!("kiln-coordinator://{}", config.grpc_listener.local_addr()?);
+    let mut alert_config = delivery::alerts::AlertConfig::new(generator);
+    alert_config.alertmanager_url = config.alerts.alertmanager_url.clone();
+    alert_config.webhook_url = config.alerts.webhook_url.clone();
+    alert_config.webhook_secret = config.alerts.webhook_secret.clone();
+    let (alerts, alerter) = delivery::alerts::start(alert_config, metrics.clone(), stop_rx.clone());
+    let runtime = engine::DeliveryRuntime {
+        http: delivery::http_client(),
+        alerts,
+        events: events_tx.clone(),
+    };
     let engine_task = tokio::spawn(engine::run_engine(
         engine,
         events_rx,
         committer,
         stop_rx.clone(),
+        runtime,
     ));
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
@@ -189,6 +215,7 @@ pub async fn run(
     tracing::info!("shutting down: engine, then listeners, then store");
     let _ = stop_tx.send(true);
     engine_task.await?;
+    let _ = tokio::time::timeout(DRAIN_GRACE, alerter).await;
     for task in [Some(grpc), None].into_iter().flatten() {
         if tokio::time::timeout(DRAIN_GRACE, task).await.is_err() {
             tracing::warn!("gRPC streams did not end within {DRAIN_GRACE:?}; closing them");

@@ -1,102 +1,334 @@
-//! Counters and gauges the engine updates and `/metrics` renders in the
-//! Prometheus text format. Plain atomics: the engine is the only writer.
+//! Counters, gauges and the dispatch histogram that the engine and the
+//! delivery tasks update and `/metrics` renders in the Prometheus text
+//! format (0.0.4).
+//!
+//! Built on the `prometheus` crate rather than `prometheus-client`: the latter
+//! only writes OpenMetrics text (counter families named without `_total`,
+//! `# EOF`), which `promtool check metrics` rejects ("no help text"), and
+//! passing promtool is a requirement. Every metric lives in this struct's own
+//! registry, never the process-global one, so embedded coordinators (the
+//! demo, tests) do not collide.
 
-use std::fmt::Write;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
+};
 
 use crate::store::{RunState, StageState};
 
-#[derive(Default)]
-pub(crate) struct Metrics {
-    active_runs: AtomicU64,
-    ready_stages: AtomicU64,
-    connected_agents: AtomicU64,
-    runs_finished: [AtomicU64; 3],
-    stages_finished: [AtomicU64; 5],
-}
-
+/// Dispatch latency buckets, in seconds: from an idle farm (milliseconds)
+/// to a saturated one (stages queued for minutes).
+const DISPATCH_BUCKETS: [f64; 14] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+];
 const RUN_OUTCOMES: [&str; 3] = ["succeeded", "failed", "cancelled"];
 const STAGE_OUTCOMES: [&str; 5] = ["succeeded", "failed", "timed_out", "cancelled", "skipped"];
+/// Where alerts go; see `delivery::alerts`.
+const ALERT_DESTINATIONS: [&str; 2] = ["alertmanager", "webhook"];
+
+/// How a gate stage can be decided; `awaiting_approval` is a gate with
+/// `approval: manual` waiting for `kiln approve` or `kiln reject`.
+const GATE_OUTCOMES: [&str; 3] = ["passed", "failed", "awaiting_approval"];
+
+/// Everything `/metrics` shows. Cheap to update from any thread (atomics
+/// inside); the engine is the main writer, the alerter the other.
+pub(crate) struct Metrics {
+    /// Owns every metric below; `render` gathers from it.
+    registry: Registry,
+    active_runs: IntGauge,
+    /// Ready stages waiting for an agent: the dispatch queue depth.
+    ready_stages: IntGauge,
+    connected_agents: IntGauge,
+    runs_finished: IntCounterVec,
+    stages_finished: IntCounterVec,
+    dispatch_latency: Histogram,
+    releases: IntCounterVec,
+    gate_decisions: IntCounterVec,
+    rollbacks: IntCounterVec,
+    monitor_breaches: IntCounterVec,
+    alerts: IntCounterVec,
+    /// Alerts dropped because the alerter's queue was full or closed.
+    alerts_dropped: IntCounter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let registry = Registry::new();
+        let gauge = |name: &str, help: &str| {
+            let gauge = IntGauge::new(name, help).expect("valid gauge");
+            registry
+                .register(Box::new(gauge.clone()))
+                .expect("unique metric name");
+            gauge
+        };
+        let counters = |name: &str, help: &str, labels: &[&str]| {
+            let counters =
+                IntCounterVec::new(Opts::new(name, help), labels).expect("valid counter");
+            registry
+                .register(Box::new(counters.clone()))
+                .expect("unique metric name");
+            counters
+        };
+        let active_runs = gauge("kiln_active_runs", "Runs not finished yet.");
+        let ready_stages = gauge(
+            "kiln_ready_stages",
+            "Stages waiting for an agent (the dispatch queue depth).",
+        );
+        let connected_agents = gauge("kiln_connected_agents", "Agents with an open stream.");
+        let runs_finished = counters(
+            "kiln_runs_finished_total",
+            "Runs finished, by final state.",
+            &["state"],
+        );
+        let stages_finished = counters(
+            "kiln_stages_finished_total",
+            "Stage attempts settled, by state.",
+            &["state"],
+        );
+        let dispatch_latency = Histogram::with_opts(
+            HistogramOpts::new(
+                "kiln_dispatch_latency_seconds",
+                "Time from a stage becoming ready to its assignment being sent to an agent.",
+            )
+            .buckets(DISPATCH_BUCKETS.to_vec()),
+        )
+        .expect("valid histogram");
+        registry
+            .register(Box::new(dispatch_latency.clone()))
+            .expect("unique metric name");
+        let releases = counters(
+            "kiln_releases_total",
+            "Releases created, by environment.",
+            &["environment"],
+        );
+        let gate_decisions = counters(
+            "kiln_gate_decisions_total",
+            "Gate stages decided, by outcome.",
+            &["outcome"],
+        );
+        let rollbacks = counters(
+            "kiln_rollbacks_total",
+            "Rollbacks finished, by environment and outcome.",
+            &["environment", "outcome"],
+        );
+        let monitor_breaches = counters(
+            "kiln_monitor_breaches_total",
+            "Monitor samples that met a rollback_when condition, by environment.",
+            &["environment"],
+        );
+        let alerts = counters(
+            "kiln_alerts_total",
+            "Alert deliveries finished (after retries), by destination and outcome.",
+            &["destination", "outcome"],
+        );
+        let alerts_dropped = IntCounter::new(
+            "kiln_alerts_dropped_total",
+            "Alerts dropped before delivery because the alert queue was full or closed.",
+        )
+        .expect("valid counter");
+        registry
+            .register(Box::new(alerts_dropped.clone()))
+            .expect("unique metric name");
+
+        // Fixed label sets start at 0, so the series exist (and `rate()` has
+        // a baseline) before the first event.
+        for state in RUN_OUTCOMES {
+            runs_finished.with_label_values(&[state]);
+        }
+        for state in STAGE_OUTCOMES {
+            stages_finished.with_label_values(&[state]);
+        }
+        for outcome in GATE_OUTCOMES {
+            gate_decisions.with_label_values(&[outcome]);
+        }
+        for destination in ALERT_DESTINATIONS {
+            for outcome in ["sent", "failed"] {
+                alerts.with_label_values(&[destination, outcome]);
+            }
+        }
+        Self {
+            registry,
+            active_runs,
+            ready_stages,
+            connected_agents,
+            runs_finished,
+            stages_finished,
+            dispatch_latency,
+            releases,
+            gate_decisions,
+            rollbacks,
+            monitor_breaches,
+            alerts,
+            alerts_dropped,
+        }
+    }
+}
 
 impl Metrics {
     pub(crate) fn set_engine_gauges(&self, active_runs: usize, ready: usize, agents: usize) {
-        self.active_runs
-            .store(active_runs as u64, Ordering::Relaxed);
-        self.ready_stages.store(ready as u64, Ordering::Relaxed);
-        self.connected_agents
-            .store(agents as u64, Ordering::Relaxed);
+        self.active_runs.set(gauge_value(active_runs));
+        self.ready_stages.set(gauge_value(ready));
+        self.connected_agents.set(gauge_value(agents));
     }
 
     pub(crate) fn run_finished(&self, state: RunState) {
-        let slot = match state {
-            RunState::Succeeded => 0,
-            RunState::Failed => 1,
-            RunState::Cancelled => 2,
+        let label = match state {
+            RunState::Succeeded => "succeeded",
+            RunState::Failed => "failed",
+            RunState::Cancelled => "cancelled",
             RunState::Queued | RunState::Running => return,
         };
-        self.runs_finished[slot].fetch_add(1, Ordering::Relaxed);
+        self.runs_finished.with_label_values(&[label]).inc();
     }
 
     pub(crate) fn stage_finished(&self, state: StageState) {
-        let slot = match state {
-            StageState::Succeeded => 0,
-            StageState::Failed => 1,
-            StageState::TimedOut => 2,
-            StageState::Cancelled => 3,
-            StageState::Skipped => 4,
+        let label = match state {
+            StageState::Succeeded => "succeeded",
+            StageState::Failed => "failed",
+            StageState::TimedOut => "timed_out",
+            StageState::Cancelled => "cancelled",
+            StageState::Skipped => "skipped",
             _ => return,
         };
-        self.stages_finished[slot].fetch_add(1, Ordering::Relaxed);
+        self.stages_finished.with_label_values(&[label]).inc();
     }
 
-    /// The Prometheus text exposition of everything above.
+    /// A stage was assigned `latency` after it became ready.
+    #[allow(dead_code)] // The engine's dispatch does not time assignments yet.
+    pub(crate) fn observe_dispatch_latency(&self, latency: Duration) {
+        self.dispatch_latency.observe(latency.as_secs_f64());
+    }
+
+    /// A release went live in `environment`.
+    pub(crate) fn release_created(&self, environment: &str) {
+        self.releases.with_label_values(&[environment]).inc();
+    }
+
+    /// A gate was decided: `outcome` is `passed`, `failed` or
+    /// `awaiting_approval`.
+    pub(crate) fn gate_decided(&self, outcome: &str) {
+        debug_assert!(GATE_OUTCOMES.contains(&outcome), "gate outcome {outcome}");
+        self.gate_decisions.with_label_values(&[outcome]).inc();
+    }
+
+    /// A rollback in `environment` ended; `succeeded` is whether the previous
+    /// release is live again.
+    pub(crate) fn rollback_finished(&self, environment: &str, succeeded: bool) {
+        let outcome = if succeeded { "succeeded" } else { "failed" };
+        self.rollbacks
+            .with_label_values(&[environment, outcome])
+            .inc();
+    }
+
+    /// One monitor sample of a release in `environment` breached.
+    pub(crate) fn monitor_breach(&self, environment: &str) {
+        self.monitor_breaches
+            .with_label_values(&[environment])
+            .inc();
+    }
+
+    /// One alert's delivery to `destination` ("alertmanager" or "webhook")
+    /// ended, after any retries.
+    pub(crate) fn alert_delivered(&self, destination: &str, sent: bool) {
+        let outcome = if sent { "sent" } else { "failed" };
+        self.alerts.with_label_values(&[destination, outcome]).inc();
+    }
+
+    /// An alert never reached the alerter (queue full or alerter stopped).
+    pub(crate) fn alert_dropped(&self) {
+        self.alerts_dropped.inc();
+    }
+
+    /// The Prometheus text exposition (format 0.0.4) of everything above.
     pub(crate) fn render(&self) -> String {
-        let mut out = String::new();
-        let gauges = [
-            (
-                "kiln_active_runs",
-                "Runs not finished yet.",
-                &self.active_runs,
-            ),
-            (
-                "kiln_ready_stages",
-                "Stages waiting for an agent.",
-                &self.ready_stages,
-            ),
-            (
-                "kiln_connected_agents",
-                "Agents with an open stream.",
-                &self.connected_agents,
-            ),
-        ];
-        for (name, help, value) in gauges {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
-            let _ = writeln!(out, "{name} {}", value.load(Ordering::Relaxed));
+        let mut out = Vec::new();
+        if let Err(error) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
+            // Only malformed families fail to encode, and ours are fixed.
+            tracing::error!(%error, "cannot encode /metrics");
         }
-        let counters = [
+        String::from_utf8(out).unwrap_or_default()
+    }
+}
+
+/// Counts are far below `i64::MAX`; saturate rather than wrap if not.
+fn gauge_value(count: usize) -> i64 {
+    i64::try_from(count).unwrap_or(i64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::delivery::testing;
+
+    /// The value of one sample line (`name{labels}`) in `text`.
+    fn sample(text: &str, series: &str) -> Option<f64> {
+        text.lines()
+            .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+    }
+
+    #[test]
+    fn every_family_renders_with_its_labels() {
+        let metrics = Metrics::default();
+        metrics.set_engine_gauges(2, 5, 3);
+        metrics.run_finished(RunState::Succeeded);
+        metrics.run_finished(RunState::Running);
+        metrics.stage_finished(StageState::TimedOut);
+        metrics.observe_dispatch_latency(Duration::from_millis(30));
+        metrics.release_created("production");
+        metrics.gate_decided("awaiting_approval");
+        metrics.rollback_finished("production", false);
+        metrics.monitor_breach("staging");
+        metrics.alert_delivered("webhook", true);
+        metrics.alert_dropped();
+        let text = metrics.render();
+        for (series, value) in [
+            ("kiln_active_runs", 2.0),
+            ("kiln_ready_stages", 5.0),
+            ("kiln_connected_agents", 3.0),
+            ("kiln_runs_finished_total{state=\"succeeded\"}", 1.0),
+            ("kiln_runs_finished_total{state=\"failed\"}", 0.0),
+            ("kiln_stages_finished_total{state=\"timed_out\"}", 1.0),
+            ("kiln_dispatch_latency_seconds_bucket{le=\"0.025\"}", 0.0),
+            ("kiln_dispatch_latency_seconds_bucket{le=\"0.05\"}", 1.0),
+            ("kiln_dispatch_latency_seconds_count", 1.0),
+            ("kiln_releases_total{environment=\"production\"}", 1.0),
             (
-                "kiln_runs_finished_total",
-                "Runs finished, by final state.",
-                &RUN_OUTCOMES[..],
-                &self.runs_finished[..],
+                "kiln_gate_decisions_total{outcome=\"awaiting_approval\"}",
+                1.0,
+            ),
+            ("kiln_gate_decisions_total{outcome=\"passed\"}", 0.0),
+            (
+                "kiln_rollbacks_total{environment=\"production\",outcome=\"failed\"}",
+                1.0,
+            ),
+            ("kiln_monitor_breaches_total{environment=\"staging\"}", 1.0),
+            (
+                "kiln_alerts_total{destination=\"webhook\",outcome=\"sent\"}",
+                1.0,
             ),
             (
-                "kiln_stages_finished_total",
-                "Stage attempts settled, by state.",
-                &STAGE_OUTCOMES[..],
-                &self.stages_finished[..],
+                "kiln_alerts_total{destination=\"alertmanager\",outcome=\"failed\"}",
+                0.0,
             ),
-        ];
-        for (name, help, labels, values) in counters {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
-            for (label, value) in labels.iter().zip(values) {
-                let _ = writeln!(
-                    out,
-                    "{name}{{state=\"{label}\"}} {}",
-                    value.load(Ordering::Relaxed)
-                );
-            }
+            ("kiln_alerts_dropped_total", 1.0),
+        ] {
+            assert_eq!(sample(&text, series), Some(value), "{series} in\n{text}");
         }
-        out
+    }
+
+    #[test]
+    fn render_passes_promtool() {
+        let Some(promtool) = testing::binary("promtool", "render_passes_promtool") else {
+            return;
+        };
+        let metrics = Metrics::default();
+        metrics.release_created("staging");
+        metrics.rollback_finished("staging", true);
+        metrics.monitor_breach("staging");
+        metrics.observe_dispatch_latency(Duration::from_secs(2));
+        let report = testing::promtool_check_metrics(&promtool, &metrics.render());
+        assert_eq!(report, Ok(String::new()), "promtool check metrics");
     }
 }

@@ -1,11 +1,14 @@
 //! Stored records as wire messages.
 
+use std::collections::{BTreeMap, HashMap};
+
 use kiln_common::ids::RunId;
 use kiln_proto::v1 as pb;
 
 use crate::error::ApiError;
 use crate::store::{
-    ArtifactRecord, LogStream, RunRecord, RunState, StageRecord, StageState, Store, StoredLog,
+    ArtifactRecord, EnvironmentRecord, GateDecision, LogStream, ReleaseRecord, ReleaseState,
+    RunRecord, RunState, StageRecord, StageState, Store, StoredLog,
 };
 
 pub(crate) fn run(record: &RunRecord, stages: &[StageRecord]) -> pb::Run {
@@ -49,6 +52,82 @@ fn stage(record: &StageRecord) -> pb::Stage {
             .iter()
             .map(|output| artifact(&record.name, output))
             .collect(),
+        metrics: metrics(&record.metrics),
+        gate: record.gate.as_ref().map(gate),
+    }
+}
+
+pub(crate) fn metrics(values: &BTreeMap<String, Option<f64>>) -> HashMap<String, f64> {
+    values
+        .iter()
+        .map(|(name, value)| (name.clone(), value.unwrap_or(f64::NAN)))
+        .collect()
+}
+
+pub(crate) fn gate(decision: &GateDecision) -> pb::GateDecision {
+    pb::GateDecision {
+        passed: decision.passed,
+        checks: decision
+            .checks
+            .iter()
+            .map(|check| pb::GateCheck {
+                metric: check.metric.clone(),
+                rule: check.rule.clone(),
+                value: check.value,
+                champion: check.champion,
+                passed: check.passed,
+                decided_by_on_missing: check.decided_by_on_missing.clone().unwrap_or_default(),
+            })
+            .collect(),
+        summary: decision.summary.clone(),
+        decided_ms: decision.decided_ms,
+        decided_by: decision.decided_by.clone().unwrap_or_default(),
+    }
+}
+
+pub(crate) fn release(record: &ReleaseRecord) -> pb::Release {
+    pb::Release {
+        id: record.id,
+        environment: record.environment.clone(),
+        run_id: record.run.0,
+        pipeline: record.pipeline.clone(),
+        pipeline_version: record.pipeline_version,
+        commit: record.commit.clone(),
+        source_digest: record.source_digest.clone().unwrap_or_default(),
+        stage: record.stage.clone(),
+        artifacts: record
+            .artifacts
+            .iter()
+            .map(|a| artifact(&a.stage, &a.artifact))
+            .collect(),
+        image_digest: record.image_digest.clone().unwrap_or_default(),
+        metrics: metrics(&record.metrics),
+        gates: record
+            .gates
+            .iter()
+            .map(|(stage, decision)| pb::NamedGateDecision {
+                stage: stage.clone(),
+                decision: Some(gate(decision)),
+            })
+            .collect(),
+        triggered_by: record.triggered_by.clone(),
+        created_ms: record.created_ms,
+        state: match record.state {
+            ReleaseState::Live => pb::ReleaseState::Live,
+            ReleaseState::Superseded => pb::ReleaseState::Superseded,
+            ReleaseState::RolledBack => pb::ReleaseState::RolledBack,
+        } as i32,
+        reason: record.reason.clone().unwrap_or_default(),
+        monitor_until_ms: record.monitor_until_ms.unwrap_or_default(),
+        restored_by_rollback: record.restored_by_rollback,
+    }
+}
+
+pub(crate) fn environment(record: &EnvironmentRecord) -> pb::Environment {
+    pb::Environment {
+        name: record.name.clone(),
+        live_release: record.live.unwrap_or_default(),
+        frozen: record.frozen.clone().unwrap_or_default(),
     }
 }
 
@@ -100,6 +179,7 @@ pub(crate) fn stage_state(state: StageState) -> pb::StageState {
         StageState::TimedOut => pb::StageState::TimedOut,
         StageState::Cancelled => pb::StageState::Cancelled,
         StageState::Skipped => pb::StageState::Skipped,
+        StageState::AwaitingApproval => pb::StageState::AwaitingApproval,
     }
 }
 
@@ -124,5 +204,6 @@ pub(crate) fn stage_state_name(state: StageState) -> &'static str {
         StageState::TimedOut => "timed out",
         StageState::Cancelled => "cancelled",
         StageState::Skipped => "skipped",
+        StageState::AwaitingApproval => "awaiting approval",
     }
 }

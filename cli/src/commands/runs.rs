@@ -128,9 +128,10 @@ pub(crate) fn print_status(run: &RunView, format: OutputFormat) -> Result<(), Cl
             let now = timefmt::now_ms();
             let stages = output::stages_table(&run.stages, now);
             output::line(format!(
-                "{}\n{}",
+                "{}\n{}{}",
                 output::run_header(run, now),
-                stages.trim_end()
+                stages.trim_end(),
+                output::delivery_details(&run.stages)
             ))
         }
     }

@@ -159,6 +159,9 @@ fn describe(stage: &StageView) -> String {
         // ("skipped: `evaluate` did not succeed"); say it once.
         StageState::Cancelled | StageState::Skipped if why.starts_with(stage.state.as_str()) => why,
         StageState::Cancelled | StageState::Skipped => format!("{}{because}", stage.state.as_str()),
+        StageState::AwaitingApproval => {
+            format!("waiting for approval: kiln approve <run> {}", stage.name)
+        }
         StageState::Unknown => "in a state this kiln does not know".to_owned(),
     }
 }
@@ -217,6 +220,8 @@ mod tests {
             exit_code: None,
             message: String::new(),
             needs: vec![],
+            metrics: Default::default(),
+            gate: None,
         }
     }
 

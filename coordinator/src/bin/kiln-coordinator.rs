@@ -34,6 +34,16 @@ struct Flags {
     /// `kiln gc` keeps the outputs of runs finished within this many days.
     #[arg(long, default_value_t = kiln_coordinator::ArtifactPolicy::default().keep_days)]
     artifact_keep_days: u32,
+    /// Prometheus Alertmanager to post alerts to (root URL).
+    #[arg(long, env = "KILN_ALERTMANAGER_URL")]
+    alertmanager_url: Option<String>,
+    /// Webhook to post alerts to as JSON.
+    #[arg(long, env = "KILN_ALERT_WEBHOOK_URL")]
+    alert_webhook_url: Option<String>,
+    /// HMAC key for the webhook's X-Kiln-Signature header (from the
+    /// environment, so it stays out of process listings).
+    #[arg(long, env = "KILN_ALERT_WEBHOOK_SECRET", hide_env_values = true)]
+    alert_webhook_secret: Option<String>,
 }
 
 fn parse_duration(text: &str) -> Result<Duration, String> {
@@ -79,6 +89,11 @@ async fn main() -> anyhow::Result<()> {
             max_blob_bytes: flags.max_artifact_bytes,
             max_run_bytes: flags.max_run_artifact_bytes,
             keep_days: flags.artifact_keep_days,
+        },
+        alerts: kiln_coordinator::AlertTargets {
+            alertmanager_url: flags.alertmanager_url,
+            webhook_url: flags.alert_webhook_url,
+            webhook_secret: flags.alert_webhook_secret,
         },
     };
     kiln_coordinator::run(config, shutdown_signal()).await

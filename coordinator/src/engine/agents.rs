@@ -276,7 +276,14 @@ impl Engine {
                 }
                 let outcome = pb::Outcome::try_from(finished.outcome).unwrap_or_default();
                 let mut message = finished.message;
-                let outcome = match self.record_outputs(key, &finished.outputs) {
+                let recorded = self.record_outputs(key, &finished.outputs).and_then(|()| {
+                    if outcome == pb::Outcome::Succeeded {
+                        self.record_metrics(key)
+                    } else {
+                        Ok(())
+                    }
+                });
+                let outcome = match recorded {
                     Ok(()) => outcome,
                     Err(problem) => {
                         message = problem;

@@ -11,12 +11,13 @@ use pb::coordinator_message::Msg as Out;
 
 use kiln_common::ids::StageKey;
 
-use super::{Engine, PipelineSpec};
+use super::Engine;
 use crate::store::{RunState, StageState};
 use crate::views;
 
 impl Engine {
     pub(super) fn dispatch(&mut self) {
+        self.settle_agentless();
         let mut waiting = VecDeque::new();
         while let Some(key) = self.ready.pop_front() {
             if !self
@@ -80,8 +81,12 @@ impl Engine {
                 }),
                 image: stage_spec.image.clone().unwrap_or_default(),
                 docker: Some(docker_options(&stage_spec.container)),
-                inputs: self.inputs_of(key, &spec),
-                output_paths: stage_spec.artifacts.clone(),
+                inputs: self
+                    .inputs_of_stage(key)
+                    .iter()
+                    .map(|input| views::artifact(&input.stage, &input.artifact))
+                    .collect(),
+                output_paths: output_paths(stage_spec),
                 outputs_always: stage_spec.artifacts_always,
             };
             if let Some(agent) = self.agents.get_mut(&name) {
@@ -103,24 +108,46 @@ impl Engine {
 }
 
 impl Engine {
-    /// The outputs of the stages `key` needs, to restore before it runs.
-    fn inputs_of(&self, key: StageKey, spec: &PipelineSpec) -> Vec<pb::Artifact> {
-        spec.parsed.stages[key.idx as usize]
-            .needs
-            .iter()
-            .filter_map(|&need| {
-                self.stage(StageKey {
-                    run: key.run,
-                    idx: need as u32,
-                })
-            })
-            .flat_map(|need| {
-                need.outputs
-                    .iter()
-                    .map(|output| views::artifact(&need.name, output))
-            })
-            .collect()
+    /// Ready stages that need no agent: gates are decided here, and an
+    /// environment stage of a frozen environment fails.
+    fn settle_agentless(&mut self) {
+        let ready: Vec<StageKey> = self.ready.iter().copied().collect();
+        for key in ready {
+            let Some(stage_spec) = self.stage_spec(key) else {
+                continue;
+            };
+            let is_gate = stage_spec.gate.is_some();
+            let frozen = stage_spec
+                .environment
+                .as_deref()
+                .and_then(|env| self.frozen_reason(env));
+            let ready_now = self
+                .stage(key)
+                .is_some_and(|stage| stage.state == StageState::Ready);
+            if !ready_now {
+                continue;
+            }
+            if is_gate {
+                self.evaluate_gate(key);
+            } else if let Some(reason) = frozen {
+                let message = format!(
+                    "environment is frozen ({reason}); unfreeze it with `kiln env unfreeze`"
+                );
+                self.settle_stage(key, StageState::Failed, None, message);
+            }
+        }
     }
+}
+
+/// The stage's artifacts, plus its metrics file, which travels as one.
+fn output_paths(stage: &spec::Stage) -> Vec<String> {
+    let mut paths = stage.artifacts.clone();
+    if let Some(metrics) = &stage.metrics
+        && !paths.contains(metrics)
+    {
+        paths.push(metrics.clone());
+    }
+    paths
 }
 
 fn docker_options(container: &spec::ContainerSettings) -> pb::DockerOptions {

@@ -14,8 +14,11 @@
 //! - [`logs`]: storing, acknowledging and following log lines.
 
 mod agents;
+mod alerts;
+mod delivery;
 mod dispatch;
 mod logs;
+mod monitor;
 mod runs;
 #[cfg(test)]
 mod tests;
@@ -106,6 +109,33 @@ pub(crate) enum Event {
         name: String,
         reply: Reply<pb::Agent>,
     },
+    DecideGate {
+        run: RunId,
+        stage: String,
+        user: String,
+        approve: bool,
+        reply: Reply<pb::Run>,
+    },
+    Rollback {
+        environment: String,
+        to: Option<u64>,
+        user: String,
+        reply: Reply<pb::Run>,
+    },
+    Unfreeze {
+        environment: String,
+        reply: Reply<pb::Environment>,
+    },
+    /// What a monitor saw; see [`monitor`].
+    MonitorSample(monitor::Observation),
+}
+
+/// A release to watch: the runner starts a monitor task for it.
+pub(crate) struct MonitorRequest {
+    pub(crate) release: u64,
+    pub(crate) environment: String,
+    pub(crate) monitor: spec::Monitor,
+    pub(crate) until_ms: u64,
 }
 
 /// A pipeline file that passed validation, before it gets a version.
@@ -171,6 +201,15 @@ pub(crate) struct Engine {
     ready: VecDeque<StageKey>,
     agents: BTreeMap<String, agents::AgentState>,
     next_run_id: u64,
+    /// Environments by name, with their live release.
+    environments: BTreeMap<String, crate::store::EnvironmentRecord>,
+    next_release_id: u64,
+    /// Consecutive breaches per watched release.
+    breaches: HashMap<u64, u32>,
+    /// Monitors to start; the runner drains this.
+    monitor_requests: Vec<MonitorRequest>,
+    /// Alerts to send; the runner drains this into the alerter.
+    pending_alerts: Vec<crate::delivery::alerts::Alert>,
     /// Records changed since the last commit, written once at its end.
     dirty: Dirty,
     /// Writes and effects of the events handled since the last commit.
@@ -193,6 +232,30 @@ impl Engine {
             .map(|record| (record.name.clone(), record))
             .collect();
         let next_run_id = store.last_run_id()? + 1;
+        let environments: BTreeMap<_, _> = store
+            .environments()?
+            .into_iter()
+            .map(|env| (env.name.clone(), env))
+            .collect();
+        let releases = store.releases()?;
+        let next_release_id = releases.last().map_or(1, |release| release.id + 1);
+        let now = clock.now_ms();
+        // Releases still inside their watch window get their monitor back.
+        let resumed_monitors: Vec<(u64, String, String, u32, String, u64)> = releases
+            .iter()
+            .filter(|release| release.state == crate::store::ReleaseState::Live)
+            .filter(|release| release.monitor_until_ms.is_some_and(|until| until > now))
+            .map(|r| {
+                (
+                    r.id,
+                    r.environment.clone(),
+                    r.pipeline.clone(),
+                    r.pipeline_version,
+                    r.stage.clone(),
+                    r.monitor_until_ms.unwrap_or_default(),
+                )
+            })
+            .collect();
         let mut engine = Self {
             store: store.clone(),
             blobs,
@@ -205,6 +268,11 @@ impl Engine {
             ready: VecDeque::new(),
             agents: BTreeMap::new(),
             next_run_id,
+            environments,
+            next_release_id,
+            breaches: HashMap::new(),
+            monitor_requests: Vec::new(),
+            pending_alerts: Vec::new(),
             dirty: Dirty::default(),
             batch: Batch::default(),
             effects: Vec::new(),
@@ -213,6 +281,21 @@ impl Engine {
             let spec = engine.spec(&record.pipeline, record.pipeline_version)?;
             let stages = store.stages(record.id)?;
             engine.resume_run(record, stages, spec);
+        }
+        for (release, environment, pipeline, version, stage, until_ms) in resumed_monitors {
+            let spec = engine.spec(&pipeline, version)?;
+            let monitor = spec
+                .parsed
+                .stage_idx(&stage)
+                .and_then(|idx| spec.parsed.stages[idx].monitor.clone());
+            if let Some(monitor) = monitor {
+                engine.monitor_requests.push(MonitorRequest {
+                    release,
+                    environment,
+                    monitor,
+                    until_ms,
+                });
+            }
         }
         engine.update_gauges();
         Ok(engine)
@@ -269,12 +352,50 @@ impl Engine {
                 let result = self.drain_agent(&name);
                 self.reply(reply, result);
             }
+            Event::DecideGate {
+                run,
+                stage,
+                user,
+                approve,
+                reply,
+            } => {
+                let result = self.decide_gate(run, &stage, &user, approve);
+                self.reply_run(reply, result);
+            }
+            Event::Rollback {
+                environment,
+                to,
+                user,
+                reply,
+            } => {
+                let reason = format!("manual rollback by {user}");
+                let result = self.start_rollback(&environment, to, reason, user);
+                self.reply_run(reply, result);
+            }
+            Event::Unfreeze { environment, reply } => {
+                let result = self
+                    .unfreeze(&environment)
+                    .map(|env| views::environment(&env));
+                self.reply(reply, result);
+            }
+            Event::MonitorSample(observation) => self.observe(observation),
         }
     }
 
     /// Periodic work: expire leases.
     pub(crate) fn tick(&mut self) {
         self.expire_leases();
+    }
+
+    /// Monitors to start, alerts to send: work for the runner, outside the
+    /// engine.
+    pub(crate) fn take_requests(
+        &mut self,
+    ) -> (Vec<MonitorRequest>, Vec<crate::delivery::alerts::Alert>) {
+        (
+            std::mem::take(&mut self.monitor_requests),
+            std::mem::take(&mut self.pending_alerts),
+        )
     }
 
     /// Pushes ready stages to agents, then returns the pending group.
@@ -380,12 +501,22 @@ impl Engine {
 }
 
 /// Runs the engine until `events` closes, committing after every burst.
+/// What the runner needs for delivery work outside the engine.
+pub(crate) struct DeliveryRuntime {
+    pub(crate) http: crate::delivery::HttpClient,
+    pub(crate) alerts: crate::delivery::alerts::AlertSender,
+    /// Monitors report back through the engine's own queue.
+    pub(crate) events: mpsc::Sender<Event>,
+}
+
 pub(crate) async fn run_engine(
     mut engine: Engine,
     mut events: mpsc::Receiver<Event>,
     committer: Committer,
     mut stop: watch::Receiver<bool>,
+    delivery: DeliveryRuntime,
 ) {
+    let mut monitors = tokio::task::JoinSet::new();
     // Leases are checked often enough that expiry is noticed within a small
     // fraction of the TTL.
     let tick_every = (engine.config.lease_ttl / 10).max(Duration::from_millis(20));
@@ -412,9 +543,27 @@ pub(crate) async fn run_engine(
         if !batch.is_empty() || !effects.is_empty() {
             committer.submit(batch, effects);
         }
+        let (requests, alerts) = engine.take_requests();
+        for alert in alerts {
+            delivery.alerts.send(alert);
+        }
+        for request in requests {
+            let clock = engine.clock.clone();
+            monitors.spawn(monitor::watch(
+                request,
+                delivery.http.clone(),
+                delivery.events.clone(),
+                stop.clone(),
+                move || clock.now_ms(),
+            ));
+        }
+        while monitors.try_join_next().is_some() {}
     }
     let (batch, effects) = engine.take_commit();
     committer.submit(batch, effects);
+    // Monitors see the same stop signal; wait for them to return.
+    drop(delivery);
+    while monitors.join_next().await.is_some() {}
     // Dropping the engine closes every agent stream.
     drop(engine);
     tracing::info!("engine stopped");

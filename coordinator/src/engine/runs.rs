@@ -39,6 +39,7 @@ impl Engine {
             created_ms: self.clock.now_ms(),
             finished_ms: None,
             source_digest,
+            rollback: None,
         };
         let stages: Vec<StageRecord> = spec
             .parsed
@@ -67,6 +68,8 @@ impl Engine {
                 next_log_seq: 0,
                 image_digest: None,
                 outputs: Vec::new(),
+                metrics: Default::default(),
+                gate: None,
             })
             .collect();
         tracing::info!(run = %id, pipeline = %record.pipeline, commit = %record.commit, "run triggered");
@@ -231,6 +234,9 @@ impl Engine {
             return;
         };
         if state == StageState::Succeeded {
+            if spec.parsed.stages[key.idx as usize].environment.is_some() {
+                self.on_environment_stage_succeeded(key);
+            }
             for &dependent in &spec.dependents[key.idx as usize] {
                 let all_done = spec.parsed.stages[dependent].needs.iter().all(|&need| {
                     self.stage(StageKey {
@@ -334,6 +340,14 @@ impl Engine {
         }
         active.record.finished_ms.get_or_insert(now);
         tracing::info!(run = %run, state = ?active.record.state, "run finished");
+        if let Some(plan) = active.record.rollback.clone()
+            && active.record.state != RunState::Succeeded
+        {
+            self.finish_rollback(&plan, false);
+        }
+        let Some(active) = self.runs.get(&run) else {
+            return;
+        };
         self.metrics.run_finished(active.record.state);
         self.save_run(run);
         self.retire(run);

@@ -7,6 +7,8 @@
 //! a <run:u64>                                     index of unfinished runs
 //! s <run:u64> <stage:u32>                         stage
 //! l <run:u64> <stage:u32> <attempt:u32> <seq:u64> log line
+//! R <release:u64>                                 release
+//! E <environment>                                 environment
 //! ```
 
 use kiln_common::ids::{RunId, StageKey};
@@ -16,6 +18,20 @@ pub(super) const RUN: u8 = b'r';
 pub(super) const ACTIVE: u8 = b'a';
 pub(super) const STAGE: u8 = b's';
 pub(super) const LOG: u8 = b'l';
+pub(super) const RELEASE: u8 = b'R';
+pub(super) const ENVIRONMENT: u8 = b'E';
+
+pub(super) fn release(id: u64) -> Vec<u8> {
+    let mut key = vec![RELEASE];
+    key.extend_from_slice(&id.to_be_bytes());
+    key
+}
+
+pub(super) fn environment(name: &str) -> Vec<u8> {
+    let mut key = vec![ENVIRONMENT];
+    key.extend_from_slice(name.as_bytes());
+    key
+}
 
 pub(super) fn pipeline(name: &str, version: u32) -> Vec<u8> {
     let mut key = pipeline_prefix(name);

@@ -9,6 +9,8 @@
 mod keys;
 mod sled_store;
 
+use std::collections::BTreeMap;
+
 use kiln_common::ids::{RunId, StageKey};
 use serde::{Deserialize, Serialize};
 
@@ -71,6 +73,24 @@ pub(crate) struct RunRecord {
     /// An uploaded source snapshot the run uses instead of a git checkout.
     #[serde(default)]
     pub(crate) source_digest: Option<String>,
+    /// Set for a run the coordinator started to put a release back.
+    #[serde(default)]
+    pub(crate) rollback: Option<RollbackPlan>,
+}
+
+/// A rollback run re-runs one environment stage with a release's exact
+/// artifacts.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub(crate) struct RollbackPlan {
+    pub(crate) environment: String,
+    /// The release being replaced.
+    pub(crate) from: u64,
+    /// The release being restored.
+    pub(crate) to: u64,
+    pub(crate) stage: String,
+    /// The restored release's artifacts, by digest.
+    pub(crate) inputs: Vec<StageArtifact>,
+    pub(crate) reason: String,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -85,6 +105,8 @@ pub(crate) enum StageState {
     TimedOut,
     Cancelled,
     Skipped,
+    /// A manual gate that passed its checks and waits for `kiln approve`.
+    AwaitingApproval,
 }
 
 impl StageState {
@@ -127,6 +149,93 @@ pub(crate) struct StageRecord {
     /// What the last attempt uploaded.
     #[serde(default)]
     pub(crate) outputs: Vec<ArtifactRecord>,
+    /// Parsed by the coordinator from the stage's `metrics:` file; `None`
+    /// values were NaN.
+    #[serde(default)]
+    pub(crate) metrics: BTreeMap<String, Option<f64>>,
+    /// A gate's decision and the values that decided it.
+    #[serde(default)]
+    pub(crate) gate: Option<GateDecision>,
+}
+
+/// What a gate decided, with every check's inputs.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub(crate) struct GateDecision {
+    pub(crate) passed: bool,
+    pub(crate) checks: Vec<GateCheck>,
+    /// One line for people: why it passed or failed.
+    pub(crate) summary: String,
+    pub(crate) decided_ms: u64,
+    /// Who approved or rejected a manual gate.
+    #[serde(default)]
+    pub(crate) decided_by: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub(crate) struct GateCheck {
+    pub(crate) metric: String,
+    /// e.g. ">= 0.9", or "regression <= 0.02 vs production".
+    pub(crate) rule: String,
+    pub(crate) value: Option<f64>,
+    pub(crate) champion: Option<f64>,
+    pub(crate) passed: bool,
+    /// Set when a missing or NaN value decided the check.
+    pub(crate) decided_by_on_missing: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum ReleaseState {
+    Live,
+    Superseded,
+    RolledBack,
+}
+
+/// A model that went live in an environment, with its lineage.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub(crate) struct ReleaseRecord {
+    pub(crate) id: u64,
+    pub(crate) environment: String,
+    pub(crate) run: RunId,
+    pub(crate) pipeline: String,
+    pub(crate) pipeline_version: u32,
+    pub(crate) commit: String,
+    pub(crate) source_digest: Option<String>,
+    /// The stage that deployed it.
+    pub(crate) stage: String,
+    /// What it deployed (inputs of that stage) and what it produced.
+    pub(crate) artifacts: Vec<StageArtifact>,
+    pub(crate) image_digest: Option<String>,
+    pub(crate) metrics: BTreeMap<String, Option<f64>>,
+    /// Gate decisions of the run, by gate stage.
+    pub(crate) gates: Vec<(String, GateDecision)>,
+    pub(crate) triggered_by: String,
+    pub(crate) created_ms: u64,
+    pub(crate) state: ReleaseState,
+    /// Why it was rolled back, with the observed values.
+    pub(crate) reason: Option<String>,
+    /// A monitor watches it until then.
+    pub(crate) monitor_until_ms: Option<u64>,
+    /// Set for a release made live again by a rollback.
+    #[serde(default)]
+    pub(crate) restored_by_rollback: bool,
+}
+
+/// An artifact with the stage that produced it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct StageArtifact {
+    pub(crate) stage: String,
+    pub(crate) artifact: ArtifactRecord,
+}
+
+/// An environment: which release is live and whether promotions stopped.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub(crate) struct EnvironmentRecord {
+    pub(crate) name: String,
+    pub(crate) live: Option<u64>,
+    /// Set by a monitor with `on_breach: freeze`: no promotions until
+    /// unfrozen.
+    pub(crate) frozen: Option<String>,
 }
 
 /// A stage output: a packed workspace path stored as a blob.
@@ -169,6 +278,8 @@ pub(crate) struct Batch {
 
 #[derive(Debug)]
 pub(crate) enum Op {
+    Release(ReleaseRecord),
+    Environment(EnvironmentRecord),
     Pipeline(PipelineRecord),
     Run(RunRecord),
     Stage(StageRecord),
@@ -205,4 +316,8 @@ pub(crate) trait Store: Send + Sync + 'static {
     fn stages(&self, run: RunId) -> Result<Vec<StageRecord>>;
     /// Stored lines of one stage attempt with `seq >= from_seq`.
     fn logs(&self, key: StageKey, attempt: u32, from_seq: u64) -> Result<Vec<StoredLog>>;
+    fn release(&self, id: u64) -> Result<Option<ReleaseRecord>>;
+    /// Every release, oldest first.
+    fn releases(&self) -> Result<Vec<ReleaseRecord>>;
+    fn environments(&self) -> Result<Vec<EnvironmentRecord>>;
 }

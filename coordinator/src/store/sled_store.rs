@@ -12,8 +12,8 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::{
-    Batch, LogLine, Op, PipelineRecord, Result, RunRecord, StageRecord, Store, StoreError,
-    StoredLog, keys,
+    Batch, EnvironmentRecord, LogLine, Op, PipelineRecord, ReleaseRecord, Result, RunRecord,
+    StageRecord, Store, StoreError, StoredLog, keys,
 };
 
 pub(crate) struct SledStore {
@@ -66,6 +66,10 @@ impl Store for SledStore {
         let mut writes = sled::Batch::default();
         for op in &batch.ops {
             match op {
+                Op::Release(record) => writes.insert(keys::release(record.id), encode(record)),
+                Op::Environment(record) => {
+                    writes.insert(keys::environment(&record.name), encode(record))
+                }
                 Op::Pipeline(record) => {
                     writes.insert(keys::pipeline(&record.name, record.version), encode(record));
                 }
@@ -149,6 +153,18 @@ impl Store for SledStore {
         self.scan(&keys::stages_of(run))
     }
 
+    fn release(&self, id: u64) -> Result<Option<ReleaseRecord>> {
+        self.get(&keys::release(id))
+    }
+
+    fn releases(&self) -> Result<Vec<ReleaseRecord>> {
+        self.scan(&[keys::RELEASE])
+    }
+
+    fn environments(&self) -> Result<Vec<EnvironmentRecord>> {
+        self.scan(&[keys::ENVIRONMENT])
+    }
+
     fn logs(&self, key: StageKey, attempt: u32, from_seq: u64) -> Result<Vec<StoredLog>> {
         let start = keys::log(key, attempt, from_seq);
         let prefix = keys::log_prefix(key, attempt);
@@ -188,6 +204,7 @@ mod tests {
             created_ms: id,
             finished_ms: None,
             source_digest: None,
+            rollback: None,
         }
     }
 
@@ -224,6 +241,8 @@ mod tests {
                 next_log_seq: 2,
                 image_digest: None,
                 outputs: Vec::new(),
+                metrics: Default::default(),
+                gate: None,
             }));
             for seq in [0, 1, 256] {
                 batch.push(Op::Log(StoredLog {

@@ -1,0 +1,366 @@
+//! `kiln env ls|history|unfreeze`, `kiln release show`, `kiln approve`,
+//! `kiln reject`, `kiln rollback`.
+
+use std::collections::BTreeMap;
+
+use kiln_proto::v1 as pb;
+use serde::Serialize;
+
+use crate::args::{DecideArgs, OutputFormat, RollbackArgs};
+use crate::client::Coordinator;
+use crate::commands::runs;
+use crate::error::{CliError, Outcome};
+use crate::view::{GateView, RunView};
+use crate::{output, timefmt};
+
+/// An environment. JSON: `{name, live_release, frozen}`.
+#[derive(Debug, Serialize)]
+struct EnvironmentView {
+    name: String,
+    live_release: Option<u64>,
+    frozen: Option<String>,
+}
+
+/// A release. JSON: `{id, environment, state, run_id, pipeline,
+/// pipeline_version, commit, source_digest, stage, image_digest,
+/// triggered_by, created_ms, reason, restored_by_rollback, metrics,
+/// artifacts: [{stage, path, digest, size}], gates: [{stage, gate}]}`.
+#[derive(Debug, Serialize)]
+struct ReleaseView {
+    id: u64,
+    environment: String,
+    state: &'static str,
+    run_id: u64,
+    pipeline: String,
+    pipeline_version: u32,
+    commit: String,
+    source_digest: Option<String>,
+    stage: String,
+    image_digest: Option<String>,
+    triggered_by: String,
+    created_ms: u64,
+    reason: Option<String>,
+    restored_by_rollback: bool,
+    metrics: BTreeMap<String, f64>,
+    artifacts: Vec<ArtifactRef>,
+    gates: Vec<NamedGate>,
+}
+
+#[derive(Debug, Serialize)]
+struct ArtifactRef {
+    stage: String,
+    path: String,
+    digest: String,
+    size: u64,
+}
+
+#[derive(Debug, Serialize)]
+struct NamedGate {
+    stage: String,
+    gate: Option<GateView>,
+}
+
+fn some(text: String) -> Option<String> {
+    (!text.is_empty()).then_some(text)
+}
+
+impl From<pb::Release> for ReleaseView {
+    fn from(release: pb::Release) -> Self {
+        let state = match release.state() {
+            pb::ReleaseState::Live => "live",
+            pb::ReleaseState::Superseded => "superseded",
+            pb::ReleaseState::RolledBack => "rolled_back",
+            pb::ReleaseState::Unspecified => "unknown",
+        };
+        ReleaseView {
+            id: release.id,
+            environment: release.environment,
+            state,
+            run_id: release.run_id,
+            pipeline: release.pipeline,
+            pipeline_version: release.pipeline_version,
+            commit: release.commit,
+            source_digest: some(release.source_digest),
+            stage: release.stage,
+            image_digest: some(release.image_digest),
+            triggered_by: release.triggered_by,
+            created_ms: release.created_ms,
+            reason: some(release.reason),
+            restored_by_rollback: release.restored_by_rollback,
+            metrics: release.metrics.into_iter().collect(),
+            artifacts: release
+                .artifacts
+                .into_iter()
+                .map(|a| ArtifactRef {
+                    stage: a.stage,
+                    path: a.path,
+                    digest: a.digest,
+                    size: a.size,
+                })
+                .collect(),
+            gates: release
+                .gates
+                .into_iter()
+                .map(|g| NamedGate {
+                    stage: g.stage,
+                    gate: g.decision.map(GateView::from),
+                })
+                .collect(),
+        }
+    }
+}
+
+/// `kiln env ls`.
+pub(crate) async fn environments(
+    c: &Coordinator,
+    format: OutputFormat,
+) -> Result<Outcome, CliError> {
+    let reply = c
+        .control()
+        .list_environments(pb::ListEnvironmentsRequest {})
+        .await
+        .map_err(|s| c.failed(s))?;
+    let environments: Vec<EnvironmentView> = reply
+        .into_inner()
+        .environments
+        .into_iter()
+        .map(|e| EnvironmentView {
+            name: e.name,
+            live_release: (e.live_release != 0).then_some(e.live_release),
+            frozen: some(e.frozen),
+        })
+        .collect();
+    match format {
+        OutputFormat::Json => output::json(&environments)?,
+        OutputFormat::Table => {
+            let rows: Vec<[String; 3]> = environments
+                .iter()
+                .map(|e| {
+                    [
+                        e.name.clone(),
+                        e.live_release.map_or("-".into(), |id| id.to_string()),
+                        e.frozen
+                            .clone()
+                            .map_or("no".into(), |why| format!("yes: {why}")),
+                    ]
+                })
+                .collect();
+            output::line(
+                output::table(["ENVIRONMENT", "LIVE_RELEASE", "FROZEN"], &rows).trim_end(),
+            )?;
+        }
+    }
+    Ok(Outcome::Ok)
+}
+
+/// `kiln env history ENV`.
+pub(crate) async fn history(
+    c: &Coordinator,
+    format: OutputFormat,
+    environment: &str,
+) -> Result<Outcome, CliError> {
+    let request = pb::EnvironmentHistoryRequest {
+        environment: environment.to_owned(),
+    };
+    let reply = c
+        .control()
+        .environment_history(request)
+        .await
+        .map_err(|s| c.failed(s))?;
+    let releases: Vec<ReleaseView> = reply
+        .into_inner()
+        .releases
+        .into_iter()
+        .map(ReleaseView::from)
+        .collect();
+    match format {
+        OutputFormat::Json => output::json(&releases)?,
+        OutputFormat::Table => output::line(history_table(&releases).trim_end())?,
+    }
+    Ok(Outcome::Ok)
+}
+
+fn history_table(releases: &[ReleaseView]) -> String {
+    let now = timefmt::now_ms();
+    let rows: Vec<[String; 6]> = releases
+        .iter()
+        .map(|r| {
+            [
+                r.id.to_string(),
+                r.state.to_owned(),
+                r.run_id.to_string(),
+                timefmt::age(r.created_ms, now),
+                key_metrics(&r.metrics),
+                r.reason.clone().unwrap_or_default(),
+            ]
+        })
+        .collect();
+    output::table(
+        ["RELEASE", "STATE", "RUN", "AGE", "METRICS", "REASON"],
+        &rows,
+    )
+}
+
+fn key_metrics(metrics: &BTreeMap<String, f64>) -> String {
+    metrics
+        .iter()
+        .map(|(k, v)| format!("{k}={}", output::number(*v)))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// `kiln release show ID`.
+pub(crate) async fn show_release(
+    c: &Coordinator,
+    format: OutputFormat,
+    release: u64,
+) -> Result<Outcome, CliError> {
+    let reply = c
+        .control()
+        .get_release(pb::GetReleaseRequest {
+            release_id: release,
+        })
+        .await
+        .map_err(|s| c.failed(s))?;
+    let release = ReleaseView::from(reply.into_inner());
+    match format {
+        OutputFormat::Json => output::json(&release)?,
+        OutputFormat::Table => {
+            let mut text = format!(
+                "release {}  {}  {}\nrun        {} of {} (version {}), stage {}\nsource     {}\nimage      {}\ntriggered  by {}\nmetrics    {}",
+                release.id,
+                release.environment,
+                release.state,
+                release.run_id,
+                release.pipeline,
+                release.pipeline_version,
+                release.stage,
+                release
+                    .source_digest
+                    .clone()
+                    .unwrap_or_else(|| format!("commit {}", release.commit)),
+                release.image_digest.clone().unwrap_or_else(|| "-".into()),
+                release.triggered_by,
+                key_metrics(&release.metrics),
+            );
+            if let Some(reason) = &release.reason {
+                text.push_str(&format!("\nreason     {reason}"));
+            }
+            for artifact in &release.artifacts {
+                text.push_str(&format!(
+                    "\nartifact   {} from {} ({}, {} bytes)",
+                    artifact.path, artifact.stage, artifact.digest, artifact.size
+                ));
+            }
+            for gate in &release.gates {
+                if let Some(decision) = &gate.gate {
+                    text.push_str(&format!(
+                        "\ngate       {}: {}",
+                        gate.stage, decision.summary
+                    ));
+                    for check in &decision.checks {
+                        let value = check.value.map_or("missing".into(), output::number);
+                        let champion = check
+                            .champion
+                            .map(|v| format!(" (champion {})", output::number(v)))
+                            .unwrap_or_default();
+                        let verdict = if check.passed { "pass" } else { "FAIL" };
+                        text.push_str(&format!(
+                            "\n             {verdict} {} {} {value}{champion}",
+                            check.metric, check.rule
+                        ));
+                    }
+                }
+            }
+            output::line(text)?;
+        }
+    }
+    Ok(Outcome::Ok)
+}
+
+fn user() -> String {
+    format!(
+        "cli:{}",
+        std::env::var("USER")
+            .ok()
+            .filter(|u| !u.is_empty())
+            .unwrap_or_else(|| "unknown".into())
+    )
+}
+
+/// `kiln approve RUN STAGE` and `kiln reject RUN STAGE`.
+pub(crate) async fn decide(
+    c: &Coordinator,
+    format: OutputFormat,
+    args: &DecideArgs,
+    approve: bool,
+) -> Result<Outcome, CliError> {
+    let request = pb::DecideStageRequest {
+        run_id: args.run,
+        stage: args.stage.clone(),
+        user: user(),
+        comment: String::new(),
+    };
+    let mut control = c.control();
+    let reply = if approve {
+        control.approve_stage(request).await
+    } else {
+        control.reject_stage(request).await
+    };
+    let run = RunView::from(reply.map_err(|s| c.failed(s))?.into_inner());
+    runs::print_status(&run, format)?;
+    Ok(Outcome::Ok)
+}
+
+/// `kiln rollback ENV [--to RELEASE]`.
+pub(crate) async fn rollback(
+    c: &Coordinator,
+    format: OutputFormat,
+    args: &RollbackArgs,
+) -> Result<Outcome, CliError> {
+    let request = pb::RollbackRequest {
+        environment: args.environment.clone(),
+        to_release: args.to.unwrap_or(0),
+        user: user(),
+    };
+    let reply = c
+        .control()
+        .rollback(request)
+        .await
+        .map_err(|s| c.failed(s))?;
+    let run = RunView::from(reply.into_inner());
+    match format {
+        OutputFormat::Json => output::json(&run)?,
+        OutputFormat::Table => output::line(format!(
+            "rollback of {} started as run {}",
+            args.environment, run.id
+        ))?,
+    }
+    Ok(Outcome::Ok)
+}
+
+/// `kiln env unfreeze ENV`.
+pub(crate) async fn unfreeze(
+    c: &Coordinator,
+    format: OutputFormat,
+    environment: &str,
+) -> Result<Outcome, CliError> {
+    let request = pb::EnvironmentHistoryRequest {
+        environment: environment.to_owned(),
+    };
+    let env = c
+        .control()
+        .unfreeze_environment(request)
+        .await
+        .map_err(|s| c.failed(s))?
+        .into_inner();
+    match format {
+        OutputFormat::Json => output::json(&EnvironmentView {
+            name: env.name,
+            live_release: (env.live_release != 0).then_some(env.live_release),
+            frozen: some(env.frozen),
+        })?,
+        OutputFormat::Table => output::line(format!("{environment} accepts promotions again"))?,
+    }
+    Ok(Outcome::Ok)
+}

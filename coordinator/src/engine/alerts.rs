@@ -1,0 +1,101 @@
+//! The alerts the engine raises. They are queued here and handed to the
+//! alerter by the runner, so the engine never waits on a network.
+
+use std::collections::BTreeMap;
+use std::time::SystemTime;
+
+use kiln_common::ids::StageKey;
+
+use super::Engine;
+use crate::delivery::alerts::Alert;
+use crate::store::RollbackPlan;
+
+impl Engine {
+    fn raise(&mut self, name: &str, severity: &str, labels: &[(&str, String)], summary: String) {
+        let labels: BTreeMap<String, String> = labels
+            .iter()
+            .filter(|(_, value)| !value.is_empty())
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .collect();
+        tracing::warn!(alertname = name, %summary, "alert");
+        self.pending_alerts.push(Alert {
+            name: name.to_owned(),
+            severity: severity.to_owned(),
+            labels,
+            description: summary.clone(),
+            summary,
+            starts_at: SystemTime::now(),
+            ends_at: None,
+        });
+    }
+
+    pub(super) fn alert_gate_failed(&mut self, key: StageKey, summary: &str) {
+        let (pipeline, stage) = self
+            .runs
+            .get(&key.run)
+            .map(|run| {
+                (
+                    run.record.pipeline.clone(),
+                    run.stages[key.idx as usize].name.clone(),
+                )
+            })
+            .unwrap_or_default();
+        let labels = [
+            ("pipeline", pipeline),
+            ("run", key.run.to_string()),
+            ("stage", stage.clone()),
+        ];
+        self.raise(
+            "KilnGateFailed",
+            "warning",
+            &labels,
+            format!("gate `{stage}` of run {} failed: {summary}", key.run),
+        );
+    }
+
+    pub(super) fn alert_breach(&mut self, environment: &str, release: u64, reason: &str) {
+        let labels = [
+            ("environment", environment.to_owned()),
+            ("release", release.to_string()),
+        ];
+        self.raise("KilnMonitorBreach", "critical", &labels, reason.to_owned());
+    }
+
+    pub(super) fn alert_rolled_back(&mut self, plan: &RollbackPlan) {
+        let labels = [
+            ("environment", plan.environment.clone()),
+            ("release", plan.from.to_string()),
+        ];
+        let summary = format!(
+            "rolled `{}` back from release {} to release {}: {}",
+            plan.environment, plan.from, plan.to, plan.reason
+        );
+        self.raise("KilnRollback", "critical", &labels, summary);
+    }
+
+    pub(super) fn alert_rollback_failed(&mut self, plan: &RollbackPlan) {
+        let labels = [
+            ("environment", plan.environment.clone()),
+            ("release", plan.from.to_string()),
+        ];
+        let summary = format!(
+            "rollback of `{}` from release {} to {} FAILED; release {} is still live",
+            plan.environment, plan.from, plan.to, plan.from
+        );
+        self.raise("KilnRollbackFailed", "critical", &labels, summary);
+    }
+
+    pub(super) fn alert_rollback_not_started(
+        &mut self,
+        environment: &str,
+        release: u64,
+        why: &str,
+    ) {
+        let labels = [
+            ("environment", environment.to_owned()),
+            ("release", release.to_string()),
+        ];
+        let summary = format!("cannot roll `{environment}` back from release {release}: {why}");
+        self.raise("KilnRollbackFailed", "critical", &labels, summary);
+    }
+}

@@ -1,0 +1,479 @@
+//! ML delivery end to end on real processes: gates decided by the
+//! coordinator from metrics it parsed, releases per environment, a monitor
+//! that scrapes a live endpoint and rolls back after exactly
+//! `failure_limit` breaches, manual approval and rejection, manual
+//! rollback, and alerts reaching a webhook.
+//!
+//! The "model" is a text file and the "server" a tiny exposition endpoint
+//! in this test whose error ratio depends on which model is deployed, so a
+//! bad release degrades live and the restored one heals it.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Result;
+use kiln_proto::v1 as pb;
+use kiln_tests::{
+    Coordinator, CoordinatorOptions, Process, Repo, eventually, get_run, stage, start_agent,
+    wait_run,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+fn spec(serve: &Path, port: u16) -> String {
+    let serve = serve.display();
+    format!(
+        r#"
+pipeline: model
+stages:
+  train:
+    commands: ["mkdir -p build/model", "cp model.txt build/model/weights"]
+    artifacts: [build/model]
+  evaluate:
+    needs: [train]
+    commands: ["mkdir -p build", "cp metrics.json build/metrics.json"]
+    metrics: build/metrics.json
+  deploy-staging:
+    needs: [train, evaluate]
+    environment: staging
+    commands: ["cp build/model/weights {serve}/staging"]
+  acceptance:
+    needs: [deploy-staging]
+    gate:
+      require: {{ recall: ">= 0.5" }}
+      compare_to: production
+      max_regression: {{ recall: 0.1 }}
+  deploy-production:
+    needs: [train, acceptance]
+    environment: production
+    commands: ["cp build/model/weights {serve}/production"]
+    monitor:
+      scrape: http://127.0.0.1:{port}/metrics
+      every: 200ms
+      rollback_when: {{ model_error_ratio: "> 0.5" }}
+      failure_limit: 3
+      for: 60s
+"#
+    )
+}
+
+/// Serves `model_error_ratio`: 0.9 while the deployed production model is
+/// "bad", else 0.01. Counts scrapes.
+async fn model_server(serve: PathBuf) -> Result<(u16, Arc<Mutex<u32>>)> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let port = listener.local_addr()?.port();
+    let scrapes = Arc::new(Mutex::new(0));
+    let counter = scrapes.clone();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let model = std::fs::read_to_string(serve.join("production")).unwrap_or_default();
+            let ratio = if model.trim() == "bad" { 0.9 } else { 0.01 };
+            *counter.lock().unwrap() += 1;
+            let mut buffer = [0u8; 2048];
+            let _ = socket.read(&mut buffer).await;
+            let body = format!("# TYPE model_error_ratio gauge\nmodel_error_ratio {ratio}\n");
+            let response = format!(
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = socket.write_all(response.as_bytes()).await;
+        }
+    });
+    Ok((port, scrapes))
+}
+
+/// A webhook receiver that keeps every body it gets.
+async fn webhook() -> Result<(String, Arc<Mutex<Vec<String>>>)> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}/hook", listener.local_addr()?);
+    let bodies = Arc::new(Mutex::new(Vec::new()));
+    let kept = bodies.clone();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let kept = kept.clone();
+            tokio::spawn(async move {
+                let mut data = Vec::new();
+                let mut buffer = [0u8; 8192];
+                loop {
+                    let Ok(n) = socket.read(&mut buffer).await else {
+                        return;
+                    };
+                    if n == 0 {
+                        return;
+                    }
+                    data.extend_from_slice(&buffer[..n]);
+                    let text = String::from_utf8_lossy(&data).to_string();
+                    if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                        let length = head
+                            .lines()
+                            .find_map(|l| {
+                                l.to_ascii_lowercase()
+                                    .strip_prefix("content-length:")
+                                    .map(|v| v.trim().parse::<usize>().unwrap_or(0))
+                            })
+                            .unwrap_or(0);
+                        if body.len() >= length {
+                            kept.lock().unwrap().push(body.to_owned());
+                            let _ = socket.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").await;
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    Ok((url, bodies))
+}
+
+struct Farm {
+    coordinator: Coordinator,
+    _agent: Process,
+    _dirs: Vec<tempfile::TempDir>,
+}
+
+fn farm(hook: &str) -> Result<Farm> {
+    let data = tempfile::tempdir()?;
+    let options = CoordinatorOptions {
+        extra_args: vec!["--alert-webhook-url".into(), hook.into()],
+        ..Default::default()
+    };
+    let coordinator = Coordinator::start(data.path(), &options)?;
+    let work = tempfile::tempdir()?;
+    let agent = start_agent(&coordinator.url(), "deliver", "", 2, work.path())?;
+    Ok(Farm {
+        coordinator,
+        _agent: agent,
+        _dirs: vec![data, work],
+    })
+}
+
+/// Commits a model and its metrics, registers, runs, waits.
+async fn ship(farm: &Farm, repo: &Repo, model: &str, metrics: &str) -> Result<pb::Run> {
+    repo.commit("model.txt", model)?;
+    repo.commit("metrics.json", metrics)?;
+    let register = farm
+        .coordinator
+        .kiln(&["pipeline", "register", repo.path().to_str().unwrap()]);
+    assert_eq!(
+        register.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&register.stderr)
+    );
+    let started = farm.coordinator.kiln(&["run", "model"]);
+    let id: u64 = String::from_utf8(started.stdout)?.trim().parse()?;
+    let mut client = farm.coordinator.client().await?;
+    wait_run(&mut client, id, Duration::from_secs(60)).await
+}
+
+fn state(stage: &pb::Stage) -> pb::StageState {
+    pb::StageState::try_from(stage.state).unwrap()
+}
+
+async fn history(farm: &Farm, environment: &str) -> Result<Vec<pb::Release>> {
+    let mut client = farm.coordinator.client().await?;
+    let request = pb::EnvironmentHistoryRequest {
+        environment: environment.into(),
+    };
+    Ok(client
+        .environment_history(request)
+        .await?
+        .into_inner()
+        .releases)
+}
+
+fn release_state(release: &pb::Release) -> pb::ReleaseState {
+    pb::ReleaseState::try_from(release.state).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn promotion_gates_monitoring_and_automatic_rollback() -> Result<()> {
+    let serve = tempfile::tempdir()?;
+    let (port, scrapes) = model_server(serve.path().to_path_buf()).await?;
+    let (hook, alerts) = webhook().await?;
+    let farm = farm(&hook)?;
+    let repo = Repo::new(&spec(serve.path(), port))?;
+
+    // 1. First deployment: no champion yet, thresholds alone decide.
+    let first = ship(
+        &farm,
+        &repo,
+        "good-1\n",
+        r#"{"recall": 0.8, "precision": 0.3}"#,
+    )
+    .await?;
+    assert_eq!(first.state, pb::RunState::Succeeded as i32, "{first:#?}");
+    let gate = stage(&first, "acceptance").gate.clone().unwrap();
+    assert!(
+        gate.passed && gate.summary.contains("first deployment"),
+        "{}",
+        gate.summary
+    );
+    assert_eq!(stage(&first, "evaluate").metrics["recall"], 0.8);
+    let production = history(&farm, "production").await?;
+    assert_eq!(production.len(), 1);
+    let good = production[0].clone();
+    assert_eq!(release_state(&good), pb::ReleaseState::Live);
+    assert!(
+        good.artifacts
+            .iter()
+            .any(|a| a.path == "build/model" && a.stage == "train"),
+        "{good:#?}"
+    );
+    assert_eq!(good.metrics["recall"], 0.8);
+
+    // 2. A model that passes the offline gate but misbehaves live.
+    let scrapes_before = *scrapes.lock().unwrap();
+    let second = ship(
+        &farm,
+        &repo,
+        "bad\n",
+        r#"{"recall": 0.78, "precision": 0.31}"#,
+    )
+    .await?;
+    assert_eq!(second.state, pb::RunState::Succeeded as i32, "{second:#?}");
+    let gate = stage(&second, "acceptance").gate.clone().unwrap();
+    let check = gate
+        .checks
+        .iter()
+        .find(|c| c.rule.contains("vs production"))
+        .unwrap();
+    assert_eq!((check.value, check.champion), (Some(0.78), Some(0.8)));
+    let bad_id = eventually(
+        Duration::from_secs(30),
+        "the bad release to be rolled back",
+        || {
+            let farm = &farm;
+            async move {
+                let releases = history(farm, "production").await?;
+                let bad = releases.iter().find(|r| r.run_id == second.id).cloned();
+                Ok(bad
+                    .filter(|r| release_state(r) == pb::ReleaseState::RolledBack)
+                    .map(|r| r.id))
+            }
+        },
+    )
+    .await?;
+    let releases = history(&farm, "production").await?;
+    let bad = releases.iter().find(|r| r.id == bad_id).unwrap();
+    assert!(
+        bad.reason.contains("3 consecutive breaches"),
+        "{}",
+        bad.reason
+    );
+    assert!(
+        bad.reason.contains("model_error_ratio=0.9"),
+        "{}",
+        bad.reason
+    );
+    let live: Vec<&pb::Release> = releases
+        .iter()
+        .filter(|r| release_state(r) == pb::ReleaseState::Live)
+        .collect();
+    assert_eq!(live.len(), 1);
+    assert_eq!(live[0].id, good.id, "the previous release is live again");
+    assert!(live[0].restored_by_rollback);
+    assert_eq!(
+        std::fs::read_to_string(serve.path().join("production"))?.trim(),
+        "good-1",
+        "the good model serves again"
+    );
+    // Exactly failure_limit breaches: the rollback began at the third bad
+    // scrape, not before (a few more scrapes may land while it runs).
+    let scrapes_during = *scrapes.lock().unwrap() - scrapes_before;
+    assert!(scrapes_during >= 3, "{scrapes_during} scrapes");
+    eventually(
+        Duration::from_secs(10),
+        "the rollback alert at the webhook",
+        || {
+            let alerts = alerts.clone();
+            async move {
+                let bodies = alerts.lock().unwrap().clone();
+                Ok(bodies
+                    .iter()
+                    .any(|b| b.contains("KilnRollback") && b.contains("production"))
+                    .then_some(()))
+            }
+        },
+    )
+    .await?;
+
+    // 3. A regression beyond max_regression is stopped by the gate.
+    let third = ship(
+        &farm,
+        &repo,
+        "worse\n",
+        r#"{"recall": 0.6, "precision": 0.2}"#,
+    )
+    .await?;
+    assert_eq!(third.state, pb::RunState::Failed as i32);
+    let acceptance = stage(&third, "acceptance");
+    assert_eq!(state(acceptance), pb::StageState::Failed);
+    let gate = acceptance.gate.clone().unwrap();
+    assert!(
+        gate.summary.contains("recall 0.6000 vs champion 0.8000"),
+        "{}",
+        gate.summary
+    );
+    assert_eq!(
+        state(stage(&third, "deploy-production")),
+        pb::StageState::Skipped
+    );
+    let status = farm.coordinator.kiln(&["status", &third.id.to_string()]);
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        text.contains("FAIL recall drop <= 0.1 vs production 0.6000 (champion 0.8000)"),
+        "{text}"
+    );
+
+    // 4. A missing metric fails the gate and says which policy decided.
+    let fourth = ship(
+        &farm,
+        &repo,
+        "good-2\n",
+        r#"{"precision": 0.5, "recall": NaN}"#,
+    )
+    .await?;
+    let gate = stage(&fourth, "acceptance").gate.clone().unwrap();
+    assert!(!gate.passed);
+    assert!(
+        gate.summary
+            .contains("recall missing or NaN (on_missing: fail decided)"),
+        "{}",
+        gate.summary
+    );
+
+    // 5. Manual rollback of staging to its first release.
+    let staging = history(&farm, "staging").await?;
+    let first_staging = staging.iter().find(|r| r.run_id == first.id).unwrap().id;
+    let rollback = farm.coordinator.kiln(&[
+        "--output",
+        "json",
+        "rollback",
+        "staging",
+        "--to",
+        &first_staging.to_string(),
+    ]);
+    assert_eq!(
+        rollback.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&rollback.stderr)
+    );
+    let run: serde_json::Value = serde_json::from_slice(&rollback.stdout)?;
+    let mut client = farm.coordinator.client().await?;
+    let finished = wait_run(
+        &mut client,
+        run["id"].as_u64().unwrap(),
+        Duration::from_secs(30),
+    )
+    .await?;
+    assert_eq!(
+        finished.state,
+        pb::RunState::Succeeded as i32,
+        "{finished:#?}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(serve.path().join("staging"))?.trim(),
+        "good-1"
+    );
+    let staging = history(&farm, "staging").await?;
+    let live = staging
+        .iter()
+        .find(|r| release_state(r) == pb::ReleaseState::Live)
+        .unwrap();
+    assert_eq!(live.id, first_staging);
+
+    // The release's model is restorable byte for byte by its digest.
+    let out = tempfile::tempdir()?;
+    let model = good
+        .artifacts
+        .iter()
+        .find(|a| a.path == "build/model")
+        .unwrap();
+    let channel = tonic::transport::Channel::from_shared(farm.coordinator.url())?
+        .connect()
+        .await?;
+    let mut artifacts = pb::artifact_service_client::ArtifactServiceClient::new(channel);
+    kiln_agent::transfer::download_and_unpack(
+        &mut artifacts,
+        &model.digest,
+        out.path(),
+        out.path(),
+        kiln_common::archive::Limits::UNLIMITED,
+        |_| {},
+    )
+    .await?;
+    assert_eq!(
+        std::fs::read_to_string(out.path().join("build/model/weights"))?,
+        "good-1\n"
+    );
+    let shown = farm
+        .coordinator
+        .kiln(&["release", "show", &good.id.to_string()]);
+    let text = String::from_utf8_lossy(&shown.stdout);
+    assert!(
+        text.contains(&model.digest) && text.contains("gate       acceptance"),
+        "{text}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn manual_approval_waits_and_rejection_fails() -> Result<()> {
+    let (hook, _alerts) = webhook().await?;
+    let farm = farm(&hook)?;
+    let yaml = "pipeline: careful\nstages:\n  evaluate:\n    commands: [\"mkdir -p b\", \"echo '{\\\"auc\\\": 0.9}' > b/m.json\"]\n    metrics: b/m.json\n  signoff:\n    needs: [evaluate]\n    gate: { require: { auc: \">= 0.8\" }, approval: manual }\n  ship:\n    needs: [signoff]\n    environment: prod\n    commands: [\"true\"]\n";
+    let repo = Repo::new(yaml)?;
+    assert_eq!(
+        farm.coordinator
+            .kiln(&["pipeline", "register", repo.path().to_str().unwrap()])
+            .status
+            .code(),
+        Some(0)
+    );
+    let mut client = farm.coordinator.client().await?;
+    for (verdict, expected) in [
+        ("approve", pb::RunState::Succeeded),
+        ("reject", pb::RunState::Failed),
+    ] {
+        let started = farm.coordinator.kiln(&["run", "careful"]);
+        let id: u64 = String::from_utf8(started.stdout)?.trim().parse()?;
+        eventually(
+            Duration::from_secs(30),
+            "the gate to wait for approval",
+            || {
+                let mut client = client.clone();
+                async move {
+                    let run = get_run(&mut client, id).await?;
+                    Ok(
+                        (state(stage(&run, "signoff")) == pb::StageState::AwaitingApproval)
+                            .then_some(()),
+                    )
+                }
+            },
+        )
+        .await?;
+        let decided = farm
+            .coordinator
+            .kiln(&[verdict, &id.to_string(), "signoff"]);
+        assert_eq!(
+            decided.status.code(),
+            Some(0),
+            "{}",
+            String::from_utf8_lossy(&decided.stderr)
+        );
+        let run = wait_run(&mut client, id, Duration::from_secs(30)).await?;
+        assert_eq!(run.state, expected as i32, "{verdict}: {run:#?}");
+        let gate = stage(&run, "signoff").gate.clone().unwrap();
+        assert_eq!(gate.decided_by, "cli:tester");
+    }
+    let again = farm.coordinator.kiln(&["approve", "1", "signoff"]);
+    assert_eq!(
+        again.status.code(),
+        Some(2),
+        "a decided gate cannot be decided again"
+    );
+    Ok(())
+}

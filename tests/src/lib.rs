@@ -17,6 +17,7 @@ use tonic::transport::Channel;
 
 pub mod docker;
 pub mod farm;
+pub mod prom;
 
 /// Path of a workspace binary next to the running test executable.
 pub fn binary(name: &str) -> PathBuf {
@@ -229,6 +230,8 @@ impl Repo {
                 "user.email=t@t",
                 "commit",
                 "-q",
+                // Re-committing unchanged content is fine in tests.
+                "--allow-empty",
                 "-m",
                 file,
             ],

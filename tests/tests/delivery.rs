@@ -339,7 +339,7 @@ async fn promotion_gates_monitoring_and_automatic_rollback() -> Result<()> {
     assert!(!gate.passed);
     assert!(
         gate.summary
-            .contains("recall missing or NaN (on_missing: fail decided)"),
+            .contains("recall missing or NaN for `>= 0.5` (on_missing: fail decided)"),
         "{}",
         gate.summary
     );
@@ -475,5 +475,62 @@ async fn manual_approval_waits_and_rejection_fails() -> Result<()> {
         Some(2),
         "a decided gate cannot be decided again"
     );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_freeze_keeps_the_release_and_stops_promotions() -> Result<()> {
+    let serve = tempfile::tempdir()?;
+    let (port, _scrapes) = model_server(serve.path().to_path_buf()).await?;
+    let (hook, alerts) = webhook().await?;
+    let farm = farm(&hook)?;
+    let yaml = spec(serve.path(), port)
+        .replace("      for: 60s", "      for: 60s\n      on_breach: freeze");
+    let repo = Repo::new(&yaml)?;
+    let first = ship(&farm, &repo, "good-1\n", r#"{"recall": 0.8}"#).await?;
+    assert_eq!(first.state, pb::RunState::Succeeded as i32);
+    let second = ship(&farm, &repo, "bad\n", r#"{"recall": 0.8}"#).await?;
+    assert_eq!(second.state, pb::RunState::Succeeded as i32);
+    eventually(Duration::from_secs(20), "production to freeze", || {
+        let farm = &farm;
+        async move {
+            let mut client = farm.coordinator.client().await?;
+            let environments = client
+                .list_environments(pb::ListEnvironmentsRequest {})
+                .await?
+                .into_inner()
+                .environments;
+            Ok(environments
+                .iter()
+                .any(|e| e.name == "production" && !e.frozen.is_empty())
+                .then_some(()))
+        }
+    })
+    .await?;
+    // What runs stays: the bad release is still live, nothing rolled back.
+    let production = history(&farm, "production").await?;
+    assert_eq!(release_state(&production[0]), pb::ReleaseState::Live);
+    assert_eq!(production[0].run_id, second.id);
+    assert!(
+        alerts
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|b| b.contains("KilnMonitorBreach"))
+    );
+    // No promotion while frozen.
+    let third = ship(&farm, &repo, "good-2\n", r#"{"recall": 0.8}"#).await?;
+    let blocked = stage(&third, "deploy-production");
+    assert_eq!(state(blocked), pb::StageState::Failed);
+    assert!(blocked.message.contains("frozen"), "{}", blocked.message);
+    assert_eq!(
+        farm.coordinator
+            .kiln(&["env", "unfreeze", "production"])
+            .status
+            .code(),
+        Some(0)
+    );
+    let fourth = ship(&farm, &repo, "good-3\n", r#"{"recall": 0.81}"#).await?;
+    assert_eq!(fourth.state, pb::RunState::Succeeded as i32, "{fourth:#?}");
     Ok(())
 }

@@ -120,7 +120,10 @@ impl AlertSender {
     /// queue is full or the alerter has stopped. Never blocks.
     pub(crate) fn send(&self, alert: Alert) {
         let Some(queue) = &self.queue else {
-            tracing::info!(alertname = %alert.name, summary = %alert.summary, "alert (no alert destination configured)");
+            tracing::debug!(
+                alertname = %alert.name,
+                "no alert destination configured; alert only logged"
+            );
             return;
         };
         let (reason, alert) = match queue.try_send(alert) {
@@ -128,7 +131,11 @@ impl AlertSender {
             Err(TrySendError::Full(alert)) => ("the alert queue is full", alert),
             Err(TrySendError::Closed(alert)) => ("the alerter has stopped", alert),
         };
-        tracing::warn!(alertname = %alert.name, summary = %alert.summary, "dropping an alert: {reason}");
+        tracing::warn!(
+            alertname = %alert.name,
+            summary = %alert.summary,
+            "dropping an alert: {reason}"
+        );
         self.metrics.alert_dropped();
     }
 }
@@ -262,7 +269,12 @@ impl Alerter {
             }
             let (failure, permanent) = match request.send().await {
                 Ok(response) if response.status().is_success() => {
-                    tracing::info!(alertname = %alert.name, destination, attempt, "alert delivered");
+                    tracing::info!(
+                        alertname = %alert.name,
+                        destination,
+                        attempt,
+                        "alert delivered"
+                    );
                     self.metrics.alert_delivered(destination, true);
                     return;
                 }
@@ -280,7 +292,13 @@ impl Alerter {
             if permanent || attempt >= retry.attempts {
                 break failure;
             }
-            tracing::debug!(alertname = %alert.name, destination, attempt, %failure, "alert delivery failed; retrying in {delay:?}");
+            tracing::debug!(
+                alertname = %alert.name,
+                destination,
+                attempt,
+                %failure,
+                "alert delivery failed; retrying in {delay:?}"
+            );
             tokio::time::sleep(delay).await;
             delay = (delay * 2).min(retry.max_delay);
             attempt += 1;
@@ -288,7 +306,8 @@ impl Alerter {
         tracing::warn!(
             alertname = %alert.name,
             destination,
-            "giving up on an alert to {url} after {attempt} attempt(s): {failure}; check that the {destination} is reachable and accepts it"
+            "giving up on an alert to {url} after {attempt} attempt(s): {failure}; \
+             check that the {destination} is reachable and accepts it"
         );
         self.metrics.alert_delivered(destination, false);
     }

@@ -538,7 +538,10 @@ fn decide(
         .iter()
         .filter(|check| !check.passed)
         .map(|check| match (check.value, &check.decided_by_on_missing) {
-            (None, _) => format!("{} missing or NaN (on_missing: fail decided)", check.metric),
+            (None, _) => format!(
+                "{} missing or NaN for `{}` (on_missing: fail decided)",
+                check.metric, check.rule
+            ),
             (Some(value), _) => match check.champion {
                 Some(champion) => format!(
                     "{} {value:.4} vs champion {champion:.4} ({})",

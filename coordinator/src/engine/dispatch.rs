@@ -17,9 +17,13 @@ use crate::views;
 
 impl Engine {
     pub(super) fn dispatch(&mut self) {
-        self.settle_agentless();
         let mut waiting = VecDeque::new();
         while let Some(key) = self.ready.pop_front() {
+            // Gates and frozen environments need no agent; deciding them may
+            // make more stages ready, which this loop then sees.
+            if self.settle_agentless(key) {
+                continue;
+            }
             if !self
                 .agents
                 .values()
@@ -108,34 +112,35 @@ impl Engine {
 }
 
 impl Engine {
-    /// Ready stages that need no agent: gates are decided here, and an
-    /// environment stage of a frozen environment fails.
-    fn settle_agentless(&mut self) {
-        let ready: Vec<StageKey> = self.ready.iter().copied().collect();
-        for key in ready {
-            let Some(stage_spec) = self.stage_spec(key) else {
-                continue;
-            };
-            let is_gate = stage_spec.gate.is_some();
-            let frozen = stage_spec
-                .environment
-                .as_deref()
-                .and_then(|env| self.frozen_reason(env));
-            let ready_now = self
-                .stage(key)
-                .is_some_and(|stage| stage.state == StageState::Ready);
-            if !ready_now {
-                continue;
-            }
-            if is_gate {
-                self.evaluate_gate(key);
-            } else if let Some(reason) = frozen {
-                let message = format!(
-                    "environment is frozen ({reason}); unfreeze it with `kiln env unfreeze`"
-                );
-                self.settle_stage(key, StageState::Failed, None, message);
-            }
+    /// Decides a ready stage that needs no agent: a gate is evaluated here,
+    /// and an environment stage of a frozen environment fails. Returns
+    /// whether `key` was handled (or is no longer ready).
+    fn settle_agentless(&mut self, key: StageKey) -> bool {
+        if !self
+            .stage(key)
+            .is_some_and(|stage| stage.state == StageState::Ready)
+        {
+            return false;
         }
+        let Some(stage_spec) = self.stage_spec(key) else {
+            return false;
+        };
+        let is_gate = stage_spec.gate.is_some();
+        let frozen = stage_spec
+            .environment
+            .as_deref()
+            .and_then(|env| self.frozen_reason(env));
+        if is_gate {
+            self.evaluate_gate(key);
+            return true;
+        }
+        if let Some(reason) = frozen {
+            let message =
+                format!("environment is frozen ({reason}); unfreeze it with `kiln env unfreeze`");
+            self.settle_stage(key, StageState::Failed, None, message);
+            return true;
+        }
+        false
     }
 }
 

@@ -11,6 +11,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::*;
 use crate::clock::ManualClock;
+use crate::engine::monitor;
 use crate::store::SledStore;
 
 const LEASE_MS: u64 = 3_000;
@@ -395,4 +396,71 @@ fn recovery_resumes_unfinished_runs_and_waits_for_their_agents() {
     h.finish(&agent, stage, pb::Outcome::Succeeded);
     assert_eq!(agent.assignments().len(), 1, "b follows after the restart");
     assert_eq!(h.run(run).state, pb::RunState::Running as i32);
+}
+
+const WATCHED: &str = "
+pipeline: w
+stages:
+  deploy:
+    environment: prod
+    commands: [x]
+    monitor:
+      scrape: http://127.0.0.1:9/metrics
+      every: 1s
+      rollback_when: { error_ratio: \"> 0.5\" }
+      failure_limit: 3
+      for: 10m
+";
+
+fn sample(release: u64, value: f64) -> Event {
+    let values = Ok([("error_ratio".to_string(), Some(value))].into());
+    Event::MonitorSample(monitor::Observation {
+        release,
+        environment: "prod".into(),
+        values,
+    })
+}
+
+#[test]
+fn rollback_starts_at_exactly_failure_limit_consecutive_breaches() {
+    let mut h = Harness::new();
+    let mut agent = h.connect("one", 1, 1, vec![]);
+    for _ in 0..2 {
+        h.start_run(WATCHED);
+        let stage = agent.assignments()[0];
+        h.finish(&agent, stage, pb::Outcome::Succeeded);
+    }
+    let (requests, _) = h.engine.take_requests();
+    assert_eq!(requests.len(), 2, "each release is watched");
+    let live = h.engine.environments["prod"].live.unwrap();
+    let runs_before = h.engine.next_run_id;
+
+    // Two breaches, a healthy sample (the count starts over), two more:
+    // still nothing. The third consecutive one rolls back.
+    for value in [0.9, 0.9, 0.1, 0.9, 0.9] {
+        h.engine.handle(sample(live, value));
+        h.commit();
+        assert_eq!(
+            h.engine.next_run_id, runs_before,
+            "no rollback after {value}"
+        );
+    }
+    h.engine.handle(sample(live, 0.9));
+    h.commit();
+    assert_eq!(
+        h.engine.next_run_id,
+        runs_before + 1,
+        "the rollback run started"
+    );
+    let rollback = agent.assignments()[0];
+    h.finish(&agent, rollback, pb::Outcome::Succeeded);
+    let restored = h.engine.environments["prod"].live.unwrap();
+    assert_eq!(restored, live - 1, "the previous release is live again");
+    let rolled_back = h.store.release(live).unwrap().unwrap();
+    assert_eq!(rolled_back.state, crate::store::ReleaseState::RolledBack);
+    assert!(rolled_back.reason.unwrap().contains("error_ratio=0.9"));
+    // Later samples of the replaced release change nothing.
+    h.engine.handle(sample(live, 0.9));
+    h.commit();
+    assert_eq!(h.engine.next_run_id, runs_before + 1);
 }

@@ -195,3 +195,66 @@ fn percent_encode(text: &str) -> String {
         })
         .collect()
 }
+
+/// A real Alertmanager on loopback (clustering off, routing to a receiver
+/// that notifies nobody); `None` if `test` skips.
+pub struct Alertmanager {
+    /// `127.0.0.1:PORT`.
+    pub addr: String,
+    _process: Process,
+    _dir: tempfile::TempDir,
+}
+
+impl Alertmanager {
+    pub fn start(test: &str) -> Result<Option<Self>> {
+        let Some(binary) = binary("prometheus-alertmanager", test)? else {
+            return Ok(None);
+        };
+        let dir = tempfile::tempdir()?;
+        let config = dir.path().join("alertmanager.yml");
+        std::fs::write(
+            &config,
+            "route:\n  receiver: nobody\nreceivers:\n  - name: nobody\n",
+        )?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let addr = format!("127.0.0.1:{port}");
+        let log = std::fs::File::create(dir.path().join("alertmanager.log"))?;
+        let child = Command::new(&binary)
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!(
+                "--storage.path={}",
+                dir.path().join("data").display()
+            ))
+            .arg(format!("--web.listen-address={addr}"))
+            .arg("--cluster.listen-address=")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {}", binary.display()))?;
+        let process = Process {
+            child,
+            name: "alertmanager".into(),
+        };
+        let deadline = Instant::now() + START_LIMIT;
+        while !http_get(&addr, "/-/ready").is_ok_and(|(status, _)| status == 200) {
+            if Instant::now() > deadline {
+                bail!("alertmanager did not become ready at {addr}");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(Some(Self {
+            addr,
+            _process: process,
+            _dir: dir,
+        }))
+    }
+
+    /// The alerts Alertmanager holds, as JSON.
+    pub fn alerts(&self) -> Result<serde_json::Value> {
+        let (_, body) = http_get(&self.addr, "/api/v2/alerts")?;
+        Ok(serde_json::from_str(&body)?)
+    }
+}

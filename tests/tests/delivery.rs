@@ -534,3 +534,85 @@ async fn a_freeze_keeps_the_release_and_stops_promotions() -> Result<()> {
     assert_eq!(fourth.state, pb::RunState::Succeeded as i32, "{fourth:#?}");
     Ok(())
 }
+
+/// The monitor reads a real Prometheus server (which scrapes the model
+/// server), and the rollback alert reaches a real Alertmanager.
+#[tokio::test(flavor = "multi_thread")]
+async fn prometheus_query_monitor_rolls_back_and_alertmanager_gets_the_alert() -> Result<()> {
+    const TEST: &str = "prometheus_query_monitor_rolls_back_and_alertmanager_gets_the_alert";
+    let serve = tempfile::tempdir()?;
+    let (port, _scrapes) = model_server(serve.path().to_path_buf()).await?;
+    let target = format!("127.0.0.1:{port}");
+    let Some(prometheus) = kiln_tests::prom::Prometheus::start(TEST, &[target.as_str()])? else {
+        return Ok(());
+    };
+    let Some(alertmanager) = kiln_tests::prom::Alertmanager::start(TEST)? else {
+        return Ok(());
+    };
+    let data = tempfile::tempdir()?;
+    let options = CoordinatorOptions {
+        extra_args: vec![
+            "--alertmanager-url".into(),
+            format!("http://{}", alertmanager.addr),
+        ],
+        ..Default::default()
+    };
+    let coordinator = Coordinator::start(data.path(), &options)?;
+    let work = tempfile::tempdir()?;
+    let agent = start_agent(&coordinator.url(), "deliver", "", 2, work.path())?;
+    let farm = Farm {
+        coordinator,
+        _agent: agent,
+        _dirs: vec![data, work],
+    };
+    let monitor = format!(
+        "    monitor:\n      prometheus: {{ url: \"http://{}\", query: \"max(model_error_ratio)\" }}\n      every: 500ms\n      rollback_when: {{ model_error_ratio: \"> 0.5\" }}\n      failure_limit: 2\n      for: 60s\n",
+        prometheus.addr
+    );
+    let base = spec(serve.path(), port);
+    let cut = base.find("    monitor:").unwrap();
+    let repo = Repo::new(&format!("{}{monitor}", &base[..cut]))?;
+
+    let first = ship(&farm, &repo, "good-1\n", r#"{"recall": 0.8}"#).await?;
+    assert_eq!(first.state, pb::RunState::Succeeded as i32, "{first:#?}");
+    let second = ship(&farm, &repo, "bad\n", r#"{"recall": 0.8}"#).await?;
+    assert_eq!(second.state, pb::RunState::Succeeded as i32, "{second:#?}");
+    eventually(
+        Duration::from_secs(30),
+        "the rollback driven by Prometheus",
+        || {
+            let farm = &farm;
+            async move {
+                let releases = history(farm, "production").await?;
+                Ok(releases
+                    .iter()
+                    .any(|r| {
+                        r.run_id == second.id && release_state(r) == pb::ReleaseState::RolledBack
+                    })
+                    .then_some(()))
+            }
+        },
+    )
+    .await?;
+    assert_eq!(
+        std::fs::read_to_string(serve.path().join("production"))?.trim(),
+        "good-1"
+    );
+    eventually(Duration::from_secs(15), "the alert in Alertmanager", || {
+        let alertmanager = &alertmanager;
+        async move {
+            let alerts = alertmanager.alerts()?;
+            Ok(alerts
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|a| {
+                    a["labels"]["alertname"] == "KilnRollback"
+                        && a["labels"]["environment"] == "production"
+                })
+                .then_some(()))
+        }
+    })
+    .await?;
+    Ok(())
+}

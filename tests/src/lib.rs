@@ -15,6 +15,7 @@ use kiln_proto::v1 as pb;
 use pb::control_service_client::ControlServiceClient;
 use tonic::transport::Channel;
 
+pub mod delivery;
 pub mod docker;
 pub mod farm;
 pub mod prom;

@@ -8,189 +8,22 @@
 //! in this test whose error ratio depends on which model is deployed, so a
 //! bad release degrades live and the restored one heals it.
 
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Result;
 use kiln_proto::v1 as pb;
-use kiln_tests::{
-    Coordinator, CoordinatorOptions, Process, Repo, eventually, get_run, stage, start_agent,
-    wait_run,
+use kiln_tests::delivery::{
+    Farm, farm, history, model_server, release_state, ship, spec, state, webhook,
 };
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
-
-fn spec(serve: &Path, port: u16) -> String {
-    let serve = serve.display();
-    format!(
-        r#"
-pipeline: model
-stages:
-  train:
-    commands: ["mkdir -p build/model", "cp model.txt build/model/weights"]
-    artifacts: [build/model]
-  evaluate:
-    needs: [train]
-    commands: ["mkdir -p build", "cp metrics.json build/metrics.json"]
-    metrics: build/metrics.json
-  deploy-staging:
-    needs: [train, evaluate]
-    environment: staging
-    commands: ["cp build/model/weights {serve}/staging"]
-  acceptance:
-    needs: [deploy-staging]
-    gate:
-      require: {{ recall: ">= 0.5" }}
-      compare_to: production
-      max_regression: {{ recall: 0.1 }}
-  deploy-production:
-    needs: [train, acceptance]
-    environment: production
-    commands: ["cp build/model/weights {serve}/production"]
-    monitor:
-      scrape: http://127.0.0.1:{port}/metrics
-      every: 200ms
-      rollback_when: {{ model_error_ratio: "> 0.5" }}
-      failure_limit: 3
-      for: 60s
-"#
-    )
-}
-
-/// Serves `model_error_ratio`: 0.9 while the deployed production model is
-/// "bad", else 0.01. Counts scrapes.
-async fn model_server(serve: PathBuf) -> Result<(u16, Arc<Mutex<u32>>)> {
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
-    let port = listener.local_addr()?.port();
-    let scrapes = Arc::new(Mutex::new(0));
-    let counter = scrapes.clone();
-    tokio::spawn(async move {
-        while let Ok((mut socket, _)) = listener.accept().await {
-            let model = std::fs::read_to_string(serve.join("production")).unwrap_or_default();
-            let ratio = if model.trim() == "bad" { 0.9 } else { 0.01 };
-            *counter.lock().unwrap() += 1;
-            let mut buffer = [0u8; 2048];
-            let _ = socket.read(&mut buffer).await;
-            let body = format!("# TYPE model_error_ratio gauge\nmodel_error_ratio {ratio}\n");
-            let response = format!(
-                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = socket.write_all(response.as_bytes()).await;
-        }
-    });
-    Ok((port, scrapes))
-}
-
-/// A webhook receiver that keeps every body it gets.
-async fn webhook() -> Result<(String, Arc<Mutex<Vec<String>>>)> {
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
-    let url = format!("http://{}/hook", listener.local_addr()?);
-    let bodies = Arc::new(Mutex::new(Vec::new()));
-    let kept = bodies.clone();
-    tokio::spawn(async move {
-        while let Ok((mut socket, _)) = listener.accept().await {
-            let kept = kept.clone();
-            tokio::spawn(async move {
-                let mut data = Vec::new();
-                let mut buffer = [0u8; 8192];
-                loop {
-                    let Ok(n) = socket.read(&mut buffer).await else {
-                        return;
-                    };
-                    if n == 0 {
-                        return;
-                    }
-                    data.extend_from_slice(&buffer[..n]);
-                    let text = String::from_utf8_lossy(&data).to_string();
-                    if let Some((head, body)) = text.split_once("\r\n\r\n") {
-                        let length = head
-                            .lines()
-                            .find_map(|l| {
-                                l.to_ascii_lowercase()
-                                    .strip_prefix("content-length:")
-                                    .map(|v| v.trim().parse::<usize>().unwrap_or(0))
-                            })
-                            .unwrap_or(0);
-                        if body.len() >= length {
-                            kept.lock().unwrap().push(body.to_owned());
-                            let _ = socket.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").await;
-                            return;
-                        }
-                    }
-                }
-            });
-        }
-    });
-    Ok((url, bodies))
-}
-
-struct Farm {
-    coordinator: Coordinator,
-    _agent: Process,
-    _dirs: Vec<tempfile::TempDir>,
-}
-
-fn farm(hook: &str) -> Result<Farm> {
-    let data = tempfile::tempdir()?;
-    let options = CoordinatorOptions {
-        extra_args: vec!["--alert-webhook-url".into(), hook.into()],
-        ..Default::default()
-    };
-    let coordinator = Coordinator::start(data.path(), &options)?;
-    let work = tempfile::tempdir()?;
-    let agent = start_agent(&coordinator.url(), "deliver", "", 2, work.path())?;
-    Ok(Farm {
-        coordinator,
-        _agent: agent,
-        _dirs: vec![data, work],
-    })
-}
-
-/// Commits a model and its metrics, registers, runs, waits.
-async fn ship(farm: &Farm, repo: &Repo, model: &str, metrics: &str) -> Result<pb::Run> {
-    repo.commit("model.txt", model)?;
-    repo.commit("metrics.json", metrics)?;
-    let register = farm
-        .coordinator
-        .kiln(&["pipeline", "register", repo.path().to_str().unwrap()]);
-    assert_eq!(
-        register.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&register.stderr)
-    );
-    let started = farm.coordinator.kiln(&["run", "model"]);
-    let id: u64 = String::from_utf8(started.stdout)?.trim().parse()?;
-    let mut client = farm.coordinator.client().await?;
-    wait_run(&mut client, id, Duration::from_secs(60)).await
-}
-
-fn state(stage: &pb::Stage) -> pb::StageState {
-    pb::StageState::try_from(stage.state).unwrap()
-}
-
-async fn history(farm: &Farm, environment: &str) -> Result<Vec<pb::Release>> {
-    let mut client = farm.coordinator.client().await?;
-    let request = pb::EnvironmentHistoryRequest {
-        environment: environment.into(),
-    };
-    Ok(client
-        .environment_history(request)
-        .await?
-        .into_inner()
-        .releases)
-}
-
-fn release_state(release: &pb::Release) -> pb::ReleaseState {
-    pb::ReleaseState::try_from(release.state).unwrap()
-}
+use kiln_tests::{
+    Coordinator, CoordinatorOptions, Repo, eventually, get_run, stage, start_agent, wait_run,
+};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn promotion_gates_monitoring_and_automatic_rollback() -> Result<()> {
     let serve = tempfile::tempdir()?;
-    let (port, scrapes) = model_server(serve.path().to_path_buf()).await?;
+    let server = model_server(serve.path().to_path_buf()).await?;
+    let (port, scrapes) = (server.port, server.scrapes.clone());
     let (hook, alerts) = webhook().await?;
     let farm = farm(&hook)?;
     let repo = Repo::new(&spec(serve.path(), port))?;
@@ -481,7 +314,7 @@ async fn manual_approval_waits_and_rejection_fails() -> Result<()> {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_freeze_keeps_the_release_and_stops_promotions() -> Result<()> {
     let serve = tempfile::tempdir()?;
-    let (port, _scrapes) = model_server(serve.path().to_path_buf()).await?;
+    let port = model_server(serve.path().to_path_buf()).await?.port;
     let (hook, alerts) = webhook().await?;
     let farm = farm(&hook)?;
     let yaml = spec(serve.path(), port)
@@ -541,7 +374,7 @@ async fn a_freeze_keeps_the_release_and_stops_promotions() -> Result<()> {
 async fn prometheus_query_monitor_rolls_back_and_alertmanager_gets_the_alert() -> Result<()> {
     const TEST: &str = "prometheus_query_monitor_rolls_back_and_alertmanager_gets_the_alert";
     let serve = tempfile::tempdir()?;
-    let (port, _scrapes) = model_server(serve.path().to_path_buf()).await?;
+    let port = model_server(serve.path().to_path_buf()).await?.port;
     let target = format!("127.0.0.1:{port}");
     let Some(prometheus) = kiln_tests::prom::Prometheus::start(TEST, &[target.as_str()])? else {
         return Ok(());
@@ -562,8 +395,8 @@ async fn prometheus_query_monitor_rolls_back_and_alertmanager_gets_the_alert() -
     let agent = start_agent(&coordinator.url(), "deliver", "", 2, work.path())?;
     let farm = Farm {
         coordinator,
-        _agent: agent,
-        _dirs: vec![data, work],
+        agent,
+        dirs: vec![data, work],
     };
     let monitor = format!(
         "    monitor:\n      prometheus: {{ url: \"http://{}\", query: \"max(model_error_ratio)\" }}\n      every: 500ms\n      rollback_when: {{ model_error_ratio: \"> 0.5\" }}\n      failure_limit: 2\n      for: 60s\n",

@@ -1,0 +1,202 @@
+//! Shared pieces of the delivery tests and `rollback-bench`: a pipeline
+//! whose "model" is a text file, a stand-in model server whose error ratio
+//! depends on the deployed model, a webhook receiver, and helpers to ship
+//! a model through a farm.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use kiln_proto::v1 as pb;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+use crate::{Coordinator, CoordinatorOptions, Process, Repo, start_agent, wait_run};
+
+/// The model pipeline; `serve` is where deploy stages copy the model,
+/// `port` the model server's.
+pub fn spec(serve: &Path, port: u16) -> String {
+    let serve = serve.display();
+    format!(
+        r#"
+pipeline: model
+stages:
+  train:
+    commands: ["mkdir -p build/model", "cp model.txt build/model/weights"]
+    artifacts: [build/model]
+  evaluate:
+    needs: [train]
+    commands: ["mkdir -p build", "cp metrics.json build/metrics.json"]
+    metrics: build/metrics.json
+  deploy-staging:
+    needs: [train, evaluate]
+    environment: staging
+    commands: ["cp build/model/weights {serve}/staging"]
+  acceptance:
+    needs: [deploy-staging]
+    gate:
+      require: {{ recall: ">= 0.5" }}
+      compare_to: production
+      max_regression: {{ recall: 0.1 }}
+  deploy-production:
+    needs: [train, acceptance]
+    environment: production
+    commands: ["cp build/model/weights {serve}/production"]
+    monitor:
+      scrape: http://127.0.0.1:{port}/metrics
+      every: 200ms
+      rollback_when: {{ model_error_ratio: "> 0.5" }}
+      failure_limit: 3
+      for: 60s
+"#
+    )
+}
+
+/// A stand-in model server: its error ratio depends on the deployed model.
+pub struct ModelServer {
+    pub port: u16,
+    /// Scrapes served so far.
+    pub scrapes: Arc<Mutex<u32>>,
+    /// When it first served a breaching value.
+    pub first_bad_at: Arc<Mutex<Option<Instant>>>,
+}
+
+/// Serves `model_error_ratio`: 0.9 while the deployed production model is
+/// "bad", else 0.01.
+pub async fn model_server(serve: PathBuf) -> Result<ModelServer> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let port = listener.local_addr()?.port();
+    let scrapes = Arc::new(Mutex::new(0));
+    let first_bad_at = Arc::new(Mutex::new(None));
+    let (counter, bad_at) = (scrapes.clone(), first_bad_at.clone());
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let model = std::fs::read_to_string(serve.join("production")).unwrap_or_default();
+            let bad = model.trim() == "bad";
+            let ratio = if bad { 0.9 } else { 0.01 };
+            if bad {
+                bad_at.lock().unwrap().get_or_insert_with(Instant::now);
+            }
+            *counter.lock().unwrap() += 1;
+            let mut buffer = [0u8; 2048];
+            let _ = socket.read(&mut buffer).await;
+            let body = format!("# TYPE model_error_ratio gauge\nmodel_error_ratio {ratio}\n");
+            let response = format!(
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = socket.write_all(response.as_bytes()).await;
+        }
+    });
+    Ok(ModelServer {
+        port,
+        scrapes,
+        first_bad_at,
+    })
+}
+
+/// A webhook receiver that keeps every body it gets.
+pub async fn webhook() -> Result<(String, Arc<Mutex<Vec<String>>>)> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}/hook", listener.local_addr()?);
+    let bodies = Arc::new(Mutex::new(Vec::new()));
+    let kept = bodies.clone();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let kept = kept.clone();
+            tokio::spawn(async move {
+                let mut data = Vec::new();
+                let mut buffer = [0u8; 8192];
+                loop {
+                    let Ok(n) = socket.read(&mut buffer).await else {
+                        return;
+                    };
+                    if n == 0 {
+                        return;
+                    }
+                    data.extend_from_slice(&buffer[..n]);
+                    let text = String::from_utf8_lossy(&data).to_string();
+                    if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                        let length = head
+                            .lines()
+                            .find_map(|l| {
+                                l.to_ascii_lowercase()
+                                    .strip_prefix("content-length:")
+                                    .map(|v| v.trim().parse::<usize>().unwrap_or(0))
+                            })
+                            .unwrap_or(0);
+                        if body.len() >= length {
+                            kept.lock().unwrap().push(body.to_owned());
+                            let _ = socket.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").await;
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    Ok((url, bodies))
+}
+
+/// A coordinator with one process agent.
+pub struct Farm {
+    pub coordinator: Coordinator,
+    pub agent: Process,
+    pub dirs: Vec<tempfile::TempDir>,
+}
+
+pub fn farm(hook: &str) -> Result<Farm> {
+    let data = tempfile::tempdir()?;
+    let options = CoordinatorOptions {
+        extra_args: vec!["--alert-webhook-url".into(), hook.into()],
+        ..Default::default()
+    };
+    let coordinator = Coordinator::start(data.path(), &options)?;
+    let work = tempfile::tempdir()?;
+    let agent = start_agent(&coordinator.url(), "deliver", "", 2, work.path())?;
+    Ok(Farm {
+        coordinator,
+        agent,
+        dirs: vec![data, work],
+    })
+}
+
+/// Commits a model and its metrics, registers, runs, waits.
+pub async fn ship(farm: &Farm, repo: &Repo, model: &str, metrics: &str) -> Result<pb::Run> {
+    repo.commit("model.txt", model)?;
+    repo.commit("metrics.json", metrics)?;
+    let register = farm
+        .coordinator
+        .kiln(&["pipeline", "register", repo.path().to_str().unwrap()]);
+    assert_eq!(
+        register.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&register.stderr)
+    );
+    let started = farm.coordinator.kiln(&["run", "model"]);
+    let id: u64 = String::from_utf8(started.stdout)?.trim().parse()?;
+    let mut client = farm.coordinator.client().await?;
+    wait_run(&mut client, id, Duration::from_secs(60)).await
+}
+
+pub fn state(stage: &pb::Stage) -> pb::StageState {
+    pb::StageState::try_from(stage.state).unwrap()
+}
+
+pub async fn history(farm: &Farm, environment: &str) -> Result<Vec<pb::Release>> {
+    let mut client = farm.coordinator.client().await?;
+    let request = pb::EnvironmentHistoryRequest {
+        environment: environment.into(),
+    };
+    Ok(client
+        .environment_history(request)
+        .await?
+        .into_inner()
+        .releases)
+}
+
+pub fn release_state(release: &pb::Release) -> pb::ReleaseState {
+    pb::ReleaseState::try_from(release.state).unwrap()
+}

@@ -1,11 +1,15 @@
 //! `kiln demo`: a whole farm in one process.
 //!
-//! An embedded coordinator on `127.0.0.1:0` and two process-executor
-//! agents run as tasks on this runtime; the demo then drives them through
-//! the same code paths as `kiln pipeline register`, `kiln run --wait`,
-//! `kiln logs` and `kiln status`. Start-up and shutdown follow a fixed
-//! order: coordinator, agents; then agents stop (finishing or handing back
-//! their stages) before the coordinator stops.
+//! An embedded coordinator on `127.0.0.1:0` and two agents run as tasks on
+//! this runtime; the demo then drives them through the same code paths as
+//! `kiln pipeline register`, `kiln run --wait`, `kiln logs` and `kiln
+//! status`. Start-up and shutdown follow a fixed order: coordinator,
+//! agents; then agents stop (finishing or handing back their stages) before
+//! the coordinator stops.
+//!
+//! Without `--example` it plays the ML scenario of [`crate::demo_ml`]
+//! (docker agent for training, process agent for deploys) when a Docker
+//! engine answers, and the shell-only `examples/hello` otherwise.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -20,7 +24,7 @@ use crate::client::Coordinator;
 use crate::commands::{logs, pipeline, runs, watch as progress};
 use crate::error::{CliError, Outcome};
 use crate::git::Drift;
-use crate::output;
+use crate::{demo_ml, output};
 
 /// Marks a directory as made by `kiln demo`, so that clearing it can never
 /// wipe a directory someone passed to `--data-dir` by mistake.
@@ -50,7 +54,18 @@ struct Service {
 pub(crate) async fn demo(args: &DemoArgs, format: OutputFormat) -> Result<Outcome, CliError> {
     // The libraries report through tracing; warnings and errors only, so
     // the demo's own lines stay readable.
-    kiln_common::logging::init("warn");
+    kiln_common::logging::init("error");
+    if args.example.is_none() {
+        match demo_ml::docker_missing() {
+            None => return ml_demo(args, format).await,
+            Some(why) => output::progress(
+                format,
+                &format!(
+                    "no Docker engine answers ({why}); running the shell-only examples/hello instead"
+                ),
+            )?,
+        }
+    }
     let example = example_dir(args.example.as_deref());
     // Checked before anything starts: a broken or uncommitted example
     // would only fail later, inside the run.
@@ -76,10 +91,10 @@ pub(crate) async fn demo(args: &DemoArgs, format: OutputFormat) -> Result<Outcom
         ),
     )?;
 
-    let coordinator = start_coordinator(&data_dir, listener);
+    let coordinator = start_coordinator(&data_dir, listener, None);
     let agents: Vec<Service> = AGENTS
         .iter()
-        .map(|(name, role)| start_agent(&data_dir, &url, name, role))
+        .map(|(name, role)| start_agent(&data_dir, &url, name, role, ExecutorKind::Process))
         .collect();
 
     let script = tokio::select! {
@@ -103,7 +118,12 @@ async fn run_example(
     format: OutputFormat,
 ) -> Result<Outcome, CliError> {
     let coordinator = Coordinator::connect(url).await?;
-    wait_for_agents(&coordinator, format).await?;
+    let names: Vec<String> = AGENTS
+        .iter()
+        .map(|(n, r)| format!("{n} (role={r})"))
+        .collect();
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    wait_for_agents(&coordinator, format, &names).await?;
     let registered = pipeline::submit(&coordinator, registration.request).await?;
     output::progress(format, &pipeline::registered_line(&registered))?;
     let run = runs::trigger(&coordinator, &registered.pipeline.name, None).await?;
@@ -118,7 +138,85 @@ async fn run_example(
     Ok(runs::outcome_of(&finished))
 }
 
-fn start_coordinator(data_dir: &Path, listener: tokio::net::TcpListener) -> Service {
+/// The ML scenario: image, repository copy, farm, scenario, shutdown.
+async fn ml_demo(args: &DemoArgs, format: OutputFormat) -> Result<Outcome, CliError> {
+    let root = repo_root();
+    demo_ml::ensure_image(&root, format)?;
+    let data_dir = prepare_data_dir(&args.data_dir, args.keep)?;
+    let repo = demo_ml::prepare_repo(&root.join("examples/customer-behavior"), &data_dir)?;
+    let (alert_url, alerts) = demo_ml::alert_printer().await?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .map_err(|e| CliError::Input(format!("cannot listen on 127.0.0.1: {e}")))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| CliError::Input(e.to_string()))?;
+    let url = format!("http://{addr}");
+    output::progress(
+        format,
+        &format!(
+            "starting an embedded coordinator on {addr}, a docker agent and a process agent (data in {})",
+            data_dir.display()
+        ),
+    )?;
+    let coordinator = start_coordinator(&data_dir, listener, Some(alert_url));
+    let docker = ExecutorKind::Docker(kiln_agent::DockerConfig {
+        host: "unix:///var/run/docker.sock".to_owned(),
+        allow_mounts: Vec::new(),
+    });
+    let agents = vec![
+        start_agent(&data_dir, &url, "demo-build", "build", docker),
+        start_agent(
+            &data_dir,
+            &url,
+            "demo-deploy",
+            "deploy",
+            ExecutorKind::Process,
+        ),
+    ];
+    let scenario = async {
+        let client = Coordinator::connect(&url).await?;
+        wait_for_agents(
+            &client,
+            format,
+            &["demo-build (docker)", "demo-deploy (process)"],
+        )
+        .await?;
+        demo_ml::run_scenario(&client, &repo, &alerts, format).await
+    };
+    let result = tokio::select! {
+        result = scenario => result,
+        _ = tokio::signal::ctrl_c() => Err(CliError::Input("interrupted".to_owned())),
+    };
+    let _ = output::progress(
+        format,
+        "stopping the model server, the agents, then the coordinator",
+    );
+    demo_ml::stop_scenery();
+    for agent in agents {
+        stop(agent).await;
+    }
+    stop(coordinator).await;
+    result
+}
+
+/// The project's root: here when run from it, else where this binary was
+/// built from.
+fn repo_root() -> PathBuf {
+    if Path::new("examples/customer-behavior/kiln.yml").is_file() {
+        return PathBuf::from(".")
+            .canonicalize()
+            .unwrap_or_else(|_| PathBuf::from("."));
+    }
+    let built_from = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    built_from.canonicalize().unwrap_or(built_from)
+}
+
+fn start_coordinator(
+    data_dir: &Path,
+    listener: tokio::net::TcpListener,
+    alert_webhook: Option<String>,
+) -> Service {
     let config = kiln_coordinator::Config {
         data_dir: data_dir.join("coordinator"),
         grpc_listener: listener,
@@ -126,7 +224,10 @@ fn start_coordinator(data_dir: &Path, listener: tokio::net::TcpListener) -> Serv
         lease_ttl: LEASE_TTL,
         heartbeat_interval: HEARTBEAT,
         artifacts: kiln_coordinator::ArtifactPolicy::default(),
-        alerts: kiln_coordinator::AlertTargets::default(),
+        alerts: kiln_coordinator::AlertTargets {
+            webhook_url: alert_webhook,
+            ..Default::default()
+        },
     };
     let (stop, stopped) = watch::channel(false);
     let task = tokio::spawn(kiln_coordinator::run(config, stop_requested(stopped)));
@@ -137,14 +238,20 @@ fn start_coordinator(data_dir: &Path, listener: tokio::net::TcpListener) -> Serv
     }
 }
 
-fn start_agent(data_dir: &Path, url: &str, name: &str, role: &str) -> Service {
+fn start_agent(
+    data_dir: &Path,
+    url: &str,
+    name: &str,
+    role: &str,
+    executor: ExecutorKind,
+) -> Service {
     let config = kiln_agent::Config {
         coordinator: url.to_owned(),
         name: name.to_owned(),
         labels: BTreeMap::from([("role".to_owned(), role.to_owned())]),
         capacity: AGENT_CAPACITY,
         work_dir: data_dir.join("agents").join(name),
-        executor: ExecutorKind::Process,
+        executor,
         drain_timeout: DRAIN_TIMEOUT,
     };
     let (stop, stopped) = watch::channel(false);
@@ -196,16 +303,16 @@ fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
 
 /// Waits until both agents are connected, so the first stages do not sit in
 /// `ready` while the agents start.
-async fn wait_for_agents(coordinator: &Coordinator, format: OutputFormat) -> Result<(), CliError> {
+async fn wait_for_agents(
+    coordinator: &Coordinator,
+    format: OutputFormat,
+    names: &[&str],
+) -> Result<(), CliError> {
     let deadline = tokio::time::Instant::now() + AGENTS_CONNECT_TIMEOUT;
     loop {
         let agents = coordinator.list_agents().await?;
         let connected = agents.into_iter().filter(|a| a.connected).count();
-        if connected >= AGENTS.len() {
-            let names: Vec<_> = AGENTS
-                .iter()
-                .map(|(n, r)| format!("{n} (role={r})"))
-                .collect();
+        if connected >= names.len() {
             let text = format!("agents connected: {}", names.join(", "));
             return output::progress(format, &text);
         }
@@ -213,7 +320,7 @@ async fn wait_for_agents(coordinator: &Coordinator, format: OutputFormat) -> Res
             // The coordinator queues the stages meanwhile; carry on.
             let text = format!(
                 "warning: only {connected} of {} agents connected after {}s",
-                AGENTS.len(),
+                names.len(),
                 AGENTS_CONNECT_TIMEOUT.as_secs()
             );
             return output::progress(format, &text);

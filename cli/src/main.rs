@@ -18,6 +18,7 @@ mod args;
 mod client;
 mod commands;
 mod demo;
+mod demo_ml;
 mod error;
 mod git;
 mod output;

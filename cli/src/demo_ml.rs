@@ -1,0 +1,474 @@
+//! `kiln demo`'s main act: the customer-behavior model shipped, watched and
+//! rolled back, on an embedded coordinator with a docker agent (training,
+//! tests, evaluation) and a process agent (deploys).
+//!
+//! 1. Release 1 is trained on the real Caravan data, passes the acceptance
+//!    gate and reaches production; a model server and live traffic run.
+//! 2. The demo openly commits a fault (`KILN_DEMO_FAULT: invert`: the model
+//!    inverts its answers when served). The new model passes every offline
+//!    gate, goes live, its live error ratio climbs, the coordinator's
+//!    monitor counts the breaches and rolls production back; the alert is
+//!    printed as the webhook receives it.
+//! 3. It ends with the production history.
+//!
+//! The model server and the traffic run as containers of the same image,
+//! started with the `docker` CLI: they are the demo's scenery, not Kiln.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use kiln_proto::v1 as pb;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::args::OutputFormat;
+use crate::client::Coordinator;
+use crate::commands::{pipeline, runs, watch as progress};
+use crate::error::{CliError, Outcome};
+use crate::output;
+
+pub(crate) const IMAGE: &str = "kiln/python-ml:bookworm";
+/// Where deploy.sh installs models (the example's kiln.yml says so too).
+const SERVE_ROOT: &str = "/tmp/kiln-serve";
+const SERVER: &str = "kiln-demo-serve";
+const TRAFFIC: &str = "kiln-demo-traffic";
+
+/// Why the ML demo cannot run here, if it cannot (no engine).
+pub(crate) fn docker_missing() -> Option<String> {
+    let info = Command::new("docker")
+        .args(["info", "--format", "{{.ServerVersion}}"])
+        .output();
+    match info {
+        Ok(out) if out.status.success() => None,
+        Ok(out) => Some(String::from_utf8_lossy(&out.stderr).trim().to_owned()),
+        Err(error) => Some(format!("cannot run docker: {error}")),
+    }
+}
+
+/// Builds the ML image from its offline recipe when it is missing.
+pub(crate) fn ensure_image(repo_root: &Path, format: OutputFormat) -> Result<(), CliError> {
+    let present = Command::new("docker")
+        .args(["image", "inspect", IMAGE])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+    if present.is_ok_and(|status| status.success()) {
+        return Ok(());
+    }
+    let script = repo_root.join("deploy/images/python-ml/build.sh");
+    output::progress(
+        format,
+        &format!(
+            "building {IMAGE} offline with {} (about 2 minutes, once)",
+            script.display()
+        ),
+    )?;
+    let status = Command::new("bash")
+        .arg(&script)
+        .status()
+        .map_err(|e| CliError::Input(format!("cannot run {}: {e}", script.display())))?;
+    if !status.success() {
+        return Err(CliError::Input(format!(
+            "{} failed; see its output above",
+            script.display()
+        )));
+    }
+    Ok(())
+}
+
+/// A copy of the example in its own git repository, so the demo can commit
+/// its fault openly without touching the project's tree.
+pub(crate) fn prepare_repo(example: &Path, data_dir: &Path) -> Result<PathBuf, CliError> {
+    let repo = data_dir.join("customer-behavior");
+    let io = |e: std::io::Error| CliError::Input(format!("preparing the demo repository: {e}"));
+    if repo.exists() {
+        std::fs::remove_dir_all(&repo).map_err(io)?;
+    }
+    copy_tree(example, &repo).map_err(io)?;
+    git(&repo, &["init", "-q", "-b", "main"])?;
+    commit_all(&repo, "customer-behavior example")?;
+    Ok(repo)
+}
+
+fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        if name == "build" || name == "__pycache__" || name == ".pytest_cache" {
+            continue;
+        }
+        let target = to.join(&name);
+        if entry.file_type()?.is_dir() {
+            copy_tree(&entry.path(), &target)?;
+        } else {
+            std::fs::copy(entry.path(), &target)?;
+        }
+    }
+    Ok(())
+}
+
+fn git(repo: &Path, args: &[&str]) -> Result<(), CliError> {
+    let status = Command::new("git")
+        .arg("-C")
+        .arg(repo)
+        .args([
+            "-c",
+            "user.name=kiln demo",
+            "-c",
+            "user.email=demo@kiln.invalid",
+        ])
+        .args(args)
+        .stdout(Stdio::null())
+        .status()
+        .map_err(|e| CliError::Input(format!("cannot run git: {e}")))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(CliError::Input(format!(
+            "git {args:?} failed in {}",
+            repo.display()
+        )))
+    }
+}
+
+fn commit_all(repo: &Path, message: &str) -> Result<(), CliError> {
+    git(repo, &["add", "-A"])?;
+    git(repo, &["commit", "-q", "--allow-empty", "-m", message])
+}
+
+/// A webhook receiver on loopback that prints each alert as it arrives.
+pub(crate) async fn alert_printer() -> Result<(String, Arc<Mutex<Vec<String>>>), CliError> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .map_err(|e| CliError::Input(format!("cannot listen for alerts: {e}")))?;
+    let url = format!(
+        "http://{}/alerts",
+        listener
+            .local_addr()
+            .map_err(|e| CliError::Input(e.to_string()))?
+    );
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let kept = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let kept = kept.clone();
+            tokio::spawn(async move {
+                let mut data = Vec::new();
+                let mut buffer = [0u8; 8192];
+                while let Ok(n) = socket.read(&mut buffer).await {
+                    if n == 0 {
+                        break;
+                    }
+                    data.extend_from_slice(&buffer[..n]);
+                    let text = String::from_utf8_lossy(&data).into_owned();
+                    let Some((head, body)) = text.split_once("\r\n\r\n") else {
+                        continue;
+                    };
+                    let length = head
+                        .lines()
+                        .find_map(|l| {
+                            l.to_ascii_lowercase()
+                                .strip_prefix("content-length:")
+                                .map(|v| v.trim().parse().unwrap_or(0))
+                        })
+                        .unwrap_or(0usize);
+                    if body.len() < length {
+                        continue;
+                    }
+                    let alert: serde_json::Value = serde_json::from_str(body).unwrap_or_default();
+                    let name = alert["labels"]["alertname"]
+                        .as_str()
+                        .or(alert["name"].as_str())
+                        .unwrap_or("alert")
+                        .to_owned();
+                    let summary = alert["annotations"]["summary"]
+                        .as_str()
+                        .or(alert["summary"].as_str())
+                        .unwrap_or(body)
+                        .to_owned();
+                    eprintln!("\n*** ALERT {name}: {summary}\n");
+                    kept.lock()
+                        .expect("alert list")
+                        .push(format!("{name}: {summary}"));
+                    let _ = socket
+                        .write_all(
+                            b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                        )
+                        .await;
+                    break;
+                }
+            });
+        }
+    });
+    Ok((url, seen))
+}
+
+fn docker_rm(name: &str) {
+    let _ = Command::new("docker")
+        .args(["rm", "-f", name])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+}
+
+fn docker_run_detached(name: &str, repo: &Path, command: &[&str]) -> Result<(), CliError> {
+    docker_rm(name);
+    let repo_mount = format!("{0}:{0}:ro", repo.display());
+    let serve_mount = format!("{SERVE_ROOT}:{SERVE_ROOT}");
+    let status = Command::new("docker")
+        .args([
+            "run",
+            "-d",
+            "--name",
+            name,
+            "--network",
+            "host",
+            "--label",
+            "kiln.demo=1",
+        ])
+        .args([
+            "-v",
+            &repo_mount,
+            "-v",
+            &serve_mount,
+            "-w",
+            &repo.display().to_string(),
+            IMAGE,
+        ])
+        .args(command)
+        .stdout(Stdio::null())
+        .status()
+        .map_err(|e| CliError::Input(format!("cannot run docker: {e}")))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(CliError::Input(format!(
+            "could not start the {name} container"
+        )))
+    }
+}
+
+/// Stops the scenery containers.
+pub(crate) fn stop_scenery() {
+    docker_rm(TRAFFIC);
+    docker_rm(SERVER);
+}
+
+/// The scenario, once the farm is up.
+pub(crate) async fn run_scenario(
+    coordinator: &Coordinator,
+    repo: &Path,
+    alerts: &Arc<Mutex<Vec<String>>>,
+    format: OutputFormat,
+) -> Result<Outcome, CliError> {
+    let _ = std::fs::remove_dir_all(SERVE_ROOT);
+    std::fs::create_dir_all(SERVE_ROOT)
+        .map_err(|e| CliError::Input(format!("cannot create {SERVE_ROOT}: {e}")))?;
+
+    // The server is up before anything is deployed, so the monitor of the
+    // first release finds it (it answers, with no model loaded yet).
+    say(
+        format,
+        &format!("starting the model server on 127.0.0.1:9101 (serving {SERVE_ROOT}/production)"),
+    )?;
+    let env_dir = format!("{SERVE_ROOT}/production");
+    docker_run_detached(
+        SERVER,
+        repo,
+        &[
+            "python",
+            "serve.py",
+            "--env-dir",
+            &env_dir,
+            "--port",
+            "9101",
+            "--min-feedback",
+            "50",
+            "--window",
+            "100",
+        ],
+    )?;
+
+    say(
+        format,
+        "act 1: train on the Caravan data, gate on precision and recall, release to production",
+    )?;
+    let first = ship(coordinator, repo, format).await?;
+    if first.state != pb::RunState::Succeeded as i32 {
+        say(
+            format,
+            "the first run did not succeed; see `kiln logs` above",
+        )?;
+        return Ok(Outcome::RunNotSucceeded);
+    }
+    print_gate(&first, format)?;
+
+    say(
+        format,
+        "sending live traffic with labelled feedback to the model server",
+    )?;
+    docker_run_detached(
+        TRAFFIC,
+        repo,
+        &[
+            "python",
+            "traffic.py",
+            "--url",
+            "http://127.0.0.1:9101",
+            "--rate",
+            "25",
+            "--duration",
+            "0",
+            "--report-every",
+            "1000",
+        ],
+    )?;
+    tokio::time::sleep(Duration::from_secs(6)).await;
+
+    say(
+        format,
+        "act 2: INJECTING A FAULT, openly: committing `KILN_DEMO_FAULT: invert` to the train stage. \
+         The new model is as good offline (the gate passes) but inverts its answers when served.",
+    )?;
+    let kiln_yml = repo.join("kiln.yml");
+    let text = std::fs::read_to_string(&kiln_yml).map_err(|e| CliError::Input(e.to_string()))?;
+    std::fs::write(
+        &kiln_yml,
+        text.replace("KILN_DEMO_FAULT: none", "KILN_DEMO_FAULT: invert"),
+    )
+    .map_err(|e| CliError::Input(e.to_string()))?;
+    commit_all(
+        repo,
+        "demo: inject a serving fault (the model inverts its answers live)",
+    )?;
+    let second = ship(coordinator, repo, format).await?;
+    print_gate(&second, format)?;
+
+    say(
+        format,
+        "watching production: the monitor scrapes the server every 2s and rolls back after 3 breaches",
+    )?;
+    let rolled_back = wait_for_rollback(coordinator, second.id).await?;
+    match &rolled_back {
+        Some(release) => say(
+            format,
+            &format!("release {} was rolled back: {}", release.id, release.reason),
+        )?,
+        None => say(format, "no rollback happened within 3 minutes")?,
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    if alerts.lock().expect("alert list").is_empty() {
+        say(format, "(no alert reached the webhook)")?;
+    }
+
+    say(format, "act 3: the production history")?;
+    let history = coordinator
+        .control()
+        .environment_history(pb::EnvironmentHistoryRequest {
+            environment: "production".into(),
+        })
+        .await
+        .map_err(|status| coordinator.failed(status))?
+        .into_inner()
+        .releases;
+    for release in &history {
+        let state = match release.state() {
+            pb::ReleaseState::Live => "live",
+            pb::ReleaseState::Superseded => "superseded",
+            pb::ReleaseState::RolledBack => "rolled back",
+            pb::ReleaseState::Unspecified => "?",
+        };
+        let recall = release
+            .metrics
+            .get("recall")
+            .map_or("-".into(), |v| output::number(*v));
+        let restored = if release.restored_by_rollback {
+            " (restored by rollback)"
+        } else {
+            ""
+        };
+        output::line(format!(
+            "  release {:>2}  run {:>2}  {state:<11} recall={recall}{restored}",
+            release.id, release.run_id
+        ))?;
+    }
+    Ok(if rolled_back.is_some() {
+        Outcome::Ok
+    } else {
+        Outcome::RunNotSucceeded
+    })
+}
+
+async fn ship(
+    coordinator: &Coordinator,
+    repo: &Path,
+    format: OutputFormat,
+) -> Result<pb::Run, CliError> {
+    let prepared = pipeline::prepare(repo)?;
+    let registered = pipeline::submit(coordinator, prepared.request).await?;
+    output::progress(format, &pipeline::registered_line(&registered))?;
+    let run = runs::trigger(coordinator, &registered.pipeline.name, None).await?;
+    progress::follow(coordinator, run.id, format).await?;
+    coordinator.get_run(run.id).await
+}
+
+fn print_gate(run: &pb::Run, format: OutputFormat) -> Result<(), CliError> {
+    for stage in &run.stages {
+        if let Some(gate) = &stage.gate {
+            say(
+                format,
+                &format!(
+                    "gate `{}` (decided by the coordinator): {}",
+                    stage.name, gate.summary
+                ),
+            )?;
+            for check in &gate.checks {
+                let value = check.value.map_or("missing".into(), output::number);
+                let champion = check
+                    .champion
+                    .map(|c| format!(", champion {}", output::number(c)))
+                    .unwrap_or_default();
+                let verdict = if check.passed { "pass" } else { "FAIL" };
+                output::progress(
+                    format,
+                    &format!(
+                        "      {verdict}  {} {}: {value}{champion}",
+                        check.metric, check.rule
+                    ),
+                )?;
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn wait_for_rollback(
+    coordinator: &Coordinator,
+    bad_run: u64,
+) -> Result<Option<pb::Release>, CliError> {
+    for _ in 0..180 {
+        let history = coordinator
+            .control()
+            .environment_history(pb::EnvironmentHistoryRequest {
+                environment: "production".into(),
+            })
+            .await
+            .map_err(|status| coordinator.failed(status))?
+            .into_inner()
+            .releases;
+        if let Some(release) = history
+            .iter()
+            .find(|r| r.run_id == bad_run && r.state() == pb::ReleaseState::RolledBack)
+        {
+            return Ok(Some(release.clone()));
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    Ok(None)
+}
+
+fn say(format: OutputFormat, text: &str) -> Result<(), CliError> {
+    output::progress(format, &format!("\n==> {text}"))
+}

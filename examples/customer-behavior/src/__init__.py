@@ -1,0 +1,1 @@
+"""Caravan insurance buyer prediction: prepare, train and evaluate stages."""

@@ -1,0 +1,1 @@
+"""Unit tests of the customer-behavior example (run: pytest -q tests)."""

@@ -1,0 +1,60 @@
+//! `kiln demo` end to end: the customer-behavior example trained, tested
+//! and evaluated in Docker on the real Caravan data, gated, released to
+//! production, degraded live by an openly injected fault, rolled back by
+//! the coordinator's monitor, with the alert shown.
+//!
+//! Needs the Docker engine and the `kiln/python-ml:bookworm` image (which
+//! `.ci/run` builds; the demo builds it itself when missing, which this
+//! test does not wait for).
+
+use std::process::Command;
+
+use anyhow::Result;
+use kiln_tests::binary;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_demo_promotes_a_model_and_rolls_back_a_degraded_one() -> Result<()> {
+    const TEST: &str = "the_demo_promotes_a_model_and_rolls_back_a_degraded_one";
+    if kiln_tests::docker::engine(TEST).await?.is_none() {
+        return Ok(());
+    }
+    let image = Command::new("docker")
+        .args(["image", "inspect", "kiln/python-ml:bookworm"])
+        .output()?;
+    if !image.status.success() {
+        anyhow::ensure!(
+            !kiln_tests::docker::docker_required(),
+            "kiln/python-ml:bookworm is missing; .ci/run builds it with deploy/images/python-ml/build.sh"
+        );
+        eprintln!(
+            "SKIPPED {TEST}: kiln/python-ml:bookworm is missing (deploy/images/python-ml/build.sh builds it)"
+        );
+        return Ok(());
+    }
+    let data = tempfile::tempdir()?;
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let output = Command::new(binary("kiln"))
+        .args(["demo", "--data-dir"])
+        .arg(data.path().join("demo"))
+        .current_dir(&root)
+        .output()?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let all = format!("{stdout}\n{stderr}");
+    assert_eq!(output.status.code(), Some(0), "{all}");
+    assert!(
+        all.contains("first deployment, gated on thresholds alone"),
+        "{all}"
+    );
+    assert!(all.contains("INJECTING A FAULT"), "{all}");
+    assert!(
+        all.contains("was rolled back: 3 consecutive breaches"),
+        "{all}"
+    );
+    assert!(all.contains("ALERT KilnRollback"), "{all}");
+    assert!(
+        all.contains("live        recall=") && all.contains("(restored by rollback)"),
+        "{all}"
+    );
+    Ok(())
+}

@@ -196,7 +196,6 @@ impl Metrics {
     }
 
     /// A stage was assigned `latency` after it became ready.
-    #[allow(dead_code)] // The engine's dispatch does not time assignments yet.
     pub(crate) fn observe_dispatch_latency(&self, latency: Duration) {
         self.dispatch_latency.observe(latency.as_secs_f64());
     }

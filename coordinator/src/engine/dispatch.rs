@@ -22,6 +22,7 @@ impl Engine {
             // Gates and frozen environments need no agent; deciding them may
             // make more stages ready, which this loop then sees.
             if self.settle_agentless(key) {
+                self.ready_since.remove(&key);
                 continue;
             }
             if !self
@@ -40,6 +41,7 @@ impl Engine {
             };
             if stage.state != StageState::Ready {
                 // Cancelled or re-queued since it was queued.
+                self.ready_since.remove(&key);
                 continue;
             }
             let spec = active.spec.clone();
@@ -95,6 +97,9 @@ impl Engine {
             };
             if let Some(agent) = self.agents.get_mut(&name) {
                 agent.held.insert((key, attempt));
+            }
+            if let Some(since) = self.ready_since.remove(&key) {
+                self.metrics.observe_dispatch_latency(since.elapsed());
             }
             tracing::debug!(stage = %key, attempt, agent = %name, "assigned");
             self.save_stage(key);

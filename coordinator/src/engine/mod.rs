@@ -204,6 +204,8 @@ pub(crate) struct Engine {
     /// Environments by name, with their live release.
     environments: BTreeMap<String, crate::store::EnvironmentRecord>,
     next_release_id: u64,
+    /// When each queued stage became ready, for the dispatch latency metric.
+    ready_since: HashMap<StageKey, std::time::Instant>,
     /// Consecutive breaches per watched release.
     breaches: HashMap<u64, u32>,
     /// Monitors to start; the runner drains this.
@@ -270,6 +272,7 @@ impl Engine {
             next_run_id,
             environments,
             next_release_id,
+            ready_since: HashMap::new(),
             breaches: HashMap::new(),
             monitor_requests: Vec::new(),
             pending_alerts: Vec::new(),

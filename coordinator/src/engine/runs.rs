@@ -204,6 +204,7 @@ impl Engine {
         if let Some(stage) = self.stage_mut(key) {
             stage.state = StageState::Ready;
             self.ready.push_back(key);
+            self.ready_since.insert(key, std::time::Instant::now());
             self.save_stage(key);
         }
     }

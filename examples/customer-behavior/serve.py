@@ -153,11 +153,6 @@ class Stats:
                 self.window.popleft()
             return self._ratio(), len(self.window)
 
-    def reset_window(self) -> None:
-        """Forget the outcomes of the previous model."""
-        with self.lock:
-            self.window.clear()
-
     def _ratio(self) -> float:
         if len(self.window) < max(1, self.min_feedback):
             return 0.0
@@ -228,9 +223,10 @@ class ModelServer(ThreadingHTTPServer):
                       self.model.version if self.model else "nothing")
             return
         previous = self.model.version if self.model else None
-        self.model = model
+        with self.stats.lock:
+            self.model = model
+            self.stats.window.clear()  # the window is about the served model only
         self.stale = False
-        self.stats.reset_window()
         if previous is not None:
             self.stats.reloads += 1
         LOG.info("serving model %s from %s (threshold %.4f)%s", model.version, real,
@@ -488,11 +484,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-feedback", type=int, default=100,
                         help="items needed before the error ratio is reported (default 100)")
     parser.add_argument("--poll", type=float, default=1.0, help="seconds between reload checks")
-    parser.add_argument("--fault", choices=FAULTS,
-                        default=os.environ.get("KILN_DEMO_FAULT") or None,
+    parser.add_argument("--fault", choices=("none", *FAULTS),
+                        default=os.environ.get("KILN_DEMO_FAULT") or "none",
                         help="demo only: corrupt every served model (default $KILN_DEMO_FAULT)")
     parser.add_argument("--verbose", action="store_true", help="log every request")
     args = parser.parse_args(argv)
+    if args.fault not in ("none", *FAULTS):
+        parser.error(f"KILN_DEMO_FAULT={args.fault!r}: expected none or {', '.join(FAULTS)}")
+    args.fault = None if args.fault == "none" else args.fault
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s serve: %(message)s", stream=sys.stderr)
     server = ModelServer(args.env_dir, args.port, args.window, args.min_feedback, args.poll,

@@ -186,6 +186,9 @@ def main(argv: list[str] | None = None) -> int:
     except schema.SchemaError as err:
         print(f"train: invalid input: {err}", file=sys.stderr)
         return 2
+    except ValueError as err:  # a bad --flag-rate or KILN_DEMO_FAULT
+        print(f"train: {err}", file=sys.stderr)
+        return 2
     cv = meta["cross_validated"]
     print(
         f"train: {meta['estimator']} on {meta['training_rows']} customers "

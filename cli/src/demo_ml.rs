@@ -364,15 +364,7 @@ pub(crate) async fn run_scenario(
     }
 
     say(format, "act 3: the production history")?;
-    let history = coordinator
-        .control()
-        .environment_history(pb::EnvironmentHistoryRequest {
-            environment: "production".into(),
-        })
-        .await
-        .map_err(|status| coordinator.failed(status))?
-        .into_inner()
-        .releases;
+    let history = production_history(coordinator).await?;
     for release in &history {
         let state = match release.state() {
             pb::ReleaseState::Live => "live",
@@ -449,15 +441,7 @@ async fn wait_for_rollback(
     bad_run: u64,
 ) -> Result<Option<pb::Release>, CliError> {
     for _ in 0..180 {
-        let history = coordinator
-            .control()
-            .environment_history(pb::EnvironmentHistoryRequest {
-                environment: "production".into(),
-            })
-            .await
-            .map_err(|status| coordinator.failed(status))?
-            .into_inner()
-            .releases;
+        let history = production_history(coordinator).await?;
         if let Some(release) = history
             .iter()
             .find(|r| r.run_id == bad_run && r.state() == pb::ReleaseState::RolledBack)
@@ -467,6 +451,18 @@ async fn wait_for_rollback(
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
     Ok(None)
+}
+
+/// Releases of production, newest first.
+async fn production_history(coordinator: &Coordinator) -> Result<Vec<pb::Release>, CliError> {
+    let request = pb::EnvironmentHistoryRequest {
+        environment: "production".into(),
+    };
+    let reply = coordinator.control().environment_history(request).await;
+    Ok(reply
+        .map_err(|status| coordinator.failed(status))?
+        .into_inner()
+        .releases)
 }
 
 fn say(format: OutputFormat, text: &str) -> Result<(), CliError> {

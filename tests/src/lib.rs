@@ -366,3 +366,31 @@ pub fn write_generated(path: &Path, size: u64, seed: u64) -> Result<()> {
     out.flush()?;
     Ok(())
 }
+
+/// Registers the pipeline of `repo` (its committed kiln.yml) over gRPC and
+/// triggers a run at the branch head; returns the run id.
+pub async fn register_and_run(coordinator: &Coordinator, repo: &Repo) -> Result<u64> {
+    let mut client = coordinator.client().await?;
+    let spec_yaml = std::fs::read_to_string(repo.path().join("kiln.yml"))?;
+    let pipeline = client
+        .register_pipeline(pb::RegisterPipelineRequest {
+            file_name: "kiln.yml".into(),
+            spec_yaml,
+            repo: repo.path().display().to_string(),
+            branch: "main".into(),
+            subdir: String::new(),
+        })
+        .await?
+        .into_inner()
+        .pipeline
+        .context("the coordinator returned no pipeline")?;
+    let run = client
+        .trigger_run(pb::TriggerRunRequest {
+            pipeline: pipeline.name,
+            triggered_by: "test".into(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    Ok(run.id)
+}

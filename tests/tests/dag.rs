@@ -5,8 +5,8 @@ use std::time::Duration;
 use anyhow::Result;
 use kiln_proto::v1 as pb;
 use kiln_tests::{
-    Coordinator, CoordinatorOptions, Repo, alive, eventually, get_run, logs, stage, start_agent,
-    wait_run,
+    Coordinator, CoordinatorOptions, Repo, alive, eventually, get_run, logs, register_and_run,
+    stage, start_agent, wait_run,
 };
 
 const DIAMOND: &str = r#"
@@ -55,32 +55,6 @@ fn farm(n: usize) -> Result<Farm> {
     })
 }
 
-async fn register_and_run(farm: &Farm, repo: &Repo) -> Result<u64> {
-    let mut client = farm.coordinator.client().await?;
-    let spec_yaml = std::fs::read_to_string(repo.path().join("kiln.yml"))?;
-    let response = client
-        .register_pipeline(pb::RegisterPipelineRequest {
-            file_name: "kiln.yml".into(),
-            spec_yaml,
-            repo: repo.path().display().to_string(),
-            branch: "main".into(),
-            subdir: String::new(),
-        })
-        .await?
-        .into_inner();
-    let name = response.pipeline.unwrap().name;
-    let run = client
-        .trigger_run(pb::TriggerRunRequest {
-            pipeline: name,
-            rev: String::new(),
-            triggered_by: "test".into(),
-            ..Default::default()
-        })
-        .await?
-        .into_inner();
-    Ok(run.id)
-}
-
 fn state(stage: &pb::Stage) -> pb::StageState {
     pb::StageState::try_from(stage.state).unwrap()
 }
@@ -89,7 +63,7 @@ fn state(stage: &pb::Stage) -> pb::StageState {
 async fn diamond_runs_in_order_with_b_and_c_in_parallel_on_two_agents() -> Result<()> {
     let farm = farm(2)?;
     let repo = Repo::new(DIAMOND)?;
-    let id = register_and_run(&farm, &repo).await?;
+    let id = register_and_run(&farm.coordinator, &repo).await?;
     let mut client = farm.coordinator.client().await?;
     let run = wait_run(&mut client, id, Duration::from_secs(60)).await?;
     assert_eq!(run.state, pb::RunState::Succeeded as i32, "{run:#?}");
@@ -122,7 +96,7 @@ async fn a_failing_stage_fails_the_run_and_skips_its_dependents() -> Result<()> 
     let repo = Repo::new(
         "pipeline: failing\nstages:\n  a: { commands: [\"echo about to fail\", \"exit 3\"] }\n  b: { needs: [a], commands: [\"echo never\"] }\n  other: { commands: [\"true\"] }\n",
     )?;
-    let id = register_and_run(&farm, &repo).await?;
+    let id = register_and_run(&farm.coordinator, &repo).await?;
     let mut client = farm.coordinator.client().await?;
     let run = wait_run(&mut client, id, Duration::from_secs(60)).await?;
     assert_eq!(run.state, pb::RunState::Failed as i32);
@@ -139,7 +113,7 @@ async fn a_timeout_kills_the_stage() -> Result<()> {
     let repo = Repo::new(
         "pipeline: slow\nstages:\n  hang:\n    timeout: 1s\n    commands: [\"echo pid $$\", \"sleep 60\"]\n",
     )?;
-    let id = register_and_run(&farm, &repo).await?;
+    let id = register_and_run(&farm.coordinator, &repo).await?;
     let mut client = farm.coordinator.client().await?;
     let run = wait_run(&mut client, id, Duration::from_secs(30)).await?;
     let hang = stage(&run, "hang");
@@ -159,7 +133,7 @@ async fn cancel_kills_a_running_stage() -> Result<()> {
     let repo = Repo::new(
         "pipeline: long\nstages:\n  hang: { commands: [\"echo pid $$\", \"sleep 60\"] }\n  after: { needs: [hang], commands: [\"true\"] }\n",
     )?;
-    let id = register_and_run(&farm, &repo).await?;
+    let id = register_and_run(&farm.coordinator, &repo).await?;
     let mut client = farm.coordinator.client().await?;
     let pid = eventually(
         Duration::from_secs(30),
@@ -193,7 +167,7 @@ async fn cancel_kills_a_running_stage() -> Result<()> {
     assert_eq!(state(stage(&run, "hang")), pb::StageState::Cancelled);
     // The agent's slot is free again: a new run goes through.
     let quick = Repo::new("pipeline: quick\nstages:\n  x: { commands: [\"true\"] }\n")?;
-    let id = register_and_run(&farm, &quick).await?;
+    let id = register_and_run(&farm.coordinator, &quick).await?;
     let run = wait_run(&mut client, id, Duration::from_secs(30)).await?;
     assert_eq!(run.state, pb::RunState::Succeeded as i32);
     Ok(())

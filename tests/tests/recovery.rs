@@ -6,39 +6,13 @@ use std::time::Duration;
 use anyhow::Result;
 use kiln_proto::v1 as pb;
 use kiln_tests::{
-    Coordinator, CoordinatorOptions, Repo, eventually, get_run, logs, stage, start_agent, wait_run,
+    Coordinator, CoordinatorOptions, Repo, eventually, get_run, logs, register_and_run, stage,
+    start_agent, wait_run,
 };
 use pb::agent_message::Msg;
 use pb::coordinator_message::Msg as Out;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
-
-async fn register_and_run(coordinator: &Coordinator, repo: &Repo) -> Result<u64> {
-    let mut client = coordinator.client().await?;
-    let spec_yaml = std::fs::read_to_string(repo.path().join("kiln.yml"))?;
-    let pipeline = client
-        .register_pipeline(pb::RegisterPipelineRequest {
-            file_name: "kiln.yml".into(),
-            spec_yaml,
-            repo: repo.path().display().to_string(),
-            branch: "main".into(),
-            subdir: String::new(),
-        })
-        .await?
-        .into_inner()
-        .pipeline
-        .unwrap();
-    let run = client
-        .trigger_run(pb::TriggerRunRequest {
-            pipeline: pipeline.name,
-            rev: String::new(),
-            triggered_by: "test".into(),
-            ..Default::default()
-        })
-        .await?
-        .into_inner();
-    Ok(run.id)
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_killed_agents_stage_reruns_elsewhere_and_its_late_completion_is_rejected() -> Result<()>

@@ -60,6 +60,16 @@ struct NamedGate {
     gate: Option<GateView>,
 }
 
+impl From<pb::Environment> for EnvironmentView {
+    fn from(env: pb::Environment) -> Self {
+        EnvironmentView {
+            name: env.name,
+            live_release: (env.live_release != 0).then_some(env.live_release),
+            frozen: some(env.frozen),
+        }
+    }
+}
+
 fn some(text: String) -> Option<String> {
     (!text.is_empty()).then_some(text)
 }
@@ -124,11 +134,7 @@ pub(crate) async fn environments(
         .into_inner()
         .environments
         .into_iter()
-        .map(|e| EnvironmentView {
-            name: e.name,
-            live_release: (e.live_release != 0).then_some(e.live_release),
-            frozen: some(e.frozen),
-        })
+        .map(EnvironmentView::from)
         .collect();
     match format {
         OutputFormat::Json => output::json(&environments)?,
@@ -355,11 +361,7 @@ pub(crate) async fn unfreeze(
         .map_err(|s| c.failed(s))?
         .into_inner();
     match format {
-        OutputFormat::Json => output::json(&EnvironmentView {
-            name: env.name,
-            live_release: (env.live_release != 0).then_some(env.live_release),
-            frozen: some(env.frozen),
-        })?,
+        OutputFormat::Json => output::json(&EnvironmentView::from(env))?,
         OutputFormat::Table => output::line(format!("{environment} accepts promotions again"))?,
     }
     Ok(Outcome::Ok)

@@ -46,30 +46,20 @@ impl Engine {
             .stages
             .iter()
             .enumerate()
-            .map(|(idx, stage)| StageRecord {
-                key: StageKey {
-                    run: id,
-                    idx: idx as u32,
-                },
-                name: stage.name.clone(),
-                needs: stage
+            .map(|(idx, stage)| {
+                let needs = stage
                     .needs
                     .iter()
                     .map(|&need| spec.parsed.stages[need].name.clone())
-                    .collect(),
-                state: StageState::Pending,
-                attempt: 1,
-                retries_used: 0,
-                agent: None,
-                started_ms: None,
-                finished_ms: None,
-                exit_code: None,
-                message: String::new(),
-                next_log_seq: 0,
-                image_digest: None,
-                outputs: Vec::new(),
-                metrics: Default::default(),
-                gate: None,
+                    .collect();
+                StageRecord::new(
+                    StageKey {
+                        run: id,
+                        idx: idx as u32,
+                    },
+                    &stage.name,
+                    needs,
+                )
             })
             .collect();
         tracing::info!(run = %id, pipeline = %record.pipeline, commit = %record.commit, "run triggered");

@@ -173,3 +173,43 @@ async fn invalid_files_are_refused_with_their_position() -> Result<()> {
     assert_eq!(json(&listed), serde_json::json!([]), "nothing was stored");
     Ok(())
 }
+
+/// `kiln logs RUN STAGE -f` prints lines as they arrive and returns when
+/// the stage ends; without `-f` it prints what is stored and returns.
+#[tokio::test(flavor = "multi_thread")]
+async fn logs_follow_a_running_stage_until_it_ends() -> Result<()> {
+    let data = tempfile::tempdir()?;
+    let coordinator = Coordinator::start(data.path(), &CoordinatorOptions::default())?;
+    let work = tempfile::tempdir()?;
+    let _agent = start_agent(&coordinator.url(), "follow-agent", "", 1, work.path())?;
+    let repo = Repo::new(
+        "pipeline: chatty\nstages:\n  talk: { commands: [\"for i in 1 2 3 4 5 6; do echo tick-$i; sleep 0.3; done\"] }\n",
+    )?;
+    assert_eq!(
+        coordinator
+            .kiln(&["pipeline", "register", repo.path().to_str().unwrap()])
+            .status
+            .code(),
+        Some(0)
+    );
+    let started = coordinator.kiln(&["run", "chatty"]);
+    let id = stdout(&started).trim().to_owned();
+    let began = std::time::Instant::now();
+    let followed = coordinator.kiln(&["logs", &id, "talk", "-f"]);
+    assert_eq!(followed.status.code(), Some(0), "{}", stderr(&followed));
+    let ticks: Vec<String> = stdout(&followed)
+        .lines()
+        .filter(|l| l.starts_with("tick-"))
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(
+        ticks,
+        (1..=6).map(|i| format!("tick-{i}")).collect::<Vec<_>>(),
+        "every line once, in order"
+    );
+    assert!(
+        began.elapsed() >= std::time::Duration::from_millis(900),
+        "it followed the stage rather than returning at once"
+    );
+    Ok(())
+}

@@ -1,8 +1,9 @@
 //! Artifact retention: which blobs are still wanted, and deleting the rest.
 //!
-//! Kept: the outputs and source snapshots of every unfinished run and of
-//! every run that finished within `keep_days`. (Releases, once they exist,
-//! keep theirs forever.) Everything else older than the grace period goes.
+//! Kept: everything a release references (forever: a rollback may need it),
+//! and the outputs and source snapshots of every unfinished run and of
+//! every run that finished within `keep_days`. Everything else older than
+//! the grace period goes.
 
 use std::collections::HashSet;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -38,10 +39,118 @@ pub(crate) fn collect(
             keep.extend(stage.outputs.into_iter().map(|output| output.digest));
         }
     }
+    for release in store.releases().map_err(internal)? {
+        keep.extend(release.source_digest);
+        keep.extend(release.artifacts.into_iter().map(|a| a.artifact.digest));
+    }
     let cutoff = scan_started.checked_sub(GC_GRACE).unwrap_or(UNIX_EPOCH);
     let report = blobs
         .collect(&keep, cutoff, dry_run)
         .map_err(|error| Status::internal(format!("garbage collection failed: {error}")))?;
     tracing::info!(?report, keep_days, dry_run, "artifact garbage collection");
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use kiln_common::ids::{RunId, StageKey};
+
+    use super::*;
+    use crate::store::{
+        ArtifactRecord, Batch, Op, ReleaseRecord, ReleaseState, RunRecord, RunState, SledStore,
+        StageArtifact, StageRecord,
+    };
+
+    /// Stores `bytes` as a blob and ages it past the grace period.
+    async fn old_blob(blobs: &BlobStore, dir: &std::path::Path, bytes: &[u8]) -> String {
+        use sha2::{Digest, Sha256};
+        let digest = format!("sha256:{}", hex::encode(Sha256::digest(bytes)));
+        let parsed = crate::blobs::parse_digest(&digest).unwrap();
+        let chunks = futures::stream::iter([Ok(bytes.to_vec())]);
+        blobs
+            .write(&parsed, bytes.len() as u64, chunks)
+            .await
+            .unwrap();
+        let hex = &digest["sha256:".len()..];
+        let path = dir.join("blobs/sha256").join(&hex[..2]).join(hex);
+        let old = SystemTime::now() - GC_GRACE - Duration::from_secs(60);
+        std::fs::File::options()
+            .write(true)
+            .open(path)
+            .unwrap()
+            .set_modified(old)
+            .unwrap();
+        digest
+    }
+
+    #[tokio::test]
+    async fn release_artifacts_outlive_their_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
+        let blobs = BlobStore::open(dir.path(), 1 << 20).unwrap();
+        let model = old_blob(&blobs, dir.path(), b"model").await;
+        let scratch = old_blob(&blobs, dir.path(), b"scratch").await;
+        let run = RunId(1);
+        let mut batch = Batch::default();
+        batch.push(Op::Run(RunRecord {
+            id: run,
+            pipeline: "p".into(),
+            pipeline_version: 1,
+            commit: "c".into(),
+            rev: "main".into(),
+            state: RunState::Succeeded,
+            triggered_by: "test".into(),
+            created_ms: 0,
+            // Finished long before any keep_days window.
+            finished_ms: Some(1),
+            source_digest: None,
+            rollback: None,
+        }));
+        let mut stage = StageRecord::new(StageKey { run, idx: 0 }, "train", Vec::new());
+        let output = |digest: &str| ArtifactRecord {
+            path: "build".into(),
+            digest: digest.into(),
+            size: 1,
+        };
+        stage.outputs = vec![output(&model), output(&scratch)];
+        batch.push(Op::Stage(stage));
+        batch.push(Op::Release(ReleaseRecord {
+            id: 1,
+            environment: "production".into(),
+            run,
+            pipeline: "p".into(),
+            pipeline_version: 1,
+            commit: "c".into(),
+            source_digest: None,
+            stage: "deploy".into(),
+            artifacts: vec![StageArtifact {
+                stage: "train".into(),
+                artifact: output(&model),
+            }],
+            image_digest: None,
+            metrics: Default::default(),
+            gates: Vec::new(),
+            triggered_by: "test".into(),
+            created_ms: 1,
+            state: ReleaseState::Superseded,
+            reason: None,
+            monitor_until_ms: None,
+            restored_by_rollback: false,
+        }));
+        store.apply(&batch).unwrap();
+        let report = collect(&store, &blobs, 1, false).unwrap();
+        assert_eq!((report.deleted, report.kept), (1, 1));
+        let model = crate::blobs::parse_digest(&model).unwrap();
+        let scratch = crate::blobs::parse_digest(&scratch).unwrap();
+        assert!(
+            blobs.stat(&model).is_some(),
+            "a release still references the model"
+        );
+        assert!(
+            blobs.stat(&scratch).is_none(),
+            "an old run's other output is collected"
+        );
+    }
 }

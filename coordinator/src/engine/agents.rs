@@ -158,6 +158,8 @@ impl Engine {
         let name = hello.name.clone();
         tracing::info!(agent = %name, capacity = hello.capacity, held = hello.held.len(), "agent connected");
         let previous = self.agents.remove(&name);
+        // A drain outlives reconnects: only the operator undoes it.
+        let draining = previous.as_ref().is_some_and(|agent| agent.draining);
         let before: BTreeSet<(StageKey, u32)> =
             previous.map(|agent| agent.held).unwrap_or_default();
         let mut agent = AgentState {
@@ -166,7 +168,7 @@ impl Engine {
             capacity: hello.capacity,
             version: hello.version,
             conn: Some((conn, tx)),
-            draining: false,
+            draining,
             lease_deadline_ms: lease,
             last_seen_ms: now,
             held: BTreeSet::new(),
@@ -195,7 +197,12 @@ impl Engine {
         agent.held.extend(lost.iter().copied());
         self.agents.insert(name.clone(), agent);
         for (key, attempt) in lost {
-            self.lose_stage(&name, key, attempt, "agent restarted without it");
+            // An assignment that never started may simply not have arrived;
+            // re-sending it costs the stage no retry.
+            let started = self
+                .stage(key)
+                .is_some_and(|stage| stage.state == StageState::Running);
+            self.lose_stage(&name, key, attempt, "agent restarted without it", started);
         }
         if let Some(agent) = self.agents.get(&name) {
             let conn_tx = agent.conn.as_ref().map(|(_, tx)| tx.clone());
@@ -411,18 +418,18 @@ impl Engine {
             agent.conn = None;
             let held = std::mem::take(&mut agent.held);
             for (key, attempt) in held {
-                self.lose_stage(&name, key, attempt, &format!("agent {name} lost"));
+                self.lose_stage(&name, key, attempt, &format!("agent {name} lost"), true);
             }
         }
     }
 
     /// The attempt is gone with its agent: re-queue or fail the stage.
-    fn lose_stage(&mut self, name: &str, key: StageKey, attempt: u32, why: &str) {
+    fn lose_stage(&mut self, name: &str, key: StageKey, attempt: u32, why: &str, charge: bool) {
         if let Some(agent) = self.agents.get_mut(name) {
             agent.held.remove(&(key, attempt));
         }
         if let Fence::Current = self.fence(name, key, attempt) {
-            self.requeue(key, true, why);
+            self.requeue(key, charge, why);
         }
     }
 

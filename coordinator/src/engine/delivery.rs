@@ -85,7 +85,7 @@ impl Engine {
         let metrics = self.run_metrics(key.run);
         let champion = gate.compare_to.as_ref().and_then(|env| {
             let live = self.environments.get(env)?.live?;
-            let release = self.store.release(live).ok()??;
+            let release = self.releases.get(&live)?.clone();
             Some((env.clone(), release))
         });
         let now = self.clock.now_ms();
@@ -198,13 +198,8 @@ impl Engine {
             .iter()
             .filter_map(|s| s.gate.clone().map(|gate| (s.name.clone(), gate)))
             .collect();
-        let image_digest = stage.image_digest.clone().or_else(|| {
-            active
-                .stages
-                .iter()
-                .rev()
-                .find_map(|s| s.image_digest.clone())
-        });
+        // The environment stage's own image: what a rollback re-deploys in.
+        let image_digest = stage.image_digest.clone();
         let release = ReleaseRecord {
             id,
             environment: environment.clone(),
@@ -259,16 +254,19 @@ impl Engine {
         let previous = env.live.replace(release.id);
         let env_record = env.clone();
         if let Some(previous) = previous.filter(|&p| p != release.id)
-            && let Ok(Some(mut old)) = self.store.release(previous)
+            && let Some(old) = self.releases.get_mut(&previous)
         {
             old.state = previous_becomes;
             if reason.is_some() {
                 old.reason = reason;
             }
+            let old = old.clone();
+            self.breaches.remove(&previous);
             self.write(Op::Release(old));
         }
         tracing::info!(release = release.id, environment = %environment, run = %release.run, "release is live");
         self.metrics.release_created(&environment);
+        self.releases.insert(release.id, release.clone());
         self.write(Op::Release(release));
         self.write(Op::Environment(env_record));
     }
@@ -288,11 +286,24 @@ impl Engine {
         let live = env.live.ok_or_else(|| {
             ApiError::FailedPrecondition(format!("nothing is live in `{environment}`"))
         })?;
+        if let Some(running) = self.runs.values().find(|run| {
+            !run.record.state.is_terminal()
+                && run
+                    .record
+                    .rollback
+                    .as_ref()
+                    .is_some_and(|plan| plan.environment == environment)
+        }) {
+            return Err(ApiError::FailedPrecondition(format!(
+                "a rollback of `{environment}` is already running as run {}",
+                running.record.id
+            )));
+        }
         let history: Vec<ReleaseRecord> = self
-            .store
-            .releases()?
-            .into_iter()
+            .releases
+            .values()
             .filter(|release| release.environment == environment)
+            .cloned()
             .collect();
         let target = match to {
             Some(id) => history
@@ -411,7 +422,17 @@ impl Engine {
             self.alert_rollback_failed(plan);
             return;
         }
-        let Ok(Some(mut restored)) = self.store.release(plan.to) else {
+        let live = self
+            .environments
+            .get(&plan.environment)
+            .and_then(|env| env.live);
+        if live != Some(plan.from) {
+            // Something else went live meanwhile: leave it, and say so.
+            tracing::warn!(environment = %plan.environment, ?live, from = plan.from, "rollback finished after another release went live; not applied");
+            self.alert_rollback_failed(plan);
+            return;
+        }
+        let Some(mut restored) = self.releases.get(&plan.to).cloned() else {
             return;
         };
         restored.state = ReleaseState::Live;

@@ -30,10 +30,20 @@ impl Engine {
                 .values()
                 .any(|agent| agent.is_connected() && !agent.draining && agent.free_slots() > 0)
             {
+                // No slot anywhere: keep the order, but still decide the
+                // gates and frozen stages further back, which need none.
                 waiting.push_back(key);
+                while let Some(rest) = self.ready.pop_front() {
+                    if self.settle_agentless(rest) {
+                        self.ready_since.remove(&rest);
+                    } else {
+                        waiting.push_back(rest);
+                    }
+                }
                 break;
             }
             let Some(active) = self.runs.get(&key.run) else {
+                self.ready_since.remove(&key);
                 continue;
             };
             let Some(stage) = active.stages.get(key.idx as usize) else {
@@ -85,7 +95,7 @@ impl Engine {
                         .clone()
                         .unwrap_or_default(),
                 }),
-                image: stage_spec.image.clone().unwrap_or_default(),
+                image: self.image_for(key, stage_spec),
                 docker: Some(docker_options(&stage_spec.container)),
                 inputs: self
                     .inputs_of_stage(key)
@@ -146,6 +156,20 @@ impl Engine {
             return true;
         }
         false
+    }
+}
+
+impl Engine {
+    /// The stage's image; a rollback re-deploys in the exact image the
+    /// restored release recorded (by digest), whatever its tag says now.
+    fn image_for(&self, key: StageKey, stage: &spec::Stage) -> String {
+        let restored = self
+            .runs
+            .get(&key.run)
+            .and_then(|run| run.record.rollback.as_ref())
+            .and_then(|plan| self.releases.get(&plan.to))
+            .and_then(|release| release.image_digest.clone());
+        restored.or_else(|| stage.image.clone()).unwrap_or_default()
     }
 }
 

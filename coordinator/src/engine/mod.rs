@@ -203,6 +203,9 @@ pub(crate) struct Engine {
     next_run_id: u64,
     /// Environments by name, with their live release.
     environments: BTreeMap<String, crate::store::EnvironmentRecord>,
+    /// Every release, by id: the engine reads its own latest writes here,
+    /// never from the store, whose batches may still be on their way.
+    releases: BTreeMap<u64, crate::store::ReleaseRecord>,
     next_release_id: u64,
     /// When each queued stage became ready, for the dispatch latency metric.
     ready_since: HashMap<StageKey, std::time::Instant>,
@@ -239,12 +242,16 @@ impl Engine {
             .into_iter()
             .map(|env| (env.name.clone(), env))
             .collect();
-        let releases = store.releases()?;
-        let next_release_id = releases.last().map_or(1, |release| release.id + 1);
+        let releases: BTreeMap<u64, crate::store::ReleaseRecord> = store
+            .releases()?
+            .into_iter()
+            .map(|release| (release.id, release))
+            .collect();
+        let next_release_id = releases.keys().next_back().map_or(1, |id| id + 1);
         let now = clock.now_ms();
         // Releases still inside their watch window get their monitor back.
         let resumed_monitors: Vec<(u64, String, String, u32, String, u64)> = releases
-            .iter()
+            .values()
             .filter(|release| release.state == crate::store::ReleaseState::Live)
             .filter(|release| release.monitor_until_ms.is_some_and(|until| until > now))
             .map(|r| {
@@ -271,6 +278,7 @@ impl Engine {
             agents: BTreeMap::new(),
             next_run_id,
             environments,
+            releases,
             next_release_id,
             ready_since: HashMap::new(),
             breaches: HashMap::new(),

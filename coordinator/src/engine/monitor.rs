@@ -103,7 +103,7 @@ impl Engine {
         if live != Some(release) || self.breaches.get(&release) == Some(&u32::MAX) {
             return;
         }
-        let Ok(Some(record)) = self.store.release(release) else {
+        let Some(record) = self.releases.get(&release).cloned() else {
             return;
         };
         let Ok(spec) = self.spec(&record.pipeline, record.pipeline_version) else {

@@ -243,8 +243,29 @@ impl Engine {
                 let pending = self
                     .stage(dependent_key)
                     .is_some_and(|stage| stage.state == StageState::Pending);
+                // A need that ended without success (possible after a manual
+                // retry of one of several needs) means the dependent can
+                // never run: skip it rather than leave it pending forever.
+                let blocked_by = spec.parsed.stages[dependent]
+                    .needs
+                    .iter()
+                    .find_map(|&need| {
+                        let need = self.stage(StageKey {
+                            run: key.run,
+                            idx: need as u32,
+                        })?;
+                        (need.state.is_terminal() && need.state != StageState::Succeeded)
+                            .then(|| need.name.clone())
+                    });
                 if all_done && pending {
                     self.make_ready(dependent_key);
+                } else if let (true, Some(blocker)) = (pending, blocked_by) {
+                    if let Some(stage) = self.stage_mut(dependent_key) {
+                        stage.state = StageState::Skipped;
+                        stage.message = format!("skipped: `{blocker}` did not succeed");
+                    }
+                    self.save_stage(dependent_key);
+                    self.skip_dependents(dependent_key, &spec, &blocker);
                 }
             }
         } else {

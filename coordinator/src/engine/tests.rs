@@ -464,3 +464,45 @@ fn rollback_starts_at_exactly_failure_limit_consecutive_breaches() {
     h.commit();
     assert_eq!(h.engine.next_run_id, runs_before + 1);
 }
+
+#[test]
+fn retrying_one_of_two_failed_needs_still_lets_the_run_finish() {
+    let mut h = Harness::new();
+    let run = h.start_run("pipeline: p\nstages:\n  a: { commands: [x] }\n  b: { commands: [y] }\n  c: { needs: [a, b], commands: [z] }\n");
+    let mut agents = [h.connect("one", 1, 2, vec![])];
+    for (_, stage) in assignments(&mut agents) {
+        h.finish(&agents[0], stage, pb::Outcome::Failed);
+    }
+    assert_eq!(h.run(run).state, pb::RunState::Failed as i32);
+    let retried = h
+        .ask(|reply| Event::RetryStage {
+            run,
+            stage: "a".into(),
+            reply,
+        })
+        .unwrap();
+    assert_eq!(retried.state, pb::RunState::Running as i32);
+    let again = assignments(&mut agents);
+    assert_eq!(again.len(), 1, "only a runs again");
+    h.finish(&agents[0], again[0].1, pb::Outcome::Succeeded);
+    // b is still failed, so c can never run: skipped, and the run ends.
+    assert_eq!(h.stage(run, "c").state, pb::StageState::Skipped as i32);
+    assert_eq!(h.run(run).state, pb::RunState::Failed as i32);
+}
+
+#[test]
+fn gates_are_decided_even_when_no_agent_has_a_free_slot() {
+    let mut h = Harness::new();
+    let run = h.start_run(
+        "pipeline: p\nstages:\n  m: { commands: [x] }\n  busy: { commands: [sleep] }\n  queued: { commands: [y] }\n  g: { needs: [m], gate: { require: { auc: \">= 0.5\" }, on_missing: pass } }\n",
+    );
+    let mut agents = [h.connect("one", 1, 1, vec![])];
+    let first = assignments(&mut agents);
+    assert_eq!(first[0].1.stage_idx, 0, "m goes first");
+    h.finish(&agents[0], first[0].1, pb::Outcome::Succeeded);
+    // `busy` takes the only slot, `queued` waits for it, and the gate that
+    // became ready behind them is decided anyway.
+    assert_eq!(h.stage(run, "busy").state, pb::StageState::Assigned as i32);
+    assert_eq!(h.stage(run, "queued").state, pb::StageState::Ready as i32);
+    assert_eq!(h.stage(run, "g").state, pb::StageState::Succeeded as i32);
+}

@@ -544,6 +544,16 @@ impl Engine {
             run,
             idx: idx as u32,
         };
+        // Inputs of an old run may have been garbage-collected since.
+        if let Some(gone) = self.inputs_of_stage(key).into_iter().find(|input| {
+            crate::blobs::parse_digest(&input.artifact.digest)
+                .map_or(true, |digest| self.blobs.stat(&digest).is_none())
+        }) {
+            return Err(ApiError::FailedPrecondition(format!(
+                "stage `{name}` needs artifact `{}` from `{}` ({}), which is no longer stored; trigger a new run instead",
+                gone.artifact.path, gone.stage, gone.artifact.digest
+            )));
+        }
         reset_stage(self.stage_mut(key), "retried by user");
         // Dependents that were skipped or cancelled because of it wait again.
         let mut todo = spec.dependents[idx].clone();

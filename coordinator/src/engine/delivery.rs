@@ -390,16 +390,7 @@ impl Engine {
             })
             .collect();
         tracing::warn!(run = %id, environment, from = live, to = target.id, "rolling back");
-        self.runs.insert(
-            id,
-            ActiveRun {
-                record,
-                stages,
-                spec,
-                watch: None,
-                followers: Vec::new(),
-            },
-        );
+        self.runs.insert(id, ActiveRun::new(record, stages, spec));
         self.save_run(id);
         for i in 0..self.runs[&id].stages.len() {
             self.save_stage(StageKey {

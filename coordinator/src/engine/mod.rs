@@ -166,6 +166,18 @@ struct ActiveRun {
     followers: Vec<logs::Follower>,
 }
 
+impl ActiveRun {
+    fn new(record: RunRecord, stages: Vec<StageRecord>, spec: Arc<PipelineSpec>) -> Self {
+        Self {
+            record,
+            stages,
+            spec,
+            watch: None,
+            followers: Vec::new(),
+        }
+    }
+}
+
 /// What changed during the current burst of events.
 #[derive(Default)]
 struct Dirty {

@@ -63,16 +63,8 @@ impl Engine {
             })
             .collect();
         tracing::info!(run = %id, pipeline = %record.pipeline, commit = %record.commit, "run triggered");
-        self.runs.insert(
-            id,
-            ActiveRun {
-                record,
-                stages,
-                spec: spec.clone(),
-                watch: None,
-                followers: Vec::new(),
-            },
-        );
+        self.runs
+            .insert(id, ActiveRun::new(record, stages, spec.clone()));
         self.save_run(id);
         for idx in 0..spec.parsed.stages.len() {
             if spec.parsed.stages[idx].needs.is_empty() {
@@ -110,16 +102,7 @@ impl Engine {
                 _ => {}
             }
         }
-        self.runs.insert(
-            id,
-            ActiveRun {
-                record,
-                stages,
-                spec,
-                watch: None,
-                followers: Vec::new(),
-            },
-        );
+        self.runs.insert(id, ActiveRun::new(record, stages, spec));
         self.finish_run_if_done(id);
     }
 
@@ -151,41 +134,20 @@ impl Engine {
     /// run, or of all).
     pub(super) fn write_dirty(&mut self, only: Option<RunId>) {
         let wanted = |run: RunId| only.is_none_or(|only| only == run);
-        let stages: Vec<StageKey> = self
-            .dirty
-            .stages
-            .iter()
-            .copied()
-            .filter(|key| wanted(key.run))
-            .collect();
+        let stages = drain_matching(&mut self.dirty.stages, |key| wanted(key.run));
         for key in stages {
-            self.dirty.stages.remove(&key);
             if let Some(stage) = self.stage(key).cloned() {
                 self.write(Op::Stage(stage));
             }
         }
-        let runs: Vec<RunId> = self
-            .dirty
-            .runs
-            .iter()
-            .copied()
-            .filter(|&run| wanted(run))
-            .collect();
+        let runs = drain_matching(&mut self.dirty.runs, |&run| wanted(run));
         for run in runs {
-            self.dirty.runs.remove(&run);
             if let Some(record) = self.runs.get(&run).map(|active| active.record.clone()) {
                 self.write(Op::Run(record));
             }
         }
-        let watched: Vec<RunId> = self
-            .dirty
-            .watched
-            .iter()
-            .copied()
-            .filter(|&run| wanted(run))
-            .collect();
+        let watched = drain_matching(&mut self.dirty.watched, |&run| wanted(run));
         for run in watched {
-            self.dirty.watched.remove(&run);
             self.publish(run);
         }
     }
@@ -488,16 +450,7 @@ impl Engine {
                 .ok_or_else(|| ApiError::NotFound(format!("run {run} does not exist")))?;
             let spec = self.spec(&record.pipeline, record.pipeline_version)?;
             let stages = self.store.stages(run)?;
-            self.runs.insert(
-                run,
-                ActiveRun {
-                    record,
-                    stages,
-                    spec,
-                    watch: None,
-                    followers: Vec::new(),
-                },
-            );
+            self.runs.insert(run, ActiveRun::new(record, stages, spec));
         }
         let result = self.reopen_stage(run, name);
         if result.is_err() {
@@ -610,4 +563,16 @@ fn reset_stage(stage: Option<&mut StageRecord>, message: &str) {
         stage.next_log_seq = 0;
         stage.message = message.to_owned();
     }
+}
+
+/// Removes and returns the members of `set` that match.
+fn drain_matching<T: Ord + Copy>(
+    set: &mut std::collections::BTreeSet<T>,
+    matches: impl Fn(&T) -> bool,
+) -> Vec<T> {
+    let taken: Vec<T> = set.iter().copied().filter(|item| matches(item)).collect();
+    for item in &taken {
+        set.remove(item);
+    }
+    taken
 }

@@ -506,3 +506,40 @@ fn gates_are_decided_even_when_no_agent_has_a_free_slot() {
     assert_eq!(h.stage(run, "queued").state, pb::StageState::Ready as i32);
     assert_eq!(h.stage(run, "g").state, pb::StageState::Succeeded as i32);
 }
+
+#[test]
+fn releases_environments_and_monitors_survive_a_restart() {
+    let mut h = Harness::new();
+    let mut agent = h.connect("one", 1, 1, vec![]);
+    for _ in 0..2 {
+        h.start_run(WATCHED);
+        let stage = agent.assignments()[0];
+        h.finish(&agent, stage, pb::Outcome::Succeeded);
+    }
+    let live = h.engine.environments["prod"].live.unwrap();
+    // A restart: a new engine over the same store.
+    let config = h.engine.config;
+    h.engine = Engine::recover(
+        h.store.clone(),
+        h.blobs.clone(),
+        Arc::new(h.clock.clone()),
+        config,
+        Default::default(),
+    )
+    .unwrap();
+    assert_eq!(h.engine.environments["prod"].live, Some(live));
+    assert_eq!(h.engine.releases.len(), 2);
+    assert_eq!(
+        h.engine.releases[&(live - 1)].state,
+        crate::store::ReleaseState::Superseded
+    );
+    let (monitors, _) = h.engine.take_requests();
+    let watched: Vec<u64> = monitors.iter().map(|m| m.release).collect();
+    assert_eq!(watched, [live], "only the live release is watched again");
+    // New releases continue the numbering.
+    let mut agent = h.connect("one", 2, 1, vec![]);
+    h.start_run(WATCHED);
+    let stage = agent.assignments()[0];
+    h.finish(&agent, stage, pb::Outcome::Succeeded);
+    assert_eq!(h.engine.environments["prod"].live, Some(live + 1));
+}

@@ -225,6 +225,16 @@ fn is_transient(status: &tonic::Status) -> bool {
 /// Scratch files get unique names within one process.
 static SCRATCH: AtomicU64 = AtomicU64::new(0);
 
+/// A scratch file removed when dropped, so a transfer cancelled mid-way
+/// (the stage was cancelled, the agent is stopping) leaves nothing behind.
+struct Scratch(PathBuf);
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
 fn scratch_file(dir: &Path, what: &str) -> PathBuf {
     let n = SCRATCH.fetch_add(1, Ordering::Relaxed);
     dir.join(format!(".kiln-{what}-{}-{n}", std::process::id()))
@@ -242,7 +252,8 @@ pub async fn pack_and_upload<P>(
 where
     P: FnOnce(&mut dyn Write) -> Result<PackSummary, ArchiveError> + Send + 'static,
 {
-    let file = scratch_file(scratch_dir, "pack");
+    let scratch = Scratch(scratch_file(scratch_dir, "pack"));
+    let file = scratch.0.clone();
     let packed = {
         let file = file.clone();
         tokio::task::spawn_blocking(move || -> Result<_, TransferError> {
@@ -272,7 +283,7 @@ where
         Ok((digest, info.size, summary))
     }
     .await;
-    let _ = tokio::fs::remove_file(&file).await;
+    drop(scratch);
     result
 }
 
@@ -286,7 +297,8 @@ pub async fn download_and_unpack(
     limits: Limits,
     progress: impl Fn(u64),
 ) -> Result<UnpackSummary, TransferError> {
-    let file = scratch_file(scratch_dir, "unpack");
+    let scratch = Scratch(scratch_file(scratch_dir, "unpack"));
+    let file = scratch.0.clone();
     let result = async {
         download_file(client, digest, &file, progress).await?;
         let (file, target) = (file.clone(), target.to_path_buf());
@@ -299,6 +311,6 @@ pub async fn download_and_unpack(
         .expect("unpacking does not panic")
     }
     .await;
-    let _ = tokio::fs::remove_file(&file).await;
+    drop(scratch);
     result
 }

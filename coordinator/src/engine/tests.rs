@@ -68,6 +68,20 @@ impl Harness {
         }
     }
 
+    /// A coordinator restart: a new engine over the same store.
+    fn restart(&mut self) {
+        let config = self.engine.config;
+        let clock = Arc::new(self.clock.clone());
+        self.engine = Engine::recover(
+            self.store.clone(),
+            self.blobs.clone(),
+            clock,
+            config,
+            Default::default(),
+        )
+        .unwrap();
+    }
+
     /// What the commit thread does: apply, flush, then run the effects.
     fn commit(&mut self) {
         let (batch, effects) = self.engine.take_commit();
@@ -377,16 +391,7 @@ fn recovery_resumes_unfinished_runs_and_waits_for_their_agents() {
     );
     let mut agent = h.connect("one", 1, 1, vec![]);
     let stage = agent.assignments()[0];
-    // A restart: a new engine over the same store.
-    let config = h.engine.config;
-    h.engine = Engine::recover(
-        h.store.clone(),
-        h.blobs.clone(),
-        Arc::new(h.clock.clone()),
-        config,
-        Default::default(),
-    )
-    .unwrap();
+    h.restart();
     let mut agent = h.connect("one", 2, 1, vec![stage]);
     let resumed = agent.received().into_iter().find_map(|msg| match msg {
         Out::Welcome(welcome) => Some(welcome.resume),
@@ -517,16 +522,7 @@ fn releases_environments_and_monitors_survive_a_restart() {
         h.finish(&agent, stage, pb::Outcome::Succeeded);
     }
     let live = h.engine.environments["prod"].live.unwrap();
-    // A restart: a new engine over the same store.
-    let config = h.engine.config;
-    h.engine = Engine::recover(
-        h.store.clone(),
-        h.blobs.clone(),
-        Arc::new(h.clock.clone()),
-        config,
-        Default::default(),
-    )
-    .unwrap();
+    h.restart();
     assert_eq!(h.engine.environments["prod"].live, Some(live));
     assert_eq!(h.engine.releases.len(), 2);
     assert_eq!(

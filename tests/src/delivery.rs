@@ -12,7 +12,7 @@ use kiln_proto::v1 as pb;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
-use crate::{Coordinator, CoordinatorOptions, Process, Repo, start_agent, wait_run};
+use crate::{CoordinatorOptions, Farm, Repo, wait_run};
 
 /// The model pipeline; `serve` is where deploy stages copy the model,
 /// `port` the model server's.
@@ -139,27 +139,13 @@ pub async fn webhook() -> Result<(String, Arc<Mutex<Vec<String>>>)> {
     Ok((url, bodies))
 }
 
-/// A coordinator with one process agent.
-pub struct Farm {
-    pub coordinator: Coordinator,
-    pub agent: Process,
-    pub dirs: Vec<tempfile::TempDir>,
-}
-
+/// A coordinator that posts alerts to `hook`, with one process agent.
 pub fn farm(hook: &str) -> Result<Farm> {
-    let data = tempfile::tempdir()?;
     let options = CoordinatorOptions {
         extra_args: vec!["--alert-webhook-url".into(), hook.into()],
         ..Default::default()
     };
-    let coordinator = Coordinator::start(data.path(), &options)?;
-    let work = tempfile::tempdir()?;
-    let agent = start_agent(&coordinator.url(), "deliver", "", 2, work.path())?;
-    Ok(Farm {
-        coordinator,
-        agent,
-        dirs: vec![data, work],
-    })
+    Farm::start(&options, &[("deliver", "", 2)])
 }
 
 /// Commits a model and its metrics, registers, runs, waits.

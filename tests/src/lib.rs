@@ -394,3 +394,38 @@ pub async fn register_and_run(coordinator: &Coordinator, repo: &Repo) -> Result<
         .into_inner();
     Ok(run.id)
 }
+
+/// A coordinator and its agents, stopped (and their dirs removed) when
+/// dropped.
+pub struct Farm {
+    pub coordinator: Coordinator,
+    pub agents: Vec<Process>,
+    pub dirs: Vec<tempfile::TempDir>,
+}
+
+impl Farm {
+    /// Starts a coordinator with `options` and one process agent per
+    /// `(name, labels, capacity)`.
+    pub fn start(options: &CoordinatorOptions, agents: &[(&str, &str, u32)]) -> Result<Self> {
+        let data = tempfile::tempdir()?;
+        let coordinator = Coordinator::start(data.path(), options)?;
+        let mut farm = Self {
+            coordinator,
+            agents: Vec::new(),
+            dirs: vec![data],
+        };
+        for (name, labels, capacity) in agents {
+            let work = tempfile::tempdir()?;
+            let agent = start_agent(
+                &farm.coordinator.url(),
+                name,
+                labels,
+                *capacity,
+                work.path(),
+            )?;
+            farm.agents.push(agent);
+            farm.dirs.push(work);
+        }
+        Ok(farm)
+    }
+}

@@ -6,35 +6,14 @@ use std::time::Duration;
 
 use anyhow::Result;
 use kiln_proto::v1 as pb;
-use kiln_tests::{
-    Coordinator, CoordinatorOptions, Process, Repo, kiln, logs, stage, start_agent, wait_run,
-};
-
-struct Farm {
-    coordinator: Coordinator,
-    _agents: Vec<Process>,
-    _dirs: Vec<tempfile::TempDir>,
-}
+use kiln_tests::{CoordinatorOptions, Farm, Repo, kiln, logs, stage, wait_run};
 
 fn farm_with(extra: &[&str]) -> Result<Farm> {
-    let data = tempfile::tempdir()?;
     let options = CoordinatorOptions {
         extra_args: extra.iter().map(|s| s.to_string()).collect(),
         ..Default::default()
     };
-    let coordinator = Coordinator::start(data.path(), &options)?;
-    let mut dirs = vec![data];
-    let mut agents = Vec::new();
-    for name in ["art-1", "art-2"] {
-        let work = tempfile::tempdir()?;
-        agents.push(start_agent(&coordinator.url(), name, "", 2, work.path())?);
-        dirs.push(work);
-    }
-    Ok(Farm {
-        coordinator,
-        _agents: agents,
-        _dirs: dirs,
-    })
+    Farm::start(&options, &[("art-1", "", 2), ("art-2", "", 2)])
 }
 
 fn state(stage: &pb::Stage) -> pb::StageState {

@@ -5,8 +5,8 @@ use std::time::Duration;
 use anyhow::Result;
 use kiln_proto::v1 as pb;
 use kiln_tests::{
-    Coordinator, CoordinatorOptions, Repo, alive, eventually, get_run, logs, register_and_run,
-    stage, start_agent, wait_run,
+    CoordinatorOptions, Farm, Repo, alive, eventually, get_run, logs, register_and_run, stage,
+    wait_run,
 };
 
 const DIAMOND: &str = r#"
@@ -25,34 +25,14 @@ stages:
     commands: ["echo d"]
 "#;
 
-struct Farm {
-    coordinator: Coordinator,
-    _agents: Vec<kiln_tests::Process>,
-    _dirs: Vec<tempfile::TempDir>,
-}
-
 /// A coordinator and `n` agents of capacity 1 each.
 fn farm(n: usize) -> Result<Farm> {
-    let data = tempfile::tempdir()?;
-    let coordinator = Coordinator::start(data.path(), &CoordinatorOptions::default())?;
-    let mut dirs = vec![data];
-    let mut agents = Vec::new();
-    for i in 0..n {
-        let work = tempfile::tempdir()?;
-        agents.push(start_agent(
-            &coordinator.url(),
-            &format!("agent-{i}"),
-            "role=build",
-            1,
-            work.path(),
-        )?);
-        dirs.push(work);
-    }
-    Ok(Farm {
-        coordinator,
-        _agents: agents,
-        _dirs: dirs,
-    })
+    let names: Vec<String> = (0..n).map(|i| format!("agent-{i}")).collect();
+    let agents: Vec<(&str, &str, u32)> = names
+        .iter()
+        .map(|name| (name.as_str(), "role=build", 1))
+        .collect();
+    Farm::start(&CoordinatorOptions::default(), &agents)
 }
 
 fn state(stage: &pb::Stage) -> pb::StageState {

@@ -13,11 +13,9 @@ use std::time::Duration;
 use anyhow::Result;
 use kiln_proto::v1 as pb;
 use kiln_tests::delivery::{
-    Farm, farm, history, model_server, release_state, ship, spec, state, webhook,
+    farm, history, model_server, release_state, ship, spec, state, webhook,
 };
-use kiln_tests::{
-    Coordinator, CoordinatorOptions, Repo, eventually, get_run, stage, start_agent, wait_run,
-};
+use kiln_tests::{CoordinatorOptions, Farm, Repo, eventually, get_run, stage, wait_run};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn promotion_gates_monitoring_and_automatic_rollback() -> Result<()> {
@@ -382,7 +380,6 @@ async fn prometheus_query_monitor_rolls_back_and_alertmanager_gets_the_alert() -
     let Some(alertmanager) = kiln_tests::prom::Alertmanager::start(TEST)? else {
         return Ok(());
     };
-    let data = tempfile::tempdir()?;
     let options = CoordinatorOptions {
         extra_args: vec![
             "--alertmanager-url".into(),
@@ -390,14 +387,7 @@ async fn prometheus_query_monitor_rolls_back_and_alertmanager_gets_the_alert() -
         ],
         ..Default::default()
     };
-    let coordinator = Coordinator::start(data.path(), &options)?;
-    let work = tempfile::tempdir()?;
-    let agent = start_agent(&coordinator.url(), "deliver", "", 2, work.path())?;
-    let farm = Farm {
-        coordinator,
-        agent,
-        dirs: vec![data, work],
-    };
+    let farm = Farm::start(&options, &[("deliver", "", 2)])?;
     let monitor = format!(
         "    monitor:\n      prometheus: {{ url: \"http://{}\", query: \"max(model_error_ratio)\" }}\n      every: 500ms\n      rollback_when: {{ model_error_ratio: \"> 0.5\" }}\n      failure_limit: 2\n      for: 60s\n",
         prometheus.addr

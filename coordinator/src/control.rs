@@ -467,6 +467,73 @@ impl ControlService for ControlApi {
             blobs_kept: report.kept,
         }))
     }
+
+    async fn get_provenance(
+        &self,
+        _r: Request<pb::GetReleaseRequest>,
+    ) -> Result<Response<pb::Provenance>, Status> {
+        Err(Status::unimplemented("provenance"))
+    }
+    async fn get_provenance_key(
+        &self,
+        _r: Request<pb::ProvenanceKeyRequest>,
+    ) -> Result<Response<pb::ProvenanceKey>, Status> {
+        Err(Status::unimplemented("provenance"))
+    }
+    async fn lineage(
+        &self,
+        _r: Request<pb::LineageRequest>,
+    ) -> Result<Response<pb::LineageResponse>, Status> {
+        Err(Status::unimplemented("lineage"))
+    }
+    async fn who_am_i(
+        &self,
+        _r: Request<pb::WhoAmIRequest>,
+    ) -> Result<Response<pb::Token>, Status> {
+        Err(Status::unimplemented("tokens"))
+    }
+    async fn create_token(
+        &self,
+        _r: Request<pb::CreateTokenRequest>,
+    ) -> Result<Response<pb::CreateTokenResponse>, Status> {
+        Err(Status::unimplemented("tokens"))
+    }
+    async fn list_tokens(
+        &self,
+        _r: Request<pb::ListTokensRequest>,
+    ) -> Result<Response<pb::ListTokensResponse>, Status> {
+        Err(Status::unimplemented("tokens"))
+    }
+    async fn revoke_token(
+        &self,
+        _r: Request<pb::RevokeTokenRequest>,
+    ) -> Result<Response<pb::Token>, Status> {
+        Err(Status::unimplemented("tokens"))
+    }
+    async fn set_secret(
+        &self,
+        _r: Request<pb::SetSecretRequest>,
+    ) -> Result<Response<pb::SecretInfo>, Status> {
+        Err(Status::unimplemented("secrets"))
+    }
+    async fn list_secrets(
+        &self,
+        _r: Request<pb::ListSecretsRequest>,
+    ) -> Result<Response<pb::ListSecretsResponse>, Status> {
+        Err(Status::unimplemented("secrets"))
+    }
+    async fn delete_secret(
+        &self,
+        _r: Request<pb::DeleteSecretRequest>,
+    ) -> Result<Response<pb::SecretInfo>, Status> {
+        Err(Status::unimplemented("secrets"))
+    }
+    async fn list_audit(
+        &self,
+        _r: Request<pb::ListAuditRequest>,
+    ) -> Result<Response<pb::ListAuditResponse>, Status> {
+        Err(Status::unimplemented("audit"))
+    }
 }
 
 /// Who asked, or "api" when the caller did not say.

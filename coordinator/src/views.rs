@@ -24,6 +24,7 @@ pub(crate) fn run(record: &RunRecord, stages: &[StageRecord]) -> pb::Run {
         finished_ms: record.finished_ms.unwrap_or_default(),
         stages: stages.iter().map(stage).collect(),
         source_digest: record.source_digest.clone().unwrap_or_default(),
+        datasets: Vec::new(),
     }
 }
 
@@ -120,6 +121,9 @@ pub(crate) fn release(record: &ReleaseRecord) -> pb::Release {
         reason: record.reason.clone().unwrap_or_default(),
         monitor_until_ms: record.monitor_until_ms.unwrap_or_default(),
         restored_by_rollback: record.restored_by_rollback,
+        datasets: Vec::new(),
+        repo: String::new(),
+        provenance_digest: String::new(),
     }
 }
 

@@ -104,6 +104,7 @@ impl Engine {
                     .collect(),
                 output_paths: output_paths(stage_spec),
                 outputs_always: stage_spec.artifacts_always,
+                secrets: Default::default(),
             };
             if let Some(agent) = self.agents.get_mut(&name) {
                 agent.held.insert((key, attempt));

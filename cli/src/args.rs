@@ -82,6 +82,16 @@ pub(crate) enum Command {
     /// Environments and their releases.
     #[command(subcommand)]
     Env(EnvCommand),
+    /// Create, list and revoke access tokens (admin).
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Set, list and remove secrets stages get as environment variables (admin).
+    #[command(subcommand)]
+    Secret(SecretCommand),
+    /// List state-changing calls: who, what, when and how it ended (admin).
+    Audit(AuditArgs),
+    /// Show the token this CLI uses.
+    Whoami,
     /// Releases: what went live where, built from what.
     #[command(subcommand)]
     Release(ReleaseCommand),
@@ -290,4 +300,53 @@ pub(crate) struct RollbackArgs {
     /// The release to restore; the one live before the current one if omitted.
     #[arg(long)]
     pub(crate) to: Option<u64>,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum TokenCommand {
+    /// Create a token; its secret is printed once.
+    Create {
+        name: String,
+        #[arg(long, value_enum)]
+        role: TokenRole,
+        /// The pipeline a `pipeline` token may register and trigger.
+        #[arg(long)]
+        pipeline: Option<String>,
+    },
+    /// List tokens (never their secrets).
+    List,
+    /// Revoke a token; calls with it fail from then on.
+    Revoke { name: String },
+}
+
+/// What a token may do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub(crate) enum TokenRole {
+    /// Read everything.
+    Viewer,
+    /// Viewer plus run, cancel, retry, approve, reject, rollback.
+    Operator,
+    /// Operator plus tokens, secrets, agents, gc and the audit log.
+    Admin,
+    /// Only what an agent needs.
+    Agent,
+    /// Only register and trigger one pipeline (for repositories).
+    Pipeline,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum SecretCommand {
+    /// Set a secret; the value is read from stdin, never from the command line.
+    Set { name: String },
+    /// List secret names (values are never shown).
+    List,
+    /// Remove a secret.
+    Rm { name: String },
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct AuditArgs {
+    /// How many entries, newest first.
+    #[arg(long, default_value_t = 50)]
+    pub(crate) limit: u32,
 }

@@ -96,6 +96,18 @@ impl Coordinator {
         CliError::from_status(status, &self.url)
     }
 
+    /// One unary call, with the error mapping every call needs.
+    pub(crate) async fn call<T, F, Fut>(&self, call: F) -> Result<T, CliError>
+    where
+        F: FnOnce(ControlServiceClient<Channel>) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        call(self.rpc.clone())
+            .await
+            .map(tonic::Response::into_inner)
+            .map_err(|s| self.fail(s))
+    }
+
     pub(crate) async fn register_pipeline(
         &self,
         request: pb::RegisterPipelineRequest,

@@ -228,6 +228,8 @@ fn start_coordinator(
             webhook_url: alert_webhook,
             ..Default::default()
         },
+        secret_key_file: None,
+        max_agents_per_token: 64,
     };
     let (stop, stopped) = watch::channel(false);
     let task = tokio::spawn(kiln_coordinator::run(config, stop_requested(stopped)));

@@ -34,7 +34,7 @@ use crate::args::{
     ReleaseCommand,
 };
 use crate::client::Coordinator;
-use crate::commands::{agents, artifacts, delivery, logs, pipeline, runs};
+use crate::commands::{agents, artifacts, delivery, logs, pipeline, runs, security};
 use crate::error::{CliError, Outcome};
 
 #[tokio::main]
@@ -115,6 +115,10 @@ async fn remote(
         Command::Approve(args) => delivery::decide(c, format, &args, true).await,
         Command::Reject(args) => delivery::decide(c, format, &args, false).await,
         Command::Rollback(args) => delivery::rollback(c, format, &args).await,
+        Command::Token(command) => security::token(c, format, command).await,
+        Command::Secret(command) => security::secret(c, format, command).await,
+        Command::Audit(args) => security::audit(c, format, args.limit).await,
+        Command::Whoami => security::whoami(c, format).await,
         Command::Demo(_) | Command::Pipeline(PipelineCommand::Register { .. }) => {
             unreachable!("dispatch handles the commands that do more than call the coordinator")
         }

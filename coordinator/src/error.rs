@@ -15,6 +15,14 @@ pub enum ApiError {
     FailedPrecondition(String),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error("{0}")]
+    AlreadyExists(String),
+    #[error("{0}")]
+    Unauthenticated(String),
+    #[error("{0}")]
+    PermissionDenied(String),
+    #[error("{0}")]
+    ResourceExhausted(String),
     #[error("the coordinator is shutting down")]
     ShuttingDown,
 }
@@ -27,6 +35,10 @@ impl From<ApiError> for Status {
             ApiError::InvalidArgument(_) => Status::invalid_argument(message),
             ApiError::FailedPrecondition(_) => Status::failed_precondition(message),
             ApiError::Store(_) => Status::internal(message),
+            ApiError::AlreadyExists(_) => Status::already_exists(message),
+            ApiError::Unauthenticated(_) => Status::unauthenticated(message),
+            ApiError::PermissionDenied(_) => Status::permission_denied(message),
+            ApiError::ResourceExhausted(_) => Status::resource_exhausted(message),
             ApiError::ShuttingDown => Status::unavailable(message),
         }
     }

@@ -17,6 +17,7 @@
 
 mod agent_service;
 mod artifact_service;
+mod auth;
 mod blobs;
 pub mod clock;
 mod commit;
@@ -27,6 +28,7 @@ mod error;
 mod gc;
 mod http;
 mod metrics;
+mod secrets;
 mod store;
 mod views;
 
@@ -58,6 +60,11 @@ pub struct Config {
     pub artifacts: ArtifactPolicy,
     /// Where alerts go.
     pub alerts: AlertTargets,
+    /// Key that seals secrets at rest; `None` = `secrets.key` in the data
+    /// dir. Keep it off the database's volume where that matters.
+    pub secret_key_file: Option<PathBuf>,
+    /// How many agents may be connected with one agent token at once.
+    pub max_agents_per_token: usize,
 }
 
 /// Alert destinations; none configured = alerts are only logged.
@@ -92,6 +99,11 @@ impl Default for ArtifactPolicy {
     }
 }
 
+/// Largest control or agent message accepted: a pipeline file is at most
+/// 1 MiB and a log batch a few hundred KiB, so 4 MiB leaves room without
+/// letting one message take much memory.
+const MAX_MESSAGE_BYTES: usize = 4 << 20;
+
 /// How long open streams get to end after shutdown begins.
 const DRAIN_GRACE: Duration = Duration::from_secs(5);
 
@@ -111,6 +123,16 @@ pub async fn run(
         config.artifacts.max_blob_bytes,
     )?);
     let metrics = Arc::new(metrics::Metrics::default());
+    let tokens = Arc::new(auth::tokens::Tokens::load(store.clone())?);
+    if let Some(path) = tokens.bootstrap(&config.data_dir)? {
+        tracing::info!(path = %path.display(), "no tokens yet: wrote the bootstrap admin token");
+    }
+    let secret_key_file = config
+        .secret_key_file
+        .clone()
+        .unwrap_or_else(|| config.data_dir.join("secrets.key"));
+    let secrets = Arc::new(secrets::Secrets::open(store.clone(), &secret_key_file)?);
+    let auth = Arc::new(auth::layer::Auth::new(tokens.clone(), store.clone())?);
     let engine_config = engine::EngineConfig {
         lease_ttl: config.lease_ttl,
         heartbeat_interval: config.heartbeat_interval,
@@ -175,22 +197,32 @@ pub async fn run(
     let grpc = tokio::spawn(
         tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(10)))
+            .layer(auth::layer::AuthLayer(auth))
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
-            .add_service(AgentServiceServer::new(agent_service::AgentApi::new(
-                events_tx.clone(),
-            )))
+            .add_service(
+                AgentServiceServer::new(agent_service::AgentApi::new(
+                    events_tx.clone(),
+                    config.max_agents_per_token,
+                ))
+                .max_decoding_message_size(MAX_MESSAGE_BYTES),
+            )
             .add_service(
                 ArtifactServiceServer::new(artifact_service::ArtifactApi::new(blobs.clone()))
                     .max_decoding_message_size(4 * blobs::CHUNK_BYTES),
             )
-            .add_service(ControlServiceServer::new(control::ControlApi::new(
-                events_tx,
-                store.clone(),
-                blobs,
-                config.artifacts.keep_days,
-            )))
+            .add_service(
+                ControlServiceServer::new(control::ControlApi::new(
+                    events_tx,
+                    store.clone(),
+                    blobs,
+                    config.artifacts.keep_days,
+                    tokens,
+                    secrets.clone(),
+                ))
+                .max_decoding_message_size(MAX_MESSAGE_BYTES),
+            )
             .serve_with_incoming_shutdown(incoming, async move {
                 let _ = grpc_stop.changed().await;
             }),

@@ -8,4 +8,5 @@ pub(crate) mod delivery;
 pub(crate) mod logs;
 pub(crate) mod pipeline;
 pub(crate) mod runs;
+pub(crate) mod security;
 pub(crate) mod watch;

@@ -44,6 +44,13 @@ struct Flags {
     /// environment, so it stays out of process listings).
     #[arg(long, env = "KILN_ALERT_WEBHOOK_SECRET", hide_env_values = true)]
     alert_webhook_secret: Option<String>,
+    /// Key file sealing secrets at rest (created on first start, mode 0600;
+    /// default: secrets.key in the data dir).
+    #[arg(long, env = "KILN_SECRET_KEY_FILE")]
+    secret_key_file: Option<PathBuf>,
+    /// Agents that may be connected at once with one agent token.
+    #[arg(long, default_value_t = 64)]
+    max_agents_per_token: usize,
 }
 
 fn parse_duration(text: &str) -> Result<Duration, String> {
@@ -95,6 +102,8 @@ async fn main() -> anyhow::Result<()> {
             webhook_url: flags.alert_webhook_url,
             webhook_secret: flags.alert_webhook_secret,
         },
+        secret_key_file: flags.secret_key_file,
+        max_agents_per_token: flags.max_agents_per_token,
     };
     kiln_coordinator::run(config, shutdown_signal()).await
 }

@@ -9,6 +9,9 @@
 //! l <run:u64> <stage:u32> <attempt:u32> <seq:u64> log line
 //! R <release:u64>                                 release
 //! E <environment>                                 environment
+//! T <token name>                                  token (hash, role)
+//! K <secret name>                                 sealed secret
+//! U <audit:u64>                                   audit record
 //! ```
 
 use kiln_common::ids::{RunId, StageKey};
@@ -20,6 +23,21 @@ pub(super) const STAGE: u8 = b's';
 pub(super) const LOG: u8 = b'l';
 pub(super) const RELEASE: u8 = b'R';
 pub(super) const ENVIRONMENT: u8 = b'E';
+pub(super) const TOKEN: u8 = b'T';
+pub(super) const SECRET: u8 = b'K';
+pub(super) const AUDIT: u8 = b'U';
+
+pub(super) fn named(prefix: u8, name: &str) -> Vec<u8> {
+    let mut key = vec![prefix];
+    key.extend_from_slice(name.as_bytes());
+    key
+}
+
+pub(super) fn audit(id: u64) -> Vec<u8> {
+    let mut key = vec![AUDIT];
+    key.extend_from_slice(&id.to_be_bytes());
+    key
+}
 
 pub(super) fn release(id: u64) -> Vec<u8> {
     let mut key = vec![RELEASE];

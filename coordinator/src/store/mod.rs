@@ -7,6 +7,7 @@
 //! the group committer calls once for many batches.
 
 mod keys;
+mod security;
 mod sled_store;
 
 use std::collections::BTreeMap;
@@ -14,6 +15,7 @@ use std::collections::BTreeMap;
 use kiln_common::ids::{RunId, StageKey};
 use serde::{Deserialize, Serialize};
 
+pub(crate) use security::{AuditRecord, Role, SecretRecord, TokenRecord};
 pub(crate) use sled_store::SledStore;
 
 /// Errors of the storage layer.
@@ -284,6 +286,10 @@ pub(crate) enum Op {
     Run(RunRecord),
     Stage(StageRecord),
     Log(StoredLog),
+    Token(TokenRecord),
+    Secret(SecretRecord),
+    RemoveSecret(String),
+    Audit(AuditRecord),
 }
 
 impl Batch {
@@ -320,4 +326,12 @@ pub(crate) trait Store: Send + Sync + 'static {
     /// Every release, oldest first.
     fn releases(&self) -> Result<Vec<ReleaseRecord>>;
     fn environments(&self) -> Result<Vec<EnvironmentRecord>>;
+    fn tokens(&self) -> Result<Vec<TokenRecord>>;
+    fn secret(&self, name: &str) -> Result<Option<SecretRecord>>;
+    /// Every secret, by name.
+    fn secrets(&self) -> Result<Vec<SecretRecord>>;
+    /// The newest `limit` audit records, newest first.
+    fn audit(&self, limit: usize) -> Result<Vec<AuditRecord>>;
+    /// The highest audit id used (0 when none).
+    fn last_audit_id(&self) -> Result<u64>;
 }

@@ -12,8 +12,8 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::{
-    Batch, EnvironmentRecord, LogLine, Op, PipelineRecord, ReleaseRecord, Result, RunRecord,
-    StageRecord, Store, StoreError, StoredLog, keys,
+    AuditRecord, Batch, EnvironmentRecord, LogLine, Op, PipelineRecord, ReleaseRecord, Result,
+    RunRecord, SecretRecord, StageRecord, Store, StoreError, StoredLog, TokenRecord, keys,
 };
 
 pub(crate) struct SledStore {
@@ -85,6 +85,14 @@ impl Store for SledStore {
                 Op::Log(log) => {
                     writes.insert(keys::log(log.key, log.attempt, log.seq), encode(&log.line));
                 }
+                Op::Token(record) => {
+                    writes.insert(keys::named(keys::TOKEN, &record.name), encode(record));
+                }
+                Op::Secret(record) => {
+                    writes.insert(keys::named(keys::SECRET, &record.name), encode(record));
+                }
+                Op::RemoveSecret(name) => writes.remove(keys::named(keys::SECRET, name)),
+                Op::Audit(record) => writes.insert(keys::audit(record.id), encode(record)),
             }
         }
         self.db.apply_batch(writes)?;
@@ -163,6 +171,37 @@ impl Store for SledStore {
 
     fn environments(&self) -> Result<Vec<EnvironmentRecord>> {
         self.scan(&[keys::ENVIRONMENT])
+    }
+
+    fn tokens(&self) -> Result<Vec<TokenRecord>> {
+        self.scan(&[keys::TOKEN])
+    }
+
+    fn secret(&self, name: &str) -> Result<Option<SecretRecord>> {
+        self.get(&keys::named(keys::SECRET, name))
+    }
+
+    fn secrets(&self) -> Result<Vec<SecretRecord>> {
+        self.scan(&[keys::SECRET])
+    }
+
+    fn audit(&self, limit: usize) -> Result<Vec<AuditRecord>> {
+        self.db
+            .scan_prefix([keys::AUDIT])
+            .rev()
+            .take(limit)
+            .map(|entry| {
+                let (key, value) = entry?;
+                decode(&key, &value)
+            })
+            .collect()
+    }
+
+    fn last_audit_id(&self) -> Result<u64> {
+        let last = self.db.scan_prefix([keys::AUDIT]).next_back().transpose()?;
+        Ok(last
+            .and_then(|(key, _)| key.get(1..9).and_then(|id| id.try_into().ok()))
+            .map_or(0, u64::from_be_bytes))
     }
 
     fn logs(&self, key: StageKey, attempt: u32, from_seq: u64) -> Result<Vec<StoredLog>> {

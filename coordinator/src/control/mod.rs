@@ -15,12 +15,20 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::{UnboundedReceiverStream, WatchStream};
 use tonic::{Request, Response, Status};
 
+mod security;
+
+use crate::auth::tokens::Tokens;
+use crate::auth::{Principal, audited};
 use crate::blobs::{BlobStore, parse_digest};
 use crate::engine::{Event, NewPipeline, Reply};
 use crate::error::ApiError;
 use crate::gc;
+use crate::secrets::Secrets;
 use crate::store::{PipelineRecord, Store};
 use crate::views;
+
+/// Pipeline files larger than this are refused before parsing.
+const MAX_PIPELINE_FILE_BYTES: usize = 1 << 20;
 
 /// Runs listed when the request says 0.
 const DEFAULT_RUN_LIMIT: usize = 50;
@@ -31,6 +39,8 @@ pub(crate) struct ControlApi {
     blobs: Arc<BlobStore>,
     /// `kiln gc` keeps outputs of runs finished within this many days.
     keep_days: u32,
+    tokens: Arc<Tokens>,
+    secrets: Arc<Secrets>,
 }
 
 impl ControlApi {
@@ -39,12 +49,16 @@ impl ControlApi {
         store: Arc<dyn Store>,
         blobs: Arc<BlobStore>,
         keep_days: u32,
+        tokens: Arc<Tokens>,
+        secrets: Arc<Secrets>,
     ) -> Self {
         Self {
             events,
             store,
             blobs,
             keep_days,
+            tokens,
+            secrets,
         }
     }
 
@@ -63,20 +77,23 @@ impl ControlApi {
 
     async fn decide(
         &self,
-        request: pb::DecideStageRequest,
+        request: Request<pb::DecideStageRequest>,
         approve: bool,
     ) -> Result<Response<pb::Run>, Status> {
-        let (run, stage, user) = (RunId(request.run_id), request.stage, or_api(request.user));
-        Ok(Response::new(
-            self.ask(|reply| Event::DecideGate {
+        let user = Principal::of(&request)?.name;
+        let request = request.into_inner();
+        let (run, stage) = (RunId(request.run_id), request.stage);
+        let target = format!("run {run} stage {stage}");
+        let run = self
+            .ask(|reply| Event::DecideGate {
                 run,
                 stage,
                 user,
                 approve,
                 reply,
             })
-            .await?,
-        ))
+            .await?;
+        Ok(audited(run, target))
     }
 
     fn latest_pipeline(&self, name: &str) -> Result<PipelineRecord, ApiError> {
@@ -100,7 +117,16 @@ impl ControlService for ControlApi {
         &self,
         request: Request<pb::RegisterPipelineRequest>,
     ) -> Result<Response<pb::RegisterPipelineResponse>, Status> {
+        let principal = Principal::of(&request)?;
         let request = request.into_inner();
+        if request.spec_yaml.len() > MAX_PIPELINE_FILE_BYTES {
+            return Err(Status::invalid_argument(format!(
+                "{}: the pipeline file has {} bytes; the limit is {}",
+                request.file_name,
+                request.spec_yaml.len(),
+                MAX_PIPELINE_FILE_BYTES
+            )));
+        }
         let file_name = if request.file_name.is_empty() {
             "kiln.yml".to_owned()
         } else {
@@ -108,6 +134,7 @@ impl ControlService for ControlApi {
         };
         let parsed = spec::parse(&file_name, &request.spec_yaml)
             .map_err(|error| Status::invalid_argument(error.to_string()))?;
+        principal.check_pipeline(&parsed.name)?;
         if request.repo.is_empty() {
             return Err(Status::invalid_argument(
                 "repo is empty; give the git URL or path agents fetch the source from",
@@ -128,10 +155,14 @@ impl ControlService for ControlApi {
         let (record, created) = self
             .ask(|reply| Event::Register { pipeline, reply })
             .await?;
-        Ok(Response::new(pb::RegisterPipelineResponse {
-            pipeline: Some(pipeline_view(&record)),
-            created,
-        }))
+        let target = format!("pipeline {} v{}", record.name, record.version);
+        Ok(audited(
+            pb::RegisterPipelineResponse {
+                pipeline: Some(pipeline_view(&record)),
+                created,
+            },
+            target,
+        ))
     }
 
     async fn list_pipelines(
@@ -173,7 +204,9 @@ impl ControlService for ControlApi {
         &self,
         request: Request<pb::TriggerRunRequest>,
     ) -> Result<Response<pb::Run>, Status> {
+        let principal = Principal::of(&request)?;
         let request = request.into_inner();
+        principal.check_pipeline(&request.pipeline)?;
         let pipeline = self.latest_pipeline(&request.pipeline)?;
         let source_digest = Some(request.source_digest).filter(|digest| !digest.is_empty());
         let (commit, rev) = match &source_digest {
@@ -197,11 +230,8 @@ impl ControlService for ControlApi {
                 (commit, rev)
             }
         };
-        let triggered_by = if request.triggered_by.is_empty() {
-            "api".to_owned()
-        } else {
-            request.triggered_by
-        };
+        // Who asked comes from the token, never from the request.
+        let triggered_by = format!("manual:{}", principal.name);
         let run = self
             .ask(|reply| Event::Trigger {
                 pipeline,
@@ -212,7 +242,8 @@ impl ControlService for ControlApi {
                 reply,
             })
             .await?;
-        Ok(Response::new(run))
+        let target = format!("run {}", run.id);
+        Ok(audited(run, target))
     }
 
     async fn get_run(
@@ -270,8 +301,10 @@ impl ControlService for ControlApi {
         request: Request<pb::CancelRunRequest>,
     ) -> Result<Response<pb::Run>, Status> {
         let run = RunId(request.into_inner().run_id);
-        Ok(Response::new(
+        let target = format!("run {run}");
+        Ok(audited(
             self.ask(|reply| Event::CancelRun { run, reply }).await?,
+            target,
         ))
     }
 
@@ -281,9 +314,11 @@ impl ControlService for ControlApi {
     ) -> Result<Response<pb::Run>, Status> {
         let request = request.into_inner();
         let (run, stage) = (RunId(request.run_id), request.stage);
-        Ok(Response::new(
+        let target = format!("run {run} stage {stage}");
+        Ok(audited(
             self.ask(|reply| Event::RetryStage { run, stage, reply })
                 .await?,
+            target,
         ))
     }
 
@@ -322,8 +357,10 @@ impl ControlService for ControlApi {
         request: Request<pb::DrainAgentRequest>,
     ) -> Result<Response<pb::Agent>, Status> {
         let name = request.into_inner().name;
-        Ok(Response::new(
+        let target = format!("agent {name}");
+        Ok(audited(
             self.ask(|reply| Event::DrainAgent { name, reply }).await?,
+            target,
         ))
     }
 
@@ -406,32 +443,34 @@ impl ControlService for ControlApi {
         &self,
         request: Request<pb::DecideStageRequest>,
     ) -> Result<Response<pb::Run>, Status> {
-        self.decide(request.into_inner(), true).await
+        self.decide(request, true).await
     }
 
     async fn reject_stage(
         &self,
         request: Request<pb::DecideStageRequest>,
     ) -> Result<Response<pb::Run>, Status> {
-        self.decide(request.into_inner(), false).await
+        self.decide(request, false).await
     }
 
     async fn rollback(
         &self,
         request: Request<pb::RollbackRequest>,
     ) -> Result<Response<pb::Run>, Status> {
+        let user = Principal::of(&request)?.name;
         let request = request.into_inner();
-        let (environment, user) = (request.environment, or_api(request.user));
+        let environment = request.environment;
         let to = Some(request.to_release).filter(|&id| id != 0);
-        Ok(Response::new(
-            self.ask(|reply| Event::Rollback {
+        let target = format!("environment {environment}");
+        let run = self
+            .ask(|reply| Event::Rollback {
                 environment,
                 to,
                 user,
                 reply,
             })
-            .await?,
-        ))
+            .await?;
+        Ok(audited(run, target))
     }
 
     async fn unfreeze_environment(
@@ -439,9 +478,11 @@ impl ControlService for ControlApi {
         request: Request<pb::EnvironmentHistoryRequest>,
     ) -> Result<Response<pb::Environment>, Status> {
         let environment = request.into_inner().environment;
-        Ok(Response::new(
+        let target = format!("environment {environment}");
+        Ok(audited(
             self.ask(|reply| Event::Unfreeze { environment, reply })
                 .await?,
+            target,
         ))
     }
 
@@ -488,60 +529,71 @@ impl ControlService for ControlApi {
     }
     async fn who_am_i(
         &self,
-        _r: Request<pb::WhoAmIRequest>,
+        request: Request<pb::WhoAmIRequest>,
     ) -> Result<Response<pb::Token>, Status> {
-        Err(Status::unimplemented("tokens"))
+        Ok(Response::new(self.who_am_i(&Principal::of(&request)?)?))
     }
+
     async fn create_token(
         &self,
-        _r: Request<pb::CreateTokenRequest>,
+        request: Request<pb::CreateTokenRequest>,
     ) -> Result<Response<pb::CreateTokenResponse>, Status> {
-        Err(Status::unimplemented("tokens"))
+        let principal = Principal::of(&request)?;
+        let request = request.into_inner();
+        let target = format!("token {}", request.name);
+        Ok(audited(
+            self.create_token(request, principal).await?,
+            target,
+        ))
     }
+
     async fn list_tokens(
         &self,
-        _r: Request<pb::ListTokensRequest>,
+        _request: Request<pb::ListTokensRequest>,
     ) -> Result<Response<pb::ListTokensResponse>, Status> {
-        Err(Status::unimplemented("tokens"))
+        Ok(Response::new(self.list_tokens()))
     }
+
     async fn revoke_token(
         &self,
-        _r: Request<pb::RevokeTokenRequest>,
+        request: Request<pb::RevokeTokenRequest>,
     ) -> Result<Response<pb::Token>, Status> {
-        Err(Status::unimplemented("tokens"))
+        let name = request.into_inner().name;
+        let target = format!("token {name}");
+        Ok(audited(self.revoke_token(name).await?, target))
     }
+
     async fn set_secret(
         &self,
-        _r: Request<pb::SetSecretRequest>,
+        request: Request<pb::SetSecretRequest>,
     ) -> Result<Response<pb::SecretInfo>, Status> {
-        Err(Status::unimplemented("secrets"))
+        let principal = Principal::of(&request)?;
+        let request = request.into_inner();
+        let target = format!("secret {}", request.name);
+        Ok(audited(self.set_secret(request, principal).await?, target))
     }
+
     async fn list_secrets(
         &self,
-        _r: Request<pb::ListSecretsRequest>,
+        _request: Request<pb::ListSecretsRequest>,
     ) -> Result<Response<pb::ListSecretsResponse>, Status> {
-        Err(Status::unimplemented("secrets"))
+        Ok(Response::new(self.list_secrets()?))
     }
+
     async fn delete_secret(
         &self,
-        _r: Request<pb::DeleteSecretRequest>,
+        request: Request<pb::DeleteSecretRequest>,
     ) -> Result<Response<pb::SecretInfo>, Status> {
-        Err(Status::unimplemented("secrets"))
+        let name = request.into_inner().name;
+        let target = format!("secret {name}");
+        Ok(audited(self.delete_secret(name).await?, target))
     }
+
     async fn list_audit(
         &self,
-        _r: Request<pb::ListAuditRequest>,
+        request: Request<pb::ListAuditRequest>,
     ) -> Result<Response<pb::ListAuditResponse>, Status> {
-        Err(Status::unimplemented("audit"))
-    }
-}
-
-/// Who asked, or "api" when the caller did not say.
-fn or_api(user: String) -> String {
-    if user.is_empty() {
-        "api".to_owned()
-    } else {
-        user
+        Ok(Response::new(self.list_audit(request.into_inner().limit)?))
     }
 }
 

@@ -1,0 +1,256 @@
+//! Secrets: sealed at rest with XChaCha20-Poly1305 under a key kept in a
+//! file outside the database, opened only to hand a stage its values.
+//!
+//! Values never leave through the API (no RPC returns one), never enter an
+//! error message, and are not logged; stages get them as environment
+//! variables, and their logs are masked on the agent and again here.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::Path;
+use std::sync::Arc;
+
+use chacha20poly1305::aead::{Aead, AeadCore, KeyInit, OsRng, Payload};
+use chacha20poly1305::{XChaCha20Poly1305, XNonce};
+
+use crate::clock::{Clock, SystemClock};
+use crate::error::ApiError;
+use crate::store::{Batch, Op, SecretRecord, Store};
+
+/// Largest secret value accepted.
+pub(crate) const MAX_SECRET_BYTES: usize = 64 * 1024;
+const NONCE_BYTES: usize = 24;
+
+/// Sealed secrets in the store, and the key that opens them.
+pub(crate) struct Secrets {
+    store: Arc<dyn Store>,
+    cipher: XChaCha20Poly1305,
+}
+
+impl Secrets {
+    /// Loads the key from `key_file`, creating it (mode 0600) on first use.
+    /// A key file others can read is refused: it opens every secret.
+    pub(crate) fn open(store: Arc<dyn Store>, key_file: &Path) -> anyhow::Result<Self> {
+        let key = match std::fs::read_to_string(key_file) {
+            Ok(text) => {
+                let mode = std::fs::metadata(key_file)?.permissions().mode();
+                if mode & 0o077 != 0 {
+                    anyhow::bail!(
+                        "secret key file {} is readable by others (mode {:o}); run `chmod 600 {}`",
+                        key_file.display(),
+                        mode & 0o777,
+                        key_file.display()
+                    );
+                }
+                let bytes = hex::decode(text.trim()).ok().filter(|b| b.len() == 32);
+                bytes.ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "secret key file {} does not hold 64 hex digits",
+                        key_file.display()
+                    )
+                })?
+            }
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+                let key = XChaCha20Poly1305::generate_key(&mut OsRng).to_vec();
+                let mut file = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(key_file)?;
+                writeln!(file, "{}", hex::encode(&key))?;
+                file.sync_all()?;
+                tracing::info!(key_file = %key_file.display(), "created the secret key");
+                key
+            }
+            Err(error) => {
+                anyhow::bail!(
+                    "cannot read secret key file {}: {error}",
+                    key_file.display()
+                )
+            }
+        };
+        let cipher = XChaCha20Poly1305::new_from_slice(&key).expect("the key is 32 bytes");
+        Ok(Self { store, cipher })
+    }
+
+    /// Seals and stores a value, durable on return.
+    pub(crate) fn set(&self, name: &str, value: &str, by: &str) -> Result<SecretRecord, ApiError> {
+        check_secret_name(name)?;
+        if value.is_empty() || value.len() > MAX_SECRET_BYTES {
+            return Err(ApiError::InvalidArgument(format!(
+                "secret `{name}` must hold 1 to {MAX_SECRET_BYTES} bytes, got {}",
+                value.len()
+            )));
+        }
+        let nonce = XChaCha20Poly1305::generate_nonce(&mut OsRng);
+        let ciphertext = self
+            .cipher
+            .encrypt(
+                &nonce,
+                Payload {
+                    msg: value.as_bytes(),
+                    aad: name.as_bytes(),
+                },
+            )
+            .map_err(|_| ApiError::FailedPrecondition("cannot seal the secret".into()))?;
+        let mut sealed = nonce.to_vec();
+        sealed.extend_from_slice(&ciphertext);
+        let record = SecretRecord {
+            name: name.to_owned(),
+            sealed,
+            updated_ms: SystemClock.now_ms(),
+            updated_by: by.to_owned(),
+        };
+        self.write(Op::Secret(record.clone()))?;
+        Ok(record)
+    }
+
+    pub(crate) fn list(&self) -> Result<Vec<SecretRecord>, ApiError> {
+        Ok(self.store.secrets()?)
+    }
+
+    pub(crate) fn delete(&self, name: &str) -> Result<SecretRecord, ApiError> {
+        let record = self
+            .store
+            .secret(name)?
+            .ok_or_else(|| ApiError::NotFound(format!("no secret named `{name}`")))?;
+        self.write(Op::RemoveSecret(name.to_owned()))?;
+        Ok(record)
+    }
+
+    /// The values of `names`, for one stage. The error names the first
+    /// secret that is missing or cannot be opened, never a value.
+    pub(crate) fn reveal<'a>(
+        &self,
+        names: impl IntoIterator<Item = &'a String>,
+    ) -> Result<BTreeMap<String, String>, ApiError> {
+        let mut values = BTreeMap::new();
+        for name in names {
+            let record = self.store.secret(name)?.ok_or_else(|| {
+                ApiError::FailedPrecondition(format!(
+                    "secret `{name}` is not set; set it with `kiln secret set {name}`"
+                ))
+            })?;
+            values.insert(name.clone(), self.open_record(&record)?);
+        }
+        Ok(values)
+    }
+
+    fn open_record(&self, record: &SecretRecord) -> Result<String, ApiError> {
+        let undecryptable = || {
+            ApiError::FailedPrecondition(format!(
+                "secret `{}` cannot be decrypted with this coordinator's key; set it again",
+                record.name
+            ))
+        };
+        if record.sealed.len() < NONCE_BYTES {
+            return Err(undecryptable());
+        }
+        let (nonce, ciphertext) = record.sealed.split_at(NONCE_BYTES);
+        let plain = self
+            .cipher
+            .decrypt(
+                XNonce::from_slice(nonce),
+                Payload {
+                    msg: ciphertext,
+                    aad: record.name.as_bytes(),
+                },
+            )
+            .map_err(|_| undecryptable())?;
+        String::from_utf8(plain).map_err(|_| undecryptable())
+    }
+
+    fn write(&self, op: Op) -> Result<(), ApiError> {
+        let mut batch = Batch::default();
+        batch.push(op);
+        self.store.apply(&batch)?;
+        self.store.flush()?;
+        Ok(())
+    }
+}
+
+/// Secret names are environment variable names: `[A-Z_][A-Z0-9_]*`, at
+/// most 64 characters.
+pub(crate) fn check_secret_name(name: &str) -> Result<(), ApiError> {
+    let mut chars = name.chars();
+    let valid = name.len() <= 64
+        && chars
+            .next()
+            .is_some_and(|c| c.is_ascii_uppercase() || c == '_')
+        && chars.all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_');
+    if valid {
+        Ok(())
+    } else {
+        Err(ApiError::InvalidArgument(format!(
+            "secret name `{}` is invalid: use an environment variable name ([A-Z_][A-Z0-9_]*, at most 64)",
+            name.escape_debug()
+        )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::SledStore;
+
+    fn open(dir: &Path) -> Secrets {
+        let store = Arc::new(SledStore::open(dir).unwrap());
+        Secrets::open(store, &dir.join("secrets.key")).unwrap()
+    }
+
+    #[test]
+    fn values_are_sealed_at_rest_and_open_after_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let value = "correct-horse-battery-staple";
+        open(dir.path()).set("DB_PASSWORD", value, "admin").unwrap();
+        let secrets = open(dir.path());
+        let stored = secrets.list().unwrap();
+        assert_eq!(stored.len(), 1);
+        assert!(
+            !stored[0]
+                .sealed
+                .windows(value.len())
+                .any(|w| w == value.as_bytes())
+        );
+        let names = ["DB_PASSWORD".to_owned()];
+        assert_eq!(secrets.reveal(&names).unwrap()["DB_PASSWORD"], value);
+        secrets.delete("DB_PASSWORD").unwrap();
+        let error = secrets.reveal(&names).unwrap_err().to_string();
+        assert!(error.contains("`DB_PASSWORD` is not set"), "{error}");
+    }
+
+    #[test]
+    fn a_sealed_value_moved_to_another_name_does_not_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let secrets = open(dir.path());
+        let mut record = secrets.set("A", "alpha-value", "t").unwrap();
+        record.name = "B".into();
+        let error = secrets.open_record(&record).unwrap_err().to_string();
+        assert!(error.contains("cannot be decrypted"), "{error}");
+        assert!(!error.contains("alpha"));
+    }
+
+    #[test]
+    fn a_key_file_others_can_read_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(open(dir.path()));
+        let key_file = dir.path().join("secrets.key");
+        std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let store = Arc::new(SledStore::open(&dir.path().join("other")).unwrap());
+        let error = Secrets::open(store, &key_file).err().unwrap().to_string();
+        assert!(error.contains("readable by others"), "{error}");
+    }
+
+    #[test]
+    fn bad_names_and_sizes_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let secrets = open(dir.path());
+        for name in ["", "lower", "1ABC", "A-B", &"A".repeat(65)] {
+            assert!(secrets.set(name, "v", "t").is_err(), "{name}");
+        }
+        assert!(secrets.set("EMPTY", "", "t").is_err());
+        let big = "x".repeat(MAX_SECRET_BYTES + 1);
+        assert!(secrets.set("BIG", &big, "t").is_err());
+    }
+}

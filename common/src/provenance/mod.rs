@@ -22,6 +22,7 @@
 //! # Layout
 //! - `keys`: the signing key file (PKCS#8 PEM, 0600), the public key PEM and
 //!   [`key_id`].
+//! - `facts`: [`ReleaseFacts`], what the coordinator knows about a release.
 //! - `statement`: [`ReleaseFacts`] in, [`Statement`] out; the serde types
 //!   spell the in-toto and SLSA field names, and [`BUILD_TYPE`] says what
 //!   Kiln puts in the parameters.
@@ -32,6 +33,7 @@
 
 pub mod dsse;
 mod error;
+mod facts;
 mod keys;
 mod statement;
 mod subjects;
@@ -43,12 +45,14 @@ mod tests;
 // Re-exported so callers need no ed25519 dependency of their own.
 pub use ed25519_dalek::{SigningKey, VerifyingKey};
 pub use error::ProvenanceError;
+pub use facts::{
+    ArtifactFacts, DatasetFacts, GateFacts, ImageFacts, PipelineFacts, ReleaseFacts, SourceFacts,
+};
 pub use keys::{key_id, load_or_generate, load_public_key_pem, public_key_pem};
 pub use statement::{
-    ArtifactFacts, BUILD_TYPE, BuildDefinition, BuildMetadata, Builder, DatasetFacts, DigestSet,
-    GateFacts, ImageFacts, PREDICATE_TYPE, PipelineFacts, Provenance, ReleaseFacts,
-    ResourceDescriptor, RunDetails, STATEMENT_TYPE, SourceFacts, Statement, Subject, metric_value,
-    rfc3339_utc, statement,
+    BUILD_TYPE, BuildDefinition, BuildMetadata, Builder, DigestSet, PREDICATE_TYPE, Provenance,
+    ResourceDescriptor, RunDetails, STATEMENT_TYPE, Statement, Subject, metric_value, rfc3339_utc,
+    statement,
 };
 pub use subjects::{ArchiveListing, list_archive, subjects};
 pub use verify::{VerifiedSubject, verify_file, verify_path, verify_statement};

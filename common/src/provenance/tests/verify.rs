@@ -7,7 +7,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
 
 use super::{MODEL, RELEASE_ID, Release, assert_mentions};
-use crate::archive::BlobDigest;
+use crate::archive::{BlobDigest, Limits, unpack};
 use crate::provenance::dsse::Envelope;
 use crate::provenance::{
     ProvenanceError, SigningKey, load_public_key_pem, sign_release, verify_file, verify_path,
@@ -28,6 +28,23 @@ fn the_model_file_verifies_with_the_exported_public_key() {
     assert_eq!(verified.name, "train/build/model/model.pkl");
     assert_eq!(verified.digest, BlobDigest::of(MODEL));
     assert_eq!(verified.key_id, release.signed.key_id);
+}
+
+#[test]
+fn the_model_file_verifies_once_unpacked_elsewhere() {
+    let release = Release::new();
+    let target = tempfile::tempdir().unwrap();
+    let archive = fs::File::open(&release.model_archive).unwrap();
+    unpack(archive, target.path(), &Limits::UNLIMITED).unwrap();
+    let public = load_public_key_pem(&release.public_key_pem).unwrap();
+    let verified = verify_path(
+        &target.path().join("build/model/config.json"),
+        &release.signed.envelope_json,
+        &public,
+        RELEASE_ID,
+    )
+    .unwrap();
+    assert_eq!(verified.name, "train/build/model/config.json");
 }
 
 #[test]

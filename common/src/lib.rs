@@ -5,6 +5,8 @@
 //!   with errors that name the file, line and column.
 //! - [`archive`]: artifacts and source trees as zstd-compressed tar streams,
 //!   packed deterministically and unpacked without escaping the target.
+//! - [`provenance`]: signed release provenance (in-toto Statement v1, SLSA
+//!   Provenance v1, DSSE, ed25519) and verifying a model file against it.
 //! - [`ids`]: newtypes for run ids and stage keys.
 //! - [`labels`]: `k=v,k=v` agent labels and how stages select agents.
 //! - [`logging`]: tracing set-up for the binaries.
@@ -13,4 +15,5 @@ pub mod archive;
 pub mod ids;
 pub mod labels;
 pub mod logging;
+pub mod provenance;
 pub mod spec;

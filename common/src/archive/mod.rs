@@ -27,11 +27,14 @@
 //!   entry names, and where a symlink resolves.
 //! - `pack`: [`pack`] and [`pack_source`], one writer behind both.
 //! - `unpack`: [`unpack`], which checks every entry itself.
+//! - `list`: [`list_files`], the regular files of an archive with their
+//!   digests, checked like `unpack` but written nowhere.
 //! - `digest`: [`BlobDigest`], [`HashingWriter`] and [`sha256_file`].
 //! - `error`: [`ArchiveError`].
 
 mod digest;
 mod error;
+mod list;
 mod pack;
 mod paths;
 mod unpack;
@@ -41,6 +44,7 @@ mod tests;
 
 pub use digest::{BlobDigest, BlobInfo, HashingWriter, sha256_file};
 pub use error::{ArchiveError, LimitKind};
+pub use list::{ArchivedFile, list_files};
 pub use pack::{pack, pack_source, pack_source_with_limits, pack_with_limits};
 pub use paths::check_artifact_path;
 pub use unpack::unpack;

@@ -14,14 +14,14 @@ use super::{ArchiveError, LimitKind, Limits, UnpackSummary};
 /// Largest zstd window accepted, as a power of two (16 MiB). Our packer's
 /// level needs far less; the default (128 MiB) would let a crafted frame make
 /// us allocate that much before writing a byte.
-const MAX_WINDOW_LOG: u32 = 24;
+pub(super) const MAX_WINDOW_LOG: u32 = 24;
 
 /// Largest pax extension header read into memory.
-const MAX_PAX_BYTES: u64 = 64 * 1024;
+pub(super) const MAX_PAX_BYTES: u64 = 64 * 1024;
 
 /// Decompressed bytes read after the end-of-archive marker, to let zstd
 /// verify its checksum; our packer leaves at most a few blocks of padding.
-const MAX_TRAILER_BYTES: u64 = 1 << 20;
+pub(super) const MAX_TRAILER_BYTES: u64 = 1 << 20;
 
 /// Unpacks a zstd-compressed tar stream into `target` (created if missing),
 /// checking every entry itself rather than trusting the tar crate:
@@ -381,7 +381,7 @@ impl Unpacker {
 }
 
 /// Reads an extension header's data, refusing more than `max` bytes.
-fn read_extension<R: Read>(
+pub(super) fn read_extension<R: Read>(
     entry: &mut tar::Entry<'_, R>,
     max: u64,
     what: &str,
@@ -398,7 +398,11 @@ fn read_extension<R: Read>(
     Ok(data)
 }
 
-fn set_once(slot: &mut Option<Vec<u8>>, value: Vec<u8>, what: &str) -> Result<(), ArchiveError> {
+pub(super) fn set_once(
+    slot: &mut Option<Vec<u8>>,
+    value: Vec<u8>,
+    what: &str,
+) -> Result<(), ArchiveError> {
     if slot.is_some() {
         return Err(ArchiveError::unsafe_entry(
             what.as_bytes(),
@@ -409,13 +413,13 @@ fn set_once(slot: &mut Option<Vec<u8>>, value: Vec<u8>, what: &str) -> Result<()
     Ok(())
 }
 
-fn trim_nul(mut bytes: Vec<u8>) -> Vec<u8> {
+pub(super) fn trim_nul(mut bytes: Vec<u8>) -> Vec<u8> {
     while bytes.last() == Some(&0) {
         bytes.pop();
     }
     bytes
 }
 
-fn corrupt(source: io::Error) -> ArchiveError {
+pub(super) fn corrupt(source: io::Error) -> ArchiveError {
     ArchiveError::Corrupt { source }
 }

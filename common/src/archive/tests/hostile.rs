@@ -18,7 +18,7 @@ use super::assert_mentions;
 use crate::archive::{Limits, unpack};
 
 /// One raw tar member.
-enum Raw {
+pub(super) enum Raw {
     File(&'static str, &'static str),
     Dir(&'static str),
     Symlink(&'static str, String),
@@ -33,7 +33,7 @@ enum Raw {
     Sized(EntryType, u64),
 }
 
-use Raw::*;
+pub(super) use Raw::*;
 
 struct Sandbox {
     _dir: tempfile::TempDir,
@@ -305,7 +305,7 @@ fn symlinks_already_in_the_target_are_never_followed() {
 }
 
 /// A zstd-compressed tar of `members`, names and link targets written raw.
-fn craft(members: &[Raw]) -> Vec<u8> {
+pub(super) fn craft(members: &[Raw]) -> Vec<u8> {
     let mut tar = tar::Builder::new(Vec::new());
     for member in members {
         match member {

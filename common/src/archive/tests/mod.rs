@@ -4,9 +4,12 @@
 //! - `roundtrip`: pack then unpack, determinism, what packing refuses,
 //!   `.gitignore` in source trees.
 //! - `hostile`: hand-made archives that try to escape the target.
+//! - `list`: listing an archive's files by digest, and refusing what
+//!   `unpack` refuses.
 //! - `streaming`: hundreds of megabytes through a pipe in bounded memory.
 
 mod hostile;
+mod list;
 mod roundtrip;
 mod streaming;
 

@@ -98,7 +98,7 @@ impl BlobStore {
         })
     }
 
-    fn path(&self, digest: &BlobDigest) -> PathBuf {
+    pub(crate) fn path(&self, digest: &BlobDigest) -> PathBuf {
         let hex = digest.hex();
         self.root.join("sha256").join(&hex[..2]).join(&hex)
     }

@@ -107,6 +107,7 @@ mod tests {
             finished_ms: Some(1),
             source_digest: None,
             rollback: None,
+            datasets: Vec::new(),
         }));
         let mut stage = StageRecord::new(StageKey { run, idx: 0 }, "train", Vec::new());
         let output = |digest: &str| ArtifactRecord {

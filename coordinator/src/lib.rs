@@ -28,6 +28,7 @@ mod error;
 mod gc;
 mod http;
 mod metrics;
+mod provenance;
 mod secrets;
 mod store;
 mod views;
@@ -138,7 +139,7 @@ pub async fn run(
         heartbeat_interval: config.heartbeat_interval,
         max_run_artifact_bytes: config.artifacts.max_run_bytes,
     };
-    let engine = engine::Engine::recover(
+    let mut engine = engine::Engine::recover(
         store.clone(),
         blobs.clone(),
         Arc::new(clock::SystemClock),
@@ -146,6 +147,10 @@ pub async fn run(
         metrics.clone(),
     )?;
     tracing::info!(data_dir = %config.data_dir.display(), "store opened and state recovered");
+    engine.with_secrets(secrets.clone());
+    let provenance_key = Arc::new(provenance::ProvenanceKey::open(&config.data_dir)?);
+    let (signer_tx, signer_rx) = mpsc::unbounded_channel();
+    engine.sign_releases_with(signer_tx);
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let (failed_tx, mut failed_rx) = mpsc::unbounded_channel::<String>();
@@ -164,6 +169,14 @@ pub async fn run(
         alerts,
         events: events_tx.clone(),
     };
+    let signer = tokio::spawn(provenance::run_signer(
+        store.clone(),
+        blobs.clone(),
+        provenance_key.clone(),
+        builder_id(),
+        signer_rx,
+        stop_rx.clone(),
+    ));
     let engine_task = tokio::spawn(engine::run_engine(
         engine,
         events_rx,
@@ -220,6 +233,7 @@ pub async fn run(
                     config.artifacts.keep_days,
                     tokens,
                     secrets.clone(),
+                    provenance_key,
                 ))
                 .max_decoding_message_size(MAX_MESSAGE_BYTES),
             )
@@ -248,6 +262,7 @@ pub async fn run(
     let _ = stop_tx.send(true);
     engine_task.await?;
     let _ = tokio::time::timeout(DRAIN_GRACE, alerter).await;
+    let _ = tokio::time::timeout(DRAIN_GRACE, signer).await;
     for task in [Some(grpc), None].into_iter().flatten() {
         if tokio::time::timeout(DRAIN_GRACE, task).await.is_err() {
             tracing::warn!("gRPC streams did not end within {DRAIN_GRACE:?}; closing them");
@@ -267,4 +282,12 @@ pub async fn run(
         Some(error) => Err(anyhow::anyhow!("stopped after a storage failure: {error}")),
         None => Ok(()),
     }
+}
+
+/// The SLSA builder id: this coordinator, by host name.
+fn builder_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|name| name.trim().to_owned())
+        .unwrap_or_else(|_| "localhost".into());
+    format!("kiln-coordinator://{host}")
 }

@@ -24,7 +24,16 @@ pub(crate) fn run(record: &RunRecord, stages: &[StageRecord]) -> pb::Run {
         finished_ms: record.finished_ms.unwrap_or_default(),
         stages: stages.iter().map(stage).collect(),
         source_digest: record.source_digest.clone().unwrap_or_default(),
-        datasets: Vec::new(),
+        datasets: record.datasets.iter().map(dataset).collect(),
+    }
+}
+
+pub(crate) fn dataset(record: &crate::store::DatasetRecord) -> pb::Dataset {
+    pb::Dataset {
+        source: record.source.clone(),
+        path: record.path.clone(),
+        digest: record.digest.clone(),
+        content_digest: record.content_digest.clone(),
     }
 }
 

@@ -15,6 +15,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::{UnboundedReceiverStream, WatchStream};
 use tonic::{Request, Response, Status};
 
+mod lineage;
 mod security;
 
 use crate::auth::tokens::Tokens;
@@ -23,6 +24,7 @@ use crate::blobs::{BlobStore, parse_digest};
 use crate::engine::{Event, NewPipeline, Reply};
 use crate::error::ApiError;
 use crate::gc;
+use crate::provenance::ProvenanceKey;
 use crate::secrets::Secrets;
 use crate::store::{PipelineRecord, Store};
 use crate::views;
@@ -41,6 +43,7 @@ pub(crate) struct ControlApi {
     keep_days: u32,
     tokens: Arc<Tokens>,
     secrets: Arc<Secrets>,
+    provenance_key: Arc<ProvenanceKey>,
 }
 
 impl ControlApi {
@@ -51,6 +54,7 @@ impl ControlApi {
         keep_days: u32,
         tokens: Arc<Tokens>,
         secrets: Arc<Secrets>,
+        provenance_key: Arc<ProvenanceKey>,
     ) -> Self {
         Self {
             events,
@@ -59,6 +63,7 @@ impl ControlApi {
             keep_days,
             tokens,
             secrets,
+            provenance_key,
         }
     }
 
@@ -239,6 +244,7 @@ impl ControlService for ControlApi {
                 rev,
                 triggered_by,
                 source_digest,
+                datasets: Vec::new(),
                 reply,
             })
             .await?;
@@ -436,7 +442,10 @@ impl ControlService for ControlApi {
             .release(id)
             .map_err(ApiError::from)?
             .ok_or_else(|| ApiError::NotFound(format!("release {id} does not exist")))?;
-        Ok(Response::new(views::release(&release)))
+        Ok(Response::new(lineage::release_view(
+            &*self.store,
+            &release,
+        )?))
     }
 
     async fn approve_stage(
@@ -511,22 +520,35 @@ impl ControlService for ControlApi {
 
     async fn get_provenance(
         &self,
-        _r: Request<pb::GetReleaseRequest>,
+        request: Request<pb::GetReleaseRequest>,
     ) -> Result<Response<pb::Provenance>, Status> {
-        Err(Status::unimplemented("provenance"))
+        Ok(Response::new(
+            self.provenance(request.into_inner().release_id)?,
+        ))
     }
+
     async fn get_provenance_key(
         &self,
-        _r: Request<pb::ProvenanceKeyRequest>,
+        _request: Request<pb::ProvenanceKeyRequest>,
     ) -> Result<Response<pb::ProvenanceKey>, Status> {
-        Err(Status::unimplemented("provenance"))
+        Ok(Response::new(pb::ProvenanceKey {
+            key_id: self.provenance_key.key_id.clone(),
+            public_key_pem: self.provenance_key.public_pem.clone(),
+        }))
     }
+
     async fn lineage(
         &self,
-        _r: Request<pb::LineageRequest>,
+        request: Request<pb::LineageRequest>,
     ) -> Result<Response<pb::LineageResponse>, Status> {
-        Err(Status::unimplemented("lineage"))
+        let digest = request.into_inner().digest;
+        let store = self.store.clone();
+        let uses = tokio::task::spawn_blocking(move || lineage::uses(&*store, &digest))
+            .await
+            .map_err(|error| Status::internal(format!("lineage query panicked: {error}")))??;
+        Ok(Response::new(pb::LineageResponse { uses }))
     }
+
     async fn who_am_i(
         &self,
         request: Request<pb::WhoAmIRequest>,

@@ -224,6 +224,11 @@ impl Engine {
             restored_by_rollback: false,
         };
         self.make_live(release, ReleaseState::Superseded, None);
+        if let Some(signer) = self.release_signer.clone() {
+            self.after_commit(move |_| {
+                let _ = signer.send(id);
+            });
+        }
         if let Some(monitor) = stage_spec.monitor {
             let until_ms = now + monitor.window.as_millis() as u64;
             self.monitor_requests.push(MonitorRequest {
@@ -367,6 +372,7 @@ impl Engine {
             finished_ms: None,
             source_digest: target.source_digest.clone(),
             rollback: Some(plan),
+            datasets: Vec::new(),
         };
         let stages: Vec<StageRecord> = spec
             .parsed

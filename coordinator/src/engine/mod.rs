@@ -71,6 +71,7 @@ pub(crate) enum Event {
         rev: String,
         triggered_by: String,
         source_digest: Option<String>,
+        datasets: Vec<crate::store::DatasetRecord>,
         reply: Reply<pb::Run>,
     },
     GetRun {
@@ -198,6 +199,10 @@ pub(crate) struct EngineConfig {
 
 pub(crate) struct Engine {
     store: Arc<dyn Store>,
+    /// New releases go here once durable, to be signed.
+    release_signer: Option<mpsc::UnboundedSender<u64>>,
+    /// Opens the secrets a stage lists when it is dispatched.
+    secrets: Option<Arc<crate::secrets::Secrets>>,
     /// Checked (and touched) when a stage reports outputs.
     blobs: Arc<BlobStore>,
     clock: Arc<dyn Clock>,
@@ -299,6 +304,8 @@ impl Engine {
             dirty: Dirty::default(),
             batch: Batch::default(),
             effects: Vec::new(),
+            release_signer: None,
+            secrets: None,
         };
         for record in store.unfinished_runs()? {
             let spec = engine.spec(&record.pipeline, record.pipeline_version)?;
@@ -340,9 +347,17 @@ impl Engine {
                 rev,
                 triggered_by,
                 source_digest,
+                datasets,
                 reply,
             } => {
-                let result = self.trigger(&pipeline, commit, rev, triggered_by, source_digest);
+                let result = self.trigger(
+                    &pipeline,
+                    commit,
+                    rev,
+                    triggered_by,
+                    source_digest,
+                    datasets,
+                );
                 self.reply_run(reply, result);
             }
             Event::GetRun { run, reply } => self.get_run(run, reply),
@@ -422,6 +437,16 @@ impl Engine {
     }
 
     /// Pushes ready stages to agents, then returns the pending group.
+    /// Where new releases are sent to be signed.
+    pub(crate) fn sign_releases_with(&mut self, signer: mpsc::UnboundedSender<u64>) {
+        self.release_signer = Some(signer);
+    }
+
+    /// The secrets store stages' `secrets:` are read from.
+    pub(crate) fn with_secrets(&mut self, secrets: Arc<crate::secrets::Secrets>) {
+        self.secrets = Some(secrets);
+    }
+
     pub(crate) fn take_commit(&mut self) -> (Batch, Vec<Effect>) {
         self.dispatch();
         self.write_dirty(None);

@@ -13,7 +13,9 @@ use tokio::sync::watch;
 
 use super::{ActiveRun, Engine, PipelineSpec, Reply};
 use crate::error::ApiError;
-use crate::store::{Op, PipelineRecord, RunRecord, RunState, StageRecord, StageState};
+use crate::store::{
+    DatasetRecord, Op, PipelineRecord, RunRecord, RunState, StageRecord, StageState,
+};
 use crate::views;
 
 impl Engine {
@@ -24,6 +26,7 @@ impl Engine {
         rev: String,
         triggered_by: String,
         source_digest: Option<String>,
+        datasets: Vec<DatasetRecord>,
     ) -> Result<RunId, ApiError> {
         let spec = self.spec(&pipeline.name, pipeline.version)?;
         let id = RunId(self.next_run_id);
@@ -40,6 +43,7 @@ impl Engine {
             finished_ms: None,
             source_digest,
             rollback: None,
+            datasets,
         };
         let stages: Vec<StageRecord> = spec
             .parsed

@@ -118,6 +118,7 @@ impl Harness {
                 rev: "main".into(),
                 triggered_by: "test".into(),
                 source_digest: None,
+                datasets: Vec::new(),
                 reply,
             })
             .unwrap();

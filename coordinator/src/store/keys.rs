@@ -12,6 +12,7 @@
 //! T <token name>                                  token (hash, role)
 //! K <secret name>                                 sealed secret
 //! U <audit:u64>                                   audit record
+//! V <release:u64>                                 signed provenance
 //! ```
 
 use kiln_common::ids::{RunId, StageKey};
@@ -26,6 +27,13 @@ pub(super) const ENVIRONMENT: u8 = b'E';
 pub(super) const TOKEN: u8 = b'T';
 pub(super) const SECRET: u8 = b'K';
 pub(super) const AUDIT: u8 = b'U';
+pub(super) const PROVENANCE: u8 = b'V';
+
+pub(super) fn provenance(release: u64) -> Vec<u8> {
+    let mut key = vec![PROVENANCE];
+    key.extend_from_slice(&release.to_be_bytes());
+    key
+}
 
 pub(super) fn named(prefix: u8, name: &str) -> Vec<u8> {
     let mut key = vec![prefix];

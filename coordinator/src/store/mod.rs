@@ -78,6 +78,34 @@ pub(crate) struct RunRecord {
     /// Set for a run the coordinator started to put a release back.
     #[serde(default)]
     pub(crate) rollback: Option<RollbackPlan>,
+    /// Datasets the run was given (a `data` trigger's snapshot).
+    #[serde(default)]
+    pub(crate) datasets: Vec<DatasetRecord>,
+}
+
+/// A snapshot of a watched data location, stored as a blob.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub(crate) struct DatasetRecord {
+    /// The watched location, e.g. "/srv/data/raw".
+    pub(crate) source: String,
+    /// Workspace path the stages find it at.
+    pub(crate) path: String,
+    /// "sha256:<hex>" of the packed snapshot blob.
+    pub(crate) digest: String,
+    /// "sha256:<hex>" over the files' names and contents.
+    pub(crate) content_digest: String,
+}
+
+/// A release's signed provenance (written once, by the signer).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub(crate) struct ProvenanceRecord {
+    pub(crate) release: u64,
+    /// The DSSE envelope exactly as signed.
+    pub(crate) envelope_json: String,
+    pub(crate) statement_json: String,
+    pub(crate) key_id: String,
+    /// "sha256:<hex>" of `envelope_json`.
+    pub(crate) digest: String,
 }
 
 /// A rollback run re-runs one environment stage with a release's exact
@@ -290,6 +318,7 @@ pub(crate) enum Op {
     Secret(SecretRecord),
     RemoveSecret(String),
     Audit(AuditRecord),
+    Provenance(ProvenanceRecord),
 }
 
 impl Batch {
@@ -334,4 +363,5 @@ pub(crate) trait Store: Send + Sync + 'static {
     fn audit(&self, limit: usize) -> Result<Vec<AuditRecord>>;
     /// The highest audit id used (0 when none).
     fn last_audit_id(&self) -> Result<u64>;
+    fn provenance(&self, release: u64) -> Result<Option<ProvenanceRecord>>;
 }

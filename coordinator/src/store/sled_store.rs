@@ -12,8 +12,9 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::{
-    AuditRecord, Batch, EnvironmentRecord, LogLine, Op, PipelineRecord, ReleaseRecord, Result,
-    RunRecord, SecretRecord, StageRecord, Store, StoreError, StoredLog, TokenRecord, keys,
+    AuditRecord, Batch, EnvironmentRecord, LogLine, Op, PipelineRecord, ProvenanceRecord,
+    ReleaseRecord, Result, RunRecord, SecretRecord, StageRecord, Store, StoreError, StoredLog,
+    TokenRecord, keys,
 };
 
 pub(crate) struct SledStore {
@@ -93,6 +94,9 @@ impl Store for SledStore {
                 }
                 Op::RemoveSecret(name) => writes.remove(keys::named(keys::SECRET, name)),
                 Op::Audit(record) => writes.insert(keys::audit(record.id), encode(record)),
+                Op::Provenance(record) => {
+                    writes.insert(keys::provenance(record.release), encode(record));
+                }
             }
         }
         self.db.apply_batch(writes)?;
@@ -204,6 +208,10 @@ impl Store for SledStore {
             .map_or(0, u64::from_be_bytes))
     }
 
+    fn provenance(&self, release: u64) -> Result<Option<ProvenanceRecord>> {
+        self.get(&keys::provenance(release))
+    }
+
     fn logs(&self, key: StageKey, attempt: u32, from_seq: u64) -> Result<Vec<StoredLog>> {
         let start = keys::log(key, attempt, from_seq);
         let prefix = keys::log_prefix(key, attempt);
@@ -244,6 +252,7 @@ mod tests {
             finished_ms: None,
             source_digest: None,
             rollback: None,
+            datasets: Vec::new(),
         }
     }
 

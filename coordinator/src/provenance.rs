@@ -1,0 +1,253 @@
+//! The release signer: every release gets an in-toto statement with a SLSA
+//! provenance predicate, in a DSSE envelope signed with the coordinator's
+//! ed25519 key.
+//!
+//! The engine hands over a release id once the release is durable; the
+//! signer reads the release, its run, stages and pipeline back from the
+//! store, lists the files inside every released archive, signs, and
+//! stores the envelope (key `V`). At start-up every release without one is
+//! signed, so a crash between a release and its signature loses nothing.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use kiln_common::archive::{BlobDigest, Limits};
+use kiln_common::provenance::{
+    self, ArtifactFacts, DatasetFacts, GateFacts, ImageFacts, PipelineFacts, ReleaseFacts,
+    SigningKey, SourceFacts,
+};
+use kiln_common::spec;
+use tokio::sync::{mpsc, watch};
+
+use crate::blobs::BlobStore;
+use crate::store::{Batch, Op, ProvenanceRecord, ReleaseRecord, Store};
+
+/// The key and what verifiers need of it.
+pub(crate) struct ProvenanceKey {
+    pub(crate) signing: SigningKey,
+    pub(crate) key_id: String,
+    pub(crate) public_pem: String,
+}
+
+impl ProvenanceKey {
+    /// Loads `data_dir/provenance.key`, creating it on first start, and
+    /// exports the public key next to it as `provenance.pub`.
+    pub(crate) fn open(data_dir: &Path) -> anyhow::Result<Self> {
+        let (signing, created) = provenance::load_or_generate(&data_dir.join("provenance.key"))?;
+        let verifying = signing.verifying_key();
+        let public_pem = provenance::public_key_pem(&verifying);
+        let key_id = provenance::key_id(&verifying);
+        std::fs::write(data_dir.join("provenance.pub"), &public_pem)?;
+        if created {
+            tracing::info!(%key_id, "created the provenance signing key");
+        }
+        Ok(Self {
+            signing,
+            key_id,
+            public_pem,
+        })
+    }
+}
+
+/// Signs releases as the engine reports them; stops with `stop`.
+pub(crate) async fn run_signer(
+    store: Arc<dyn Store>,
+    blobs: Arc<BlobStore>,
+    key: Arc<ProvenanceKey>,
+    builder_id: String,
+    mut releases: mpsc::UnboundedReceiver<u64>,
+    mut stop: watch::Receiver<bool>,
+) {
+    // Releases made before a crash that were never signed.
+    match store.releases() {
+        Ok(all) => {
+            for release in all {
+                if matches!(store.provenance(release.id), Ok(None)) {
+                    sign_logged(&store, &blobs, &key, &builder_id, release.id).await;
+                }
+            }
+        }
+        Err(error) => tracing::error!(%error, "cannot list releases to sign"),
+    }
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return,
+            release = releases.recv() => match release {
+                Some(id) => sign_logged(&store, &blobs, &key, &builder_id, id).await,
+                None => return,
+            },
+        }
+    }
+}
+
+async fn sign_logged(
+    store: &Arc<dyn Store>,
+    blobs: &Arc<BlobStore>,
+    key: &Arc<ProvenanceKey>,
+    builder_id: &str,
+    release: u64,
+) {
+    let (store, blobs, key, builder_id) = (
+        store.clone(),
+        blobs.clone(),
+        key.clone(),
+        builder_id.to_owned(),
+    );
+    let signed =
+        tokio::task::spawn_blocking(move || sign(&*store, &blobs, &key, &builder_id, release))
+            .await;
+    match signed {
+        Ok(Ok(digest)) => tracing::info!(release, %digest, "signed the release's provenance"),
+        Ok(Err(error)) => tracing::error!(release, %error, "cannot sign the release's provenance"),
+        Err(error) => tracing::error!(release, %error, "the provenance signer panicked"),
+    }
+}
+
+/// Signs one release and stores the envelope; returns its digest.
+fn sign(
+    store: &dyn Store,
+    blobs: &BlobStore,
+    key: &ProvenanceKey,
+    builder_id: &str,
+    release_id: u64,
+) -> anyhow::Result<String> {
+    if let Some(existing) = store.provenance(release_id)? {
+        return Ok(existing.digest);
+    }
+    let release = store
+        .release(release_id)?
+        .ok_or_else(|| anyhow::anyhow!("release {release_id} does not exist"))?;
+    let facts = facts(store, &release, builder_id)?;
+    let mut listings = Vec::new();
+    for artifact in &facts.artifacts {
+        let file = std::fs::File::open(blobs.path(&artifact.digest)).map_err(|error| {
+            anyhow::anyhow!("artifact {} is not readable: {error}", artifact.digest)
+        })?;
+        let limits = Limits {
+            max_bytes: u64::MAX,
+            max_entries: 1_000_000,
+        };
+        let listing = provenance::list_archive(std::io::BufReader::new(file), &limits)?;
+        anyhow::ensure!(
+            listing.digest == artifact.digest,
+            "artifact {} is corrupt on disk (it hashes to {})",
+            artifact.digest,
+            listing.digest
+        );
+        listings.push(listing);
+    }
+    let signed = provenance::sign_release(&facts, &listings, &key.signing)?;
+    let record = ProvenanceRecord {
+        release: release_id,
+        envelope_json: signed.envelope_json,
+        statement_json: signed.statement_json,
+        key_id: signed.key_id,
+        digest: signed.digest.to_string(),
+    };
+    let digest = record.digest.clone();
+    let mut batch = Batch::default();
+    batch.push(Op::Provenance(record));
+    store.apply(&batch)?;
+    store.flush()?;
+    Ok(digest)
+}
+
+/// What went into a release, read back from the store.
+fn facts(
+    store: &dyn Store,
+    release: &ReleaseRecord,
+    builder_id: &str,
+) -> anyhow::Result<ReleaseFacts> {
+    let run = store
+        .run(release.run)?
+        .ok_or_else(|| anyhow::anyhow!("run {} of the release is gone", release.run))?;
+    let pipeline = store
+        .pipeline(&release.pipeline, release.pipeline_version)?
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "pipeline {} v{} is gone",
+                release.pipeline,
+                release.pipeline_version
+            )
+        })?;
+    let parsed = spec::parse(&pipeline.file_name, &pipeline.spec_yaml).ok();
+    let stages = store.stages(release.run)?;
+    let images = stages
+        .iter()
+        .filter_map(|stage| {
+            let digest: BlobDigest = stage.image_digest.as_deref()?.parse().ok()?;
+            let reference = parsed
+                .as_ref()
+                .and_then(|p| p.stages.iter().find(|s| s.name == stage.name))
+                .and_then(|s| s.image.clone())
+                .unwrap_or_else(|| stage.name.clone());
+            Some(ImageFacts { reference, digest })
+        })
+        .collect();
+    let artifacts = release
+        .artifacts
+        .iter()
+        .map(|a| {
+            Ok(ArtifactFacts {
+                stage: a.stage.clone(),
+                path: a.artifact.path.clone(),
+                digest: a.artifact.digest.parse()?,
+            })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let datasets = run
+        .datasets
+        .iter()
+        .map(|d| {
+            Ok(DatasetFacts {
+                source: d.source.clone(),
+                path: d.path.clone(),
+                digest: d.digest.parse()?,
+            })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let gates = release
+        .gates
+        .iter()
+        .map(|(stage, decision)| GateFacts {
+            stage: stage.clone(),
+            passed: decision.passed,
+            summary: decision.summary.clone(),
+            checks: serde_json::to_value(&decision.checks).unwrap_or_default(),
+        })
+        .collect();
+    let snapshot = release
+        .source_digest
+        .as_deref()
+        .map(str::parse::<BlobDigest>)
+        .transpose()?;
+    Ok(ReleaseFacts {
+        release_id: release.id,
+        environment: release.environment.clone(),
+        pipeline: PipelineFacts {
+            name: pipeline.name.clone(),
+            version: pipeline.version,
+            spec_sha256: BlobDigest::of(pipeline.spec_yaml.as_bytes()),
+        },
+        run_id: release.run,
+        triggered_by: run.triggered_by.clone(),
+        source: SourceFacts {
+            repository: pipeline.repo.clone(),
+            commit: Some(release.commit.clone()).filter(|c| !c.is_empty()),
+            snapshot,
+        },
+        datasets,
+        images,
+        artifacts,
+        metrics: release
+            .metrics
+            .iter()
+            .map(|(name, value)| (name.clone(), value.unwrap_or(f64::NAN)))
+            .collect(),
+        gates,
+        builder_id: builder_id.to_owned(),
+        builder_version: env!("CARGO_PKG_VERSION").to_owned(),
+        started_ms: run.created_ms,
+        finished_ms: release.created_ms,
+    })
+}

@@ -49,6 +49,22 @@ pub const DEFAULT_RETRIES: u32 = 1;
 /// requires it.
 pub const EXECUTOR_LABEL: &str = "executor";
 
+// Input limits. Each is far beyond what a real pipeline needs and keeps a
+// hostile or broken file (a generated one, a paste gone wrong) from costing
+// the coordinator, which parses every registered file, more than a moment.
+
+/// Largest pipeline file [`parse`] accepts, checked before any parsing.
+pub const MAX_FILE_BYTES: usize = 1024 * 1024;
+/// Most stages one pipeline may have.
+pub const MAX_STAGES: usize = 500;
+/// Most `commands` one stage may have.
+pub const MAX_COMMANDS: usize = 100;
+/// Longest single command, in bytes (a `|` block counts as one command).
+pub const MAX_COMMAND_BYTES: usize = 64 * 1024;
+/// Longest pipeline, stage or environment name; also the longest label name
+/// or value ([`crate::labels::MAX_LABEL_LEN`]) and secret name.
+pub const MAX_NAME_LEN: usize = 64;
+
 /// A validated pipeline.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Pipeline {
@@ -168,7 +184,8 @@ impl fmt::Display for Position {
 /// succeeded (a cycle check over stages with unknown `needs` would only add
 /// noise), so one precise error beats a list of knock-on ones.
 pub fn parse(file: &str, text: &str) -> Result<Pipeline, SpecError> {
-    let parsed = yaml::load(text)
+    let parsed = check_size(text)
+        .and_then(|()| yaml::load(text))
         .and_then(|document| schema::read(&document))
         .and_then(validate::pipeline);
     parsed.map_err(|problem| SpecError {
@@ -176,6 +193,21 @@ pub fn parse(file: &str, text: &str) -> Result<Pipeline, SpecError> {
         position: problem.position,
         message: problem.message,
     })
+}
+
+/// Refuses a file over [`MAX_FILE_BYTES`] before saphyr sees any of it.
+fn check_size(text: &str) -> Result<(), Problem> {
+    if text.len() <= MAX_FILE_BYTES {
+        return Ok(());
+    }
+    Err(Problem::new(
+        Position { line: 1, column: 1 },
+        format!(
+            "the file is {} bytes, more than the limit of {MAX_FILE_BYTES} bytes (1 MiB); \
+             a pipeline file holds stages, not data: move large content into the repository",
+            text.len()
+        ),
+    ))
 }
 
 /// An error before it is given the file name; every pass returns these.

@@ -15,7 +15,7 @@ use super::delivery::{self, DeliveryDraft};
 use super::suggest::did_you_mean;
 use super::values;
 use super::yaml::{Document, Node};
-use super::{EXECUTOR_LABEL, Position, Problem};
+use super::{EXECUTOR_LABEL, MAX_STAGES, Position, Problem};
 
 /// The file as read, before `needs` are resolved and defaults applied.
 pub(super) struct Draft {
@@ -211,6 +211,16 @@ fn read_stages(value: Node<'_>, path: &Path<'_>) -> Result<Vec<StageDraft>, Prob
             position,
             format!(
                 "duplicate stage `{name}`; stage names must be unique, rename or remove this one"
+            ),
+        ));
+    }
+    if let Some((extra, _)) = entries.get(MAX_STAGES) {
+        return Err(Problem::new(
+            extra.position(),
+            format!(
+                "the pipeline has {} stages, more than the limit of {MAX_STAGES}; split it into \
+                 several pipelines",
+                entries.len()
             ),
         ));
     }

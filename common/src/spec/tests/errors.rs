@@ -357,8 +357,9 @@ fn names() {
             commands: [make]
             agent: { labels: { role: \"a,b\" } }
         ",
-        "kiln.yml:5:30: label value `a,b` in `labels` in `agent` of stage `deploy` can never \
-         match an agent; use a value without `,` or surrounding spaces",
+        "kiln.yml:5:30: bad label value `a,b` in `labels` in `agent` of stage `deploy`; use \
+         letters, digits, `.`, `_` and `-`, starting with a letter or digit, at most 64 \
+         characters",
     );
     check(
         "
@@ -368,8 +369,9 @@ fn names() {
             commands: [make]
             agent: { labels: { \"a=b\": c } }
         ",
-        "kiln.yml:5:24: label name `a=b` in `labels` in `agent` of stage `deploy` can never \
-         match an agent; use a non-empty name without `=`, `,` or surrounding spaces",
+        "kiln.yml:5:24: bad label name `a=b` in `labels` in `agent` of stage `deploy`; use \
+         lowercase letters, digits, `.`, `_` and `-`, starting with a letter or digit, at most \
+         64 characters",
     );
 }
 

@@ -8,6 +8,7 @@ mod artifacts;
 mod containers;
 mod delivery;
 mod errors;
+mod limits;
 mod pipelines;
 mod robustness;
 

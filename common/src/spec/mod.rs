@@ -86,6 +86,11 @@ pub struct Stage {
     /// Extra environment variables for the commands; numbers and booleans
     /// are kept as the text the file spells them with.
     pub env: BTreeMap<String, String>,
+    /// `secrets: [NAME, ..]`: kiln secrets the stage receives as environment
+    /// variables of the same name, in file order. Each name passes
+    /// [`is_secret_name`], appears once, and is not also a key of `env`; a
+    /// gate has none.
+    pub secrets: Vec<String>,
     /// How long the stage may run before it is stopped and failed.
     pub timeout: Duration,
     /// Re-dispatches after a lost agent or an infrastructure failure.
@@ -162,6 +167,18 @@ pub struct SpecError {
     pub position: Position,
     /// Lowercase; says what is wrong and what to change.
     pub message: String,
+}
+
+/// A kiln secret's name: `[A-Z_][A-Z0-9_]*`, at most [`MAX_NAME_LEN`]
+/// characters. Secrets become environment variables of the same name, so the
+/// rule is a shell variable name's, in upper case.
+pub fn is_secret_name(text: &str) -> bool {
+    let mut chars = text.chars();
+    text.len() <= MAX_NAME_LEN
+        && chars
+            .next()
+            .is_some_and(|c| c.is_ascii_uppercase() || c == '_')
+        && chars.all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_')
 }
 
 impl Pipeline {

@@ -150,6 +150,7 @@ fn with_defaults(stage: StageDraft, needs: Vec<usize>, defaults: &Defaults) -> S
         needs,
         commands: stage.commands,
         env: stage.env,
+        secrets: stage.secrets.map(|(names, _)| names).unwrap_or_default(),
         timeout: stage
             .timeout
             .or(defaults.timeout)

@@ -320,6 +320,44 @@ fn is_env_name(text: &str) -> bool {
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
+/// What [`super::is_secret_name`] accepts, for messages.
+const SECRET_NAME_RULE: &str = "upper-case letters, digits and `_`, not starting with a digit, at \
+                                most 64 characters, like `HF_TOKEN`";
+
+/// `secrets: [NAME, ...]`: names of kiln secrets, each listed once.
+pub(super) fn secrets(value: Node<'_>, path: &Path<'_>) -> Result<Vec<String>, Problem> {
+    const EXPECTED: &str = "a list of secret names, like `secrets: [HF_TOKEN]`";
+    let items = value
+        .items()
+        .ok_or_else(|| wrong_type(value, path, EXPECTED))?;
+    let mut names: Vec<String> = Vec::with_capacity(items.len());
+    for item in items {
+        let name = secret_name(item, path)?;
+        if names.contains(&name) {
+            return Err(Problem::new(
+                item.position(),
+                format!("secret `{name}` is listed twice in {path}; list it once"),
+            ));
+        }
+        names.push(name);
+    }
+    Ok(names)
+}
+
+/// One secret's name, under the rule of [`super::is_secret_name`].
+pub(super) fn secret_name(value: Node<'_>, path: &Path<'_>) -> Result<String, Problem> {
+    let Some(text) = value.string() else {
+        return Err(wrong_type(value, path, "secret names, like `HF_TOKEN`"));
+    };
+    if !super::is_secret_name(text) {
+        return Err(Problem::new(
+            value.position(),
+            format!("bad secret name `{text}` in {path}; use {SECRET_NAME_RULE}"),
+        ));
+    }
+    Ok(text.to_owned())
+}
+
 /// `artifacts:` paths: workspace-relative, no `..`, each listed once.
 pub(super) fn artifact_paths(value: Node<'_>, path: &Path<'_>) -> Result<Vec<String>, Problem> {
     let expected = "a list of workspace paths, like `[build/model, build/metrics.json]`";

@@ -112,7 +112,7 @@ fn unknown_keys() {
             comands: [make]
         ",
         "kiln.yml:4:5: unknown key `comands` in stage `build`; expected one of: needs, \
-         commands, env, timeout, retries, image, agent, executor, pull, resources, network, \
+         commands, env, secrets, timeout, retries, image, agent, executor, pull, resources, network, \
          artifacts, metrics, environment, gate, monitor (did you mean `commands`?)",
     );
     check(
@@ -122,7 +122,7 @@ fn unknown_keys() {
           build: { commands: [make], Needs: [] }
         ",
         "kiln.yml:3:30: unknown key `Needs` in stage `build`; expected one of: needs, \
-         commands, env, timeout, retries, image, agent, executor, pull, resources, network, \
+         commands, env, secrets, timeout, retries, image, agent, executor, pull, resources, network, \
          artifacts, metrics, environment, gate, monitor (did you mean `needs`?)",
     );
     check(

@@ -11,6 +11,7 @@ mod errors;
 mod limits;
 mod pipelines;
 mod robustness;
+mod secrets;
 
 use super::*;
 

@@ -15,8 +15,9 @@
 //!   to indices, cycles, defaults applied.
 //!
 //! `values` reads single values for `schema`, `container` the docker
-//! settings (`executor`, `pull`, `resources`, `network`); `duration` and
-//! `suggest` are small helpers.
+//! settings (`executor`, `pull`, `resources`, `network`), `delivery` the
+//! delivery keys of a stage, `triggers` the pipeline's `triggers:`;
+//! `duration` and `suggest` are small helpers.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -25,12 +26,16 @@ use std::time::Duration;
 pub use delivery::{
     Approval, Condition, Gate, MaxRegression, Monitor, MonitorSource, OnBreach, OnMissing, Op,
 };
+pub use triggers::{
+    DEFAULT_DATA_EVERY, DataTrigger, MAX_SCHEDULES, MIN_DATA_INTERVAL, PushTrigger, Triggers,
+};
 
 mod container;
 mod delivery;
 mod duration;
 mod schema;
 mod suggest;
+mod triggers;
 mod validate;
 mod values;
 mod yaml;
@@ -72,6 +77,8 @@ pub struct Pipeline {
     pub name: String,
     /// In file order; `Stage::needs` indexes into this list.
     pub stages: Vec<Stage>,
+    /// `triggers:` what starts runs besides `kiln run`.
+    pub triggers: Triggers,
 }
 
 /// One stage, with the pipeline's `defaults` already applied.

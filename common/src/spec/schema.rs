@@ -13,6 +13,7 @@ use std::time::Duration;
 use super::container::{self, ContainerDraft};
 use super::delivery::{self, DeliveryDraft};
 use super::suggest::did_you_mean;
+use super::triggers::{self, Triggers};
 use super::values;
 use super::yaml::{Document, Node};
 use super::{EXECUTOR_LABEL, MAX_STAGES, Position, Problem};
@@ -21,6 +22,7 @@ use super::{EXECUTOR_LABEL, MAX_STAGES, Position, Problem};
 pub(super) struct Draft {
     pub(super) name: String,
     pub(super) defaults: Defaults,
+    pub(super) triggers: Triggers,
     /// Never empty, in file order.
     pub(super) stages: Vec<StageDraft>,
 }
@@ -90,6 +92,7 @@ pub(super) type Field<T> = (
 struct TopLevel {
     name: Option<String>,
     defaults: Defaults,
+    triggers: Triggers,
     stages: Option<Vec<StageDraft>>,
 }
 
@@ -98,6 +101,7 @@ struct TopLevel {
 const TOP_LEVEL_FIELDS: &[Field<TopLevel>] = &[
     ("pipeline", |top, v, path| set(&mut top.name, values::name(v, path).map(Some))),
     ("defaults", |top, v, path| read_defaults(&mut top.defaults, v, path)),
+    ("triggers", |top, v, path| set(&mut top.triggers, triggers::read(v, path))),
     ("stages", |top, v, path| set(&mut top.stages, read_stages(v, path).map(Some))),
 ];
 
@@ -184,6 +188,7 @@ pub(super) fn read(document: &Document<'_>) -> Result<Draft, Problem> {
     Ok(Draft {
         name,
         defaults: top.defaults,
+        triggers: top.triggers,
         stages,
     })
 }

@@ -22,6 +22,7 @@ pub(super) fn pipeline(draft: Draft) -> Result<Pipeline, Problem> {
     Ok(Pipeline {
         name: draft.name,
         stages,
+        triggers: draft.triggers,
     })
 }
 

@@ -18,7 +18,7 @@
 use std::fmt;
 use std::str::FromStr;
 
-use chrono::{DateTime, TimeZone, Utc};
+use chrono::{DateTime, NaiveDate, Utc};
 use croner::Cron;
 use croner::parser::{CronParser, Seconds, Year};
 
@@ -38,21 +38,39 @@ impl Schedule {
             .seconds(Seconds::Disallowed)
             .year(Year::Disallowed)
             .build();
+        // croner's reasons end with a full stop; ours go on after them.
         let cron = parser
             .parse(expression)
-            .map_err(|error| error.to_string())?;
+            .map_err(|error| error.to_string().trim_end_matches('.').to_owned())?;
         let schedule = Schedule {
             expression: expression.to_owned(),
             cron,
         };
-        // Four years after a leap day covers every date a pattern can name.
-        let start = Utc.with_ymd_and_hms(2000, 1, 1, 0, 0, 0).unwrap();
-        let from_2000 = schedule.cron.find_next_occurrence(&start, false);
-        if from_2000.is_ok_and(|next| next < Utc.with_ymd_and_hms(2004, 3, 1, 0, 0, 0).unwrap()) {
+        if schedule.matches_some_day() {
             Ok(schedule)
         } else {
             Err("it matches no date (check the day of month against the month)".to_owned())
         }
+    }
+
+    /// Whether any day of a four-year span with a leap day (which covers
+    /// every date and weekday a pattern can name) matches. croner's own
+    /// search would answer too, but only after walking to the year 5000
+    /// for `0 0 30 2 *`, which is too slow for files that anyone may send.
+    fn matches_some_day(&self) -> bool {
+        let pattern = &self.cron.pattern;
+        let hour = (0..24).find(|hour| pattern.hour_match(*hour).unwrap_or(false));
+        let minute = (0..60).find(|minute| pattern.minute_match(*minute).unwrap_or(false));
+        let (Some(hour), Some(minute)) = (hour, minute) else {
+            return false;
+        };
+        let first = NaiveDate::from_ymd_opt(2000, 1, 1).expect("a real date");
+        let end = NaiveDate::from_ymd_opt(2004, 3, 1).expect("a real date");
+        first
+            .iter_days()
+            .take_while(|day| *day < end)
+            .filter_map(|day| day.and_hms_opt(hour, minute, 0))
+            .any(|time| self.cron.is_time_matching(&time.and_utc()).unwrap_or(false))
     }
 
     /// The expression as written.
@@ -129,6 +147,8 @@ fn to_ms(time: DateTime<Utc>) -> Option<u64> {
 
 #[cfg(test)]
 mod tests {
+    use chrono::TimeZone;
+
     use super::*;
 
     /// ms since the epoch of a UTC date and time.

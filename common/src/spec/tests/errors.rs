@@ -84,15 +84,15 @@ fn unknown_keys() {
           build: { commands: [make] }
         ",
         "kiln.yml:2:1: unknown key `stage` at the top level; expected one of: pipeline, \
-         defaults, stages (did you mean `stages`?)",
+         defaults, triggers, stages (did you mean `stages`?)",
     );
     check(
         "
         pipeline: demo
-        triggers: { push: { branches: [main] } }
+        trigger: { push: { branches: [main] } }
         ",
-        "kiln.yml:2:1: unknown key `triggers` at the top level; expected one of: pipeline, \
-         defaults, stages",
+        "kiln.yml:2:1: unknown key `trigger` at the top level; expected one of: pipeline, \
+         defaults, triggers, stages (did you mean `triggers`?)",
     );
     check(
         "

@@ -12,6 +12,7 @@ mod limits;
 mod pipelines;
 mod robustness;
 mod secrets;
+mod triggers;
 
 use super::*;
 

@@ -6,6 +6,10 @@ use super::{FILE, MAX_FILE_BYTES, parse, trim_indent};
 const EXAMPLE: &str = "
     pipeline: demo
     defaults: { image: 'python:3.12', timeout: 15m, retries: 2 }
+    triggers:
+      push: { branches: [main, 'rel/*'], secret: HOOK }
+      schedule: ['0 3 * * *', '*/5 1-2 L * MON#2']
+      data: { watch: /srv/raw, every: 1m, into: data/raw }
     stages:
       prepare:
         commands: [make data]
@@ -17,6 +21,7 @@ const EXAMPLE: &str = "
           - |
             echo done
         agent: { labels: { gpu: 'yes' } }
+        secrets: [HF_TOKEN]
         timeout: 1h30m
 ";
 

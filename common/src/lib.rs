@@ -10,6 +10,8 @@
 //! - [`ids`]: newtypes for run ids and stage keys.
 //! - [`labels`]: `k=v,k=v` agent labels and how stages select agents.
 //! - [`logging`]: tracing set-up for the binaries.
+//! - [`triggers`]: pure rules for push webhooks, cron schedules and watched
+//!   data directories: when an outside event starts a run.
 
 pub mod archive;
 pub mod ids;
@@ -17,3 +19,4 @@ pub mod labels;
 pub mod logging;
 pub mod provenance;
 pub mod spec;
+pub mod triggers;

@@ -15,8 +15,9 @@
 //!   to indices, cycles, defaults applied.
 //!
 //! `values` reads single values for `schema`, `container` the docker
-//! settings (`executor`, `pull`, `resources`, `network`); `duration` and
-//! `suggest` are small helpers.
+//! settings (`executor`, `pull`, `resources`, `network`), `delivery` the
+//! delivery keys of a stage, `triggers` the pipeline's `triggers:`;
+//! `duration` and `suggest` are small helpers.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -25,12 +26,16 @@ use std::time::Duration;
 pub use delivery::{
     Approval, Condition, Gate, MaxRegression, Monitor, MonitorSource, OnBreach, OnMissing, Op,
 };
+pub use triggers::{
+    DEFAULT_DATA_EVERY, DataTrigger, MAX_SCHEDULES, MIN_DATA_INTERVAL, PushTrigger, Triggers,
+};
 
 mod container;
 mod delivery;
 mod duration;
 mod schema;
 mod suggest;
+mod triggers;
 mod validate;
 mod values;
 mod yaml;
@@ -49,6 +54,22 @@ pub const DEFAULT_RETRIES: u32 = 1;
 /// requires it.
 pub const EXECUTOR_LABEL: &str = "executor";
 
+// Input limits. Each is far beyond what a real pipeline needs and keeps a
+// hostile or broken file (a generated one, a paste gone wrong) from costing
+// the coordinator, which parses every registered file, more than a moment.
+
+/// Largest pipeline file [`parse`] accepts, checked before any parsing.
+pub const MAX_FILE_BYTES: usize = 1024 * 1024;
+/// Most stages one pipeline may have.
+pub const MAX_STAGES: usize = 500;
+/// Most `commands` one stage may have.
+pub const MAX_COMMANDS: usize = 100;
+/// Longest single command, in bytes (a `|` block counts as one command).
+pub const MAX_COMMAND_BYTES: usize = 64 * 1024;
+/// Longest pipeline, stage or environment name; also the longest label name
+/// or value ([`crate::labels::MAX_LABEL_LEN`]) and secret name.
+pub const MAX_NAME_LEN: usize = 64;
+
 /// A validated pipeline.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Pipeline {
@@ -56,6 +77,8 @@ pub struct Pipeline {
     pub name: String,
     /// In file order; `Stage::needs` indexes into this list.
     pub stages: Vec<Stage>,
+    /// `triggers:` what starts runs besides `kiln run`.
+    pub triggers: Triggers,
 }
 
 /// One stage, with the pipeline's `defaults` already applied.
@@ -70,6 +93,11 @@ pub struct Stage {
     /// Extra environment variables for the commands; numbers and booleans
     /// are kept as the text the file spells them with.
     pub env: BTreeMap<String, String>,
+    /// `secrets: [NAME, ..]`: kiln secrets the stage receives as environment
+    /// variables of the same name, in file order. Each name passes
+    /// [`is_secret_name`], appears once, and is not also a key of `env`; a
+    /// gate has none.
+    pub secrets: Vec<String>,
     /// How long the stage may run before it is stopped and failed.
     pub timeout: Duration,
     /// Re-dispatches after a lost agent or an infrastructure failure.
@@ -148,6 +176,18 @@ pub struct SpecError {
     pub message: String,
 }
 
+/// A kiln secret's name: `[A-Z_][A-Z0-9_]*`, at most [`MAX_NAME_LEN`]
+/// characters. Secrets become environment variables of the same name, so the
+/// rule is a shell variable name's, in upper case.
+pub fn is_secret_name(text: &str) -> bool {
+    let mut chars = text.chars();
+    text.len() <= MAX_NAME_LEN
+        && chars
+            .next()
+            .is_some_and(|c| c.is_ascii_uppercase() || c == '_')
+        && chars.all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_')
+}
+
 impl Pipeline {
     /// Stage index by name.
     pub fn stage_idx(&self, name: &str) -> Option<usize> {
@@ -168,7 +208,8 @@ impl fmt::Display for Position {
 /// succeeded (a cycle check over stages with unknown `needs` would only add
 /// noise), so one precise error beats a list of knock-on ones.
 pub fn parse(file: &str, text: &str) -> Result<Pipeline, SpecError> {
-    let parsed = yaml::load(text)
+    let parsed = check_size(text)
+        .and_then(|()| yaml::load(text))
         .and_then(|document| schema::read(&document))
         .and_then(validate::pipeline);
     parsed.map_err(|problem| SpecError {
@@ -176,6 +217,21 @@ pub fn parse(file: &str, text: &str) -> Result<Pipeline, SpecError> {
         position: problem.position,
         message: problem.message,
     })
+}
+
+/// Refuses a file over [`MAX_FILE_BYTES`] before saphyr sees any of it.
+fn check_size(text: &str) -> Result<(), Problem> {
+    if text.len() <= MAX_FILE_BYTES {
+        return Ok(());
+    }
+    Err(Problem::new(
+        Position { line: 1, column: 1 },
+        format!(
+            "the file is {} bytes, more than the limit of {MAX_FILE_BYTES} bytes (1 MiB); \
+             a pipeline file holds stages, not data: move large content into the repository",
+            text.len()
+        ),
+    ))
 }
 
 /// An error before it is given the file name; every pass returns these.

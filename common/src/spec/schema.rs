@@ -13,14 +13,16 @@ use std::time::Duration;
 use super::container::{self, ContainerDraft};
 use super::delivery::{self, DeliveryDraft};
 use super::suggest::did_you_mean;
+use super::triggers::{self, Triggers};
 use super::values;
 use super::yaml::{Document, Node};
-use super::{EXECUTOR_LABEL, Position, Problem};
+use super::{EXECUTOR_LABEL, MAX_STAGES, Position, Problem};
 
 /// The file as read, before `needs` are resolved and defaults applied.
 pub(super) struct Draft {
     pub(super) name: String,
     pub(super) defaults: Defaults,
+    pub(super) triggers: Triggers,
     /// Never empty, in file order.
     pub(super) stages: Vec<StageDraft>,
 }
@@ -42,6 +44,8 @@ pub(super) struct StageDraft {
     pub(super) needs: Vec<Named>,
     pub(super) commands: Vec<String>,
     pub(super) env: BTreeMap<String, String>,
+    /// `secrets:` and where the list is, which a gate's error points at.
+    pub(super) secrets: Option<(Vec<String>, Position)>,
     pub(super) timeout: Option<Duration>,
     pub(super) retries: Option<u32>,
     pub(super) image: Option<String>,
@@ -88,6 +92,7 @@ pub(super) type Field<T> = (
 struct TopLevel {
     name: Option<String>,
     defaults: Defaults,
+    triggers: Triggers,
     stages: Option<Vec<StageDraft>>,
 }
 
@@ -96,6 +101,7 @@ struct TopLevel {
 const TOP_LEVEL_FIELDS: &[Field<TopLevel>] = &[
     ("pipeline", |top, v, path| set(&mut top.name, values::name(v, path).map(Some))),
     ("defaults", |top, v, path| read_defaults(&mut top.defaults, v, path)),
+    ("triggers", |top, v, path| set(&mut top.triggers, triggers::read(v, path))),
     ("stages", |top, v, path| set(&mut top.stages, read_stages(v, path).map(Some))),
 ];
 
@@ -114,6 +120,7 @@ const STAGE_FIELDS: &[Field<StageDraft>] = &[
     ("needs", |s, v, path| set(&mut s.needs, values::needs(v, path))),
     ("commands", |s, v, path| set(&mut s.commands, values::commands(v, path))),
     ("env", |s, v, path| set(&mut s.env, values::env(v, path))),
+    ("secrets", |s, v, path| set(&mut s.secrets, values::secrets(v, path).map(|names| Some((names, v.position()))))),
     ("timeout", |s, v, path| set(&mut s.timeout, values::timeout(v, path).map(Some))),
     ("retries", |s, v, path| set(&mut s.retries, values::retries(v, path).map(Some))),
     ("image", |s, v, path| set(&mut s.image, values::image(v, path).map(Some))),
@@ -181,6 +188,7 @@ pub(super) fn read(document: &Document<'_>) -> Result<Draft, Problem> {
     Ok(Draft {
         name,
         defaults: top.defaults,
+        triggers: top.triggers,
         stages,
     })
 }
@@ -214,6 +222,16 @@ fn read_stages(value: Node<'_>, path: &Path<'_>) -> Result<Vec<StageDraft>, Prob
             ),
         ));
     }
+    if let Some((extra, _)) = entries.get(MAX_STAGES) {
+        return Err(Problem::new(
+            extra.position(),
+            format!(
+                "the pipeline has {} stages, more than the limit of {MAX_STAGES}; split it into \
+                 several pipelines",
+                entries.len()
+            ),
+        ));
+    }
     entries
         .into_iter()
         .map(|(key, body)| read_stage(key, body))
@@ -228,6 +246,7 @@ fn read_stage(key: Node<'_>, body: Node<'_>) -> Result<StageDraft, Problem> {
         needs: Vec::new(),
         commands: Vec::new(),
         env: BTreeMap::new(),
+        secrets: None,
         timeout: None,
         retries: None,
         image: None,
@@ -245,6 +264,7 @@ fn read_stage(key: Node<'_>, body: Node<'_>) -> Result<StageDraft, Problem> {
         read_fields(&mut stage, body, STAGE_FIELDS, &what, &place)?;
     }
     require_executor_label(&mut stage)?;
+    check_secrets(&stage)?;
     check_delivery(&stage)?;
     if stage.commands.is_empty() && stage.delivery.gate.is_none() {
         return Err(Problem::new(
@@ -263,6 +283,25 @@ fn read_agent(stage: &mut StageDraft, value: Node<'_>, path: &Path<'_>) -> Resul
     read_fields(stage, value, AGENT_FIELDS, &path.to_string(), &place)
 }
 
+/// A secret arrives as the environment variable of its name, so `env` must
+/// not set that variable too: one of the two would silently win.
+fn check_secrets(stage: &StageDraft) -> Result<(), Problem> {
+    let Some((names, at)) = &stage.secrets else {
+        return Ok(());
+    };
+    match names.iter().find(|name| stage.env.contains_key(*name)) {
+        Some(name) => Err(Problem::new(
+            *at,
+            format!(
+                "stage `{}` sets `{name}` in `env` and also lists it in `secrets`; a secret \
+                 becomes the variable of its name, so remove one of the two",
+                stage.name
+            ),
+        )),
+        None => Ok(()),
+    }
+}
+
 /// A gate is evaluated by the coordinator: it runs nothing and makes
 /// nothing. A monitor watches an environment's release.
 fn check_delivery(stage: &StageDraft) -> Result<(), Problem> {
@@ -270,6 +309,7 @@ fn check_delivery(stage: &StageDraft) -> Result<(), Problem> {
     if let Some((_, at)) = &stage.delivery.gate {
         let extra = [
             (!stage.commands.is_empty(), "commands"),
+            (stage.secrets.is_some(), "secrets"),
             (!stage.artifacts.is_empty(), "artifacts"),
             (stage.delivery.metrics.is_some(), "metrics"),
             (stage.delivery.environment.is_some(), "environment"),

@@ -22,6 +22,7 @@ pub(super) fn pipeline(draft: Draft) -> Result<Pipeline, Problem> {
     Ok(Pipeline {
         name: draft.name,
         stages,
+        triggers: draft.triggers,
     })
 }
 
@@ -150,6 +151,7 @@ fn with_defaults(stage: StageDraft, needs: Vec<usize>, defaults: &Defaults) -> S
         needs,
         commands: stage.commands,
         env: stage.env,
+        secrets: stage.secrets.map(|(names, _)| names).unwrap_or_default(),
         timeout: stage
             .timeout
             .or(defaults.timeout)

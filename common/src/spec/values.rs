@@ -9,9 +9,8 @@ use saphyr::Scalar;
 
 use super::schema::{Named, Path, place_or_top_level};
 use super::yaml::Node;
-use super::{Problem, duration};
+use super::{MAX_COMMAND_BYTES, MAX_COMMANDS, MAX_NAME_LEN, Problem, duration};
 
-const MAX_NAME_LEN: usize = 64;
 const MAX_RETRIES: u32 = 10;
 const DURATION_HINT: &str = "use a number with a unit: 500ms, 30s, 15m, 2h";
 
@@ -80,9 +79,27 @@ pub(super) fn commands(value: Node<'_>, path: &Path<'_>) -> Result<Vec<String>, 
             format!("{path} is empty; list at least one command, like `commands: [make test]`"),
         ));
     }
+    if let Some(extra) = items.get(MAX_COMMANDS) {
+        return Err(Problem::new(
+            extra.position(),
+            format!(
+                "{path} has {} commands, more than the limit of {MAX_COMMANDS}; move them into a \
+                 script in the repository and run that",
+                items.len()
+            ),
+        ));
+    }
     items
         .into_iter()
         .map(|item| match item.string() {
+            Some(command) if command.len() > MAX_COMMAND_BYTES => Err(Problem::new(
+                item.position(),
+                format!(
+                    "a command in {path} is {} bytes, more than the limit of {MAX_COMMAND_BYTES} \
+                     bytes (64 KiB); move it into a script in the repository and run that",
+                    command.len()
+                ),
+            )),
             Some(command) if !command.trim().is_empty() => Ok(command.to_owned()),
             Some(_) => Err(empty_command(item, path)),
             None if item.is_null() => Err(empty_command(item, path)),
@@ -175,24 +192,23 @@ pub(super) fn labels(
                 "a mapping of label names to strings",
             ));
         };
-        // Agents declare labels as `--labels k=v,k=v`, trimmed; a label that
-        // cannot be written that way could never match any agent.
-        let untrimmed = |text: &str| text.trim() != text;
-        if key_text.is_empty() || key_text.contains(['=', ',']) || untrimmed(key_text) {
+        // Agents declare their labels under the same rule (`--labels`), so a
+        // label that breaks it could never match any agent.
+        if !crate::labels::is_key(key_text) {
             return Err(Problem::new(
                 key.position(),
                 format!(
-                    "label name `{key_text}` in {path} can never match an agent; use a non-empty \
-                     name without `=`, `,` or surrounding spaces"
+                    "bad label name `{key_text}` in {path}; use {}",
+                    crate::labels::KEY_RULE
                 ),
             ));
         }
-        if value_text.contains(',') || untrimmed(value_text) {
+        if !crate::labels::is_value(value_text) {
             return Err(Problem::new(
                 label_value.position(),
                 format!(
-                    "label value `{value_text}` in {path} can never match an agent; use a value \
-                     without `,` or surrounding spaces"
+                    "bad label value `{value_text}` in {path}; use {}",
+                    crate::labels::VALUE_RULE
                 ),
             ));
         }
@@ -302,6 +318,44 @@ fn is_env_name(text: &str) -> bool {
         .next()
         .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+/// What [`super::is_secret_name`] accepts, for messages.
+const SECRET_NAME_RULE: &str = "upper-case letters, digits and `_`, not starting with a digit, at \
+                                most 64 characters, like `HF_TOKEN`";
+
+/// `secrets: [NAME, ...]`: names of kiln secrets, each listed once.
+pub(super) fn secrets(value: Node<'_>, path: &Path<'_>) -> Result<Vec<String>, Problem> {
+    const EXPECTED: &str = "a list of secret names, like `secrets: [HF_TOKEN]`";
+    let items = value
+        .items()
+        .ok_or_else(|| wrong_type(value, path, EXPECTED))?;
+    let mut names: Vec<String> = Vec::with_capacity(items.len());
+    for item in items {
+        let name = secret_name(item, path)?;
+        if names.contains(&name) {
+            return Err(Problem::new(
+                item.position(),
+                format!("secret `{name}` is listed twice in {path}; list it once"),
+            ));
+        }
+        names.push(name);
+    }
+    Ok(names)
+}
+
+/// One secret's name, under the rule of [`super::is_secret_name`].
+pub(super) fn secret_name(value: Node<'_>, path: &Path<'_>) -> Result<String, Problem> {
+    let Some(text) = value.string() else {
+        return Err(wrong_type(value, path, "secret names, like `HF_TOKEN`"));
+    };
+    if !super::is_secret_name(text) {
+        return Err(Problem::new(
+            value.position(),
+            format!("bad secret name `{text}` in {path}; use {SECRET_NAME_RULE}"),
+        ));
+    }
+    Ok(text.to_owned())
 }
 
 /// `artifacts:` paths: workspace-relative, no `..`, each listed once.

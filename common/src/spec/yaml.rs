@@ -12,6 +12,10 @@
 //! - A depth limit. The parser's own `load` recurses once per nesting level,
 //!   so a line of ten thousand `- ` would overflow the stack; driving the
 //!   event iterator ourselves keeps the parser flat and lets us stop early.
+//!
+//! Aliases are expanded by copying the anchored node; [`MAX_ALIAS_NODES`]
+//! bounds the copies, so a "billion laughs" file fails after a bounded
+//! amount of work instead of filling memory.
 
 use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
@@ -24,6 +28,11 @@ use super::{Position, Problem};
 /// Far deeper than any pipeline file needs, and shallow enough that walking
 /// or dropping the tree recursively is safe.
 const MAX_DEPTH: usize = 64;
+
+/// How many nodes alias expansion may create in one file. saphyr's default,
+/// set here so the bound is ours: shared `env` or `agent` blocks reused by
+/// every stage of the largest allowed pipeline stay far below it.
+const MAX_ALIAS_NODES: usize = 100_000;
 
 /// A loaded file: its single document, if it has one, and its repeated keys.
 pub(super) struct Document<'i> {
@@ -48,6 +57,7 @@ pub(super) fn load(text: &str) -> Result<Document<'_>, Problem> {
     let mut loader = YamlLoader::<MarkedYaml>::default();
     loader.early_parse(false);
     loader.allow_duplicate_keys(true);
+    loader.alias_limit(MAX_ALIAS_NODES);
     let mut keys = KeyTracker::default();
     let mut n_documents = 0;
     for event in Parser::new_from_str(text) {

@@ -84,15 +84,15 @@ fn unknown_keys() {
           build: { commands: [make] }
         ",
         "kiln.yml:2:1: unknown key `stage` at the top level; expected one of: pipeline, \
-         defaults, stages (did you mean `stages`?)",
+         defaults, triggers, stages (did you mean `stages`?)",
     );
     check(
         "
         pipeline: demo
-        triggers: { push: { branches: [main] } }
+        trigger: { push: { branches: [main] } }
         ",
-        "kiln.yml:2:1: unknown key `triggers` at the top level; expected one of: pipeline, \
-         defaults, stages",
+        "kiln.yml:2:1: unknown key `trigger` at the top level; expected one of: pipeline, \
+         defaults, triggers, stages (did you mean `triggers`?)",
     );
     check(
         "
@@ -112,7 +112,7 @@ fn unknown_keys() {
             comands: [make]
         ",
         "kiln.yml:4:5: unknown key `comands` in stage `build`; expected one of: needs, \
-         commands, env, timeout, retries, image, agent, executor, pull, resources, network, \
+         commands, env, secrets, timeout, retries, image, agent, executor, pull, resources, network, \
          artifacts, metrics, environment, gate, monitor (did you mean `commands`?)",
     );
     check(
@@ -122,7 +122,7 @@ fn unknown_keys() {
           build: { commands: [make], Needs: [] }
         ",
         "kiln.yml:3:30: unknown key `Needs` in stage `build`; expected one of: needs, \
-         commands, env, timeout, retries, image, agent, executor, pull, resources, network, \
+         commands, env, secrets, timeout, retries, image, agent, executor, pull, resources, network, \
          artifacts, metrics, environment, gate, monitor (did you mean `needs`?)",
     );
     check(
@@ -357,8 +357,9 @@ fn names() {
             commands: [make]
             agent: { labels: { role: \"a,b\" } }
         ",
-        "kiln.yml:5:30: label value `a,b` in `labels` in `agent` of stage `deploy` can never \
-         match an agent; use a value without `,` or surrounding spaces",
+        "kiln.yml:5:30: bad label value `a,b` in `labels` in `agent` of stage `deploy`; use \
+         letters, digits, `.`, `_` and `-`, starting with a letter or digit, at most 64 \
+         characters",
     );
     check(
         "
@@ -368,8 +369,9 @@ fn names() {
             commands: [make]
             agent: { labels: { \"a=b\": c } }
         ",
-        "kiln.yml:5:24: label name `a=b` in `labels` in `agent` of stage `deploy` can never \
-         match an agent; use a non-empty name without `=`, `,` or surrounding spaces",
+        "kiln.yml:5:24: bad label name `a=b` in `labels` in `agent` of stage `deploy`; use \
+         lowercase letters, digits, `.`, `_` and `-`, starting with a letter or digit, at most \
+         64 characters",
     );
 }
 

@@ -8,8 +8,11 @@ mod artifacts;
 mod containers;
 mod delivery;
 mod errors;
+mod limits;
 mod pipelines;
 mod robustness;
+mod secrets;
+mod triggers;
 
 use super::*;
 

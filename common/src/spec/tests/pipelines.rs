@@ -278,3 +278,21 @@ fn design_example() {
     assert_eq!(deploy.commands, ["./deploy.sh production"]);
     assert!(pipeline.stages[0].agent_labels.is_empty());
 }
+
+#[test]
+fn the_examples_in_the_repository_parse() {
+    for (file, text) in [
+        (
+            "examples/hello/kiln.yml",
+            include_str!("../../../../examples/hello/kiln.yml"),
+        ),
+        (
+            "examples/customer-behavior/kiln.yml",
+            include_str!("../../../../examples/customer-behavior/kiln.yml"),
+        ),
+    ] {
+        if let Err(error) = super::parse(file, text) {
+            panic!("{error}");
+        }
+    }
+}

@@ -1,11 +1,15 @@
 //! `parse` must return, never panic or overflow the stack, whatever it is
 //! given, and its errors must point inside the file.
 
-use super::{FILE, parse, trim_indent};
+use super::{FILE, MAX_FILE_BYTES, parse, trim_indent};
 
 const EXAMPLE: &str = "
     pipeline: demo
     defaults: { image: 'python:3.12', timeout: 15m, retries: 2 }
+    triggers:
+      push: { branches: [main, 'rel/*'], secret: HOOK }
+      schedule: ['0 3 * * *', '*/5 1-2 L * MON#2']
+      data: { watch: /srv/raw, every: 1m, into: data/raw }
     stages:
       prepare:
         commands: [make data]
@@ -17,6 +21,7 @@ const EXAMPLE: &str = "
           - |
             echo done
         agent: { labels: { gpu: 'yes' } }
+        secrets: [HF_TOKEN]
         timeout: 1h30m
 ";
 
@@ -67,16 +72,27 @@ fn deep_nesting_is_an_error_not_a_stack_overflow() {
         "- ".repeat(100_000),
         "[".repeat(100_000),
         "{a: ".repeat(100_000),
-        (0..10_000)
+        // Indentation grows quadratically; 1,400 levels stay under the size limit.
+        (0..1_400)
             .map(|depth| format!("{}k:\n", " ".repeat(depth)))
             .collect(),
     ] {
+        assert!(text.len() <= MAX_FILE_BYTES);
         let error = parse(FILE, &text).expect_err("nesting this deep must fail");
         assert!(
             error.message.contains("levels deep") || error.message.starts_with("invalid yaml"),
             "{error}"
         );
     }
+}
+
+#[test]
+fn ten_thousand_levels_of_indentation_are_refused_by_size() {
+    let text: String = (0..10_000)
+        .map(|depth| format!("{}k:\n", " ".repeat(depth)))
+        .collect();
+    let error = parse(FILE, &text).expect_err("50 MB of indentation must fail");
+    assert!(error.message.contains("more than the limit"), "{error}");
 }
 
 #[test]

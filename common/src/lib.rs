@@ -8,9 +8,12 @@
 //! - [`ids`]: newtypes for run ids and stage keys.
 //! - [`labels`]: `k=v,k=v` agent labels and how stages select agents.
 //! - [`logging`]: tracing set-up for the binaries.
+//! - [`masking`]: secret values replaced by `***` in complete strings and in
+//!   output that arrives in chunks.
 
 pub mod archive;
 pub mod ids;
 pub mod labels;
 pub mod logging;
+pub mod masking;
 pub mod spec;

@@ -20,10 +20,15 @@ use tokio::sync::{mpsc, watch};
 use crate::stage::Report;
 use crate::stages::AttemptKey;
 
-/// Longest line kept; the rest of a longer line is dropped, and the line
-/// says how much (a stage that prints a megabyte without a newline must not
-/// flood the coordinator, and it keeps running).
+/// Longest line sent; a longer one loses its end and says how many bytes it
+/// lost (a stage that prints a megabyte without a newline must not flood
+/// the coordinator, and it keeps running). The coordinator cuts lines at the
+/// same length, so a cut line with its marker must fit in it.
 pub(crate) const MAX_LINE_BYTES: usize = 16 * 1024;
+
+/// Room left for [`truncation_marker`] at the end of a cut line; the longest
+/// marker (a `usize::MAX` count) is 59 bytes.
+pub(crate) const MARKER_ROOM: usize = 64;
 
 /// What a stage task tells the supervisor.
 #[derive(Debug)]
@@ -209,12 +214,12 @@ impl OutputLines {
 
 /// Cuts a byte stream into lines: `\n` ends a line (a `\r` before it is
 /// dropped), invalid UTF-8 becomes U+FFFD, and a line longer than
-/// [`MAX_LINE_BYTES`] is cut at a character boundary and ends with
-/// [`truncation_marker`].
+/// [`MAX_LINE_BYTES`] is cut at a character boundary, early enough for
+/// [`truncation_marker`] to fit.
 #[derive(Default)]
 pub(crate) struct LineSplitter {
     partial: Vec<u8>,
-    /// Bytes of the current line dropped beyond [`MAX_LINE_BYTES`].
+    /// Bytes cut off the current line.
     dropped: usize,
 }
 
@@ -240,7 +245,7 @@ impl LineSplitter {
         }
         self.partial.extend_from_slice(bytes);
         if self.partial.len() > MAX_LINE_BYTES {
-            let cut = char_boundary(&self.partial, MAX_LINE_BYTES);
+            let cut = char_boundary(&self.partial, MAX_LINE_BYTES - MARKER_ROOM);
             self.dropped = self.partial.len() - cut;
             self.partial.truncate(cut);
         }
@@ -256,7 +261,7 @@ impl LineSplitter {
     }
 }
 
-/// What ends a line cut at [`MAX_LINE_BYTES`].
+/// What ends a line that was too long.
 pub(crate) fn truncation_marker(dropped: usize) -> String {
     format!(" [kiln: line truncated, {dropped} bytes dropped]")
 }
@@ -371,19 +376,28 @@ mod tests {
     }
 
     #[test]
-    fn long_lines_are_cut_at_the_cap_on_a_char_boundary() {
-        let mut long = vec![b'x'; MAX_LINE_BYTES - 1];
-        long.extend_from_slice("é".as_bytes()); // straddles the cap
+    fn long_lines_are_cut_on_a_char_boundary_and_fit_with_their_marker() {
+        let kept = MAX_LINE_BYTES - MARKER_ROOM;
+        let mut long = vec![b'x'; kept - 1];
+        long.extend_from_slice("é".as_bytes()); // straddles the cut
         long.extend_from_slice(b"tail");
         // The rest of the line arrives later, in pieces.
         let lines = split(&[&long, &[b'z'; 100_000], b"zz\nnext\n"]);
-        let kept = "x".repeat(MAX_LINE_BYTES - 1);
         let dropped = 2 + 4 + 100_000 + 2;
-        assert_eq!(lines, [kept + &truncation_marker(dropped), "next".into()]);
+        let expected = "x".repeat(kept - 1) + &truncation_marker(dropped);
+        assert!(
+            lines[0] == expected,
+            "ends with {:?}",
+            &lines[0][kept - 10..]
+        );
+        assert_eq!(lines[1], "next");
+        assert_eq!(truncation_marker(usize::MAX).len(), 59);
+        assert!(lines[0].len() <= MAX_LINE_BYTES);
         let exact = vec![b'y'; MAX_LINE_BYTES];
         assert_eq!(split(&[&exact]), [String::from_utf8(exact).unwrap()]);
-        let unterminated = split(&[&vec![b'w'; MAX_LINE_BYTES + 5]]);
-        assert!(unterminated[0].ends_with(&truncation_marker(5)));
+        let unterminated = split(&[&vec![b'w'; MAX_LINE_BYTES + 1]]);
+        assert!(unterminated[0].ends_with(&truncation_marker(MARKER_ROOM + 1)));
+        assert!(unterminated[0].len() <= MAX_LINE_BYTES);
     }
 
     #[tokio::test]

@@ -4,9 +4,15 @@
 //!
 //! Sequence numbers are not assigned here but in the attempt's outbox, so
 //! lines from every source of one attempt share one numbering.
+//!
+//! **Secrets never leave through here**: the sink masks the attempt's
+//! secret values in command output while it is still a byte stream (before
+//! it is cut into lines, so a secret written in two parts is masked), in
+//! Kiln's own lines, and in the attempt's final message.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use kiln_common::masking::{MaskStream, Masker};
 use kiln_proto::v1::{LogLine, LogStream};
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::{mpsc, watch};
@@ -14,8 +20,15 @@ use tokio::sync::{mpsc, watch};
 use crate::stage::Report;
 use crate::stages::AttemptKey;
 
-/// Longest line kept as one; longer ones are split (nothing is lost).
-pub(crate) const MAX_LINE_BYTES: usize = 64 * 1024;
+/// Longest line sent; a longer one loses its end and says how many bytes it
+/// lost (a stage that prints a megabyte without a newline must not flood
+/// the coordinator, and it keeps running). The coordinator cuts lines at the
+/// same length, so a cut line with its marker must fit in it.
+pub(crate) const MAX_LINE_BYTES: usize = 16 * 1024;
+
+/// Room left for [`truncation_marker`] at the end of a cut line; the longest
+/// marker (a `usize::MAX` count) is 59 bytes.
+pub(crate) const MARKER_ROOM: usize = 64;
 
 /// What a stage task tells the supervisor.
 #[derive(Debug)]
@@ -45,6 +58,8 @@ pub(crate) struct LogSink {
     events: mpsc::Sender<StageEvent>,
     /// See `TaskSignals::paused`: command output waits while it is true.
     paused: watch::Receiver<bool>,
+    /// The attempt's secret values, masked in everything the sink hands over.
+    masker: Masker,
 }
 
 impl LogSink {
@@ -53,17 +68,26 @@ impl LogSink {
         task_id: u64,
         events: mpsc::Sender<StageEvent>,
         paused: watch::Receiver<bool>,
+        masker: Masker,
     ) -> Self {
         LogSink {
             key,
             task_id,
             events,
             paused,
+            masker,
         }
     }
 
+    /// A masker for one output stream of the commands; what it emits goes
+    /// to [`LogSink::line`].
+    pub(crate) fn mask_stream(&self) -> MaskStream {
+        self.masker.stream()
+    }
+
     /// Hands over a line of command output, first waiting while the
-    /// attempt's unacknowledged lines are at their limit.
+    /// attempt's unacknowledged lines are at their limit. The line must have
+    /// come through a [`LogSink::mask_stream`].
     pub(crate) async fn line(&mut self, stream: LogStream, text: String) -> Result<(), SinkClosed> {
         // `wait_for` only notices a dropped sender while it has to wait.
         if self.paused.has_changed().is_err() {
@@ -79,11 +103,19 @@ impl LogSink {
     /// Hands over a line written by Kiln itself. It never waits for acks:
     /// such lines are few, and they often announce a stop that must not wait.
     pub(crate) async fn system(&self, text: impl Into<String>) {
-        let _ = self.send(LogStream::System, text.into()).await;
+        let text = text.into();
+        let text = match self.masker.mask(&text) {
+            std::borrow::Cow::Borrowed(_) => text,
+            std::borrow::Cow::Owned(masked) => masked,
+        };
+        let _ = self.send(LogStream::System, text).await;
     }
 
     /// Reports the attempt's end, after every line handed over before.
-    pub(crate) async fn done(self, report: Report) {
+    pub(crate) async fn done(self, mut report: Report) {
+        if let std::borrow::Cow::Owned(masked) = self.masker.mask(&report.message) {
+            report.message = masked;
+        }
         let event = StageEvent::Done {
             key: self.key,
             task_id: self.task_id,
@@ -114,15 +146,15 @@ fn now_ms() -> u64 {
     since_epoch.as_millis() as u64
 }
 
-/// Reads `reader` to its end and hands every line to `sink`. Stops early when
-/// the sink closes; a read error ends the stream like EOF (the process's exit
-/// status says what happened).
+/// Reads `reader` to its end and hands every line to `sink`, masked. Stops
+/// early when the sink closes; a read error ends the stream like EOF (the
+/// process's exit status says what happened).
 pub(crate) async fn forward_lines(
     mut reader: impl AsyncRead + Unpin,
     stream: LogStream,
     mut sink: LogSink,
 ) {
-    let mut splitter = LineSplitter::default();
+    let mut output = OutputLines::new(&sink);
     let mut buf = vec![0u8; 16 * 1024];
     let mut lines = Vec::new();
     loop {
@@ -130,49 +162,108 @@ pub(crate) async fn forward_lines(
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
-        splitter.feed(&buf[..n], &mut lines);
+        output.feed(&buf[..n], &mut lines);
         for line in lines.drain(..) {
             if sink.line(stream, line).await.is_err() {
                 return;
             }
         }
     }
-    if let Some(line) = splitter.finish() {
-        let _ = sink.line(stream, line).await;
+    for line in output.finish() {
+        if sink.line(stream, line).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// One output stream of the commands on its way to lines: masked first,
+/// then cut.
+pub(crate) struct OutputLines {
+    masking: MaskStream,
+    splitter: LineSplitter,
+    /// Reused for the masked bytes of each chunk.
+    masked: Vec<u8>,
+}
+
+impl OutputLines {
+    pub(crate) fn new(sink: &LogSink) -> Self {
+        OutputLines {
+            masking: sink.mask_stream(),
+            splitter: LineSplitter::default(),
+            masked: Vec::new(),
+        }
+    }
+
+    /// Appends the lines `bytes` completes to `out`.
+    pub(crate) fn feed(&mut self, bytes: &[u8], out: &mut Vec<String>) {
+        self.masked.clear();
+        self.masking.push(bytes, &mut self.masked);
+        self.splitter.feed(&self.masked, out);
+    }
+
+    /// The lines that the held-back bytes and the unterminated tail make.
+    pub(crate) fn finish(mut self) -> Vec<String> {
+        let mut out = Vec::new();
+        self.masked.clear();
+        self.masking.finish(&mut self.masked);
+        self.splitter.feed(&self.masked, &mut out);
+        out.extend(self.splitter.finish());
+        out
     }
 }
 
 /// Cuts a byte stream into lines: `\n` ends a line (a `\r` before it is
 /// dropped), invalid UTF-8 becomes U+FFFD, and a line longer than
-/// [`MAX_LINE_BYTES`] is split at a character boundary.
+/// [`MAX_LINE_BYTES`] is cut at a character boundary, early enough for
+/// [`truncation_marker`] to fit.
 #[derive(Default)]
 pub(crate) struct LineSplitter {
     partial: Vec<u8>,
+    /// Bytes cut off the current line.
+    dropped: usize,
 }
 
 impl LineSplitter {
     pub(crate) fn feed(&mut self, mut bytes: &[u8], out: &mut Vec<String>) {
         while let Some(newline) = bytes.iter().position(|&b| b == b'\n') {
-            self.extend(&bytes[..newline], out);
-            out.push(decode(std::mem::take(&mut self.partial)));
+            self.extend(&bytes[..newline]);
+            out.push(self.take_line());
             bytes = &bytes[newline + 1..];
         }
-        self.extend(bytes, out);
+        self.extend(bytes);
     }
 
     /// The unterminated last line, if any.
-    pub(crate) fn finish(self) -> Option<String> {
-        (!self.partial.is_empty()).then(|| decode(self.partial))
+    pub(crate) fn finish(mut self) -> Option<String> {
+        (!self.partial.is_empty()).then(|| self.take_line())
     }
 
-    fn extend(&mut self, bytes: &[u8], out: &mut Vec<String>) {
+    fn extend(&mut self, bytes: &[u8]) {
+        if self.dropped > 0 {
+            self.dropped += bytes.len();
+            return;
+        }
         self.partial.extend_from_slice(bytes);
-        while self.partial.len() > MAX_LINE_BYTES {
-            let cut = char_boundary(&self.partial, MAX_LINE_BYTES);
-            let rest = self.partial.split_off(cut);
-            out.push(decode(std::mem::replace(&mut self.partial, rest)));
+        if self.partial.len() > MAX_LINE_BYTES {
+            let cut = char_boundary(&self.partial, MAX_LINE_BYTES - MARKER_ROOM);
+            self.dropped = self.partial.len() - cut;
+            self.partial.truncate(cut);
         }
     }
+
+    fn take_line(&mut self) -> String {
+        let mut line = decode(std::mem::take(&mut self.partial));
+        if self.dropped > 0 {
+            line.push_str(&truncation_marker(self.dropped));
+            self.dropped = 0;
+        }
+        line
+    }
+}
+
+/// What ends a line that was too long.
+pub(crate) fn truncation_marker(dropped: usize) -> String {
+    format!(" [kiln: line truncated, {dropped} bytes dropped]")
 }
 
 /// The largest index `<= at` (looking back at most 3 bytes) that does not
@@ -204,9 +295,16 @@ pub(crate) mod testing {
         events: mpsc::Receiver<StageEvent>,
         /// Kept so the sink never looks closed.
         _paused: watch::Sender<bool>,
+        /// The report of the `Done` event, once [`Capture::lines`] saw it.
+        pub(crate) report: Option<Report>,
     }
 
     pub(crate) fn sink() -> (LogSink, Capture) {
+        sink_with(Masker::default())
+    }
+
+    /// A sink that masks what `masker` masks, as the supervisor builds it.
+    pub(crate) fn sink_with(masker: Masker) -> (LogSink, Capture) {
         let (events_tx, events) = mpsc::channel(4096);
         let (paused, paused_rx) = watch::channel(false);
         let key = AttemptKey {
@@ -214,10 +312,11 @@ pub(crate) mod testing {
             stage_idx: 0,
             attempt: 1,
         };
-        let sink = LogSink::new(key, 1, events_tx, paused_rx);
+        let sink = LogSink::new(key, 1, events_tx, paused_rx, masker);
         let capture = Capture {
             events,
             _paused: paused,
+            report: None,
         };
         (sink, capture)
     }
@@ -237,9 +336,13 @@ pub(crate) mod testing {
         pub(crate) fn lines(&mut self) -> Vec<String> {
             let mut lines = Vec::new();
             while let Ok(event) = self.events.try_recv() {
-                if let StageEvent::Line { line, .. } = event {
-                    let stream = LogStream::try_from(line.stream).unwrap_or(LogStream::Unspecified);
-                    lines.push(format!("{}: {}", stream.as_str_name(), line.text));
+                match event {
+                    StageEvent::Line { line, .. } => {
+                        let stream =
+                            LogStream::try_from(line.stream).unwrap_or(LogStream::Unspecified);
+                        lines.push(format!("{}: {}", stream.as_str_name(), line.text));
+                    }
+                    StageEvent::Done { report, .. } => self.report = Some(report),
                 }
             }
             lines
@@ -273,15 +376,58 @@ mod tests {
     }
 
     #[test]
-    fn long_lines_are_split_at_the_cap_on_a_char_boundary() {
-        let mut long = vec![b'x'; MAX_LINE_BYTES - 1];
-        long.extend_from_slice("é".as_bytes()); // straddles the cap
-        long.extend_from_slice(b"tail\n");
-        let lines = split(&[&long]);
-        assert_eq!(lines.len(), 2);
-        assert_eq!(lines[0].len(), MAX_LINE_BYTES - 1);
-        assert_eq!(lines[1], "étail");
-        assert_eq!(split(&[&vec![b'y'; MAX_LINE_BYTES]]).len(), 1);
+    fn long_lines_are_cut_on_a_char_boundary_and_fit_with_their_marker() {
+        let kept = MAX_LINE_BYTES - MARKER_ROOM;
+        let mut long = vec![b'x'; kept - 1];
+        long.extend_from_slice("é".as_bytes()); // straddles the cut
+        long.extend_from_slice(b"tail");
+        // The rest of the line arrives later, in pieces.
+        let lines = split(&[&long, &[b'z'; 100_000], b"zz\nnext\n"]);
+        let dropped = 2 + 4 + 100_000 + 2;
+        let expected = "x".repeat(kept - 1) + &truncation_marker(dropped);
+        assert!(
+            lines[0] == expected,
+            "ends with {:?}",
+            &lines[0][kept - 10..]
+        );
+        assert_eq!(lines[1], "next");
+        assert_eq!(truncation_marker(usize::MAX).len(), 59);
+        assert!(lines[0].len() <= MAX_LINE_BYTES);
+        let exact = vec![b'y'; MAX_LINE_BYTES];
+        assert_eq!(split(&[&exact]), [String::from_utf8(exact).unwrap()]);
+        let unterminated = split(&[&vec![b'w'; MAX_LINE_BYTES + 1]]);
+        assert!(unterminated[0].ends_with(&truncation_marker(MARKER_ROOM + 1)));
+        assert!(unterminated[0].len() <= MAX_LINE_BYTES);
+    }
+
+    #[tokio::test]
+    async fn secrets_are_masked_across_reads_and_in_kiln_lines() {
+        let (sink, mut capture) = testing::sink_with(Masker::new(["hunter2secret"]));
+        let (mut writer, reader) = tokio::io::duplex(64);
+        let forwarding = tokio::spawn(forward_lines(reader, LogStream::Stdout, sink.clone()));
+        for part in ["pw=hunter", "2secret ok\nhunter2sec", "ret"] {
+            tokio::io::AsyncWriteExt::write_all(&mut writer, part.as_bytes())
+                .await
+                .unwrap();
+            tokio::task::yield_now().await;
+        }
+        drop(writer);
+        forwarding.await.unwrap();
+        sink.system("cannot use hunter2secret").await;
+        let report = Report {
+            message: "failed: hunter2secret".into(),
+            ..Report::from_exit(crate::executor::Exit::Code(1))
+        };
+        sink.done(report).await;
+        assert_eq!(
+            capture.lines(),
+            [
+                "LOG_STREAM_STDOUT: pw=*** ok",
+                "LOG_STREAM_STDOUT: ***",
+                "LOG_STREAM_SYSTEM: cannot use ***"
+            ]
+        );
+        assert_eq!(capture.report.unwrap().message, "failed: ***");
     }
 
     #[tokio::test]

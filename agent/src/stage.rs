@@ -188,13 +188,15 @@ impl StageRunner {
         };
         let (output_paths, outputs_always) = (assign.output_paths.clone(), assign.outputs_always);
         let cwd = dir.clone();
+        let (env, secrets) = stage_env(&assign);
         let job = Job {
             key,
             name: key.dir_name(),
             workspace: self.workspaces.attempt_dir(key),
             dir,
             scratch: self.workspaces.scratch_dir().to_owned(),
-            env: stage_env(&assign),
+            env,
+            secrets,
             timeout: (assign.timeout_ms > 0).then(|| Duration::from_millis(assign.timeout_ms)),
             stage_name: assign.stage_name,
             commands: assign.commands,
@@ -340,27 +342,42 @@ impl StageRunner {
     }
 }
 
-/// The pipeline's variables, then Kiln's, which win.
-fn stage_env(assign: &Assign) -> BTreeMap<String, String> {
+/// The stage's variables and, apart, its secrets. A secret replaces a
+/// pipeline variable of the same name (the stage asked for it); Kiln's own
+/// variables replace both, so no name is in both maps.
+fn stage_env(assign: &Assign) -> (BTreeMap<String, String>, BTreeMap<String, String>) {
     let stage = assign.stage.unwrap_or_default();
-    let mut env: BTreeMap<String, String> = assign.env.clone().into_iter().collect();
-    env.extend([
+    let kiln = [
         ("KILN_RUN_ID".to_owned(), stage.run_id.to_string()),
         ("KILN_STAGE".to_owned(), assign.stage_name.clone()),
         ("KILN_ATTEMPT".to_owned(), stage.attempt.to_string()),
         ("KILN_PIPELINE".to_owned(), assign.pipeline.clone()),
         ("CI".to_owned(), "true".to_owned()),
-    ]);
-    env
+    ];
+    let secrets: BTreeMap<String, String> = assign
+        .secrets
+        .iter()
+        .filter(|(name, _)| !kiln.iter().any(|(kiln_name, _)| kiln_name == *name))
+        .map(|(name, value)| (name.clone(), value.clone()))
+        .collect();
+    let mut env: BTreeMap<String, String> = assign
+        .env
+        .iter()
+        .filter(|(name, _)| !secrets.contains_key(*name))
+        .map(|(name, value)| (name.clone(), value.clone()))
+        .collect();
+    env.extend(kiln);
+    (env, secrets)
 }
 
 #[cfg(test)]
 mod tests {
+    use kiln_common::masking::{MASK, Masker};
     use kiln_proto::v1::{Source, StageRef};
 
     use super::*;
     use crate::executor::process::ProcessExecutor;
-    use crate::logs::testing;
+    use crate::logs::{MARKER_ROOM, MAX_LINE_BYTES, testing, truncation_marker};
 
     #[test]
     fn exits_map_to_outcomes() {
@@ -498,6 +515,109 @@ mod tests {
             lines.last().unwrap().contains("git clone failed"),
             "{lines:?}"
         );
+    }
+
+    const TOKEN: &str = "hunter2secret";
+    const KEY: &str =
+        "-----BEGIN TEST KEY-----\nMIIEline1abc\nMIIEline2def\n-----END TEST KEY-----\n";
+
+    fn assign_with_secrets(commands: &[&str], source: Source) -> Assign {
+        Assign {
+            secrets: [
+                ("TOKEN".to_owned(), TOKEN.to_owned()),
+                ("KEY".to_owned(), KEY.to_owned()),
+                // A secret cannot replace Kiln's variables.
+                ("KILN_STAGE".to_owned(), "not-the-stage".to_owned()),
+            ]
+            .into(),
+            env: [("TOKEN".to_owned(), "the pipeline's".to_owned())].into(),
+            ..assign(commands, source)
+        }
+    }
+
+    /// Lines that show a secret's value, or a line of one.
+    fn leaks(lines: &[String]) -> Vec<&String> {
+        let needles = ["hunter", "2secret", "MIIEline", "not-the-stage"];
+        lines
+            .iter()
+            .filter(|line| needles.iter().any(|n| line.contains(n)))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn secrets_are_variables_and_masked_in_every_stream() {
+        let work_dir = tempfile::tempdir().unwrap();
+        let runner = runner(work_dir.path()).await;
+        let commands = [
+            r#"[ "$TOKEN" = hunter2secret ] && [ "$KILN_STAGE" = train ] && echo variables ok"#,
+            // Written in two parts, with time for the first to be read alone.
+            "printf 'hunter'; sleep 0.2; printf '2secret\\n'",
+            r#"echo "to stderr: $TOKEN" >&2"#,
+            r#"printf 'prefix %s suffix\n' "$KEY""#,
+            "printf 'MIIEline1'; sleep 0.2; printf 'abc and more\\n'",
+            "head -c 20000 /dev/zero | tr '\\0' x; echo \"$TOKEN\"",
+            "echo still running",
+        ];
+        let assign = assign_with_secrets(&commands, Source::default());
+        let (sink, mut capture) = testing::sink_with(Masker::new(assign.secrets.values()));
+        let (_stop_tx, stop) = StopSignal::new_pair();
+        let report = runner.run(assign, &sink, stop).await;
+        assert_eq!(report.outcome, Outcome::Succeeded, "{report:?}");
+        // Stdout and stderr are read apart; only each one's order is fixed.
+        let mut lines = capture.lines();
+        assert!(leaks(&lines).is_empty(), "{:?}", leaks(&lines));
+        let long = lines.iter().position(|l| l.contains("truncated")).unwrap();
+        let kept = MAX_LINE_BYTES - MARKER_ROOM;
+        let dropped = 20_000 + MASK.len() - kept;
+        let expected_long = "x".repeat(kept) + &truncation_marker(dropped);
+        assert!(expected_long.len() <= MAX_LINE_BYTES);
+        assert!(
+            lines[long] == format!("LOG_STREAM_STDOUT: {expected_long}"),
+            "the long line ends with {:?}",
+            &lines[long][lines[long].len() - 60..]
+        );
+        lines[long] = "LOG_STREAM_STDOUT: (the long line)".into();
+        let stderr = lines.iter().position(|l| l.contains("STDERR")).unwrap();
+        assert_eq!(lines.remove(stderr), "LOG_STREAM_STDERR: to stderr: ***");
+        assert_eq!(
+            lines,
+            [
+                "LOG_STREAM_STDOUT: variables ok",
+                "LOG_STREAM_STDOUT: ***",
+                "LOG_STREAM_STDOUT: prefix ***",
+                "LOG_STREAM_STDOUT:  suffix",
+                "LOG_STREAM_STDOUT: *** and more",
+                "LOG_STREAM_STDOUT: (the long line)",
+                "LOG_STREAM_STDOUT: still running",
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn secrets_are_masked_in_error_messages() {
+        let work_dir = tempfile::tempdir().unwrap();
+        let runner = runner(work_dir.path()).await;
+        let source = Source {
+            repo: work_dir.path().join(TOKEN).display().to_string(),
+            commit: "abc123".into(),
+            ..Source::default()
+        };
+        let assign = assign_with_secrets(&["true"], source);
+        let (sink, mut capture) = testing::sink_with(Masker::new(assign.secrets.values()));
+        let (_stop_tx, stop) = StopSignal::new_pair();
+        let report = runner.run(assign, &sink, stop).await;
+        sink.done(report).await;
+        let lines = capture.lines();
+        let report = capture.report.take().unwrap();
+        assert_eq!(report.outcome, Outcome::InfraError);
+        assert!(
+            report.message.contains("git clone failed for "),
+            "{}",
+            report.message
+        );
+        assert!(report.message.contains("***"), "{}", report.message);
+        assert!(!report.message.contains(TOKEN), "{}", report.message);
+        assert!(leaks(&lines).is_empty(), "{:?}", leaks(&lines));
     }
 
     #[tokio::test]

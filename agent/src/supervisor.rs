@@ -12,6 +12,7 @@ use std::pin::pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use kiln_common::masking::Masker;
 use kiln_proto::v1::agent_message::Msg;
 use kiln_proto::v1::artifact_service_client::ArtifactServiceClient;
 use kiln_proto::v1::coordinator_message::Msg as CoordinatorMsg;
@@ -344,7 +345,8 @@ impl Supervisor {
             name = %assign.stage_name,
             "starting stage"
         );
-        let sink = LogSink::new(key, task_id, self.events_tx.clone(), signals.paused);
+        let masker = Masker::new(assign.secrets.values());
+        let sink = LogSink::new(key, task_id, self.events_tx.clone(), signals.paused, masker);
         let runner = self.runner.clone();
         let handle = self.tasks.spawn(async move {
             let report = runner.run(assign, &sink, signals.stop).await;

@@ -244,6 +244,31 @@ async fn runs_an_assigned_stage_and_reports_it() {
 }
 
 #[tokio::test]
+async fn secrets_reach_the_commands_but_not_the_coordinator() {
+    let mut harness = Harness::start(1, Duration::from_secs(5)).await;
+    let mut conn = harness.accept(vec![]).await;
+    let CoordinatorMsg::Assign(mut stage_assign) = assign(
+        0,
+        &[
+            r#"echo "token: $API_TOKEN""#,
+            "{ printf 'hunter'; sleep 0.2; printf '2secret\\n'; } >&2",
+            r#"test "$API_TOKEN" = hunter2secret && echo set"#,
+        ],
+    ) else {
+        unreachable!()
+    };
+    stage_assign.secrets = [("API_TOKEN".to_owned(), "hunter2secret".to_owned())].into();
+    conn.send(CoordinatorMsg::Assign(stage_assign)).await;
+    assert!(matches!(conn.recv().await, Msg::Started(_)));
+    let (mut texts, finished) = conn.logs_until_finished(0).await;
+    texts.sort();
+    assert_eq!(texts, ["***", "set", "token: ***"]);
+    assert_eq!(finished.outcome, Outcome::Succeeded as i32);
+    conn.send(ack(0, finished.log_lines, true)).await;
+    harness.stop(&mut conn).await;
+}
+
+#[tokio::test]
 async fn many_lines_arrive_in_order() {
     let mut harness = Harness::start(1, Duration::from_secs(5)).await;
     let mut conn = harness.accept(vec![]).await;

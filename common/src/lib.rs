@@ -12,11 +12,14 @@
 //! - [`logging`]: tracing set-up for the binaries.
 //! - [`triggers`]: pure rules for push webhooks, cron schedules and watched
 //!   data directories: when an outside event starts a run.
+//! - [`masking`]: secret values replaced by `***` in complete strings and in
+//!   output that arrives in chunks.
 
 pub mod archive;
 pub mod ids;
 pub mod labels;
 pub mod logging;
+pub mod masking;
 pub mod provenance;
 pub mod spec;
 pub mod triggers;

@@ -39,6 +39,10 @@ pub(crate) struct Job {
     /// The pipeline's variables plus Kiln's (`KILN_RUN_ID`, `CI`, ...); the
     /// executor adds only what its host needs, such as `PATH`.
     pub(crate) env: BTreeMap<String, String>,
+    /// The stage's secrets, also set as variables; no name is in `env`.
+    /// Executors never log them or put them in a message: the values reach
+    /// only the commands.
+    pub(crate) secrets: BTreeMap<String, String>,
     /// `None` runs without a limit.
     pub(crate) timeout: Option<Duration>,
     /// The container image (pipeline default applied); "" when none is set.

@@ -73,6 +73,7 @@ impl ProcessExecutor {
             .env_clear()
             .envs(self.inherited_env.iter().map(|(k, v)| (k, v)))
             .envs(&job.env)
+            .envs(&job.secrets)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -256,6 +257,7 @@ mod tests {
                 scratch: self.scratch.path().to_owned(),
                 commands: commands.iter().map(|c| c.to_string()).collect(),
                 env: BTreeMap::new(),
+                secrets: BTreeMap::new(),
                 timeout,
                 image: String::new(),
                 docker: Default::default(),

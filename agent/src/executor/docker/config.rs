@@ -83,7 +83,13 @@ pub(super) fn container_body(
             "sh".into(),
         ]),
         cmd: Some(Vec::new()),
-        env: Some(job.env.iter().map(|(k, v)| format!("{k}={v}")).collect()),
+        env: Some(
+            job.env
+                .iter()
+                .chain(&job.secrets)
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect(),
+        ),
         working_dir: Some(working_dir.display().to_string()),
         user: host.user.clone(),
         labels: Some(labels),
@@ -169,6 +175,7 @@ mod tests {
             scratch: "/work/ws".into(),
             commands: vec!["true".into()],
             env: BTreeMap::from([("KILN_RUN_ID".to_owned(), "7".to_owned())]),
+            secrets: BTreeMap::from([("API_TOKEN".to_owned(), "hunter2secret".to_owned())]),
             timeout: None,
             image: "kiln/test-busybox:1".into(),
             docker: options,
@@ -235,8 +242,18 @@ mod tests {
         );
         assert_eq!(body.working_dir.as_deref(), Some("/workspace/ml"));
         assert_eq!(body.image.as_deref(), Some("sha256:x"));
-        assert_eq!(body.env, Some(vec!["KILN_RUN_ID=7".to_owned()]));
+        assert_eq!(
+            body.env,
+            Some(vec![
+                "KILN_RUN_ID=7".to_owned(),
+                "API_TOKEN=hunter2secret".to_owned()
+            ])
+        );
         let labels = body.labels.unwrap();
+        assert!(
+            !format!("{labels:?}{:?}", body.entrypoint).contains("hunter2secret"),
+            "secrets reach the container only as variables"
+        );
         assert_eq!(labels["kiln.agent"], "a");
         assert_eq!(labels["kiln.run"], "7");
         assert_eq!(labels["kiln.stage"], "train");

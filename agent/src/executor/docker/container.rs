@@ -10,7 +10,7 @@ use kiln_proto::v1::LogStream;
 use tracing::warn;
 
 use crate::error::Error;
-use crate::logs::{LineSplitter, LogSink};
+use crate::logs::{LogSink, OutputLines};
 
 /// A created container, removed when dropped unless [`Container::remove`]
 /// already did: even an abandoned attempt leaves no container behind.
@@ -86,33 +86,35 @@ pub(super) async fn wait_for_exit(docker: &Docker, name: &str) -> Result<i64, Er
     }
 }
 
-/// Splits the attached stdout and stderr into lines, in the order the engine
-/// sends them, and hands them to `sink`.
+/// Masks the attached stdout and stderr and splits them into lines, in the
+/// order the engine sends them, and hands them to `sink`.
 pub(super) async fn forward_output(
     mut output: impl Stream<Item = Result<LogOutput, BollardError>> + Unpin,
     mut sink: LogSink,
 ) {
-    let mut stdout = LineSplitter::default();
-    let mut stderr = LineSplitter::default();
+    let mut stdout = OutputLines::new(&sink);
+    let mut stderr = OutputLines::new(&sink);
     let mut lines = Vec::new();
     while let Some(Ok(chunk)) = output.next().await {
-        let (stream, splitter, bytes) = match chunk {
+        let (stream, output_lines, bytes) = match chunk {
             LogOutput::StdOut { message } => (LogStream::Stdout, &mut stdout, message),
             LogOutput::StdErr { message } => (LogStream::Stderr, &mut stderr, message),
             // Without a tty there is no console output, and stdin is closed.
             LogOutput::Console { message } => (LogStream::Stdout, &mut stdout, message),
             LogOutput::StdIn { .. } => continue,
         };
-        splitter.feed(&bytes, &mut lines);
+        output_lines.feed(&bytes, &mut lines);
         for line in lines.drain(..) {
             if sink.line(stream, line).await.is_err() {
                 return;
             }
         }
     }
-    for (stream, splitter) in [(LogStream::Stdout, stdout), (LogStream::Stderr, stderr)] {
-        if let Some(line) = splitter.finish() {
-            let _ = sink.line(stream, line).await;
+    for (stream, output_lines) in [(LogStream::Stdout, stdout), (LogStream::Stderr, stderr)] {
+        for line in output_lines.finish() {
+            if sink.line(stream, line).await.is_err() {
+                return;
+            }
         }
     }
 }

@@ -110,6 +110,39 @@ impl BlobStore {
             .join(format!("{}-{n}", std::process::id()))
     }
 
+    /// Stores what `produce` writes (blocking; the coordinator's own blobs,
+    /// like dataset snapshots), hashed in the same pass, and returns it.
+    pub(crate) fn store_with(
+        &self,
+        produce: impl FnOnce(&mut dyn std::io::Write) -> io::Result<()>,
+    ) -> io::Result<kiln_common::archive::BlobInfo> {
+        use std::io::Write;
+        let tmp = self.tmp_path();
+        let result = (|| {
+            let file = std::fs::File::create(&tmp)?;
+            let mut writer = kiln_common::archive::HashingWriter::new(io::BufWriter::new(file));
+            produce(&mut writer)?;
+            writer.flush()?;
+            let (buffered, info) = writer.finish();
+            buffered
+                .into_inner()
+                .map_err(|e| e.into_error())?
+                .sync_all()?;
+            let target = self.path(&info.digest);
+            if target.exists() {
+                touch(&target)?;
+                return Ok(info);
+            }
+            let dir = target.parent().expect("blob paths have a parent");
+            std::fs::create_dir_all(dir)?;
+            std::fs::rename(&tmp, &target)?;
+            std::fs::File::open(dir)?.sync_all()?;
+            Ok(info)
+        })();
+        let _ = std::fs::remove_file(&tmp);
+        result
+    }
+
     /// The stored size, touching the blob as used.
     pub(crate) fn stat(&self, digest: &BlobDigest) -> Option<u64> {
         let path = self.path(digest);

@@ -35,11 +35,16 @@ pub(crate) fn collect(
             continue;
         }
         keep.extend(run.source_digest.clone());
+        keep.extend(run.datasets.iter().map(|dataset| dataset.digest.clone()));
         for stage in store.stages(run.id).map_err(internal)? {
             keep.extend(stage.outputs.into_iter().map(|output| output.digest));
         }
     }
     for release in store.releases().map_err(internal)? {
+        // A release's dataset is part of its lineage: kept like its model.
+        if let Some(run) = store.run(release.run).map_err(internal)? {
+            keep.extend(run.datasets.into_iter().map(|dataset| dataset.digest));
+        }
         keep.extend(release.source_digest);
         keep.extend(release.artifacts.into_iter().map(|a| a.artifact.digest));
     }

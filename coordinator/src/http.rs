@@ -1,17 +1,20 @@
-//! The HTTP listener: `/healthz` for load balancers and `/metrics` for
-//! Prometheus.
+//! The HTTP listener: `/healthz` for load balancers, `/metrics` for
+//! Prometheus and `/hooks/{pipeline}` for git servers' push webhooks.
 
 use std::sync::Arc;
 
 use axum::Router;
-use axum::routing::get;
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post};
 use tokio::sync::watch;
 
 use crate::metrics::Metrics;
+use crate::triggers::webhook::{self, Hooks};
 
 pub(crate) async fn serve(
     listener: tokio::net::TcpListener,
     metrics: Arc<Metrics>,
+    hooks: Hooks,
     mut stop: watch::Receiver<bool>,
 ) {
     let app = Router::new()
@@ -22,6 +25,12 @@ pub(crate) async fn serve(
                 let body = metrics.render();
                 async move { ([("content-type", "text/plain; version=0.0.4")], body) }
             }),
+        )
+        .route(
+            "/hooks/{pipeline}",
+            post(webhook::push)
+                .with_state(hooks)
+                .layer(DefaultBodyLimit::max(webhook::MAX_BODY_BYTES)),
         );
     let result = axum::serve(listener, app)
         .with_graceful_shutdown(async move {

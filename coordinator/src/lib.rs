@@ -31,6 +31,7 @@ mod metrics;
 mod provenance;
 mod secrets;
 mod store;
+mod triggers;
 mod views;
 
 use std::path::PathBuf;
@@ -177,6 +178,14 @@ pub async fn run(
         signer_rx,
         stop_rx.clone(),
     ));
+    let watcher = tokio::spawn(triggers::run_watcher(
+        store.clone(),
+        blobs.clone(),
+        Arc::new(clock::SystemClock),
+        events_tx.clone(),
+        stop_rx.clone(),
+    ));
+    let hooks_events = events_tx.clone();
     let engine_task = tokio::spawn(engine::run_engine(
         engine,
         events_rx,
@@ -210,7 +219,7 @@ pub async fn run(
     let grpc = tokio::spawn(
         tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(10)))
-            .layer(auth::layer::AuthLayer(auth))
+            .layer(auth::layer::AuthLayer(auth.clone()))
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
@@ -248,6 +257,12 @@ pub async fn run(
             Some(tokio::spawn(http::serve(
                 listener,
                 metrics,
+                triggers::webhook::Hooks {
+                    store: store.clone(),
+                    secrets: secrets.clone(),
+                    events: hooks_events,
+                    auth: auth.clone(),
+                },
                 stop_rx.clone(),
             )))
         }
@@ -263,6 +278,7 @@ pub async fn run(
     engine_task.await?;
     let _ = tokio::time::timeout(DRAIN_GRACE, alerter).await;
     let _ = tokio::time::timeout(DRAIN_GRACE, signer).await;
+    let _ = tokio::time::timeout(DRAIN_GRACE, watcher).await;
     for task in [Some(grpc), None].into_iter().flatten() {
         if tokio::time::timeout(DRAIN_GRACE, task).await.is_err() {
             tracing::warn!("gRPC streams did not end within {DRAIN_GRACE:?}; closing them");

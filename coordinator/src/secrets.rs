@@ -83,6 +83,12 @@ impl Secrets {
                 value.len()
             )));
         }
+        if !kiln_common::masking::is_maskable(value) {
+            return Err(ApiError::InvalidArgument(format!(
+                "secret `{name}` is too short to be masked in logs; use at least {} characters",
+                kiln_common::masking::MIN_SECRET_CHARS
+            )));
+        }
         let nonce = XChaCha20Poly1305::generate_nonce(&mut OsRng);
         let ciphertext = self
             .cipher
@@ -247,9 +253,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let secrets = open(dir.path());
         for name in ["", "lower", "1ABC", "A-B", &"A".repeat(65)] {
-            assert!(secrets.set(name, "v", "t").is_err(), "{name}");
+            assert!(secrets.set(name, "value", "t").is_err(), "{name}");
         }
         assert!(secrets.set("EMPTY", "", "t").is_err());
+        assert!(secrets.set("SHORT", "ab", "t").is_err());
         let big = "x".repeat(MAX_SECRET_BYTES + 1);
         assert!(secrets.set("BIG", &big, "t").is_err());
     }

@@ -30,6 +30,29 @@ impl Auth {
         })
     }
 
+    /// Records a call that did not come through gRPC (webhooks).
+    pub(crate) async fn audit(
+        &self,
+        principal: String,
+        method: String,
+        target: String,
+        outcome: String,
+        message: String,
+    ) {
+        self.audit
+            .record(AuditRecord {
+                id: 0,
+                at_ms: SystemClock.now_ms(),
+                principal,
+                method,
+                target,
+                outcome,
+                message,
+                peer: String::new(),
+            })
+            .await;
+    }
+
     /// The principal behind the `authorization` header, if it may call
     /// `method`.
     fn authorize(

@@ -245,6 +245,7 @@ impl ControlService for ControlApi {
                 triggered_by,
                 source_digest,
                 datasets: Vec::new(),
+                trigger_state: None,
                 reply,
             })
             .await?;
@@ -643,7 +644,11 @@ fn pipeline_view(record: &PipelineRecord) -> pb::Pipeline {
 }
 
 /// Pins a run to one commit: the revision asked for, else the branch head.
-async fn resolve_commit(repo: &str, branch: &str, rev: &str) -> Result<String, ApiError> {
+pub(crate) async fn resolve_commit(
+    repo: &str,
+    branch: &str,
+    rev: &str,
+) -> Result<String, ApiError> {
     let wanted = if rev.is_empty() { branch } else { rev };
     if wanted.len() == 40 && wanted.chars().all(|c| c.is_ascii_hexdigit()) {
         return Ok(wanted.to_ascii_lowercase());

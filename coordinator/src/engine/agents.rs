@@ -282,7 +282,7 @@ impl Engine {
                     stage.image_digest = Some(finished.image_digest.clone());
                 }
                 let outcome = pb::Outcome::try_from(finished.outcome).unwrap_or_default();
-                let mut message = finished.message;
+                let mut message = self.masker(key).mask(&finished.message).into_owned();
                 let recorded = self.record_outputs(key, &finished.outputs).and_then(|()| {
                     if outcome == pb::Outcome::Succeeded {
                         self.record_metrics(key)

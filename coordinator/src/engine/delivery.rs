@@ -673,6 +673,8 @@ impl StageRecord {
             exit_code: None,
             message: String::new(),
             next_log_seq: 0,
+            log_bytes: 0,
+            log_truncated: false,
             image_digest: None,
             outputs: Vec::new(),
             metrics: BTreeMap::new(),

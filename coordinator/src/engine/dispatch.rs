@@ -71,6 +71,15 @@ impl Engine {
                 waiting.push_back(key);
                 continue;
             };
+            let stage_spec = &spec.parsed.stages[key.idx as usize];
+            let secrets = match self.reveal_secrets(&stage_spec.secrets) {
+                Ok(secrets) => secrets,
+                Err(problem) => {
+                    self.ready_since.remove(&key);
+                    self.settle_stage(key, StageState::Failed, None, problem);
+                    continue;
+                }
+            };
             let Some(stage) = self.stage_mut(key) else {
                 continue;
             };
@@ -101,10 +110,11 @@ impl Engine {
                     .inputs_of_stage(key)
                     .iter()
                     .map(|input| views::artifact(&input.stage, &input.artifact))
+                    .chain(self.datasets_of(key))
                     .collect(),
                 output_paths: output_paths(stage_spec),
                 outputs_always: stage_spec.artifacts_always,
-                secrets: Default::default(),
+                secrets: secrets.into_iter().collect(),
             };
             if let Some(agent) = self.agents.get_mut(&name) {
                 agent.held.insert((key, attempt));
@@ -128,6 +138,43 @@ impl Engine {
 }
 
 impl Engine {
+    /// The run's dataset snapshots, unpacked into every stage's workspace
+    /// like artifacts (rollback runs re-deploy fixed inputs only).
+    fn datasets_of(&self, key: StageKey) -> Vec<pb::Artifact> {
+        let Some(active) = self.runs.get(&key.run) else {
+            return Vec::new();
+        };
+        if active.record.rollback.is_some() {
+            return Vec::new();
+        }
+        active
+            .record
+            .datasets
+            .iter()
+            .map(|dataset| pb::Artifact {
+                path: dataset.path.clone(),
+                digest: dataset.digest.clone(),
+                size: 0,
+                stage: "dataset".to_owned(),
+            })
+            .collect()
+    }
+
+    /// The values of a stage's secrets; the error says which is missing
+    /// and never carries a value.
+    fn reveal_secrets(
+        &self,
+        names: &[String],
+    ) -> Result<std::collections::BTreeMap<String, String>, String> {
+        if names.is_empty() {
+            return Ok(Default::default());
+        }
+        let Some(secrets) = &self.secrets else {
+            return Err("this coordinator has no secrets store".to_owned());
+        };
+        secrets.reveal(names).map_err(|error| error.to_string())
+    }
+
     /// Decides a ready stage that needs no agent: a gate is evaluated here,
     /// and an environment stage of a frozen environment fails. Returns
     /// whether `key` was handled (or is no longer ready).

@@ -7,7 +7,10 @@
 //! capped per attempt so a chatty stage cannot grow the database without
 //! bound: past the cap a single marker line is kept and the rest counted.
 
+use std::sync::Arc;
+
 use kiln_common::ids::{RunId, StageKey};
+use kiln_common::masking::Masker;
 use kiln_proto::v1 as pb;
 use pb::coordinator_message::Msg as Out;
 
@@ -20,6 +23,8 @@ use crate::views;
 pub(crate) const MAX_LINES_PER_ATTEMPT: u64 = 100_000;
 /// Bytes kept of one line.
 const MAX_LINE_BYTES: usize = 16 * 1024;
+/// Log text kept per stage attempt; the rest is dropped after a marker.
+pub(crate) const MAX_LOG_BYTES_PER_ATTEMPT: u64 = 64 << 20;
 
 /// A `StreamLogs --follow` client.
 pub(super) struct Follower {
@@ -63,6 +68,7 @@ impl Engine {
             self.send_after_commit(agent, Out::Ack(ack));
             return;
         }
+        let masker = self.masker(key);
         let Some(stage) = self.stage_mut(key) else {
             return;
         };
@@ -73,17 +79,24 @@ impl Engine {
                 continue;
             }
             stage.next_log_seq = seq + 1;
-            let line = if seq < MAX_LINES_PER_ATTEMPT {
+            // The agent masks already; this catches an agent that does not.
+            let text = truncate(masker.mask(&line.text).into_owned());
+            let fits = seq < MAX_LINES_PER_ATTEMPT
+                && stage.log_bytes + text.len() as u64 <= MAX_LOG_BYTES_PER_ATTEMPT;
+            let line = if fits && !stage.log_truncated {
+                stage.log_bytes += text.len() as u64;
                 LogLine {
                     stream: from_pb_stream(line.stream),
-                    text: truncate(line.text),
+                    text,
                     at_ms: line.at_ms,
                 }
-            } else if seq == MAX_LINES_PER_ATTEMPT {
+            } else if !stage.log_truncated {
+                stage.log_truncated = true;
                 LogLine {
                     stream: LogStream::System,
                     text: format!(
-                        "kiln: log truncated after {MAX_LINES_PER_ATTEMPT} lines; the stage keeps running"
+                        "kiln: log truncated at {} lines and {} bytes (limits {MAX_LINES_PER_ATTEMPT} lines, {MAX_LOG_BYTES_PER_ATTEMPT} bytes); the stage keeps running",
+                        seq, stage.log_bytes
                     ),
                     at_ms: line.at_ms,
                 }
@@ -121,6 +134,33 @@ impl Engine {
             ..Default::default()
         };
         self.send_after_commit(agent, Out::Ack(ack));
+    }
+
+    /// The masker of a stage's secrets, built on first use (after a
+    /// restart the values are read again from the secrets store).
+    pub(super) fn masker(&mut self, key: StageKey) -> Arc<Masker> {
+        if let Some(masker) = self
+            .runs
+            .get(&key.run)
+            .and_then(|run| run.maskers.get(&key.idx))
+        {
+            return masker.clone();
+        }
+        let names = self
+            .runs
+            .get(&key.run)
+            .and_then(|run| run.spec.parsed.stages.get(key.idx as usize))
+            .map(|stage| stage.secrets.clone())
+            .unwrap_or_default();
+        let values = match (&self.secrets, names.is_empty()) {
+            (_, true) | (None, _) => Default::default(),
+            (Some(secrets), false) => secrets.reveal(&names).unwrap_or_default(),
+        };
+        let masker = Arc::new(Masker::new(values.values()));
+        if let Some(run) = self.runs.get_mut(&key.run) {
+            run.maskers.insert(key.idx, masker.clone());
+        }
+        masker
     }
 
     fn follower_txs(&self, key: StageKey) -> Vec<LogTx> {

@@ -72,6 +72,8 @@ pub(crate) enum Event {
         triggered_by: String,
         source_digest: Option<String>,
         datasets: Vec<crate::store::DatasetRecord>,
+        /// Written with the run, atomically (schedule and data triggers).
+        trigger_state: Option<crate::store::TriggerStateRecord>,
         reply: Reply<pb::Run>,
     },
     GetRun {
@@ -165,6 +167,9 @@ struct ActiveRun {
     /// Latest snapshot for `WatchRun` streams; created on first watch.
     watch: Option<watch::Sender<pb::Run>>,
     followers: Vec<logs::Follower>,
+    /// Masks the secret values of each stage (by index) in stored lines;
+    /// rebuilt from the secrets store after a restart.
+    maskers: HashMap<u32, Arc<kiln_common::masking::Masker>>,
 }
 
 impl ActiveRun {
@@ -175,6 +180,7 @@ impl ActiveRun {
             spec,
             watch: None,
             followers: Vec::new(),
+            maskers: HashMap::new(),
         }
     }
 }
@@ -348,6 +354,7 @@ impl Engine {
                 triggered_by,
                 source_digest,
                 datasets,
+                trigger_state,
                 reply,
             } => {
                 let result = self.trigger(
@@ -358,6 +365,9 @@ impl Engine {
                     source_digest,
                     datasets,
                 );
+                if let (Ok(_), Some(state)) = (&result, trigger_state) {
+                    self.write(Op::TriggerState(state));
+                }
                 self.reply_run(reply, result);
             }
             Event::GetRun { run, reply } => self.get_run(run, reply),

@@ -286,6 +286,8 @@ impl Engine {
         stage.agent = None;
         stage.started_ms = None;
         stage.next_log_seq = 0;
+        stage.log_bytes = 0;
+        stage.log_truncated = false;
         stage.message = format!("{why}; re-queued as attempt {}", stage.attempt);
         tracing::warn!(stage = %key, attempt = stage.attempt, "{why}; re-queued");
         self.make_ready(key);
@@ -565,6 +567,8 @@ fn reset_stage(stage: Option<&mut StageRecord>, message: &str) {
         stage.finished_ms = None;
         stage.exit_code = None;
         stage.next_log_seq = 0;
+        stage.log_bytes = 0;
+        stage.log_truncated = false;
         stage.message = message.to_owned();
     }
 }

@@ -119,6 +119,7 @@ impl Harness {
                 triggered_by: "test".into(),
                 source_digest: None,
                 datasets: Vec::new(),
+                trigger_state: None,
                 reply,
             })
             .unwrap();

@@ -13,6 +13,7 @@
 //! K <secret name>                                 sealed secret
 //! U <audit:u64>                                   audit record
 //! V <release:u64>                                 signed provenance
+//! G <pipeline>                                    schedule/data trigger state
 //! ```
 
 use kiln_common::ids::{RunId, StageKey};
@@ -28,6 +29,7 @@ pub(super) const TOKEN: u8 = b'T';
 pub(super) const SECRET: u8 = b'K';
 pub(super) const AUDIT: u8 = b'U';
 pub(super) const PROVENANCE: u8 = b'V';
+pub(super) const TRIGGER_STATE: u8 = b'G';
 
 pub(super) fn provenance(release: u64) -> Vec<u8> {
     let mut key = vec![PROVENANCE];

@@ -96,6 +96,18 @@ pub(crate) struct DatasetRecord {
     pub(crate) content_digest: String,
 }
 
+/// What a pipeline's schedule and data triggers last did; written in the
+/// same batch as the run they started, so a restart neither repeats nor
+/// forgets one.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub(crate) struct TriggerStateRecord {
+    pub(crate) pipeline: String,
+    /// The schedule slot (ms) that last started a run.
+    pub(crate) last_fired_ms: Option<u64>,
+    /// The content digest of the watched data that last started a run.
+    pub(crate) data_digest: Option<String>,
+}
+
 /// A release's signed provenance (written once, by the signer).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub(crate) struct ProvenanceRecord {
@@ -173,6 +185,12 @@ pub(crate) struct StageRecord {
     pub(crate) message: String,
     /// Log lines of the current attempt stored so far.
     pub(crate) next_log_seq: u64,
+    /// Bytes of log text of the current attempt stored so far.
+    #[serde(default)]
+    pub(crate) log_bytes: u64,
+    /// The current attempt's log hit a limit; later lines are dropped.
+    #[serde(default)]
+    pub(crate) log_truncated: bool,
     /// The image the last attempt ran in, by digest (docker executor).
     #[serde(default)]
     pub(crate) image_digest: Option<String>,
@@ -319,6 +337,7 @@ pub(crate) enum Op {
     RemoveSecret(String),
     Audit(AuditRecord),
     Provenance(ProvenanceRecord),
+    TriggerState(TriggerStateRecord),
 }
 
 impl Batch {
@@ -364,4 +383,5 @@ pub(crate) trait Store: Send + Sync + 'static {
     /// The highest audit id used (0 when none).
     fn last_audit_id(&self) -> Result<u64>;
     fn provenance(&self, release: u64) -> Result<Option<ProvenanceRecord>>;
+    fn trigger_state(&self, pipeline: &str) -> Result<Option<TriggerStateRecord>>;
 }

@@ -14,7 +14,7 @@ use serde::de::DeserializeOwned;
 use super::{
     AuditRecord, Batch, EnvironmentRecord, LogLine, Op, PipelineRecord, ProvenanceRecord,
     ReleaseRecord, Result, RunRecord, SecretRecord, StageRecord, Store, StoreError, StoredLog,
-    TokenRecord, keys,
+    TokenRecord, TriggerStateRecord, keys,
 };
 
 pub(crate) struct SledStore {
@@ -94,6 +94,12 @@ impl Store for SledStore {
                 }
                 Op::RemoveSecret(name) => writes.remove(keys::named(keys::SECRET, name)),
                 Op::Audit(record) => writes.insert(keys::audit(record.id), encode(record)),
+                Op::TriggerState(record) => {
+                    writes.insert(
+                        keys::named(keys::TRIGGER_STATE, &record.pipeline),
+                        encode(record),
+                    );
+                }
                 Op::Provenance(record) => {
                     writes.insert(keys::provenance(record.release), encode(record));
                 }
@@ -210,6 +216,10 @@ impl Store for SledStore {
 
     fn provenance(&self, release: u64) -> Result<Option<ProvenanceRecord>> {
         self.get(&keys::provenance(release))
+    }
+
+    fn trigger_state(&self, pipeline: &str) -> Result<Option<TriggerStateRecord>> {
+        self.get(&keys::named(keys::TRIGGER_STATE, pipeline))
     }
 
     fn logs(&self, key: StageKey, attempt: u32, from_seq: u64) -> Result<Vec<StoredLog>> {

@@ -1,0 +1,147 @@
+//! `POST /hooks/{pipeline}`: GitHub-, Gitea- and Forgejo-style push
+//! webhooks. The body must be signed (HMAC-SHA256) with the kiln secret the
+//! pipeline's `triggers.push.secret` names; a matching branch starts a run
+//! at the pushed commit. Every delivery is audited.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use kiln_common::spec;
+use kiln_common::triggers::webhook::{self, PushEvent};
+use serde_json::json;
+use tokio::sync::mpsc;
+
+use super::{TriggeredRun, start_run};
+use crate::auth::layer::Auth;
+use crate::engine::Event;
+use crate::secrets::Secrets;
+use crate::store::Store;
+
+/// Largest webhook body accepted (GitHub caps payloads at 25 MB, but a
+/// push of a few commits is a few KiB).
+pub(crate) const MAX_BODY_BYTES: usize = 1 << 20;
+
+/// What the hook handler needs.
+#[derive(Clone)]
+pub(crate) struct Hooks {
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) secrets: Arc<Secrets>,
+    pub(crate) events: mpsc::Sender<Event>,
+    pub(crate) auth: Arc<Auth>,
+}
+
+type Reply = (StatusCode, Json<serde_json::Value>);
+
+fn reply(status: StatusCode, message: impl Into<String>) -> Reply {
+    (status, Json(json!({ "message": message.into() })))
+}
+
+pub(crate) async fn push(
+    State(hooks): State<Hooks>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Reply {
+    let (status, body, target) = handle(&hooks, &name, &headers, &body).await;
+    hooks
+        .auth
+        .audit(
+            format!("webhook:{name}"),
+            "POST /hooks/{pipeline}".to_owned(),
+            target,
+            status.as_str().to_owned(),
+            body.0["message"].as_str().unwrap_or_default().to_owned(),
+        )
+        .await;
+    (status, body)
+}
+
+async fn handle(
+    hooks: &Hooks,
+    name: &str,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> (StatusCode, Json<serde_json::Value>, String) {
+    let target = format!("pipeline {name}");
+    let fail = |status, message: String| {
+        let (status, body) = reply(status, message);
+        (status, body, target.clone())
+    };
+    let pipeline = match hooks.store.latest_pipelines() {
+        Ok(all) => all.into_iter().find(|p| p.name == name),
+        Err(error) => return fail(StatusCode::INTERNAL_SERVER_ERROR, error.to_string()),
+    };
+    let Some(pipeline) = pipeline else {
+        return fail(StatusCode::NOT_FOUND, format!("no pipeline named `{name}`"));
+    };
+    let push = spec::parse(&pipeline.file_name, &pipeline.spec_yaml)
+        .ok()
+        .and_then(|parsed| parsed.triggers.push);
+    let Some(push) = push else {
+        return fail(
+            StatusCode::NOT_FOUND,
+            format!("pipeline `{name}` has no `triggers.push`"),
+        );
+    };
+    let key = match hooks.secrets.reveal([&push.secret]) {
+        Ok(mut values) => values.remove(&push.secret).unwrap_or_default(),
+        Err(_) => {
+            return fail(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "the webhook secret `{}` is not set; set it with `kiln secret set {}`",
+                    push.secret, push.secret
+                ),
+            );
+        }
+    };
+    let header = |name: &str| headers.get(name).and_then(|value| value.to_str().ok());
+    if let Err(error) = webhook::verify_signature(key.as_bytes(), body, header) {
+        return fail(StatusCode::UNAUTHORIZED, error.to_string());
+    }
+    let event = ["X-GitHub-Event", "X-Gitea-Event", "X-Forgejo-Event"]
+        .into_iter()
+        .find_map(header)
+        .unwrap_or("push");
+    if event == "ping" {
+        return fail(StatusCode::OK, "pong".into());
+    }
+    if event != "push" {
+        return fail(
+            StatusCode::ACCEPTED,
+            format!("`{event}` events start no runs"),
+        );
+    }
+    let pushed = match webhook::parse_push(body) {
+        Ok(PushEvent::Branch(pushed)) => pushed,
+        Ok(PushEvent::Ignored(why)) => return fail(StatusCode::ACCEPTED, why.to_string()),
+        Err(error) => return fail(StatusCode::BAD_REQUEST, error.to_string()),
+    };
+    if !push.accepts(&pushed.branch, &pipeline.branch) {
+        return fail(
+            StatusCode::ACCEPTED,
+            format!("branch `{}` is not one this pipeline builds", pushed.branch),
+        );
+    }
+    let run = TriggeredRun {
+        pipeline,
+        rev: Some(pushed.commit.clone()),
+        triggered_by: format!("push:{}@{}", pushed.pusher, pushed.branch),
+        datasets: Vec::new(),
+        trigger_state: None,
+    };
+    match start_run(&hooks.events, run).await {
+        Ok(run) => (
+            StatusCode::CREATED,
+            Json(json!({
+                "message": format!("run {} started for {}", run.id, pushed.commit),
+                "run_id": run.id,
+            })),
+            format!("pipeline {name} run {}", run.id),
+        ),
+        Err(error) => fail(StatusCode::UNPROCESSABLE_ENTITY, error.to_string()),
+    }
+}

@@ -1,5 +1,6 @@
 //! The HTTP listener: `/healthz` for load balancers and `/metrics` for
-//! Prometheus.
+//! Prometheus. Over TLS when the coordinator has a certificate (no client
+//! certificates here: webhooks come from git servers).
 
 use std::sync::Arc;
 
@@ -11,8 +12,9 @@ use crate::metrics::Metrics;
 
 pub(crate) async fn serve(
     listener: tokio::net::TcpListener,
+    tls: Option<Arc<rustls::ServerConfig>>,
     metrics: Arc<Metrics>,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) {
     let app = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
@@ -23,11 +25,29 @@ pub(crate) async fn serve(
                 async move { ([("content-type", "text/plain; version=0.0.4")], body) }
             }),
         );
-    let result = axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            let _ = stop.changed().await;
-        })
-        .await;
+    let stopped = {
+        let mut stop = stop.clone();
+        async move {
+            let _ = stop.wait_for(|stopped| *stopped).await;
+        }
+    };
+    let result = match tls {
+        None => {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(stopped)
+                .await
+        }
+        Some(config) => match crate::tls_listener::start(listener, config, stop) {
+            Ok((listener, acceptor)) => {
+                let served = axum::serve(listener, app)
+                    .with_graceful_shutdown(stopped)
+                    .await;
+                let _ = acceptor.await;
+                served
+            }
+            Err(error) => Err(error),
+        },
+    };
     if let Err(error) = result {
         tracing::error!(%error, "HTTP listener failed");
     }

@@ -62,8 +62,8 @@ struct Flags {
     )]
     tls_client_ca: Option<PathBuf>,
     /// Allow plain text on a non-loopback address (behind a TLS-terminating
-    /// proxy, or on a trusted network).
-    #[arg(long)]
+    /// proxy, or on a private container network).
+    #[arg(long, env = "KILN_INSECURE")]
     insecure: bool,
 }
 

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use futures::future::BoxFuture;
+use kiln_common::channel::{CoordinatorEndpoint, KilnChannel};
 use kiln_proto::v1::agent_message::Msg;
 use kiln_proto::v1::agent_service_client::AgentServiceClient;
 use kiln_proto::v1::coordinator_message::Msg as CoordinatorMsg;
@@ -15,7 +16,6 @@ use tokio::sync::mpsc;
 use tokio::time::{Instant, Interval, MissedTickBehavior, sleep_until, timeout};
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::Streaming;
-use tonic::transport::{Channel, Endpoint};
 
 use crate::error::Error;
 
@@ -40,7 +40,7 @@ pub(crate) struct Session {
     inbound: Streaming<CoordinatorMessage>,
     heartbeat: Interval,
     /// Owns the HTTP/2 connection the stream runs on.
-    _client: AgentServiceClient<Channel>,
+    _client: AgentServiceClient<KilnChannel>,
 }
 
 impl Session {
@@ -112,15 +112,17 @@ impl Link {
 /// stream within three heartbeats, even while the coordinator has nothing to
 /// say.
 pub(crate) fn open(
-    endpoint: Endpoint,
+    endpoint: CoordinatorEndpoint,
     hello: Hello,
     heartbeat: Duration,
 ) -> BoxFuture<'static, Result<(Box<Session>, Welcome), Error>> {
     let ping = heartbeat.max(MIN_PING_INTERVAL);
-    let endpoint = endpoint
-        .http2_keep_alive_interval(ping)
-        .keep_alive_timeout(ping * 2)
-        .keep_alive_while_idle(true);
+    let endpoint = endpoint.map_endpoint(|endpoint| {
+        endpoint
+            .http2_keep_alive_interval(ping)
+            .keep_alive_timeout(ping * 2)
+            .keep_alive_while_idle(true)
+    });
     let address = endpoint.uri().to_string();
     Box::pin(async move {
         match timeout(OPEN_TIMEOUT, dial(endpoint, hello)).await {
@@ -133,7 +135,10 @@ pub(crate) fn open(
     })
 }
 
-async fn dial(endpoint: Endpoint, hello: Hello) -> Result<(Box<Session>, Welcome), Error> {
+async fn dial(
+    endpoint: CoordinatorEndpoint,
+    hello: Hello,
+) -> Result<(Box<Session>, Welcome), Error> {
     let address = endpoint.uri().to_string();
     let connect_error = |detail: String| Error::Connect {
         address: address.clone(),
@@ -291,7 +296,7 @@ mod tests {
     #[tokio::test]
     async fn dialing_nothing_fails_with_the_address() {
         // Port 1 on loopback: refused at once.
-        let endpoint = Endpoint::from_static("http://127.0.0.1:1");
+        let endpoint = CoordinatorEndpoint::new("http://127.0.0.1:1", &Default::default()).unwrap();
         let Err(err) = open(endpoint, Hello::default(), DEFAULT_HEARTBEAT).await else {
             panic!("dialing a closed port succeeded");
         };

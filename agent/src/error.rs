@@ -7,15 +7,10 @@ use std::path::PathBuf;
 /// and what to do about it.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// `Config::coordinator` is not a URL tonic can dial.
-    #[error(
-        "invalid coordinator address `{address}`: {source}; pass a URL like http://127.0.0.1:7700"
-    )]
-    CoordinatorAddress {
-        address: String,
-        #[source]
-        source: tonic::transport::Error,
-    },
+    /// `Config::coordinator` is not a URL tonic can dial, or the TLS files
+    /// or token of `Config::client` are unusable.
+    #[error(transparent)]
+    Endpoint(#[from] kiln_common::channel::ChannelError),
     /// `Config` asks for something the agent cannot do.
     #[error("invalid agent config: {0}")]
     Config(String),

@@ -128,8 +128,11 @@ impl std::str::FromStr for AllowedMount {
 /// Everything the agent needs to start; the binary builds it from flags.
 #[derive(Clone, Debug)]
 pub struct Config {
-    /// The coordinator's gRPC address, e.g. `http://127.0.0.1:7700`.
+    /// The coordinator's gRPC address, e.g. `http://127.0.0.1:7700` or
+    /// `https://kiln.example:7700`.
     pub coordinator: String,
+    /// CA file, client certificate and token for reaching the coordinator.
+    pub client: kiln_common::channel::ClientOptions,
     /// Unique per machine: a second agent with the same name replaces the
     /// first at the coordinator.
     pub name: String,

@@ -8,9 +8,9 @@ use std::time::Duration;
 use std::path::{Path, PathBuf};
 
 use kiln_common::archive::{self, Limits};
+use kiln_common::channel::KilnChannel;
 use kiln_proto::v1::artifact_service_client::ArtifactServiceClient;
 use kiln_proto::v1::{Artifact, Assign, Outcome, Source};
-use tonic::transport::Channel;
 
 use crate::error::Error;
 use crate::executor::{Ended, Executor, Exit, Job, describe_duration};
@@ -127,7 +127,7 @@ pub(crate) struct StageRunner {
     workspaces: Workspaces,
     executor: Arc<dyn Executor>,
     /// The coordinator's blob store: inputs, outputs, source snapshots.
-    artifacts: ArtifactServiceClient<Channel>,
+    artifacts: ArtifactServiceClient<KilnChannel>,
 }
 
 /// What one restored input may unpack to; the coordinator's limits bound
@@ -141,7 +141,7 @@ impl StageRunner {
     pub(crate) fn new(
         workspaces: Workspaces,
         executor: Arc<dyn Executor>,
-        artifacts: ArtifactServiceClient<Channel>,
+        artifacts: ArtifactServiceClient<KilnChannel>,
     ) -> Self {
         StageRunner {
             workspaces,
@@ -453,7 +453,12 @@ mod tests {
         let workspaces = Workspaces::open(work_dir).await.unwrap();
         let executor = Arc::new(ProcessExecutor::new(Duration::from_millis(200)));
         // Nothing listens here: these stages move no artifacts.
-        let channel = tonic::transport::Endpoint::from_static("http://127.0.0.1:9").connect_lazy();
+        let channel = kiln_common::channel::CoordinatorEndpoint::new(
+            "http://127.0.0.1:9",
+            &Default::default(),
+        )
+        .unwrap()
+        .connect_lazy();
         StageRunner::new(workspaces, executor, ArtifactServiceClient::new(channel))
     }
 

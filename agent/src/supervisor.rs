@@ -12,6 +12,7 @@ use std::pin::pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use kiln_common::channel::CoordinatorEndpoint;
 use kiln_common::masking::Masker;
 use kiln_proto::v1::agent_message::Msg;
 use kiln_proto::v1::artifact_service_client::ArtifactServiceClient;
@@ -22,7 +23,6 @@ use kiln_proto::v1::{
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio::time::{Instant, sleep_until};
-use tonic::transport::Endpoint;
 use tracing::{debug, error, info, warn};
 
 use crate::connection::{self, Backoff, Link, LinkEvent, Session};
@@ -65,18 +65,17 @@ pub(crate) async fn run(
             "capacity must be at least 1 stage (--capacity)".into(),
         ));
     }
-    let endpoint = Endpoint::from_shared(config.coordinator.clone())
-        .map_err(|source| Error::CoordinatorAddress {
-            address: config.coordinator.clone(),
-            source,
-        })?
-        .connect_timeout(Duration::from_secs(5))
-        .tcp_nodelay(true);
+    let endpoint =
+        CoordinatorEndpoint::new(&config.coordinator, &config.client)?.map_endpoint(|endpoint| {
+            endpoint
+                .connect_timeout(Duration::from_secs(5))
+                .tcp_nodelay(true)
+        });
     let workspaces = Workspaces::open(&config.work_dir).await?;
     // Blob transfers get their own HTTP/2 connection, so a large artifact
     // never delays heartbeats and acks on the control stream.
-    let artifacts = ArtifactServiceClient::new(endpoint.clone().connect_lazy())
-        .max_decoding_message_size(8 << 20);
+    let artifacts =
+        ArtifactServiceClient::new(endpoint.connect_lazy()).max_decoding_message_size(8 << 20);
     let runner = StageRunner::new(workspaces, executor::build(&config).await?, artifacts);
     info!(
         name = %config.name,
@@ -145,7 +144,7 @@ impl Phase {
 struct Supervisor {
     /// Identity and settings, sent in every `Hello`.
     config: Config,
-    endpoint: Endpoint,
+    endpoint: CoordinatorEndpoint,
     runner: Arc<StageRunner>,
     stages: StageTable,
     link: Link,
@@ -167,7 +166,7 @@ struct Supervisor {
 }
 
 impl Supervisor {
-    fn new(config: Config, endpoint: Endpoint, runner: StageRunner) -> Self {
+    fn new(config: Config, endpoint: CoordinatorEndpoint, runner: StageRunner) -> Self {
         let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE);
         Supervisor {
             config,
@@ -496,6 +495,7 @@ mod tests {
     fn config(labels: &[(&str, &str)]) -> Config {
         Config {
             coordinator: "http://127.0.0.1:1".into(),
+            client: Default::default(),
             name: "a".into(),
             labels: labels
                 .iter()

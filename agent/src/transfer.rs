@@ -12,11 +12,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use kiln_common::archive::{self, ArchiveError, HashingWriter, Limits, PackSummary, UnpackSummary};
 
 use futures::StreamExt;
+use kiln_common::channel::KilnChannel;
 use kiln_proto::v1 as pb;
 use pb::artifact_service_client::ArtifactServiceClient;
 use sha2::{Digest as _, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tonic::transport::Channel;
 
 /// Bytes per chunk on the wire.
 const CHUNK_BYTES: usize = 1024 * 1024;
@@ -96,7 +96,7 @@ pub async fn digest_file(path: &Path) -> Result<(String, u64), TransferError> {
 /// already. Returns whether bytes were sent. `progress` gets the bytes sent
 /// so far.
 pub async fn upload_file(
-    client: &mut ArtifactServiceClient<Channel>,
+    client: &mut ArtifactServiceClient<KilnChannel>,
     path: &Path,
     digest: &str,
     size: u64,
@@ -149,7 +149,7 @@ pub async fn upload_file(
 /// off, and checks the digest before returning. On failure `dest` is
 /// removed.
 pub async fn download_file(
-    client: &mut ArtifactServiceClient<Channel>,
+    client: &mut ArtifactServiceClient<KilnChannel>,
     digest: &str,
     dest: &Path,
     progress: impl Fn(u64),
@@ -162,7 +162,7 @@ pub async fn download_file(
 }
 
 async fn download_verified(
-    client: &mut ArtifactServiceClient<Channel>,
+    client: &mut ArtifactServiceClient<KilnChannel>,
     digest: &str,
     dest: &Path,
     progress: &impl Fn(u64),
@@ -244,7 +244,7 @@ fn scratch_file(dir: &Path, what: &str) -> PathBuf {
 /// writes) and uploads the result unless the coordinator has it. Returns
 /// the digest, the blob size and what was packed.
 pub async fn pack_and_upload<P>(
-    client: &mut ArtifactServiceClient<Channel>,
+    client: &mut ArtifactServiceClient<KilnChannel>,
     scratch_dir: &Path,
     pack: P,
     progress: impl Fn(u64) + Send + 'static,
@@ -290,7 +290,7 @@ where
 /// Downloads the archive `digest` (verified) into a scratch file in
 /// `scratch_dir` and unpacks it into `target` within `limits`.
 pub async fn download_and_unpack(
-    client: &mut ArtifactServiceClient<Channel>,
+    client: &mut ArtifactServiceClient<KilnChannel>,
     digest: &str,
     scratch_dir: &Path,
     target: &Path,

@@ -142,6 +142,7 @@ impl Harness {
         let work_dir = tempfile::tempdir().unwrap();
         let config = Config {
             coordinator: format!("http://{address}"),
+            client: Default::default(),
             name: "agent-1".into(),
             labels: [("role".to_owned(), "test".to_owned())].into(),
             capacity,

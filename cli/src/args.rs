@@ -40,6 +40,29 @@ pub(crate) struct GlobalArgs {
         value_name = "URL"
     )]
     pub(crate) coordinator: String,
+    /// PEM CA bundle the coordinator's certificate must chain to (for an
+    /// https:// coordinator; without it the system's roots are used).
+    #[arg(long, global = true, env = "KILN_CA_FILE", value_name = "PEM")]
+    pub(crate) ca_file: Option<PathBuf>,
+    /// PEM client certificate, for a coordinator that requires one (mTLS).
+    #[arg(long, global = true, env = "KILN_TLS_CERT", value_name = "PEM")]
+    pub(crate) tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, global = true, env = "KILN_TLS_KEY", value_name = "PEM")]
+    pub(crate) tls_key: Option<PathBuf>,
+    /// Bearer token for the coordinator (`kiln token create`); prefer
+    /// --token-file or the environment, a flag shows in process listings.
+    #[arg(
+        long,
+        global = true,
+        env = "KILN_TOKEN",
+        hide_env_values = true,
+        value_name = "TOKEN"
+    )]
+    pub(crate) token: Option<String>,
+    /// File holding the token (surrounding whitespace is ignored).
+    #[arg(long, global = true, env = "KILN_TOKEN_FILE", value_name = "FILE")]
+    pub(crate) token_file: Option<PathBuf>,
     /// How results are printed.
     #[arg(long, global = true, value_enum, default_value_t = OutputFormat::Table)]
     pub(crate) output: OutputFormat,

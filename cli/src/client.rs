@@ -6,10 +6,10 @@
 use std::time::Duration;
 
 use futures::{Stream, StreamExt};
+use kiln_common::channel::{ClientOptions, CoordinatorEndpoint, KilnChannel};
 use kiln_proto::v1 as pb;
 use kiln_proto::v1::artifact_service_client::ArtifactServiceClient;
 use kiln_proto::v1::control_service_client::ControlServiceClient;
-use tonic::transport::{Channel, Endpoint};
 
 use crate::error::CliError;
 
@@ -22,25 +22,27 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub(crate) struct Coordinator {
     /// As the user gave it, for error messages.
     url: String,
-    rpc: ControlServiceClient<Channel>,
+    rpc: ControlServiceClient<KilnChannel>,
     /// The same connection, for blob transfers.
-    channel: Channel,
+    channel: KilnChannel,
 }
 
 impl Coordinator {
     /// Connects eagerly, so that "nobody listens there" is reported as such
     /// (exit 3) before any request is built.
-    pub(crate) async fn connect(url: &str) -> Result<Self, CliError> {
+    /// A wrong TLS file or token is an input error (exit 2); a failed
+    /// handshake counts as unreachable (exit 3).
+    pub(crate) async fn connect(url: &str, options: &ClientOptions) -> Result<Self, CliError> {
         // `host:port` is what people paste; tonic needs a scheme.
         let full_url = if url.contains("://") {
             url.to_owned()
         } else {
             format!("http://{url}")
         };
-        let endpoint = Endpoint::from_shared(full_url)
-            .map_err(|e| CliError::Input(format!("`{url}` is not a valid coordinator URL: {e}")))?;
+        let endpoint = CoordinatorEndpoint::new(&full_url, options)
+            .map_err(|e| CliError::Input(e.to_string()))?;
         let channel = endpoint
-            .connect_timeout(CONNECT_TIMEOUT)
+            .map_endpoint(|endpoint| endpoint.connect_timeout(CONNECT_TIMEOUT))
             .connect()
             .await
             .map_err(|e| CliError::unreachable(url, &e))?;
@@ -52,7 +54,7 @@ impl Coordinator {
     }
 
     /// A client of the coordinator's `ArtifactService` on this connection.
-    pub(crate) fn artifacts(&self) -> ArtifactServiceClient<Channel> {
+    pub(crate) fn artifacts(&self) -> ArtifactServiceClient<KilnChannel> {
         // Chunks are 1 MiB; leave room above tonic's 4 MiB default anyway.
         ArtifactServiceClient::new(self.channel.clone()).max_decoding_message_size(8 << 20)
     }
@@ -83,7 +85,7 @@ impl Coordinator {
     }
 
     /// The control client, for calls that need no special handling.
-    pub(crate) fn control(&self) -> ControlServiceClient<Channel> {
+    pub(crate) fn control(&self) -> ControlServiceClient<KilnChannel> {
         self.rpc.clone()
     }
 
@@ -99,7 +101,7 @@ impl Coordinator {
     /// One unary call, with the error mapping every call needs.
     pub(crate) async fn call<T, F, Fut>(&self, call: F) -> Result<T, CliError>
     where
-        F: FnOnce(ControlServiceClient<Channel>) -> Fut,
+        F: FnOnce(ControlServiceClient<KilnChannel>) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
         call(self.rpc.clone())

@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use kiln_agent::ExecutorKind;
+use kiln_common::channel::ClientOptions;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -117,7 +118,7 @@ async fn run_example(
     registration: pipeline::Prepared,
     format: OutputFormat,
 ) -> Result<Outcome, CliError> {
-    let coordinator = Coordinator::connect(url).await?;
+    let coordinator = Coordinator::connect(url, &ClientOptions::default()).await?;
     let names: Vec<String> = AGENTS
         .iter()
         .map(|(n, r)| format!("{n} (role={r})"))
@@ -175,7 +176,7 @@ async fn ml_demo(args: &DemoArgs, format: OutputFormat) -> Result<Outcome, CliEr
         ),
     ];
     let scenario = async {
-        let client = Coordinator::connect(&url).await?;
+        let client = Coordinator::connect(&url, &ClientOptions::default()).await?;
         wait_for_agents(
             &client,
             format,
@@ -230,6 +231,8 @@ fn start_coordinator(
         },
         secret_key_file: None,
         max_agents_per_token: 64,
+        // Loopback only, so plain text.
+        tls: None,
     };
     let (stop, stopped) = watch::channel(false);
     let task = tokio::spawn(kiln_coordinator::run(config, stop_requested(stopped)));
@@ -249,6 +252,7 @@ fn start_agent(
 ) -> Service {
     let config = kiln_agent::Config {
         coordinator: url.to_owned(),
+        client: ClientOptions::default(),
         name: name.to_owned(),
         labels: BTreeMap::from([("role".to_owned(), role.to_owned())]),
         capacity: AGENT_CAPACITY,

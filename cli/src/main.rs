@@ -29,9 +29,11 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
+use kiln_common::channel::{ChannelError, ClientOptions, Token};
+
 use crate::args::{
-    AgentCommand, ArtifactsCommand, Cli, Command, EnvCommand, OutputFormat, PipelineCommand,
-    ReleaseCommand,
+    AgentCommand, ArtifactsCommand, Cli, Command, EnvCommand, GlobalArgs, OutputFormat,
+    PipelineCommand, ReleaseCommand,
 };
 use crate::client::Coordinator;
 use crate::commands::{agents, artifacts, delivery, logs, pipeline, runs, security};
@@ -55,20 +57,41 @@ async fn main() -> ExitCode {
 async fn dispatch(cli: Cli) -> Result<Outcome, CliError> {
     let format = cli.global.output;
     let url = &cli.global.coordinator;
+    let options = client_options(&cli.global)?;
     match cli.command {
         // The demo brings its own coordinator.
         Command::Demo(args) => demo::demo(&args, format).await,
         Command::Pipeline(PipelineCommand::Register { dir }) => {
             // A broken kiln.yml is reported even when no coordinator is up.
             let prepared = pipeline::prepare(&dir)?;
-            let coordinator = Coordinator::connect(url).await?;
+            let coordinator = Coordinator::connect(url, &options).await?;
             pipeline::register(&coordinator, format, prepared).await
         }
         command => {
-            let coordinator = Coordinator::connect(url).await?;
+            let coordinator = Coordinator::connect(url, &options).await?;
             remote(&coordinator, format, command).await
         }
     }
+}
+
+/// TLS files and token from the global flags; both token flags at once is
+/// an input error.
+fn client_options(global: &GlobalArgs) -> Result<ClientOptions, CliError> {
+    let token = Token::from_flags(global.token.as_deref(), global.token_file.as_deref()).map_err(
+        |error| match error {
+            ChannelError::TokenTwice => CliError::Input(
+                "--token (KILN_TOKEN) and --token-file (KILN_TOKEN_FILE) are both set; keep one"
+                    .to_owned(),
+            ),
+            other => CliError::Input(other.to_string()),
+        },
+    )?;
+    Ok(ClientOptions {
+        ca_file: global.ca_file.clone(),
+        client_cert: global.tls_cert.clone(),
+        client_key: global.tls_key.clone(),
+        token,
+    })
 }
 
 /// The commands that only talk to the coordinator.

@@ -14,12 +14,19 @@
 //!   data directories: when an outside event starts a run.
 //! - [`masking`]: secret values replaced by `***` in complete strings and in
 //!   output that arrives in chunks.
+//! - [`tls`]: PEM certificates, keys and CA bundles, loaded with errors that
+//!   name the file; server and client TLS configs (rustls, `ring`).
+//! - [`channel`]: how clients reach a coordinator — [`channel::CoordinatorEndpoint`]
+//!   (http/https, CA file, client certificate) and [`channel::KilnChannel`],
+//!   which sends the bearer token on every request.
 
 pub mod archive;
+pub mod channel;
 pub mod ids;
 pub mod labels;
 pub mod logging;
 pub mod masking;
 pub mod provenance;
 pub mod spec;
+pub mod tls;
 pub mod triggers;

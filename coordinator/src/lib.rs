@@ -12,7 +12,7 @@
 //!   into engine events.
 //! - `blobs`, `artifact_service`: the content-addressed blob store (files
 //!   in the data dir) and its chunked upload/download service.
-//! - `http`: `/healthz` and `/metrics`.
+//! - `http`: `/healthz` and `/metrics`; `tls_listener` serves them over TLS.
 //! - `views`: stored records as wire messages.
 
 mod agent_service;
@@ -31,6 +31,7 @@ mod metrics;
 mod provenance;
 mod secrets;
 mod store;
+mod tls_listener;
 mod triggers;
 mod views;
 
@@ -67,6 +68,10 @@ pub struct Config {
     pub secret_key_file: Option<PathBuf>,
     /// How many agents may be connected with one agent token at once.
     pub max_agents_per_token: usize,
+    /// TLS for both listeners (client certificates only on gRPC); `None` =
+    /// plain text, which the binary allows only on loopback or with
+    /// `--insecure`.
+    pub tls: Option<kiln_common::tls::ServerTlsFiles>,
 }
 
 /// Alert destinations; none configured = alerts are only logged.
@@ -118,6 +123,11 @@ pub async fn run(
     config: Config,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    // First, so a wrong certificate path is reported before anything starts.
+    let tls = match &config.tls {
+        Some(files) => Some(kiln_common::tls::ServerTls::load(files)?),
+        None => None,
+    };
     std::fs::create_dir_all(&config.data_dir)?;
     let store: Arc<dyn store::Store> = Arc::new(store::SledStore::open(&config.data_dir)?);
     let blobs = Arc::new(blobs::BlobStore::open(
@@ -216,8 +226,12 @@ pub async fn run(
     let incoming =
         tonic::transport::server::TcpIncoming::from(config.grpc_listener).with_nodelay(Some(true));
     let mut grpc_stop = stop_rx.clone();
+    let mut grpc_server = tonic::transport::Server::builder();
+    if let Some(tls) = &tls {
+        grpc_server = grpc_server.tls_config(tls.grpc_config())?;
+    }
     let grpc = tokio::spawn(
-        tonic::transport::Server::builder()
+        grpc_server
             .http2_keepalive_interval(Some(Duration::from_secs(10)))
             .layer(auth::layer::AuthLayer(auth.clone()))
             .add_service(health_service)
@@ -250,12 +264,22 @@ pub async fn run(
                 let _ = grpc_stop.changed().await;
             }),
     );
-    tracing::info!(%grpc_addr, "gRPC listening");
+    tracing::info!(
+        %grpc_addr,
+        tls = tls.is_some(),
+        client_certs = tls.as_ref().is_some_and(|tls| tls.requires_client_certs()),
+        "gRPC listening"
+    );
+    let http_tls = match &tls {
+        Some(tls) => Some(Arc::new(tls.http_config()?)),
+        None => None,
+    };
     let http = match config.http_listener {
         Some(listener) => {
-            tracing::info!(http_addr = %listener.local_addr()?, "HTTP listening");
+            tracing::info!(http_addr = %listener.local_addr()?, tls = http_tls.is_some(), "HTTP listening");
             Some(tokio::spawn(http::serve(
                 listener,
+                http_tls,
                 metrics,
                 triggers::webhook::Hooks {
                     store: store.clone(),

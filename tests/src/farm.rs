@@ -195,6 +195,9 @@ impl Farm {
         let config = ContainerCreateBody {
             image: Some(COORDINATOR_IMAGE.into()),
             cmd: Some(strings(&[
+                // Plain text on the private test network; the ports are
+                // published on 127.0.0.1 only.
+                "--insecure",
                 "--lease-ttl",
                 options.lease_ttl,
                 "--heartbeat",

@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, ValueEnum};
 use kiln_agent::{AllowedMount, Config, DockerConfig, ExecutorKind};
+use kiln_common::channel::{ClientOptions, Token};
 use tokio::signal::unix::{SignalKind, signal};
 
 /// Runs the stages a Kiln coordinator assigns and streams their logs back.
@@ -60,7 +61,37 @@ struct Args {
     /// back: e.g. 30s, 500ms, 2m.
     #[arg(long, env = "KILN_AGENT_DRAIN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     drain_timeout: Duration,
+    /// PEM CA bundle the coordinator's certificate must chain to (for an
+    /// https:// coordinator; without it the system's roots are used).
+    #[arg(long, env = "KILN_CA_FILE", value_name = "PEM")]
+    ca_file: Option<PathBuf>,
+    /// PEM client certificate, for a coordinator that requires one (mTLS).
+    #[arg(
+        long,
+        env = "KILN_AGENT_TLS_CERT",
+        value_name = "PEM",
+        requires = "tls_key"
+    )]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(
+        long,
+        env = "KILN_AGENT_TLS_KEY",
+        value_name = "PEM",
+        requires = "tls_cert"
+    )]
+    tls_key: Option<PathBuf>,
+    /// File holding the agent's token (`kiln token create NAME --role agent`;
+    /// surrounding whitespace is ignored). The environment variable
+    /// KILN_AGENT_TOKEN may hold the token itself instead; it never reaches
+    /// stages.
+    #[arg(long, env = "KILN_AGENT_TOKEN_FILE", value_name = "FILE")]
+    token_file: Option<PathBuf>,
 }
+
+/// The token's value comes from the environment only: a flag would show it
+/// in process listings.
+const TOKEN_ENV: &str = "KILN_AGENT_TOKEN";
 
 type Labels = BTreeMap<String, String>;
 
@@ -108,8 +139,21 @@ async fn main() -> ExitCode {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
+    let token_value = std::env::var(TOKEN_ENV).ok();
+    if token_value.is_some() && args.token_file.is_some() {
+        anyhow::bail!(
+            "both {TOKEN_ENV} and --token-file (KILN_AGENT_TOKEN_FILE) are set; keep one"
+        );
+    }
+    let token = Token::from_flags(token_value.as_deref(), args.token_file.as_deref())?;
     let config = Config {
         coordinator: args.coordinator,
+        client: ClientOptions {
+            ca_file: args.ca_file,
+            client_cert: args.tls_cert,
+            client_key: args.tls_key,
+            token,
+        },
         name: args.name,
         labels: args.labels,
         capacity: args.capacity,

@@ -1,6 +1,8 @@
 //! `kiln-coordinator`: flags → config → `kiln_coordinator::run`.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
@@ -51,16 +53,69 @@ struct Flags {
     /// Agents that may be connected at once with one agent token.
     #[arg(long, default_value_t = 64)]
     max_agents_per_token: usize,
+    /// PEM certificate chain: serve gRPC and HTTP over TLS.
+    #[arg(long, env = "KILN_TLS_CERT", value_name = "PEM", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "KILN_TLS_KEY", value_name = "PEM", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// PEM CA bundle: gRPC clients must present a certificate it signed
+    /// (mutual TLS). HTTP does not ask for one.
+    #[arg(
+        long,
+        env = "KILN_TLS_CLIENT_CA",
+        value_name = "PEM",
+        requires = "tls_cert"
+    )]
+    tls_client_ca: Option<PathBuf>,
+    /// Allow plain text on a non-loopback address (behind a TLS-terminating
+    /// proxy, or on a private container network).
+    #[arg(long, env = "KILN_INSECURE")]
+    insecure: bool,
 }
+
+/// Exit code when the flags ask for something unsafe (as clap's usage errors).
+const EXIT_USAGE: u8 = 2;
 
 fn parse_duration(text: &str) -> Result<Duration, String> {
     kiln_common::spec::parse_duration(text)
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> ExitCode {
     kiln_common::logging::init("info");
-    let flags = Flags::parse();
+    match serve(Flags::parse()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure::Refused(line)) => {
+            eprintln!("error: {line}");
+            ExitCode::from(EXIT_USAGE)
+        }
+        Err(Failure::Failed(error)) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+enum Failure {
+    /// The flags ask for something unsafe; one line saying what to do.
+    Refused(String),
+    Failed(anyhow::Error),
+}
+
+impl From<anyhow::Error> for Failure {
+    fn from(error: anyhow::Error) -> Self {
+        Self::Failed(error)
+    }
+}
+
+impl From<std::io::Error> for Failure {
+    fn from(error: std::io::Error) -> Self {
+        Self::Failed(error.into())
+    }
+}
+
+async fn serve(flags: Flags) -> Result<(), Failure> {
     let grpc_listener = tokio::net::TcpListener::bind(&flags.grpc)
         .await
         .map_err(|error| anyhow::anyhow!("cannot listen on {} for gRPC: {error}", flags.grpc))?;
@@ -75,6 +130,27 @@ async fn main() -> anyhow::Result<()> {
                 })?,
         )
     };
+    let tls = match (flags.tls_cert, flags.tls_key) {
+        (Some(cert), Some(key)) => Some(kiln_common::tls::ServerTlsFiles {
+            cert,
+            key,
+            client_ca: flags.tls_client_ca,
+        }),
+        // clap's `requires` makes the flags come in pairs.
+        _ => None,
+    };
+    let mut listening = vec![("gRPC", grpc_listener.local_addr()?)];
+    if let Some(listener) = &http_listener {
+        listening.push(("HTTP", listener.local_addr()?));
+    }
+    if tls.is_none() {
+        for (what, addr) in exposed(&listening) {
+            if !flags.insecure {
+                return Err(Failure::Refused(refusal(what, addr)));
+            }
+            tracing::warn!(%addr, "serving {what} without TLS on a non-loopback address (--insecure)");
+        }
+    }
     // One line on stdout with the bound addresses, so scripts and tests that
     // pass port 0 learn the real ones.
     println!(
@@ -104,8 +180,27 @@ async fn main() -> anyhow::Result<()> {
         },
         secret_key_file: flags.secret_key_file,
         max_agents_per_token: flags.max_agents_per_token,
+        tls,
     };
-    kiln_coordinator::run(config, shutdown_signal()).await
+    kiln_coordinator::run(config, shutdown_signal()).await?;
+    Ok(())
+}
+
+/// The listeners other machines can reach.
+fn exposed<'a>(
+    listening: &'a [(&'static str, SocketAddr)],
+) -> impl Iterator<Item = (&'static str, SocketAddr)> + 'a {
+    listening
+        .iter()
+        .copied()
+        .filter(|(_, addr)| !addr.ip().is_loopback())
+}
+
+fn refusal(what: &str, addr: SocketAddr) -> String {
+    format!(
+        "refusing to serve {what} on {addr} without TLS: pass --tls-cert and --tls-key \
+         (see deploy/README.md), listen on a loopback address, or pass --insecure"
+    )
 }
 
 async fn shutdown_signal() {
@@ -114,5 +209,45 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_non_loopback_listeners_are_exposed() {
+        let addr = |text: &str| text.parse::<SocketAddr>().unwrap();
+        let listening = [
+            ("gRPC", addr("127.0.0.1:7700")),
+            ("HTTP", addr("0.0.0.0:7701")),
+            ("gRPC", addr("[::1]:7700")),
+            ("gRPC", addr("[::]:7700")),
+        ];
+        let exposed: Vec<_> = exposed(&listening).collect();
+        assert_eq!(
+            exposed,
+            [("HTTP", addr("0.0.0.0:7701")), ("gRPC", addr("[::]:7700"))]
+        );
+        let line = refusal("HTTP", addr("0.0.0.0:7701"));
+        assert!(line.starts_with("refusing to serve HTTP on 0.0.0.0:7701 without TLS"));
+        assert!(!line.contains('\n'));
+    }
+
+    #[test]
+    fn tls_flags_come_in_pairs() {
+        let parse = |args: &[&str]| Flags::try_parse_from(["kiln-coordinator"].iter().chain(args));
+        assert!(parse(&["--tls-cert=c.pem"]).is_err());
+        assert!(parse(&["--tls-key=k.pem"]).is_err());
+        assert!(parse(&["--tls-client-ca=ca.pem"]).is_err());
+        let flags = parse(&[
+            "--tls-cert=c.pem",
+            "--tls-key=k.pem",
+            "--tls-client-ca=ca.pem",
+        ])
+        .unwrap();
+        assert_eq!(flags.tls_client_ca, Some(PathBuf::from("ca.pem")));
+        assert!(!flags.insecure);
     }
 }

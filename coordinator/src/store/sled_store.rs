@@ -297,6 +297,8 @@ mod tests {
                 exit_code: None,
                 message: String::new(),
                 next_log_seq: 2,
+                log_bytes: 0,
+                log_truncated: false,
                 image_digest: None,
                 outputs: Vec::new(),
                 metrics: Default::default(),

@@ -34,6 +34,7 @@ async fn main() -> Result<()> {
     let data = tempfile::tempdir()?;
     let coordinator = Coordinator::start(data.path(), &CoordinatorOptions::default())?;
     let channel = Channel::from_shared(coordinator.url())?.connect().await?;
+    let channel = kiln_common::channel::KilnChannel::new(channel, None);
     let mut client = ArtifactServiceClient::new(channel).max_decoding_message_size(8 << 20);
 
     let started = Instant::now();

@@ -93,13 +93,29 @@ pub(crate) async fn demo(args: &DemoArgs, format: OutputFormat) -> Result<Outcom
     )?;
 
     let coordinator = start_coordinator(&data_dir, listener, None);
+    let access = match Access::bootstrap(&data_dir, &url).await {
+        Ok(access) => access,
+        Err(error) => {
+            stop(coordinator).await;
+            return Err(error);
+        }
+    };
     let agents: Vec<Service> = AGENTS
         .iter()
-        .map(|(name, role)| start_agent(&data_dir, &url, name, role, ExecutorKind::Process))
+        .map(|(name, role)| {
+            start_agent(
+                &data_dir,
+                &url,
+                &access.agent,
+                name,
+                role,
+                ExecutorKind::Process,
+            )
+        })
         .collect();
 
     let script = tokio::select! {
-        result = run_example(&url, registration, format) => result,
+        result = run_example(&url, &access.admin, registration, format) => result,
         _ = tokio::signal::ctrl_c() => Err(CliError::Input("interrupted".to_owned())),
     };
 
@@ -115,10 +131,11 @@ pub(crate) async fn demo(args: &DemoArgs, format: OutputFormat) -> Result<Outcom
 /// The part a user would type: wait for agents, register, run, show.
 async fn run_example(
     url: &str,
+    admin: &ClientOptions,
     registration: pipeline::Prepared,
     format: OutputFormat,
 ) -> Result<Outcome, CliError> {
-    let coordinator = Coordinator::connect(url, &ClientOptions::default()).await?;
+    let coordinator = Coordinator::connect(url, admin).await?;
     let names: Vec<String> = AGENTS
         .iter()
         .map(|(n, r)| format!("{n} (role={r})"))
@@ -161,22 +178,37 @@ async fn ml_demo(args: &DemoArgs, format: OutputFormat) -> Result<Outcome, CliEr
         ),
     )?;
     let coordinator = start_coordinator(&data_dir, listener, Some(alert_url));
+    let access = match Access::bootstrap(&data_dir, &url).await {
+        Ok(access) => access,
+        Err(error) => {
+            stop(coordinator).await;
+            return Err(error);
+        }
+    };
     let docker = ExecutorKind::Docker(kiln_agent::DockerConfig {
         host: "unix:///var/run/docker.sock".to_owned(),
         allow_mounts: Vec::new(),
     });
     let agents = vec![
-        start_agent(&data_dir, &url, "demo-build", "build", docker),
         start_agent(
             &data_dir,
             &url,
+            &access.agent,
+            "demo-build",
+            "build",
+            docker,
+        ),
+        start_agent(
+            &data_dir,
+            &url,
+            &access.agent,
             "demo-deploy",
             "deploy",
             ExecutorKind::Process,
         ),
     ];
     let scenario = async {
-        let client = Coordinator::connect(&url, &ClientOptions::default()).await?;
+        let client = Coordinator::connect(&url, &access.admin).await?;
         wait_for_agents(
             &client,
             format,
@@ -246,13 +278,14 @@ fn start_coordinator(
 fn start_agent(
     data_dir: &Path,
     url: &str,
+    access: &ClientOptions,
     name: &str,
     role: &str,
     executor: ExecutorKind,
 ) -> Service {
     let config = kiln_agent::Config {
         coordinator: url.to_owned(),
-        client: ClientOptions::default(),
+        client: access.clone(),
         name: name.to_owned(),
         labels: BTreeMap::from([("role".to_owned(), role.to_owned())]),
         capacity: AGENT_CAPACITY,
@@ -266,6 +299,53 @@ fn start_agent(
         name: name.to_owned(),
         stop,
         task,
+    }
+}
+
+/// How the demo's own client and agents authenticate: as the bootstrap
+/// admin the embedded coordinator wrote, and with an agent token created
+/// through the API, as an operator would.
+struct Access {
+    admin: ClientOptions,
+    agent: ClientOptions,
+}
+
+impl Access {
+    async fn bootstrap(data_dir: &Path, url: &str) -> Result<Self, CliError> {
+        let token_file = data_dir.join("coordinator").join("admin.token");
+        let started = std::time::Instant::now();
+        let admin = loop {
+            match kiln_common::channel::Token::from_file(&token_file) {
+                Ok(token) => break token,
+                Err(_) if started.elapsed() < Duration::from_secs(10) => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(error) => return Err(CliError::Input(error.to_string())),
+            }
+        };
+        let admin = ClientOptions {
+            token: Some(admin),
+            ..Default::default()
+        };
+        let coordinator = Coordinator::connect(url, &admin).await?;
+        // Unique, so a kept data dir (--keep) can be reused.
+        let name = format!("demo-agents-{}", crate::timefmt::now_ms());
+        let request = kiln_proto::v1::CreateTokenRequest {
+            name,
+            role: kiln_proto::v1::Role::Agent as i32,
+            pipeline: String::new(),
+        };
+        let created = coordinator
+            .call(|mut rpc| async move { rpc.create_token(request).await })
+            .await?;
+        let agent = ClientOptions {
+            token: Some(
+                kiln_common::channel::Token::new(&created.secret)
+                    .map_err(|error| CliError::Input(error.to_string()))?,
+            ),
+            ..Default::default()
+        };
+        Ok(Self { admin, agent })
     }
 }
 

@@ -29,9 +29,9 @@ use bollard::query_parameters::{
     LogsOptionsBuilder, RemoveContainerOptionsBuilder,
 };
 use futures::StreamExt;
+use kiln_common::channel::KilnChannel;
 use kiln_proto::v1 as pb;
 use pb::control_service_client::ControlServiceClient;
-use tonic::transport::Channel;
 
 use crate::docker::{docker_required, engine};
 use crate::{binary, eventually};
@@ -99,6 +99,10 @@ pub struct Farm {
     pub grpc: String,
     /// The coordinator's HTTP port (`/metrics`), published on 127.0.0.1 only.
     pub http: String,
+    /// The bootstrap admin token, read from the bind-mounted data dir.
+    pub admin_token: String,
+    /// The agents' token, created through the API.
+    pub agent_token: String,
     guard: Cleanup,
     _work: tempfile::TempDir,
 }
@@ -154,6 +158,8 @@ impl Farm {
             agents,
             grpc: String::new(),
             http: String::new(),
+            admin_token: String::new(),
+            agent_token: String::new(),
             _work: work,
         };
         remove_everything(&farm.docker, &farm.id, &farm.guard.agents).await;
@@ -192,6 +198,20 @@ impl Farm {
                 host_port: Some(String::new()),
             }])
         };
+        // The data dir is bind-mounted so the test can read the bootstrap
+        // admin token the coordinator writes there.
+        let data_dir = self._work.path().join("coordinator-data");
+        std::fs::create_dir_all(&data_dir)?;
+        // SAFETY: geteuid and getegid cannot fail and touch no memory.
+        let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
+        let user = if uid == 0 {
+            std::os::unix::fs::chown(&data_dir, Some(KILN_UID), Some(KILN_UID))?;
+            None
+        } else {
+            Some(format!("{uid}:{gid}"))
+        };
+        let mut binds = vec![format!("{}:/var/lib/kiln", data_dir.display())];
+        binds.extend(same_path_binds(options.repos, ":ro"));
         let config = ContainerCreateBody {
             image: Some(COORDINATOR_IMAGE.into()),
             cmd: Some(strings(&[
@@ -212,9 +232,10 @@ impl Farm {
                     (GRPC_PORT.to_owned(), loopback()),
                     (HTTP_PORT.to_owned(), loopback()),
                 ])),
-                binds: Some(same_path_binds(options.repos, ":ro")),
+                binds: Some(binds),
                 ..Default::default()
             }),
+            user,
             ..Default::default()
         };
         let name = self.coordinator.clone();
@@ -237,26 +258,26 @@ impl Farm {
         self.grpc = published(GRPC_PORT)?;
         self.http = published(HTTP_PORT)?;
         let url = self.url();
-        eventually(
+        self.admin_token = crate::read_admin_token(&data_dir, Duration::from_secs(30))
+            .context("the coordinator's logs follow the test output")?;
+        let admin = self.admin_token.clone();
+        self.agent_token = eventually(
             Duration::from_secs(30),
             "the coordinator container to answer",
             || {
-                let url = url.clone();
+                let (url, admin) = (url.clone(), admin.clone());
                 async move {
-                    let Ok(channel) = Channel::from_shared(url)?.connect().await else {
-                        return Ok(None);
-                    };
-                    let mut client = ControlServiceClient::new(channel);
-                    Ok(client
-                        .list_agents(pb::ListAgentsRequest {})
-                        .await
-                        .ok()
-                        .map(|_| ()))
+                    Ok(
+                        crate::create_token(&url, &admin, "farm-agents", pb::Role::Agent)
+                            .await
+                            .ok(),
+                    )
                 }
             },
         )
         .await
         .context("the coordinator's logs follow the test output")?;
+        crate::register_tokens(&url, &self.admin_token, &self.agent_token);
         Ok(())
     }
 
@@ -307,7 +328,10 @@ impl Farm {
                 "--labels",
                 &format!("farm={}", self.id),
             ])),
-            env: Some(strings(&["RUST_LOG=info"])),
+            env: Some(vec![
+                "RUST_LOG=info".to_owned(),
+                format!("KILN_AGENT_TOKEN={}", self.agent_token),
+            ]),
             labels: Some(self.labels()),
             host_config: Some(HostConfig {
                 network_mode: Some(self.id.clone()),
@@ -361,9 +385,10 @@ impl Farm {
         format!("http://{}", self.grpc)
     }
 
-    pub async fn client(&self) -> Result<ControlServiceClient<Channel>> {
-        let channel = Channel::from_shared(self.url())?.connect().await?;
-        Ok(ControlServiceClient::new(channel))
+    pub async fn client(&self) -> Result<ControlServiceClient<KilnChannel>> {
+        Ok(ControlServiceClient::new(
+            crate::channel(&self.url(), &self.admin_token).await?,
+        ))
     }
 
     /// The agent called `name` (the full agent name).
@@ -619,7 +644,7 @@ fn docker_socket() -> Result<PathBuf> {
     Ok(path)
 }
 
-async fn list_agents(client: &mut ControlServiceClient<Channel>) -> Result<Vec<pb::Agent>> {
+async fn list_agents(client: &mut ControlServiceClient<KilnChannel>) -> Result<Vec<pb::Agent>> {
     Ok(client
         .list_agents(pb::ListAgentsRequest {})
         .await?

@@ -5,12 +5,16 @@
 //! The binaries come from the same target directory as the test executable
 //! (`cargo build --workspace` builds them; the README's test command does).
 
+use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use kiln_common::channel::{KilnChannel, Token};
 use kiln_proto::v1 as pb;
 use pb::control_service_client::ControlServiceClient;
 use tonic::transport::Channel;
@@ -84,6 +88,79 @@ pub struct Coordinator {
     pub grpc: String,
     pub http: String,
     pub data_dir: PathBuf,
+    /// The bootstrap admin token the coordinator wrote on first start.
+    pub admin_token: String,
+    /// An agent token created for this test's agents.
+    pub agent_token: String,
+}
+
+/// The tokens of every coordinator this test process started, by URL, so
+/// [`kiln`] and [`start_agent`] (which only get a URL) can authenticate.
+static TOKENS: Mutex<Option<HashMap<String, (String, String)>>> = Mutex::new(None);
+
+/// Makes [`kiln`] and [`start_agent`] use these tokens for `url`.
+pub fn register_tokens(url: &str, admin: &str, agent: &str) {
+    TOKENS
+        .lock()
+        .expect("token registry poisoned")
+        .get_or_insert_with(HashMap::new)
+        .insert(url.to_owned(), (admin.to_owned(), agent.to_owned()));
+}
+
+fn tokens_for(url: &str) -> Option<(String, String)> {
+    TOKENS
+        .lock()
+        .expect("token registry poisoned")
+        .as_ref()
+        .and_then(|tokens| tokens.get(url).cloned())
+}
+
+/// Waits for the bootstrap admin token a coordinator writes into its data
+/// dir on first start.
+pub fn read_admin_token(data_dir: &Path, limit: Duration) -> Result<String> {
+    let path = data_dir.join("admin.token");
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Ok(text) = std::fs::read_to_string(&path)
+            && !text.trim().is_empty()
+        {
+            return Ok(text.trim().to_owned());
+        }
+        if Instant::now() > deadline {
+            bail!("{} did not appear within {limit:?}", path.display());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A channel to `url` that sends `token` with every request.
+pub async fn channel(url: &str, token: &str) -> Result<KilnChannel> {
+    let channel = Channel::from_shared(url.to_owned())?.connect().await?;
+    Ok(KilnChannel::new(channel, Some(&Token::new(token)?)))
+}
+
+/// Creates a token with `role` through the API and returns its secret.
+pub async fn create_token(url: &str, admin: &str, name: &str, role: pb::Role) -> Result<String> {
+    let mut client = ControlServiceClient::new(channel(url, admin).await?);
+    let created = client
+        .create_token(pb::CreateTokenRequest {
+            name: name.to_owned(),
+            role: role as i32,
+            pipeline: String::new(),
+        })
+        .await?
+        .into_inner();
+    Ok(created.secret)
+}
+
+/// Unique token names across the coordinators of one test process.
+fn next_token_name(kind: &str) -> String {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    format!(
+        "{kind}-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 /// Settings for [`Coordinator::start`].
@@ -136,14 +213,44 @@ impl Coordinator {
         let (Some(grpc), Some(http)) = (field("grpc="), field("http=")) else {
             bail!("kiln-coordinator did not announce its addresses; it said: {line:?}");
         };
+        let process = Process {
+            child,
+            name: "kiln-coordinator".into(),
+        };
+        let url = format!("http://{grpc}");
+        let admin_token = read_admin_token(data_dir, Duration::from_secs(10))?;
+        // Created with the CLI like an operator would, retried while the
+        // listener comes up (this runs inside async tests: no runtime here).
+        let agent_token = {
+            let name = next_token_name("agents");
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                let output = Command::new(binary("kiln"))
+                    .args(["token", "create", &name, "--role", "agent"])
+                    .env("KILN_COORDINATOR", &url)
+                    .env("KILN_TOKEN", &admin_token)
+                    .stdin(Stdio::null())
+                    .output()?;
+                if output.status.success() {
+                    break String::from_utf8(output.stdout)?.trim().to_owned();
+                }
+                if Instant::now() > deadline {
+                    bail!(
+                        "cannot create an agent token: {}",
+                        String::from_utf8_lossy(&output.stderr)
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        };
+        register_tokens(&url, &admin_token, &agent_token);
         Ok(Self {
-            process: Process {
-                child,
-                name: "kiln-coordinator".into(),
-            },
+            process,
             grpc,
             http,
             data_dir: data_dir.to_path_buf(),
+            admin_token,
+            agent_token,
         })
     }
 
@@ -151,9 +258,13 @@ impl Coordinator {
         format!("http://{}", self.grpc)
     }
 
-    pub async fn client(&self) -> Result<ControlServiceClient<Channel>> {
-        let channel = Channel::from_shared(self.url())?.connect().await?;
-        Ok(ControlServiceClient::new(channel))
+    /// A channel authenticated as the bootstrap admin.
+    pub async fn channel(&self) -> Result<KilnChannel> {
+        channel(&self.url(), &self.admin_token).await
+    }
+
+    pub async fn client(&self) -> Result<ControlServiceClient<KilnChannel>> {
+        Ok(ControlServiceClient::new(self.channel().await?))
     }
 
     /// Runs `kiln ARGS` against this coordinator.
@@ -162,15 +273,19 @@ impl Coordinator {
     }
 }
 
-/// Runs the CLI against `url` and returns what it did.
+/// Runs the CLI against `url` as the coordinator's admin and returns what
+/// it did.
 pub fn kiln(url: &str, args: &[&str]) -> Output {
-    Command::new(binary("kiln"))
+    let mut command = Command::new(binary("kiln"));
+    command
         .args(args)
         .env("KILN_COORDINATOR", url)
         .env("USER", "tester")
-        .stdin(Stdio::null())
-        .output()
-        .expect("running kiln")
+        .stdin(Stdio::null());
+    if let Some((admin, _)) = tokens_for(url) {
+        command.env("KILN_TOKEN", admin);
+    }
+    command.output().expect("running kiln")
 }
 
 /// Starts `kiln-agent` with the process executor.
@@ -181,10 +296,13 @@ pub fn start_agent(
     capacity: u32,
     work_dir: &Path,
 ) -> Result<Process> {
+    let (_, agent_token) = tokens_for(url)
+        .with_context(|| format!("no coordinator at {url} was started by this test"))?;
     let child = Command::new(binary("kiln-agent"))
         .args(["--coordinator", url, "--name", name, "--labels", labels])
         .args(["--capacity", &capacity.to_string(), "--executor", "process"])
         .args(["--work-dir".as_ref(), work_dir.as_os_str()])
+        .env("KILN_AGENT_TOKEN", agent_token)
         .env("RUST_LOG", "error")
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
@@ -272,7 +390,7 @@ where
 }
 
 /// The run as the coordinator has it.
-pub async fn get_run(client: &mut ControlServiceClient<Channel>, run: u64) -> Result<pb::Run> {
+pub async fn get_run(client: &mut ControlServiceClient<KilnChannel>, run: u64) -> Result<pb::Run> {
     Ok(client
         .get_run(pb::GetRunRequest { run_id: run })
         .await?
@@ -281,7 +399,7 @@ pub async fn get_run(client: &mut ControlServiceClient<Channel>, run: u64) -> Re
 
 /// Waits for the run to finish and returns it.
 pub async fn wait_run(
-    client: &mut ControlServiceClient<Channel>,
+    client: &mut ControlServiceClient<KilnChannel>,
     run: u64,
     limit: Duration,
 ) -> Result<pb::Run> {
@@ -310,7 +428,7 @@ pub fn stage<'a>(run: &'a pb::Run, name: &str) -> &'a pb::Stage {
 
 /// Every log line of the run, as `stage: text`.
 pub async fn logs(
-    client: &mut ControlServiceClient<Channel>,
+    client: &mut ControlServiceClient<KilnChannel>,
     run: u64,
     stage: &str,
 ) -> Result<Vec<pb::LogEntry>> {

@@ -10,11 +10,9 @@ use kiln_common::channel::KilnChannel;
 use kiln_proto::v1 as pb;
 use kiln_tests::{Coordinator, CoordinatorOptions, peak_rss_mb, write_generated};
 use pb::artifact_service_client::ArtifactServiceClient;
-use tonic::transport::Channel;
 
 async fn artifacts(coordinator: &Coordinator) -> Result<ArtifactServiceClient<KilnChannel>> {
-    let channel = Channel::from_shared(coordinator.url())?.connect().await?;
-    let channel = KilnChannel::new(channel, None);
+    let channel = coordinator.channel().await?;
     Ok(ArtifactServiceClient::new(channel).max_decoding_message_size(8 << 20))
 }
 

@@ -223,10 +223,7 @@ async fn promotion_gates_monitoring_and_automatic_rollback() -> Result<()> {
         .iter()
         .find(|a| a.path == "build/model")
         .unwrap();
-    let channel = tonic::transport::Channel::from_shared(farm.coordinator.url())?
-        .connect()
-        .await?;
-    let channel = kiln_common::channel::KilnChannel::new(channel, None);
+    let channel = farm.coordinator.channel().await?;
     let mut artifacts = pb::artifact_service_client::ArtifactServiceClient::new(channel);
     kiln_agent::transfer::download_and_unpack(
         &mut artifacts,

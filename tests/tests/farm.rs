@@ -206,7 +206,9 @@ async fn a_partitioned_agents_stage_moves_to_the_other_agent_and_completes_once(
 /// Every stage's last line, `done <stage> attempt <n>`, is stored exactly
 /// once, and from the attempt the run records.
 async fn assert_done_once(
-    client: &mut pb::control_service_client::ControlServiceClient<tonic::transport::Channel>,
+    client: &mut pb::control_service_client::ControlServiceClient<
+        kiln_common::channel::KilnChannel,
+    >,
     id: u64,
     run: &pb::Run,
 ) -> Result<()> {

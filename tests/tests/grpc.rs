@@ -47,7 +47,7 @@ async fn health_reports_every_service_as_serving() -> Result<()> {
 async fn reflection_lists_the_services_and_describes_them() -> Result<()> {
     let data = tempfile::tempdir()?;
     let coordinator = Coordinator::start(data.path(), &CoordinatorOptions::default())?;
-    let channel = Channel::from_shared(coordinator.url())?.connect().await?;
+    let channel = coordinator.channel().await?;
     let mut reflection = ServerReflectionClient::new(channel);
     let requests = tokio_stream::iter([
         ServerReflectionRequest {

@@ -59,9 +59,7 @@ async fn a_killed_agents_stage_reruns_elsewhere_and_its_late_completion_is_rejec
         stage_idx: 0,
         attempt: 1,
     };
-    let channel = tonic::transport::Channel::from_shared(coordinator.url())?
-        .connect()
-        .await?;
+    let channel = kiln_tests::channel(&coordinator.url(), &coordinator.agent_token).await?;
     let mut agent = pb::agent_service_client::AgentServiceClient::new(channel);
     let (tx, rx) = mpsc::unbounded_channel();
     let hello = pb::Hello {

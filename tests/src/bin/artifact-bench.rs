@@ -14,7 +14,6 @@ use anyhow::{Result, ensure};
 use kiln_agent::transfer::{digest_file, download_file, upload_file};
 use kiln_proto::v1::artifact_service_client::ArtifactServiceClient;
 use kiln_tests::{Coordinator, CoordinatorOptions, peak_rss_mb, write_generated};
-use tonic::transport::Channel;
 
 const SIZE: u64 = 1 << 30;
 const MB: f64 = 1024.0 * 1024.0;
@@ -33,8 +32,7 @@ async fn main() -> Result<()> {
 
     let data = tempfile::tempdir()?;
     let coordinator = Coordinator::start(data.path(), &CoordinatorOptions::default())?;
-    let channel = Channel::from_shared(coordinator.url())?.connect().await?;
-    let channel = kiln_common::channel::KilnChannel::new(channel, None);
+    let channel = coordinator.channel().await?;
     let mut client = ArtifactServiceClient::new(channel).max_decoding_message_size(8 << 20);
 
     let started = Instant::now();

@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use clap_lite::Args;
+use kiln_common::channel::KilnChannel;
 use kiln_proto::v1 as pb;
 use kiln_tests::{Coordinator, CoordinatorOptions};
 use pb::agent_message::Msg;
@@ -79,6 +80,8 @@ async fn main() -> Result<()> {
     let options = CoordinatorOptions {
         lease_ttl: "30s",
         heartbeat: "5s",
+        // Every simulated agent uses the one agent token.
+        extra_args: vec!["--max-agents-per-token".into(), "100000".into()],
         ..Default::default()
     };
     let coordinator = Coordinator::start(data.path(), &options)?;
@@ -105,7 +108,7 @@ async fn main() -> Result<()> {
     for i in 0..n_agents {
         agents.push(
             connect_agent(
-                &coordinator.url(),
+                &coordinator,
                 &format!("bench-{i}"),
                 capacity,
                 Some(shared.clone()),
@@ -119,7 +122,7 @@ async fn main() -> Result<()> {
     let mut triggered = 0;
     // Latency is measured on stage-to-stage hand-offs only: a run's first
     // assignment can reach the agent before the trigger's reply reaches us.
-    let trigger = |control: &mut pb::control_service_client::ControlServiceClient<Channel>| {
+    let trigger = |control: &mut pb::control_service_client::ControlServiceClient<KilnChannel>| {
         let mut control = control.clone();
         async move {
             control
@@ -161,7 +164,7 @@ async fn main() -> Result<()> {
 
     let mut idle = Vec::new();
     for i in n_agents..idle_agents.max(n_agents) {
-        idle.push(connect_agent(&coordinator.url(), &format!("idle-{i}"), 1, None).await?);
+        idle.push(connect_agent(&coordinator, &format!("idle-{i}"), 1, None).await?);
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
     let listed = control
@@ -194,15 +197,17 @@ fn chain_spec() -> String {
 /// Connects one simulated agent; with `shared` it finishes every stage at
 /// once and records latencies, without it it only heartbeats.
 async fn connect_agent(
-    url: &str,
+    coordinator: &Coordinator,
     name: &str,
     capacity: u32,
     shared: Option<Arc<Shared>>,
 ) -> Result<tokio::task::JoinHandle<()>> {
-    let channel = Channel::from_shared(url.to_owned())?
+    let channel = Channel::from_shared(coordinator.url())?
         .tcp_nodelay(true)
         .connect()
         .await?;
+    let token = kiln_common::channel::Token::new(&coordinator.agent_token)?;
+    let channel = kiln_common::channel::KilnChannel::new(channel, Some(&token));
     let mut client = pb::agent_service_client::AgentServiceClient::new(channel);
     let (tx, rx) = mpsc::unbounded_channel();
     let hello = pb::Hello {

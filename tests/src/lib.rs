@@ -172,6 +172,9 @@ pub struct CoordinatorOptions {
     pub grpc: String,
     /// More flags for `kiln-coordinator`.
     pub extra_args: Vec<String>,
+    /// Flags `kiln` needs to reach it (`--ca-file`, a client certificate);
+    /// with any, the coordinator is reached over `https://127.0.0.1:PORT`.
+    pub client_args: Vec<String>,
 }
 
 impl Default for CoordinatorOptions {
@@ -181,6 +184,7 @@ impl Default for CoordinatorOptions {
             heartbeat: "300ms",
             grpc: "127.0.0.1:0".into(),
             extra_args: Vec::new(),
+            client_args: Vec::new(),
         }
     }
 }
@@ -217,7 +221,12 @@ impl Coordinator {
             child,
             name: "kiln-coordinator".into(),
         };
-        let url = format!("http://{grpc}");
+        let url = if options.client_args.is_empty() {
+            format!("http://{grpc}")
+        } else {
+            let port = grpc.rsplit(':').next().unwrap_or_default();
+            format!("https://127.0.0.1:{port}")
+        };
         let admin_token = read_admin_token(data_dir, Duration::from_secs(10))?;
         // Created with the CLI like an operator would, retried while the
         // listener comes up (this runs inside async tests: no runtime here).
@@ -226,6 +235,7 @@ impl Coordinator {
             let deadline = Instant::now() + Duration::from_secs(10);
             loop {
                 let output = Command::new(binary("kiln"))
+                    .args(&options.client_args)
                     .args(["token", "create", &name, "--role", "agent"])
                     .env("KILN_COORDINATOR", &url)
                     .env("KILN_TOKEN", &admin_token)

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use kiln_common::channel::{ClientOptions, CoordinatorEndpoint};
+use kiln_common::channel::{ClientOptions, CoordinatorEndpoint, Token};
 use kiln_proto::v1 as pb;
 use kiln_tests::{Coordinator, CoordinatorOptions, Process, binary, eventually};
 use pb::control_service_client::ControlServiceClient;
@@ -86,11 +86,25 @@ impl Pki {
         flags
     }
 
+    /// What the test helpers' `kiln` needs to reach such a coordinator.
+    fn client_args(&self, mutual: bool) -> Vec<String> {
+        let mut args = vec![format!("--ca-file={}", self.ca().display())];
+        if mutual {
+            args.push(format!("--tls-cert={}", self.path("agent.pem").display()));
+            args.push(format!(
+                "--tls-key={}",
+                self.path("agent-key.pem").display()
+            ));
+        }
+        args
+    }
+
     /// A client that trusts this PKI's CA and has no certificate.
     fn client(&self) -> Client {
         Client {
             ca_file: Some(self.ca()),
             identity: None,
+            token: None,
         }
     }
 
@@ -100,6 +114,7 @@ impl Pki {
         Client {
             ca_file: Some(server_ca.to_owned()),
             identity: Some((self.path("agent.pem"), self.path("agent-key.pem"))),
+            token: None,
         }
     }
 }
@@ -111,15 +126,29 @@ struct Client {
     ca_file: Option<PathBuf>,
     /// Certificate and key for mutual TLS.
     identity: Option<(PathBuf, PathBuf)>,
+    /// Bearer token; the TLS checks happen before it matters.
+    token: Option<String>,
 }
 
 impl Client {
+    fn with_token(self, token: &str) -> Self {
+        Self {
+            token: Some(token.to_owned()),
+            ..self
+        }
+    }
+
     fn options(&self) -> ClientOptions {
         ClientOptions {
             ca_file: self.ca_file.clone(),
             client_cert: self.identity.as_ref().map(|(cert, _)| cert.clone()),
             client_key: self.identity.as_ref().map(|(_, key)| key.clone()),
-            token: None,
+            token: self
+                .token
+                .as_deref()
+                .map(Token::new)
+                .transpose()
+                .expect("test tokens are not empty"),
         }
     }
 
@@ -154,11 +183,13 @@ async fn agent_names(url: &str, client: &Client) -> Result<Vec<String>> {
         .collect())
 }
 
-/// A coordinator on 127.0.0.1 with extra flags, and its data dir.
-fn start(flags: Vec<String>) -> Result<(tempfile::TempDir, Coordinator)> {
+/// A coordinator on 127.0.0.1 with this PKI's server certificate (and
+/// client CA when `mutual`), and its data dir.
+fn start(pki: &Pki, mutual: bool) -> Result<(tempfile::TempDir, Coordinator)> {
     let data = tempfile::tempdir()?;
     let options = CoordinatorOptions {
-        extra_args: flags,
+        extra_args: pki.coordinator_flags(mutual),
+        client_args: pki.client_args(mutual),
         ..CoordinatorOptions::default()
     };
     let coordinator = Coordinator::start(data.path(), &options)?;
@@ -173,13 +204,16 @@ fn loopback_url(scheme: &str, coordinator: &Coordinator) -> String {
 }
 
 fn kiln(url: &str, client: &Client, args: &[&str]) -> std::process::Output {
-    Command::new(binary("kiln"))
+    let mut command = Command::new(binary("kiln"));
+    command
         .args(client.flags())
         .args(args)
         .env("KILN_COORDINATOR", url)
-        .stdin(Stdio::null())
-        .output()
-        .expect("running kiln")
+        .stdin(Stdio::null());
+    if let Some(token) = &client.token {
+        command.env("KILN_TOKEN", token);
+    }
+    command.output().expect("running kiln")
 }
 
 /// The whole error chain, for matching on the innermost cause.
@@ -190,14 +224,12 @@ fn chain(error: &anyhow::Error) -> String {
 #[tokio::test(flavor = "multi_thread")]
 async fn grpc_over_tls_works_with_the_coordinators_ca() -> Result<()> {
     let pki = Pki::new()?;
-    let (_data, coordinator) = start(pki.coordinator_flags(false))?;
+    let (_data, coordinator) = start(&pki, false)?;
     let url = loopback_url("https", &coordinator);
+    let client = pki.client().with_token(&coordinator.admin_token);
 
-    assert_eq!(
-        agent_names(&url, &pki.client()).await?,
-        Vec::<String>::new()
-    );
-    let output = kiln(&url, &pki.client(), &["agents", "--output", "json"]);
+    assert_eq!(agent_names(&url, &client).await?, Vec::<String>::new());
+    let output = kiln(&url, &client, &["agents", "--output", "json"]);
     assert!(
         output.status.success(),
         "kiln agents over TLS failed: {}",
@@ -214,7 +246,7 @@ async fn grpc_over_tls_works_with_the_coordinators_ca() -> Result<()> {
 async fn a_wrong_ca_fails_the_handshake() -> Result<()> {
     let pki = Pki::new()?;
     let stranger = Pki::new()?;
-    let (_data, coordinator) = start(pki.coordinator_flags(false))?;
+    let (_data, coordinator) = start(&pki, false)?;
     let url = loopback_url("https", &coordinator);
 
     let error = agent_names(&url, &stranger.client())
@@ -236,7 +268,7 @@ async fn a_wrong_ca_fails_the_handshake() -> Result<()> {
 async fn mutual_tls_admits_only_certificates_of_the_client_ca() -> Result<()> {
     let pki = Pki::new()?;
     let stranger = Pki::new()?;
-    let (_data, coordinator) = start(pki.coordinator_flags(true))?;
+    let (_data, coordinator) = start(&pki, true)?;
     let url = loopback_url("https", &coordinator);
 
     let without = agent_names(&url, &pki.client()).await;
@@ -263,6 +295,7 @@ async fn mutual_tls_admits_only_certificates_of_the_client_ca() -> Result<()> {
         ])
         .args(["--work-dir".as_ref(), work_dir.path().as_os_str()])
         .args(agent.flags())
+        .env("KILN_AGENT_TOKEN", &coordinator.agent_token)
         .env("RUST_LOG", "error")
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
@@ -272,7 +305,11 @@ async fn mutual_tls_admits_only_certificates_of_the_client_ca() -> Result<()> {
         child,
         name: "kiln-agent tls-agent".into(),
     };
-    let agent = &agent;
+    // Listing agents takes a user token; the certificate is the agent's.
+    let admin = pki
+        .agent_client(&pki.ca())
+        .with_token(&coordinator.admin_token);
+    let agent = &admin;
     eventually(Duration::from_secs(15), "the TLS agent to connect", || {
         let url = url.clone();
         async move {
@@ -287,7 +324,7 @@ async fn mutual_tls_admits_only_certificates_of_the_client_ca() -> Result<()> {
 async fn healthz_is_served_over_tls_without_a_client_certificate() -> Result<()> {
     let pki = Pki::new()?;
     // Mutual TLS on gRPC must not reach the HTTP listener.
-    let (_data, coordinator) = start(pki.coordinator_flags(true))?;
+    let (_data, coordinator) = start(&pki, true)?;
     let response = https_get(&coordinator.http, &pki.ca(), "/healthz").await?;
     assert!(response.starts_with("HTTP/1.1 200"), "{response}");
     assert!(response.ends_with("ok\n"), "{response}");
@@ -355,6 +392,7 @@ async fn https_get(addr: &str, ca: &Path, path: &str) -> Result<String> {
     let client = Client {
         ca_file: Some(ca.to_owned()),
         identity: None,
+        token: None,
     };
     let mut tls = tls_connect(addr, &client, b"http/1.1").await?;
     let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
@@ -422,7 +460,7 @@ async fn insecure_or_tls_may_listen_off_loopback() -> Result<()> {
     let insecure = Coordinator::start(data.path(), &options)?;
     let url = loopback_url("http", &insecure);
     assert_eq!(
-        agent_names(&url, &Client::default()).await?,
+        agent_names(&url, &Client::default().with_token(&insecure.admin_token)).await?,
         Vec::<String>::new()
     );
 
@@ -431,12 +469,13 @@ async fn insecure_or_tls_may_listen_off_loopback() -> Result<()> {
     let options = CoordinatorOptions {
         grpc: "0.0.0.0:0".into(),
         extra_args: pki.coordinator_flags(false),
+        client_args: pki.client_args(false),
         ..CoordinatorOptions::default()
     };
     let tls = Coordinator::start(data.path(), &options)?;
     let url = loopback_url("https", &tls);
     assert_eq!(
-        agent_names(&url, &pki.client()).await?,
+        agent_names(&url, &pki.client().with_token(&tls.admin_token)).await?,
         Vec::<String>::new()
     );
     Ok(())

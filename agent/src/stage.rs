@@ -352,6 +352,14 @@ fn stage_env(assign: &Assign) -> (BTreeMap<String, String>, BTreeMap<String, Str
         ("KILN_STAGE".to_owned(), assign.stage_name.clone()),
         ("KILN_ATTEMPT".to_owned(), stage.attempt.to_string()),
         ("KILN_PIPELINE".to_owned(), assign.pipeline.clone()),
+        (
+            "KILN_COMMIT".to_owned(),
+            assign
+                .source
+                .as_ref()
+                .map(|source| source.commit.clone())
+                .unwrap_or_default(),
+        ),
         ("CI".to_owned(), "true".to_owned()),
     ];
     let secrets: BTreeMap<String, String> = assign

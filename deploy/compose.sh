@@ -7,7 +7,9 @@
 # Environment: KILN_TAG (image tag, default dev), KILN_REPOS (host dir of
 # local repositories, mounted read-only at the same path; default
 # /srv/kiln/repos), KILN_GRPC_PORT / KILN_HTTP_PORT (on 127.0.0.1; default
-# 7700 / 7701), DOCKER_HOST_SOCKET (default /var/run/docker.sock).
+# 7700 / 7701), DOCKER_HOST_SOCKET (default /var/run/docker.sock),
+# KILN_AGENT_TOKEN_HOST_FILE (the agents' token; default
+# /etc/kiln/agent.token, created on the first `up` through the coordinator).
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 
@@ -46,4 +48,18 @@ if command -v docker-compose >/dev/null 2>&1; then
 else
   compose=(docker compose)
 fi
-exec "${compose[@]}" -p "${COMPOSE_PROJECT_NAME:-kiln}" -f "$here/docker-compose.yml" "$@"
+compose+=(-p "${COMPOSE_PROJECT_NAME:-kiln}" -f "$here/docker-compose.yml")
+
+# The agents authenticate with an agent token: on the first `up`, start the
+# coordinator alone and create one with its bootstrap admin token.
+token_file=${KILN_AGENT_TOKEN_HOST_FILE:-/etc/kiln/agent.token}
+export KILN_AGENT_TOKEN_HOST_FILE=$token_file
+if [[ ${1:-} == up && ! -s $token_file ]]; then
+  "${compose[@]}" up -d --wait coordinator
+  "${sudo[@]}" install -d -m 0755 "$(dirname "$token_file")"
+  token=$("${compose[@]}" exec -T coordinator kiln token create "compose-agents-$(date +%s)" --role agent)
+  (umask 077 && printf '%s\n' "$token" | "${sudo[@]}" tee "$token_file" >/dev/null)
+  "${sudo[@]}" chown 10001:10001 "$token_file"
+  echo "created the agents' token in $token_file"
+fi
+exec "${compose[@]}" "$@"

@@ -91,16 +91,16 @@ async fn signed_push_webhooks_start_runs_for_matching_branches_only() -> Result<
         &[("hook-agent", "role=build", 2)],
     )?;
     let coordinator = &farm.coordinator;
-    let repo = Repo::new(&format!(
+    let repo = Repo::new(
         r#"
 pipeline: hooked
 triggers:
-  push: {{ branches: [main, "release/*"], secret: HOOK_KEY }}
+  push: { branches: [main, "release/*"], secret: HOOK_KEY }
 stages:
   build:
     commands: ["echo built $KILN_COMMIT"]
-"#
-    ))?;
+"#,
+    )?;
     let pipeline = register(coordinator, &repo).await?;
     let commit = repo.commit("model.txt", "v2\n")?;
     let body = push_payload("main", &commit);

@@ -239,7 +239,7 @@ fn outcome_of(response: &http::Response<Body>) -> (String, String) {
         .and_then(|code| code.parse::<i32>().ok())
         .map_or(tonic::Code::Ok, tonic::Code::from_i32);
     let message = header("grpc-message")
-        .map(|raw| percent_decode(raw))
+        .map(percent_decode)
         .unwrap_or_default();
     (format!("{code:?}"), message)
 }

@@ -13,6 +13,8 @@ Exit codes:
   2  usage or input error, or the coordinator refused the request
      (invalid argument, not found, failed precondition, ...)
   3  the coordinator cannot be reached
+  4  `kiln verify`: the file did not verify (the provenance signature does
+     not hold, or the file is not among what the release released)
 
 Errors are printed as one line on stderr: `error: <message>`.
 With `--output json`, commands print JSON objects whose fields are listed in
@@ -124,6 +126,11 @@ pub(crate) enum Command {
     Reject(DecideArgs),
     /// Put an environment's previous (or a chosen) release back.
     Rollback(RollbackArgs),
+    /// Check a file (a model file, or an artifact archive) against a
+    /// release's signed provenance.
+    Verify(VerifyArgs),
+    /// Every run and release that produced, used or released a digest.
+    Lineage(LineageArgs),
     /// Start an embedded coordinator and two agents, and run an example pipeline.
     Demo(DemoArgs),
 }
@@ -306,8 +313,51 @@ pub(crate) enum EnvCommand {
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum ReleaseCommand {
-    /// A release's lineage: run, source, artifacts, image, metrics, gates.
+    /// A release's lineage: run, source, datasets, artifacts, image,
+    /// metrics, gates, provenance digest.
     Show { release: u64 },
+    /// A release's signed provenance: the DSSE envelope exactly as signed
+    /// (so its sha256 is the release's provenance digest), or the statement.
+    Provenance(ProvenanceArgs),
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct ProvenanceArgs {
+    pub(crate) release: u64,
+    /// Print the in-toto statement (pretty JSON) instead of the envelope.
+    #[arg(long)]
+    pub(crate) statement: bool,
+    /// Write to this file instead of stdout.
+    #[arg(long, value_name = "FILE")]
+    pub(crate) out: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct VerifyArgs {
+    /// The file to check: a file from inside a released artifact
+    /// (`model.pkl`), or an artifact archive.
+    pub(crate) file: PathBuf,
+    /// The release the file should come from.
+    #[arg(long)]
+    pub(crate) release: u64,
+    /// The coordinator's public key (`provenance.pub` in its data dir, SPKI
+    /// PEM). Without it the key is fetched from the coordinator, so the
+    /// check trusts the coordinator.
+    #[arg(long, value_name = "PEM_FILE")]
+    pub(crate) key: Option<PathBuf>,
+    /// The DSSE envelope (`kiln release provenance ID --out FILE`); fetched
+    /// from the coordinator when omitted. With --key too, nothing is
+    /// fetched: the check is offline.
+    #[arg(long, value_name = "ENVELOPE_FILE")]
+    pub(crate) provenance: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct LineageArgs {
+    /// `sha256:<hex>` (or bare hex) of an artifact archive, a file inside a
+    /// released artifact, a dataset or a source snapshot; or a 40-digit git
+    /// commit.
+    pub(crate) digest: String,
 }
 
 #[derive(Debug, Args)]

@@ -17,6 +17,9 @@ pub(crate) const EXIT_RUN_NOT_SUCCEEDED: u8 = 1;
 pub(crate) const EXIT_USAGE: u8 = 2;
 /// No answer from the coordinator at all.
 pub(crate) const EXIT_UNREACHABLE: u8 = 3;
+/// `kiln verify` ran and the file did not verify: a bad signature, or a
+/// file that is not among what the release released.
+pub(crate) const EXIT_NOT_VERIFIED: u8 = 4;
 
 /// How a command that did not fail ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -46,6 +49,9 @@ pub(crate) enum CliError {
     Coordinator(String),
     /// The coordinator did not answer (refused, timed out, went away).
     Unreachable { url: String, reason: String },
+    /// `kiln verify` checked and the answer is no: the signature does not
+    /// hold, or the file is not what the release released.
+    NotVerified(String),
     /// Writing to stdout failed; a closed pipe (`kiln logs 7 | head`) is
     /// not an error worth a message.
     Output(io::Error),
@@ -78,6 +84,7 @@ impl CliError {
         match self {
             CliError::Input(_) | CliError::Coordinator(_) => EXIT_USAGE,
             CliError::Unreachable { .. } => EXIT_UNREACHABLE,
+            CliError::NotVerified(_) => EXIT_NOT_VERIFIED,
             CliError::Output(e) if e.kind() == io::ErrorKind::BrokenPipe => EXIT_OK,
             CliError::Output(_) => EXIT_USAGE,
         }
@@ -92,7 +99,9 @@ impl CliError {
 impl fmt::Display for CliError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            CliError::Input(message) | CliError::Coordinator(message) => f.write_str(message),
+            CliError::Input(message)
+            | CliError::Coordinator(message)
+            | CliError::NotVerified(message) => f.write_str(message),
             CliError::Unreachable { url, reason } => {
                 write!(f, "cannot reach the coordinator at {url}: {reason}")
             }
@@ -193,5 +202,12 @@ mod tests {
         assert!(!error.should_print());
         assert_eq!(error.exit_code(), EXIT_OK);
         assert_eq!(Outcome::RunNotSucceeded.exit_code(), EXIT_RUN_NOT_SUCCEEDED);
+    }
+
+    #[test]
+    fn a_failed_verification_has_its_own_code() {
+        let error = CliError::NotVerified("bad signature".into());
+        assert_eq!(error.exit_code(), EXIT_NOT_VERIFIED);
+        assert_eq!(error.to_string(), "bad signature");
     }
 }

@@ -36,7 +36,7 @@ use crate::args::{
     PipelineCommand, ReleaseCommand,
 };
 use crate::client::Coordinator;
-use crate::commands::{agents, artifacts, delivery, logs, pipeline, runs, security};
+use crate::commands::{agents, artifacts, delivery, logs, pipeline, provenance, runs, security};
 use crate::error::{CliError, Outcome};
 
 #[tokio::main]
@@ -61,6 +61,8 @@ async fn dispatch(cli: Cli) -> Result<Outcome, CliError> {
     match cli.command {
         // The demo brings its own coordinator.
         Command::Demo(args) => demo::demo(&args, format).await,
+        // Connects only for what --key and --provenance do not give.
+        Command::Verify(args) => provenance::verify(url, &options, format, &args).await,
         Command::Pipeline(PipelineCommand::Register { dir }) => {
             // A broken kiln.yml is reported even when no coordinator is up.
             let prepared = pipeline::prepare(&dir)?;
@@ -135,6 +137,8 @@ async fn remote(
         Command::Release(ReleaseCommand::Show { release }) => {
             delivery::show_release(c, format, release).await
         }
+        Command::Release(ReleaseCommand::Provenance(args)) => provenance::show(c, &args).await,
+        Command::Lineage(args) => provenance::lineage(c, format, &args.digest).await,
         Command::Approve(args) => delivery::decide(c, format, &args, true).await,
         Command::Reject(args) => delivery::decide(c, format, &args, false).await,
         Command::Rollback(args) => delivery::rollback(c, format, &args).await,
@@ -142,7 +146,9 @@ async fn remote(
         Command::Secret(command) => security::secret(c, format, command).await,
         Command::Audit(args) => security::audit(c, format, args.limit).await,
         Command::Whoami => security::whoami(c, format).await,
-        Command::Demo(_) | Command::Pipeline(PipelineCommand::Register { .. }) => {
+        Command::Demo(_)
+        | Command::Verify(_)
+        | Command::Pipeline(PipelineCommand::Register { .. }) => {
             unreachable!("dispatch handles the commands that do more than call the coordinator")
         }
     }

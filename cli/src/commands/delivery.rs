@@ -22,9 +22,10 @@ struct EnvironmentView {
 }
 
 /// A release. JSON: `{id, environment, state, run_id, pipeline,
-/// pipeline_version, commit, source_digest, stage, image_digest,
+/// pipeline_version, repo, commit, source_digest, stage, image_digest,
 /// triggered_by, created_ms, reason, restored_by_rollback, metrics,
-/// artifacts: [{stage, path, digest, size}], gates: [{stage, gate}]}`.
+/// artifacts: [{stage, path, digest, size}], gates: [{stage, gate}],
+/// datasets: [{source, path, digest, content_digest}], provenance_digest}`.
 #[derive(Debug, Serialize)]
 struct ReleaseView {
     id: u64,
@@ -33,6 +34,9 @@ struct ReleaseView {
     run_id: u64,
     pipeline: String,
     pipeline_version: u32,
+    /// Where the pipeline's git source lives; null for a pipeline
+    /// registered without one.
+    repo: Option<String>,
     commit: String,
     source_digest: Option<String>,
     stage: String,
@@ -44,6 +48,17 @@ struct ReleaseView {
     metrics: BTreeMap<String, f64>,
     artifacts: Vec<ArtifactRef>,
     gates: Vec<NamedGate>,
+    datasets: Vec<DatasetRef>,
+    /// sha256 of the signed provenance envelope; null until signed.
+    provenance_digest: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+struct DatasetRef {
+    source: String,
+    path: String,
+    digest: String,
+    content_digest: String,
 }
 
 #[derive(Debug, Serialize)]
@@ -89,6 +104,7 @@ impl From<pb::Release> for ReleaseView {
             run_id: release.run_id,
             pipeline: release.pipeline,
             pipeline_version: release.pipeline_version,
+            repo: some(release.repo),
             commit: release.commit,
             source_digest: some(release.source_digest),
             stage: release.stage,
@@ -116,6 +132,17 @@ impl From<pb::Release> for ReleaseView {
                     gate: g.decision.map(GateView::from),
                 })
                 .collect(),
+            datasets: release
+                .datasets
+                .into_iter()
+                .map(|d| DatasetRef {
+                    source: d.source,
+                    path: d.path,
+                    digest: d.digest,
+                    content_digest: d.content_digest,
+                })
+                .collect(),
+            provenance_digest: some(release.provenance_digest),
         }
     }
 }
@@ -233,7 +260,7 @@ pub(crate) async fn show_release(
         OutputFormat::Json => output::json(&release)?,
         OutputFormat::Table => {
             let mut text = format!(
-                "release {}  {}  {}\nrun        {} of {} (version {}), stage {}\nsource     {}\nimage      {}\ntriggered  by {}\nmetrics    {}",
+                "release {}  {}  {}\nrun        {} of {} (version {}), stage {}",
                 release.id,
                 release.environment,
                 release.state,
@@ -241,14 +268,13 @@ pub(crate) async fn show_release(
                 release.pipeline,
                 release.pipeline_version,
                 release.stage,
-                release
-                    .source_digest
-                    .clone()
-                    .unwrap_or_else(|| format!("commit {}", release.commit)),
-                release.image_digest.clone().unwrap_or_else(|| "-".into()),
+            );
+            text.push_str(&lineage_lines(&release));
+            text.push_str(&format!(
+                "\ntriggered  by {}\nmetrics    {}",
                 release.triggered_by,
                 key_metrics(&release.metrics),
-            );
+            ));
             if let Some(reason) = &release.reason {
                 text.push_str(&format!("\nreason     {reason}"));
             }
@@ -282,6 +308,39 @@ pub(crate) async fn show_release(
         }
     }
     Ok(Outcome::Ok)
+}
+
+/// What the release was built from: code, data, image, and the signed
+/// provenance that vouches for it.
+fn lineage_lines(release: &ReleaseView) -> String {
+    let mut text = String::new();
+    let repo = release.repo.as_deref().unwrap_or("-");
+    if !release.commit.is_empty() {
+        text.push_str(&format!("\nsource     {repo} @ {}", release.commit));
+    }
+    if let Some(snapshot) = &release.source_digest {
+        text.push_str(&format!(
+            "\nsource     snapshot {snapshot} (uploaded working tree of {repo})"
+        ));
+    }
+    for dataset in &release.datasets {
+        text.push_str(&format!(
+            "\ndataset    {} from {} ({})",
+            dataset.path, dataset.source, dataset.digest
+        ));
+    }
+    text.push_str(&format!(
+        "\nimage      {}",
+        release.image_digest.as_deref().unwrap_or("-")
+    ));
+    match &release.provenance_digest {
+        Some(digest) => text.push_str(&format!(
+            "\nprovenance {digest} (kiln release provenance {})",
+            release.id
+        )),
+        None => text.push_str("\nprovenance not signed yet"),
+    }
+    text
 }
 
 fn user() -> String {

@@ -7,6 +7,7 @@ pub(crate) mod artifacts;
 pub(crate) mod delivery;
 pub(crate) mod logs;
 pub(crate) mod pipeline;
+pub(crate) mod provenance;
 pub(crate) mod runs;
 pub(crate) mod security;
 pub(crate) mod watch;

@@ -1,6 +1,7 @@
 //! The subjects of a release: each released archive, and every regular file
 //! inside it.
 
+use std::collections::HashSet;
 use std::io::{self, Read, Write};
 
 use super::{ProvenanceError, ReleaseFacts, Subject};
@@ -50,9 +51,13 @@ pub fn subjects(
     listings: &[ArchiveListing],
 ) -> Result<Vec<Subject>, ProvenanceError> {
     let mut subjects: Vec<Subject> = Vec::new();
-    let mut push = |subject: Subject| {
-        if !subjects.contains(&subject) {
-            subjects.push(subject);
+    // A set, not `subjects.contains`: an artifact may hold up to
+    // `max_entries` (a million) files, and a linear search per file made
+    // signing such a release quadratic.
+    let mut seen: HashSet<(String, BlobDigest)> = HashSet::new();
+    let mut push = |name: String, digest: BlobDigest| {
+        if seen.insert((name.clone(), digest)) {
+            subjects.push(Subject::new(name, digest));
         }
     };
     for artifact in &facts.artifacts {
@@ -65,15 +70,12 @@ pub fn subjects(
                 digest: artifact.digest,
             })?;
         let path = artifact.path.trim_end_matches('/');
-        push(Subject::new(
+        push(
             format!("{}/{path}.tar.zst", artifact.stage),
             artifact.digest,
-        ));
+        );
         for file in &listing.files {
-            push(Subject::new(
-                format!("{}/{}", artifact.stage, file.path),
-                file.digest,
-            ));
+            push(format!("{}/{}", artifact.stage, file.path), file.digest);
         }
     }
     Ok(subjects)

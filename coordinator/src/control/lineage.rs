@@ -7,7 +7,7 @@ use kiln_proto::v1 as pb;
 
 use super::ControlApi;
 use crate::error::ApiError;
-use crate::store::{ReleaseRecord, RunRecord, Store};
+use crate::store::{ReleaseRecord, RunRecord, StageArtifact, Store};
 use crate::views;
 
 /// Runs a lineage query scans at most, newest first.
@@ -68,8 +68,10 @@ pub(super) fn uses(store: &dyn Store, digest: &str) -> Result<Vec<pb::LineageUse
             }
         }
         if let Some(provenance) = store.provenance(release.id)? {
-            for (name, subject_digest) in subjects(&provenance.statement_json) {
-                if subject_digest == wanted.hex() && !name.ends_with(".tar.zst") {
+            for (name, subject_digest) in
+                file_subjects(&provenance.statement_json, &release.artifacts)
+            {
+                if subject_digest == wanted.hex() {
                     let stage = name.split('/').next().unwrap_or_default().to_owned();
                     uses.push(released(&release, &stage, &name));
                 }
@@ -172,11 +174,23 @@ fn matches(candidate: &str, wanted: &Wanted) -> bool {
         .is_some_and(|digest| candidate == digest.to_string())
 }
 
-/// (name, sha256 hex) of every subject of a stored statement.
-fn subjects(statement_json: &str) -> Vec<(String, String)> {
+/// (name, sha256 hex) of every subject of a stored statement that is a
+/// file inside a released archive. The archives' own subjects
+/// (`<stage>/<path>.tar.zst`, see `kiln_common::provenance::subjects`) are
+/// left out, since `uses` reports them from the release's artifacts; they
+/// are recognized by that exact name, not by the `.tar.zst` ending, which a
+/// file inside an artifact may have too.
+fn file_subjects(statement_json: &str, artifacts: &[StageArtifact]) -> Vec<(String, String)> {
     let Ok(statement) = serde_json::from_str::<serde_json::Value>(statement_json) else {
         return Vec::new();
     };
+    let archives: Vec<String> = artifacts
+        .iter()
+        .map(|a| {
+            let path = a.artifact.path.trim_end_matches('/');
+            format!("{}/{path}.tar.zst", a.stage)
+        })
+        .collect();
     statement["subject"]
         .as_array()
         .into_iter()
@@ -187,5 +201,45 @@ fn subjects(statement_json: &str) -> Vec<(String, String)> {
                 subject["digest"]["sha256"].as_str()?.to_owned(),
             ))
         })
+        .filter(|(name, _)| !archives.contains(name))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::ArtifactRecord;
+
+    /// Regression: every subject ending in `.tar.zst` was taken for a
+    /// released archive and skipped, so a model shipped as
+    /// `build/model/weights.tar.zst` inside an artifact had no lineage.
+    #[test]
+    fn a_file_named_like_an_archive_is_still_a_released_file() {
+        let artifacts = [StageArtifact {
+            stage: "train".into(),
+            artifact: ArtifactRecord {
+                path: "build/model/".into(),
+                digest: "sha256:aa".into(),
+                size: 1,
+            },
+        }];
+        let statement = serde_json::json!({
+            "subject": [
+                { "name": "train/build/model.tar.zst", "digest": { "sha256": "aa" } },
+                { "name": "train/build/model/weights.tar.zst", "digest": { "sha256": "bb" } },
+                { "name": "train/build/model/model.pkl", "digest": { "sha256": "cc" } },
+            ]
+        });
+        let files = file_subjects(&statement.to_string(), &artifacts);
+        assert_eq!(
+            files,
+            [
+                (
+                    "train/build/model/weights.tar.zst".to_owned(),
+                    "bb".to_owned()
+                ),
+                ("train/build/model/model.pkl".to_owned(), "cc".to_owned()),
+            ]
+        );
+    }
 }

@@ -1,7 +1,7 @@
 //! `AgentService`: turns each agent's bidirectional stream into engine
 //! events. The protocol logic lives in the engine; this is plumbing.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -23,9 +23,9 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 pub(crate) struct AgentApi {
     events: mpsc::Sender<Event>,
     next_conn: AtomicU64,
-    /// Agent names connected with each token: one leaked agent token can
-    /// only bring up so many agents.
-    connected: Arc<Mutex<HashMap<String, BTreeSet<String>>>>,
+    /// Agent names connected with each token, with their open streams:
+    /// one leaked agent token can only bring up so many agents.
+    connected: Arc<Mutex<Connected>>,
     max_agents_per_token: usize,
 }
 
@@ -44,20 +44,25 @@ impl AgentApi {
     fn admit(&self, token: &str, agent: &str) -> Result<(), Status> {
         let mut connected = self.connected.lock().expect("agent count poisoned");
         let names = connected.entry(token.to_owned()).or_default();
-        if !names.contains(agent) && names.len() >= self.max_agents_per_token {
+        if !names.contains_key(agent) && names.len() >= self.max_agents_per_token {
             return Err(Status::resource_exhausted(format!(
                 "token `{token}` already has {} agents connected, the limit; create another agent token",
                 names.len()
             )));
         }
-        names.insert(agent.to_owned());
+        *names.entry(agent.to_owned()).or_default() += 1;
         Ok(())
     }
 }
 
+/// Per token, per agent name, the streams open: a reconnect opens the new
+/// stream before the old one ends, and the name must stay counted until
+/// its last stream is gone.
+type Connected = HashMap<String, BTreeMap<String, usize>>;
+
 /// Releases an agent's place under its token when its stream ends.
 struct Admitted {
-    connected: Arc<Mutex<HashMap<String, BTreeSet<String>>>>,
+    connected: Arc<Mutex<Connected>>,
     token: String,
     agent: String,
 }
@@ -65,8 +70,13 @@ struct Admitted {
 impl Drop for Admitted {
     fn drop(&mut self) {
         let mut connected = self.connected.lock().expect("agent count poisoned");
-        if let Some(names) = connected.get_mut(&self.token) {
-            names.remove(&self.agent);
+        if let Some(names) = connected.get_mut(&self.token)
+            && let Some(streams) = names.get_mut(&self.agent)
+        {
+            *streams -= 1;
+            if *streams == 0 {
+                names.remove(&self.agent);
+            }
         }
     }
 }
@@ -157,4 +167,42 @@ fn validate_hello(hello: &pb::Hello) -> Result<(), Status> {
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn admitted(api: &AgentApi, token: &str, agent: &str) -> Result<Admitted, Status> {
+        api.admit(token, agent)?;
+        Ok(Admitted {
+            connected: api.connected.clone(),
+            token: token.to_owned(),
+            agent: agent.to_owned(),
+        })
+    }
+
+    #[test]
+    fn a_replaced_stream_ending_keeps_its_name_counted() {
+        let (events, _rx) = mpsc::channel(1);
+        let api = AgentApi::new(events, 2);
+        let first = admitted(&api, "t", "same").unwrap();
+        let _again = admitted(&api, "t", "same").unwrap();
+        drop(first);
+        let _other = admitted(&api, "t", "other").unwrap();
+        let refused = admitted(&api, "t", "third").err().unwrap();
+        assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
+        // Another token has its own allowance.
+        assert!(admitted(&api, "u", "third").is_ok());
+    }
+
+    #[test]
+    fn a_place_is_freed_when_the_last_stream_of_a_name_ends() {
+        let (events, _rx) = mpsc::channel(1);
+        let api = AgentApi::new(events, 1);
+        let only = admitted(&api, "t", "a").unwrap();
+        assert!(admitted(&api, "t", "b").is_err());
+        drop(only);
+        assert!(admitted(&api, "t", "b").is_ok());
+    }
 }

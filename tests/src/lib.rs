@@ -298,6 +298,29 @@ pub fn kiln(url: &str, args: &[&str]) -> Output {
     command.output().expect("running kiln")
 }
 
+/// Runs the CLI against `url` with `token` (none: no token at all) and
+/// `stdin` as its standard input.
+pub fn kiln_as(url: &str, token: Option<&str>, stdin: &[u8], args: &[&str]) -> Result<Output> {
+    use std::io::Write;
+    let mut command = Command::new(binary("kiln"));
+    command
+        .args(args)
+        .env("KILN_COORDINATOR", url)
+        .env("USER", "tester")
+        .env_remove("KILN_TOKEN")
+        .env_remove("KILN_TOKEN_FILE")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    if let Some(token) = token {
+        command.env("KILN_TOKEN", token);
+    }
+    let mut child = command.spawn().context("running kiln")?;
+    // Dropping the pipe after writing is the end of input.
+    child.stdin.take().context("kiln stdin")?.write_all(stdin)?;
+    Ok(child.wait_with_output()?)
+}
+
 /// Starts `kiln-agent` with the process executor.
 pub fn start_agent(
     url: &str,

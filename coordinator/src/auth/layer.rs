@@ -241,7 +241,20 @@ fn outcome_of(response: &http::Response<Body>) -> (String, String) {
     let message = header("grpc-message")
         .map(percent_decode)
         .unwrap_or_default();
-    (format!("{code:?}"), message)
+    (code_name(code), message)
+}
+
+/// The canonical name of a gRPC status code, as the protocol spells it
+/// (`OK`, `PERMISSION_DENIED`): the audit log promises these.
+fn code_name(code: tonic::Code) -> String {
+    let mut name = String::new();
+    for (i, c) in format!("{code:?}").chars().enumerate() {
+        if c.is_ascii_uppercase() && i > 0 {
+            name.push('_');
+        }
+        name.push(c.to_ascii_uppercase());
+    }
+    name
 }
 
 /// grpc-message is percent-encoded.
@@ -277,4 +290,27 @@ fn peer_of(request: &http::Request<Body>) -> String {
         })
         .map(|addr| addr.to_string())
         .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outcomes_use_the_canonical_code_names() {
+        assert_eq!(code_name(tonic::Code::Ok), "OK");
+        assert_eq!(
+            code_name(tonic::Code::PermissionDenied),
+            "PERMISSION_DENIED"
+        );
+        assert_eq!(code_name(tonic::Code::Unauthenticated), "UNAUTHENTICATED");
+        assert_eq!(
+            code_name(tonic::Code::ResourceExhausted),
+            "RESOURCE_EXHAUSTED"
+        );
+        let response = Status::permission_denied("token `x` (viewer) may not call y").into_http();
+        let (outcome, message) = outcome_of(&response);
+        assert_eq!(outcome, "PERMISSION_DENIED");
+        assert_eq!(message, "token `x` (viewer) may not call y");
+    }
 }

@@ -108,8 +108,13 @@ impl Rule {
         }
     }
 
-    /// Whether `role` passes this rule (before any pipeline check).
+    /// Whether `role` passes this rule (before any pipeline check). A
+    /// public method takes every valid token: clients that send theirs with
+    /// every call (the CLI, agents) must still pass health checks.
     pub(crate) fn allows(&self, role: Role) -> bool {
+        if self.public {
+            return true;
+        }
         match role {
             Role::Agent => self.agents,
             Role::Pipeline => self.pipelines,
@@ -248,6 +253,16 @@ mod tests {
         assert!(!check(rule("CreateToken"), Role::Operator));
         assert!(check(rule("TriggerRun"), Role::Pipeline));
         assert!(!check(rule("CancelRun"), Role::Pipeline));
+        let health = super::rule("/grpc.health.v1.Health/Check").unwrap();
+        for role in [
+            Role::Viewer,
+            Role::Operator,
+            Role::Admin,
+            Role::Agent,
+            Role::Pipeline,
+        ] {
+            assert!(check(health, role), "{role:?}");
+        }
         let connect = super::rule("/kiln.v1.AgentService/Connect").unwrap();
         assert!(check(connect, Role::Agent));
         assert!(!check(connect, Role::Admin));

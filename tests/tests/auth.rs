@@ -575,6 +575,20 @@ async fn a_pipeline_token_registers_and_triggers_only_its_own_pipeline() -> Resu
     assert_eq!(version("alpha"), Some(2.into()), "{pipelines}");
     assert_eq!(version("beta"), Some(1.into()), "{pipelines}");
 
+    // Nor can it point its own pipeline at another repository, which the
+    // coordinator and agents would then read from.
+    let elsewhere = Repo::new(&PIPELINE.replace("NAME", "alpha"))?;
+    let moved = as_ci(&[
+        "pipeline",
+        "register",
+        elsewhere.path().to_str().context("utf-8 path")?,
+    ])?;
+    let stderr = String::from_utf8_lossy(&moved.stderr);
+    assert!(
+        !moved.status.success() && stderr.contains("may not move pipeline `alpha`"),
+        "{moved:?}"
+    );
+
     // Reads and other writes are not a pipeline token's business.
     for args in [&["runs"][..], &["cancel", &run_id.to_string()]] {
         let refused = as_ci(args)?;

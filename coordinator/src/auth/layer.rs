@@ -187,6 +187,13 @@ where
                     request.extensions_mut().insert(principal.clone());
                     (principal.name, inner.call(request).await?)
                 }
+                // Callers without a valid token are logged, not stored:
+                // anyone who reaches the port could otherwise grow the
+                // audit log and keep the disk busy.
+                Err(status) if status.code() == tonic::Code::Unauthenticated => {
+                    tracing::warn!(%method, %peer, reason = %status.message(), "refused a call without a valid token");
+                    return Ok(status.into_http());
+                }
                 Err(status) => {
                     let name = match status.code() {
                         tonic::Code::PermissionDenied => status
@@ -195,7 +202,7 @@ where
                             .nth(1)
                             .unwrap_or("unknown")
                             .to_owned(),
-                        _ => "anonymous".to_owned(),
+                        _ => "unknown".to_owned(),
                     };
                     (name, status.into_http())
                 }

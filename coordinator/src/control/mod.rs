@@ -140,6 +140,18 @@ impl ControlService for ControlApi {
         let parsed = spec::parse(&file_name, &request.spec_yaml)
             .map_err(|error| Status::invalid_argument(error.to_string()))?;
         principal.check_pipeline(&parsed.name)?;
+        // A repository's token may update its pipeline, not point it at
+        // another repository (the coordinator and agents read from there).
+        if principal.role == crate::auth::Role::Pipeline
+            && let Ok(existing) = self.latest_pipeline(&parsed.name)
+            && existing.repo != request.repo
+        {
+            return Err(ApiError::PermissionDenied(format!(
+                "token `{}` may not move pipeline `{}` from {} to another repository; ask an operator",
+                principal.name, parsed.name, existing.repo
+            ))
+            .into());
+        }
         if request.repo.is_empty() {
             return Err(Status::invalid_argument(
                 "repo is empty; give the git URL or path agents fetch the source from",

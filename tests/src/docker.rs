@@ -157,11 +157,14 @@ pub fn start_docker_agent(
     work_dir: &Path,
     extra: &[&str],
 ) -> Result<Process> {
+    let (_, agent_token) = crate::tokens_for(url)
+        .with_context(|| format!("no coordinator at {url} was started by this test"))?;
     let child = Command::new(binary("kiln-agent"))
         .args(["--coordinator", url, "--name", name, "--capacity", "1"])
         .args(["--executor", "docker"])
         .args(["--work-dir".as_ref(), work_dir.as_os_str()])
         .args(extra)
+        .env("KILN_AGENT_TOKEN", agent_token)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())

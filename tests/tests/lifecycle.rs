@@ -128,6 +128,7 @@ async fn sigterm_hands_a_running_stage_back_without_charging_a_retry() -> Result
                 "--work-dir",
                 w1.path().to_str().unwrap(),
             ])
+            .env("KILN_AGENT_TOKEN", &coordinator.agent_token)
             .env("RUST_LOG", "warn")
             .spawn()?,
         name: "leaving".into(),

@@ -1,7 +1,7 @@
 //! `POST /hooks/{pipeline}`: GitHub-, Gitea- and Forgejo-style push
 //! webhooks. The body must be signed (HMAC-SHA256) with the kiln secret the
 //! pipeline's `triggers.push.secret` names; a matching branch starts a run
-//! at the pushed commit. Every delivery is audited.
+//! at the pushed commit. Every correctly signed delivery is audited.
 
 use std::sync::Arc;
 
@@ -46,6 +46,18 @@ pub(crate) async fn push(
     body: Bytes,
 ) -> Reply {
     let (status, body, target) = handle(&hooks, &name, &headers, &body).await;
+    // Like gRPC calls without a valid token, unsigned deliveries are only
+    // logged: anyone who reaches the port could otherwise fill the log.
+    let before_verification = [
+        StatusCode::UNAUTHORIZED,
+        StatusCode::NOT_FOUND,
+        StatusCode::SERVICE_UNAVAILABLE,
+        StatusCode::INTERNAL_SERVER_ERROR,
+    ];
+    if before_verification.contains(&status) {
+        tracing::warn!(pipeline = %name, reason = %body.0["message"], "refused a webhook before its signature was verified");
+        return (status, body);
+    }
     hooks
         .auth
         .audit(

@@ -144,7 +144,6 @@ pub async fn run(
         .clone()
         .unwrap_or_else(|| config.data_dir.join("secrets.key"));
     let secrets = Arc::new(secrets::Secrets::open(store.clone(), &secret_key_file)?);
-    let auth = Arc::new(auth::layer::Auth::new(tokens.clone(), store.clone())?);
     let engine_config = engine::EngineConfig {
         lease_ttl: config.lease_ttl,
         heartbeat_interval: config.heartbeat_interval,
@@ -168,6 +167,11 @@ pub async fn run(
     let (committer, commit_thread) = commit::Committer::start(store.clone(), move |error| {
         let _ = failed_tx.send(error);
     });
+    let auth = Arc::new(auth::layer::Auth::new(
+        tokens.clone(),
+        &*store,
+        committer.clone(),
+    )?);
     let (events_tx, events_rx) = mpsc::channel(16 * 1024);
     let generator = format!("kiln-coordinator://{}", config.grpc_listener.local_addr()?);
     let mut alert_config = delivery::alerts::AlertConfig::new(generator);
@@ -303,16 +307,22 @@ pub async fn run(
     let _ = tokio::time::timeout(DRAIN_GRACE, alerter).await;
     let _ = tokio::time::timeout(DRAIN_GRACE, signer).await;
     let _ = tokio::time::timeout(DRAIN_GRACE, watcher).await;
-    for task in [Some(grpc), None].into_iter().flatten() {
-        if tokio::time::timeout(DRAIN_GRACE, task).await.is_err() {
-            tracing::warn!("gRPC streams did not end within {DRAIN_GRACE:?}; closing them");
-        }
+    // The listeners hold the auth layer and with it a committer handle:
+    // they are aborted if they overrun, so the commit thread can end.
+    let mut grpc = grpc;
+    if tokio::time::timeout(DRAIN_GRACE, &mut grpc).await.is_err() {
+        tracing::warn!("gRPC streams did not end within {DRAIN_GRACE:?}; closing them");
+        grpc.abort();
+        let _ = grpc.await;
     }
-    if let Some(http) = http {
-        let _ = tokio::time::timeout(DRAIN_GRACE, http).await;
+    if let Some(mut http) = http
+        && tokio::time::timeout(DRAIN_GRACE, &mut http).await.is_err()
+    {
+        http.abort();
+        let _ = http.await;
     }
-    // The engine dropped its committer handle; the thread exits once it has
-    // committed the last group.
+    // The engine and the listeners dropped their committer handles; the
+    // thread exits once it has committed the last group.
     tokio::task::spawn_blocking(move || commit_thread.join())
         .await?
         .map_err(|_| anyhow::anyhow!("the commit thread panicked"))?;

@@ -13,6 +13,7 @@ use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 use super::tokens::Tokens;
 use super::{AuditTarget, Principal, rule};
 use crate::clock::{Clock, SystemClock};
+use crate::commit::Committer;
 use crate::error::ApiError;
 use crate::store::{AuditRecord, Batch, Op, Store};
 
@@ -23,10 +24,14 @@ pub(crate) struct Auth {
 }
 
 impl Auth {
-    pub(crate) fn new(tokens: Arc<Tokens>, store: Arc<dyn Store>) -> Result<Self, ApiError> {
+    pub(crate) fn new(
+        tokens: Arc<Tokens>,
+        store: &dyn Store,
+        committer: Committer,
+    ) -> Result<Self, ApiError> {
         Ok(Self {
             tokens,
-            audit: AuditLog::open(store)?,
+            audit: AuditLog::open(store, committer)?,
         })
     }
 
@@ -106,31 +111,33 @@ fn role_name(role: super::Role) -> &'static str {
 }
 
 /// Appends audit records; each is durable before the call's reply leaves.
+/// Records go through the group committer, so they share the flush of the
+/// transitions they describe instead of paying for their own.
 struct AuditLog {
-    store: Arc<dyn Store>,
+    committer: Committer,
     next_id: AtomicU64,
 }
 
 impl AuditLog {
-    fn open(store: Arc<dyn Store>) -> Result<Self, ApiError> {
+    fn open(store: &dyn Store, committer: Committer) -> Result<Self, ApiError> {
         let next_id = AtomicU64::new(store.last_audit_id()? + 1);
-        Ok(Self { store, next_id })
+        Ok(Self { committer, next_id })
     }
 
     async fn record(&self, mut record: AuditRecord) {
         record.id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let store = self.store.clone();
-        let written = tokio::task::spawn_blocking(move || {
-            let mut batch = Batch::default();
-            batch.push(Op::Audit(record));
-            store.apply(&batch)?;
-            store.flush()
-        })
-        .await;
-        match written {
-            Ok(Ok(())) => {}
-            Ok(Err(error)) => tracing::error!(%error, "cannot store an audit record"),
-            Err(error) => tracing::error!(%error, "audit writer panicked"),
+        let mut batch = Batch::default();
+        batch.push(Op::Audit(record));
+        let (durable, flushed) = tokio::sync::oneshot::channel();
+        self.committer.submit(
+            batch,
+            vec![Box::new(move |_| {
+                let _ = durable.send(());
+            })],
+        );
+        // No answer: the store failed and the coordinator is stopping.
+        if flushed.await.is_err() {
+            tracing::error!("an audit record could not be stored");
         }
     }
 }

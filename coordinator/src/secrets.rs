@@ -206,11 +206,18 @@ mod tests {
     }
 
     #[test]
-    fn values_are_sealed_at_rest_and_open_after_restart() {
+    fn values_are_sealed_at_rest_and_open_again_with_the_key_file() {
         let dir = tempfile::tempdir().unwrap();
         let value = "correct-horse-battery-staple";
-        open(dir.path()).set("DB_PASSWORD", value, "admin").unwrap();
-        let secrets = open(dir.path());
+        // One store (sled releases its lock asynchronously); the second
+        // `Secrets` reads the key file the first one created.
+        let store = Arc::new(SledStore::open(dir.path()).unwrap());
+        let key_file = dir.path().join("secrets.key");
+        Secrets::open(store.clone(), &key_file)
+            .unwrap()
+            .set("DB_PASSWORD", value, "admin")
+            .unwrap();
+        let secrets = Secrets::open(store, &key_file).unwrap();
         let stored = secrets.list().unwrap();
         assert_eq!(stored.len(), 1);
         assert!(

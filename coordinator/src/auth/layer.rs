@@ -1,8 +1,8 @@
 //! The tower layer in front of every gRPC service: authenticate, check the
 //! method's rule, pass the principal on, and audit state-changing calls.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use futures::future::BoxFuture;
@@ -33,6 +33,16 @@ impl Auth {
             tokens,
             audit: AuditLog::open(store, committer)?,
         })
+    }
+
+    /// Lets go of the commit thread; called once the engine has stopped, so
+    /// nothing that changes state is accepted any more.
+    pub(crate) fn close(&self) {
+        self.audit
+            .committer
+            .lock()
+            .expect("audit log poisoned")
+            .take();
     }
 
     /// Records one call (the layer's, and the webhook's, which does not
@@ -115,22 +125,32 @@ fn role_name(role: super::Role) -> &'static str {
 /// Records go through the group committer, so they share the flush of the
 /// transitions they describe instead of paying for their own.
 struct AuditLog {
-    committer: Committer,
+    /// Taken at shutdown: connection tasks may outlive the server, and the
+    /// commit thread only ends once every handle is gone.
+    committer: Mutex<Option<Committer>>,
     next_id: AtomicU64,
 }
 
 impl AuditLog {
     fn open(store: &dyn Store, committer: Committer) -> Result<Self, ApiError> {
         let next_id = AtomicU64::new(store.last_audit_id()? + 1);
-        Ok(Self { committer, next_id })
+        Ok(Self {
+            committer: Mutex::new(Some(committer)),
+            next_id,
+        })
     }
 
     async fn record(&self, mut record: AuditRecord) {
+        let committer = self.committer.lock().expect("audit log poisoned").clone();
+        let Some(committer) = committer else {
+            tracing::warn!(method = %record.method, "stopping: an audit record was not stored");
+            return;
+        };
         record.id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let mut batch = Batch::default();
         batch.push(Op::Audit(record));
         let (durable, flushed) = tokio::sync::oneshot::channel();
-        self.committer.submit(
+        committer.submit(
             batch,
             vec![Box::new(move |_| {
                 let _ = durable.send(());

@@ -386,6 +386,10 @@ pub(crate) async fn run_scenario(
             release.id, release.run_id
         ))?;
     }
+    if let Some(live) = history.iter().find(|r| r.state() == pb::ReleaseState::Live) {
+        say(format, "act 4: what the live model was built from")?;
+        output::line(provenance_summary(coordinator, live.id).await)?;
+    }
     Ok(if rolled_back.is_some() {
         Outcome::Ok
     } else {
@@ -451,6 +455,56 @@ async fn wait_for_rollback(
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
     Ok(None)
+}
+
+/// One paragraph on a release's signed provenance: the model file among
+/// its subjects, the commit, and how to verify it offline. The signer runs
+/// moments after a release, so this waits a little for it.
+async fn provenance_summary(coordinator: &Coordinator, release: u64) -> String {
+    let mut last_error = String::new();
+    for _ in 0..50 {
+        let request = pb::GetReleaseRequest {
+            release_id: release,
+        };
+        match coordinator
+            .call(|mut rpc| async move { rpc.get_provenance(request).await })
+            .await
+        {
+            Ok(provenance) => return describe_provenance(release, &provenance),
+            Err(error) => last_error = error.to_string(),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    format!("  release {release} has no signed provenance yet: {last_error}")
+}
+
+fn describe_provenance(release: u64, provenance: &pb::Provenance) -> String {
+    let statement: serde_json::Value =
+        serde_json::from_str(&provenance.statement_json).unwrap_or_default();
+    let subjects = statement["subject"].as_array().cloned().unwrap_or_default();
+    let model = subjects
+        .iter()
+        .find(|s| s["name"].as_str().is_some_and(|n| n.ends_with(".pkl")))
+        .or_else(|| subjects.first());
+    let commit = statement["predicate"]["buildDefinition"]["resolvedDependencies"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find_map(|d| d["digest"]["gitCommit"].as_str())
+        .unwrap_or("-");
+    let model = model.map_or("-".to_owned(), |m| {
+        format!(
+            "{} sha256:{}",
+            m["name"].as_str().unwrap_or_default(),
+            m["digest"]["sha256"].as_str().unwrap_or_default()
+        )
+    });
+    format!(
+        "  release {release}: {} signed subjects (in-toto + SLSA, DSSE, ed25519 key {}), built from commit {}\n  model: {model}\n  check a copy offline: kiln release provenance {release} > p.json; kiln verify MODEL --release {release} --key DATA_DIR/provenance.pub --provenance p.json",
+        subjects.len(),
+        &provenance.key_id[..provenance.key_id.len().min(16)],
+        output::short_commit(commit),
+    )
 }
 
 /// Releases of production, newest first.

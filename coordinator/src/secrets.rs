@@ -179,12 +179,8 @@ impl Secrets {
 /// Secret names are environment variable names: `[A-Z_][A-Z0-9_]*`, at
 /// most 64 characters.
 pub(crate) fn check_secret_name(name: &str) -> Result<(), ApiError> {
-    let mut chars = name.chars();
-    let valid = name.len() <= 64
-        && chars
-            .next()
-            .is_some_and(|c| c.is_ascii_uppercase() || c == '_')
-        && chars.all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_');
+    // The same rule `kiln.yml`'s `secrets:` lists are checked against.
+    let valid = kiln_common::spec::is_secret_name(name);
     if valid {
         Ok(())
     } else {

@@ -29,9 +29,6 @@ use crate::secrets::Secrets;
 use crate::store::{PipelineRecord, Store};
 use crate::views;
 
-/// Pipeline files larger than this are refused before parsing.
-const MAX_PIPELINE_FILE_BYTES: usize = 1 << 20;
-
 /// Runs listed when the request says 0.
 const DEFAULT_RUN_LIMIT: usize = 50;
 
@@ -124,12 +121,14 @@ impl ControlService for ControlApi {
     ) -> Result<Response<pb::RegisterPipelineResponse>, Status> {
         let principal = Principal::of(&request)?;
         let request = request.into_inner();
-        if request.spec_yaml.len() > MAX_PIPELINE_FILE_BYTES {
+        // The parser refuses it too; this answer names the request's file
+        // before any parsing starts.
+        if request.spec_yaml.len() > spec::MAX_FILE_BYTES {
             return Err(Status::invalid_argument(format!(
                 "{}: the pipeline file has {} bytes; the limit is {}",
                 request.file_name,
                 request.spec_yaml.len(),
-                MAX_PIPELINE_FILE_BYTES
+                spec::MAX_FILE_BYTES
             )));
         }
         let file_name = if request.file_name.is_empty() {

@@ -80,6 +80,12 @@ impl Engine {
                     continue;
                 }
             };
+            // The values just opened also build the masker for this stage's
+            // logs, so they are not decrypted a second time.
+            if let Some(active) = self.runs.get_mut(&key.run) {
+                let masker = kiln_common::masking::Masker::new(secrets.values());
+                active.maskers.insert(key.idx, std::sync::Arc::new(masker));
+            }
             let Some(stage) = self.stage_mut(key) else {
                 continue;
             };

@@ -12,10 +12,11 @@ pub(crate) mod dataset;
 pub(crate) mod webhook;
 
 use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::sync::Arc;
 use std::time::Duration;
 
-use kiln_common::spec::{self, DataTrigger};
+use kiln_common::spec::{self, DataTrigger, Triggers};
 use kiln_common::triggers::data::{DataWatch, digest_tree};
 use kiln_common::triggers::schedule;
 use kiln_proto::v1 as pb;
@@ -65,10 +66,15 @@ pub(crate) async fn start_run(
     answer.await.map_err(|_| ApiError::ShuttingDown)?
 }
 
-/// Per pipeline: the data watch and when it is polled next.
+/// Per pipeline: its triggers, parsed once per version, what they last did,
+/// and the data watch.
 struct Watched {
-    /// The pipeline version the state belongs to.
+    /// The pipeline version `triggers` and `data` belong to.
     version: u32,
+    triggers: Triggers,
+    /// As stored; the watcher is its only writer, so it is read once and
+    /// then kept up to date here.
+    state: TriggerStateRecord,
     data: Option<DataPoll>,
     /// A slot whose run could not start (say, the branch is gone): not
     /// retried every tick, only at the next slot.
@@ -79,6 +85,22 @@ struct DataPoll {
     trigger: DataTrigger,
     watch: DataWatch,
     next_poll_ms: u64,
+}
+
+impl DataPoll {
+    fn new(trigger: DataTrigger, state: &TriggerStateRecord) -> Self {
+        Self {
+            watch: DataWatch::new(state.data_digest.clone(), trigger.settle),
+            trigger,
+            next_poll_ms: 0,
+        }
+    }
+
+    /// Forgets a settled digest that did not start a run, so a later poll
+    /// settles it again.
+    fn retry(&mut self, state: &TriggerStateRecord) {
+        self.watch = DataWatch::new(state.data_digest.clone(), self.trigger.settle);
+    }
 }
 
 /// Watches schedules and data until `stop`.
@@ -105,58 +127,61 @@ pub(crate) async fn run_watcher(
             }
         };
         for pipeline in pipelines {
-            let Ok(parsed) = spec::parse(&pipeline.file_name, &pipeline.spec_yaml) else {
-                continue;
+            let entry = match watched.entry(pipeline.name.clone()) {
+                Entry::Occupied(entry) => entry.into_mut(),
+                Entry::Vacant(slot) => match store.trigger_state(&pipeline.name) {
+                    Ok(state) => slot.insert(Watched {
+                        version: 0,
+                        triggers: Triggers::default(),
+                        state: state.unwrap_or_else(|| TriggerStateRecord {
+                            pipeline: pipeline.name.clone(),
+                            ..Default::default()
+                        }),
+                        data: None,
+                        failed_slot: None,
+                    }),
+                    Err(error) => {
+                        tracing::error!(%error, pipeline = %pipeline.name, "cannot read trigger state");
+                        continue;
+                    }
+                },
             };
-            let triggers = parsed.triggers;
-            if triggers.schedule.is_empty() && triggers.data.is_none() {
-                watched.remove(&pipeline.name);
-                continue;
-            }
-            let state = match store.trigger_state(&pipeline.name) {
-                Ok(state) => state.unwrap_or_else(|| TriggerStateRecord {
-                    pipeline: pipeline.name.clone(),
-                    ..Default::default()
-                }),
-                Err(error) => {
-                    tracing::error!(%error, pipeline = %pipeline.name, "cannot read trigger state");
-                    continue;
-                }
-            };
-            let entry = watched
-                .entry(pipeline.name.clone())
-                .or_insert_with(|| Watched {
-                    version: 0,
-                    data: None,
-                    failed_slot: None,
-                });
             if entry.version != pipeline.version {
                 entry.version = pipeline.version;
-                entry.data = triggers.data.clone().map(|trigger| DataPoll {
-                    watch: DataWatch::new(state.data_digest.clone(), trigger.settle),
-                    trigger,
-                    next_poll_ms: 0,
-                });
+                entry.triggers = spec::parse(&pipeline.file_name, &pipeline.spec_yaml)
+                    .map(|parsed| parsed.triggers)
+                    .unwrap_or_default();
+                entry.data = entry
+                    .triggers
+                    .data
+                    .clone()
+                    .map(|trigger| DataPoll::new(trigger, &entry.state));
             }
             let now = clock.now_ms();
-            let last_fired = state.last_fired_ms.unwrap_or(pipeline.registered_ms);
-            if let Some(slot) = schedule::due(&triggers.schedule, last_fired, now)
+            let last_fired = entry.state.last_fired_ms.unwrap_or(pipeline.registered_ms);
+            if let Some(slot) = schedule::due(&entry.triggers.schedule, last_fired, now)
                 && entry.failed_slot != Some(slot)
             {
-                let expressions: Vec<&str> =
-                    triggers.schedule.iter().map(|s| s.expression()).collect();
+                let expressions: Vec<&str> = entry
+                    .triggers
+                    .schedule
+                    .iter()
+                    .map(|s| s.expression())
+                    .collect();
+                let state = TriggerStateRecord {
+                    last_fired_ms: Some(slot),
+                    ..entry.state.clone()
+                };
                 let run = TriggeredRun {
                     pipeline: pipeline.clone(),
                     rev: None,
                     triggered_by: format!("schedule:{}", expressions.join(" | ")),
                     datasets: Vec::new(),
-                    trigger_state: Some(TriggerStateRecord {
-                        last_fired_ms: Some(slot),
-                        ..state.clone()
-                    }),
+                    trigger_state: Some(state.clone()),
                 };
                 match start_run(&events, run).await {
                     Ok(run) => {
+                        entry.state = state;
                         tracing::info!(pipeline = %pipeline.name, run = run.id, slot, "schedule started a run");
                     }
                     Err(error) => {
@@ -170,13 +195,18 @@ pub(crate) async fn run_watcher(
                 && now >= data.next_poll_ms
             {
                 data.next_poll_ms = now + data.trigger.every.as_millis() as u64;
-                poll_data(&blobs, &events, &pipeline, &state, data, now).await;
+                if let Some(state) =
+                    poll_data(&blobs, &events, &pipeline, &entry.state, data, now).await
+                {
+                    entry.state = state;
+                }
             }
         }
     }
 }
 
-/// One poll of a watched directory; starts a run when new content settled.
+/// One poll of a watched directory; starts a run when new content settled
+/// and returns the trigger state written with it.
 async fn poll_data(
     blobs: &Arc<BlobStore>,
     events: &mpsc::Sender<Event>,
@@ -184,54 +214,55 @@ async fn poll_data(
     state: &TriggerStateRecord,
     data: &mut DataPoll,
     now: u64,
-) {
+) -> Option<TriggerStateRecord> {
     let root = data.trigger.watch.clone();
     let digest = match tokio::task::spawn_blocking(move || digest_tree(&root)).await {
         Ok(Ok(tree)) if tree.n_files > 0 => tree.digest,
         // An empty or missing directory is nothing to train on yet.
-        Ok(Ok(_)) => return,
+        Ok(Ok(_)) => return None,
         Ok(Err(error)) => {
             tracing::debug!(pipeline = %pipeline.name, %error, "watched data is not readable");
-            return;
+            return None;
         }
         Err(error) => {
             tracing::error!(%error, "data digest panicked");
-            return;
+            return None;
         }
     };
-    let Some(settled) = data.watch.observe(&digest, now) else {
-        return;
-    };
+    let settled = data.watch.observe(&digest, now)?;
     let snapshot = match dataset::snapshot(blobs, &data.trigger, &settled).await {
         Ok(Some(snapshot)) => snapshot,
         // Changed again while being copied: a later poll settles it.
         Ok(None) => {
-            data.watch = DataWatch::new(state.data_digest.clone(), data.trigger.settle);
-            return;
+            data.retry(state);
+            return None;
         }
         Err(error) => {
             tracing::warn!(pipeline = %pipeline.name, %error, "cannot snapshot the watched data");
-            data.watch = DataWatch::new(state.data_digest.clone(), data.trigger.settle);
-            return;
+            data.retry(state);
+            return None;
         }
+    };
+    let written = TriggerStateRecord {
+        data_digest: Some(settled.clone()),
+        ..state.clone()
     };
     let run = TriggeredRun {
         pipeline: pipeline.clone(),
         rev: None,
         triggered_by: format!("data:{}", data.trigger.watch.display()),
         datasets: vec![snapshot],
-        trigger_state: Some(TriggerStateRecord {
-            data_digest: Some(settled.clone()),
-            ..state.clone()
-        }),
+        trigger_state: Some(written.clone()),
     };
     match start_run(events, run).await {
         Ok(run) => {
-            tracing::info!(pipeline = %pipeline.name, run = run.id, digest = %settled, "new data started a run")
+            tracing::info!(pipeline = %pipeline.name, run = run.id, digest = %settled, "new data started a run");
+            Some(written)
         }
         Err(error) => {
             tracing::warn!(pipeline = %pipeline.name, %error, "a data-triggered run could not start");
-            data.watch = DataWatch::new(state.data_digest.clone(), data.trigger.settle);
+            data.retry(state);
+            None
         }
     }
 }

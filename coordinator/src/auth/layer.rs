@@ -70,34 +70,41 @@ impl Auth {
     }
 
     /// The principal behind the `authorization` header, if it may call
-    /// `method`.
+    /// `method`; a refusal names the caller when its token was valid.
     fn authorize(
         &self,
         method: &str,
         authorization: Option<&http::HeaderValue>,
-    ) -> Result<Principal, Status> {
+    ) -> Result<Principal, (Option<String>, Status)> {
+        let anonymous_refusal = |status| (None, status);
         let Some(rule) = rule(method) else {
-            return Err(Status::unimplemented(format!("unknown method {method}")));
+            return Err(anonymous_refusal(Status::unimplemented(format!(
+                "unknown method {method}"
+            ))));
         };
         let token = authorization
             .and_then(|value| value.to_str().ok())
             .and_then(|value| value.strip_prefix("Bearer "))
             .map(str::trim);
         let principal = match token {
-            Some(token) => self.tokens.authenticate(token).map_err(Status::from)?,
+            Some(token) => self
+                .tokens
+                .authenticate(token)
+                .map_err(|error| anonymous_refusal(Status::from(error)))?,
             None if rule.public => return Ok(anonymous()),
             None => {
-                return Err(Status::unauthenticated(
+                return Err(anonymous_refusal(Status::unauthenticated(
                     "this call needs a token: pass --token or set KILN_TOKEN (header `authorization: Bearer <token>`)",
-                ));
+                )));
             }
         };
         if !rule.allows(principal.role) {
-            return Err(Status::permission_denied(format!(
+            let status = Status::permission_denied(format!(
                 "token `{}` ({}) may not call {method}",
                 principal.name,
                 role_name(principal.role)
-            )));
+            ));
+            return Err((Some(principal.name), status));
         }
         Ok(principal)
     }
@@ -208,7 +215,7 @@ where
         let method = request.uri().path().to_owned();
         let peer = peer_of(&request);
         let decision = auth.authorize(&method, request.headers().get(http::header::AUTHORIZATION));
-        let audited = rule(&method).is_none_or(|rule| rule.audited);
+        let audited = rule(&method).is_some_and(|rule| rule.audited);
         Box::pin(async move {
             let (principal, response) = match decision {
                 Ok(principal) => {
@@ -218,22 +225,11 @@ where
                 // Callers without a valid token are logged, not stored:
                 // anyone who reaches the port could otherwise grow the
                 // audit log and keep the disk busy.
-                Err(status) if status.code() == tonic::Code::Unauthenticated => {
+                Err((None, status)) => {
                     tracing::warn!(%method, %peer, reason = %status.message(), "refused a call without a valid token");
                     return Ok(status.into_http());
                 }
-                Err(status) => {
-                    let name = match status.code() {
-                        tonic::Code::PermissionDenied => status
-                            .message()
-                            .split('`')
-                            .nth(1)
-                            .unwrap_or("unknown")
-                            .to_owned(),
-                        _ => "unknown".to_owned(),
-                    };
-                    (name, status.into_http())
-                }
+                Err((Some(name), status)) => (name, status.into_http()),
             };
             if audited {
                 let target = response

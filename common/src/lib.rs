@@ -7,6 +7,7 @@
 //!   packed deterministically and unpacked without escaping the target.
 //! - [`provenance`]: signed release provenance (in-toto Statement v1, SLSA
 //!   Provenance v1, DSSE, ed25519) and verifying a model file against it.
+//! - [`files`]: owner-only files (keys, tokens), written atomically.
 //! - [`ids`]: newtypes for run ids and stage keys.
 //! - [`labels`]: `k=v,k=v` agent labels and how stages select agents.
 //! - [`logging`]: tracing set-up for the binaries.
@@ -22,6 +23,7 @@
 
 pub mod archive;
 pub mod channel;
+pub mod files;
 pub mod ids;
 pub mod labels;
 pub mod logging;

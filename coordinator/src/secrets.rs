@@ -6,8 +6,7 @@
 //! variables, and their logs are masked on the agent and again here.
 
 use std::collections::BTreeMap;
-use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -53,13 +52,10 @@ impl Secrets {
             }
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
                 let key = XChaCha20Poly1305::generate_key(&mut OsRng).to_vec();
-                let mut file = std::fs::OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .mode(0o600)
-                    .open(key_file)?;
-                writeln!(file, "{}", hex::encode(&key))?;
-                file.sync_all()?;
+                kiln_common::files::write_private(
+                    key_file,
+                    format!("{}\n", hex::encode(&key)).as_bytes(),
+                )?;
                 tracing::info!(key_file = %key_file.display(), "created the secret key");
                 key
             }

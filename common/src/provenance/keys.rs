@@ -1,9 +1,9 @@
 //! The coordinator's ed25519 signing key on disk, and its public half as
 //! text.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::fs;
+use std::io;
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
 use ed25519_dalek::pkcs8::spki::der::pem::LineEnding;
@@ -62,34 +62,8 @@ fn generate_at(path: &Path) -> Result<SigningKey, ProvenanceError> {
             reason: format!("encoding the new key: {e}"),
         })?;
 
-    let shown = path.display();
-    let dir = match path.parent() {
-        Some(dir) if !dir.as_os_str().is_empty() => dir,
-        _ => Path::new("."),
-    };
-    fs::create_dir_all(dir)
-        .map_err(|e| ProvenanceError::io(format!("creating `{}`", dir.display()), e))?;
-    let file_name = path.file_name().unwrap_or_default().to_string_lossy();
-    let temp = dir.join(format!(".{file_name}.tmp-{}", std::process::id()));
-    // A temp file left by a crash of an earlier process with our pid.
-    let _ = fs::remove_file(&temp);
-    let write = || -> io::Result<()> {
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&temp)?;
-        // The umask can only remove bits, but set it anyway: 0600 is the point.
-        file.set_permissions(fs::Permissions::from_mode(0o600))?;
-        file.write_all(pem.as_bytes())?;
-        file.sync_all()?;
-        fs::rename(&temp, path)?;
-        // The rename is durable only once the directory is synced.
-        File::open(dir)?.sync_all()
-    };
-    write().map_err(|e| {
-        let _ = fs::remove_file(&temp);
-        ProvenanceError::io(format!("writing new signing key `{shown}`"), e)
+    crate::files::write_private(path, pem.as_bytes()).map_err(|e| {
+        ProvenanceError::io(format!("writing new signing key `{}`", path.display()), e)
     })?;
     Ok(key)
 }

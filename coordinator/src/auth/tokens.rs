@@ -2,7 +2,6 @@
 //! only as its sha256, checked on every request from an in-memory index.
 
 use std::collections::HashMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 
@@ -143,9 +142,11 @@ impl Tokens {
         }
         let secret = new_secret();
         let path = data_dir.join(BOOTSTRAP_FILE);
-        write_private(&path, &secret).map_err(|error| {
-            ApiError::FailedPrecondition(format!("cannot write {}: {error}", path.display()))
-        })?;
+        kiln_common::files::write_private(&path, format!("{secret}\n").as_bytes()).map_err(
+            |error| {
+                ApiError::FailedPrecondition(format!("cannot write {}: {error}", path.display()))
+            },
+        )?;
         let record = TokenRecord {
             name: BOOTSTRAP_NAME.to_owned(),
             role: Role::Admin,
@@ -202,21 +203,6 @@ pub(crate) fn check_name(name: &str) -> Result<(), ApiError> {
             name.escape_debug()
         )))
     }
-}
-
-/// Writes `contents` to a file only its owner can read, replacing any.
-pub(crate) fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let temp = path.with_extension("tmp");
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&temp)?;
-    writeln!(file, "{contents}")?;
-    file.sync_all()?;
-    std::fs::rename(&temp, path)
 }
 
 #[cfg(test)]

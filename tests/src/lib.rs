@@ -469,6 +469,7 @@ pub async fn logs(
         run_id: run,
         stage: stage.into(),
         follow: false,
+        resume: Vec::new(),
     };
     let mut stream = client.stream_logs(request).await?.into_inner();
     let mut entries = Vec::new();

@@ -49,6 +49,7 @@ pub(crate) async fn print_logs(
         run_id,
         stage: stage.unwrap_or_default().to_owned(),
         follow,
+        resume: Vec::new(),
     };
     let mut entries = coordinator.stream_logs(request).await?;
     let mut printer = Printer {

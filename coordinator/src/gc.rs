@@ -8,6 +8,7 @@
 use std::collections::HashSet;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use kiln_common::ids::RunId;
 use tonic::Status;
 
 use crate::blobs::{BlobStore, GC_GRACE, GcReport};
@@ -27,7 +28,10 @@ pub(crate) fn collect(
     let keep_after_ms = now_ms.saturating_sub(u64::from(keep_days) * 24 * 3_600_000);
     let mut keep = HashSet::new();
     let internal = |error: crate::store::StoreError| Status::internal(error.to_string());
-    for run in store.runs(None, usize::MAX).map_err(internal)? {
+    for run in store
+        .runs(None, RunId(u64::MAX), usize::MAX)
+        .map_err(internal)?
+    {
         let wanted = run
             .finished_ms
             .is_none_or(|finished| finished >= keep_after_ms);

@@ -29,7 +29,9 @@ mod gc;
 mod http;
 mod metrics;
 mod provenance;
+mod read;
 mod secrets;
+mod state;
 mod store;
 mod tls_listener;
 mod triggers;
@@ -200,6 +202,7 @@ pub async fn run(
         stop_rx.clone(),
     ));
     let hooks_events = events_tx.clone();
+    let reader = read::Reader::new(store.clone(), engine.durable_view());
     let engine_task = tokio::spawn(engine::run_engine(
         engine,
         events_rx,
@@ -255,7 +258,7 @@ pub async fn run(
             .add_service(
                 ControlServiceServer::new(control::ControlApi::new(
                     events_tx,
-                    store.clone(),
+                    reader,
                     blobs,
                     config.artifacts.keep_days,
                     tokens,

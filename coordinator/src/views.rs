@@ -195,28 +195,3 @@ pub(crate) fn stage_state(state: StageState) -> pb::StageState {
         StageState::AwaitingApproval => pb::StageState::AwaitingApproval,
     }
 }
-
-pub(crate) fn run_state_name(state: RunState) -> &'static str {
-    match state {
-        RunState::Queued => "queued",
-        RunState::Running => "running",
-        RunState::Succeeded => "succeeded",
-        RunState::Failed => "failed",
-        RunState::Cancelled => "cancelled",
-    }
-}
-
-pub(crate) fn stage_state_name(state: StageState) -> &'static str {
-    match state {
-        StageState::Pending => "pending",
-        StageState::Ready => "ready",
-        StageState::Assigned => "assigned",
-        StageState::Running => "running",
-        StageState::Succeeded => "succeeded",
-        StageState::Failed => "failed",
-        StageState::TimedOut => "timed out",
-        StageState::Cancelled => "cancelled",
-        StageState::Skipped => "skipped",
-        StageState::AwaitingApproval => "awaiting approval",
-    }
-}

@@ -159,7 +159,7 @@ impl AuditLog {
         let (durable, flushed) = tokio::sync::oneshot::channel();
         committer.submit(
             batch,
-            vec![Box::new(move |_| {
+            vec![Box::new(move || {
                 let _ = durable.send(());
             })],
         );

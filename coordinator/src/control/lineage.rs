@@ -3,6 +3,7 @@
 //! produced or used a digest.
 
 use kiln_common::archive::BlobDigest;
+use kiln_common::ids::RunId;
 use kiln_proto::v1 as pb;
 
 use super::ControlApi;
@@ -58,7 +59,11 @@ pub(super) fn release_view(
 pub(super) fn uses(store: &dyn Store, digest: &str) -> Result<Vec<pb::LineageUse>, ApiError> {
     let wanted = normalize(digest)?;
     let mut uses = Vec::new();
-    for run in store.runs(None, MAX_RUNS_SCANNED)?.into_iter().rev() {
+    for run in store
+        .runs(None, RunId(u64::MAX), MAX_RUNS_SCANNED)?
+        .into_iter()
+        .rev()
+    {
         run_uses(store, &run, &wanted, &mut uses)?;
     }
     for release in store.releases()? {

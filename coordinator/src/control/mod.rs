@@ -1,6 +1,7 @@
 //! `ControlService`: the API of the `kiln` CLI. Requests that change state
-//! go through the engine and are answered once durable; pipeline reads go
-//! straight to the store (registrations are only confirmed once stored).
+//! go through the engine and are answered once durable; reads (runs, logs,
+//! artifacts) go through the [`Reader`] at the durable watermark, never
+//! through the engine or the commit thread.
 
 use std::path::Path;
 use std::pin::Pin;
@@ -12,7 +13,7 @@ use kiln_common::spec;
 use kiln_proto::v1 as pb;
 use pb::control_service_server::ControlService;
 use tokio::sync::{mpsc, oneshot};
-use tokio_stream::wrappers::{UnboundedReceiverStream, WatchStream};
+use tokio_stream::wrappers::{ReceiverStream, WatchStream};
 use tonic::{Request, Response, Status};
 
 mod lineage;
@@ -25,6 +26,7 @@ use crate::engine::{Event, NewPipeline, Reply};
 use crate::error::ApiError;
 use crate::gc;
 use crate::provenance::ProvenanceKey;
+use crate::read::{LogRequest, Reader};
 use crate::secrets::Secrets;
 use crate::store::{PipelineRecord, Store};
 use crate::views;
@@ -34,6 +36,7 @@ const DEFAULT_RUN_LIMIT: usize = 50;
 
 pub(crate) struct ControlApi {
     events: mpsc::Sender<Event>,
+    reader: Reader,
     store: Arc<dyn Store>,
     blobs: Arc<BlobStore>,
     /// `kiln gc` keeps outputs of runs finished within this many days.
@@ -46,7 +49,7 @@ pub(crate) struct ControlApi {
 impl ControlApi {
     pub(crate) fn new(
         events: mpsc::Sender<Event>,
-        store: Arc<dyn Store>,
+        reader: Reader,
         blobs: Arc<BlobStore>,
         keep_days: u32,
         tokens: Arc<Tokens>,
@@ -55,7 +58,8 @@ impl ControlApi {
     ) -> Self {
         Self {
             events,
-            store,
+            store: reader.store().clone(),
+            reader,
             blobs,
             keep_days,
             tokens,
@@ -269,9 +273,7 @@ impl ControlService for ControlApi {
         request: Request<pb::GetRunRequest>,
     ) -> Result<Response<pb::Run>, Status> {
         let run = RunId(request.into_inner().run_id);
-        Ok(Response::new(
-            self.ask(|reply| Event::GetRun { run, reply }).await?,
-        ))
+        Ok(Response::new(self.reader.run(run).await?))
     }
 
     async fn list_runs(
@@ -285,13 +287,7 @@ impl ControlService for ControlApi {
         } else {
             request.limit as usize
         };
-        let runs = self
-            .ask(|reply| Event::ListRuns {
-                pipeline,
-                limit,
-                reply,
-            })
-            .await?;
+        let runs = self.reader.runs(pipeline, limit).await?;
         Ok(Response::new(pb::ListRunsResponse { runs }))
     }
 
@@ -302,7 +298,11 @@ impl ControlService for ControlApi {
         request: Request<pb::GetRunRequest>,
     ) -> Result<Response<Self::WatchRunStream>, Status> {
         let run = RunId(request.into_inner().run_id);
-        let receiver = self.ask(|reply| Event::WatchRun { run, reply }).await?;
+        let receiver = match self.ask(|reply| Event::WatchRun { run, reply }).await? {
+            Some(receiver) => receiver,
+            // Finished (or unknown): one snapshot, then the stream ends.
+            None => tokio::sync::watch::channel(self.reader.run(run).await?).1,
+        };
         // Every snapshot, ending with the first finished one.
         let stream = WatchStream::new(receiver).scan(false, |done, snapshot| {
             if *done {
@@ -333,9 +333,29 @@ impl ControlService for ControlApi {
         let request = request.into_inner();
         let (run, stage) = (RunId(request.run_id), request.stage);
         let target = format!("run {run} stage {stage}");
+        // A finished run's durable records travel with the event, so the
+        // engine never reads the store in its loop.
+        let stored = if self.reader.is_active(run) {
+            None
+        } else {
+            let store = self.reader.store().clone();
+            tokio::task::spawn_blocking(move || -> Result<_, ApiError> {
+                let Some(record) = store.run(run)? else {
+                    return Ok(None);
+                };
+                Ok(Some((record, store.stages(run)?)))
+            })
+            .await
+            .map_err(|error| ApiError::Internal(format!("a read task failed: {error}")))??
+        };
         Ok(audited(
-            self.ask(|reply| Event::RetryStage { run, stage, reply })
-                .await?,
+            self.ask(|reply| Event::RetryStage {
+                run,
+                stage,
+                stored,
+                reply,
+            })
+            .await?,
             target,
         ))
     }
@@ -347,19 +367,14 @@ impl ControlService for ControlApi {
         request: Request<pb::StreamLogsRequest>,
     ) -> Result<Response<Self::StreamLogsStream>, Status> {
         let request = request.into_inner();
-        let run = RunId(request.run_id);
-        let stage = Some(request.stage).filter(|name| !name.is_empty());
-        let follow = request.follow;
-        let (tx, rx) = mpsc::unbounded_channel();
-        self.ask(|reply| Event::Logs {
-            run,
-            stage,
-            follow,
-            tx,
-            reply,
-        })
-        .await?;
-        Ok(Response::new(Box::pin(UnboundedReceiverStream::new(rx))))
+        let request = LogRequest {
+            run: RunId(request.run_id),
+            stage: Some(request.stage).filter(|name| !name.is_empty()),
+            follow: request.follow,
+            resume: request.resume,
+        };
+        let rx = crate::read::stream_logs(&self.reader, &self.events, request).await?;
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
     async fn list_agents(
@@ -388,9 +403,7 @@ impl ControlService for ControlApi {
     ) -> Result<Response<pb::ListArtifactsResponse>, Status> {
         let request = request.into_inner();
         let run_id = RunId(request.run_id);
-        let run = self
-            .ask(|reply| Event::GetRun { run: run_id, reply })
-            .await?;
+        let run = self.reader.run(run_id).await?;
         if !request.stage.is_empty() && !run.stages.iter().any(|stage| stage.name == request.stage)
         {
             return Err(ApiError::NotFound(format!(
@@ -683,7 +696,7 @@ pub(crate) async fn resolve_commit(
         command.args(["ls-remote", "--", repo, wanted]);
     }
     let output = command.kill_on_drop(true).output().await.map_err(|error| {
-        ApiError::FailedPrecondition(format!("cannot run git to resolve `{wanted}`: {error}"))
+        ApiError::Internal(format!("cannot run git to resolve `{wanted}`: {error}"))
     })?;
     let stdout = String::from_utf8_lossy(&output.stdout);
     let commit = stdout.split_whitespace().next().unwrap_or_default();

@@ -99,22 +99,17 @@ enum Fence {
 
 impl Engine {
     fn fence(&self, agent: &str, key: StageKey, attempt: u32) -> Fence {
-        let stored;
-        let stage = match self.stage(key) {
-            Some(stage) => stage,
-            // A finished run left memory; a repeated completion of its last
-            // attempt must still be acknowledged, so ask the store.
-            None => {
-                stored = self
-                    .store
-                    .stages(key.run)
-                    .ok()
-                    .and_then(|stages| stages.into_iter().nth(key.idx as usize));
-                match &stored {
-                    Some(stage) => stage,
-                    None => return Fence::Stale(format!("stage {key} does not exist")),
-                }
-            }
+        // A run that finished lately is still among the retired, so a
+        // repeated completion of its last attempt is acknowledged again.
+        let stage = self.stage(key).or_else(|| {
+            self.retired
+                .get(&key.run)
+                .and_then(|run| run.stages.get(key.idx as usize))
+        });
+        let Some(stage) = stage else {
+            // Long finished (or never existed): nothing to do for the agent
+            // but to drop it.
+            return Fence::Stale(format!("stage {key} is not part of an unfinished run"));
         };
         if stage.attempt != attempt || stage.agent.as_deref() != Some(agent) {
             return Fence::Stale(format!(
@@ -123,7 +118,7 @@ impl Engine {
                 stage.agent.as_deref().unwrap_or("no agent")
             ));
         }
-        if stage.state.is_terminal() {
+        if stage.state.is_finished() {
             Fence::Settled
         } else {
             Fence::Current
@@ -206,7 +201,7 @@ impl Engine {
         }
         if let Some(agent) = self.agents.get(&name) {
             let conn_tx = agent.conn.as_ref().map(|(_, tx)| tx.clone());
-            self.after_commit(move |_| {
+            self.after_commit(move || {
                 if let Some(tx) = conn_tx {
                     let msg = Out::Welcome(welcome);
                     let _ = tx.send(Ok(pb::CoordinatorMessage { msg: Some(msg) }));
@@ -241,13 +236,15 @@ impl Engine {
                     return;
                 };
                 let (key, attempt) = key_of(&stage_ref);
+                let assigned = self
+                    .stage(key)
+                    .is_some_and(|stage| stage.state == StageState::Assigned);
                 if let Fence::Current = self.fence(name, key, attempt)
+                    && assigned
+                    && self.move_stage(key, StageState::Running)
                     && let Some(stage) = self.stage_mut(key)
-                    && stage.state == StageState::Assigned
                 {
-                    stage.state = StageState::Running;
                     stage.started_ms = Some(now);
-                    self.save_stage(key);
                 }
             }
             Msg::Logs(batch) => self.store_logs(name, batch),
@@ -282,7 +279,13 @@ impl Engine {
                     stage.image_digest = Some(finished.image_digest.clone());
                 }
                 let outcome = pb::Outcome::try_from(finished.outcome).unwrap_or_default();
-                let mut message = self.masker(key).mask(&finished.message).into_owned();
+                let mut message = match self.masker(key) {
+                    Ok(masker) => masker.mask(&finished.message).into_owned(),
+                    Err(problem) => {
+                        self.fail_unmaskable(name, stage_ref, key, problem);
+                        return;
+                    }
+                };
                 let recorded = self.record_outputs(key, &finished.outputs).and_then(|()| {
                     if outcome == pb::Outcome::Succeeded {
                         self.record_metrics(key)
@@ -462,7 +465,7 @@ impl Engine {
         else {
             return;
         };
-        self.after_commit(move |_| {
+        self.after_commit(move || {
             let _ = tx.send(Ok(pb::CoordinatorMessage { msg: Some(msg) }));
         });
     }

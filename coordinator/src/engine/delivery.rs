@@ -114,11 +114,11 @@ impl Engine {
                 self.settle_stage(key, StageState::Failed, None, summary);
             }
             (true, Approval::Manual) => {
-                if let Some(stage) = self.stage_mut(key) {
-                    stage.state = StageState::AwaitingApproval;
+                if self.move_stage(key, StageState::AwaitingApproval)
+                    && let Some(stage) = self.stage_mut(key)
+                {
                     stage.message = format!("{summary}; waiting for `kiln approve`");
                 }
-                self.save_stage(key);
             }
             (true, Approval::Auto) => self.settle_stage(key, StageState::Succeeded, None, summary),
         }
@@ -146,7 +146,7 @@ impl Engine {
         if state != StageState::AwaitingApproval {
             return Err(ApiError::FailedPrecondition(format!(
                 "stage `{name}` of run {run} is {}, not waiting for approval",
-                crate::views::stage_state_name(state)
+                state.name()
             )));
         }
         let verdict = if approve { "approved" } else { "rejected" };
@@ -225,7 +225,7 @@ impl Engine {
         };
         self.make_live(release, ReleaseState::Superseded, None);
         if let Some(signer) = self.release_signer.clone() {
-            self.after_commit(move |_| {
+            self.after_commit(move || {
                 let _ = signer.send(id);
             });
         }
@@ -292,7 +292,7 @@ impl Engine {
             ApiError::FailedPrecondition(format!("nothing is live in `{environment}`"))
         })?;
         if let Some(running) = self.runs.values().find(|run| {
-            !run.record.state.is_terminal()
+            !run.record.state.is_finished()
                 && run
                     .record
                     .rollback

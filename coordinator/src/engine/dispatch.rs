@@ -86,10 +86,12 @@ impl Engine {
                 let masker = kiln_common::masking::Masker::new(secrets.values());
                 active.maskers.insert(key.idx, std::sync::Arc::new(masker));
             }
+            if !self.move_stage(key, StageState::Assigned) {
+                continue;
+            }
             let Some(stage) = self.stage_mut(key) else {
                 continue;
             };
-            stage.state = StageState::Assigned;
             stage.agent = Some(name.clone());
             let attempt = stage.attempt;
             let stage_spec = &spec.parsed.stages[key.idx as usize];
@@ -168,7 +170,7 @@ impl Engine {
 
     /// The values of a stage's secrets; the error says which is missing
     /// and never carries a value.
-    fn reveal_secrets(
+    pub(super) fn reveal_secrets(
         &self,
         names: &[String],
     ) -> Result<std::collections::BTreeMap<String, String>, String> {

@@ -3,9 +3,15 @@
 //!
 //! Each attempt numbers its lines from 0. A batch may repeat lines the
 //! coordinator already stored (the agent re-sends after a reconnect); those
-//! are dropped by sequence number, so no line is stored twice. Storage is
-//! capped per attempt so a chatty stage cannot grow the database without
+//! are dropped by sequence number, so no line is stored twice. A batch that
+//! starts above the next expected line would leave a gap: it is refused
+//! with an ack that makes the agent re-send from the right place. Storage
+//! is capped per attempt so a chatty stage cannot grow the database without
 //! bound: past the cap a single marker line is kept and the rest counted.
+//!
+//! **Architecture Invariant:** no line is stored unmasked. A stage whose
+//! secrets cannot be opened to build its masker fails, and its lines are
+//! dropped.
 
 use std::sync::Arc;
 
@@ -14,9 +20,10 @@ use kiln_common::masking::Masker;
 use kiln_proto::v1 as pb;
 use pb::coordinator_message::Msg as Out;
 
-use super::{Engine, LogTx, Reply};
+use super::Engine;
 use crate::error::ApiError;
-use crate::store::{LogLine, LogStream, Op, StageRecord, Store, StoredLog};
+use crate::read::{Followed, Follower, StagePlan, Tap};
+use crate::store::{LogLine, LogStream, Op, StageState, StoredLog};
 use crate::views;
 
 /// Lines stored per stage attempt.
@@ -25,22 +32,6 @@ pub(crate) const MAX_LINES_PER_ATTEMPT: u64 = 100_000;
 const MAX_LINE_BYTES: usize = 16 * 1024;
 /// Log text kept per stage attempt; the rest is dropped after a marker.
 pub(crate) const MAX_LOG_BYTES_PER_ATTEMPT: u64 = 64 << 20;
-
-/// A `StreamLogs --follow` client.
-pub(super) struct Follower {
-    /// `None` follows every stage of the run.
-    stage: Option<u32>,
-    tx: LogTx,
-}
-
-/// What a backfill reads: a stage up to (excluding) `bound` in its current
-/// attempt. Lines from `bound` on reach followers live.
-struct Backfill {
-    key: StageKey,
-    name: String,
-    attempt: u32,
-    bound: u64,
-}
 
 impl Engine {
     pub(super) fn store_logs(&mut self, agent: &str, batch: pb::LogBatch) {
@@ -59,16 +50,28 @@ impl Engine {
                 "logs for stage {key} attempt {} are not accepted from {agent}",
                 stage_ref.attempt
             );
+            self.reject(agent, stage_ref, reason);
+            return;
+        }
+        let expected = self.stage(key).map_or(0, |stage| stage.next_log_seq);
+        if batch.first_seq > expected {
+            tracing::warn!(stage = %key, agent, first_seq = batch.first_seq, expected, "log batch would leave a gap; asking for the missing lines");
             let ack = pb::Ack {
                 stage: Some(stage_ref),
-                rejected: true,
-                reason,
+                next_log_seq: expected,
+                resend: true,
                 ..Default::default()
             };
             self.send_after_commit(agent, Out::Ack(ack));
             return;
         }
-        let masker = self.masker(key);
+        let masker = match self.masker(key) {
+            Ok(masker) => masker,
+            Err(problem) => {
+                self.fail_unmaskable(agent, stage_ref, key, problem);
+                return;
+            }
+        };
         let Some(stage) = self.stage_mut(key) else {
             return;
         };
@@ -112,21 +115,15 @@ impl Engine {
         }
         let next_log_seq = stage.next_log_seq;
         let name = stage.name.clone();
-        // The new `next_log_seq` is written with the lines, atomically.
-        self.dirty.stages.insert(key);
-        let targets = self.follower_txs(key);
+        // The new `next_log_seq` is written with the lines, atomically, and
+        // readers learn it once it is durable.
+        self.save_stage(key);
+        let taps = self.live_taps(key);
         for log in &stored {
             self.write(Op::Log(log.clone()));
         }
-        if !targets.is_empty() && !stored.is_empty() {
-            self.after_commit(move |_| {
-                for log in stored {
-                    let entry = views::log_entry(&name, &log);
-                    for tx in &targets {
-                        let _ = tx.send(Ok(entry.clone()));
-                    }
-                }
-            });
+        if !taps.is_empty() && !stored.is_empty() {
+            self.after_commit(move || feed(&taps, &name, &stored));
         }
         let ack = pb::Ack {
             stage: Some(stage_ref),
@@ -136,15 +133,47 @@ impl Engine {
         self.send_after_commit(agent, Out::Ack(ack));
     }
 
+    fn reject(&mut self, agent: &str, stage_ref: pb::StageRef, reason: String) {
+        let ack = pb::Ack {
+            stage: Some(stage_ref),
+            rejected: true,
+            reason,
+            ..Default::default()
+        };
+        self.send_after_commit(agent, Out::Ack(ack));
+    }
+
+    /// The stage's secrets cannot be opened, so its lines cannot be masked:
+    /// none is stored, the stage fails and the agent stops it.
+    pub(super) fn fail_unmaskable(
+        &mut self,
+        agent: &str,
+        stage_ref: pb::StageRef,
+        key: StageKey,
+        problem: String,
+    ) {
+        let message = format!(
+            "{problem}; the stage was stopped and its log lines dropped, because they could not be masked"
+        );
+        tracing::error!(stage = %key, agent, "{message}");
+        self.send_cancel(agent, key, stage_ref.attempt, &message);
+        if let Some(held) = self.agents.get_mut(agent) {
+            held.held.remove(&(key, stage_ref.attempt));
+        }
+        self.settle_stage(key, StageState::Failed, None, message.clone());
+        self.reject(agent, stage_ref, message);
+    }
+
     /// The masker of a stage's secrets, built on first use (after a
-    /// restart the values are read again from the secrets store).
-    pub(super) fn masker(&mut self, key: StageKey) -> Arc<Masker> {
+    /// restart the values are read again from the secrets store). Fails
+    /// closed: an error names the secret that cannot be opened.
+    pub(super) fn masker(&mut self, key: StageKey) -> Result<Arc<Masker>, String> {
         if let Some(masker) = self
             .runs
             .get(&key.run)
             .and_then(|run| run.maskers.get(&key.idx))
         {
-            return masker.clone();
+            return Ok(masker.clone());
         }
         let names = self
             .runs
@@ -152,25 +181,30 @@ impl Engine {
             .and_then(|run| run.spec.parsed.stages.get(key.idx as usize))
             .map(|stage| stage.secrets.clone())
             .unwrap_or_default();
-        let values = match (&self.secrets, names.is_empty()) {
-            (_, true) | (None, _) => Default::default(),
-            (Some(secrets), false) => secrets.reveal(&names).unwrap_or_default(),
-        };
+        let values = self.reveal_secrets(&names)?;
         let masker = Arc::new(Masker::new(values.values()));
         if let Some(run) = self.runs.get_mut(&key.run) {
             run.maskers.insert(key.idx, masker.clone());
         }
-        masker
+        Ok(masker)
     }
 
-    fn follower_txs(&self, key: StageKey) -> Vec<LogTx> {
-        self.runs.get(&key.run).map_or_else(Vec::new, |run| {
-            run.followers
-                .iter()
-                .filter(|follower| follower.stage.is_none_or(|idx| idx == key.idx))
-                .map(|follower| follower.tx.clone())
-                .collect()
-        })
+    /// The taps that want this stage's lines; drops followers whose client
+    /// went away or who fell behind.
+    fn live_taps(&mut self, key: StageKey) -> Vec<Tap> {
+        let Some(run) = self.runs.get_mut(&key.run) else {
+            return Vec::new();
+        };
+        run.followers
+            .retain(|follower| !follower.tap.tx.is_closed() && !follower.tap.lag.is_behind());
+        run.followers
+            .iter()
+            .filter(|follower| follower.stage.is_none_or(|idx| idx == key.idx))
+            .map(|follower| Tap {
+                tx: follower.tap.tx.clone(),
+                lag: follower.tap.lag.clone(),
+            })
+            .collect()
     }
 
     /// Ends the follow streams of one stage (after its last line is out).
@@ -184,123 +218,62 @@ impl Engine {
         run.followers = kept;
         let ended: Vec<Follower> = ended;
         if !ended.is_empty() {
-            self.after_commit(move |_| drop(ended));
+            self.after_commit(move || drop(ended));
         }
     }
 
-    pub(super) fn logs(
+    /// Registers a live tap on an unfinished run; the answer (after the
+    /// commit) says where each stage's durable lines end.
+    pub(super) fn follow_logs(
         &mut self,
         run: RunId,
         stage: Option<String>,
-        follow: bool,
-        tx: LogTx,
-        reply: Reply<()>,
-    ) {
+        tap: Tap,
+    ) -> Result<Option<Followed>, ApiError> {
         let Some(active) = self.runs.get_mut(&run) else {
-            // A finished run: everything is in the store by the time the
-            // effect runs.
-            self.after_commit(move |store| {
-                let result = finished_backfill(store, run, stage.as_deref(), &tx);
-                let _ = reply.send(result);
-            });
-            return;
+            return Ok(None);
         };
-        let wanted: Vec<&StageRecord> = match &stage {
-            Some(name) => match active.stages.iter().find(|s| &s.name == name) {
-                Some(found) => vec![found],
-                None => {
-                    let error = ApiError::NotFound(format!("run {run} has no stage `{name}`"));
-                    self.reply(reply, Err(error));
-                    return;
-                }
-            },
-            None => active.stages.iter().collect(),
-        };
-        let backfills: Vec<Backfill> = wanted
+        let plans: Vec<StagePlan> = active
+            .stages
             .iter()
-            .map(|stage| Backfill {
-                key: stage.key,
-                name: stage.name.clone(),
-                attempt: stage.attempt,
-                bound: stage.next_log_seq,
+            .map(|record| StagePlan {
+                key: record.key,
+                name: record.name.clone(),
+                attempt: record.attempt,
+                below: record.next_log_seq,
             })
             .collect();
-        let still_running = wanted.iter().any(|stage| !stage.state.is_terminal());
-        if follow && still_running {
-            let idx = stage.as_ref().and(wanted.first().map(|s| s.key.idx));
-            active.followers.push(Follower {
-                stage: idx,
-                tx: tx.clone(),
-            });
+        let plans = crate::read::select_stage(run, plans, stage.as_deref())?;
+        let live = plans
+            .iter()
+            .any(|plan| !active.stages[plan.key.idx as usize].state.is_finished());
+        if live {
+            let idx = stage.as_ref().and(plans.first().map(|plan| plan.key.idx));
+            active.followers.push(Follower { stage: idx, tap });
         }
-        self.after_commit(move |store| {
-            let result = backfills.iter().try_for_each(|backfill| {
-                send_stored(
-                    store,
-                    &backfill.name,
-                    backfill.key,
-                    backfill.attempt,
-                    backfill.bound,
-                    &tx,
-                )
-            });
-            let _ = reply.send(result.map_err(ApiError::from));
-        });
+        Ok(Some(Followed { plans, live }))
     }
 }
 
-fn finished_backfill(
-    store: &dyn Store,
-    run: RunId,
-    stage: Option<&str>,
-    tx: &LogTx,
-) -> Result<(), ApiError> {
-    store
-        .run(run)?
-        .ok_or_else(|| ApiError::NotFound(format!("run {run} does not exist")))?;
-    let stages = store.stages(run)?;
-    if let Some(name) = stage
-        && !stages.iter().any(|s| s.name == name)
-    {
-        return Err(ApiError::NotFound(format!(
-            "run {run} has no stage `{name}`"
-        )));
-    }
-    for record in stages
-        .iter()
-        .filter(|s| stage.is_none_or(|name| s.name == name))
-    {
-        send_stored(
-            store,
-            &record.name,
-            record.key,
-            record.attempt,
-            u64::MAX,
-            tx,
-        )?;
-    }
-    Ok(())
-}
-
-/// Sends every stored line of every attempt up to `attempt`, the last one
-/// only below `bound`.
-fn send_stored(
-    store: &dyn Store,
-    name: &str,
-    key: StageKey,
-    attempt: u32,
-    bound: u64,
-    tx: &LogTx,
-) -> Result<(), crate::store::StoreError> {
-    for number in 1..=attempt {
-        for log in store.logs(key, number, 0)? {
-            if number == attempt && log.seq >= bound {
-                break;
+/// Hands durable lines to the taps that follow them; a full tap marks its
+/// follower as fallen behind instead of waiting (runs on the commit thread,
+/// which never blocks on a reader).
+fn feed(taps: &[Tap], name: &str, stored: &[StoredLog]) {
+    for tap in taps {
+        if tap.lag.is_behind() {
+            continue;
+        }
+        for log in stored {
+            match tap.tx.try_send(views::log_entry(name, log)) {
+                Ok(()) => {}
+                Err(tokio::sync::mpsc::error::TrySendError::Full(_)) => {
+                    tap.lag.mark();
+                    break;
+                }
+                Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => break,
             }
-            let _ = tx.send(Ok(views::log_entry(name, &log)));
         }
     }
-    Ok(())
 }
 
 fn from_pb_stream(stream: i32) -> LogStream {

@@ -43,7 +43,6 @@ use crate::views;
 pub(crate) use agents::{AgentTx, ConnId};
 
 pub(crate) type Reply<T> = oneshot::Sender<Result<T, ApiError>>;
-pub(crate) type LogTx = mpsc::UnboundedSender<Result<pb::LogEntry, tonic::Status>>;
 
 /// Everything the engine reacts to.
 pub(crate) enum Event {
@@ -76,34 +75,32 @@ pub(crate) enum Event {
         trigger_state: Option<crate::store::TriggerStateRecord>,
         reply: Reply<pb::Run>,
     },
-    GetRun {
-        run: RunId,
-        reply: Reply<pb::Run>,
-    },
-    ListRuns {
-        pipeline: Option<String>,
-        limit: usize,
-        reply: Reply<Vec<pb::Run>>,
-    },
+    /// `None`: the run is not unfinished here (finished, or unknown);
+    /// the caller reads it from the store.
     WatchRun {
         run: RunId,
-        reply: Reply<watch::Receiver<pb::Run>>,
+        reply: Reply<Option<watch::Receiver<pb::Run>>>,
     },
     CancelRun {
         run: RunId,
         reply: Reply<pb::Run>,
     },
+    /// A finished run comes with its durable records (read by the caller
+    /// off the loop), unless the engine still holds a newer copy.
     RetryStage {
         run: RunId,
         stage: String,
+        stored: Option<(RunRecord, Vec<StageRecord>)>,
         reply: Reply<pb::Run>,
     },
-    Logs {
+    /// Taps the live lines of an unfinished run's stage(s); answered after
+    /// a commit with where the durable lines end. `None`: the run is not
+    /// unfinished here, so the store has all of it.
+    FollowLogs {
         run: RunId,
         stage: Option<String>,
-        follow: bool,
-        tx: LogTx,
-        reply: Reply<()>,
+        tap: crate::read::Tap,
+        reply: Reply<Option<crate::read::Followed>>,
     },
     ListAgents {
         reply: Reply<Vec<pb::Agent>>,
@@ -166,7 +163,7 @@ struct ActiveRun {
     spec: Arc<PipelineSpec>,
     /// Latest snapshot for `WatchRun` streams; created on first watch.
     watch: Option<watch::Sender<pb::Run>>,
-    followers: Vec<logs::Follower>,
+    followers: Vec<crate::read::Follower>,
     /// Masks the secret values of each stage (by index) in stored lines;
     /// rebuilt from the secrets store after a restart.
     maskers: HashMap<u32, Arc<kiln_common::masking::Masker>>,
@@ -193,6 +190,10 @@ struct Dirty {
     /// Runs whose `WatchRun` streams get a new snapshot.
     watched: BTreeSet<RunId>,
 }
+
+/// Finished runs kept in memory past their durability, for retries and
+/// late completions.
+const RETIRED_KEPT: usize = 1024;
 
 /// Tunables, from the coordinator's config.
 #[derive(Clone, Copy, Debug)]
@@ -240,6 +241,20 @@ pub(crate) struct Engine {
     pending_alerts: Vec<crate::delivery::alerts::Alert>,
     /// Records changed since the last commit, written once at its end.
     dirty: Dirty,
+    /// What readers may see once the pending group is durable.
+    view: Arc<crate::read::DurableView>,
+    view_update: crate::read::ViewUpdate,
+    /// Finished runs kept until their last writes are durable (and a while
+    /// after), so a retry or a repeated completion never reads the store
+    /// for a run whose final batch may still be on its way.
+    retired: BTreeMap<RunId, ActiveRun>,
+    /// Retirement order with the commit that carries each run's last write
+    /// (`None` until that commit is submitted).
+    retired_order: VecDeque<(RunId, Option<u64>)>,
+    /// Every commit up to this number is durable (set by the committer).
+    durable: Arc<std::sync::atomic::AtomicU64>,
+    /// Replies that carry a run snapshot, built once the burst is decided.
+    run_replies: Vec<(Reply<pb::Run>, Result<RunId, ApiError>)>,
     /// Writes and effects of the events handled since the last commit.
     batch: Batch,
     effects: Vec<Effect>,
@@ -308,16 +323,32 @@ impl Engine {
             monitor_requests: Vec::new(),
             pending_alerts: Vec::new(),
             dirty: Dirty::default(),
+            view: Arc::new(crate::read::DurableView::default()),
+            view_update: crate::read::ViewUpdate::default(),
+            retired: BTreeMap::new(),
+            retired_order: VecDeque::new(),
+            durable: Arc::new(std::sync::atomic::AtomicU64::new(0)),
+            run_replies: Vec::new(),
             batch: Batch::default(),
             effects: Vec::new(),
             release_signer: None,
             secrets: None,
         };
         for record in store.unfinished_runs()? {
-            let spec = engine.spec(&record.pipeline, record.pipeline_version)?;
             let stages = store.stages(record.id)?;
-            engine.resume_run(record, stages, spec);
+            match engine.spec(&record.pipeline, record.pipeline_version) {
+                Ok(spec) => engine.resume_run(record, stages, spec),
+                // One version today's parser refuses must not keep the
+                // coordinator down: only the runs that need it fail.
+                Err(error) => engine.fail_unparsable_run(record, stages, &error),
+            }
         }
+        // Everything recovered is durable: readers may see it at once.
+        let update = std::mem::take(&mut engine.view_update);
+        engine.view.apply(crate::read::ViewUpdate {
+            last_run: Some(RunId(next_run_id - 1)),
+            ..update
+        });
         for (release, environment, pipeline, version, stage, until_ms) in resumed_monitors {
             let spec = engine.spec(&pipeline, version)?;
             let monitor = spec
@@ -370,28 +401,29 @@ impl Engine {
                 }
                 self.reply_run(reply, result);
             }
-            Event::GetRun { run, reply } => self.get_run(run, reply),
-            Event::ListRuns {
-                pipeline,
-                limit,
-                reply,
-            } => self.list_runs(pipeline, limit, reply),
             Event::WatchRun { run, reply } => self.watch_run(run, reply),
             Event::CancelRun { run, reply } => {
                 let result = self.cancel_run(run);
                 self.reply_run(reply, result);
             }
-            Event::RetryStage { run, stage, reply } => {
-                let result = self.retry_stage(run, &stage);
-                self.reply_run(reply, result);
-            }
-            Event::Logs {
+            Event::RetryStage {
                 run,
                 stage,
-                follow,
-                tx,
+                stored,
                 reply,
-            } => self.logs(run, stage, follow, tx, reply),
+            } => {
+                let result = self.retry_stage(run, &stage, stored);
+                self.reply_run(reply, result);
+            }
+            Event::FollowLogs {
+                run,
+                stage,
+                tap,
+                reply,
+            } => {
+                let result = self.follow_logs(run, stage, tap);
+                self.reply(reply, result);
+            }
             Event::ListAgents { reply } => {
                 let agents = self.agents.values().map(|agent| agent.view()).collect();
                 self.reply(reply, Ok(agents));
@@ -461,10 +493,57 @@ impl Engine {
         self.dispatch();
         self.write_dirty(None);
         self.update_gauges();
-        (
-            std::mem::take(&mut self.batch),
-            std::mem::take(&mut self.effects),
-        )
+        for (reply, result) in std::mem::take(&mut self.run_replies) {
+            let result = result.and_then(|run| {
+                self.snapshot(run)
+                    .ok_or_else(|| ApiError::Internal(format!("run {run} left memory unanswered")))
+            });
+            self.after_commit(move || {
+                let _ = reply.send(result);
+            });
+        }
+        let mut effects = std::mem::take(&mut self.effects);
+        let update = std::mem::take(&mut self.view_update);
+        if !update.is_empty() {
+            // First: a client answered by this commit reads what it changed.
+            let view = self.view.clone();
+            effects.insert(0, Box::new(move || view.apply(update)));
+        }
+        (std::mem::take(&mut self.batch), effects)
+    }
+
+    /// Notes the number of the commit that carries everything taken so far,
+    /// and lets go of finished runs whose last write is durable.
+    pub(crate) fn committed(&mut self, seq: u64) {
+        for entry in self.retired_order.iter_mut().rev() {
+            if entry.1.is_some() {
+                break;
+            }
+            entry.1 = Some(seq);
+        }
+        let durable = self.durable.load(std::sync::atomic::Ordering::Acquire);
+        while self.retired_order.len() > RETIRED_KEPT {
+            match self.retired_order.front() {
+                Some(&(run, Some(seq))) if seq <= durable => {
+                    self.retired.remove(&run);
+                    self.retired_order.pop_front();
+                }
+                _ => break,
+            }
+        }
+    }
+
+    /// The shared view readers use; filled by this engine's commits.
+    pub(crate) fn durable_view(&self) -> Arc<crate::read::DurableView> {
+        self.view.clone()
+    }
+
+    /// A run as this engine holds it (unfinished or recently finished).
+    fn snapshot(&self, run: RunId) -> Option<pb::Run> {
+        self.runs
+            .get(&run)
+            .or_else(|| self.retired.get(&run))
+            .map(|active| views::run(&active.record, &active.stages))
     }
 
     fn write(&mut self, op: Op) {
@@ -472,23 +551,21 @@ impl Engine {
     }
 
     /// Runs `effect` once everything queued so far is durable.
-    fn after_commit(&mut self, effect: impl FnOnce(&dyn Store) + Send + 'static) {
+    fn after_commit(&mut self, effect: impl FnOnce() + Send + 'static) {
         self.effects.push(Box::new(effect));
     }
 
     /// Answers a request once everything it changed (and everything before
     /// it) is durable.
     fn reply<T: Send + 'static>(&mut self, reply: Reply<T>, result: Result<T, ApiError>) {
-        self.after_commit(move |_| {
+        self.after_commit(move || {
             let _ = reply.send(result);
         });
     }
 
-    /// Answers with the run as stored once this change is durable.
+    /// Answers with the run as this burst leaves it, once that is durable.
     fn reply_run(&mut self, reply: Reply<pb::Run>, result: Result<RunId, ApiError>) {
-        self.after_commit(move |store| {
-            let _ = reply.send(result.and_then(|run| views::stored_run(store, run)));
-        });
+        self.run_replies.push((reply, result));
     }
 
     /// The parsed pipeline version, from cache or store.
@@ -574,6 +651,7 @@ pub(crate) async fn run_engine(
     mut stop: watch::Receiver<bool>,
     delivery: DeliveryRuntime,
 ) {
+    engine.durable = committer.durable();
     let mut monitors = tokio::task::JoinSet::new();
     // Leases are checked often enough that expiry is noticed within a small
     // fraction of the TTL.
@@ -599,7 +677,8 @@ pub(crate) async fn run_engine(
         }
         let (batch, effects) = engine.take_commit();
         if !batch.is_empty() || !effects.is_empty() {
-            committer.submit(batch, effects);
+            let seq = committer.submit(batch, effects);
+            engine.committed(seq);
         }
         let (requests, alerts) = engine.take_requests();
         for alert in alerts {

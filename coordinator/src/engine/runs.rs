@@ -107,6 +107,7 @@ impl Engine {
             }
         }
         self.runs.insert(id, ActiveRun::new(record, stages, spec));
+        self.publish_to_readers(id);
         self.finish_run_if_done(id);
     }
 
@@ -147,21 +148,61 @@ impl Engine {
         let runs = drain_matching(&mut self.dirty.runs, |&run| wanted(run));
         for run in runs {
             if let Some(record) = self.runs.get(&run).map(|active| active.record.clone()) {
+                let last = self.view_update.last_run.get_or_insert(run);
+                *last = (*last).max(run);
                 self.write(Op::Run(record));
             }
         }
         let watched = drain_matching(&mut self.dirty.watched, |&run| wanted(run));
         for run in watched {
             self.publish(run);
+            self.publish_to_readers(run);
         }
     }
 
+    /// What readers see of a run once this commit is durable: its snapshot
+    /// and where each stage's durable log ends.
+    fn publish_to_readers(&mut self, run: RunId) {
+        let Some(active) = self.runs.get(&run) else {
+            return;
+        };
+        let snapshot = Arc::new(views::run(&active.record, &active.stages));
+        let marks = active.stages.iter().map(|stage| {
+            let mark = crate::read::LogMark {
+                attempt: stage.attempt,
+                next_seq: stage.next_log_seq,
+            };
+            (stage.key, mark)
+        });
+        self.view_update.marks.extend(marks);
+        self.view_update.runs.push(snapshot);
+    }
+
+    /// The one way a stage's state changes. A move the state machine does
+    /// not allow is a bug: it is logged loudly and refused, never applied.
+    pub(super) fn move_stage(&mut self, key: StageKey, to: StageState) -> bool {
+        let Some(stage) = self.stage_mut(key) else {
+            return false;
+        };
+        if !stage.state.can_become(to) {
+            tracing::error!(
+                stage = %key,
+                name = %stage.name,
+                from = stage.state.name(),
+                to = to.name(),
+                "illegal stage transition refused; this is a bug in the coordinator"
+            );
+            return false;
+        }
+        stage.state = to;
+        self.save_stage(key);
+        true
+    }
+
     pub(super) fn make_ready(&mut self, key: StageKey) {
-        if let Some(stage) = self.stage_mut(key) {
-            stage.state = StageState::Ready;
+        if self.move_stage(key, StageState::Ready) {
             self.ready.push_back(key);
             self.ready_since.insert(key, std::time::Instant::now());
-            self.save_stage(key);
         }
     }
 
@@ -175,18 +216,9 @@ impl Engine {
         exit_code: Option<i32>,
         message: String,
     ) {
-        let now = self.clock.now_ms();
-        let Some(stage) = self.stage_mut(key) else {
+        if !self.end_attempt(key, state, exit_code, message) {
             return;
-        };
-        stage.state = state;
-        stage.exit_code = exit_code;
-        stage.message = message;
-        stage.finished_ms = Some(now);
-        tracing::debug!(stage = %key, name = %stage.name, ?state, "stage settled");
-        self.metrics.stage_finished(state);
-        self.save_stage(key);
-        self.end_followers(key);
+        }
         let Some(spec) = self.runs.get(&key.run).map(|run| run.spec.clone()) else {
             return;
         };
@@ -220,17 +252,13 @@ impl Engine {
                             run: key.run,
                             idx: need as u32,
                         })?;
-                        (need.state.is_terminal() && need.state != StageState::Succeeded)
+                        (need.state.is_finished() && need.state != StageState::Succeeded)
                             .then(|| need.name.clone())
                     });
                 if all_done && pending {
                     self.make_ready(dependent_key);
                 } else if let (true, Some(blocker)) = (pending, blocked_by) {
-                    if let Some(stage) = self.stage_mut(dependent_key) {
-                        stage.state = StageState::Skipped;
-                        stage.message = format!("skipped: `{blocker}` did not succeed");
-                    }
-                    self.save_stage(dependent_key);
+                    self.skip(dependent_key, &blocker);
                     self.skip_dependents(dependent_key, &spec, &blocker);
                 }
             }
@@ -244,6 +272,31 @@ impl Engine {
         self.finish_run_if_done(key.run);
     }
 
+    /// Ends a stage's current attempt in a finished state (without moving
+    /// the DAG on); false if the state machine refused.
+    fn end_attempt(
+        &mut self,
+        key: StageKey,
+        state: StageState,
+        exit_code: Option<i32>,
+        message: String,
+    ) -> bool {
+        let now = self.clock.now_ms();
+        if !state.is_finished() || !self.move_stage(key, state) {
+            return false;
+        }
+        let Some(stage) = self.stage_mut(key) else {
+            return false;
+        };
+        stage.exit_code = exit_code;
+        stage.message = message;
+        stage.finished_ms = Some(now);
+        tracing::debug!(stage = %key, name = %stage.name, ?state, "stage settled");
+        self.metrics.stage_finished(state);
+        self.end_followers(key);
+        true
+    }
+
     fn skip_dependents(&mut self, key: StageKey, spec: &PipelineSpec, failed: &str) {
         let mut todo = spec.dependents[key.idx as usize].clone();
         while let Some(idx) = todo.pop() {
@@ -251,16 +304,23 @@ impl Engine {
                 run: key.run,
                 idx: idx as u32,
             };
-            let Some(stage) = self.stage_mut(dependent) else {
-                continue;
-            };
-            if matches!(stage.state, StageState::Pending | StageState::Ready) {
-                stage.state = StageState::Skipped;
-                stage.message = format!("skipped: `{failed}` did not succeed");
-                self.save_stage(dependent);
+            let waiting = self.stage(dependent).is_some_and(|stage| {
+                matches!(stage.state, StageState::Pending | StageState::Ready)
+            });
+            if waiting && self.skip(dependent, failed) {
                 todo.extend(spec.dependents[idx].iter().copied());
             }
         }
+    }
+
+    fn skip(&mut self, key: StageKey, blocker: &str) -> bool {
+        if !self.move_stage(key, StageState::Skipped) {
+            return false;
+        }
+        if let Some(stage) = self.stage_mut(key) {
+            stage.message = format!("skipped: `{blocker}` did not succeed");
+        }
+        true
     }
 
     /// Re-queues a stage whose attempt was lost, as a new attempt, or fails
@@ -270,10 +330,10 @@ impl Engine {
             return;
         };
         let retries = spec.parsed.stages[key.idx as usize].retries;
-        let Some(stage) = self.stage_mut(key) else {
+        let Some(stage) = self.stage(key) else {
             return;
         };
-        if stage.state.is_terminal() {
+        if !stage.state.is_held() {
             return;
         }
         if charge && stage.retries_used >= retries {
@@ -281,16 +341,55 @@ impl Engine {
             self.settle_stage(key, StageState::Failed, None, message);
             return;
         }
-        stage.retries_used += u32::from(charge);
-        stage.attempt += 1;
-        stage.agent = None;
-        stage.started_ms = None;
-        stage.next_log_seq = 0;
-        stage.log_bytes = 0;
-        stage.log_truncated = false;
-        stage.message = format!("{why}; re-queued as attempt {}", stage.attempt);
-        tracing::warn!(stage = %key, attempt = stage.attempt, "{why}; re-queued");
-        self.make_ready(key);
+        let message = format!("{why}; re-queued as attempt {}", stage.attempt + 1);
+        tracing::warn!(stage = %key, attempt = stage.attempt + 1, "{why}; re-queued");
+        self.new_attempt(key, StageState::Ready, charge, false, &message);
+    }
+
+    /// The one way a stage starts over: a new attempt (which fences off
+    /// whoever held the old one) with a clean log, in state `to`.
+    /// `charge` counts it against `retries`; `fresh` (a manual retry) also
+    /// forgets retries used and what the old attempt produced.
+    fn new_attempt(
+        &mut self,
+        key: StageKey,
+        to: StageState,
+        charge: bool,
+        fresh: bool,
+        message: &str,
+    ) -> bool {
+        let allowed = self
+            .stage(key)
+            .is_some_and(|stage| stage.state.can_become(to));
+        if !allowed {
+            // Let the transition function log the refusal.
+            return self.move_stage(key, to);
+        }
+        if let Some(stage) = self.stage_mut(key) {
+            stage.attempt += 1;
+            stage.retries_used = if fresh {
+                0
+            } else {
+                stage.retries_used + u32::from(charge)
+            };
+            if fresh {
+                stage.outputs.clear();
+                stage.finished_ms = None;
+                stage.exit_code = None;
+            }
+            stage.agent = None;
+            stage.started_ms = None;
+            stage.next_log_seq = 0;
+            stage.log_bytes = 0;
+            stage.log_truncated = false;
+            stage.message = message.to_owned();
+        }
+        if to == StageState::Ready {
+            self.make_ready(key);
+            true
+        } else {
+            self.move_stage(key, to)
+        }
     }
 
     pub(super) fn finish_run_if_done(&mut self, run: RunId) {
@@ -298,10 +397,10 @@ impl Engine {
         let Some(active) = self.runs.get_mut(&run) else {
             return;
         };
-        if !active.stages.iter().all(|stage| stage.state.is_terminal()) {
+        if !active.stages.iter().all(|stage| stage.state.is_finished()) {
             return;
         }
-        if !active.record.state.is_terminal() {
+        if !active.record.state.is_finished() {
             let failed = active
                 .stages
                 .iter()
@@ -333,23 +432,28 @@ impl Engine {
         self.retire(run);
     }
 
-    /// Drops a finished run from memory once its last snapshot is out.
+    /// Moves a finished run out of the live set once its last snapshot is
+    /// out; it stays among the retired until that is durable.
     fn retire(&mut self, run: RunId) {
         self.write_dirty(Some(run));
-        let Some(active) = self.runs.remove(&run) else {
+        let Some(mut active) = self.runs.remove(&run) else {
             return;
         };
         let snapshot = active
             .watch
             .as_ref()
             .map(|_| views::run(&active.record, &active.stages));
-        let (watch, followers) = (active.watch, active.followers);
-        self.after_commit(move |_| {
+        let watch = active.watch.take();
+        let followers = std::mem::take(&mut active.followers);
+        self.after_commit(move || {
             if let (Some(watch), Some(snapshot)) = (watch, snapshot) {
                 watch.send_replace(snapshot);
             }
             drop(followers);
         });
+        self.view_update.retired.push(run);
+        self.retired.insert(run, active);
+        self.retired_order.push_back((run, None));
     }
 
     /// Pushes a snapshot to `WatchRun` streams after the next commit.
@@ -362,58 +466,23 @@ impl Engine {
         };
         let watch = watch.clone();
         let snapshot = views::run(&active.record, &active.stages);
-        self.after_commit(move |_| {
+        self.after_commit(move || {
             watch.send_replace(snapshot);
         });
     }
 
-    pub(super) fn get_run(&mut self, run: RunId, reply: Reply<pb::Run>) {
-        // Read in the effect: by then every earlier transition is stored.
-        self.after_commit(move |store| {
-            let _ = reply.send(views::stored_run(store, run));
-        });
-    }
-
-    pub(super) fn list_runs(
-        &mut self,
-        pipeline: Option<String>,
-        limit: usize,
-        reply: Reply<Vec<pb::Run>>,
-    ) {
-        self.after_commit(move |store| {
-            let result = store
-                .runs(pipeline.as_deref(), limit)
-                .map_err(ApiError::from)
-                .and_then(|runs| {
-                    runs.into_iter()
-                        .map(|run| Ok(views::run(&run, &store.stages(run.id)?)))
-                        .collect()
-                });
-            let _ = reply.send(result);
-        });
-    }
-
-    pub(super) fn watch_run(&mut self, run: RunId, reply: Reply<watch::Receiver<pb::Run>>) {
-        match self.runs.get_mut(&run) {
-            Some(active) => {
+    pub(super) fn watch_run(&mut self, run: RunId, reply: Reply<Option<watch::Receiver<pb::Run>>>) {
+        let receiver = self.runs.get_mut(&run).map(|active| match &active.watch {
+            Some(watch) => watch.subscribe(),
+            None => {
                 let snapshot = views::run(&active.record, &active.stages);
-                let receiver = match &active.watch {
-                    Some(watch) => watch.subscribe(),
-                    None => {
-                        let (watch, receiver) = watch::channel(snapshot.clone());
-                        active.watch = Some(watch);
-                        receiver
-                    }
-                };
-                self.reply(reply, Ok(receiver));
+                let (watch, receiver) = watch::channel(snapshot);
+                active.watch = Some(watch);
+                receiver
             }
-            None => self.after_commit(move |store| {
-                // Finished (or unknown): one snapshot, then the stream ends.
-                let result =
-                    views::stored_run(store, run).map(|snapshot| watch::channel(snapshot).1);
-                let _ = reply.send(result);
-            }),
-        }
+        });
+        // A finished run: the caller reads it, durable by the time it hears.
+        self.reply(reply, Ok(receiver));
     }
 
     pub(super) fn cancel_run(&mut self, run: RunId) -> Result<RunId, ApiError> {
@@ -426,7 +495,7 @@ impl Engine {
             let Some(stage) = self.stage(key) else {
                 continue;
             };
-            if stage.state.is_terminal() {
+            if stage.state.is_finished() {
                 continue;
             }
             if stage.state.is_held()
@@ -434,39 +503,40 @@ impl Engine {
             {
                 self.send_cancel(&agent, key, stage.attempt, "run cancelled");
             }
-            let now = self.clock.now_ms();
-            if let Some(stage) = self.stage_mut(key) {
-                stage.state = StageState::Cancelled;
-                stage.message = "cancelled by user".into();
-                stage.finished_ms = Some(now);
-            }
-            self.save_stage(key);
-            self.end_followers(key);
+            self.end_attempt(key, StageState::Cancelled, None, "cancelled by user".into());
         }
         tracing::info!(run = %run, "run cancelled");
         self.finish_run_if_done(run);
         Ok(run)
     }
 
-    pub(super) fn retry_stage(&mut self, run: RunId, name: &str) -> Result<RunId, ApiError> {
+    pub(super) fn retry_stage(
+        &mut self,
+        run: RunId,
+        name: &str,
+        stored: Option<(RunRecord, Vec<StageRecord>)>,
+    ) -> Result<RunId, ApiError> {
+        let mut reopened = None;
         if !self.runs.contains_key(&run) {
-            let record = self
-                .store
-                .run(run)?
-                .ok_or_else(|| ApiError::NotFound(format!("run {run} does not exist")))?;
-            let spec = self.spec(&record.pipeline, record.pipeline_version)?;
-            let stages = self.store.stages(run)?;
-            self.runs.insert(run, ActiveRun::new(record, stages, spec));
+            // The engine's own copy is never older than the store's.
+            let active = match (self.retired.remove(&run), stored) {
+                (Some(active), _) => active,
+                (None, Some((record, stages))) => {
+                    let spec = self.spec(&record.pipeline, record.pipeline_version)?;
+                    ActiveRun::new(record, stages, spec)
+                }
+                (None, None) => return Err(self.not_active(run)),
+            };
+            self.retired_order.retain(|(id, _)| *id != run);
+            self.runs.insert(run, active);
+            reopened = Some(run);
         }
         let result = self.reopen_stage(run, name);
-        if result.is_err() {
+        if let (Err(_), Some(run)) = (&result, reopened) {
             // Put a finished run back to rest untouched.
-            if self
-                .runs
-                .get(&run)
-                .is_some_and(|active| active.record.state.is_terminal())
-            {
-                self.runs.remove(&run);
+            if let Some(active) = self.runs.remove(&run) {
+                self.retired.insert(run, active);
+                self.retired_order.push_back((run, None));
             }
         }
         result.map(|()| run)
@@ -486,7 +556,7 @@ impl Engine {
         ) {
             return Err(ApiError::FailedPrecondition(format!(
                 "stage `{name}` of run {run} is {}; only failed, timed-out or cancelled stages can be retried",
-                views::stage_state_name(stage.state)
+                stage.state.name()
             )));
         }
         if let Some(&need) = spec.parsed.stages[idx]
@@ -513,7 +583,6 @@ impl Engine {
                 gone.artifact.path, gone.stage, gone.artifact.digest
             )));
         }
-        reset_stage(self.stage_mut(key), "retried by user");
         // Dependents that were skipped or cancelled because of it wait again.
         let mut todo = spec.dependents[idx].clone();
         while let Some(dependent) = todo.pop() {
@@ -521,16 +590,11 @@ impl Engine {
                 run,
                 idx: dependent as u32,
             };
-            let stage = self.stage_mut(dependent_key);
-            if stage
-                .as_ref()
-                .is_some_and(|s| matches!(s.state, StageState::Skipped | StageState::Cancelled))
+            let waits_for_it = self
+                .stage(dependent_key)
+                .is_some_and(|s| matches!(s.state, StageState::Skipped | StageState::Cancelled));
+            if waits_for_it && self.new_attempt(dependent_key, StageState::Pending, false, true, "")
             {
-                reset_stage(stage, "");
-                if let Some(stage) = self.stage_mut(dependent_key) {
-                    stage.state = StageState::Pending;
-                }
-                self.save_stage(dependent_key);
                 todo.extend(spec.dependents[dependent].iter().copied());
             }
         }
@@ -540,36 +604,48 @@ impl Engine {
         }
         tracing::info!(run = %run, stage = name, "stage retried");
         self.save_run(run);
-        self.make_ready(key);
+        self.new_attempt(key, StageState::Ready, false, true, "retried by user");
         Ok(())
     }
 
+    /// Why a run the engine does not hold cannot change; decided from
+    /// memory (run ids are only ever handed out here).
     pub(super) fn not_active(&self, run: RunId) -> ApiError {
-        match self.store.run(run) {
-            Ok(Some(record)) => ApiError::FailedPrecondition(format!(
+        match self.retired.get(&run) {
+            Some(active) => ApiError::FailedPrecondition(format!(
                 "run {run} already finished ({})",
-                views::run_state_name(record.state)
+                active.record.state.name()
             )),
-            Ok(None) => ApiError::NotFound(format!("run {run} does not exist")),
-            Err(error) => error.into(),
+            None if run.0 >= 1 && run.0 < self.next_run_id => {
+                ApiError::FailedPrecondition(format!("run {run} already finished"))
+            }
+            None => ApiError::NotFound(format!("run {run} does not exist")),
         }
     }
-}
 
-/// Clears a stage for a fresh attempt.
-fn reset_stage(stage: Option<&mut StageRecord>, message: &str) {
-    if let Some(stage) = stage {
-        stage.outputs.clear();
-        stage.attempt += 1;
-        stage.retries_used = 0;
-        stage.agent = None;
-        stage.started_ms = None;
-        stage.finished_ms = None;
-        stage.exit_code = None;
-        stage.next_log_seq = 0;
-        stage.log_bytes = 0;
-        stage.log_truncated = false;
-        stage.message = message.to_owned();
+    /// A run whose pipeline version cannot be parsed any more: it fails,
+    /// with the parse error as the reason, instead of stopping recovery.
+    pub(super) fn fail_unparsable_run(
+        &mut self,
+        mut record: RunRecord,
+        mut stages: Vec<StageRecord>,
+        error: &ApiError,
+    ) {
+        let now = self.clock.now_ms();
+        let reason = format!(
+            "pipeline `{}` version {} cannot be read any more: {error}",
+            record.pipeline, record.pipeline_version
+        );
+        tracing::error!(run = %record.id, "{reason}; failing the run");
+        for stage in stages.iter_mut().filter(|stage| !stage.state.is_finished()) {
+            stage.state = StageState::Failed;
+            stage.message = reason.clone();
+            stage.finished_ms = Some(now);
+            self.write(Op::Stage(stage.clone()));
+        }
+        record.state = RunState::Failed;
+        record.finished_ms = Some(now);
+        self.write(Op::Run(record));
     }
 }
 

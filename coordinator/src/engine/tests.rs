@@ -12,7 +12,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::*;
 use crate::clock::ManualClock;
 use crate::engine::monitor;
-use crate::store::SledStore;
+use crate::store::{SledStore, StageState};
 
 const LEASE_MS: u64 = 3_000;
 
@@ -88,7 +88,7 @@ impl Harness {
         self.store.apply(&batch).unwrap();
         self.store.flush().unwrap();
         for effect in effects {
-            effect(&*self.store);
+            effect();
         }
     }
 
@@ -172,7 +172,8 @@ impl Harness {
     }
 
     fn run(&mut self, run: RunId) -> pb::Run {
-        self.ask(|reply| Event::GetRun { run, reply }).unwrap()
+        self.commit();
+        crate::views::stored_run(&*self.store, run).unwrap()
     }
 
     fn stage(&mut self, run: RunId, name: &str) -> pb::Stage {
@@ -374,7 +375,7 @@ fn resent_log_lines_are_stored_once() {
     let key = StageKey { run, idx: 0 };
     let texts: Vec<String> = h
         .store
-        .logs(key, 1, 0)
+        .log_page(key, 1, 0, u64::MAX, 1000)
         .unwrap()
         .into_iter()
         .map(|log| log.line.text)
@@ -483,6 +484,7 @@ fn retrying_one_of_two_failed_needs_still_lets_the_run_finish() {
     assert_eq!(h.run(run).state, pb::RunState::Failed as i32);
     let retried = h
         .ask(|reply| Event::RetryStage {
+            stored: None,
             run,
             stage: "a".into(),
             reply,
@@ -540,4 +542,120 @@ fn releases_environments_and_monitors_survive_a_restart() {
     let stage = agent.assignments()[0];
     h.finish(&agent, stage, pb::Outcome::Succeeded);
     assert_eq!(h.engine.environments["prod"].live, Some(live + 1));
+}
+
+fn log_batch(stage: pb::StageRef, first: u64, texts: &[&str]) -> Msg {
+    let lines = texts
+        .iter()
+        .map(|text| pb::LogLine {
+            stream: 1,
+            text: (*text).into(),
+            at_ms: 0,
+        })
+        .collect();
+    Msg::Logs(pb::LogBatch {
+        stage: Some(stage),
+        first_seq: first,
+        lines,
+    })
+}
+
+fn stored_texts(h: &Harness, key: StageKey, attempt: u32) -> Vec<String> {
+    h.store
+        .log_page(key, attempt, 0, u64::MAX, 1000)
+        .unwrap()
+        .into_iter()
+        .map(|log| log.line.text)
+        .collect()
+}
+
+#[test]
+fn a_batch_that_would_leave_a_gap_is_refused_and_asked_again() {
+    let mut h = Harness::new();
+    let run = h.start_run("pipeline: p\nstages:\n  a: { commands: [x] }\n");
+    let mut agent = h.connect("one", 1, 1, vec![]);
+    let stage = agent.assignments()[0];
+    let key = StageKey { run, idx: 0 };
+    h.send(&agent, log_batch(stage, 0, &["0", "1"]));
+    // A fake agent that skips lines 2..5.
+    h.send(&agent, log_batch(stage, 5, &["5", "6"]));
+    let acks = acks(agent.received());
+    assert_eq!(acks.len(), 2);
+    assert_eq!((acks[0].next_log_seq, acks[0].resend), (2, false));
+    assert_eq!(
+        (acks[1].next_log_seq, acks[1].resend, acks[1].rejected),
+        (2, true, false),
+        "the agent is told to send again from line 2"
+    );
+    assert_eq!(stored_texts(&h, key, 1), ["0", "1"], "nothing past the gap");
+    h.send(&agent, log_batch(stage, 2, &["2", "3", "4", "5", "6"]));
+    assert_eq!(
+        stored_texts(&h, key, 1),
+        ["0", "1", "2", "3", "4", "5", "6"]
+    );
+}
+
+#[test]
+fn an_illegal_stage_transition_is_refused_and_changes_nothing() {
+    let mut h = Harness::new();
+    let run = h.start_run("pipeline: p\nstages:\n  a: { commands: [x] }\n");
+    let mut agent = h.connect("one", 1, 1, vec![]);
+    let stage = agent.assignments()[0];
+    let key = StageKey { run, idx: 0 };
+    // Assigned cannot go back to pending, nor skip to awaiting approval.
+    assert!(!h.engine.move_stage(key, StageState::Pending));
+    assert!(!h.engine.move_stage(key, StageState::AwaitingApproval));
+    assert_eq!(h.stage(run, "a").state, pb::StageState::Assigned as i32);
+    h.finish(&agent, stage, pb::Outcome::Succeeded);
+    assert_eq!(h.stage(run, "a").state, pb::StageState::Succeeded as i32);
+    // A late "started" for the finished attempt moves nothing either.
+    h.send(
+        &agent,
+        Msg::Started(pb::StageStarted { stage: Some(stage) }),
+    );
+    assert_eq!(h.stage(run, "a").state, pb::StageState::Succeeded as i32);
+}
+
+#[test]
+fn lines_that_cannot_be_masked_are_never_stored_and_the_stage_fails() {
+    let mut h = Harness::new();
+    let secrets = Arc::new(
+        crate::secrets::Secrets::open(h.store.clone(), &h._dir.path().join("secrets.key")).unwrap(),
+    );
+    secrets
+        .set("API_TOKEN", "hunter2-very-secret", "test")
+        .unwrap();
+    h.engine.with_secrets(secrets.clone());
+    let run = h.start_run(
+        "pipeline: p\nstages:\n  a: { commands: [x], secrets: [API_TOKEN] }\n  b: { needs: [a], commands: [y] }\n",
+    );
+    let mut agent = h.connect("one", 1, 1, vec![]);
+    let stage = agent.assignments()[0];
+    let key = StageKey { run, idx: 0 };
+    // After a restart the masker is rebuilt from the secrets store, where
+    // the secret is gone.
+    h.restart();
+    h.engine.with_secrets(secrets.clone());
+    secrets.delete("API_TOKEN").unwrap();
+    let mut agent = h.connect("one", 2, 1, vec![stage]);
+    agent.received();
+    h.send(
+        &agent,
+        log_batch(stage, 0, &["token is hunter2-very-secret"]),
+    );
+    assert!(
+        stored_texts(&h, key, 1).is_empty(),
+        "no unmasked line stored"
+    );
+    let a = h.stage(run, "a");
+    assert_eq!(a.state, pb::StageState::Failed as i32);
+    assert!(a.message.contains("API_TOKEN"), "{}", a.message);
+    assert!(!a.message.contains("hunter2"), "{}", a.message);
+    assert_eq!(h.stage(run, "b").state, pb::StageState::Skipped as i32);
+    let received = agent.received();
+    assert!(
+        received.iter().any(|msg| matches!(msg, Out::Cancel(_))),
+        "the agent is told to stop: {received:?}"
+    );
+    assert!(acks(received).iter().any(|ack| ack.rejected));
 }

@@ -15,6 +15,7 @@ use std::collections::BTreeMap;
 use kiln_common::ids::{RunId, StageKey};
 use serde::{Deserialize, Serialize};
 
+pub(crate) use crate::state::{RunState, StageState};
 pub(crate) use security::{AuditRecord, Role, SecretRecord, TokenRecord};
 pub(crate) use sled_store::SledStore;
 
@@ -43,22 +44,6 @@ pub(crate) struct PipelineRecord {
     pub(crate) branch: String,
     pub(crate) subdir: String,
     pub(crate) registered_ms: u64,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub(crate) enum RunState {
-    Queued,
-    Running,
-    Succeeded,
-    Failed,
-    Cancelled,
-}
-
-impl RunState {
-    pub(crate) fn is_terminal(self) -> bool {
-        matches!(self, Self::Succeeded | Self::Failed | Self::Cancelled)
-    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -133,36 +118,6 @@ pub(crate) struct RollbackPlan {
     /// The restored release's artifacts, by digest.
     pub(crate) inputs: Vec<StageArtifact>,
     pub(crate) reason: String,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub(crate) enum StageState {
-    Pending,
-    Ready,
-    Assigned,
-    Running,
-    Succeeded,
-    Failed,
-    TimedOut,
-    Cancelled,
-    Skipped,
-    /// A manual gate that passed its checks and waits for `kiln approve`.
-    AwaitingApproval,
-}
-
-impl StageState {
-    pub(crate) fn is_terminal(self) -> bool {
-        matches!(
-            self,
-            Self::Succeeded | Self::Failed | Self::TimedOut | Self::Cancelled | Self::Skipped
-        )
-    }
-
-    /// On an agent: assigned or running.
-    pub(crate) fn is_held(self) -> bool {
-        matches!(self, Self::Assigned | Self::Running)
-    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -361,15 +316,25 @@ pub(crate) trait Store: Send + Sync + 'static {
     /// The latest version of every pipeline, by name.
     fn latest_pipelines(&self) -> Result<Vec<PipelineRecord>>;
     fn run(&self, id: RunId) -> Result<Option<RunRecord>>;
-    /// Newest first.
-    fn runs(&self, pipeline: Option<&str>, limit: usize) -> Result<Vec<RunRecord>>;
+    /// Newest first, at most `limit`, none above `up_to` (readers pass the
+    /// durable watermark; the engine's own callers `RunId(u64::MAX)`).
+    fn runs(&self, pipeline: Option<&str>, up_to: RunId, limit: usize) -> Result<Vec<RunRecord>>;
     /// Runs that are not finished, oldest first.
     fn unfinished_runs(&self) -> Result<Vec<RunRecord>>;
     /// The highest run id ever used (0 when none).
     fn last_run_id(&self) -> Result<u64>;
     fn stages(&self, run: RunId) -> Result<Vec<StageRecord>>;
-    /// Stored lines of one stage attempt with `seq >= from_seq`.
-    fn logs(&self, key: StageKey, attempt: u32, from_seq: u64) -> Result<Vec<StoredLog>>;
+    /// One page of an attempt's stored lines: `from_seq <= seq < below_seq`,
+    /// at most `max_lines` of them. Callers page through a log; nothing
+    /// reads a whole log into memory.
+    fn log_page(
+        &self,
+        key: StageKey,
+        attempt: u32,
+        from_seq: u64,
+        below_seq: u64,
+        max_lines: usize,
+    ) -> Result<Vec<StoredLog>>;
     fn release(&self, id: u64) -> Result<Option<ReleaseRecord>>;
     /// Every release, oldest first.
     fn releases(&self) -> Result<Vec<ReleaseRecord>>;

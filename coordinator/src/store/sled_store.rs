@@ -76,7 +76,7 @@ impl Store for SledStore {
                 }
                 Op::Run(record) => {
                     writes.insert(keys::run(record.id), encode(record));
-                    if record.state.is_terminal() {
+                    if record.state.is_finished() {
                         writes.remove(keys::active(record.id));
                     } else {
                         writes.insert(keys::active(record.id), &[][..]);
@@ -134,9 +134,14 @@ impl Store for SledStore {
         self.get(&keys::run(id))
     }
 
-    fn runs(&self, pipeline: Option<&str>, limit: usize) -> Result<Vec<RunRecord>> {
+    fn runs(&self, pipeline: Option<&str>, up_to: RunId, limit: usize) -> Result<Vec<RunRecord>> {
         let mut runs = Vec::new();
-        for entry in self.db.scan_prefix([keys::RUN]).rev() {
+        if limit == 0 {
+            return Ok(runs);
+        }
+        let first = keys::run(RunId(0));
+        let last = keys::run(up_to);
+        for entry in self.db.range(first..=last).rev() {
             let (key, value) = entry?;
             let run: RunRecord = decode(&key, &value)?;
             if pipeline.is_none_or(|name| name == run.pipeline) {
@@ -222,15 +227,22 @@ impl Store for SledStore {
         self.get(&keys::named(keys::TRIGGER_STATE, pipeline))
     }
 
-    fn logs(&self, key: StageKey, attempt: u32, from_seq: u64) -> Result<Vec<StoredLog>> {
-        let start = keys::log(key, attempt, from_seq);
-        let prefix = keys::log_prefix(key, attempt);
+    fn log_page(
+        &self,
+        key: StageKey,
+        attempt: u32,
+        from_seq: u64,
+        below_seq: u64,
+        max_lines: usize,
+    ) -> Result<Vec<StoredLog>> {
         let mut logs = Vec::new();
-        for entry in self.db.range(start..) {
+        if from_seq >= below_seq {
+            return Ok(logs);
+        }
+        let start = keys::log(key, attempt, from_seq);
+        let end = keys::log(key, attempt, below_seq);
+        for entry in self.db.range(start..end).take(max_lines) {
             let (raw_key, value) = entry?;
-            if !raw_key.starts_with(&prefix) {
-                break;
-            }
             let line: LogLine = decode(&raw_key, &value)?;
             let seq = keys::log_seq(&raw_key).unwrap_or_default();
             logs.push(StoredLog {
@@ -329,24 +341,41 @@ mod tests {
             .collect();
         assert_eq!(unfinished, [2, 300]);
         let newest_a: Vec<_> = store
-            .runs(Some("a"), 10)
+            .runs(Some("a"), RunId(u64::MAX), 10)
             .unwrap()
             .iter()
             .map(|r| r.id.0)
             .collect();
         assert_eq!(newest_a, [300, 1]);
+        // Nothing above the watermark a reader passes.
+        let below: Vec<_> = store
+            .runs(None, RunId(2), 10)
+            .unwrap()
+            .iter()
+            .map(|r| r.id.0)
+            .collect();
+        assert_eq!(below, [2, 1]);
         let key = StageKey {
             run: RunId(2),
             idx: 0,
         };
-        let seqs: Vec<_> = store
-            .logs(key, 1, 1)
-            .unwrap()
-            .iter()
-            .map(|l| l.seq)
-            .collect();
-        assert_eq!(seqs, [1, 256]);
-        assert!(store.logs(key, 2, 0).unwrap().is_empty());
+        let page = |from, below, max| -> Vec<u64> {
+            store
+                .log_page(key, 1, from, below, max)
+                .unwrap()
+                .iter()
+                .map(|l| l.seq)
+                .collect()
+        };
+        assert_eq!(page(1, u64::MAX, 100), [1, 256]);
+        assert_eq!(page(0, 256, 100), [0, 1], "the bound is exclusive");
+        assert_eq!(
+            page(0, u64::MAX, 2),
+            [0, 1],
+            "a page holds at most max lines"
+        );
+        assert!(page(5, 5, 100).is_empty());
+        assert!(store.log_page(key, 2, 0, u64::MAX, 100).unwrap().is_empty());
         assert_eq!(store.stages(RunId(2)).unwrap().len(), 1);
     }
 }

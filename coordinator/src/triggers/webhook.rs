@@ -87,7 +87,10 @@ async fn handle(
     };
     let pipeline = match hooks.store.latest_pipelines() {
         Ok(all) => all.into_iter().find(|p| p.name == name),
-        Err(error) => return fail(StatusCode::INTERNAL_SERVER_ERROR, error.to_string()),
+        Err(error) => {
+            let error = crate::error::ApiError::from(error);
+            return fail(status_of(&error), error.public_message());
+        }
     };
     let Some(pipeline) = pipeline else {
         return fail(StatusCode::NOT_FOUND, format!("no pipeline named `{name}`"));
@@ -157,6 +160,13 @@ async fn handle(
             })),
             format!("pipeline {name} run {}", run.id),
         ),
-        Err(error) => fail(StatusCode::UNPROCESSABLE_ENTITY, error.to_string()),
+        // A revision that cannot be built is the sender's problem (422);
+        // a fault of the coordinator is 500, without its detail.
+        Err(error) => fail(status_of(&error), error.public_message()),
     }
+}
+
+/// The one mapping of API errors to HTTP statuses.
+fn status_of(error: &crate::error::ApiError) -> StatusCode {
+    StatusCode::from_u16(error.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
 }

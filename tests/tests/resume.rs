@@ -132,32 +132,40 @@ async fn logs_follow_carries_on_across_a_coordinator_crash_without_missing_or_do
         "pipeline: numbered\nstages:\n  count:\n    commands: [\"for i in $(seq 1 80); do echo line $i; sleep 0.05; done\"]\n",
     )?;
     let id = register_and_run(&coordinator, &repo).await?;
-    let cli = Cli::spawn(
+    // One stage (bare lines, the stream ends with the stage) and every
+    // stage (`[count] ` prefixes, the stream ends with the run).
+    let one = Cli::spawn(
         &coordinator.url(),
         &["logs", &id.to_string(), "count", "-f"],
     )?;
-    cli.wait_for("ten lines", Duration::from_secs(30), |out| {
-        out.contains("line 10\n")
-    })?;
+    let all = Cli::spawn(&coordinator.url(), &["logs", &id.to_string(), "-f"])?;
+    for cli in [&one, &all] {
+        cli.wait_for("ten lines", Duration::from_secs(30), |out| {
+            out.contains("line 10\n")
+        })?;
+    }
 
     coordinator.crash_and_restart(&options, Duration::from_millis(500))?;
 
-    let (status, stdout, stderr) = cli.finish(Duration::from_secs(90))?;
-    assert!(
-        status.success(),
-        "{status}; stdout:\n{stdout}\nstderr:\n{stderr}"
-    );
-    let lines: Vec<&str> = stdout
-        .lines()
-        .filter(|line| line.starts_with("line "))
-        .collect();
     let expected: Vec<String> = (1..=80).map(|i| format!("line {i}")).collect();
-    assert_eq!(lines, expected, "every line exactly once, in order");
-    assert_no_transport_words(&stderr);
-    assert!(
-        stderr.matches("reconnecting").count() <= 1,
-        "one note per outage:\n{stderr}"
-    );
+    for (cli, prefix) in [(one, ""), (all, "[count] ")] {
+        let (status, stdout, stderr) = cli.finish(Duration::from_secs(90))?;
+        assert!(
+            status.success(),
+            "{status}; stdout:\n{stdout}\nstderr:\n{stderr}"
+        );
+        let lines: Vec<&str> = stdout
+            .lines()
+            .filter_map(|line| line.strip_prefix(prefix))
+            .filter(|line| line.starts_with("line "))
+            .collect();
+        assert_eq!(lines, expected, "every line exactly once, in order");
+        assert_no_transport_words(&stderr);
+        assert!(
+            stderr.matches("reconnecting").count() <= 1,
+            "one note per outage:\n{stderr}"
+        );
+    }
     Ok(())
 }
 

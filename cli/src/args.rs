@@ -12,7 +12,8 @@ Exit codes:
   1  the run finished but did not succeed (`kiln run --wait`, `kiln demo`)
   2  usage or input error, or the coordinator refused the request
      (invalid argument, not found, failed precondition, ...)
-  3  the coordinator cannot be reached
+  3  the coordinator cannot be reached (`logs -f` and `run --wait`
+     reconnect for --reconnect-for first)
   4  `kiln verify`: the file did not verify (the provenance signature does
      not hold, or the file is not among what the release released)
 
@@ -68,6 +69,17 @@ pub(crate) struct GlobalArgs {
     /// How results are printed.
     #[arg(long, global = true, value_enum, default_value_t = OutputFormat::Table)]
     pub(crate) output: OutputFormat,
+    /// How long `logs -f` and `run --wait` keep reconnecting to a
+    /// coordinator that went away before giving up (exit code 3).
+    #[arg(
+        long,
+        global = true,
+        env = "KILN_RECONNECT_FOR",
+        default_value = "2m",
+        value_name = "DURATION",
+        value_parser = kiln_common::spec::parse_duration
+    )]
+    pub(crate) reconnect_for: std::time::Duration,
 }
 
 /// `--output`: tables for people, JSON for scripts.

@@ -1,17 +1,22 @@
 //! The connection to a coordinator's `ControlService`.
 //!
 //! Every call goes through [`Coordinator`] so that each failure is turned
-//! into a [`CliError`] that knows the coordinator's URL, in one place.
+//! into a [`CliError`] that knows the coordinator's URL, in one place. The
+//! long-lived streams (`WatchRun`, `StreamLogs`) hand back gRPC statuses
+//! instead, because their followers reconnect after some of them
+//! (`reconnect`).
 
 use std::time::Duration;
 
-use futures::{Stream, StreamExt};
 use kiln_common::channel::{ClientOptions, CoordinatorEndpoint, KilnChannel};
 use kiln_proto::v1 as pb;
 use kiln_proto::v1::artifact_service_client::ArtifactServiceClient;
 use kiln_proto::v1::control_service_client::ControlServiceClient;
 
+use tonic::{Status, Streaming};
+
 use crate::error::CliError;
+use crate::reconnect::{self, Reconnect};
 
 /// Long enough for a coordinator on another continent, short enough that a
 /// typo in `--coordinator` does not look like a hang.
@@ -25,6 +30,9 @@ pub(crate) struct Coordinator {
     rpc: ControlServiceClient<KilnChannel>,
     /// The same connection, for blob transfers.
     channel: KilnChannel,
+    /// How long a follower (`logs -f`, `run --wait`) keeps reconnecting
+    /// to a coordinator that went away.
+    patience: Duration,
 }
 
 impl Coordinator {
@@ -50,6 +58,7 @@ impl Coordinator {
             url: url.to_owned(),
             rpc: ControlServiceClient::new(channel.clone()),
             channel,
+            patience: reconnect::DEFAULT_PATIENCE,
         })
     }
 
@@ -173,18 +182,15 @@ impl Coordinator {
     }
 
     /// The run now and after every change; ends once the run is finished.
-    pub(crate) async fn watch_run(
-        &self,
-        run_id: u64,
-    ) -> Result<impl Stream<Item = Result<pb::Run, CliError>> + use<>, CliError> {
+    /// Failures stay gRPC statuses: a follower decides which of them it
+    /// reconnects after (`reconnect::is_resumable`).
+    pub(crate) async fn watch_run(&self, run_id: u64) -> Result<Streaming<pb::Run>, Status> {
         let reply = self
             .rpc
             .clone()
             .watch_run(pb::GetRunRequest { run_id })
             .await;
-        let stream = reply.map_err(|s| self.fail(s))?.into_inner();
-        let url = self.url.clone();
-        Ok(stream.map(move |item| item.map_err(|s| CliError::from_status(s, &url))))
+        reply.map(tonic::Response::into_inner)
     }
 
     pub(crate) async fn cancel_run(&self, run_id: u64) -> Result<pb::Run, CliError> {
@@ -209,14 +215,33 @@ impl Coordinator {
             .map_err(|s| self.fail(s))
     }
 
+    /// A run's (or a stage's) log lines; failures stay gRPC statuses, as
+    /// for [`Coordinator::watch_run`].
     pub(crate) async fn stream_logs(
         &self,
         request: pb::StreamLogsRequest,
-    ) -> Result<impl Stream<Item = Result<pb::LogEntry, CliError>> + use<>, CliError> {
+    ) -> Result<Streaming<pb::LogEntry>, Status> {
         let reply = self.rpc.clone().stream_logs(request).await;
-        let stream = reply.map_err(|s| self.fail(s))?.into_inner();
-        let url = self.url.clone();
-        Ok(stream.map(move |item| item.map_err(|s| CliError::from_status(s, &url))))
+        reply.map(tonic::Response::into_inner)
+    }
+
+    /// The run, or the status the call failed with (for followers that
+    /// check a run between reconnects).
+    pub(crate) async fn get_run_status(&self, run_id: u64) -> Result<pb::Run, Status> {
+        let reply = self.rpc.clone().get_run(pb::GetRunRequest { run_id }).await;
+        reply.map(tonic::Response::into_inner)
+    }
+
+    /// How a follower of this coordinator reconnects after its stream
+    /// broke.
+    pub(crate) fn reconnect(&self) -> Reconnect {
+        Reconnect::new(&self.url, self.patience)
+    }
+
+    /// How long followers keep reconnecting (`--reconnect-for`).
+    pub(crate) fn with_patience(mut self, patience: Duration) -> Self {
+        self.patience = patience;
+        self
     }
 
     pub(crate) async fn list_agents(&self) -> Result<Vec<pb::Agent>, CliError> {

@@ -58,13 +58,14 @@ pub(crate) enum CliError {
 }
 
 impl CliError {
-    /// Sorts a gRPC status: `Unavailable` means nobody answered, anything
-    /// else is the coordinator's verdict on the request.
+    /// Sorts a gRPC status: a lost connection (see [`connection_lost`])
+    /// means nobody answered, anything else is the coordinator's verdict on
+    /// the request.
     pub(crate) fn from_status(status: tonic::Status, url: &str) -> Self {
-        if status.code() == Code::Unavailable {
+        if connection_lost(&status) {
             return CliError::Unreachable {
                 url: url.to_owned(),
-                reason: status_reason(&status),
+                reason: lost_reason(&status),
             };
         }
         CliError::Coordinator(status_reason(&status))
@@ -116,6 +117,45 @@ impl From<io::Error> for CliError {
     }
 }
 
+/// Whether `status` says the connection failed rather than that the
+/// coordinator refused: `UNAVAILABLE` (nobody listens, or the coordinator
+/// is shutting down), and what tonic makes of a connection that broke
+/// mid-call — `UNKNOWN` or `CANCELLED`, or `INTERNAL` with an HTTP/2 or
+/// framing error. The coordinator's own `INTERNAL` (a store error) is a
+/// verdict.
+pub(crate) fn connection_lost(status: &tonic::Status) -> bool {
+    match status.code() {
+        Code::Unavailable | Code::Unknown | Code::Cancelled => true,
+        Code::Internal => is_transport_message(status.message()),
+        _ => false,
+    }
+}
+
+/// The words tonic and hyper use for a broken connection.
+fn is_transport_message(message: &str) -> bool {
+    const SIGNS: [&str; 6] = [
+        "h2 protocol error",
+        "unexpected eof",
+        "transport error",
+        "broken pipe",
+        "connection reset",
+        "connection closed",
+    ];
+    let message = message.to_ascii_lowercase();
+    SIGNS.iter().any(|sign| message.contains(sign))
+}
+
+/// Why a connection failed, in words for people: the OS's reason when
+/// there is one ("Connection refused"), never HTTP/2 internals.
+fn lost_reason(status: &tonic::Status) -> String {
+    let reason = status_reason(status);
+    if status.code() == Code::Unavailable && !is_transport_message(&reason) {
+        reason
+    } else {
+        "the connection was lost".to_owned()
+    }
+}
+
 /// The status message, never a Debug dump; an empty message falls back to
 /// the code's description so the line never ends in ": ".
 fn status_reason(status: &tonic::Status) -> String {
@@ -159,12 +199,32 @@ mod tests {
             assert_eq!(error.exit_code(), EXIT_USAGE, "{code:?}");
             assert_eq!(error.to_string(), "no run 9");
         }
-        let error = CliError::from_status(tonic::Status::unavailable("connection reset"), URL);
+        let error = CliError::from_status(tonic::Status::unavailable("tcp connect error"), URL);
         assert_eq!(error.exit_code(), EXIT_UNREACHABLE);
         assert_eq!(
             error.to_string(),
-            "cannot reach the coordinator at http://127.0.0.1:7700: connection reset"
+            "cannot reach the coordinator at http://127.0.0.1:7700: tcp connect error"
         );
+    }
+
+    #[test]
+    fn a_connection_broken_mid_call_is_unreachable_in_plain_words() {
+        for status in [
+            tonic::Status::unknown(
+                "h2 protocol error: error reading a body from connection: broken pipe",
+            ),
+            tonic::Status::internal("Unexpected EOF decoding stream."),
+            tonic::Status::unavailable("connection reset"),
+        ] {
+            let error = CliError::from_status(status, URL);
+            assert_eq!(error.exit_code(), EXIT_UNREACHABLE);
+            assert_eq!(
+                error.to_string(),
+                "cannot reach the coordinator at http://127.0.0.1:7700: the connection was lost"
+            );
+        }
+        let store = CliError::from_status(tonic::Status::internal("store error: bad record"), URL);
+        assert_eq!(store.exit_code(), EXIT_USAGE);
     }
 
     #[test]

@@ -5,7 +5,8 @@
 //! - [`commands`]: one module per group of commands; each prints its result.
 //! - [`demo`]: an embedded coordinator and two agents running an example.
 //! - [`client`]: the `ControlService` connection; turns failures into
-//!   [`error::CliError`].
+//!   [`error::CliError`]. [`reconnect`]: how followers (`logs -f`,
+//!   `run --wait`) get their stream back after the coordinator restarts.
 //! - [`view`]: what is shown, built from the proto messages; the JSON shape.
 //! - [`output`]: tables and JSON; [`timefmt`]: times and durations.
 //! - [`git`]: where a pipeline directory lives in git.
@@ -22,6 +23,7 @@ mod demo_ml;
 mod error;
 mod git;
 mod output;
+mod reconnect;
 mod timefmt;
 mod view;
 
@@ -70,7 +72,9 @@ async fn dispatch(cli: Cli) -> Result<Outcome, CliError> {
             pipeline::register(&coordinator, format, prepared).await
         }
         command => {
-            let coordinator = Coordinator::connect(url, &options).await?;
+            let coordinator = Coordinator::connect(url, &options)
+                .await?
+                .with_patience(cli.global.reconnect_for);
             remote(&coordinator, format, command).await
         }
     }

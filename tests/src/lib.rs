@@ -268,6 +268,24 @@ impl Coordinator {
         format!("http://{}", self.grpc)
     }
 
+    /// Kills the coordinator with SIGKILL, waits `down`, and starts a new
+    /// one on the same data dir and the same gRPC address (`options` but
+    /// for the address), as a crash and a supervisor's restart would.
+    pub fn crash_and_restart(
+        &mut self,
+        options: &CoordinatorOptions,
+        down: Duration,
+    ) -> Result<()> {
+        self.process.kill9();
+        std::thread::sleep(down);
+        let options = CoordinatorOptions {
+            grpc: self.grpc.clone(),
+            ..options.clone()
+        };
+        *self = Coordinator::start(&self.data_dir, &options)?;
+        Ok(())
+    }
+
     /// A channel authenticated as the bootstrap admin.
     pub async fn channel(&self) -> Result<KilnChannel> {
         channel(&self.url(), &self.admin_token).await
@@ -286,6 +304,12 @@ impl Coordinator {
 /// Runs the CLI against `url` as the coordinator's admin and returns what
 /// it did.
 pub fn kiln(url: &str, args: &[&str]) -> Output {
+    kiln_command(url, args).output().expect("running kiln")
+}
+
+/// `kiln ARGS` against `url` as the coordinator's admin, not yet started:
+/// for a CLI that runs while the test does something else.
+pub fn kiln_command(url: &str, args: &[&str]) -> Command {
     let mut command = Command::new(binary("kiln"));
     command
         .args(args)
@@ -295,7 +319,7 @@ pub fn kiln(url: &str, args: &[&str]) -> Output {
     if let Some((admin, _)) = tokens_for(url) {
         command.env("KILN_TOKEN", admin);
     }
-    command.output().expect("running kiln")
+    command
 }
 
 /// Runs the CLI against `url` with `token` (none: no token at all) and

@@ -5,13 +5,16 @@
 //! as they happened. Lines Kiln wrote itself start with `kiln:` (dimmed on
 //! a terminal), so they stand apart from the stage's own output.
 
-use futures::StreamExt;
+use std::collections::HashMap;
+
 use kiln_proto::v1 as pb;
+use tonic::Status;
 
 use crate::args::OutputFormat;
 use crate::client::Coordinator;
 use crate::error::{CliError, Outcome};
 use crate::output;
+use crate::reconnect;
 use crate::view::{LogLineView, LogStream, RunView};
 
 /// `kiln logs RUN [STAGE] [-f]`.
@@ -28,6 +31,12 @@ pub(crate) async fn logs(
 
 /// Prints the logs of a run (all stages when `stage` is `None`); shared
 /// with `kiln demo`.
+///
+/// A stream that breaks (the coordinator restarted, or dropped this
+/// follower for falling behind) is opened again with a cursor per stage,
+/// and lines at or below what was already printed are dropped here too, so
+/// against a coordinator that ignores the cursors every line still shows
+/// exactly once.
 pub(crate) async fn print_logs(
     coordinator: &Coordinator,
     format: OutputFormat,
@@ -45,30 +54,107 @@ pub(crate) async fn print_logs(
             names.join(", ")
         )));
     }
-    let request = pb::StreamLogsRequest {
-        run_id,
-        stage: stage.unwrap_or_default().to_owned(),
-        follow,
-        resume: Vec::new(),
-    };
-    let mut entries = coordinator.stream_logs(request).await?;
     let mut printer = Printer {
         prefix_width: (stage.is_none()).then(|| names.iter().map(|n| n.len()).max().unwrap_or(0)),
         last_attempt: None,
         colour: output::colour_enabled(),
     };
-    while let Some(entry) = entries.next().await {
-        let line = LogLineView::from(entry?);
-        match format {
-            OutputFormat::Json => output::json_line(&line)?,
-            OutputFormat::Table => {
-                for text in printer.format(&line) {
-                    output::line(text)?;
+    let mut printed = Cursors::default();
+    let mut reconnect = coordinator.reconnect();
+    loop {
+        let request = pb::StreamLogsRequest {
+            run_id,
+            stage: stage.unwrap_or_default().to_owned(),
+            follow,
+            resume: printed.resume(),
+        };
+        let broken = match coordinator.stream_logs(request).await {
+            Err(status) => status,
+            Ok(mut entries) => loop {
+                match entries.message().await {
+                    Ok(Some(entry)) => {
+                        reconnect.recovered();
+                        if printed.admit(&entry) {
+                            print_line(&mut printer, format, LogLineView::from(entry))?;
+                        }
+                    }
+                    Ok(None) if !follow => return Ok(()),
+                    // A followed stream ends when its stage(s) do; one
+                    // that ends before (a coordinator shutting down) is
+                    // followed again.
+                    Ok(None) => {
+                        let run = coordinator.get_run_status(run_id).await;
+                        match run.map(|run| all_finished(run, stage)) {
+                            Ok(true) => return Ok(()),
+                            Ok(false) => break Status::unavailable("the log stream ended early"),
+                            Err(status) => break status,
+                        }
+                    }
+                    Err(status) => break status,
                 }
-            }
+            },
+        };
+        if !reconnect::is_resumable(&broken) {
+            return Err(coordinator.failed(broken));
         }
+        reconnect.pause(&broken).await?;
     }
-    Ok(())
+}
+
+fn print_line(
+    printer: &mut Printer,
+    format: OutputFormat,
+    line: LogLineView,
+) -> Result<(), CliError> {
+    match format {
+        OutputFormat::Json => output::json_line(&line),
+        OutputFormat::Table => printer.format(&line).into_iter().try_for_each(output::line),
+    }
+}
+
+/// Whether the followed stage (or every stage) has finished.
+fn all_finished(run: pb::Run, stage: Option<&str>) -> bool {
+    RunView::from(run)
+        .stages
+        .iter()
+        .filter(|s| stage.is_none_or(|name| s.name == name))
+        .all(|s| s.state.is_finished())
+}
+
+/// Per stage, the next line not yet printed: `(attempt, seq)`, compared
+/// as a pair, because every attempt numbers its lines from 0.
+#[derive(Debug, Default)]
+struct Cursors {
+    next: HashMap<String, (u32, u64)>,
+}
+
+impl Cursors {
+    /// True if `entry` comes after everything printed of its stage (and
+    /// records it as printed).
+    fn admit(&mut self, entry: &pb::LogEntry) -> bool {
+        let position = (entry.attempt, entry.seq);
+        let next = self.next.entry(entry.stage.clone()).or_default();
+        if position < *next {
+            return false;
+        }
+        *next = (entry.attempt, entry.seq + 1);
+        true
+    }
+
+    /// Where to start again, for `StreamLogsRequest.resume`.
+    fn resume(&self) -> Vec<pb::LogCursor> {
+        let mut cursors: Vec<pb::LogCursor> = self
+            .next
+            .iter()
+            .map(|(stage, &(attempt, next_seq))| pb::LogCursor {
+                stage: stage.clone(),
+                attempt,
+                next_seq,
+            })
+            .collect();
+        cursors.sort_by(|a, b| a.stage.cmp(&b.stage));
+        cursors
+    }
 }
 
 /// Turns log lines into text, remembering enough to mark retries.
@@ -141,6 +227,40 @@ mod tests {
         assert_eq!(build, ["[build]      compiling"]);
         let system = printer.format(&line("unit-tests", 2, LogStream::System, "checked out"));
         assert_eq!(system, ["[unit-tests#2] kiln: checked out"]);
+    }
+
+    fn entry(stage: &str, attempt: u32, seq: u64) -> pb::LogEntry {
+        pb::LogEntry {
+            stage: stage.into(),
+            attempt,
+            seq,
+            line: None,
+        }
+    }
+
+    #[test]
+    fn a_resumed_stream_prints_no_line_twice() {
+        let mut printed = Cursors::default();
+        assert!(printed.resume().is_empty(), "nothing printed, no cursor");
+        for seq in 0..3 {
+            assert!(printed.admit(&entry("train", 1, seq)));
+        }
+        assert!(printed.admit(&entry("eval", 1, 0)));
+        // A coordinator that ignores the cursors sends everything again.
+        let replayed: Vec<bool> = (0..5)
+            .map(|seq| printed.admit(&entry("train", 1, seq)))
+            .collect();
+        assert_eq!(replayed, [false, false, false, true, true]);
+        assert!(!printed.admit(&entry("eval", 1, 0)));
+        // A retry numbers from 0 again; an earlier attempt is old news.
+        assert!(printed.admit(&entry("train", 2, 0)));
+        assert!(!printed.admit(&entry("train", 1, 5)));
+        let resume: Vec<(String, u32, u64)> = printed
+            .resume()
+            .into_iter()
+            .map(|c| (c.stage, c.attempt, c.next_seq))
+            .collect();
+        assert_eq!(resume, [("eval".into(), 1, 1), ("train".into(), 2, 1)]);
     }
 
     #[test]

@@ -7,49 +7,56 @@
 
 use std::collections::HashMap;
 
-use futures::StreamExt;
+use tonic::Status;
 
 use crate::args::OutputFormat;
 use crate::client::Coordinator;
 use crate::error::CliError;
 use crate::output;
+use crate::reconnect;
 use crate::timefmt;
 use crate::view::{RunState, RunView, StageState, StageView};
 
 /// Prints progress until run `run_id` finishes, then the summary (table
 /// mode) or the final run (JSON mode); returns the final run.
+///
+/// A stream that breaks or ends before the run does (the coordinator
+/// restarted) is opened again; the first snapshot of the new stream is
+/// diffed against what was printed, so nothing is said twice.
 pub(crate) async fn follow(
     coordinator: &Coordinator,
     run_id: u64,
     format: OutputFormat,
 ) -> Result<RunView, CliError> {
-    let mut updates = coordinator.watch_run(run_id).await?;
     let mut progress = Progress::default();
-    let mut last: Option<RunView> = None;
-    while let Some(update) = updates.next().await {
-        let run = RunView::from(update?);
-        for text in progress.update(&run, timefmt::now_ms()) {
-            output::progress(format, &text)?;
+    let mut reconnect = coordinator.reconnect();
+    let run = 'followed: loop {
+        let broken = match coordinator.watch_run(run_id).await {
+            Err(status) => status,
+            Ok(mut updates) => loop {
+                match updates.message().await {
+                    Ok(Some(update)) => {
+                        reconnect.recovered();
+                        let run = RunView::from(update);
+                        for text in progress.update(&run, timefmt::now_ms()) {
+                            output::progress(format, &text)?;
+                        }
+                        if run.state.is_finished() {
+                            break 'followed run;
+                        }
+                    }
+                    // The stream ends after the finished run; before it,
+                    // the coordinator is shutting down.
+                    Ok(None) => break Status::unavailable("the run stream ended early"),
+                    Err(status) => break status,
+                }
+            },
+        };
+        if !reconnect::is_resumable(&broken) {
+            return Err(coordinator.failed(broken));
         }
-        let finished = run.state.is_finished();
-        last = Some(run);
-        if finished {
-            break;
-        }
-    }
-    // The stream also ends when the coordinator shuts down; only a finished
-    // run is a real end.
-    let run = match last {
-        Some(run) if run.state.is_finished() => run,
-        _ => RunView::from(coordinator.get_run(run_id).await?),
+        reconnect.pause(&broken).await?;
     };
-    if !run.state.is_finished() {
-        return Err(CliError::Input(format!(
-            "the coordinator stopped reporting on run {run_id} while it was {}; \
-             follow it again with `kiln status {run_id}`",
-            run.state.as_str()
-        )));
-    }
     match format {
         OutputFormat::Json => output::json(&run)?,
         OutputFormat::Table => output::line(summary(&run))?,

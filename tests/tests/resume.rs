@@ -458,3 +458,70 @@ fn first_gap(seqs: &[u64]) -> Option<(usize, u64)> {
         .find(|&(index, &seq)| seq != index as u64)
         .map(|(index, &seq)| (index, seq))
 }
+
+/// A follower that stops reading while a stage prints fast is dropped
+/// (its stream ends with ABORTED and says where it was) instead of making
+/// the coordinator buffer for it; it resumes from its cursor and gets every
+/// line exactly once.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slow_follower_is_dropped_and_resumes_from_its_cursor() -> Result<()> {
+    const LINES: u64 = 60_000;
+    let data = tempfile::tempdir()?;
+    let coordinator = Coordinator::start(data.path(), &CoordinatorOptions::default())?;
+    let work = tempfile::tempdir()?;
+    let _agent = start_agent(&coordinator.url(), "steady", "", 1, work.path())?;
+    let repo = Repo::new(&format!(
+        "pipeline: chatty\nstages:\n  flood:\n    commands: [\"echo go\", \"sleep 1\", \"seq 1 {LINES}\"]\n"
+    ))?;
+    let id = register_and_run(&coordinator, &repo).await?;
+    let mut client = coordinator.client().await?;
+    let follow = |resume: Vec<pb::LogCursor>| pb::StreamLogsRequest {
+        run_id: id,
+        stage: "flood".into(),
+        follow: true,
+        resume,
+    };
+    let mut stream = client.stream_logs(follow(Vec::new())).await?.into_inner();
+    let first = stream.message().await?.context("the first line")?;
+    // Stop reading while the stage prints every line.
+    wait_run(&mut client, id, Duration::from_secs(60)).await?;
+
+    let mut seen = vec![first];
+    let dropped = loop {
+        match stream.message().await {
+            Ok(Some(entry)) => seen.push(entry),
+            Ok(None) => break None,
+            Err(status) => break Some(status),
+        }
+    };
+    let status = dropped.context("the slow follower was never dropped")?;
+    assert_eq!(status.code(), tonic::Code::Aborted, "{status:?}");
+    assert!(status.message().contains("fell behind"), "{status:?}");
+    assert!(
+        (seen.len() as u64) < LINES + 1,
+        "it was dropped before it had everything"
+    );
+
+    let last = seen.last().context("lines before the drop")?;
+    let cursor = pb::LogCursor {
+        stage: "flood".into(),
+        attempt: last.attempt,
+        next_seq: last.seq + 1,
+    };
+    let mut resumed = client.stream_logs(follow(vec![cursor])).await?.into_inner();
+    while let Some(entry) = resumed.message().await? {
+        seen.push(entry);
+    }
+    let seqs: Vec<u64> = seen.iter().map(|entry| entry.seq).collect();
+    let expected: Vec<u64> = (0..seqs.len() as u64).collect();
+    assert!(seqs == expected, "every line exactly once, in order");
+    let numbers: Vec<u64> = seen
+        .iter()
+        .filter_map(|entry| entry.line.as_ref()?.text.parse().ok())
+        .collect();
+    assert!(
+        numbers == (1..=LINES).collect::<Vec<_>>(),
+        "the stage's {LINES} lines, each once"
+    );
+    Ok(())
+}

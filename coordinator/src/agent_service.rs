@@ -40,10 +40,24 @@ impl AgentApi {
     }
 
     /// Counts `agent` against `token`; a reconnect of a name already
-    /// connected does not count twice.
+    /// connected does not count twice. A name belongs to the token that
+    /// first brought it up: another token cannot take it over (its stages,
+    /// its slots), whatever its hello says.
     fn admit(&self, token: &str, agent: &str) -> Result<(), Status> {
         let mut connected = self.connected.lock().expect("agent count poisoned");
-        let names = connected.entry(token.to_owned()).or_default();
+        match connected.owners.get(agent) {
+            Some(owner) if owner != token => {
+                tracing::warn!(agent, token, owner = %owner, "refused an agent name that belongs to another token");
+                return Err(Status::permission_denied(format!(
+                    "agent name `{agent}` belongs to token `{owner}`; this connection uses token `{token}`: give this agent its own name"
+                )));
+            }
+            Some(_) => {}
+            None => {
+                connected.owners.insert(agent.to_owned(), token.to_owned());
+            }
+        }
+        let names = connected.streams.entry(token.to_owned()).or_default();
         if !names.contains_key(agent) && names.len() >= self.max_agents_per_token {
             return Err(Status::resource_exhausted(format!(
                 "token `{token}` already has {} agents connected, the limit; create another agent token",
@@ -58,7 +72,13 @@ impl AgentApi {
 /// Per token, per agent name, the streams open: a reconnect opens the new
 /// stream before the old one ends, and the name must stay counted until
 /// its last stream is gone.
-type Connected = HashMap<String, BTreeMap<String, usize>>;
+#[derive(Default)]
+struct Connected {
+    streams: HashMap<String, BTreeMap<String, usize>>,
+    /// Which token each agent name belongs to (for as long as this
+    /// coordinator runs).
+    owners: HashMap<String, String>,
+}
 
 /// Releases an agent's place under its token when its stream ends.
 struct Admitted {
@@ -70,7 +90,7 @@ struct Admitted {
 impl Drop for Admitted {
     fn drop(&mut self) {
         let mut connected = self.connected.lock().expect("agent count poisoned");
-        if let Some(names) = connected.get_mut(&self.token)
+        if let Some(names) = connected.streams.get_mut(&self.token)
             && let Some(streams) = names.get_mut(&self.agent)
         {
             *streams -= 1;
@@ -193,7 +213,22 @@ mod tests {
         let refused = admitted(&api, "t", "third").err().unwrap();
         assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
         // Another token has its own allowance.
-        assert!(admitted(&api, "u", "third").is_ok());
+        assert!(admitted(&api, "u", "fourth").is_ok());
+    }
+
+    #[test]
+    fn an_agent_name_belongs_to_the_token_that_brought_it_up() {
+        let (events, _rx) = mpsc::channel(1);
+        let api = AgentApi::new(events, 4);
+        let builder = admitted(&api, "build-token", "builder").unwrap();
+        let refused = admitted(&api, "other-token", "builder").err().unwrap();
+        assert_eq!(refused.code(), tonic::Code::PermissionDenied);
+        assert!(refused.message().contains("belongs to token `build-token`"));
+        // Still refused once the owner is gone: its lease may hold stages.
+        drop(builder);
+        assert!(admitted(&api, "other-token", "builder").is_err());
+        // The owner reconnects (and replaces its old stream) as before.
+        assert!(admitted(&api, "build-token", "builder").is_ok());
     }
 
     #[test]

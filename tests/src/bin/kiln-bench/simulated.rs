@@ -1,4 +1,5 @@
-//! `kiln-bench`: dispatch throughput and latency of a real coordinator.
+//! `--mode simulated` (the default): dispatch throughput and latency of a
+//! real coordinator with simulated agents.
 //!
 //! Starts `kiln-coordinator` (from the same target dir) on a temp data dir,
 //! connects N simulated agents — gRPC clients that finish every stage the
@@ -21,7 +22,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use clap_lite::Args;
 use kiln_common::channel::KilnChannel;
 use kiln_proto::v1 as pb;
 use kiln_tests::{Coordinator, CoordinatorOptions};
@@ -31,25 +31,8 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::transport::Channel;
 
-mod clap_lite {
-    /// `--name value` flags with defaults; the bench needs nothing fancier.
-    pub(crate) struct Args(Vec<String>);
-
-    impl Args {
-        pub(crate) fn from_env() -> Self {
-            Self(std::env::args().skip(1).collect())
-        }
-
-        pub(crate) fn get(&self, name: &str, default: u64) -> u64 {
-            self.0
-                .iter()
-                .position(|arg| arg == name)
-                .and_then(|at| self.0.get(at + 1))
-                .and_then(|value| value.parse().ok())
-                .unwrap_or(default)
-        }
-    }
-}
+use crate::args::Args;
+use crate::stats::rss_mb;
 
 const CHAIN_LEN: usize = 10;
 
@@ -64,9 +47,7 @@ struct Shared {
     runs_done: mpsc::UnboundedSender<()>,
 }
 
-#[tokio::main]
-async fn main() -> Result<()> {
-    let args = Args::from_env();
+pub(crate) async fn run(args: &Args) -> Result<()> {
     let n_agents = args.get("--agents", 100) as usize;
     let capacity = args.get("--capacity", 4) as u32;
     let in_flight = args.get("--in-flight", 200) as usize;
@@ -277,18 +258,6 @@ fn complete(tx: &mpsc::UnboundedSender<pb::AgentMessage>, assign: pb::Assign, sh
     if last {
         let _ = shared.runs_done.send(());
     }
-}
-
-/// Resident set size of a process, in MB.
-fn rss_mb(pid: i32) -> Result<f64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let kb: f64 = status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|value| value.parse().ok())
-        .context("VmRSS missing")?;
-    Ok(kb / 1024.0)
 }
 
 /// Durable flushes per second of a small sled write: the cost floor of one

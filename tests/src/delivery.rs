@@ -171,10 +171,14 @@ pub fn state(stage: &pb::Stage) -> pb::StageState {
     pb::StageState::try_from(stage.state).unwrap()
 }
 
+/// Releases of `environment` (`PIPELINE/ENV`, or `ENV` when only one
+/// pipeline has it), newest first.
 pub async fn history(farm: &Farm, environment: &str) -> Result<Vec<pb::Release>> {
     let mut client = farm.coordinator.client().await?;
+    let (pipeline, environment) = kiln_common::ids::EnvKey::parse_reference(environment);
     let request = pb::EnvironmentHistoryRequest {
         environment: environment.into(),
+        pipeline: pipeline.unwrap_or_default().into(),
     };
     Ok(client
         .environment_history(request)

@@ -237,6 +237,7 @@ mod tests {
             created_ms: Some(1_000),
             finished_ms: None,
             stages,
+            rollback: None,
         }
     }
 

@@ -315,12 +315,19 @@ mod tests {
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum EnvCommand {
-    /// List environments and what is live in each.
+    /// List every pipeline's environments and what is live in each.
     Ls,
     /// Every release of an environment, newest first.
-    History { environment: String },
+    History {
+        /// PIPELINE/ENV (e.g. credit/production), or ENV alone when only
+        /// one pipeline has an environment of that name.
+        environment: String,
+    },
     /// Allow promotions again after a monitor froze the environment.
-    Unfreeze { environment: String },
+    Unfreeze {
+        /// PIPELINE/ENV, or ENV alone when only one pipeline has it.
+        environment: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -381,8 +388,11 @@ pub(crate) struct DecideArgs {
 
 #[derive(Debug, Args)]
 pub(crate) struct RollbackArgs {
+    /// PIPELINE/ENV (e.g. credit/production), or ENV alone when only one
+    /// pipeline has an environment of that name.
     pub(crate) environment: String,
-    /// The release to restore; the one live before the current one if omitted.
+    /// The release to restore; if omitted, the one of the same environment
+    /// of the same pipeline that was live before the current one.
     #[arg(long)]
     pub(crate) to: Option<u64>,
 }

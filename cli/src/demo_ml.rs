@@ -363,7 +363,10 @@ pub(crate) async fn run_scenario(
         say(format, "(no alert reached the webhook)")?;
     }
 
-    say(format, "act 3: the production history")?;
+    say(
+        format,
+        &format!("act 3: the history of {PIPELINE}/production"),
+    )?;
     let history = production_history(coordinator).await?;
     for release in &history {
         let state = match release.state() {
@@ -507,10 +510,14 @@ fn describe_provenance(release: u64, provenance: &pb::Provenance) -> String {
     )
 }
 
-/// Releases of production, newest first.
+/// The example's pipeline: its environments are `customer-behavior/...`.
+const PIPELINE: &str = "customer-behavior";
+
+/// Releases of the example's production, newest first.
 async fn production_history(coordinator: &Coordinator) -> Result<Vec<pb::Release>, CliError> {
     let request = pb::EnvironmentHistoryRequest {
         environment: "production".into(),
+        pipeline: PIPELINE.into(),
     };
     let reply = coordinator.control().environment_history(request).await;
     Ok(reply

@@ -48,7 +48,9 @@ pub(crate) enum StageState {
 /// A run (`kiln status`, `kiln runs`, `kiln run`, `cancel`, `retry`).
 ///
 /// JSON: `{id, pipeline, pipeline_version, commit, rev, state, triggered_by,
-/// created_ms, finished_ms, stages: [StageView]}`.
+/// created_ms, finished_ms, stages: [StageView], rollback}`; `rollback` is
+/// `{pipeline, environment, from_release, to_release, reason}` for a run
+/// that puts a release back, else `null`.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub(crate) struct RunView {
     pub(crate) id: u64,
@@ -64,6 +66,17 @@ pub(crate) struct RunView {
     pub(crate) finished_ms: Option<u64>,
     /// In pipeline order.
     pub(crate) stages: Vec<StageView>,
+    pub(crate) rollback: Option<RollbackView>,
+}
+
+/// What a rollback run restores, in which environment of which pipeline.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub(crate) struct RollbackView {
+    pub(crate) pipeline: String,
+    pub(crate) environment: String,
+    pub(crate) from_release: u64,
+    pub(crate) to_release: u64,
+    pub(crate) reason: String,
 }
 
 /// One stage of a run.
@@ -322,6 +335,13 @@ impl From<pb::Run> for RunView {
             created_ms: when(run.created_ms),
             finished_ms: when(run.finished_ms),
             stages: run.stages.into_iter().map(StageView::from).collect(),
+            rollback: run.rollback.map(|plan| RollbackView {
+                pipeline: plan.pipeline,
+                environment: plan.environment,
+                from_release: plan.from_release,
+                to_release: plan.to_release,
+                reason: plan.reason,
+            }),
         }
     }
 }

@@ -38,3 +38,61 @@ impl fmt::Display for AgentId {
         f.write_str(&self.0)
     }
 }
+
+/// What an environment belongs to. Today that is always a pipeline; a model
+/// registry may later scope environments by model name instead, as another
+/// variant, without touching the places that only pass keys around.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EnvScope {
+    Pipeline(String),
+}
+
+impl EnvScope {
+    /// The name of the pipeline (or, later, model) the scope is.
+    pub fn name(&self) -> &str {
+        match self {
+            Self::Pipeline(name) => name,
+        }
+    }
+}
+
+/// An environment: `credit/production` is the `production` of pipeline
+/// `credit`, and shares nothing (champion, history, freeze, monitor,
+/// rollback) with `churn/production`.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct EnvKey {
+    pub scope: EnvScope,
+    /// The name stages use: `environment: production`.
+    pub name: String,
+}
+
+impl EnvKey {
+    /// The environment `name` of `pipeline`.
+    pub fn of_pipeline(pipeline: &str, name: &str) -> Self {
+        Self {
+            scope: EnvScope::Pipeline(pipeline.to_owned()),
+            name: name.to_owned(),
+        }
+    }
+
+    /// The pipeline the environment belongs to.
+    pub fn pipeline(&self) -> &str {
+        self.scope.name()
+    }
+
+    /// Splits what a person typed: `PIPELINE/ENV`, or `ENV` alone (the
+    /// scope is then `None` and must be looked up).
+    pub fn parse_reference(text: &str) -> (Option<&str>, &str) {
+        match text.split_once('/') {
+            Some((scope, name)) => (Some(scope), name),
+            None => (None, text),
+        }
+    }
+}
+
+impl fmt::Display for EnvKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.scope.name(), self.name)
+    }
+}

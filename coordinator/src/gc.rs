@@ -128,7 +128,7 @@ mod tests {
         batch.push(Op::Stage(stage));
         batch.push(Op::Release(ReleaseRecord {
             id: 1,
-            environment: "production".into(),
+            environment: kiln_common::ids::EnvKey::of_pipeline("p", "production"),
             run,
             pipeline: "p".into(),
             pipeline_version: 1,

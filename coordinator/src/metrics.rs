@@ -16,6 +16,8 @@ use prometheus::{
     TextEncoder,
 };
 
+use kiln_common::ids::EnvKey;
+
 use crate::store::{RunState, StageState};
 
 /// Dispatch latency buckets, in seconds: from an idle farm (milliseconds)
@@ -100,8 +102,8 @@ impl Default for Metrics {
             .expect("unique metric name");
         let releases = counters(
             "kiln_releases_total",
-            "Releases created, by environment.",
-            &["environment"],
+            "Releases created, by pipeline and environment.",
+            &["pipeline", "environment"],
         );
         let gate_decisions = counters(
             "kiln_gate_decisions_total",
@@ -110,13 +112,13 @@ impl Default for Metrics {
         );
         let rollbacks = counters(
             "kiln_rollbacks_total",
-            "Rollbacks finished, by environment and outcome.",
-            &["environment", "outcome"],
+            "Rollbacks finished, by pipeline, environment and outcome.",
+            &["pipeline", "environment", "outcome"],
         );
         let monitor_breaches = counters(
             "kiln_monitor_breaches_total",
-            "Monitor samples that met a rollback_when condition, by environment.",
-            &["environment"],
+            "Monitor samples that met a rollback_when condition, by pipeline and environment.",
+            &["pipeline", "environment"],
         );
         let alerts = counters(
             "kiln_alerts_total",
@@ -201,8 +203,10 @@ impl Metrics {
     }
 
     /// A release went live in `environment`.
-    pub(crate) fn release_created(&self, environment: &str) {
-        self.releases.with_label_values(&[environment]).inc();
+    pub(crate) fn release_created(&self, environment: &EnvKey) {
+        self.releases
+            .with_label_values(&[environment.pipeline(), &environment.name])
+            .inc();
     }
 
     /// A gate was decided: `outcome` is `passed`, `failed` or
@@ -214,17 +218,17 @@ impl Metrics {
 
     /// A rollback in `environment` ended; `succeeded` is whether the previous
     /// release is live again.
-    pub(crate) fn rollback_finished(&self, environment: &str, succeeded: bool) {
+    pub(crate) fn rollback_finished(&self, environment: &EnvKey, succeeded: bool) {
         let outcome = if succeeded { "succeeded" } else { "failed" };
         self.rollbacks
-            .with_label_values(&[environment, outcome])
+            .with_label_values(&[environment.pipeline(), &environment.name, outcome])
             .inc();
     }
 
     /// One monitor sample of a release in `environment` breached.
-    pub(crate) fn monitor_breach(&self, environment: &str) {
+    pub(crate) fn monitor_breach(&self, environment: &EnvKey) {
         self.monitor_breaches
-            .with_label_values(&[environment])
+            .with_label_values(&[environment.pipeline(), &environment.name])
             .inc();
     }
 
@@ -275,10 +279,10 @@ mod tests {
         metrics.run_finished(RunState::Running);
         metrics.stage_finished(StageState::TimedOut);
         metrics.observe_dispatch_latency(Duration::from_millis(30));
-        metrics.release_created("production");
+        metrics.release_created(&EnvKey::of_pipeline("credit", "production"));
         metrics.gate_decided("awaiting_approval");
-        metrics.rollback_finished("production", false);
-        metrics.monitor_breach("staging");
+        metrics.rollback_finished(&EnvKey::of_pipeline("credit", "production"), false);
+        metrics.monitor_breach(&EnvKey::of_pipeline("credit", "staging"));
         metrics.alert_delivered("webhook", true);
         metrics.alert_dropped();
         let text = metrics.render();
@@ -292,17 +296,23 @@ mod tests {
             ("kiln_dispatch_latency_seconds_bucket{le=\"0.025\"}", 0.0),
             ("kiln_dispatch_latency_seconds_bucket{le=\"0.05\"}", 1.0),
             ("kiln_dispatch_latency_seconds_count", 1.0),
-            ("kiln_releases_total{environment=\"production\"}", 1.0),
+            (
+                "kiln_releases_total{environment=\"production\",pipeline=\"credit\"}",
+                1.0,
+            ),
             (
                 "kiln_gate_decisions_total{outcome=\"awaiting_approval\"}",
                 1.0,
             ),
             ("kiln_gate_decisions_total{outcome=\"passed\"}", 0.0),
             (
-                "kiln_rollbacks_total{environment=\"production\",outcome=\"failed\"}",
+                "kiln_rollbacks_total{environment=\"production\",outcome=\"failed\",pipeline=\"credit\"}",
                 1.0,
             ),
-            ("kiln_monitor_breaches_total{environment=\"staging\"}", 1.0),
+            (
+                "kiln_monitor_breaches_total{environment=\"staging\",pipeline=\"credit\"}",
+                1.0,
+            ),
             (
                 "kiln_alerts_total{destination=\"webhook\",outcome=\"sent\"}",
                 1.0,
@@ -323,9 +333,10 @@ mod tests {
             return;
         };
         let metrics = Metrics::default();
-        metrics.release_created("staging");
-        metrics.rollback_finished("staging", true);
-        metrics.monitor_breach("staging");
+        let staging = EnvKey::of_pipeline("credit", "staging");
+        metrics.release_created(&staging);
+        metrics.rollback_finished(&staging, true);
+        metrics.monitor_breach(&staging);
         metrics.observe_dispatch_latency(Duration::from_secs(2));
         let report = testing::promtool_check_metrics(&promtool, &metrics.render());
         assert_eq!(report, Ok(String::new()), "promtool check metrics");

@@ -223,7 +223,7 @@ fn facts(
         .transpose()?;
     Ok(ReleaseFacts {
         release_id: release.id,
-        environment: release.environment.clone(),
+        environment: release.environment.to_string(),
         pipeline: PipelineFacts {
             name: pipeline.name.clone(),
             version: pipeline.version,

@@ -25,6 +25,13 @@ pub(crate) fn run(record: &RunRecord, stages: &[StageRecord]) -> pb::Run {
         stages: stages.iter().map(stage).collect(),
         source_digest: record.source_digest.clone().unwrap_or_default(),
         datasets: record.datasets.iter().map(dataset).collect(),
+        rollback: record.rollback.as_ref().map(|plan| pb::RollbackPlan {
+            pipeline: plan.environment.pipeline().to_owned(),
+            environment: plan.environment.name.clone(),
+            from_release: plan.from,
+            to_release: plan.to,
+            reason: plan.reason.clone(),
+        }),
     }
 }
 
@@ -98,7 +105,7 @@ pub(crate) fn gate(decision: &GateDecision) -> pb::GateDecision {
 pub(crate) fn release(record: &ReleaseRecord) -> pb::Release {
     pb::Release {
         id: record.id,
-        environment: record.environment.clone(),
+        environment: record.environment.name.clone(),
         run_id: record.run.0,
         pipeline: record.pipeline.clone(),
         pipeline_version: record.pipeline_version,
@@ -138,9 +145,10 @@ pub(crate) fn release(record: &ReleaseRecord) -> pb::Release {
 
 pub(crate) fn environment(record: &EnvironmentRecord) -> pb::Environment {
     pb::Environment {
-        name: record.name.clone(),
+        name: record.key.name.clone(),
         live_release: record.live.unwrap_or_default(),
         frozen: record.frozen.clone().unwrap_or_default(),
+        pipeline: record.key.pipeline().to_owned(),
     }
 }
 

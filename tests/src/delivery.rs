@@ -150,6 +150,17 @@ pub fn farm(hook: &str) -> Result<Farm> {
 
 /// Commits a model and its metrics, registers, runs, waits.
 pub async fn ship(farm: &Farm, repo: &Repo, model: &str, metrics: &str) -> Result<pb::Run> {
+    ship_pipeline(farm, repo, "model", model, metrics).await
+}
+
+/// [`ship`] for a repository whose pipeline is called `pipeline`.
+pub async fn ship_pipeline(
+    farm: &Farm,
+    repo: &Repo,
+    pipeline: &str,
+    model: &str,
+    metrics: &str,
+) -> Result<pb::Run> {
     repo.commit("model.txt", model)?;
     repo.commit("metrics.json", metrics)?;
     let register = farm
@@ -161,7 +172,7 @@ pub async fn ship(farm: &Farm, repo: &Repo, model: &str, metrics: &str) -> Resul
         "{}",
         String::from_utf8_lossy(&register.stderr)
     );
-    let started = farm.coordinator.kiln(&["run", "model"]);
+    let started = farm.coordinator.kiln(&["run", pipeline]);
     let id: u64 = String::from_utf8(started.stdout)?.trim().parse()?;
     let mut client = farm.coordinator.client().await?;
     wait_run(&mut client, id, Duration::from_secs(60)).await
@@ -171,10 +182,14 @@ pub fn state(stage: &pb::Stage) -> pb::StageState {
     pb::StageState::try_from(stage.state).unwrap()
 }
 
+/// Releases of `environment` (`PIPELINE/ENV`, or `ENV` when only one
+/// pipeline has it), newest first.
 pub async fn history(farm: &Farm, environment: &str) -> Result<Vec<pb::Release>> {
     let mut client = farm.coordinator.client().await?;
+    let (pipeline, environment) = kiln_common::ids::EnvKey::parse_reference(environment);
     let request = pb::EnvironmentHistoryRequest {
         environment: environment.into(),
+        pipeline: pipeline.unwrap_or_default().into(),
     };
     Ok(client
         .environment_history(request)

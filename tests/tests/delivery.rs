@@ -13,7 +13,7 @@ use std::time::Duration;
 use anyhow::Result;
 use kiln_proto::v1 as pb;
 use kiln_tests::delivery::{
-    farm, history, model_server, release_state, ship, spec, state, webhook,
+    farm, history, model_server, release_state, ship, ship_pipeline, spec, state, webhook,
 };
 use kiln_tests::{CoordinatorOptions, Farm, Repo, eventually, get_run, stage, wait_run};
 
@@ -245,6 +245,155 @@ async fn promotion_gates_monitoring_and_automatic_rollback() -> Result<()> {
     assert!(
         text.contains(&model.digest) && text.contains("gate       acceptance"),
         "{text}"
+    );
+    Ok(())
+}
+
+/// The live release of `environment`, by id.
+async fn live(farm: &Farm, environment: &str) -> Result<u64> {
+    let releases = history(farm, environment).await?;
+    let live: Vec<u64> = releases
+        .iter()
+        .filter(|r| release_state(r) == pb::ReleaseState::Live)
+        .map(|r| r.id)
+        .collect();
+    assert_eq!(live.len(), 1, "{environment}: {releases:#?}");
+    Ok(live[0])
+}
+
+/// Two pipelines, each with `staging` and `production`, on one
+/// coordinator: champions, histories, monitors and rollbacks stay within
+/// their pipeline.
+#[tokio::test(flavor = "multi_thread")]
+async fn two_pipelines_keep_their_own_champions_histories_and_rollbacks() -> Result<()> {
+    let (hook, alerts) = webhook().await?;
+    let farm = farm(&hook)?;
+    let (serve_a, serve_b) = (tempfile::tempdir()?, tempfile::tempdir()?);
+    let server_a = model_server(serve_a.path().to_path_buf()).await?;
+    let server_b = model_server(serve_b.path().to_path_buf()).await?;
+    let model = Repo::new(&spec(serve_a.path(), server_a.port))?;
+    let churn = Repo::new(
+        &spec(serve_b.path(), server_b.port).replace("pipeline: model", "pipeline: churn"),
+    )?;
+
+    let a1 = ship(&farm, &model, "good-a1\n", r#"{"recall": 0.8}"#).await?;
+    assert_eq!(a1.state, pb::RunState::Succeeded as i32, "{a1:#?}");
+
+    // churn's first candidate would fail against model's champion (0.6 is
+    // more than 10% below 0.8); it has no champion of its own yet.
+    let b1 = ship_pipeline(&farm, &churn, "churn", "good-b1\n", r#"{"recall": 0.6}"#).await?;
+    assert_eq!(b1.state, pb::RunState::Succeeded as i32, "{b1:#?}");
+    let gate = stage(&b1, "acceptance").gate.clone().unwrap();
+    assert!(
+        gate.passed && gate.summary.contains("first deployment"),
+        "{}",
+        gate.summary
+    );
+    // Its second candidate is compared with its own champion only.
+    let b2 = ship_pipeline(&farm, &churn, "churn", "good-b2\n", r#"{"recall": 0.58}"#).await?;
+    assert_eq!(b2.state, pb::RunState::Succeeded as i32, "{b2:#?}");
+    let gate = stage(&b2, "acceptance").gate.clone().unwrap();
+    let check = gate
+        .checks
+        .iter()
+        .find(|c| c.rule.contains("vs production"))
+        .unwrap();
+    assert_eq!((check.value, check.champion), (Some(0.58), Some(0.6)));
+
+    // Each pipeline has its own history and live release.
+    let model_production = history(&farm, "model/production").await?;
+    assert_eq!(model_production.len(), 1);
+    assert_eq!(model_production[0].run_id, a1.id);
+    let churn_production = history(&farm, "churn/production").await?;
+    let runs: Vec<u64> = churn_production.iter().map(|r| r.run_id).collect();
+    assert_eq!(runs, [b2.id, b1.id]);
+    assert!(churn_production.iter().all(|r| r.pipeline == "churn"));
+    let model_live = live(&farm, "model/production").await?;
+    assert_eq!(model_live, model_production[0].id);
+    let churn_live = live(&farm, "churn/production").await?;
+
+    // A name two pipelines share is refused alone, with the candidates.
+    let ambiguous = farm.coordinator.kiln(&["rollback", "production"]);
+    assert_eq!(ambiguous.status.code(), Some(2));
+    let message = String::from_utf8_lossy(&ambiguous.stderr);
+    assert!(
+        message.contains("churn/production, model/production"),
+        "{message}"
+    );
+    let listed = farm.coordinator.kiln(&["env", "ls"]);
+    let text = String::from_utf8_lossy(&listed.stdout);
+    for name in [
+        "model/staging",
+        "model/production",
+        "churn/staging",
+        "churn/production",
+    ] {
+        assert!(text.contains(name), "{text}");
+    }
+
+    // A monitor breach in model rolls model back and leaves churn alone.
+    let a2 = ship(&farm, &model, "bad\n", r#"{"recall": 0.79}"#).await?;
+    assert_eq!(a2.state, pb::RunState::Succeeded as i32, "{a2:#?}");
+    eventually(
+        Duration::from_secs(30),
+        "model's bad release to be rolled back",
+        || {
+            let farm = &farm;
+            async move {
+                let releases = history(farm, "model/production").await?;
+                Ok(releases
+                    .iter()
+                    .any(|r| r.run_id == a2.id && release_state(r) == pb::ReleaseState::RolledBack)
+                    .then_some(()))
+            }
+        },
+    )
+    .await?;
+    assert_eq!(live(&farm, "model/production").await?, model_live);
+    assert_eq!(live(&farm, "churn/production").await?, churn_live);
+    assert_eq!(history(&farm, "churn/production").await?.len(), 2);
+    eventually(Duration::from_secs(10), "the rollback alert", || {
+        let alerts = alerts.clone();
+        async move {
+            let bodies = alerts.lock().unwrap().clone();
+            Ok(bodies
+                .iter()
+                .any(|b| b.contains("KilnRollback") && b.contains("\"pipeline\":\"model\""))
+                .then_some(()))
+        }
+    })
+    .await?;
+
+    // Rolling churn's production back restores churn's previous release,
+    // says so first, and leaves model's live release untouched.
+    let rollback = farm.coordinator.kiln(&["rollback", "churn/production"]);
+    let said = String::from_utf8_lossy(&rollback.stdout);
+    assert_eq!(
+        rollback.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&rollback.stderr)
+    );
+    let churn_previous = churn_production[1].id;
+    assert!(
+        said.starts_with(&format!(
+            "rolling churn/production back from release {churn_live} to release {churn_previous}"
+        )),
+        "{said}"
+    );
+    eventually(Duration::from_secs(30), "churn's rollback", || {
+        let farm = &farm;
+        async move { Ok((live(farm, "churn/production").await? == churn_previous).then_some(())) }
+    })
+    .await?;
+    assert_eq!(
+        std::fs::read_to_string(serve_b.path().join("production"))?.trim(),
+        "good-b1"
+    );
+    assert_eq!(live(&farm, "model/production").await?, model_live);
+    assert_eq!(
+        std::fs::read_to_string(serve_a.path().join("production"))?.trim(),
+        "good-a1"
     );
     Ok(())
 }

@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 
+use kiln_common::ids::EnvKey;
 use kiln_proto::v1 as pb;
 use serde::Serialize;
 
@@ -13,9 +14,11 @@ use crate::error::{CliError, Outcome};
 use crate::view::{GateView, RunView};
 use crate::{output, timefmt};
 
-/// An environment. JSON: `{name, live_release, frozen}`.
+/// An environment of a pipeline. JSON: `{pipeline, name, live_release,
+/// frozen}`.
 #[derive(Debug, Serialize)]
 struct EnvironmentView {
+    pipeline: String,
     name: String,
     live_release: Option<u64>,
     frozen: Option<String>,
@@ -78,6 +81,7 @@ struct NamedGate {
 impl From<pb::Environment> for EnvironmentView {
     fn from(env: pb::Environment) -> Self {
         EnvironmentView {
+            pipeline: env.pipeline,
             name: env.name,
             live_release: (env.live_release != 0).then_some(env.live_release),
             frozen: some(env.frozen),
@@ -170,7 +174,7 @@ pub(crate) async fn environments(
                 .iter()
                 .map(|e| {
                     [
-                        e.name.clone(),
+                        format!("{}/{}", e.pipeline, e.name),
                         e.live_release.map_or("-".into(), |id| id.to_string()),
                         e.frozen
                             .clone()
@@ -192,8 +196,10 @@ pub(crate) async fn history(
     format: OutputFormat,
     environment: &str,
 ) -> Result<Outcome, CliError> {
+    let (pipeline, environment) = EnvKey::parse_reference(environment);
     let request = pb::EnvironmentHistoryRequest {
         environment: environment.to_owned(),
+        pipeline: pipeline.unwrap_or_default().to_owned(),
     };
     let reply = c
         .control()
@@ -260,8 +266,9 @@ pub(crate) async fn show_release(
         OutputFormat::Json => output::json(&release)?,
         OutputFormat::Table => {
             let mut text = format!(
-                "release {}  {}  {}\nrun        {} of {} (version {}), stage {}",
+                "release {}  {}/{}  {}\nrun        {} of {} (version {}), stage {}",
                 release.id,
+                release.pipeline,
                 release.environment,
                 release.state,
                 release.run_id,
@@ -383,22 +390,33 @@ pub(crate) async fn rollback(
     format: OutputFormat,
     args: &RollbackArgs,
 ) -> Result<Outcome, CliError> {
+    let (pipeline, environment) = EnvKey::parse_reference(&args.environment);
     let request = pb::RollbackRequest {
-        environment: args.environment.clone(),
+        environment: environment.to_owned(),
         to_release: args.to.unwrap_or(0),
         user: user(),
+        pipeline: pipeline.unwrap_or_default().to_owned(),
     };
     let reply = c
         .control()
         .rollback(request)
         .await
-        .map_err(|s| c.failed(s))?;
-    let run = RunView::from(reply.into_inner());
+        .map_err(|s| c.failed(s))?
+        .into_inner();
+    // The coordinator chose the release; say which before anything else.
+    let restoring = reply.rollback.as_ref().map(|plan| {
+        format!(
+            "rolling {}/{} back from release {} to release {}",
+            plan.pipeline, plan.environment, plan.from_release, plan.to_release
+        )
+    });
+    let run = RunView::from(reply);
     match format {
         OutputFormat::Json => output::json(&run)?,
         OutputFormat::Table => output::line(format!(
-            "rollback of {} started as run {}",
-            args.environment, run.id
+            "{} (run {})",
+            restoring.unwrap_or_else(|| format!("rolling {} back", args.environment)),
+            run.id
         ))?,
     }
     Ok(Outcome::Ok)
@@ -410,8 +428,10 @@ pub(crate) async fn unfreeze(
     format: OutputFormat,
     environment: &str,
 ) -> Result<Outcome, CliError> {
+    let (pipeline, name) = EnvKey::parse_reference(environment);
     let request = pb::EnvironmentHistoryRequest {
-        environment: environment.to_owned(),
+        environment: name.to_owned(),
+        pipeline: pipeline.unwrap_or_default().to_owned(),
     };
     let env = c
         .control()
@@ -421,7 +441,10 @@ pub(crate) async fn unfreeze(
         .into_inner();
     match format {
         OutputFormat::Json => output::json(&EnvironmentView::from(env))?,
-        OutputFormat::Table => output::line(format!("{environment} accepts promotions again"))?,
+        OutputFormat::Table => output::line(format!(
+            "{}/{} accepts promotions again",
+            env.pipeline, env.name
+        ))?,
     }
     Ok(Outcome::Ok)
 }

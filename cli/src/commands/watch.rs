@@ -244,6 +244,7 @@ mod tests {
             created_ms: Some(1_000),
             finished_ms: None,
             stages,
+            rollback: None,
         }
     }
 

@@ -12,7 +12,8 @@ use crate::ids::RunId;
 #[derive(Clone, Debug, PartialEq)]
 pub struct ReleaseFacts {
     pub release_id: u64,
-    /// The environment the release went live in (`production`).
+    /// The environment the release went live in, with the pipeline it
+    /// belongs to (`credit/production`).
     pub environment: String,
     pub pipeline: PipelineFacts,
     /// The run whose artifacts were released.

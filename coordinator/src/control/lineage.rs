@@ -132,7 +132,7 @@ fn released(release: &ReleaseRecord, stage: &str, path: &str) -> pb::LineageUse 
         stage: stage.to_owned(),
         relation: "released".to_owned(),
         release_id: release.id,
-        environment: release.environment.clone(),
+        environment: release.environment.name.clone(),
         path: path.to_owned(),
     }
 }

@@ -16,6 +16,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::{ReceiverStream, WatchStream};
 use tonic::{Request, Response, Status};
 
+mod environments;
 mod lineage;
 mod security;
 
@@ -439,7 +440,8 @@ impl ControlService for ControlApi {
         &self,
         request: Request<pb::EnvironmentHistoryRequest>,
     ) -> Result<Response<pb::ListReleasesResponse>, Status> {
-        let environment = request.into_inner().environment;
+        let request = request.into_inner();
+        let environment = self.resolve_environment(&request.pipeline, &request.environment)?;
         let mut releases: Vec<pb::Release> = self
             .store
             .releases()
@@ -491,9 +493,11 @@ impl ControlService for ControlApi {
         &self,
         request: Request<pb::RollbackRequest>,
     ) -> Result<Response<pb::Run>, Status> {
-        let user = Principal::of(&request)?.name;
+        let principal = Principal::of(&request)?;
+        let user = principal.name.clone();
         let request = request.into_inner();
-        let environment = request.environment;
+        let environment = self.resolve_environment(&request.pipeline, &request.environment)?;
+        principal.check_pipeline(environment.pipeline())?;
         let to = Some(request.to_release).filter(|&id| id != 0);
         let target = format!("environment {environment}");
         let run = self
@@ -511,7 +515,10 @@ impl ControlService for ControlApi {
         &self,
         request: Request<pb::EnvironmentHistoryRequest>,
     ) -> Result<Response<pb::Environment>, Status> {
-        let environment = request.into_inner().environment;
+        let principal = Principal::of(&request)?;
+        let request = request.into_inner();
+        let environment = self.resolve_environment(&request.pipeline, &request.environment)?;
+        principal.check_pipeline(environment.pipeline())?;
         let target = format!("environment {environment}");
         Ok(audited(
             self.ask(|reply| Event::Unfreeze { environment, reply })

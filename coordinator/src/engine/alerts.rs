@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::time::SystemTime;
 
-use kiln_common::ids::StageKey;
+use kiln_common::ids::{EnvKey, StageKey};
 
 use super::Engine;
 use crate::delivery::alerts::Alert;
@@ -53,19 +53,13 @@ impl Engine {
         );
     }
 
-    pub(super) fn alert_breach(&mut self, environment: &str, release: u64, reason: &str) {
-        let labels = [
-            ("environment", environment.to_owned()),
-            ("release", release.to_string()),
-        ];
+    pub(super) fn alert_breach(&mut self, environment: &EnvKey, release: u64, reason: &str) {
+        let labels = environment_labels(environment, release);
         self.raise("KilnMonitorBreach", "critical", &labels, reason.to_owned());
     }
 
     pub(super) fn alert_rolled_back(&mut self, plan: &RollbackPlan) {
-        let labels = [
-            ("environment", plan.environment.clone()),
-            ("release", plan.from.to_string()),
-        ];
+        let labels = environment_labels(&plan.environment, plan.from);
         let summary = format!(
             "rolled `{}` back from release {} to release {}: {}",
             plan.environment, plan.from, plan.to, plan.reason
@@ -74,10 +68,7 @@ impl Engine {
     }
 
     pub(super) fn alert_rollback_failed(&mut self, plan: &RollbackPlan) {
-        let labels = [
-            ("environment", plan.environment.clone()),
-            ("release", plan.from.to_string()),
-        ];
+        let labels = environment_labels(&plan.environment, plan.from);
         let summary = format!(
             "rollback of `{}` from release {} to {} FAILED; release {} is still live",
             plan.environment, plan.from, plan.to, plan.from
@@ -87,15 +78,23 @@ impl Engine {
 
     pub(super) fn alert_rollback_not_started(
         &mut self,
-        environment: &str,
+        environment: &EnvKey,
         release: u64,
         why: &str,
     ) {
-        let labels = [
-            ("environment", environment.to_owned()),
-            ("release", release.to_string()),
-        ];
+        let labels = environment_labels(environment, release);
         let summary = format!("cannot roll `{environment}` back from release {release}: {why}");
         self.raise("KilnRollbackFailed", "critical", &labels, summary);
     }
+}
+
+/// An environment alert's labels: the pipeline is its own label, so
+/// routes and silences can tell `credit/production` from
+/// `churn/production`.
+fn environment_labels(environment: &EnvKey, release: u64) -> [(&'static str, String); 3] {
+    [
+        ("pipeline", environment.pipeline().to_owned()),
+        ("environment", environment.name.clone()),
+        ("release", release.to_string()),
+    ]
 }

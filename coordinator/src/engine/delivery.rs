@@ -18,7 +18,7 @@
 
 use std::collections::BTreeMap;
 
-use kiln_common::ids::{RunId, StageKey};
+use kiln_common::ids::{EnvKey, RunId, StageKey};
 use kiln_common::spec::{self, Approval, Gate, OnMissing};
 
 use super::{ActiveRun, Engine, MonitorRequest};
@@ -83,11 +83,24 @@ impl Engine {
             return;
         };
         let metrics = self.run_metrics(key.run);
-        let champion = gate.compare_to.as_ref().and_then(|env| {
-            let live = self.environments.get(env)?.live?;
-            let release = self.releases.get(&live)?.clone();
-            Some((env.clone(), release))
-        });
+        // The champion is the live release of the run's own pipeline's
+        // environment; another pipeline's model is never compared.
+        let pipeline = self
+            .runs
+            .get(&key.run)
+            .map(|run| run.record.pipeline.clone());
+        let champion = gate
+            .compare_to
+            .as_ref()
+            .zip(pipeline)
+            .and_then(|(env, pipeline)| {
+                let live = self
+                    .environments
+                    .get(&EnvKey::of_pipeline(&pipeline, env))?
+                    .live?;
+                let release = self.releases.get(&live)?.clone();
+                Some((env.clone(), release))
+            });
         let now = self.clock.now_ms();
         let mut decision = decide(
             &gate,
@@ -180,9 +193,10 @@ impl Engine {
         let Some(stage_spec) = self.stage_spec(key).cloned() else {
             return;
         };
-        let Some(environment) = stage_spec.environment.clone() else {
+        let Some(name) = stage_spec.environment.as_deref() else {
             return;
         };
+        let environment = EnvKey::of_pipeline(&active.record.pipeline, name);
         let now = self.clock.now_ms();
         let id = self.next_release_id;
         self.next_release_id += 1;
@@ -252,10 +266,7 @@ impl Engine {
         let env = self
             .environments
             .entry(environment.clone())
-            .or_insert_with(|| EnvironmentRecord {
-                name: environment.clone(),
-                ..Default::default()
-            });
+            .or_insert_with(|| EnvironmentRecord::new(environment.clone()));
         let previous = env.live.replace(release.id);
         let env_record = env.clone();
         if let Some(previous) = previous.filter(|&p| p != release.id)
@@ -277,10 +288,11 @@ impl Engine {
     }
 
     /// Starts a rollback run of `environment` to `to` (default: the release
-    /// live before the current one).
+    /// of the same environment of the same pipeline that was live before
+    /// the current one).
     pub(super) fn start_rollback(
         &mut self,
-        environment: &str,
+        environment: &EnvKey,
         to: Option<u64>,
         reason: String,
         triggered_by: String,
@@ -297,7 +309,7 @@ impl Engine {
                     .record
                     .rollback
                     .as_ref()
-                    .is_some_and(|plan| plan.environment == environment)
+                    .is_some_and(|plan| plan.environment == *environment)
         }) {
             return Err(ApiError::FailedPrecondition(format!(
                 "a rollback of `{environment}` is already running as run {}",
@@ -307,7 +319,7 @@ impl Engine {
         let history: Vec<ReleaseRecord> = self
             .releases
             .values()
-            .filter(|release| release.environment == environment)
+            .filter(|release| release.environment == *environment)
             .cloned()
             .collect();
         let target = match to {
@@ -345,7 +357,7 @@ impl Engine {
             ))
         })?;
         let plan = RollbackPlan {
-            environment: environment.to_owned(),
+            environment: environment.clone(),
             from: live,
             to: target.id,
             stage: target.stage.clone(),
@@ -395,7 +407,7 @@ impl Engine {
                 record
             })
             .collect();
-        tracing::warn!(run = %id, environment, from = live, to = target.id, "rolling back");
+        tracing::warn!(run = %id, %environment, from = live, to = target.id, "rolling back: release {} replaces release {live}", target.id);
         self.runs.insert(id, ActiveRun::new(record, stages, spec));
         self.save_run(id);
         for i in 0..self.runs[&id].stages.len() {
@@ -465,7 +477,7 @@ impl Engine {
             .collect()
     }
 
-    pub(super) fn unfreeze(&mut self, environment: &str) -> Result<EnvironmentRecord, ApiError> {
+    pub(super) fn unfreeze(&mut self, environment: &EnvKey) -> Result<EnvironmentRecord, ApiError> {
         let env = self.environments.get_mut(environment).ok_or_else(|| {
             ApiError::NotFound(format!("environment `{environment}` has no releases"))
         })?;
@@ -475,9 +487,14 @@ impl Engine {
         Ok(record)
     }
 
-    /// Why an environment stage may not run now.
-    pub(super) fn frozen_reason(&self, environment: &str) -> Option<String> {
-        self.environments.get(environment)?.frozen.clone()
+    /// Why an environment stage of `run` may not deploy to `environment`
+    /// (of the run's pipeline) now.
+    pub(super) fn frozen_reason(&self, run: RunId, environment: &str) -> Option<String> {
+        let pipeline = &self.runs.get(&run)?.record.pipeline;
+        self.environments
+            .get(&EnvKey::of_pipeline(pipeline, environment))?
+            .frozen
+            .clone()
     }
 }
 

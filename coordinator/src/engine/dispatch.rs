@@ -200,7 +200,7 @@ impl Engine {
         let frozen = stage_spec
             .environment
             .as_deref()
-            .and_then(|env| self.frozen_reason(env));
+            .and_then(|env| self.frozen_reason(key.run, env));
         if is_gate {
             self.evaluate_gate(key);
             return true;

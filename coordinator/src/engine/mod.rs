@@ -27,7 +27,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
-use kiln_common::ids::{RunId, StageKey};
+use kiln_common::ids::{EnvKey, RunId, StageKey};
 use kiln_common::spec;
 use kiln_proto::v1 as pb;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -117,13 +117,13 @@ pub(crate) enum Event {
         reply: Reply<pb::Run>,
     },
     Rollback {
-        environment: String,
+        environment: EnvKey,
         to: Option<u64>,
         user: String,
         reply: Reply<pb::Run>,
     },
     Unfreeze {
-        environment: String,
+        environment: EnvKey,
         reply: Reply<pb::Environment>,
     },
     /// What a monitor saw; see [`monitor`].
@@ -133,7 +133,7 @@ pub(crate) enum Event {
 /// A release to watch: the runner starts a monitor task for it.
 pub(crate) struct MonitorRequest {
     pub(crate) release: u64,
-    pub(crate) environment: String,
+    pub(crate) environment: EnvKey,
     pub(crate) monitor: spec::Monitor,
     pub(crate) until_ms: u64,
 }
@@ -225,8 +225,8 @@ pub(crate) struct Engine {
     ready: VecDeque<StageKey>,
     agents: BTreeMap<String, agents::AgentState>,
     next_run_id: u64,
-    /// Environments by name, with their live release.
-    environments: BTreeMap<String, crate::store::EnvironmentRecord>,
+    /// Environments by pipeline and name, with their live release.
+    environments: BTreeMap<EnvKey, crate::store::EnvironmentRecord>,
     /// Every release, by id: the engine reads its own latest writes here,
     /// never from the store, whose batches may still be on their way.
     releases: BTreeMap<u64, crate::store::ReleaseRecord>,
@@ -278,7 +278,7 @@ impl Engine {
         let environments: BTreeMap<_, _> = store
             .environments()?
             .into_iter()
-            .map(|env| (env.name.clone(), env))
+            .map(|env| (env.key.clone(), env))
             .collect();
         let releases: BTreeMap<u64, crate::store::ReleaseRecord> = store
             .releases()?
@@ -288,7 +288,7 @@ impl Engine {
         let next_release_id = releases.keys().next_back().map_or(1, |id| id + 1);
         let now = clock.now_ms();
         // Releases still inside their watch window get their monitor back.
-        let resumed_monitors: Vec<(u64, String, String, u32, String, u64)> = releases
+        let resumed_monitors: Vec<(u64, EnvKey, String, u32, String, u64)> = releases
             .values()
             .filter(|release| release.state == crate::store::ReleaseState::Live)
             .filter(|release| release.monitor_until_ms.is_some_and(|until| until > now))

@@ -6,6 +6,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use kiln_common::ids::EnvKey;
 use kiln_common::spec::{self, MonitorSource, OnBreach, OnMissing};
 use tokio::sync::{mpsc, watch};
 
@@ -17,7 +18,7 @@ use crate::store::Op;
 /// One round of samples of a watched release.
 pub(crate) struct Observation {
     pub(crate) release: u64,
-    pub(crate) environment: String,
+    pub(crate) environment: EnvKey,
     /// Value per `rollback_when` metric (`None`: empty result), or why the
     /// source could not be read.
     pub(crate) values: Result<BTreeMap<String, Option<f64>>, String>,

@@ -420,11 +420,20 @@ stages:
       for: 10m
 ";
 
+/// `prod` of the pipeline `w` in [`WATCHED`].
+fn prod() -> EnvKey {
+    EnvKey::of_pipeline("w", "prod")
+}
+
 fn sample(release: u64, value: f64) -> Event {
+    sample_of(prod(), release, value)
+}
+
+fn sample_of(environment: EnvKey, release: u64, value: f64) -> Event {
     let values = Ok([("error_ratio".to_string(), Some(value))].into());
     Event::MonitorSample(monitor::Observation {
         release,
-        environment: "prod".into(),
+        environment,
         values,
     })
 }
@@ -440,7 +449,7 @@ fn rollback_starts_at_exactly_failure_limit_consecutive_breaches() {
     }
     let (requests, _) = h.engine.take_requests();
     assert_eq!(requests.len(), 2, "each release is watched");
-    let live = h.engine.environments["prod"].live.unwrap();
+    let live = h.engine.environments[&prod()].live.unwrap();
     let runs_before = h.engine.next_run_id;
 
     // Two breaches, a healthy sample (the count starts over), two more:
@@ -462,7 +471,7 @@ fn rollback_starts_at_exactly_failure_limit_consecutive_breaches() {
     );
     let rollback = agent.assignments()[0];
     h.finish(&agent, rollback, pb::Outcome::Succeeded);
-    let restored = h.engine.environments["prod"].live.unwrap();
+    let restored = h.engine.environments[&prod()].live.unwrap();
     assert_eq!(restored, live - 1, "the previous release is live again");
     let rolled_back = h.store.release(live).unwrap().unwrap();
     assert_eq!(rolled_back.state, crate::store::ReleaseState::RolledBack);
@@ -525,9 +534,9 @@ fn releases_environments_and_monitors_survive_a_restart() {
         let stage = agent.assignments()[0];
         h.finish(&agent, stage, pb::Outcome::Succeeded);
     }
-    let live = h.engine.environments["prod"].live.unwrap();
+    let live = h.engine.environments[&prod()].live.unwrap();
     h.restart();
-    assert_eq!(h.engine.environments["prod"].live, Some(live));
+    assert_eq!(h.engine.environments[&prod()].live, Some(live));
     assert_eq!(h.engine.releases.len(), 2);
     assert_eq!(
         h.engine.releases[&(live - 1)].state,
@@ -541,7 +550,55 @@ fn releases_environments_and_monitors_survive_a_restart() {
     h.start_run(WATCHED);
     let stage = agent.assignments()[0];
     h.finish(&agent, stage, pb::Outcome::Succeeded);
-    assert_eq!(h.engine.environments["prod"].live, Some(live + 1));
+    assert_eq!(h.engine.environments[&prod()].live, Some(live + 1));
+}
+
+#[test]
+fn a_breach_rolls_back_its_own_pipeline_and_never_touches_another() {
+    let mut h = Harness::new();
+    let mut agent = h.connect("one", 1, 1, vec![]);
+    let other = WATCHED.replace("pipeline: w", "pipeline: v");
+    // w: releases 1 and 2; then v: release 3, in an environment of the
+    // same name.
+    for yaml in [WATCHED, WATCHED, other.as_str()] {
+        h.start_run(yaml);
+        let stage = agent.assignments()[0];
+        h.finish(&agent, stage, pb::Outcome::Succeeded);
+    }
+    let v_prod = EnvKey::of_pipeline("v", "prod");
+    assert_eq!(h.engine.environments[&prod()].live, Some(2));
+    assert_eq!(h.engine.environments[&v_prod].live, Some(3));
+    assert_eq!(
+        h.store.release(2).unwrap().unwrap().state,
+        crate::store::ReleaseState::Live,
+        "v's first release leaves w's live one alone"
+    );
+
+    // v's release breaching under w's name is not w's business.
+    for _ in 0..3 {
+        h.engine.handle(sample_of(prod(), 3, 0.9));
+        h.commit();
+    }
+    assert!(agent.assignments().is_empty(), "nothing rolled back");
+
+    for _ in 0..3 {
+        h.engine.handle(sample(2, 0.9));
+        h.commit();
+    }
+    let rollback = agent.assignments()[0];
+    let plan = h.engine.runs[&RunId(rollback.run_id)]
+        .record
+        .rollback
+        .clone()
+        .unwrap();
+    assert_eq!((plan.environment, plan.from, plan.to), (prod(), 2, 1));
+    h.finish(&agent, rollback, pb::Outcome::Succeeded);
+    assert_eq!(h.engine.environments[&prod()].live, Some(1));
+    assert_eq!(h.engine.environments[&v_prod].live, Some(3));
+    assert_eq!(
+        h.store.release(3).unwrap().unwrap().state,
+        crate::store::ReleaseState::Live
+    );
 }
 
 fn log_batch(stage: pb::StageRef, first: u64, texts: &[&str]) -> Msg {

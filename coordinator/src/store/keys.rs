@@ -8,15 +8,20 @@
 //! s <run:u64> <stage:u32>                         stage
 //! l <run:u64> <stage:u32> <attempt:u32> <seq:u64> log line
 //! R <release:u64>                                 release
-//! E <environment>                                 environment
+//! E <scope kind> <scope> 0x00 <environment>      environment of a pipeline
+//!                                                 (scope kind `p`)
 //! T <token name>                                  token (hash, role)
 //! K <secret name>                                 sealed secret
 //! U <audit:u64>                                   audit record
 //! V <release:u64>                                 signed provenance
 //! G <pipeline>                                    schedule/data trigger state
+//! M schema                                        store schema version (u32)
 //! ```
+//!
+//! Schema 1 (before environments belonged to pipelines) had `E <environment>`
+//! and no `M schema`; `migrate` carries it forward.
 
-use kiln_common::ids::{RunId, StageKey};
+use kiln_common::ids::{EnvKey, EnvScope, RunId, StageKey};
 
 pub(super) const PIPELINE: u8 = b'p';
 pub(super) const RUN: u8 = b'r';
@@ -30,6 +35,8 @@ pub(super) const SECRET: u8 = b'K';
 pub(super) const AUDIT: u8 = b'U';
 pub(super) const PROVENANCE: u8 = b'V';
 pub(super) const TRIGGER_STATE: u8 = b'G';
+/// Where the store records its schema version.
+pub(super) const SCHEMA: &[u8] = b"Mschema";
 
 pub(super) fn provenance(release: u64) -> Vec<u8> {
     let mut key = vec![PROVENANCE];
@@ -55,9 +62,16 @@ pub(super) fn release(id: u64) -> Vec<u8> {
     key
 }
 
-pub(super) fn environment(name: &str) -> Vec<u8> {
+pub(super) fn environment(env: &EnvKey) -> Vec<u8> {
     let mut key = vec![ENVIRONMENT];
-    key.extend_from_slice(name.as_bytes());
+    match &env.scope {
+        EnvScope::Pipeline(pipeline) => {
+            key.push(b'p');
+            key.extend_from_slice(pipeline.as_bytes());
+        }
+    }
+    key.push(0);
+    key.extend_from_slice(env.name.as_bytes());
     key
 }
 

@@ -7,12 +7,13 @@
 //! the group committer calls once for many batches.
 
 mod keys;
+mod migrate;
 mod security;
 mod sled_store;
 
 use std::collections::BTreeMap;
 
-use kiln_common::ids::{RunId, StageKey};
+use kiln_common::ids::{EnvKey, RunId, StageKey};
 use serde::{Deserialize, Serialize};
 
 pub(crate) use crate::state::{RunState, StageState};
@@ -28,6 +29,25 @@ pub enum StoreError {
     Corrupt {
         key: String,
         source: serde_json::Error,
+    },
+    /// The data directory was written by a newer coordinator.
+    #[error(
+        "the store in {dir} has schema version {found}, newer than this coordinator knows \
+         (up to {known}); nothing was changed: run the coordinator release that wrote it, \
+         or a newer one"
+    )]
+    FutureSchema { dir: String, found: u32, known: u32 },
+    /// A migration found data it cannot carry over.
+    #[error(
+        "cannot migrate the store in {dir} from schema version {from} to {to}: {why}; \
+         nothing was changed: fix or remove that record, or start the previous coordinator \
+         release on this directory"
+    )]
+    Migration {
+        dir: String,
+        from: u32,
+        to: u32,
+        why: String,
     },
 }
 
@@ -109,7 +129,7 @@ pub(crate) struct ProvenanceRecord {
 /// artifacts.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub(crate) struct RollbackPlan {
-    pub(crate) environment: String,
+    pub(crate) environment: EnvKey,
     /// The release being replaced.
     pub(crate) from: u64,
     /// The release being restored.
@@ -198,7 +218,8 @@ pub(crate) enum ReleaseState {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub(crate) struct ReleaseRecord {
     pub(crate) id: u64,
-    pub(crate) environment: String,
+    /// The environment of the pipeline (`pipeline`) that made it.
+    pub(crate) environment: EnvKey,
     pub(crate) run: RunId,
     pub(crate) pipeline: String,
     pub(crate) pipeline_version: u32,
@@ -231,14 +252,26 @@ pub(crate) struct StageArtifact {
     pub(crate) artifact: ArtifactRecord,
 }
 
-/// An environment: which release is live and whether promotions stopped.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+/// An environment of one pipeline: which release is live and whether
+/// promotions stopped.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub(crate) struct EnvironmentRecord {
-    pub(crate) name: String,
+    pub(crate) key: EnvKey,
     pub(crate) live: Option<u64>,
     /// Set by a monitor with `on_breach: freeze`: no promotions until
     /// unfrozen.
     pub(crate) frozen: Option<String>,
+}
+
+impl EnvironmentRecord {
+    /// An environment nothing went live in yet.
+    pub(crate) fn new(key: EnvKey) -> Self {
+        Self {
+            key,
+            live: None,
+            frozen: None,
+        }
+    }
 }
 
 /// A stage output: a packed workspace path stored as a blob.

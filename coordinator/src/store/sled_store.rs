@@ -30,6 +30,7 @@ impl SledStore {
             // state lives in the engine, so a small cache is enough.
             .cache_capacity(64 * 1024 * 1024)
             .open()?;
+        super::migrate::to_current(&db, dir)?;
         Ok(Self { db })
     }
 
@@ -69,7 +70,7 @@ impl Store for SledStore {
             match op {
                 Op::Release(record) => writes.insert(keys::release(record.id), encode(record)),
                 Op::Environment(record) => {
-                    writes.insert(keys::environment(&record.name), encode(record))
+                    writes.insert(keys::environment(&record.key), encode(record))
                 }
                 Op::Pipeline(record) => {
                     writes.insert(keys::pipeline(&record.name, record.version), encode(record));

@@ -9,117 +9,71 @@ use std::path::{Path, PathBuf};
 
 use kiln_common::archive::{self, Limits};
 use kiln_common::channel::KilnChannel;
+use kiln_common::duration;
 use kiln_proto::v1::artifact_service_client::ArtifactServiceClient;
 use kiln_proto::v1::{Artifact, Assign, Outcome, Source};
 
+use crate::attempt::{AttemptKey, Report};
 use crate::error::Error;
-use crate::executor::{Ended, Executor, Exit, Job, describe_duration};
+use crate::executor::contract::{
+    Ended, Executor, Exit, Job, Stop, StopSignal, out_of_memory_message,
+};
 use crate::logs::LogSink;
-use crate::stages::{AttemptKey, Stop, StopSignal};
 use crate::transfer;
 use crate::workspace::Workspaces;
 
-/// How an attempt ended: what its `StageFinished` says.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) struct Report {
-    pub(crate) outcome: Outcome,
-    /// The commands' exit code; -1 when they did not exit on their own.
-    pub(crate) exit_code: i32,
-    /// Why it ended that way, for people; empty on success.
-    pub(crate) message: String,
-    /// The image the commands ran in, by digest; "" without a container.
-    pub(crate) image_digest: String,
-    /// Artifacts uploaded after the commands.
-    pub(crate) outputs: Vec<Artifact>,
-}
-
-impl Report {
-    fn new(outcome: Outcome, exit_code: i32, message: impl Into<String>) -> Self {
-        Report {
-            outcome,
-            exit_code,
-            message: message.into(),
-            image_digest: String::new(),
-            outputs: Vec::new(),
-        }
-    }
-
-    pub(crate) fn from_ended(ended: Ended) -> Self {
-        Report {
-            image_digest: ended.image_digest,
-            ..Report::from_exit(ended.exit)
-        }
-    }
-
-    pub(crate) fn from_exit(exit: Exit) -> Self {
-        match exit {
-            Exit::Code(0) => Report::new(Outcome::Succeeded, 0, ""),
-            Exit::Code(code) => {
-                Report::new(Outcome::Failed, code, format!("exited with code {code}"))
-            }
-            Exit::Signal(signal) => Report::new(
-                Outcome::Failed,
-                128 + signal,
-                format!("killed by signal {signal}"),
-            ),
-            Exit::TimedOut(limit) => Report::new(
-                Outcome::TimedOut,
-                -1,
-                format!("timed out after {}", describe_duration(limit)),
-            ),
-            Exit::Stopped(Stop::Cancel(reason)) if reason.is_empty() => {
-                Report::new(Outcome::Cancelled, -1, "cancelled")
-            }
-            Exit::Stopped(Stop::Cancel(reason)) => {
-                Report::new(Outcome::Cancelled, -1, format!("cancelled: {reason}"))
-            }
-            Exit::Stopped(Stop::HandBack) => Report::new(
-                Outcome::HandedBack,
-                -1,
-                "handed back: the agent is shutting down",
-            ),
-            // 137 is what a shell reports for a SIGKILLed command, which is
-            // how the kernel ends a process at its memory limit.
-            Exit::OutOfMemory { limit_bytes } => {
-                Report::new(Outcome::Failed, 137, out_of_memory_message(limit_bytes))
-            }
-            Exit::CannotStart(message) => Report::new(Outcome::Failed, -1, message),
-            // Nobody reads this one: the attempt was forgotten.
-            Exit::Stopped(Stop::Forget) => Report::new(
-                Outcome::Cancelled,
-                -1,
-                "the stage is no longer this agent's",
-            ),
-        }
-    }
-
-    fn infra(err: &Error) -> Self {
-        Report::new(Outcome::InfraError, -1, err.to_string())
+/// What the attempt reports when its commands ended as `ended` says.
+fn ended_report(ended: Ended) -> Report {
+    Report {
+        image_digest: ended.image_digest,
+        ..exit_report(ended.exit)
     }
 }
 
-/// What a stage killed at its memory limit reports, and logs.
-pub(crate) fn out_of_memory_message(limit_bytes: u64) -> String {
-    format!(
-        "ran out of memory: the kernel killed the commands at the container's limit of {}; \
-         raise `resources.memory` in kiln.yml or make the commands use less",
-        describe_bytes(limit_bytes)
-    )
+/// What the attempt reports when its commands ended with `exit`.
+fn exit_report(exit: Exit) -> Report {
+    match exit {
+        Exit::Code(0) => Report::new(Outcome::Succeeded, 0, ""),
+        Exit::Code(code) => Report::new(Outcome::Failed, code, format!("exited with code {code}")),
+        Exit::Signal(signal) => Report::new(
+            Outcome::Failed,
+            128 + signal,
+            format!("killed by signal {signal}"),
+        ),
+        Exit::TimedOut(limit) => Report::new(
+            Outcome::TimedOut,
+            -1,
+            format!("timed out after {}", duration::format(limit)),
+        ),
+        Exit::Stopped(Stop::Cancel(reason)) if reason.is_empty() => {
+            Report::new(Outcome::Cancelled, -1, "cancelled")
+        }
+        Exit::Stopped(Stop::Cancel(reason)) => {
+            Report::new(Outcome::Cancelled, -1, format!("cancelled: {reason}"))
+        }
+        Exit::Stopped(Stop::HandBack) => Report::new(
+            Outcome::HandedBack,
+            -1,
+            "handed back: the agent is shutting down",
+        ),
+        // 137 is what a shell reports for a SIGKILLed command, which is
+        // how the kernel ends a process at its memory limit.
+        Exit::OutOfMemory { limit_bytes } => {
+            Report::new(Outcome::Failed, 137, out_of_memory_message(limit_bytes))
+        }
+        Exit::CannotStart(message) => Report::new(Outcome::Failed, -1, message),
+        // Nobody reads this one: the attempt was forgotten.
+        Exit::Stopped(Stop::Forget) => Report::new(
+            Outcome::Cancelled,
+            -1,
+            "the stage is no longer this agent's",
+        ),
+    }
 }
 
-/// `16Mi`, `2Gi`, or plain bytes: how `resources.memory` is written.
-fn describe_bytes(bytes: u64) -> String {
-    const UNITS: [(&str, u64); 4] = [
-        ("Ti", 1 << 40),
-        ("Gi", 1 << 30),
-        ("Mi", 1 << 20),
-        ("Ki", 1 << 10),
-    ];
-    UNITS
-        .iter()
-        .find(|(_, size)| bytes >= *size && bytes.is_multiple_of(*size))
-        .map(|(unit, size)| format!("{}{unit}", bytes / size))
-        .unwrap_or_else(|| format!("{bytes} bytes"))
+/// What the attempt reports when the agent failed it, not its commands.
+fn infra_report(err: &Error) -> Report {
+    Report::new(Outcome::InfraError, -1, err.to_string())
 }
 
 /// What every stage task shares.
@@ -176,14 +130,14 @@ impl StageRunner {
             prepared = restore => prepared,
             stop = stop.stopped() => {
                 log.system(format!("{stop}; not starting the commands")).await;
-                return Report::from_exit(Exit::Stopped(stop));
+                return exit_report(Exit::Stopped(stop));
             }
         };
         let dir = match prepared {
             Ok(dir) => dir,
             Err(err) => {
                 log.system(err.to_string()).await;
-                return Report::infra(&err);
+                return infra_report(&err);
             }
         };
         let (output_paths, outputs_always) = (assign.output_paths.clone(), assign.outputs_always);
@@ -204,10 +158,10 @@ impl StageRunner {
             docker: assign.docker.unwrap_or_default(),
         };
         let report = match self.executor.run(job, log.clone(), stop.clone()).await {
-            Ok(ended) => Report::from_ended(ended),
+            Ok(ended) => ended_report(ended),
             Err(err) => {
                 log.system(err.to_string()).await;
-                return Report::infra(&err);
+                return infra_report(&err);
             }
         };
         let wanted = match report.outcome {
@@ -384,13 +338,16 @@ mod tests {
     use kiln_proto::v1::{Source, StageRef};
 
     use super::*;
+    use kiln_common::loglines::{MARKER_ROOM, MAX_LINE_BYTES, marker};
+
+    use crate::executor::contract::stop_signal;
     use crate::executor::process::ProcessExecutor;
-    use crate::logs::{MARKER_ROOM, MAX_LINE_BYTES, testing, truncation_marker};
+    use crate::logs::testing;
 
     #[test]
     fn exits_map_to_outcomes() {
         fn check(exit: Exit, outcome: Outcome, exit_code: i32, message: &str) {
-            let report = Report::from_exit(exit.clone());
+            let report = exit_report(exit.clone());
             assert_eq!(report, Report::new(outcome, exit_code, message), "{exit:?}");
         }
         check(Exit::Code(0), Outcome::Succeeded, 0, "");
@@ -470,14 +427,6 @@ mod tests {
         StageRunner::new(workspaces, executor, ArtifactServiceClient::new(channel))
     }
 
-    #[test]
-    fn byte_counts_read_like_pipeline_files() {
-        assert_eq!(describe_bytes(16 << 20), "16Mi");
-        assert_eq!(describe_bytes(2 << 30), "2Gi");
-        assert_eq!(describe_bytes(1_000_000_000), "1000000000 bytes");
-        assert_eq!(describe_bytes(1536 << 10), "1536Ki");
-    }
-
     #[tokio::test]
     async fn runs_in_a_fresh_workspace_with_kiln_variables_and_removes_it() {
         let work_dir = tempfile::tempdir().unwrap();
@@ -487,7 +436,7 @@ mod tests {
             "basename \"$(pwd)\"",
         ];
         let (sink, mut capture) = testing::sink();
-        let (_stop_tx, stop) = StopSignal::new_pair();
+        let (_stop_tx, stop) = stop_signal();
         let report = runner
             .run(assign(&commands, Source::default()), &sink, stop)
             .await;
@@ -515,7 +464,7 @@ mod tests {
             ..Source::default()
         };
         let (sink, mut capture) = testing::sink();
-        let (_stop_tx, stop) = StopSignal::new_pair();
+        let (_stop_tx, stop) = stop_signal();
         let report = runner.run(assign(&["true"], source), &sink, stop).await;
         assert_eq!(report.outcome, Outcome::InfraError);
         assert!(
@@ -573,7 +522,7 @@ mod tests {
         ];
         let assign = assign_with_secrets(&commands, Source::default());
         let (sink, mut capture) = testing::sink_with(Masker::new(assign.secrets.values()));
-        let (_stop_tx, stop) = StopSignal::new_pair();
+        let (_stop_tx, stop) = stop_signal();
         let report = runner.run(assign, &sink, stop).await;
         assert_eq!(report.outcome, Outcome::Succeeded, "{report:?}");
         // Stdout and stderr are read apart; only each one's order is fixed.
@@ -582,7 +531,7 @@ mod tests {
         let long = lines.iter().position(|l| l.contains("truncated")).unwrap();
         let kept = MAX_LINE_BYTES - MARKER_ROOM;
         let dropped = 20_000 + MASK.len() - kept;
-        let expected_long = "x".repeat(kept) + &truncation_marker(dropped);
+        let expected_long = "x".repeat(kept) + &marker(dropped);
         assert!(expected_long.len() <= MAX_LINE_BYTES);
         assert!(
             lines[long] == format!("LOG_STREAM_STDOUT: {expected_long}"),
@@ -617,7 +566,7 @@ mod tests {
         };
         let assign = assign_with_secrets(&["true"], source);
         let (sink, mut capture) = testing::sink_with(Masker::new(assign.secrets.values()));
-        let (_stop_tx, stop) = StopSignal::new_pair();
+        let (_stop_tx, stop) = stop_signal();
         let report = runner.run(assign, &sink, stop).await;
         sink.done(report).await;
         let lines = capture.lines();
@@ -638,8 +587,8 @@ mod tests {
         let work_dir = tempfile::tempdir().unwrap();
         let runner = runner(work_dir.path()).await;
         let (sink, _capture) = testing::sink();
-        let (stop_tx, stop) = StopSignal::new_pair();
-        stop_tx.send_replace(Some(Stop::HandBack));
+        let (stop_tx, stop) = stop_signal();
+        stop_tx.stop(Stop::HandBack);
         let report = runner
             .run(assign(&["sleep 1000"], Source::default()), &sink, stop)
             .await;

@@ -19,9 +19,9 @@ use kiln_proto::v1::Source;
 use sha2::{Digest, Sha256};
 use tokio::process::Command;
 
+use crate::attempt::AttemptKey;
 use crate::error::Error;
 use crate::logs::LogSink;
-use crate::stages::AttemptKey;
 
 /// Hex digits of the repository's sha256 that name its cache directory.
 const CACHE_NAME_LEN: usize = 16;

@@ -40,16 +40,17 @@ use bollard::query_parameters::{
     StopContainerOptionsBuilder,
 };
 use futures::future::BoxFuture;
+use kiln_common::duration;
 use tokio::time::{Instant, timeout};
 use tracing::{info, warn};
 
-use super::{Ended, Executor, Exit, Job, describe_duration};
+use crate::config::{AllowedMount, DockerConfig};
 use crate::error::{Error, one_line};
+use crate::executor::contract::{
+    Ended, Executor, Exit, Job, Stop, StopSignal, out_of_memory_message,
+};
 use crate::logs::LogSink;
-use crate::sleep_until_some;
-use crate::stage::out_of_memory_message;
-use crate::stages::StopSignal;
-use crate::{AllowedMount, DockerConfig};
+use crate::timer::sleep_until_some;
 
 mod config;
 mod container;
@@ -265,7 +266,7 @@ impl DockerExecutor {
                 }
             }
             Ending::TimedOut(limit) => {
-                let described = describe_duration(limit);
+                let described = duration::format(limit);
                 log.system(format!(
                     "timed out after {described}; stopping the container"
                 ))
@@ -311,7 +312,7 @@ impl DockerExecutor {
         };
         stopped.map_err(Error::docker("container stop"))?;
         if started.elapsed() >= Duration::from_secs(grace_secs) {
-            let grace = describe_duration(Duration::from_secs(grace_secs));
+            let grace = duration::format(Duration::from_secs(grace_secs));
             log.system(format!(
                 "the container was still running {grace} after SIGTERM; docker sent SIGKILL"
             ))
@@ -348,7 +349,7 @@ impl Executor for DockerExecutor {
 enum Ending {
     Exited(i64),
     TimedOut(Duration),
-    Stopped(crate::stages::Stop),
+    Stopped(Stop),
 }
 
 /// The commands as one script, a line each, as the process executor runs them.

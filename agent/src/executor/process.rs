@@ -11,15 +11,15 @@ use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
+use kiln_common::duration;
 use kiln_proto::v1::LogStream;
 use tokio::process::{Child, Command};
 use tokio::time::{Instant, sleep, timeout};
 
-use super::{Ended, Executor, Exit, Job, describe_duration};
 use crate::error::Error;
+use crate::executor::contract::{Ended, Executor, Exit, Job, Stop, StopSignal};
 use crate::logs::{LogSink, forward_lines};
-use crate::sleep_until_some;
-use crate::stages::{Stop, StopSignal};
+use crate::timer::sleep_until_some;
 
 /// How long output may keep flowing after the shell is gone. Only a process
 /// that left the group (`setsid`) can hold the pipes open that long.
@@ -104,7 +104,7 @@ impl ProcessExecutor {
         let exit = match ending {
             Ending::Exited(status) => exit_of(status),
             Ending::TimedOut(limit) => {
-                let limit = describe_duration(limit);
+                let limit = duration::format(limit);
                 log.system(format!("timed out after {limit}; stopping the commands"))
                     .await;
                 self.terminate(&mut child, &group, &mut output, &mut output_done, log)
@@ -155,7 +155,7 @@ impl ProcessExecutor {
                 status = child.wait() => return status,
                 () = &mut grace, if !killed => {
                     killed = true;
-                    let grace = describe_duration(self.grace);
+                    let grace = duration::format(self.grace);
                     log.system(format!("commands still running {grace} after SIGTERM; sending SIGKILL")).await;
                     group.signal(libc::SIGKILL);
                 }
@@ -224,6 +224,7 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
+    use crate::executor::contract::stop_signal;
     use crate::logs::testing::{self, Capture};
 
     const TEST_GRACE: Duration = Duration::from_millis(300);
@@ -245,7 +246,7 @@ mod tests {
     impl Setup {
         fn job(&self, commands: &[&str], timeout: Option<Duration>) -> Job {
             Job {
-                key: crate::stages::AttemptKey {
+                key: crate::attempt::AttemptKey {
                     run_id: 1,
                     stage_idx: 0,
                     attempt: 1,
@@ -266,7 +267,7 @@ mod tests {
 
         async fn run(&self, job: Job) -> (Exit, Vec<String>) {
             let (sink, mut capture) = testing::sink();
-            let (_stop_tx, stop) = StopSignal::new_pair();
+            let (_stop_tx, stop) = stop_signal();
             let ended = self.executor.run(job, sink, stop).await.unwrap();
             (ended.exit, capture.lines())
         }
@@ -391,12 +392,12 @@ mod tests {
         let setup = setup();
         let job = setup.job(&["sleep 1000 & echo $!", "sleep 1000"], None);
         let (sink, mut capture) = testing::sink();
-        let (stop_tx, stop) = StopSignal::new_pair();
+        let (stop_tx, stop) = stop_signal();
         let executor = setup.executor.clone();
         let running = tokio::spawn(async move { executor.run(job, sink, stop).await });
 
         let pid = echoed_pid(&mut capture).await;
-        stop_tx.send_replace(Some(Stop::Cancel("user asked".into())));
+        stop_tx.stop(Stop::Cancel("user asked".into()));
         let exit = running.await.unwrap().unwrap().exit;
         assert_eq!(exit, Exit::Stopped(Stop::Cancel("user asked".into())));
         assert!(
@@ -419,12 +420,12 @@ mod tests {
             None,
         );
         let (sink, mut capture) = testing::sink();
-        let (stop_tx, stop) = StopSignal::new_pair();
+        let (stop_tx, stop) = stop_signal();
         let executor = setup.executor.clone();
         let running = tokio::spawn(async move { executor.run(job, sink, stop).await });
 
         let pid = echoed_pid(&mut capture).await;
-        stop_tx.send_replace(Some(Stop::HandBack));
+        stop_tx.stop(Stop::HandBack);
         let exit = running.await.unwrap().unwrap().exit;
         assert_eq!(exit, Exit::Stopped(Stop::HandBack));
         assert!(gone(pid).await, "background sleep {pid} survived SIGKILL");
@@ -455,7 +456,7 @@ mod tests {
         let mut job = setup.job(&["true"], None);
         job.dir = setup.dir.path().join("missing");
         let (sink, _capture) = testing::sink();
-        let (_stop_tx, stop) = StopSignal::new_pair();
+        let (_stop_tx, stop) = stop_signal();
         let err = setup.executor.run(job, sink, stop).await.unwrap_err();
         assert!(matches!(err, Error::Spawn(_)), "{err}");
     }

@@ -12,6 +12,8 @@ use kiln_common::channel::KilnChannel;
 use kiln_common::duration;
 use kiln_proto::v1::artifact_service_client::ArtifactServiceClient;
 use kiln_proto::v1::{Artifact, Assign, Outcome, Source};
+use tokio::time::Instant;
+use tracing::info;
 
 use crate::attempt::{AttemptKey, Report};
 use crate::error::Error;
@@ -76,6 +78,35 @@ fn infra_report(err: &Error) -> Report {
     Report::new(Outcome::InfraError, -1, err.to_string())
 }
 
+/// When an attempt reached each step before its commands ran.
+struct Preparation {
+    /// The `Assign` arrived.
+    received: Instant,
+    /// The workspace held the sources (checkout or snapshot).
+    source_ready: Instant,
+    /// The inputs were restored; the executor was called.
+    inputs_ready: Instant,
+    /// The commands started (spawned, or the container started).
+    started_at: Instant,
+}
+
+impl Preparation {
+    /// One info line per attempt, `stage prepared in N ms`, which
+    /// benchmarks read: the agent's own overhead before a stage's commands
+    /// run, and where it went.
+    fn log(&self, key: AttemptKey) {
+        let ms = |from: Instant, to: Instant| to.saturating_duration_since(from).as_millis();
+        let total_ms = ms(self.received, self.started_at);
+        info!(
+            stage = %key,
+            source_ms = ms(self.received, self.source_ready),
+            inputs_ms = ms(self.source_ready, self.inputs_ready),
+            start_ms = ms(self.inputs_ready, self.started_at),
+            "stage prepared in {total_ms} ms"
+        );
+    }
+}
+
 /// What every stage task shares.
 pub(crate) struct StageRunner {
     workspaces: Workspaces,
@@ -106,9 +137,19 @@ impl StageRunner {
 
     /// Runs the attempt `assign` describes until it ends or `stop` fires.
     /// Output and progress go to `log`; the workspace is gone on return.
-    pub(crate) async fn run(&self, assign: Assign, log: &LogSink, mut stop: StopSignal) -> Report {
+    /// `received` is when the `Assign` arrived: the attempt logs how long it
+    /// took from then until its commands started.
+    pub(crate) async fn run(
+        &self,
+        assign: Assign,
+        received: Instant,
+        log: &LogSink,
+        mut stop: StopSignal,
+    ) -> Report {
         let key = AttemptKey::from(&assign.stage.unwrap_or_default());
-        let report = self.prepare_and_execute(key, assign, log, &mut stop).await;
+        let report = self
+            .prepare_and_execute(key, assign, received, log, &mut stop)
+            .await;
         self.workspaces.remove(key).await;
         report
     }
@@ -117,12 +158,15 @@ impl StageRunner {
         &self,
         key: AttemptKey,
         assign: Assign,
+        received: Instant,
         log: &LogSink,
         stop: &mut StopSignal,
     ) -> Report {
         let source = assign.source.clone().unwrap_or_default();
+        let mut source_ready = received;
         let restore = async {
             let dir = self.prepare_source(key, &source, log).await?;
+            source_ready = Instant::now();
             self.restore_inputs(&assign.inputs, &dir, log).await?;
             Ok::<_, Error>(dir)
         };
@@ -157,8 +201,20 @@ impl StageRunner {
             image: assign.image,
             docker: assign.docker.unwrap_or_default(),
         };
+        let inputs_ready = Instant::now();
         let report = match self.executor.run(job, log.clone(), stop.clone()).await {
-            Ok(ended) => ended_report(ended),
+            Ok(ended) => {
+                if let Some(started_at) = ended.started_at {
+                    let times = Preparation {
+                        received,
+                        source_ready,
+                        inputs_ready,
+                        started_at,
+                    };
+                    times.log(key);
+                }
+                ended_report(ended)
+            }
             Err(err) => {
                 log.system(err.to_string()).await;
                 return infra_report(&err);
@@ -427,6 +483,72 @@ mod tests {
         StageRunner::new(workspaces, executor, ArtifactServiceClient::new(channel))
     }
 
+    /// Per-stage overhead of the process executor with a git source: runs
+    /// `KILN_BENCH_STAGES` (default 200) `true` stages from a warm clone
+    /// cache, one after another, and prints the mean and percentiles of the
+    /// whole attempt; the agent's `stage prepared in N ms` lines go to
+    /// stderr. `cargo test -p kiln-agent --release --lib stage_overhead --
+    /// --ignored --nocapture`
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "a measurement, not a check"]
+    async fn stage_overhead() {
+        // The agent's own `stage prepared in N ms` lines, on stderr.
+        kiln_common::logging::init("kiln_agent=info");
+        let origin = tempfile::tempdir().unwrap();
+        let git = |args: &[&str]| {
+            let status = std::process::Command::new("git")
+                .arg("-C")
+                .arg(origin.path())
+                .args(["-c", "user.name=kiln", "-c", "user.email=kiln@example.com"])
+                .args(args)
+                .output()
+                .unwrap();
+            assert!(status.status.success(), "{status:?}");
+            String::from_utf8(status.stdout).unwrap().trim().to_owned()
+        };
+        git(&["init", "--quiet"]);
+        for i in 0..20 {
+            std::fs::write(origin.path().join(format!("f{i}.txt")), "x".repeat(1000)).unwrap();
+        }
+        git(&["add", "."]);
+        git(&["commit", "--quiet", "-m", "files"]);
+        let commit = git(&["rev-parse", "HEAD"]);
+        let source = Source {
+            repo: origin.path().display().to_string(),
+            commit,
+            ..Source::default()
+        };
+        let work_dir = tempfile::tempdir().unwrap();
+        let runner = runner(work_dir.path()).await;
+        let n: u32 = std::env::var("KILN_BENCH_STAGES")
+            .ok()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(200);
+        let mut took = Vec::new();
+        for attempt in 0..=n {
+            let mut assign = assign(&["true"], source.clone());
+            assign.stage.as_mut().unwrap().attempt = attempt + 1;
+            let (sink, _capture) = testing::sink();
+            let (_stop_tx, stop) = stop_signal();
+            let started = std::time::Instant::now();
+            let report = runner.run(assign, Instant::now(), &sink, stop).await;
+            assert_eq!(report.outcome, Outcome::Succeeded, "{report:?}");
+            if attempt > 0 {
+                took.push(started.elapsed()); // the first one fills the cache
+            }
+        }
+        took.sort();
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        let mean = took.iter().map(|d| ms(*d)).sum::<f64>() / took.len() as f64;
+        let pct = |p: usize| ms(took[(took.len() - 1) * p / 100]);
+        println!(
+            "stage_overhead stages={n} mean_ms={mean:.1} p50_ms={:.1} p90_ms={:.1} p99_ms={:.1}",
+            pct(50),
+            pct(90),
+            pct(99)
+        );
+    }
+
     #[tokio::test]
     async fn runs_in_a_fresh_workspace_with_kiln_variables_and_removes_it() {
         let work_dir = tempfile::tempdir().unwrap();
@@ -438,7 +560,12 @@ mod tests {
         let (sink, mut capture) = testing::sink();
         let (_stop_tx, stop) = stop_signal();
         let report = runner
-            .run(assign(&commands, Source::default()), &sink, stop)
+            .run(
+                assign(&commands, Source::default()),
+                Instant::now(),
+                &sink,
+                stop,
+            )
             .await;
         assert_eq!(report.outcome, Outcome::Succeeded, "{report:?}");
         assert_eq!(
@@ -465,7 +592,9 @@ mod tests {
         };
         let (sink, mut capture) = testing::sink();
         let (_stop_tx, stop) = stop_signal();
-        let report = runner.run(assign(&["true"], source), &sink, stop).await;
+        let report = runner
+            .run(assign(&["true"], source), Instant::now(), &sink, stop)
+            .await;
         assert_eq!(report.outcome, Outcome::InfraError);
         assert!(
             report.message.contains("git clone failed"),
@@ -523,7 +652,7 @@ mod tests {
         let assign = assign_with_secrets(&commands, Source::default());
         let (sink, mut capture) = testing::sink_with(Masker::new(assign.secrets.values()));
         let (_stop_tx, stop) = stop_signal();
-        let report = runner.run(assign, &sink, stop).await;
+        let report = runner.run(assign, Instant::now(), &sink, stop).await;
         assert_eq!(report.outcome, Outcome::Succeeded, "{report:?}");
         // Stdout and stderr are read apart; only each one's order is fixed.
         let mut lines = capture.lines();
@@ -567,7 +696,7 @@ mod tests {
         let assign = assign_with_secrets(&["true"], source);
         let (sink, mut capture) = testing::sink_with(Masker::new(assign.secrets.values()));
         let (_stop_tx, stop) = stop_signal();
-        let report = runner.run(assign, &sink, stop).await;
+        let report = runner.run(assign, Instant::now(), &sink, stop).await;
         sink.done(report).await;
         let lines = capture.lines();
         let report = capture.report.take().unwrap();
@@ -590,7 +719,12 @@ mod tests {
         let (stop_tx, stop) = stop_signal();
         stop_tx.stop(Stop::HandBack);
         let report = runner
-            .run(assign(&["sleep 1000"], Source::default()), &sink, stop)
+            .run(
+                assign(&["sleep 1000"], Source::default()),
+                Instant::now(),
+                &sink,
+                stop,
+            )
             .await;
         assert_eq!(report.outcome, Outcome::HandedBack);
     }

@@ -309,6 +309,7 @@ impl Supervisor {
     }
 
     fn on_assign(&mut self, assign: Assign) {
+        let received = Instant::now();
         let Some(stage) = assign.stage else {
             warn!("coordinator assigned a stage without naming it; ignoring it");
             return;
@@ -351,7 +352,7 @@ impl Supervisor {
         let sink = LogSink::new(key, task_id, self.events_tx.clone(), signals.paused, masker);
         let runner = self.runner.clone();
         let handle = self.tasks.spawn(async move {
-            let report = runner.run(assign, &sink, signals.stop).await;
+            let report = runner.run(assign, received, &sink, signals.stop).await;
             sink.done(report).await;
         });
         self.task_attempts.insert(handle.id(), (key, task_id));

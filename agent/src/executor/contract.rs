@@ -13,6 +13,7 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use kiln_proto::v1::DockerOptions;
 use tokio::sync::watch;
+use tokio::time::Instant;
 
 use crate::attempt::AttemptKey;
 use crate::error::Error;
@@ -58,6 +59,10 @@ pub(crate) struct Ended {
     /// The image the commands ran in, by digest; "" for host processes or
     /// when no container started.
     pub(crate) image_digest: String,
+    /// When the commands started (the shell was spawned, the container
+    /// started); `None` when they never did. Stages measure their
+    /// preparation up to it.
+    pub(crate) started_at: Option<Instant>,
 }
 
 impl From<Exit> for Ended {
@@ -65,6 +70,7 @@ impl From<Exit> for Ended {
         Ended {
             exit,
             image_digest: String::new(),
+            started_at: None,
         }
     }
 }

@@ -175,13 +175,15 @@ impl DockerExecutor {
         let body = config::container_body(&job, &image.id, script, &self.agent, &self.host);
         let limit_bytes = config::memory_limit(&job.docker);
         let container = self.create(&name, body, &log).await?;
-        let exit = self
+        let ran = self
             .run_container(&container, &job, limit_bytes, &log, &mut stop)
             .await;
         container.remove().await;
+        let (exit, started_at) = ran?;
         Ok(Ended {
-            exit: exit?,
+            exit,
             image_digest: image.digest,
+            started_at: Some(started_at),
         })
     }
 
@@ -216,6 +218,7 @@ impl DockerExecutor {
     }
 
     /// Starts the container and follows it to its end; the caller removes it.
+    /// Returns how it ended and when it started.
     async fn run_container(
         &self,
         container: &Container,
@@ -223,7 +226,7 @@ impl DockerExecutor {
         limit_bytes: u64,
         log: &LogSink,
         stop: &mut StopSignal,
-    ) -> Result<Exit, Error> {
+    ) -> Result<(Exit, Instant), Error> {
         let name = container.name.as_str();
         // Attached before the start, so not one line is missed (and there
         // is no log to replay: the container has no logging driver).
@@ -242,6 +245,7 @@ impl DockerExecutor {
             .start_container(name, None)
             .await
             .map_err(Error::docker("container start"))?;
+        let started_at = Instant::now();
         let mut exited = pin!(wait_for_exit(&self.docker, name));
         let mut output_done = false;
 
@@ -286,7 +290,7 @@ impl DockerExecutor {
             log.system("the container's output stayed open after it stopped; not waiting for it")
                 .await;
         }
-        Ok(exit)
+        Ok((exit, started_at))
     }
 
     /// `docker stop -t grace`: SIGTERM, SIGKILL after the grace, while the

@@ -47,16 +47,16 @@ impl ProcessExecutor {
         }
     }
 
-    async fn run_job(&self, job: Job, log: LogSink, mut stop: StopSignal) -> Result<Exit, Error> {
+    async fn run_job(&self, job: Job, log: LogSink, mut stop: StopSignal) -> Result<Ended, Error> {
         let script = job.scratch.join(format!("{}.sh", job.name));
         let mut text = job.commands.join("\n");
         text.push('\n');
         tokio::fs::write(&script, text)
             .await
             .map_err(Error::work_dir(&script))?;
-        let exit = self.run_script(&job, &script, &log, &mut stop).await;
+        let ended = self.run_script(&job, &script, &log, &mut stop).await;
         let _ = tokio::fs::remove_file(&script).await;
-        exit
+        ended
     }
 
     async fn run_script(
@@ -65,7 +65,7 @@ impl ProcessExecutor {
         script: &Path,
         log: &LogSink,
         stop: &mut StopSignal,
-    ) -> Result<Exit, Error> {
+    ) -> Result<Ended, Error> {
         let mut child = Command::new("sh")
             .arg("-e")
             .arg(script)
@@ -81,6 +81,7 @@ impl ProcessExecutor {
             .kill_on_drop(true)
             .spawn()
             .map_err(Error::Spawn)?;
+        let started_at = Instant::now();
         let mut group = ProcessGroup(child.id().map(|pid| pid as libc::pid_t));
         let (Some(stdout), Some(stderr)) = (child.stdout.take(), child.stderr.take()) else {
             unreachable!("stdout and stderr are piped");
@@ -133,7 +134,10 @@ impl ProcessExecutor {
             log.system("output stayed open after the commands ended (a process left the stage's process group); not waiting for it")
                 .await;
         }
-        Ok(exit)
+        Ok(Ended {
+            started_at: Some(started_at),
+            ..Ended::from(exit)
+        })
     }
 
     /// SIGTERM to the whole group, SIGKILL after the grace period, and wait
@@ -171,7 +175,7 @@ impl Executor for ProcessExecutor {
         log: LogSink,
         stop: StopSignal,
     ) -> BoxFuture<'a, Result<Ended, Error>> {
-        Box::pin(async move { self.run_job(job, log, stop).await.map(Ended::from) })
+        Box::pin(self.run_job(job, log, stop))
     }
 }
 

@@ -56,7 +56,7 @@
 //!      attempt, config, error, timer: leaves, importing nothing of the crate
 //! ```
 //!
-//! Any module may also import the leaves. An executor imports the contract,
+//! Every layer may also import the leaves. An executor imports the contract,
 //! `logs` and the leaves, nothing else: it knows nothing of stages, reports
 //! or the supervisor. Only the supervisor picks an executor
 //! (`executor::build`); `stage` sees an `Arc<dyn Executor>`.
@@ -66,7 +66,8 @@
 //! `work_dir/ws/<run>-<stage_idx>-<attempt>` holds one attempt (removed when
 //! it ends, and all of `ws/` when the agent starts: a work dir belongs to one
 //! agent process); `work_dir/cache/<sha256(repo) prefix>` holds a bare clone
-//! per repository.
+//! per repository, and in it `kiln-workspace.git`, the `.git` each
+//! workspace gets a copy of.
 //!
 //! # Guarantees
 //!

@@ -5,6 +5,9 @@
 //! Sequence numbers are not assigned here but in the attempt's outbox, so
 //! lines from every source of one attempt share one numbering.
 //!
+//! Lines longer than `kiln_common::loglines::MAX_LINE_BYTES` are cut by the
+//! rule the coordinator also applies, so they pass it unchanged.
+//!
 //! **Secrets never leave through here**: the sink masks the attempt's
 //! secret values in command output while it is still a byte stream (before
 //! it is cut into lines, so a secret written in two parts is masked), in
@@ -12,23 +15,13 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use kiln_common::loglines;
 use kiln_common::masking::{MaskStream, Masker};
 use kiln_proto::v1::{LogLine, LogStream};
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::{mpsc, watch};
 
-use crate::stage::Report;
-use crate::stages::AttemptKey;
-
-/// Longest line sent; a longer one loses its end and says how many bytes it
-/// lost (a stage that prints a megabyte without a newline must not flood
-/// the coordinator, and it keeps running). The coordinator cuts lines at the
-/// same length, so a cut line with its marker must fit in it.
-pub(crate) const MAX_LINE_BYTES: usize = 16 * 1024;
-
-/// Room left for [`truncation_marker`] at the end of a cut line; the longest
-/// marker (a `usize::MAX` count) is 59 bytes.
-pub(crate) const MARKER_ROOM: usize = 64;
+use crate::attempt::{AttemptKey, Report};
 
 /// What a stage task tells the supervisor.
 #[derive(Debug)]
@@ -214,8 +207,8 @@ impl OutputLines {
 
 /// Cuts a byte stream into lines: `\n` ends a line (a `\r` before it is
 /// dropped), invalid UTF-8 becomes U+FFFD, and a line longer than
-/// [`MAX_LINE_BYTES`] is cut at a character boundary, early enough for
-/// [`truncation_marker`] to fit.
+/// `loglines::MAX_LINE_BYTES` is cut and marked as `loglines` says. Only the
+/// kept start of a long line is held in memory.
 #[derive(Default)]
 pub(crate) struct LineSplitter {
     partial: Vec<u8>,
@@ -244,36 +237,18 @@ impl LineSplitter {
             return;
         }
         self.partial.extend_from_slice(bytes);
-        if self.partial.len() > MAX_LINE_BYTES {
-            let cut = char_boundary(&self.partial, MAX_LINE_BYTES - MARKER_ROOM);
-            self.dropped = self.partial.len() - cut;
-            self.partial.truncate(cut);
+        let kept = loglines::kept_len(&self.partial);
+        if kept < self.partial.len() {
+            self.dropped = self.partial.len() - kept;
+            self.partial.truncate(kept);
         }
     }
 
     fn take_line(&mut self) -> String {
-        let mut line = decode(std::mem::take(&mut self.partial));
-        if self.dropped > 0 {
-            line.push_str(&truncation_marker(self.dropped));
-            self.dropped = 0;
-        }
-        line
+        let line = decode(std::mem::take(&mut self.partial));
+        // Decoding may have made the kept start longer (U+FFFD is 3 bytes).
+        loglines::mark_truncated(line, std::mem::take(&mut self.dropped))
     }
-}
-
-/// What ends a line that was too long.
-pub(crate) fn truncation_marker(dropped: usize) -> String {
-    format!(" [kiln: line truncated, {dropped} bytes dropped]")
-}
-
-/// The largest index `<= at` (looking back at most 3 bytes) that does not
-/// fall inside a UTF-8 character of `bytes`; `at` when there is none.
-fn char_boundary(bytes: &[u8], at: usize) -> usize {
-    let is_continuation = |i: usize| bytes.get(i).is_some_and(|b| b & 0xC0 == 0x80);
-    (at.saturating_sub(3)..=at)
-        .rev()
-        .find(|&i| i > 0 && !is_continuation(i))
-        .unwrap_or(at)
 }
 
 fn decode(mut bytes: Vec<u8>) -> String {
@@ -376,7 +351,17 @@ mod tests {
     }
 
     #[test]
+    fn a_long_line_of_invalid_utf8_still_fits() {
+        let max = kiln_common::loglines::MAX_LINE_BYTES;
+        let lines = split(&[&vec![0xff; 3 * max], b"\n"]);
+        assert!(lines[0].len() <= max, "{}", lines[0].len());
+        assert!(lines[0].ends_with(" bytes dropped]"));
+    }
+
+    #[test]
     fn long_lines_are_cut_on_a_char_boundary_and_fit_with_their_marker() {
+        use kiln_common::loglines::{MARKER_ROOM, MAX_LINE_BYTES, marker as truncation_marker};
+
         let kept = MAX_LINE_BYTES - MARKER_ROOM;
         let mut long = vec![b'x'; kept - 1];
         long.extend_from_slice("é".as_bytes()); // straddles the cut
@@ -416,7 +401,7 @@ mod tests {
         sink.system("cannot use hunter2secret").await;
         let report = Report {
             message: "failed: hunter2secret".into(),
-            ..Report::from_exit(crate::executor::Exit::Code(1))
+            ..Report::new(kiln_proto::v1::Outcome::Failed, 1, "")
         };
         sink.done(report).await;
         assert_eq!(

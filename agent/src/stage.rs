@@ -9,117 +9,102 @@ use std::path::{Path, PathBuf};
 
 use kiln_common::archive::{self, Limits};
 use kiln_common::channel::KilnChannel;
+use kiln_common::duration;
 use kiln_proto::v1::artifact_service_client::ArtifactServiceClient;
 use kiln_proto::v1::{Artifact, Assign, Outcome, Source};
+use tokio::time::Instant;
+use tracing::info;
 
+use crate::attempt::{AttemptKey, Report};
 use crate::error::Error;
-use crate::executor::{Ended, Executor, Exit, Job, describe_duration};
+use crate::executor::contract::{
+    Ended, Executor, Exit, Job, Stop, StopSignal, out_of_memory_message,
+};
 use crate::logs::LogSink;
-use crate::stages::{AttemptKey, Stop, StopSignal};
 use crate::transfer;
 use crate::workspace::Workspaces;
 
-/// How an attempt ended: what its `StageFinished` says.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) struct Report {
-    pub(crate) outcome: Outcome,
-    /// The commands' exit code; -1 when they did not exit on their own.
-    pub(crate) exit_code: i32,
-    /// Why it ended that way, for people; empty on success.
-    pub(crate) message: String,
-    /// The image the commands ran in, by digest; "" without a container.
-    pub(crate) image_digest: String,
-    /// Artifacts uploaded after the commands.
-    pub(crate) outputs: Vec<Artifact>,
-}
-
-impl Report {
-    fn new(outcome: Outcome, exit_code: i32, message: impl Into<String>) -> Self {
-        Report {
-            outcome,
-            exit_code,
-            message: message.into(),
-            image_digest: String::new(),
-            outputs: Vec::new(),
-        }
-    }
-
-    pub(crate) fn from_ended(ended: Ended) -> Self {
-        Report {
-            image_digest: ended.image_digest,
-            ..Report::from_exit(ended.exit)
-        }
-    }
-
-    pub(crate) fn from_exit(exit: Exit) -> Self {
-        match exit {
-            Exit::Code(0) => Report::new(Outcome::Succeeded, 0, ""),
-            Exit::Code(code) => {
-                Report::new(Outcome::Failed, code, format!("exited with code {code}"))
-            }
-            Exit::Signal(signal) => Report::new(
-                Outcome::Failed,
-                128 + signal,
-                format!("killed by signal {signal}"),
-            ),
-            Exit::TimedOut(limit) => Report::new(
-                Outcome::TimedOut,
-                -1,
-                format!("timed out after {}", describe_duration(limit)),
-            ),
-            Exit::Stopped(Stop::Cancel(reason)) if reason.is_empty() => {
-                Report::new(Outcome::Cancelled, -1, "cancelled")
-            }
-            Exit::Stopped(Stop::Cancel(reason)) => {
-                Report::new(Outcome::Cancelled, -1, format!("cancelled: {reason}"))
-            }
-            Exit::Stopped(Stop::HandBack) => Report::new(
-                Outcome::HandedBack,
-                -1,
-                "handed back: the agent is shutting down",
-            ),
-            // 137 is what a shell reports for a SIGKILLed command, which is
-            // how the kernel ends a process at its memory limit.
-            Exit::OutOfMemory { limit_bytes } => {
-                Report::new(Outcome::Failed, 137, out_of_memory_message(limit_bytes))
-            }
-            Exit::CannotStart(message) => Report::new(Outcome::Failed, -1, message),
-            // Nobody reads this one: the attempt was forgotten.
-            Exit::Stopped(Stop::Forget) => Report::new(
-                Outcome::Cancelled,
-                -1,
-                "the stage is no longer this agent's",
-            ),
-        }
-    }
-
-    fn infra(err: &Error) -> Self {
-        Report::new(Outcome::InfraError, -1, err.to_string())
+/// What the attempt reports when its commands ended as `ended` says.
+fn ended_report(ended: Ended) -> Report {
+    Report {
+        image_digest: ended.image_digest,
+        ..exit_report(ended.exit)
     }
 }
 
-/// What a stage killed at its memory limit reports, and logs.
-pub(crate) fn out_of_memory_message(limit_bytes: u64) -> String {
-    format!(
-        "ran out of memory: the kernel killed the commands at the container's limit of {}; \
-         raise `resources.memory` in kiln.yml or make the commands use less",
-        describe_bytes(limit_bytes)
-    )
+/// What the attempt reports when its commands ended with `exit`.
+fn exit_report(exit: Exit) -> Report {
+    match exit {
+        Exit::Code(0) => Report::new(Outcome::Succeeded, 0, ""),
+        Exit::Code(code) => Report::new(Outcome::Failed, code, format!("exited with code {code}")),
+        Exit::Signal(signal) => Report::new(
+            Outcome::Failed,
+            128 + signal,
+            format!("killed by signal {signal}"),
+        ),
+        Exit::TimedOut(limit) => Report::new(
+            Outcome::TimedOut,
+            -1,
+            format!("timed out after {}", duration::format(limit)),
+        ),
+        Exit::Stopped(Stop::Cancel(reason)) if reason.is_empty() => {
+            Report::new(Outcome::Cancelled, -1, "cancelled")
+        }
+        Exit::Stopped(Stop::Cancel(reason)) => {
+            Report::new(Outcome::Cancelled, -1, format!("cancelled: {reason}"))
+        }
+        Exit::Stopped(Stop::HandBack) => Report::new(
+            Outcome::HandedBack,
+            -1,
+            "handed back: the agent is shutting down",
+        ),
+        // 137 is what a shell reports for a SIGKILLed command, which is
+        // how the kernel ends a process at its memory limit.
+        Exit::OutOfMemory { limit_bytes } => {
+            Report::new(Outcome::Failed, 137, out_of_memory_message(limit_bytes))
+        }
+        Exit::CannotStart(message) => Report::new(Outcome::Failed, -1, message),
+        // Nobody reads this one: the attempt was forgotten.
+        Exit::Stopped(Stop::Forget) => Report::new(
+            Outcome::Cancelled,
+            -1,
+            "the stage is no longer this agent's",
+        ),
+    }
 }
 
-/// `16Mi`, `2Gi`, or plain bytes: how `resources.memory` is written.
-fn describe_bytes(bytes: u64) -> String {
-    const UNITS: [(&str, u64); 4] = [
-        ("Ti", 1 << 40),
-        ("Gi", 1 << 30),
-        ("Mi", 1 << 20),
-        ("Ki", 1 << 10),
-    ];
-    UNITS
-        .iter()
-        .find(|(_, size)| bytes >= *size && bytes.is_multiple_of(*size))
-        .map(|(unit, size)| format!("{}{unit}", bytes / size))
-        .unwrap_or_else(|| format!("{bytes} bytes"))
+/// What the attempt reports when the agent failed it, not its commands.
+fn infra_report(err: &Error) -> Report {
+    Report::new(Outcome::InfraError, -1, err.to_string())
+}
+
+/// When an attempt reached each step before its commands ran.
+struct Preparation {
+    /// The `Assign` arrived.
+    received: Instant,
+    /// The workspace held the sources (checkout or snapshot).
+    source_ready: Instant,
+    /// The inputs were restored; the executor was called.
+    inputs_ready: Instant,
+    /// The commands started (spawned, or the container started).
+    started_at: Instant,
+}
+
+impl Preparation {
+    /// One info line per attempt, `stage prepared in N ms`, which
+    /// benchmarks read: the agent's own overhead before a stage's commands
+    /// run, and where it went.
+    fn log(&self, key: AttemptKey) {
+        let ms = |from: Instant, to: Instant| to.saturating_duration_since(from).as_millis();
+        let total_ms = ms(self.received, self.started_at);
+        info!(
+            stage = %key,
+            source_ms = ms(self.received, self.source_ready),
+            inputs_ms = ms(self.source_ready, self.inputs_ready),
+            start_ms = ms(self.inputs_ready, self.started_at),
+            "stage prepared in {total_ms} ms"
+        );
+    }
 }
 
 /// What every stage task shares.
@@ -152,9 +137,19 @@ impl StageRunner {
 
     /// Runs the attempt `assign` describes until it ends or `stop` fires.
     /// Output and progress go to `log`; the workspace is gone on return.
-    pub(crate) async fn run(&self, assign: Assign, log: &LogSink, mut stop: StopSignal) -> Report {
+    /// `received` is when the `Assign` arrived: the attempt logs how long it
+    /// took from then until its commands started.
+    pub(crate) async fn run(
+        &self,
+        assign: Assign,
+        received: Instant,
+        log: &LogSink,
+        mut stop: StopSignal,
+    ) -> Report {
         let key = AttemptKey::from(&assign.stage.unwrap_or_default());
-        let report = self.prepare_and_execute(key, assign, log, &mut stop).await;
+        let report = self
+            .prepare_and_execute(key, assign, received, log, &mut stop)
+            .await;
         self.workspaces.remove(key).await;
         report
     }
@@ -163,12 +158,15 @@ impl StageRunner {
         &self,
         key: AttemptKey,
         assign: Assign,
+        received: Instant,
         log: &LogSink,
         stop: &mut StopSignal,
     ) -> Report {
         let source = assign.source.clone().unwrap_or_default();
+        let mut source_ready = received;
         let restore = async {
             let dir = self.prepare_source(key, &source, log).await?;
+            source_ready = Instant::now();
             self.restore_inputs(&assign.inputs, &dir, log).await?;
             Ok::<_, Error>(dir)
         };
@@ -176,14 +174,14 @@ impl StageRunner {
             prepared = restore => prepared,
             stop = stop.stopped() => {
                 log.system(format!("{stop}; not starting the commands")).await;
-                return Report::from_exit(Exit::Stopped(stop));
+                return exit_report(Exit::Stopped(stop));
             }
         };
         let dir = match prepared {
             Ok(dir) => dir,
             Err(err) => {
                 log.system(err.to_string()).await;
-                return Report::infra(&err);
+                return infra_report(&err);
             }
         };
         let (output_paths, outputs_always) = (assign.output_paths.clone(), assign.outputs_always);
@@ -203,11 +201,23 @@ impl StageRunner {
             image: assign.image,
             docker: assign.docker.unwrap_or_default(),
         };
+        let inputs_ready = Instant::now();
         let report = match self.executor.run(job, log.clone(), stop.clone()).await {
-            Ok(ended) => Report::from_ended(ended),
+            Ok(ended) => {
+                if let Some(started_at) = ended.started_at {
+                    let times = Preparation {
+                        received,
+                        source_ready,
+                        inputs_ready,
+                        started_at,
+                    };
+                    times.log(key);
+                }
+                ended_report(ended)
+            }
             Err(err) => {
                 log.system(err.to_string()).await;
-                return Report::infra(&err);
+                return infra_report(&err);
             }
         };
         let wanted = match report.outcome {
@@ -384,13 +394,16 @@ mod tests {
     use kiln_proto::v1::{Source, StageRef};
 
     use super::*;
+    use kiln_common::loglines::{MARKER_ROOM, MAX_LINE_BYTES, marker};
+
+    use crate::executor::contract::stop_signal;
     use crate::executor::process::ProcessExecutor;
-    use crate::logs::{MARKER_ROOM, MAX_LINE_BYTES, testing, truncation_marker};
+    use crate::logs::testing;
 
     #[test]
     fn exits_map_to_outcomes() {
         fn check(exit: Exit, outcome: Outcome, exit_code: i32, message: &str) {
-            let report = Report::from_exit(exit.clone());
+            let report = exit_report(exit.clone());
             assert_eq!(report, Report::new(outcome, exit_code, message), "{exit:?}");
         }
         check(Exit::Code(0), Outcome::Succeeded, 0, "");
@@ -470,12 +483,70 @@ mod tests {
         StageRunner::new(workspaces, executor, ArtifactServiceClient::new(channel))
     }
 
-    #[test]
-    fn byte_counts_read_like_pipeline_files() {
-        assert_eq!(describe_bytes(16 << 20), "16Mi");
-        assert_eq!(describe_bytes(2 << 30), "2Gi");
-        assert_eq!(describe_bytes(1_000_000_000), "1000000000 bytes");
-        assert_eq!(describe_bytes(1536 << 10), "1536Ki");
+    /// Per-stage overhead of the process executor with a git source: runs
+    /// `KILN_BENCH_STAGES` (default 200) `true` stages from a warm clone
+    /// cache, one after another, and prints the mean and percentiles of the
+    /// whole attempt; the agent's `stage prepared in N ms` lines go to
+    /// stderr. `cargo test -p kiln-agent --release --lib stage_overhead --
+    /// --ignored --nocapture`
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "a measurement, not a check"]
+    async fn stage_overhead() {
+        // The agent's own `stage prepared in N ms` lines, on stderr.
+        kiln_common::logging::init("kiln_agent=info");
+        let origin = tempfile::tempdir().unwrap();
+        let git = |args: &[&str]| {
+            let status = std::process::Command::new("git")
+                .arg("-C")
+                .arg(origin.path())
+                .args(["-c", "user.name=kiln", "-c", "user.email=kiln@example.com"])
+                .args(args)
+                .output()
+                .unwrap();
+            assert!(status.status.success(), "{status:?}");
+            String::from_utf8(status.stdout).unwrap().trim().to_owned()
+        };
+        git(&["init", "--quiet"]);
+        for i in 0..20 {
+            std::fs::write(origin.path().join(format!("f{i}.txt")), "x".repeat(1000)).unwrap();
+        }
+        git(&["add", "."]);
+        git(&["commit", "--quiet", "-m", "files"]);
+        let commit = git(&["rev-parse", "HEAD"]);
+        let source = Source {
+            repo: origin.path().display().to_string(),
+            commit,
+            ..Source::default()
+        };
+        let work_dir = tempfile::tempdir().unwrap();
+        let runner = runner(work_dir.path()).await;
+        let n: u32 = std::env::var("KILN_BENCH_STAGES")
+            .ok()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(200);
+        let mut took = Vec::new();
+        for attempt in 0..=n {
+            let mut assign = assign(&["true"], source.clone());
+            assign.stage.as_mut().unwrap().attempt = attempt + 1;
+            let (sink, _capture) = testing::sink();
+            let (_stop_tx, stop) = stop_signal();
+            let started = std::time::Instant::now();
+            let report = runner.run(assign, Instant::now(), &sink, stop).await;
+            assert_eq!(report.outcome, Outcome::Succeeded, "{report:?}");
+            if attempt > 0 {
+                took.push(started.elapsed()); // the first one fills the cache
+            }
+        }
+        took.sort();
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        let mean = took.iter().map(|d| ms(*d)).sum::<f64>() / took.len() as f64;
+        let pct = |p: usize| ms(took[(took.len() - 1) * p / 100]);
+        println!(
+            "stage_overhead stages={n} mean_ms={mean:.1} p50_ms={:.1} p90_ms={:.1} p99_ms={:.1}",
+            pct(50),
+            pct(90),
+            pct(99)
+        );
     }
 
     #[tokio::test]
@@ -487,9 +558,14 @@ mod tests {
             "basename \"$(pwd)\"",
         ];
         let (sink, mut capture) = testing::sink();
-        let (_stop_tx, stop) = StopSignal::new_pair();
+        let (_stop_tx, stop) = stop_signal();
         let report = runner
-            .run(assign(&commands, Source::default()), &sink, stop)
+            .run(
+                assign(&commands, Source::default()),
+                Instant::now(),
+                &sink,
+                stop,
+            )
             .await;
         assert_eq!(report.outcome, Outcome::Succeeded, "{report:?}");
         assert_eq!(
@@ -515,8 +591,10 @@ mod tests {
             ..Source::default()
         };
         let (sink, mut capture) = testing::sink();
-        let (_stop_tx, stop) = StopSignal::new_pair();
-        let report = runner.run(assign(&["true"], source), &sink, stop).await;
+        let (_stop_tx, stop) = stop_signal();
+        let report = runner
+            .run(assign(&["true"], source), Instant::now(), &sink, stop)
+            .await;
         assert_eq!(report.outcome, Outcome::InfraError);
         assert!(
             report.message.contains("git clone failed"),
@@ -573,8 +651,8 @@ mod tests {
         ];
         let assign = assign_with_secrets(&commands, Source::default());
         let (sink, mut capture) = testing::sink_with(Masker::new(assign.secrets.values()));
-        let (_stop_tx, stop) = StopSignal::new_pair();
-        let report = runner.run(assign, &sink, stop).await;
+        let (_stop_tx, stop) = stop_signal();
+        let report = runner.run(assign, Instant::now(), &sink, stop).await;
         assert_eq!(report.outcome, Outcome::Succeeded, "{report:?}");
         // Stdout and stderr are read apart; only each one's order is fixed.
         let mut lines = capture.lines();
@@ -582,7 +660,7 @@ mod tests {
         let long = lines.iter().position(|l| l.contains("truncated")).unwrap();
         let kept = MAX_LINE_BYTES - MARKER_ROOM;
         let dropped = 20_000 + MASK.len() - kept;
-        let expected_long = "x".repeat(kept) + &truncation_marker(dropped);
+        let expected_long = "x".repeat(kept) + &marker(dropped);
         assert!(expected_long.len() <= MAX_LINE_BYTES);
         assert!(
             lines[long] == format!("LOG_STREAM_STDOUT: {expected_long}"),
@@ -617,8 +695,8 @@ mod tests {
         };
         let assign = assign_with_secrets(&["true"], source);
         let (sink, mut capture) = testing::sink_with(Masker::new(assign.secrets.values()));
-        let (_stop_tx, stop) = StopSignal::new_pair();
-        let report = runner.run(assign, &sink, stop).await;
+        let (_stop_tx, stop) = stop_signal();
+        let report = runner.run(assign, Instant::now(), &sink, stop).await;
         sink.done(report).await;
         let lines = capture.lines();
         let report = capture.report.take().unwrap();
@@ -638,10 +716,15 @@ mod tests {
         let work_dir = tempfile::tempdir().unwrap();
         let runner = runner(work_dir.path()).await;
         let (sink, _capture) = testing::sink();
-        let (stop_tx, stop) = StopSignal::new_pair();
-        stop_tx.send_replace(Some(Stop::HandBack));
+        let (stop_tx, stop) = stop_signal();
+        stop_tx.stop(Stop::HandBack);
         let report = runner
-            .run(assign(&["sleep 1000"], Source::default()), &sink, stop)
+            .run(
+                assign(&["sleep 1000"], Source::default()),
+                Instant::now(),
+                &sink,
+                stop,
+            )
             .await;
         assert_eq!(report.outcome, Outcome::HandedBack);
     }

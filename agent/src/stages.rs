@@ -7,103 +7,15 @@
 //! resume and fencing rules are tested without a network.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fmt;
 
 use kiln_proto::v1::agent_message::Msg;
 use kiln_proto::v1::{Ack, AgentMessage, LogLine, Outcome, StageRef, Welcome};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
+use crate::attempt::{AttemptKey, Report};
+use crate::executor::contract::{Stop, StopSender, StopSignal, stop_signal};
 use crate::outbox::Outbox;
-use crate::stage::Report;
-
-/// One attempt of one stage of one run: the coordinator's fencing token.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub(crate) struct AttemptKey {
-    pub(crate) run_id: u64,
-    pub(crate) stage_idx: u32,
-    pub(crate) attempt: u32,
-}
-
-impl AttemptKey {
-    pub(crate) fn stage_ref(self) -> StageRef {
-        StageRef {
-            run_id: self.run_id,
-            stage_idx: self.stage_idx,
-            attempt: self.attempt,
-        }
-    }
-
-    /// `<run>-<stage_idx>-<attempt>`: names the attempt's workspace.
-    pub(crate) fn dir_name(self) -> String {
-        format!("{}-{}-{}", self.run_id, self.stage_idx, self.attempt)
-    }
-}
-
-impl From<&StageRef> for AttemptKey {
-    fn from(stage: &StageRef) -> Self {
-        AttemptKey {
-            run_id: stage.run_id,
-            stage_idx: stage.stage_idx,
-            attempt: stage.attempt,
-        }
-    }
-}
-
-impl fmt::Display for AttemptKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "run {} stage {} attempt {}",
-            self.run_id, self.stage_idx, self.attempt
-        )
-    }
-}
-
-/// Why a running attempt is told to stop.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) enum Stop {
-    /// The coordinator sent `Cancel`; the attempt ends as cancelled.
-    Cancel(String),
-    /// The agent is shutting down; the attempt ends as handed back.
-    HandBack,
-    /// The attempt is no longer this agent's; nobody wants its outcome.
-    Forget,
-}
-
-/// How system log lines announce a stop.
-impl fmt::Display for Stop {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Stop::Cancel(reason) if reason.is_empty() => f.write_str("cancelled"),
-            Stop::Cancel(reason) => write!(f, "cancelled ({reason})"),
-            Stop::HandBack => f.write_str("the agent is shutting down"),
-            Stop::Forget => f.write_str("the stage is no longer this agent's"),
-        }
-    }
-}
-
-/// The receiving end of a [`Stop`]: executors and checkouts watch it.
-#[derive(Clone)]
-pub(crate) struct StopSignal(watch::Receiver<Option<Stop>>);
-
-impl StopSignal {
-    /// Completes once a stop is requested (at once if it already was).
-    pub(crate) async fn stopped(&mut self) -> Stop {
-        match self.0.wait_for(Option::is_some).await {
-            Ok(stop) => stop.clone().unwrap_or(Stop::Forget),
-            // The table dropped the attempt without a word: it is forgotten.
-            Err(_) => Stop::Forget,
-        }
-    }
-
-    /// A signal and the sender that triggers it, for tests.
-    #[cfg(test)]
-    pub(crate) fn new_pair() -> (watch::Sender<Option<Stop>>, StopSignal) {
-        let (tx, rx) = watch::channel(None);
-        (tx, StopSignal(rx))
-    }
-}
 
 /// What a newly started attempt's task listens to.
 pub(crate) struct TaskSignals {
@@ -118,22 +30,9 @@ struct TaskControl {
     /// Tells this task's events from those of an earlier task with the same
     /// key that was forgotten but is still winding down.
     task_id: u64,
-    stop: watch::Sender<Option<Stop>>,
+    /// The first reason sent wins (see [`StopSender::stop`]).
+    stop: StopSender,
     paused: watch::Sender<bool>,
-}
-
-impl TaskControl {
-    /// The first reason wins: a cancelled attempt that is later handed back
-    /// still reports cancelled.
-    fn stop(&self, stop: Stop) {
-        self.stop.send_if_modified(|current| {
-            if current.is_some() {
-                return false;
-            }
-            *current = Some(stop);
-            true
-        });
-    }
 }
 
 struct Entry {
@@ -178,7 +77,7 @@ impl StageTable {
 
     /// Registers an attempt whose task `task_id` is about to start.
     pub(crate) fn start(&mut self, stage: StageRef, task_id: u64) -> TaskSignals {
-        let (stop_tx, stop_rx) = watch::channel(None);
+        let (stop_tx, stop_rx) = stop_signal();
         let (paused_tx, paused_rx) = watch::channel(false);
         let entry = Entry {
             outbox: Outbox::new(stage),
@@ -190,7 +89,7 @@ impl StageTable {
         };
         self.entries.insert(AttemptKey::from(&stage), entry);
         TaskSignals {
-            stop: StopSignal(stop_rx),
+            stop: stop_rx,
             paused: paused_rx,
         }
     }
@@ -245,7 +144,7 @@ impl StageTable {
     pub(crate) fn cancel(&mut self, key: AttemptKey, reason: String) -> bool {
         match self.entries.get(&key).and_then(|e| e.task.as_ref()) {
             Some(task) => {
-                task.stop(Stop::Cancel(reason));
+                task.stop.stop(Stop::Cancel(reason));
                 true
             }
             None => false,
@@ -256,7 +155,7 @@ impl StageTable {
     /// many were asked.
     pub(crate) fn hand_back_all(&mut self) -> usize {
         let tasks = self.entries.values().filter_map(|e| e.task.as_ref());
-        tasks.map(|task| task.stop(Stop::HandBack)).count()
+        tasks.map(|task| task.stop.stop(Stop::HandBack)).count()
     }
 
     /// Stops (if running) and drops an attempt; its task's later events are
@@ -266,7 +165,7 @@ impl StageTable {
             task: Some(task), ..
         }) = self.entries.remove(&key)
         {
-            task.stop(Stop::Forget);
+            task.stop.stop(Stop::Forget);
         }
     }
 
@@ -506,7 +405,7 @@ mod tests {
         });
         assert!(!table.contains(key(0)));
         assert!(table.contains(key(1)));
-        assert_eq!(signals.stop.0.borrow().clone(), Some(Stop::Forget));
+        assert_eq!(signals.stop.requested(), Some(Stop::Forget));
         assert!(signals.paused.has_changed().is_err(), "its sink is closed");
         // Its task's late events are ignored.
         assert_eq!(table.push_line(key(0), 1, line("late")), 0);
@@ -525,7 +424,7 @@ mod tests {
             ..ack(0, 0)
         });
         assert!(table.is_empty());
-        assert_eq!(signals.stop.0.borrow().clone(), Some(Stop::Forget));
+        assert_eq!(signals.stop.requested(), Some(Stop::Forget));
     }
 
     #[test]
@@ -546,7 +445,7 @@ mod tests {
         let signals = table.start(stage(0), 1);
         assert!(table.cancel(key(0), "user asked".into()));
         assert_eq!(table.hand_back_all(), 1);
-        let reason = signals.stop.0.borrow().clone();
+        let reason = signals.stop.requested();
         assert_eq!(reason, Some(Stop::Cancel("user asked".into())));
         table.finish(key(0), 1, report(Outcome::Cancelled));
         assert!(!table.cancel(key(0), "again".into()), "no longer running");

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use kiln_common::channel::CoordinatorEndpoint;
+use kiln_common::duration;
 use kiln_common::masking::Masker;
 use kiln_proto::v1::agent_message::Msg;
 use kiln_proto::v1::artifact_service_client::ArtifactServiceClient;
@@ -25,14 +26,16 @@ use tokio::task::JoinSet;
 use tokio::time::{Instant, sleep_until};
 use tracing::{debug, error, info, warn};
 
+use crate::attempt::{AttemptKey, Report};
+use crate::config::Config;
 use crate::connection::{self, Backoff, Link, LinkEvent, Session};
 use crate::error::Error;
-use crate::executor::{self, KILL_GRACE, describe_duration};
+use crate::executor::{self, KILL_GRACE};
 use crate::logs::{LogSink, StageEvent};
-use crate::stage::{Report, StageRunner};
-use crate::stages::{AttemptKey, StageTable};
+use crate::stage::StageRunner;
+use crate::stages::StageTable;
+use crate::timer::sleep_until_some;
 use crate::workspace::Workspaces;
-use crate::{Config, sleep_until_some};
 
 /// Buffered lines go out at the latest this long after the first of them.
 const FLUSH_DELAY: Duration = Duration::from_millis(20);
@@ -306,6 +309,7 @@ impl Supervisor {
     }
 
     fn on_assign(&mut self, assign: Assign) {
+        let received = Instant::now();
         let Some(stage) = assign.stage else {
             warn!("coordinator assigned a stage without naming it; ignoring it");
             return;
@@ -348,7 +352,7 @@ impl Supervisor {
         let sink = LogSink::new(key, task_id, self.events_tx.clone(), signals.paused, masker);
         let runner = self.runner.clone();
         let handle = self.tasks.spawn(async move {
-            let report = runner.run(assign, &sink, signals.stop).await;
+            let report = runner.run(assign, received, &sink, signals.stop).await;
             sink.done(report).await;
         });
         self.task_attempts.insert(handle.id(), (key, task_id));
@@ -377,7 +381,7 @@ impl Supervisor {
     }
 
     fn begin_drain(&mut self) {
-        let drain_timeout = describe_duration(self.config.drain_timeout);
+        let drain_timeout = duration::format(self.config.drain_timeout);
         info!(running = self.stages.running(), %drain_timeout, "shutdown requested; draining");
         self.phase = Phase::Draining {
             deadline: Instant::now() + self.config.drain_timeout,
@@ -490,7 +494,7 @@ impl Supervisor {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ExecutorKind;
+    use crate::config::ExecutorKind;
 
     fn config(labels: &[(&str, &str)]) -> Config {
         Config {

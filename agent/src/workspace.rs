@@ -7,6 +7,15 @@
 //! mutex, so concurrent stages never clone or fetch into the same cache at
 //! once; since nothing else touches the cache, a lock file found in it while
 //! the mutex is held was left by a killed git and is removed.
+//!
+//! A workspace gets its `.git` by copying the cache's `kiln-workspace.git`:
+//! the `.git` of a `git clone --shared --no-checkout` of the cache (its
+//! objects shared through `alternates`, its branches as `origin/*`, its
+//! tags), made once after each change of the cache and removed before the
+//! next. Copying those few small files replaces a clone per stage, which
+//! costs three processes (git, sh, git-upload-pack); a `git checkout` of the
+//! commit then fills the workspace. So a stage whose commit is cached costs
+//! two git processes: `cat-file -e` and `checkout`.
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
@@ -19,9 +28,9 @@ use kiln_proto::v1::Source;
 use sha2::{Digest, Sha256};
 use tokio::process::Command;
 
+use crate::attempt::AttemptKey;
 use crate::error::Error;
 use crate::logs::LogSink;
-use crate::stages::AttemptKey;
 
 /// Hex digits of the repository's sha256 that name its cache directory.
 const CACHE_NAME_LEN: usize = 16;
@@ -142,22 +151,31 @@ impl Workspaces {
         let cache = self.cache_root.join(cache_name(repo));
         let lock = self.lock_for(&cache);
         let _held = lock.lock().await;
-        clear_stale_locks(&cache).await;
         self.update_cache(repo, commit, &cache, log).await?;
-
-        let args = ["clone", "--quiet", "--shared", "--no-checkout"].map(OsStr::new);
-        let mut args = args.to_vec();
-        args.extend([cache.as_os_str(), root.as_os_str()]);
-        git(&args)
+        let git_dir = workspace_git_dir(&cache);
+        if !tokio::fs::try_exists(git_dir.join("HEAD"))
             .await
-            .map_err(git_error("clone of the cached repository", repo))?;
+            .unwrap_or(false)
+        {
+            make_workspace_git_dir(&cache)
+                .await
+                .map_err(git_error("clone of the cached repository", repo))?;
+        }
+        let dot_git = root.join(".git");
+        let copied = dot_git.clone();
+        tokio::task::spawn_blocking(move || copy_tree(&git_dir, &copied))
+            .await
+            .map_err(|err| io::Error::other(err.to_string()))
+            .and_then(|copied| copied)
+            .map_err(Error::work_dir(&dot_git))?;
         git_in(root, &["checkout", "--quiet", "--detach", commit])
             .await
             .map_err(git_error("checkout", repo))
     }
 
     /// Makes sure the cache at `cache` exists and holds `commit`: reuse,
-    /// fetch, or clone, in that order of preference.
+    /// fetch, or clone, in that order of preference. Reuse, the common case,
+    /// costs one git process.
     async fn update_cache(
         &self,
         repo: &str,
@@ -165,12 +183,25 @@ impl Workspaces {
         cache: &Path,
         log: &LogSink,
     ) -> Result<(), Error> {
+        // Fails alike for a missing commit and a missing or broken cache;
+        // which one it was is asked only then.
+        if has_commit(cache, commit).await {
+            log.system("using cached clone").await;
+            return Ok(());
+        }
+        // From here on git writes to the cache, which a lock file left by a
+        // killed git would stop (see the module docs). The workspace `.git`
+        // made from the cache as it was goes first, so that even a crash
+        // cannot leave one that lacks what the cache gains.
+        let git_dir = workspace_git_dir(cache);
+        if tokio::fs::try_exists(&git_dir).await.unwrap_or(false) {
+            remove_tree(&git_dir)
+                .await
+                .map_err(Error::work_dir(&git_dir))?;
+        }
+        clear_stale_locks(cache).await;
         let usable = git_in(cache, &["rev-parse", "--git-dir"]).await.is_ok();
         if usable {
-            if has_commit(cache, commit).await {
-                log.system("using cached clone").await;
-                return Ok(());
-            }
             log.system(format!("fetching {repo}: the cached clone lacks {commit}"))
                 .await;
             fetch(cache, commit)
@@ -250,6 +281,44 @@ async fn clone_bare(repo: &str, cache: &Path) -> Result<(), String> {
     tokio::fs::rename(&partial, cache)
         .await
         .map_err(|err| format!("cannot move the new clone into place: {err}"))
+}
+
+/// Where the cache keeps the `.git` that workspaces copy (see the module
+/// docs). Git ignores a directory it does not know in a bare repository.
+fn workspace_git_dir(cache: &Path) -> PathBuf {
+    cache.join("kiln-workspace.git")
+}
+
+/// Makes [`workspace_git_dir`] from the cache as it is now: the `.git` of a
+/// `clone --shared --no-checkout`, moved into place once complete.
+async fn make_workspace_git_dir(cache: &Path) -> Result<(), String> {
+    let partial = cache.join("kiln-workspace.partial");
+    let _ = remove_tree(&partial).await;
+    let args = ["clone", "--quiet", "--shared", "--no-checkout"].map(OsStr::new);
+    let mut args = args.to_vec();
+    args.extend([cache.as_os_str(), partial.as_os_str()]);
+    git(&args).await?;
+    let moved = tokio::fs::rename(partial.join(".git"), workspace_git_dir(cache)).await;
+    let _ = remove_tree(&partial).await;
+    moved.map_err(|err| format!("cannot move the workspace .git into place: {err}"))
+}
+
+/// Copies the directory tree `from` to `to`, which must not exist: the
+/// files (with their permissions) and directories, empty ones too, of a
+/// fresh `.git`, which has nothing else.
+fn copy_tree(from: &Path, to: &Path) -> io::Result<()> {
+    std::fs::create_dir(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let target = to.join(entry.file_name());
+        let kind = entry.file_type()?;
+        if kind.is_dir() {
+            copy_tree(&entry.path(), &target)?;
+        } else if kind.is_file() {
+            std::fs::copy(entry.path(), &target)?;
+        }
+    }
+    Ok(())
 }
 
 /// Fetches every branch and tag, then `commit` by id if it is still missing
@@ -503,6 +572,51 @@ mod tests {
         assert_eq!(
             std::fs::read_to_string(ws.unwrap().join("a.txt")).unwrap(),
             "old"
+        );
+    }
+
+    /// What `git` says in a workspace, as a stage running it would see.
+    fn git_in_workspace(dir: &Path, args: &[&str]) -> String {
+        let output = std::process::Command::new("git")
+            .arg("-C")
+            .arg(dir)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "git {args:?}: {output:?}");
+        String::from_utf8(output.stdout).unwrap().trim().to_owned()
+    }
+
+    #[tokio::test]
+    async fn workspaces_are_clones_with_branches_and_tags_as_of_the_latest_fetch() {
+        let origin = Origin::new();
+        let old = origin.commit("a.txt", "old");
+        origin.git(&["tag", "v1"]);
+        let work_dir = tempfile::tempdir().unwrap();
+        let workspaces = Workspaces::open(work_dir.path()).await.unwrap();
+        let (ws, _) = prepare(&workspaces, 1, &origin.source(&old, "")).await;
+        let ws = ws.unwrap();
+        assert_eq!(git_in_workspace(&ws, &["describe", "--tags"]), "v1");
+        assert_eq!(git_in_workspace(&ws, &["rev-parse", "HEAD"]), old);
+        assert!(git_in_workspace(&ws, &["branch", "-r"]).contains("origin/main"));
+        assert_eq!(git_in_workspace(&ws, &["status", "--porcelain"]), "");
+
+        let new = origin.commit("a.txt", "new");
+        origin.git(&["tag", "v2"]);
+        let (ws, lines) = prepare(&workspaces, 2, &origin.source(&new, "")).await;
+        assert!(mentions(&lines, "fetching"), "{lines:?}");
+        assert_eq!(
+            git_in_workspace(&ws.unwrap(), &["describe", "--tags"]),
+            "v2"
+        );
+        let (ws, lines) = prepare(&workspaces, 3, &origin.source(&old, "")).await;
+        assert!(mentions(&lines, "using cached clone"), "{lines:?}");
+        let ws = ws.unwrap();
+        assert_eq!(git_in_workspace(&ws, &["describe", "--tags"]), "v1");
+        let tags = git_in_workspace(&ws, &["tag", "--list"]);
+        assert_eq!(
+            tags, "v1\nv2",
+            "a retry of an old run sees the tags fetched since"
         );
     }
 

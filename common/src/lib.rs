@@ -8,6 +8,10 @@
 //! - [`provenance`]: signed release provenance (in-toto Statement v1, SLSA
 //!   Provenance v1, DSSE, ed25519) and verifying a model file against it.
 //! - [`files`]: owner-only files (keys, tokens), written atomically.
+//! - [`duration`]: the one reader of durations (`1m30s`, `250ms`, `2h`), for
+//!   `kiln.yml` and every command-line flag.
+//! - [`loglines`]: the one rule for how long a log line may be and how a
+//!   longer one is cut and marked.
 //! - [`ids`]: newtypes for run ids and stage keys.
 //! - [`labels`]: `k=v,k=v` agent labels and how stages select agents.
 //! - [`logging`]: tracing set-up for the binaries.
@@ -23,10 +27,12 @@
 
 pub mod archive;
 pub mod channel;
+pub mod duration;
 pub mod files;
 pub mod ids;
 pub mod labels;
 pub mod logging;
+pub mod loglines;
 pub mod masking;
 pub mod provenance;
 pub mod spec;

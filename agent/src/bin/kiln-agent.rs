@@ -58,8 +58,13 @@ struct Args {
     )]
     allow_mounts: Vec<AllowedMount>,
     /// On SIGTERM, how long running stages may finish before they are handed
-    /// back: e.g. 30s, 500ms, 2m.
-    #[arg(long, env = "KILN_AGENT_DRAIN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    /// back: e.g. 30s, 500ms, 1m30s.
+    #[arg(
+        long,
+        env = "KILN_AGENT_DRAIN_TIMEOUT",
+        default_value = "30s",
+        value_parser = kiln_common::duration::parse
+    )]
     drain_timeout: Duration,
     /// PEM CA bundle the coordinator's certificate must chain to (for an
     /// https:// coordinator; without it the system's roots are used).
@@ -105,25 +110,6 @@ enum Executor {
 
 fn parse_labels(text: &str) -> Result<Labels, String> {
     kiln_common::labels::parse(text)
-}
-
-/// `<digits><unit>` with unit `ms`, `s`, `m` or `h`.
-fn parse_duration(text: &str) -> Result<Duration, String> {
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (digits, unit) = text.split_at(split);
-    let number: u64 = digits
-        .parse()
-        .map_err(|_| format!("`{text}` is not a duration; write e.g. 30s, 500ms or 2m"))?;
-    let ms_per_unit = match unit {
-        "ms" => 1,
-        "s" => 1_000,
-        "m" => 60_000,
-        "h" => 3_600_000,
-        _ => return Err(format!("`{text}` has no unit; write e.g. 30s, 500ms or 2m")),
-    };
-    Ok(Duration::from_millis(number.saturating_mul(ms_per_unit)))
 }
 
 #[tokio::main]
@@ -185,12 +171,24 @@ mod tests {
     use super::*;
 
     #[test]
-    fn durations_need_a_unit() {
-        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
-        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
-        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
-        assert!(parse_duration("30").unwrap_err().contains("no unit"));
-        assert!(parse_duration("s").is_err());
+    fn drain_timeouts_take_any_duration_and_need_a_unit() {
+        let drain_timeout = |value: &str| {
+            let args = [
+                "kiln-agent",
+                "--name=a",
+                "--work-dir=d",
+                "--drain-timeout",
+                value,
+            ];
+            Args::try_parse_from(args).map(|args| args.drain_timeout)
+        };
+        assert_eq!(drain_timeout("1m30s").unwrap(), Duration::from_secs(90));
+        assert_eq!(drain_timeout("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(drain_timeout("2h").unwrap(), Duration::from_secs(7200));
+        let no_unit = drain_timeout("30").unwrap_err().to_string();
+        assert!(no_unit.contains("needs a unit"), "{no_unit}");
+        assert!(no_unit.contains("1m30s"), "{no_unit}");
+        assert!(drain_timeout("junk").is_err());
     }
 
     #[test]

@@ -40,16 +40,17 @@ use bollard::query_parameters::{
     StopContainerOptionsBuilder,
 };
 use futures::future::BoxFuture;
+use kiln_common::duration;
 use tokio::time::{Instant, timeout};
 use tracing::{info, warn};
 
-use super::{Ended, Executor, Exit, Job, describe_duration};
+use crate::config::{AllowedMount, DockerConfig};
 use crate::error::{Error, one_line};
+use crate::executor::contract::{
+    Ended, Executor, Exit, Job, Stop, StopSignal, out_of_memory_message,
+};
 use crate::logs::LogSink;
-use crate::sleep_until_some;
-use crate::stage::out_of_memory_message;
-use crate::stages::StopSignal;
-use crate::{AllowedMount, DockerConfig};
+use crate::timer::sleep_until_some;
 
 mod config;
 mod container;
@@ -174,13 +175,15 @@ impl DockerExecutor {
         let body = config::container_body(&job, &image.id, script, &self.agent, &self.host);
         let limit_bytes = config::memory_limit(&job.docker);
         let container = self.create(&name, body, &log).await?;
-        let exit = self
+        let ran = self
             .run_container(&container, &job, limit_bytes, &log, &mut stop)
             .await;
         container.remove().await;
+        let (exit, started_at) = ran?;
         Ok(Ended {
-            exit: exit?,
+            exit,
             image_digest: image.digest,
+            started_at: Some(started_at),
         })
     }
 
@@ -215,6 +218,7 @@ impl DockerExecutor {
     }
 
     /// Starts the container and follows it to its end; the caller removes it.
+    /// Returns how it ended and when it started.
     async fn run_container(
         &self,
         container: &Container,
@@ -222,7 +226,7 @@ impl DockerExecutor {
         limit_bytes: u64,
         log: &LogSink,
         stop: &mut StopSignal,
-    ) -> Result<Exit, Error> {
+    ) -> Result<(Exit, Instant), Error> {
         let name = container.name.as_str();
         // Attached before the start, so not one line is missed (and there
         // is no log to replay: the container has no logging driver).
@@ -241,6 +245,7 @@ impl DockerExecutor {
             .start_container(name, None)
             .await
             .map_err(Error::docker("container start"))?;
+        let started_at = Instant::now();
         let mut exited = pin!(wait_for_exit(&self.docker, name));
         let mut output_done = false;
 
@@ -265,7 +270,7 @@ impl DockerExecutor {
                 }
             }
             Ending::TimedOut(limit) => {
-                let described = describe_duration(limit);
+                let described = duration::format(limit);
                 log.system(format!(
                     "timed out after {described}; stopping the container"
                 ))
@@ -285,7 +290,7 @@ impl DockerExecutor {
             log.system("the container's output stayed open after it stopped; not waiting for it")
                 .await;
         }
-        Ok(exit)
+        Ok((exit, started_at))
     }
 
     /// `docker stop -t grace`: SIGTERM, SIGKILL after the grace, while the
@@ -311,7 +316,7 @@ impl DockerExecutor {
         };
         stopped.map_err(Error::docker("container stop"))?;
         if started.elapsed() >= Duration::from_secs(grace_secs) {
-            let grace = describe_duration(Duration::from_secs(grace_secs));
+            let grace = duration::format(Duration::from_secs(grace_secs));
             log.system(format!(
                 "the container was still running {grace} after SIGTERM; docker sent SIGKILL"
             ))
@@ -348,7 +353,7 @@ impl Executor for DockerExecutor {
 enum Ending {
     Exited(i64),
     TimedOut(Duration),
-    Stopped(crate::stages::Stop),
+    Stopped(Stop),
 }
 
 /// The commands as one script, a line each, as the process executor runs them.

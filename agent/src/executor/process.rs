@@ -11,15 +11,15 @@ use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
+use kiln_common::duration;
 use kiln_proto::v1::LogStream;
 use tokio::process::{Child, Command};
 use tokio::time::{Instant, sleep, timeout};
 
-use super::{Ended, Executor, Exit, Job, describe_duration};
 use crate::error::Error;
+use crate::executor::contract::{Ended, Executor, Exit, Job, Stop, StopSignal};
 use crate::logs::{LogSink, forward_lines};
-use crate::sleep_until_some;
-use crate::stages::{Stop, StopSignal};
+use crate::timer::sleep_until_some;
 
 /// How long output may keep flowing after the shell is gone. Only a process
 /// that left the group (`setsid`) can hold the pipes open that long.
@@ -47,16 +47,16 @@ impl ProcessExecutor {
         }
     }
 
-    async fn run_job(&self, job: Job, log: LogSink, mut stop: StopSignal) -> Result<Exit, Error> {
+    async fn run_job(&self, job: Job, log: LogSink, mut stop: StopSignal) -> Result<Ended, Error> {
         let script = job.scratch.join(format!("{}.sh", job.name));
         let mut text = job.commands.join("\n");
         text.push('\n');
         tokio::fs::write(&script, text)
             .await
             .map_err(Error::work_dir(&script))?;
-        let exit = self.run_script(&job, &script, &log, &mut stop).await;
+        let ended = self.run_script(&job, &script, &log, &mut stop).await;
         let _ = tokio::fs::remove_file(&script).await;
-        exit
+        ended
     }
 
     async fn run_script(
@@ -65,7 +65,7 @@ impl ProcessExecutor {
         script: &Path,
         log: &LogSink,
         stop: &mut StopSignal,
-    ) -> Result<Exit, Error> {
+    ) -> Result<Ended, Error> {
         let mut child = Command::new("sh")
             .arg("-e")
             .arg(script)
@@ -81,6 +81,7 @@ impl ProcessExecutor {
             .kill_on_drop(true)
             .spawn()
             .map_err(Error::Spawn)?;
+        let started_at = Instant::now();
         let mut group = ProcessGroup(child.id().map(|pid| pid as libc::pid_t));
         let (Some(stdout), Some(stderr)) = (child.stdout.take(), child.stderr.take()) else {
             unreachable!("stdout and stderr are piped");
@@ -104,7 +105,7 @@ impl ProcessExecutor {
         let exit = match ending {
             Ending::Exited(status) => exit_of(status),
             Ending::TimedOut(limit) => {
-                let limit = describe_duration(limit);
+                let limit = duration::format(limit);
                 log.system(format!("timed out after {limit}; stopping the commands"))
                     .await;
                 self.terminate(&mut child, &group, &mut output, &mut output_done, log)
@@ -133,7 +134,10 @@ impl ProcessExecutor {
             log.system("output stayed open after the commands ended (a process left the stage's process group); not waiting for it")
                 .await;
         }
-        Ok(exit)
+        Ok(Ended {
+            started_at: Some(started_at),
+            ..Ended::from(exit)
+        })
     }
 
     /// SIGTERM to the whole group, SIGKILL after the grace period, and wait
@@ -155,7 +159,7 @@ impl ProcessExecutor {
                 status = child.wait() => return status,
                 () = &mut grace, if !killed => {
                     killed = true;
-                    let grace = describe_duration(self.grace);
+                    let grace = duration::format(self.grace);
                     log.system(format!("commands still running {grace} after SIGTERM; sending SIGKILL")).await;
                     group.signal(libc::SIGKILL);
                 }
@@ -171,7 +175,7 @@ impl Executor for ProcessExecutor {
         log: LogSink,
         stop: StopSignal,
     ) -> BoxFuture<'a, Result<Ended, Error>> {
-        Box::pin(async move { self.run_job(job, log, stop).await.map(Ended::from) })
+        Box::pin(self.run_job(job, log, stop))
     }
 }
 
@@ -224,6 +228,7 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
+    use crate::executor::contract::stop_signal;
     use crate::logs::testing::{self, Capture};
 
     const TEST_GRACE: Duration = Duration::from_millis(300);
@@ -245,7 +250,7 @@ mod tests {
     impl Setup {
         fn job(&self, commands: &[&str], timeout: Option<Duration>) -> Job {
             Job {
-                key: crate::stages::AttemptKey {
+                key: crate::attempt::AttemptKey {
                     run_id: 1,
                     stage_idx: 0,
                     attempt: 1,
@@ -266,7 +271,7 @@ mod tests {
 
         async fn run(&self, job: Job) -> (Exit, Vec<String>) {
             let (sink, mut capture) = testing::sink();
-            let (_stop_tx, stop) = StopSignal::new_pair();
+            let (_stop_tx, stop) = stop_signal();
             let ended = self.executor.run(job, sink, stop).await.unwrap();
             (ended.exit, capture.lines())
         }
@@ -391,12 +396,12 @@ mod tests {
         let setup = setup();
         let job = setup.job(&["sleep 1000 & echo $!", "sleep 1000"], None);
         let (sink, mut capture) = testing::sink();
-        let (stop_tx, stop) = StopSignal::new_pair();
+        let (stop_tx, stop) = stop_signal();
         let executor = setup.executor.clone();
         let running = tokio::spawn(async move { executor.run(job, sink, stop).await });
 
         let pid = echoed_pid(&mut capture).await;
-        stop_tx.send_replace(Some(Stop::Cancel("user asked".into())));
+        stop_tx.stop(Stop::Cancel("user asked".into()));
         let exit = running.await.unwrap().unwrap().exit;
         assert_eq!(exit, Exit::Stopped(Stop::Cancel("user asked".into())));
         assert!(
@@ -419,12 +424,12 @@ mod tests {
             None,
         );
         let (sink, mut capture) = testing::sink();
-        let (stop_tx, stop) = StopSignal::new_pair();
+        let (stop_tx, stop) = stop_signal();
         let executor = setup.executor.clone();
         let running = tokio::spawn(async move { executor.run(job, sink, stop).await });
 
         let pid = echoed_pid(&mut capture).await;
-        stop_tx.send_replace(Some(Stop::HandBack));
+        stop_tx.stop(Stop::HandBack);
         let exit = running.await.unwrap().unwrap().exit;
         assert_eq!(exit, Exit::Stopped(Stop::HandBack));
         assert!(gone(pid).await, "background sleep {pid} survived SIGKILL");
@@ -455,7 +460,7 @@ mod tests {
         let mut job = setup.job(&["true"], None);
         job.dir = setup.dir.path().join("missing");
         let (sink, _capture) = testing::sink();
-        let (_stop_tx, stop) = StopSignal::new_pair();
+        let (_stop_tx, stop) = stop_signal();
         let err = setup.executor.run(job, sink, stop).await.unwrap_err();
         assert!(matches!(err, Error::Spawn(_)), "{err}");
     }

@@ -17,7 +17,7 @@
 //! `values` reads single values for `schema`, `container` the docker
 //! settings (`executor`, `pull`, `resources`, `network`), `delivery` the
 //! delivery keys of a stage, `triggers` the pipeline's `triggers:`;
-//! `duration` and `suggest` are small helpers.
+//! `suggest` is a small helper. Durations are read by [`crate::duration`].
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -32,7 +32,6 @@ pub use triggers::{
 
 mod container;
 mod delivery;
-mod duration;
 mod schema;
 mod suggest;
 mod triggers;
@@ -248,14 +247,4 @@ impl Problem {
             message: message.into(),
         }
     }
-}
-
-/// Parses a duration as pipeline files write it (`500ms`, `30s`, `15m`,
-/// `1h30m`), for command-line flags that take the same form.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    duration::parse(text)
-        .filter(|duration| !duration.is_zero())
-        .ok_or_else(|| {
-            format!("bad duration `{text}`; use a number with a unit: 500ms, 30s, 15m, 2h")
-        })
 }

@@ -9,7 +9,8 @@ use saphyr::Scalar;
 
 use super::schema::{Named, Path, place_or_top_level};
 use super::yaml::Node;
-use super::{MAX_COMMAND_BYTES, MAX_COMMANDS, MAX_NAME_LEN, Problem, duration};
+use super::{MAX_COMMAND_BYTES, MAX_COMMANDS, MAX_NAME_LEN, Problem};
+use crate::duration;
 
 const MAX_RETRIES: u32 = 10;
 const DURATION_HINT: &str = "use a number with a unit: 500ms, 30s, 15m, 2h";
@@ -226,7 +227,7 @@ pub(super) fn timeout(value: Node<'_>, path: &Path<'_>) -> Result<Duration, Prob
             &format!("a duration; {DURATION_HINT}"),
         ));
     };
-    match duration::parse(text) {
+    match duration::parse(text).ok() {
         Some(timeout) if timeout.is_zero() => Err(Problem::new(
             value.position(),
             format!("{path} must be longer than zero; {DURATION_HINT}"),

@@ -77,8 +77,17 @@ struct Flags {
 /// Exit code when the flags ask for something unsafe (as clap's usage errors).
 const EXIT_USAGE: u8 = 2;
 
+/// A duration flag (`10s`, `1500ms`, `1m30s`); a lease or heartbeat of zero
+/// makes no sense.
 fn parse_duration(text: &str) -> Result<Duration, String> {
-    kiln_common::spec::parse_duration(text)
+    match kiln_common::duration::parse(text) {
+        Ok(duration) if duration.is_zero() => Err(format!(
+            "`{text}` is zero; give a duration longer than that, e.g. {}",
+            kiln_common::duration::EXAMPLES
+        )),
+        Ok(duration) => Ok(duration),
+        Err(err) => Err(err.to_string()),
+    }
 }
 
 #[tokio::main]
@@ -233,6 +242,17 @@ mod tests {
         let line = refusal("HTTP", addr("0.0.0.0:7701"));
         assert!(line.starts_with("refusing to serve HTTP on 0.0.0.0:7701 without TLS"));
         assert!(!line.contains('\n'));
+    }
+
+    #[test]
+    fn duration_flags_take_any_duration_above_zero() {
+        let parse = |args: &[&str]| Flags::try_parse_from(["kiln-coordinator"].iter().chain(args));
+        let flags = parse(&["--lease-ttl=1m30s", "--heartbeat=250ms"]).unwrap();
+        assert_eq!(flags.lease_ttl, Duration::from_secs(90));
+        assert_eq!(flags.heartbeat, Duration::from_millis(250));
+        let no_unit = parse(&["--lease-ttl=30"]).err().unwrap().to_string();
+        assert!(no_unit.contains("needs a unit"), "{no_unit}");
+        assert!(parse(&["--heartbeat=0s"]).is_err());
     }
 
     #[test]

@@ -7,8 +7,8 @@ use std::collections::HashMap;
 use bollard::models::{ContainerCreateBody, HostConfig, HostConfigLogConfig, Mount, MountType};
 use kiln_proto::v1::DockerOptions;
 
-use super::super::Job;
-use crate::AllowedMount;
+use crate::config::AllowedMount;
+use crate::executor::contract::Job;
 
 /// Where the attempt's checkout appears inside the container.
 pub(super) const WORKSPACE: &str = "/workspace";
@@ -159,7 +159,7 @@ mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
-    use crate::stages::AttemptKey;
+    use crate::attempt::AttemptKey;
 
     fn job(options: DockerOptions) -> Job {
         Job {

@@ -240,7 +240,14 @@ impl StageTable {
             self.forget(key);
             return;
         }
-        entry.outbox.ack(ack.next_log_seq);
+        if ack.resend {
+            // The coordinator refused a batch that would have left a gap:
+            // everything from `next_log_seq` goes out again.
+            let lost = entry.outbox.resume(ack.next_log_seq);
+            warn!(stage = %key, next_log_seq = ack.next_log_seq, lost, "coordinator asked for log lines again");
+        } else {
+            entry.outbox.ack(ack.next_log_seq);
+        }
         if ack.finished {
             if entry.task.is_some() {
                 warn!(stage = %key, "coordinator recorded the stage as finished while it still runs here; stopping it");
@@ -388,6 +395,24 @@ mod tests {
             drop: vec![],
         });
         assert_eq!(sent(&mut table), ["logs 0/2+1", "finished 0/3"]);
+    }
+
+    #[test]
+    fn a_resend_ack_sends_the_lines_again_from_where_it_says() {
+        let mut table = StageTable::new(100);
+        let _signals = table.start(stage(0), 1);
+        for text in ["a", "b", "c", "d"] {
+            table.push_line(key(0), 1, line(text));
+        }
+        assert_eq!(sent(&mut table), ["logs 0/0+4"]);
+        table.on_ack(&Ack {
+            resend: true,
+            ..ack(0, 1)
+        });
+        assert_eq!(sent(&mut table), ["logs 0/1+3"]);
+        // A plain ack behind what was sent changes nothing.
+        table.on_ack(&ack(0, 2));
+        assert!(sent(&mut table).is_empty());
     }
 
     #[test]

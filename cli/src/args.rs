@@ -77,7 +77,7 @@ pub(crate) struct GlobalArgs {
         env = "KILN_RECONNECT_FOR",
         default_value = "2m",
         value_name = "DURATION",
-        value_parser = kiln_common::spec::parse_duration
+        value_parser = kiln_common::duration::parse
     )]
     pub(crate) reconnect_for: std::time::Duration,
 }

@@ -16,6 +16,7 @@
 use std::sync::Arc;
 
 use kiln_common::ids::{RunId, StageKey};
+use kiln_common::loglines;
 use kiln_common::masking::Masker;
 use kiln_proto::v1 as pb;
 use pb::coordinator_message::Msg as Out;
@@ -28,8 +29,6 @@ use crate::views;
 
 /// Lines stored per stage attempt.
 pub(crate) const MAX_LINES_PER_ATTEMPT: u64 = 100_000;
-/// Bytes kept of one line.
-const MAX_LINE_BYTES: usize = 16 * 1024;
 /// Log text kept per stage attempt; the rest is dropped after a marker.
 pub(crate) const MAX_LOG_BYTES_PER_ATTEMPT: u64 = 64 << 20;
 
@@ -83,7 +82,7 @@ impl Engine {
             }
             stage.next_log_seq = seq + 1;
             // The agent masks already; this catches an agent that does not.
-            let text = truncate(masker.mask(&line.text).into_owned());
+            let text = loglines::truncate_line(masker.mask(&line.text).into_owned());
             let fits = seq < MAX_LINES_PER_ATTEMPT
                 && stage.log_bytes + text.len() as u64 <= MAX_LOG_BYTES_PER_ATTEMPT;
             let line = if fits && !stage.log_truncated {
@@ -282,16 +281,4 @@ fn from_pb_stream(stream: i32) -> LogStream {
         Ok(pb::LogStream::System) => LogStream::System,
         _ => LogStream::Stdout,
     }
-}
-
-fn truncate(mut text: String) -> String {
-    if text.len() > MAX_LINE_BYTES {
-        let mut cut = MAX_LINE_BYTES;
-        while !text.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        text.truncate(cut);
-        text.push_str(" [kiln: line truncated]");
-    }
-    text
 }

@@ -100,8 +100,10 @@ pub(crate) struct Farm {
     agent_logs: Vec<PathBuf>,
     pub(crate) client: ControlServiceClient<KilnChannel>,
     noop: Pipeline,
-    _repos: Vec<Repo>,
-    _dirs: Vec<tempfile::TempDir>,
+    /// The pipelines' repositories, which agents clone from.
+    repos: Vec<Repo>,
+    /// Agents' work dirs, their logs and the coordinator's data dir.
+    dirs: Vec<tempfile::TempDir>,
 }
 
 /// A registered pipeline and the commit its runs are triggered at.
@@ -135,8 +137,8 @@ impl Farm {
                 name: String::new(),
                 commit: String::new(),
             },
-            _repos: Vec::new(),
-            _dirs: Vec::new(),
+            repos: Vec::new(),
+            dirs: Vec::new(),
         };
         for i in 0..settings.n_agents {
             let work = tempfile::tempdir()?;
@@ -149,9 +151,9 @@ impl Farm {
                 &log,
             )?);
             farm.agent_logs.push(log);
-            farm._dirs.push(work);
+            farm.dirs.push(work);
         }
-        farm._dirs.extend([logs, data]);
+        farm.dirs.extend([logs, data]);
         farm.wait_for_agents(settings.n_agents).await?;
         farm.noop = farm
             .register("pipeline: bench-noop\nstages:\n  noop:\n    commands: [\"true\"]\n")
@@ -168,7 +170,7 @@ impl Farm {
         let repo = Repo::new(kiln_yml)?;
         let commit = repo.commit("README", "kiln-bench\n")?;
         let name = kiln_tests::register(&self.coordinator, &repo).await?;
-        self._repos.push(repo);
+        self.repos.push(repo);
         Ok(Pipeline { name, commit })
     }
 

@@ -61,7 +61,8 @@ pub(crate) async fn run(args: &Args) -> Result<()> {
     let settings = Settings::from_args(args);
     let farm = Farm::start(&settings).await?;
     farm.warm_up(&settings).await?;
-    let figures = farm.measure(settings.runs, settings.timeout).await?;
+    let mut figures = farm.measure(settings.runs, settings.timeout).await?;
+    farm.prepared_from_stage_logs(&mut figures).await?;
     eprintln!("{}", figures.describe("agents"));
     println!("{}", figures.summary_line(&settings));
     Ok(())
@@ -99,8 +100,10 @@ pub(crate) struct Farm {
     agent_logs: Vec<PathBuf>,
     pub(crate) client: ControlServiceClient<KilnChannel>,
     noop: Pipeline,
-    _repos: Vec<Repo>,
-    _dirs: Vec<tempfile::TempDir>,
+    /// The pipelines' repositories, which agents clone from.
+    repos: Vec<Repo>,
+    /// Agents' work dirs, their logs and the coordinator's data dir.
+    dirs: Vec<tempfile::TempDir>,
 }
 
 /// A registered pipeline and the commit its runs are triggered at.
@@ -134,8 +137,8 @@ impl Farm {
                 name: String::new(),
                 commit: String::new(),
             },
-            _repos: Vec::new(),
-            _dirs: Vec::new(),
+            repos: Vec::new(),
+            dirs: Vec::new(),
         };
         for i in 0..settings.n_agents {
             let work = tempfile::tempdir()?;
@@ -148,9 +151,9 @@ impl Farm {
                 &log,
             )?);
             farm.agent_logs.push(log);
-            farm._dirs.push(work);
+            farm.dirs.push(work);
         }
-        farm._dirs.extend([logs, data]);
+        farm.dirs.extend([logs, data]);
         farm.wait_for_agents(settings.n_agents).await?;
         farm.noop = farm
             .register("pipeline: bench-noop\nstages:\n  noop:\n    commands: [\"true\"]\n")
@@ -167,7 +170,7 @@ impl Farm {
         let repo = Repo::new(kiln_yml)?;
         let commit = repo.commit("README", "kiln-bench\n")?;
         let name = kiln_tests::register(&self.coordinator, &repo).await?;
-        self._repos.push(repo);
+        self.repos.push(repo);
         Ok(Pipeline { name, commit })
     }
 
@@ -229,18 +232,39 @@ impl Farm {
             stage_on_agent_ms.push(finished.saturating_sub(started) as f64);
             queued_ms.push(started.saturating_sub(created) as f64);
         }
-        let mut prepared_ms = self.prepared_in_agent_logs(&log_offsets)?;
-        if prepared_ms.is_empty() {
-            prepared_ms = self.prepared_in_stage_logs(&runs).await?;
-        }
         Ok(Figures {
             runs: n,
             runs_per_s: n as f64 * 1000.0 / wall_ms,
             latency_ms,
             stage_on_agent_ms,
             queued_ms,
-            prepared_ms,
+            prepared_ms: self.prepared_in_agent_logs(&log_offsets)?,
+            sample_run_ids: runs
+                .iter()
+                .take(LOG_SAMPLE_RUNS)
+                .map(|run| run.id)
+                .collect(),
         })
+    }
+
+    /// When the agents wrote no "prepared in" lines to stderr, looks for
+    /// them among the system lines of a sample of the runs' stage logs.
+    /// Separate from [`Farm::measure`] because reading logs competes with
+    /// whatever load a caller put on the coordinator.
+    pub(crate) async fn prepared_from_stage_logs(&self, figures: &mut Figures) -> Result<()> {
+        if !figures.prepared_ms.is_empty() {
+            return Ok(());
+        }
+        let mut client = self.client.clone();
+        for &run_id in &figures.sample_run_ids {
+            for entry in kiln_tests::logs(&mut client, run_id, "").await? {
+                let line = entry.line.unwrap_or_default();
+                if line.stream == pb::LogStream::System as i32 {
+                    figures.prepared_ms.extend(prepared_ms(&line.text));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Triggers `n` runs of `pipeline` concurrently on the one connection;
@@ -319,22 +343,6 @@ impl Farm {
         }
         Ok(values)
     }
-
-    /// "prepared in N ms" values among the system lines of a sample of
-    /// `runs`' stage logs.
-    async fn prepared_in_stage_logs(&self, runs: &[pb::Run]) -> Result<Vec<f64>> {
-        let mut client = self.client.clone();
-        let mut values = Vec::new();
-        for run in runs.iter().take(LOG_SAMPLE_RUNS) {
-            for entry in kiln_tests::logs(&mut client, run.id, "").await? {
-                let line = entry.line.unwrap_or_default();
-                if line.stream == pb::LogStream::System as i32 {
-                    values.extend(prepared_ms(&line.text));
-                }
-            }
-        }
-        Ok(values)
-    }
 }
 
 /// Starts one `kiln-agent --executor process` with its stderr (at `info`,
@@ -389,6 +397,8 @@ pub(crate) struct Figures {
     queued_ms: Vec<f64>,
     /// The agents' own "prepared in N ms" lines; empty when they print none.
     prepared_ms: Vec<f64>,
+    /// Runs whose stage logs [`Farm::prepared_from_stage_logs`] searches.
+    sample_run_ids: Vec<u64>,
 }
 
 impl Figures {

@@ -44,7 +44,8 @@ pub(crate) async fn run(args: &Args) -> Result<()> {
     farm.warm_up(&settings).await?;
     let log = write_log(&mut farm, log_mib, settings.timeout).await?;
 
-    let alone = farm.measure(settings.runs, settings.timeout).await?;
+    let mut alone = farm.measure(settings.runs, settings.timeout).await?;
+    farm.prepared_from_stage_logs(&mut alone).await?;
     eprintln!("{}", alone.describe("without readers"));
 
     let pid = farm.coordinator.process.pid();
@@ -52,6 +53,7 @@ pub(crate) async fn run(args: &Args) -> Result<()> {
     let hwm_reset = reset_peak_rss(pid);
     let stop = Arc::new(AtomicBool::new(false));
     let streaming = Arc::new(AtomicUsize::new(0));
+    let reading_started = Instant::now();
     let mut readers = Vec::new();
     for _ in 0..n_readers {
         let client = farm.coordinator.client().await?;
@@ -72,16 +74,16 @@ pub(crate) async fn run(args: &Args) -> Result<()> {
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let loaded_started = Instant::now();
     let loaded = farm.measure(settings.runs, settings.timeout).await;
-    let loaded_for = loaded_started.elapsed();
     stop.store(true, Ordering::Relaxed);
+    let reading_for = reading_started.elapsed();
     let mut reads = ReadTotals::default();
     for reader in readers {
         reads.add(&reader.await??);
     }
     let sampled_peak = sampler.await??;
-    let loaded = loaded?;
+    let mut loaded = loaded?;
+    farm.prepared_from_stage_logs(&mut loaded).await?;
     eprintln!("{}", loaded.describe("with readers"));
     let hwm = if hwm_reset {
         kiln_tests::peak_rss_mb(pid)?
@@ -90,7 +92,7 @@ pub(crate) async fn run(args: &Args) -> Result<()> {
         0.0
     };
     let peak = sampled_peak.max(hwm);
-    let read_mib_per_s = reads.bytes as f64 / (1 << 20) as f64 / loaded_for.as_secs_f64();
+    let read_mib_per_s = reads.bytes as f64 / (1 << 20) as f64 / reading_for.as_secs_f64();
     eprintln!(
         "{n_readers} readers: {} whole reads of the {:.1} MiB log, {read_mib_per_s:.0} MiB/s of log text, {} failed reads; coordinator RSS {rss_before:.0} MB before, peak {peak:.0} MB (sampled {sampled_peak:.0}, VmHWM {hwm:.0})",
         reads.whole,
@@ -178,8 +180,9 @@ async fn write_log(farm: &mut Farm, mib: u64, timeout: Duration) -> Result<BigLo
 struct ReadTotals {
     /// Reads that got to the end of the log.
     whole: u64,
+    /// Stdout lines received (the agent's own system lines not counted).
     lines: u64,
-    /// Log text received, whole reads or not.
+    /// Their text, whole reads or not.
     bytes: u64,
     errors: u64,
 }
@@ -236,8 +239,11 @@ async fn read_once(
         if let Some(streaming) = announce.take() {
             streaming.fetch_add(1, Ordering::Relaxed);
         }
-        totals.lines += 1;
-        totals.bytes += entry.line.map_or(0, |line| line.text.len() as u64);
+        let line = entry.line.unwrap_or_default();
+        if line.stream == pb::LogStream::Stdout as i32 {
+            totals.lines += 1;
+            totals.bytes += line.text.len() as u64;
+        }
         if stop.load(Ordering::Relaxed) {
             return Ok(());
         }

@@ -1,72 +1,26 @@
-//! Agents: connections, heartbeats, leases and fencing.
+//! Agents and the run book: what the pool's connections, leases and
+//! messages mean for stage attempts (fencing, completion, loss).
 //!
-//! An agent holds a lease that every message renews. When it lapses the
-//! agent's stages are re-queued as new attempts (or failed with "agent
-//! lost" when no retries are left) and its connection is closed.
+//! An agent holds a lease that every message renews ([`super::pool`]).
+//! When it lapses the agent's stages are re-queued as new attempts (or
+//! failed with "agent lost" when no retries are left).
 //! **Architecture Invariant:** a message about a stage attempt is accepted
 //! only from the agent that holds that exact attempt; anything else is
 //! rejected, and a repeated completion of the same attempt is acknowledged
 //! again without changing anything.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 
 use kiln_common::ids::{RunId, StageKey};
 use kiln_proto::v1 as pb;
 use pb::agent_message::Msg;
 use pb::coordinator_message::Msg as Out;
-use tokio::sync::mpsc;
 
 use super::Engine;
+use super::pool::{AgentTx, ConnId};
 use crate::blobs::parse_digest;
 use crate::error::ApiError;
 use crate::store::{ArtifactRecord, StageState};
-
-/// The outbound half of an agent's stream.
-pub(crate) type AgentTx = mpsc::UnboundedSender<Result<pb::CoordinatorMessage, tonic::Status>>;
-
-/// Distinguishes successive connections of one agent, so a late "gone" from
-/// an old connection does not cut off the new one.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct ConnId(pub(crate) u64);
-
-pub(super) struct AgentState {
-    pub(super) name: String,
-    pub(super) labels: BTreeMap<String, String>,
-    pub(super) capacity: u32,
-    pub(super) version: String,
-    /// Current connection, if any.
-    pub(super) conn: Option<(ConnId, AgentTx)>,
-    pub(super) draining: bool,
-    /// The agent loses its stages when the clock passes this.
-    pub(super) lease_deadline_ms: u64,
-    pub(super) last_seen_ms: u64,
-    /// Stage attempts on the agent, whatever their recorded state (a
-    /// cancelled stage occupies its slot until the agent reports it ended).
-    pub(super) held: BTreeSet<(StageKey, u32)>,
-}
-
-impl AgentState {
-    pub(super) fn is_connected(&self) -> bool {
-        self.conn.is_some()
-    }
-
-    pub(super) fn free_slots(&self) -> u32 {
-        self.capacity.saturating_sub(self.held.len() as u32)
-    }
-
-    pub(super) fn view(&self) -> pb::Agent {
-        pb::Agent {
-            name: self.name.clone(),
-            labels: self.labels.clone().into_iter().collect(),
-            capacity: self.capacity,
-            running: self.held.len() as u32,
-            connected: self.is_connected(),
-            draining: self.draining,
-            version: self.version.clone(),
-            last_seen_ms: self.last_seen_ms,
-        }
-    }
-}
 
 fn stage_ref(key: StageKey, attempt: u32) -> pb::StageRef {
     pb::StageRef {
@@ -129,45 +83,14 @@ impl Engine {
     /// that agent to come back and claim them.
     pub(super) fn expect_agent(&mut self, name: &str, key: StageKey, now: u64) {
         let attempt = self.stage(key).map_or(0, |stage| stage.attempt);
-        let lease = now + self.config.lease_ttl.as_millis() as u64;
-        let agent = self
-            .agents
-            .entry(name.to_owned())
-            .or_insert_with(|| AgentState {
-                name: name.to_owned(),
-                labels: BTreeMap::new(),
-                capacity: 0,
-                version: String::new(),
-                conn: None,
-                draining: false,
-                lease_deadline_ms: lease,
-                last_seen_ms: 0,
-                held: BTreeSet::new(),
-            });
-        agent.held.insert((key, attempt));
+        self.pool.expect(name, (key, attempt), now);
     }
 
     pub(super) fn agent_hello(&mut self, hello: pb::Hello, conn: ConnId, tx: AgentTx) {
         let now = self.clock.now_ms();
-        let lease = now + self.config.lease_ttl.as_millis() as u64;
         let name = hello.name.clone();
         tracing::info!(agent = %name, capacity = hello.capacity, held = hello.held.len(), "agent connected");
-        let previous = self.agents.remove(&name);
-        // A drain outlives reconnects: only the operator undoes it.
-        let draining = previous.as_ref().is_some_and(|agent| agent.draining);
-        let before: BTreeSet<(StageKey, u32)> =
-            previous.map(|agent| agent.held).unwrap_or_default();
-        let mut agent = AgentState {
-            name: name.clone(),
-            labels: hello.labels.into_iter().collect(),
-            capacity: hello.capacity,
-            version: hello.version,
-            conn: Some((conn, tx)),
-            draining,
-            lease_deadline_ms: lease,
-            last_seen_ms: now,
-            held: BTreeSet::new(),
-        };
+        let before = self.pool.connect(&hello, conn, tx, now);
         let mut welcome = pb::Welcome {
             heartbeat_ms: self.config.heartbeat_interval.as_millis() as u32,
             resume: Vec::new(),
@@ -178,7 +101,7 @@ impl Engine {
             match self.fence(&name, key, attempt) {
                 Fence::Current => {
                     let next_log_seq = self.stage(key).map_or(0, |stage| stage.next_log_seq);
-                    agent.held.insert((key, attempt));
+                    self.pool.hold(&name, (key, attempt));
                     welcome.resume.push(pb::ResumeStage {
                         stage: Some(*held),
                         next_log_seq,
@@ -188,10 +111,10 @@ impl Engine {
             }
         }
         // What the agent held before but no longer mentions is lost.
-        let lost: Vec<(StageKey, u32)> = before.difference(&agent.held).copied().collect();
-        agent.held.extend(lost.iter().copied());
-        self.agents.insert(name.clone(), agent);
+        let kept: BTreeSet<(StageKey, u32)> = self.pool.holds(&name);
+        let lost: Vec<(StageKey, u32)> = before.difference(&kept).copied().collect();
         for (key, attempt) in lost {
+            self.pool.hold(&name, (key, attempt));
             // An assignment that never started may simply not have arrived;
             // re-sending it costs the stage no retry.
             let started = self
@@ -199,29 +122,15 @@ impl Engine {
                 .is_some_and(|stage| stage.state == StageState::Running);
             self.lose_stage(&name, key, attempt, "agent restarted without it", started);
         }
-        if let Some(agent) = self.agents.get(&name) {
-            let conn_tx = agent.conn.as_ref().map(|(_, tx)| tx.clone());
-            self.after_commit(move || {
-                if let Some(tx) = conn_tx {
-                    let msg = Out::Welcome(welcome);
-                    let _ = tx.send(Ok(pb::CoordinatorMessage { msg: Some(msg) }));
-                }
-            });
-        }
+        self.send_after_commit(&name, Out::Welcome(welcome));
     }
 
     pub(super) fn agent_message(&mut self, name: &str, conn: ConnId, msg: Msg) {
         let now = self.clock.now_ms();
-        let lease_ttl = self.config.lease_ttl.as_millis() as u64;
-        let Some(agent) = self.agents.get_mut(name) else {
-            return;
-        };
-        if agent.conn.as_ref().map(|(id, _)| *id) != Some(conn) {
+        if !self.pool.renew(name, conn, now) {
             // A message from a connection that was replaced or expired.
             return;
         }
-        agent.lease_deadline_ms = now + lease_ttl;
-        agent.last_seen_ms = now;
         match msg {
             Msg::Hello(_) => {
                 tracing::warn!(agent = name, "ignoring a second hello on one stream");
@@ -229,7 +138,7 @@ impl Engine {
             Msg::Heartbeat(_) => {}
             Msg::Draining(_) => {
                 tracing::info!(agent = name, "agent is draining");
-                agent.draining = true;
+                self.pool.drain(name);
             }
             Msg::Started(started) => {
                 let Some(stage_ref) = started.stage else {
@@ -339,9 +248,7 @@ impl Engine {
                 }
             }
         };
-        if let Some(agent) = self.agents.get_mut(name) {
-            agent.held.remove(&(key, attempt));
-        }
+        self.pool.release(name, (key, attempt));
         self.send_after_commit(name, Out::Ack(ack));
     }
 
@@ -390,36 +297,17 @@ impl Engine {
     }
 
     pub(super) fn agent_gone(&mut self, name: &str, conn: ConnId) {
-        if let Some(agent) = self.agents.get_mut(name)
-            && agent.conn.as_ref().map(|(id, _)| *id) == Some(conn)
-        {
+        if self.pool.disconnect(name, conn) {
             tracing::info!(
                 agent = name,
                 "agent disconnected; its lease keeps its stages for now"
             );
-            agent.conn = None;
         }
     }
 
     pub(super) fn expire_leases(&mut self) {
         let now = self.clock.now_ms();
-        let expired: Vec<String> = self
-            .agents
-            .values()
-            .filter(|agent| {
-                agent.lease_deadline_ms < now && (agent.conn.is_some() || !agent.held.is_empty())
-            })
-            .map(|agent| agent.name.clone())
-            .collect();
-        for name in expired {
-            let Some(agent) = self.agents.get_mut(&name) else {
-                continue;
-            };
-            tracing::warn!(agent = %name, stages = agent.held.len(), "agent lease expired");
-            // Closing the stream makes a half-alive agent reconnect, and its
-            // hello then learns which of its stages are no longer its own.
-            agent.conn = None;
-            let held = std::mem::take(&mut agent.held);
+        for (name, held) in self.pool.expire(now) {
             for (key, attempt) in held {
                 self.lose_stage(&name, key, attempt, &format!("agent {name} lost"), true);
             }
@@ -428,9 +316,7 @@ impl Engine {
 
     /// The attempt is gone with its agent: re-queue or fail the stage.
     fn lose_stage(&mut self, name: &str, key: StageKey, attempt: u32, why: &str, charge: bool) {
-        if let Some(agent) = self.agents.get_mut(name) {
-            agent.held.remove(&(key, attempt));
-        }
+        self.pool.release(name, (key, attempt));
         if let Fence::Current = self.fence(name, key, attempt) {
             self.requeue(key, charge, why);
         }
@@ -438,12 +324,11 @@ impl Engine {
 
     pub(super) fn drain_agent(&mut self, name: &str) -> Result<pb::Agent, ApiError> {
         let agent = self
-            .agents
-            .get_mut(name)
+            .pool
+            .drain(name)
             .ok_or_else(|| ApiError::NotFound(format!("no agent named `{name}` has connected")))?;
-        agent.draining = true;
         tracing::info!(agent = name, "agent drained by user");
-        Ok(agent.view())
+        Ok(agent)
     }
 
     pub(super) fn send_cancel(&mut self, name: &str, key: StageKey, attempt: u32, reason: &str) {
@@ -457,12 +342,7 @@ impl Engine {
     /// Sends to the agent's current connection once the pending group is
     /// durable.
     pub(super) fn send_after_commit(&mut self, name: &str, msg: Out) {
-        let Some(tx) = self
-            .agents
-            .get(name)
-            .and_then(|agent| agent.conn.as_ref())
-            .map(|(_, tx)| tx.clone())
-        else {
+        let Some(tx) = self.pool.sender(name) else {
             return;
         };
         self.after_commit(move || {

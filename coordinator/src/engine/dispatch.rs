@@ -5,7 +5,7 @@
 
 use std::collections::VecDeque;
 
-use kiln_common::{labels, spec};
+use kiln_common::spec;
 use kiln_proto::v1 as pb;
 use pb::coordinator_message::Msg as Out;
 
@@ -25,11 +25,7 @@ impl Engine {
                 self.ready_since.remove(&key);
                 continue;
             }
-            if !self
-                .agents
-                .values()
-                .any(|agent| agent.is_connected() && !agent.draining && agent.free_slots() > 0)
-            {
+            if !self.pool.has_free_slot() {
                 // No slot anywhere: keep the order, but still decide the
                 // gates and frozen stages further back, which need none.
                 waiting.push_back(key);
@@ -56,17 +52,7 @@ impl Engine {
             }
             let spec = active.spec.clone();
             let wanted = &spec.parsed.stages[key.idx as usize].agent_labels;
-            let chosen = self
-                .agents
-                .values()
-                .filter(|agent| {
-                    agent.is_connected()
-                        && !agent.draining
-                        && agent.free_slots() > 0
-                        && labels::satisfies(&agent.labels, wanted)
-                })
-                .max_by_key(|agent| agent.free_slots())
-                .map(|agent| agent.name.clone());
+            let chosen = self.pool.place(wanted);
             let Some(name) = chosen else {
                 waiting.push_back(key);
                 continue;
@@ -124,9 +110,7 @@ impl Engine {
                 outputs_always: stage_spec.artifacts_always,
                 secrets: secrets.into_iter().collect(),
             };
-            if let Some(agent) = self.agents.get_mut(&name) {
-                agent.held.insert((key, attempt));
-            }
+            self.pool.hold(&name, (key, attempt));
             if let Some(since) = self.ready_since.remove(&key) {
                 self.metrics.observe_dispatch_latency(since.elapsed());
             }

@@ -156,9 +156,7 @@ impl Engine {
         );
         tracing::error!(stage = %key, agent, "{message}");
         self.send_cancel(agent, key, stage_ref.attempt, &message);
-        if let Some(held) = self.agents.get_mut(agent) {
-            held.held.remove(&(key, stage_ref.attempt));
-        }
+        self.pool.release(agent, (key, stage_ref.attempt));
         self.settle_stage(key, StageState::Failed, None, message.clone());
         self.reject(agent, stage_ref, message);
     }

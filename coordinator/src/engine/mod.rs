@@ -8,10 +8,16 @@
 //! assignments). Dispatch happens after every burst, so a stage that becomes
 //! ready is pushed to an agent in the same commit.
 //!
-//! - [`runs`]: creating runs and moving their DAG forward.
-//! - [`agents`]: connections, heartbeats, leases and fencing.
-//! - [`dispatch`]: matching ready stages to agents.
+//! - [`runs`]: the run book — creating runs, the one stage transition
+//!   function, moving the DAG forward, cancel and retry.
+//! - [`pool`]: the agent pool — connections, slots, leases, placement; its
+//!   own state and tests, nothing about runs.
+//! - [`agents`]: what the pool's events mean for attempts — fencing,
+//!   completion, loss.
+//! - [`dispatch`]: ready stages to the places the pool offers.
 //! - [`logs`]: storing, acknowledging and following log lines.
+//! - [`delivery`], [`monitor`], [`alerts`]: gates, releases, environments,
+//!   monitors and rollbacks.
 
 mod agents;
 mod alerts;
@@ -19,6 +25,7 @@ mod delivery;
 mod dispatch;
 mod logs;
 mod monitor;
+mod pool;
 mod runs;
 #[cfg(test)]
 mod tests;
@@ -40,7 +47,7 @@ use crate::metrics::Metrics;
 use crate::store::{Batch, Op, PipelineRecord, RunRecord, StageRecord, Store};
 use crate::views;
 
-pub(crate) use agents::{AgentTx, ConnId};
+pub(crate) use pool::{AgentTx, ConnId};
 
 pub(crate) type Reply<T> = oneshot::Sender<Result<T, ApiError>>;
 
@@ -223,7 +230,7 @@ pub(crate) struct Engine {
     /// Ready stages in the order they became ready: FIFO across runs. May
     /// hold stale keys (stage cancelled meanwhile); dispatch skips them.
     ready: VecDeque<StageKey>,
-    agents: BTreeMap<String, agents::AgentState>,
+    pool: pool::AgentPool,
     next_run_id: u64,
     /// Environments by pipeline and name, with their live release.
     environments: BTreeMap<EnvKey, crate::store::EnvironmentRecord>,
@@ -313,7 +320,7 @@ impl Engine {
             specs: HashMap::new(),
             runs: BTreeMap::new(),
             ready: VecDeque::new(),
-            agents: BTreeMap::new(),
+            pool: pool::AgentPool::new(config.lease_ttl),
             next_run_id,
             environments,
             releases,
@@ -425,7 +432,7 @@ impl Engine {
                 self.reply(reply, result);
             }
             Event::ListAgents { reply } => {
-                let agents = self.agents.values().map(|agent| agent.view()).collect();
+                let agents = self.pool.views();
                 self.reply(reply, Ok(agents));
             }
             Event::DrainAgent { name, reply } => {
@@ -624,14 +631,8 @@ impl Engine {
     }
 
     fn update_gauges(&self) {
-        self.metrics.set_engine_gauges(
-            self.runs.len(),
-            self.ready.len(),
-            self.agents
-                .values()
-                .filter(|agent| agent.is_connected())
-                .count(),
-        );
+        self.metrics
+            .set_engine_gauges(self.runs.len(), self.ready.len(), self.pool.connected());
     }
 }
 

@@ -1,0 +1,338 @@
+//! The agent pool: connections, slots, leases and placement.
+//!
+//! It knows agents and the stage attempts they hold, nothing about runs:
+//! the engine asks it where a stage may go, tells it who holds what, and
+//! hears back which attempts a lapsed lease takes with it. Fencing (is this
+//! attempt still that agent's?) needs the stage records and lives with the
+//! run book in `agents.rs`.
+//!
+//! **Architecture Invariant:** only messages on an agent's current
+//! connection renew its lease; a replaced connection's late messages and
+//! its "gone" change nothing.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use kiln_common::ids::StageKey;
+use kiln_common::labels;
+use kiln_proto::v1 as pb;
+use tokio::sync::mpsc;
+
+/// The outbound half of an agent's stream.
+pub(crate) type AgentTx = mpsc::UnboundedSender<Result<pb::CoordinatorMessage, tonic::Status>>;
+
+/// Distinguishes successive connections of one agent, so a late "gone" from
+/// an old connection does not cut off the new one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct ConnId(pub(crate) u64);
+
+/// A stage attempt on an agent.
+pub(super) type Held = (StageKey, u32);
+
+struct AgentState {
+    name: String,
+    labels: BTreeMap<String, String>,
+    capacity: u32,
+    version: String,
+    /// Current connection, if any.
+    conn: Option<(ConnId, AgentTx)>,
+    /// Takes no new stages; outlives reconnects (only an operator or the
+    /// agent itself sets it).
+    draining: bool,
+    /// The agent loses its stages when the clock passes this.
+    lease_deadline_ms: u64,
+    last_seen_ms: u64,
+    /// Stage attempts on the agent, whatever their recorded state (a
+    /// cancelled stage occupies its slot until the agent reports it ended).
+    held: BTreeSet<Held>,
+}
+
+impl AgentState {
+    fn free_slots(&self) -> u32 {
+        self.capacity.saturating_sub(self.held.len() as u32)
+    }
+
+    fn takes_work(&self) -> bool {
+        self.conn.is_some() && !self.draining && self.free_slots() > 0
+    }
+
+    fn view(&self) -> pb::Agent {
+        pb::Agent {
+            name: self.name.clone(),
+            labels: self.labels.clone().into_iter().collect(),
+            capacity: self.capacity,
+            running: self.held.len() as u32,
+            connected: self.conn.is_some(),
+            draining: self.draining,
+            version: self.version.clone(),
+            last_seen_ms: self.last_seen_ms,
+        }
+    }
+}
+
+/// Every agent the coordinator knows of in this incarnation.
+pub(crate) struct AgentPool {
+    agents: BTreeMap<String, AgentState>,
+    lease_ttl_ms: u64,
+}
+
+impl AgentPool {
+    pub(super) fn new(lease_ttl: Duration) -> Self {
+        Self {
+            agents: BTreeMap::new(),
+            lease_ttl_ms: lease_ttl.as_millis() as u64,
+        }
+    }
+
+    /// After a restart: the agent recorded on a held stage gets one lease
+    /// to come back and claim it.
+    pub(super) fn expect(&mut self, name: &str, held: Held, now: u64) {
+        let lease = now + self.lease_ttl_ms;
+        self.agents
+            .entry(name.to_owned())
+            .or_insert_with(|| AgentState {
+                name: name.to_owned(),
+                labels: BTreeMap::new(),
+                capacity: 0,
+                version: String::new(),
+                conn: None,
+                draining: false,
+                lease_deadline_ms: lease,
+                last_seen_ms: 0,
+                held: BTreeSet::new(),
+            })
+            .held
+            .insert(held);
+    }
+
+    /// A hello: the agent's new connection replaces any previous one, with
+    /// nothing held yet (the caller re-adds what is still its own). Returns
+    /// what it held before.
+    pub(super) fn connect(
+        &mut self,
+        hello: &pb::Hello,
+        conn: ConnId,
+        tx: AgentTx,
+        now: u64,
+    ) -> BTreeSet<Held> {
+        let previous = self.agents.remove(&hello.name);
+        let draining = previous.as_ref().is_some_and(|agent| agent.draining);
+        let before = previous.map(|agent| agent.held).unwrap_or_default();
+        let agent = AgentState {
+            name: hello.name.clone(),
+            labels: hello.labels.clone().into_iter().collect(),
+            capacity: hello.capacity,
+            version: hello.version.clone(),
+            conn: Some((conn, tx)),
+            draining,
+            lease_deadline_ms: now + self.lease_ttl_ms,
+            last_seen_ms: now,
+            held: BTreeSet::new(),
+        };
+        self.agents.insert(hello.name.clone(), agent);
+        before
+    }
+
+    /// Renews the lease of `name` if `conn` is its current connection;
+    /// false for a message from a replaced or expired connection.
+    pub(super) fn renew(&mut self, name: &str, conn: ConnId, now: u64) -> bool {
+        let Some(agent) = self.agents.get_mut(name) else {
+            return false;
+        };
+        if agent.conn.as_ref().map(|(id, _)| *id) != Some(conn) {
+            return false;
+        }
+        agent.lease_deadline_ms = now + self.lease_ttl_ms;
+        agent.last_seen_ms = now;
+        true
+    }
+
+    /// The stream of `conn` ended; the lease still keeps the stages.
+    pub(super) fn disconnect(&mut self, name: &str, conn: ConnId) -> bool {
+        match self.agents.get_mut(name) {
+            Some(agent) if agent.conn.as_ref().map(|(id, _)| *id) == Some(conn) => {
+                agent.conn = None;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    pub(super) fn hold(&mut self, name: &str, held: Held) {
+        if let Some(agent) = self.agents.get_mut(name) {
+            agent.held.insert(held);
+        }
+    }
+
+    pub(super) fn release(&mut self, name: &str, held: Held) {
+        if let Some(agent) = self.agents.get_mut(name) {
+            agent.held.remove(&held);
+        }
+    }
+
+    pub(super) fn holds(&self, name: &str) -> BTreeSet<Held> {
+        self.agents
+            .get(name)
+            .map(|agent| agent.held.clone())
+            .unwrap_or_default()
+    }
+
+    /// Stops giving `name` new stages.
+    pub(super) fn drain(&mut self, name: &str) -> Option<pb::Agent> {
+        let agent = self.agents.get_mut(name)?;
+        agent.draining = true;
+        Some(agent.view())
+    }
+
+    /// Agents whose lease lapsed: their connection is closed (a half-alive
+    /// agent reconnects and learns what is no longer its own) and the
+    /// attempts they held are handed back to the caller.
+    pub(super) fn expire(&mut self, now: u64) -> Vec<(String, Vec<Held>)> {
+        let mut expired = Vec::new();
+        for agent in self.agents.values_mut() {
+            let lapsed =
+                agent.lease_deadline_ms < now && (agent.conn.is_some() || !agent.held.is_empty());
+            if lapsed {
+                tracing::warn!(agent = %agent.name, stages = agent.held.len(), "agent lease expired");
+                agent.conn = None;
+                let held = std::mem::take(&mut agent.held).into_iter().collect();
+                expired.push((agent.name.clone(), held));
+            }
+        }
+        expired
+    }
+
+    /// Whether any agent could take a stage now.
+    pub(super) fn has_free_slot(&self) -> bool {
+        self.agents.values().any(AgentState::takes_work)
+    }
+
+    /// Where a stage that wants `wanted` labels goes: the matching agent
+    /// with the most free slots, so work spreads across the farm.
+    pub(super) fn place(&self, wanted: &BTreeMap<String, String>) -> Option<String> {
+        self.agents
+            .values()
+            .filter(|agent| agent.takes_work() && labels::satisfies(&agent.labels, wanted))
+            .max_by_key(|agent| agent.free_slots())
+            .map(|agent| agent.name.clone())
+    }
+
+    /// The current connection of `name`.
+    pub(super) fn sender(&self, name: &str) -> Option<AgentTx> {
+        let (_, tx) = self.agents.get(name)?.conn.as_ref()?;
+        Some(tx.clone())
+    }
+
+    pub(super) fn views(&self) -> Vec<pb::Agent> {
+        self.agents.values().map(AgentState::view).collect()
+    }
+
+    pub(super) fn connected(&self) -> usize {
+        self.agents
+            .values()
+            .filter(|agent| agent.conn.is_some())
+            .count()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use kiln_common::ids::RunId;
+
+    use super::*;
+
+    const TTL_MS: u64 = 1_000;
+
+    fn pool() -> AgentPool {
+        AgentPool::new(Duration::from_millis(TTL_MS))
+    }
+
+    fn hello(name: &str, capacity: u32, labels: &[(&str, &str)]) -> pb::Hello {
+        pb::Hello {
+            name: name.into(),
+            capacity,
+            labels: labels
+                .iter()
+                .map(|(k, v)| ((*k).into(), (*v).into()))
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    fn tx() -> AgentTx {
+        mpsc::unbounded_channel().0
+    }
+
+    fn held(run: u64, idx: u32, attempt: u32) -> Held {
+        (
+            StageKey {
+                run: RunId(run),
+                idx,
+            },
+            attempt,
+        )
+    }
+
+    fn wants(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).into(), (*v).into()))
+            .collect()
+    }
+
+    #[test]
+    fn placement_follows_labels_free_slots_and_drains() {
+        let mut pool = pool();
+        pool.connect(&hello("gpu", 1, &[("role", "train")]), ConnId(1), tx(), 0);
+        pool.connect(&hello("wide", 3, &[]), ConnId(2), tx(), 0);
+        assert_eq!(pool.place(&wants(&[])), Some("wide".into()));
+        assert_eq!(pool.place(&wants(&[("role", "train")])), Some("gpu".into()));
+        pool.hold("gpu", held(1, 0, 1));
+        assert_eq!(pool.place(&wants(&[("role", "train")])), None, "full");
+        pool.drain("wide");
+        assert_eq!(pool.place(&wants(&[])), None, "draining takes nothing");
+        assert!(!pool.has_free_slot());
+        // A drain outlives a reconnect.
+        pool.connect(&hello("wide", 3, &[]), ConnId(3), tx(), 10);
+        assert!(pool.views().iter().any(|a| a.name == "wide" && a.draining));
+    }
+
+    #[test]
+    fn a_lapsed_lease_hands_back_what_the_agent_held_once() {
+        let mut pool = pool();
+        pool.connect(&hello("a", 2, &[]), ConnId(1), tx(), 0);
+        pool.hold("a", held(1, 0, 1));
+        pool.hold("a", held(2, 3, 4));
+        assert!(pool.renew("a", ConnId(1), 500));
+        assert!(pool.expire(1_400).is_empty(), "renewed at 500");
+        let expired = pool.expire(1_501);
+        assert_eq!(expired, [("a".into(), vec![held(1, 0, 1), held(2, 3, 4)])]);
+        assert_eq!(pool.connected(), 0, "its connection is closed");
+        assert!(pool.expire(5_000).is_empty(), "only once");
+    }
+
+    #[test]
+    fn a_replaced_connection_neither_renews_nor_disconnects() {
+        let mut pool = pool();
+        pool.connect(&hello("a", 1, &[]), ConnId(1), tx(), 0);
+        pool.hold("a", held(1, 0, 1));
+        let before = pool.connect(&hello("a", 1, &[]), ConnId(2), tx(), 100);
+        assert_eq!(before, BTreeSet::from([held(1, 0, 1)]));
+        assert!(!pool.renew("a", ConnId(1), 900), "the old stream is gone");
+        assert!(!pool.disconnect("a", ConnId(1)));
+        assert_eq!(pool.connected(), 1);
+        assert!(pool.disconnect("a", ConnId(2)));
+        assert_eq!(pool.connected(), 0);
+    }
+
+    #[test]
+    fn an_expected_agent_has_one_lease_to_come_back() {
+        let mut pool = pool();
+        pool.expect("gone", held(7, 1, 2), 0);
+        assert!(!pool.has_free_slot(), "not connected, no capacity");
+        assert_eq!(
+            pool.expire(TTL_MS + 1),
+            [("gone".into(), vec![held(7, 1, 2)])]
+        );
+    }
+}

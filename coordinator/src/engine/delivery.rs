@@ -31,7 +31,40 @@ use crate::store::{
 /// Largest metrics file the coordinator reads.
 const MAX_METRICS_BYTES: u64 = 1 << 20;
 
+/// What the run book asks of the delivery controller; the engine routes
+/// these after each event (and between dispatch rounds), so the DAG code
+/// never calls into delivery.
+#[derive(Debug)]
+pub(crate) enum DeliveryEvent {
+    /// An environment stage succeeded: its release goes live (or, in a
+    /// rollback run, the restored one does).
+    Deployed(StageKey),
+    /// A gate stage is ready to be decided.
+    GateReady(StageKey),
+    /// A rollback run ended without success.
+    RollbackFailed(RollbackPlan),
+}
+
 impl Engine {
+    /// Routes the delivery events queued so far.
+    pub(super) fn route_delivery(&mut self) {
+        while !self.delivery_events.is_empty() {
+            for event in std::mem::take(&mut self.delivery_events) {
+                match event {
+                    DeliveryEvent::Deployed(key) => self.on_environment_stage_succeeded(key),
+                    DeliveryEvent::GateReady(key) => self.evaluate_gate(key),
+                    DeliveryEvent::RollbackFailed(plan) => self.finish_rollback(&plan, false),
+                }
+            }
+        }
+    }
+
+    /// A run of the run book, unfinished or lately finished: delivery
+    /// events may arrive after the run retired in the same burst.
+    fn run_of(&self, run: RunId) -> Option<&ActiveRun> {
+        self.runs.get(&run).or_else(|| self.retired.get(&run))
+    }
+
     /// Reads the stage's `metrics:` file from its outputs into the record.
     pub(super) fn record_metrics(&mut self, key: StageKey) -> Result<(), String> {
         let Some(path) = self.stage_spec(key).and_then(|stage| stage.metrics.clone()) else {
@@ -58,8 +91,7 @@ impl Engine {
 
     /// The spec of a stage of an active run.
     pub(super) fn stage_spec(&self, key: StageKey) -> Option<&spec::Stage> {
-        self.runs
-            .get(&key.run)?
+        self.run_of(key.run)?
             .spec
             .parsed
             .stages
@@ -69,7 +101,7 @@ impl Engine {
     /// Every metric of the run so far; later stages win on a name clash.
     fn run_metrics(&self, run: RunId) -> BTreeMap<String, Option<f64>> {
         let mut metrics = BTreeMap::new();
-        if let Some(active) = self.runs.get(&run) {
+        if let Some(active) = self.run_of(run) {
             for stage in &active.stages {
                 metrics.extend(stage.metrics.clone());
             }
@@ -79,6 +111,13 @@ impl Engine {
 
     /// Decides a ready gate stage on the spot.
     pub(super) fn evaluate_gate(&mut self, key: StageKey) {
+        // Cancelled (or decided) since it was handed over.
+        if !self
+            .stage(key)
+            .is_some_and(|stage| stage.state == StageState::Ready)
+        {
+            return;
+        }
         let Some(gate) = self.stage_spec(key).and_then(|stage| stage.gate.clone()) else {
             return;
         };
@@ -94,12 +133,10 @@ impl Engine {
             .as_ref()
             .zip(pipeline)
             .and_then(|(env, pipeline)| {
-                let live = self
-                    .environments
-                    .get(&EnvKey::of_pipeline(&pipeline, env))?
-                    .live?;
-                let release = self.releases.get(&live)?.clone();
-                Some((env.clone(), release))
+                let champion = self
+                    .delivery
+                    .champion(&EnvKey::of_pipeline(&pipeline, env))?;
+                Some((env.clone(), champion.clone()))
             });
         let now = self.clock.now_ms();
         let mut decision = decide(
@@ -183,7 +220,7 @@ impl Engine {
     /// An environment stage succeeded: its release goes live (or, in a
     /// rollback run, the restored release does).
     pub(super) fn on_environment_stage_succeeded(&mut self, key: StageKey) {
-        let Some(active) = self.runs.get(&key.run) else {
+        let Some(active) = self.run_of(key.run) else {
             return;
         };
         if let Some(plan) = active.record.rollback.clone() {
@@ -198,9 +235,10 @@ impl Engine {
         };
         let environment = EnvKey::of_pipeline(&active.record.pipeline, name);
         let now = self.clock.now_ms();
-        let id = self.next_release_id;
-        self.next_release_id += 1;
-        let active = &self.runs[&key.run];
+        let id = self.delivery.next_release_id();
+        let Some(active) = self.run_of(key.run) else {
+            return;
+        };
         let stage = &active.stages[key.idx as usize];
         let mut artifacts: Vec<StageArtifact> = self.inputs_of_stage(key);
         artifacts.extend(stage.outputs.iter().map(|artifact| StageArtifact {
@@ -254,37 +292,18 @@ impl Engine {
         }
     }
 
-    /// Makes `release` live in its environment; the one live before gets
-    /// `previous_becomes` (with `reason`).
+    /// Makes `release` live through the delivery state and queues the
+    /// writes.
     fn make_live(
         &mut self,
         release: ReleaseRecord,
         previous_becomes: ReleaseState,
         reason: Option<String>,
     ) {
-        let environment = release.environment.clone();
-        let env = self
-            .environments
-            .entry(environment.clone())
-            .or_insert_with(|| EnvironmentRecord::new(environment.clone()));
-        let previous = env.live.replace(release.id);
-        let env_record = env.clone();
-        if let Some(previous) = previous.filter(|&p| p != release.id)
-            && let Some(old) = self.releases.get_mut(&previous)
-        {
-            old.state = previous_becomes;
-            if reason.is_some() {
-                old.reason = reason;
-            }
-            let old = old.clone();
-            self.breaches.remove(&previous);
-            self.write(Op::Release(old));
+        self.metrics.release_created(&release.environment);
+        for op in self.delivery.make_live(release, previous_becomes, reason) {
+            self.write(op);
         }
-        tracing::info!(release = release.id, environment = %environment, run = %release.run, "release is live");
-        self.metrics.release_created(&environment);
-        self.releases.insert(release.id, release.clone());
-        self.write(Op::Release(release));
-        self.write(Op::Environment(env_record));
     }
 
     /// Starts a rollback run of `environment` to `to` (default: the release
@@ -297,10 +316,12 @@ impl Engine {
         reason: String,
         triggered_by: String,
     ) -> Result<RunId, ApiError> {
-        let env = self.environments.get(environment).ok_or_else(|| {
-            ApiError::NotFound(format!("environment `{environment}` has no releases"))
-        })?;
-        let live = env.live.ok_or_else(|| {
+        if !self.delivery.exists(environment) {
+            return Err(ApiError::NotFound(format!(
+                "environment `{environment}` has no releases"
+            )));
+        }
+        let live = self.delivery.live(environment).ok_or_else(|| {
             ApiError::FailedPrecondition(format!("nothing is live in `{environment}`"))
         })?;
         if let Some(running) = self.runs.values().find(|run| {
@@ -317,9 +338,9 @@ impl Engine {
             )));
         }
         let history: Vec<ReleaseRecord> = self
-            .releases
-            .values()
-            .filter(|release| release.environment == *environment)
+            .delivery
+            .history(environment)
+            .into_iter()
             .cloned()
             .collect();
         let target = match to {
@@ -431,17 +452,14 @@ impl Engine {
             self.alert_rollback_failed(plan);
             return;
         }
-        let live = self
-            .environments
-            .get(&plan.environment)
-            .and_then(|env| env.live);
+        let live = self.delivery.live(&plan.environment);
         if live != Some(plan.from) {
             // Something else went live meanwhile: leave it, and say so.
             tracing::warn!(environment = %plan.environment, ?live, from = plan.from, "rollback finished after another release went live; not applied");
             self.alert_rollback_failed(plan);
             return;
         }
-        let Some(mut restored) = self.releases.get(&plan.to).cloned() else {
+        let Some(mut restored) = self.delivery.release(plan.to).cloned() else {
             return;
         };
         restored.state = ReleaseState::Live;
@@ -458,7 +476,7 @@ impl Engine {
     /// Artifacts a stage gets: the outputs of the stages it needs, or a
     /// rollback plan's fixed artifacts.
     pub(super) fn inputs_of_stage(&self, key: StageKey) -> Vec<StageArtifact> {
-        let Some(active) = self.runs.get(&key.run) else {
+        let Some(active) = self.run_of(key.run) else {
             return Vec::new();
         };
         if let Some(plan) = &active.record.rollback {
@@ -478,12 +496,12 @@ impl Engine {
     }
 
     pub(super) fn unfreeze(&mut self, environment: &EnvKey) -> Result<EnvironmentRecord, ApiError> {
-        let env = self.environments.get_mut(environment).ok_or_else(|| {
-            ApiError::NotFound(format!("environment `{environment}` has no releases"))
-        })?;
-        env.frozen = None;
-        let record = env.clone();
-        self.write(Op::Environment(record.clone()));
+        let op = self.delivery.unfreeze(environment)?;
+        let Op::Environment(record) = &op else {
+            unreachable!("unfreezing writes the environment");
+        };
+        let record = record.clone();
+        self.write(op);
         Ok(record)
     }
 
@@ -491,10 +509,9 @@ impl Engine {
     /// (of the run's pipeline) now.
     pub(super) fn frozen_reason(&self, run: RunId, environment: &str) -> Option<String> {
         let pipeline = &self.runs.get(&run)?.record.pipeline;
-        self.environments
-            .get(&EnvKey::of_pipeline(pipeline, environment))?
-            .frozen
-            .clone()
+        self.delivery
+            .frozen(&EnvKey::of_pipeline(pipeline, environment))
+            .map(str::to_owned)
     }
 }
 

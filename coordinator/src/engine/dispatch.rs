@@ -186,7 +186,9 @@ impl Engine {
             .as_deref()
             .and_then(|env| self.frozen_reason(key.run, env));
         if is_gate {
-            self.evaluate_gate(key);
+            // Gates are the delivery controller's to decide.
+            self.delivery_events
+                .push(super::delivery::DeliveryEvent::GateReady(key));
             return true;
         }
         if let Some(reason) = frozen {
@@ -207,7 +209,7 @@ impl Engine {
             .runs
             .get(&key.run)
             .and_then(|run| run.record.rollback.as_ref())
-            .and_then(|plan| self.releases.get(&plan.to))
+            .and_then(|plan| self.delivery.release(plan.to))
             .and_then(|release| release.image_digest.clone());
         restored.or_else(|| stage.image.clone()).unwrap_or_default()
     }

@@ -23,6 +23,7 @@ mod agents;
 mod alerts;
 mod delivery;
 mod dispatch;
+mod environments;
 mod logs;
 mod monitor;
 mod pool;
@@ -232,16 +233,12 @@ pub(crate) struct Engine {
     ready: VecDeque<StageKey>,
     pool: pool::AgentPool,
     next_run_id: u64,
-    /// Environments by pipeline and name, with their live release.
-    environments: BTreeMap<EnvKey, crate::store::EnvironmentRecord>,
-    /// Every release, by id: the engine reads its own latest writes here,
-    /// never from the store, whose batches may still be on their way.
-    releases: BTreeMap<u64, crate::store::ReleaseRecord>,
-    next_release_id: u64,
+    /// The delivery controller's state: environments, releases, breaches.
+    delivery: environments::Environments,
+    /// Delivery work the run book asked for, routed after each event.
+    delivery_events: Vec<delivery::DeliveryEvent>,
     /// When each queued stage became ready, for the dispatch latency metric.
     ready_since: HashMap<StageKey, std::time::Instant>,
-    /// Consecutive breaches per watched release.
-    breaches: HashMap<u64, u32>,
     /// Monitors to start; the runner drains this.
     monitor_requests: Vec<MonitorRequest>,
     /// Alerts to send; the runner drains this into the alerter.
@@ -282,23 +279,11 @@ impl Engine {
             .map(|record| (record.name.clone(), record))
             .collect();
         let next_run_id = store.last_run_id()? + 1;
-        let environments: BTreeMap<_, _> = store
-            .environments()?
-            .into_iter()
-            .map(|env| (env.key.clone(), env))
-            .collect();
-        let releases: BTreeMap<u64, crate::store::ReleaseRecord> = store
-            .releases()?
-            .into_iter()
-            .map(|release| (release.id, release))
-            .collect();
-        let next_release_id = releases.keys().next_back().map_or(1, |id| id + 1);
+        let delivery = environments::Environments::load(store.environments()?, store.releases()?);
         let now = clock.now_ms();
         // Releases still inside their watch window get their monitor back.
-        let resumed_monitors: Vec<(u64, EnvKey, String, u32, String, u64)> = releases
-            .values()
-            .filter(|release| release.state == crate::store::ReleaseState::Live)
-            .filter(|release| release.monitor_until_ms.is_some_and(|until| until > now))
+        let resumed_monitors: Vec<(u64, EnvKey, String, u32, String, u64)> = delivery
+            .watched_at(now)
             .map(|r| {
                 (
                     r.id,
@@ -322,11 +307,9 @@ impl Engine {
             ready: VecDeque::new(),
             pool: pool::AgentPool::new(config.lease_ttl),
             next_run_id,
-            environments,
-            releases,
-            next_release_id,
+            delivery,
+            delivery_events: Vec::new(),
             ready_since: HashMap::new(),
-            breaches: HashMap::new(),
             monitor_requests: Vec::new(),
             pending_alerts: Vec::new(),
             dirty: Dirty::default(),
@@ -467,6 +450,8 @@ impl Engine {
             }
             Event::MonitorSample(observation) => self.observe(observation),
         }
+        // What the run book asked of delivery happens before the next event.
+        self.route_delivery();
     }
 
     /// Periodic work: expire leases.
@@ -497,7 +482,15 @@ impl Engine {
     }
 
     pub(crate) fn take_commit(&mut self) -> (Batch, Vec<Effect>) {
-        self.dispatch();
+        // Deciding a gate can make more stages ready, and dispatch can hand
+        // more gates to delivery: go round until both are settled.
+        loop {
+            self.route_delivery();
+            self.dispatch();
+            if self.delivery_events.is_empty() {
+                break;
+            }
+        }
         self.write_dirty(None);
         self.update_gauges();
         for (reply, result) in std::mem::take(&mut self.run_replies) {

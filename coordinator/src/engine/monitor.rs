@@ -10,10 +10,10 @@ use kiln_common::ids::EnvKey;
 use kiln_common::spec::{self, MonitorSource, OnBreach, OnMissing};
 use tokio::sync::{mpsc, watch};
 
+use super::environments::Watch;
 use super::{Engine, Event, MonitorRequest};
 use crate::delivery::HttpClient;
 use crate::delivery::sources::{self, MetricSource, Sample};
-use crate::store::Op;
 
 /// One round of samples of a watched release.
 pub(crate) struct Observation {
@@ -100,11 +100,7 @@ impl Engine {
             environment,
             values,
         } = observation;
-        let live = self.environments.get(&environment).and_then(|env| env.live);
-        if live != Some(release) || self.breaches.get(&release) == Some(&u32::MAX) {
-            return;
-        }
-        let Some(record) = self.releases.get(&release).cloned() else {
+        let Some(record) = self.delivery.release(release).cloned() else {
             return;
         };
         let Ok(spec) = self.spec(&record.pipeline, record.pipeline_version) else {
@@ -118,19 +114,19 @@ impl Engine {
             return;
         };
         let (breached, observed) = judge(&monitor, &values);
-        let count = self.breaches.entry(release).or_default();
-        if !breached {
-            *count = 0;
-            return;
-        }
-        *count += 1;
-        let count = *count;
+        let count =
+            match self
+                .delivery
+                .observe(&environment, release, breached, monitor.failure_limit)
+            {
+                Watch::Ignored | Watch::Counted(0) => return,
+                Watch::Counted(count) | Watch::Act(count) => count,
+            };
         self.metrics.monitor_breach(&environment);
         tracing::warn!(release, environment = %environment, count, limit = monitor.failure_limit, %observed, "monitor breach");
         if count < monitor.failure_limit {
             return;
         }
-        self.breaches.insert(release, u32::MAX);
         let reason = format!(
             "{} consecutive breaches of release {release} in `{environment}`: {observed}",
             monitor.failure_limit
@@ -146,10 +142,8 @@ impl Engine {
                 }
             }
             OnBreach::Freeze => {
-                if let Some(env) = self.environments.get_mut(&environment) {
-                    env.frozen = Some(reason);
-                    let record = env.clone();
-                    self.write(Op::Environment(record));
+                if let Some(op) = self.delivery.freeze(&environment, reason) {
+                    self.write(op);
                 }
             }
         }

@@ -224,7 +224,8 @@ impl Engine {
         };
         if state == StageState::Succeeded {
             if spec.parsed.stages[key.idx as usize].environment.is_some() {
-                self.on_environment_stage_succeeded(key);
+                self.delivery_events
+                    .push(super::delivery::DeliveryEvent::Deployed(key));
             }
             for &dependent in &spec.dependents[key.idx as usize] {
                 let all_done = spec.parsed.stages[dependent].needs.iter().all(|&need| {
@@ -422,7 +423,8 @@ impl Engine {
         if let Some(plan) = active.record.rollback.clone()
             && active.record.state != RunState::Succeeded
         {
-            self.finish_rollback(&plan, false);
+            self.delivery_events
+                .push(super::delivery::DeliveryEvent::RollbackFailed(plan));
         }
         let Some(active) = self.runs.get(&run) else {
             return;

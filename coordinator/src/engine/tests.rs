@@ -449,7 +449,7 @@ fn rollback_starts_at_exactly_failure_limit_consecutive_breaches() {
     }
     let (requests, _) = h.engine.take_requests();
     assert_eq!(requests.len(), 2, "each release is watched");
-    let live = h.engine.environments[&prod()].live.unwrap();
+    let live = h.engine.delivery.live(&prod()).unwrap();
     let runs_before = h.engine.next_run_id;
 
     // Two breaches, a healthy sample (the count starts over), two more:
@@ -471,7 +471,7 @@ fn rollback_starts_at_exactly_failure_limit_consecutive_breaches() {
     );
     let rollback = agent.assignments()[0];
     h.finish(&agent, rollback, pb::Outcome::Succeeded);
-    let restored = h.engine.environments[&prod()].live.unwrap();
+    let restored = h.engine.delivery.live(&prod()).unwrap();
     assert_eq!(restored, live - 1, "the previous release is live again");
     let rolled_back = h.store.release(live).unwrap().unwrap();
     assert_eq!(rolled_back.state, crate::store::ReleaseState::RolledBack);
@@ -534,13 +534,13 @@ fn releases_environments_and_monitors_survive_a_restart() {
         let stage = agent.assignments()[0];
         h.finish(&agent, stage, pb::Outcome::Succeeded);
     }
-    let live = h.engine.environments[&prod()].live.unwrap();
+    let live = h.engine.delivery.live(&prod()).unwrap();
     h.restart();
-    assert_eq!(h.engine.environments[&prod()].live, Some(live));
-    assert_eq!(h.engine.releases.len(), 2);
+    assert_eq!(h.engine.delivery.live(&prod()), Some(live));
+    assert_eq!(h.engine.delivery.history(&prod()).len(), 2);
     assert_eq!(
-        h.engine.releases[&(live - 1)].state,
-        crate::store::ReleaseState::Superseded
+        h.engine.delivery.release(live - 1).map(|r| r.state),
+        Some(crate::store::ReleaseState::Superseded)
     );
     let (monitors, _) = h.engine.take_requests();
     let watched: Vec<u64> = monitors.iter().map(|m| m.release).collect();
@@ -550,7 +550,7 @@ fn releases_environments_and_monitors_survive_a_restart() {
     h.start_run(WATCHED);
     let stage = agent.assignments()[0];
     h.finish(&agent, stage, pb::Outcome::Succeeded);
-    assert_eq!(h.engine.environments[&prod()].live, Some(live + 1));
+    assert_eq!(h.engine.delivery.live(&prod()), Some(live + 1));
 }
 
 #[test]
@@ -566,8 +566,8 @@ fn a_breach_rolls_back_its_own_pipeline_and_never_touches_another() {
         h.finish(&agent, stage, pb::Outcome::Succeeded);
     }
     let v_prod = EnvKey::of_pipeline("v", "prod");
-    assert_eq!(h.engine.environments[&prod()].live, Some(2));
-    assert_eq!(h.engine.environments[&v_prod].live, Some(3));
+    assert_eq!(h.engine.delivery.live(&prod()), Some(2));
+    assert_eq!(h.engine.delivery.live(&v_prod), Some(3));
     assert_eq!(
         h.store.release(2).unwrap().unwrap().state,
         crate::store::ReleaseState::Live,
@@ -593,8 +593,8 @@ fn a_breach_rolls_back_its_own_pipeline_and_never_touches_another() {
         .unwrap();
     assert_eq!((plan.environment, plan.from, plan.to), (prod(), 2, 1));
     h.finish(&agent, rollback, pb::Outcome::Succeeded);
-    assert_eq!(h.engine.environments[&prod()].live, Some(1));
-    assert_eq!(h.engine.environments[&v_prod].live, Some(3));
+    assert_eq!(h.engine.delivery.live(&prod()), Some(1));
+    assert_eq!(h.engine.delivery.live(&v_prod), Some(3));
     assert_eq!(
         h.store.release(3).unwrap().unwrap().state,
         crate::store::ReleaseState::Live

@@ -17,8 +17,8 @@ use pb::agent_message::Msg;
 use pb::coordinator_message::Msg as Out;
 
 use super::Engine;
+use super::checks::{Checked, OutputCheck};
 use super::pool::{AgentTx, ConnId};
-use crate::blobs::parse_digest;
 use crate::error::ApiError;
 use crate::store::{ArtifactRecord, StageState};
 
@@ -166,6 +166,51 @@ impl Engine {
             return;
         };
         let (key, attempt) = key_of(&stage_ref);
+        if let Fence::Current = self.fence(name, key, attempt) {
+            if self.checking.contains(&(key, attempt)) {
+                // A repeat while its check is in flight: that check answers.
+                return;
+            }
+            let succeeded = finished.outcome == pb::Outcome::Succeeded as i32;
+            let metrics_path = self
+                .stage_spec(key)
+                .and_then(|stage| stage.metrics.clone())
+                .filter(|_| succeeded);
+            if finished.outputs.is_empty() && metrics_path.is_none() {
+                self.complete(name, finished, Checked::nothing());
+            } else {
+                self.checking.insert((key, attempt));
+                self.checks.push(OutputCheck {
+                    agent: name.to_owned(),
+                    finished,
+                    metrics_path,
+                });
+            }
+            return;
+        }
+        self.complete(name, finished, Checked::nothing());
+    }
+
+    /// The blob store answered a completion's check.
+    pub(super) fn outputs_checked(
+        &mut self,
+        name: &str,
+        finished: pb::StageFinished,
+        checked: Checked,
+    ) {
+        if let Some(stage_ref) = finished.stage {
+            self.checking.remove(&key_of(&stage_ref));
+        }
+        self.complete(name, finished, checked);
+    }
+
+    /// Settles a completion (fenced again: the attempt may have been lost
+    /// while its outputs were checked) and acknowledges it.
+    fn complete(&mut self, name: &str, finished: pb::StageFinished, checked: Checked) {
+        let Some(stage_ref) = finished.stage else {
+            return;
+        };
+        let (key, attempt) = key_of(&stage_ref);
         let ack = match self.fence(name, key, attempt) {
             Fence::Stale(reason) => {
                 tracing::warn!(agent = name, "rejected completion: {reason}");
@@ -195,13 +240,16 @@ impl Engine {
                         return;
                     }
                 };
-                let recorded = self.record_outputs(key, &finished.outputs).and_then(|()| {
-                    if outcome == pb::Outcome::Succeeded {
-                        self.record_metrics(key)
-                    } else {
+                let recorded = checked
+                    .outputs
+                    .and_then(|records| self.record_outputs(key, records))
+                    .and_then(|()| {
+                        let metrics = checked.metrics?;
+                        if let Some(stage) = self.stage_mut(key) {
+                            stage.metrics = metrics;
+                        }
                         Ok(())
-                    }
-                });
+                    });
                 let outcome = match recorded {
                     Ok(()) => outcome,
                     Err(problem) => {
@@ -252,25 +300,14 @@ impl Engine {
         self.send_after_commit(name, Out::Ack(ack));
     }
 
-    /// Checks a stage's reported outputs against the blob store and the
-    /// run's size limit, and records them.
-    fn record_outputs(&mut self, key: StageKey, outputs: &[pb::Artifact]) -> Result<(), String> {
-        let mut records = Vec::new();
-        for output in outputs {
-            let digest = parse_digest(&output.digest).map_err(|error| error.to_string())?;
-            // Also marks the blob as used, which keeps GC off it.
-            let Some(size) = self.blobs.stat(&digest) else {
-                return Err(format!(
-                    "artifact `{}` ({}) was never uploaded",
-                    output.path, output.digest
-                ));
-            };
-            records.push(ArtifactRecord {
-                path: output.path.clone(),
-                digest: output.digest.clone(),
-                size,
-            });
-        }
+    /// Records a stage's checked outputs, within the run's size limit
+    /// (decided here, in memory, so two checks of one run cannot both
+    /// pass a limit only one fits).
+    fn record_outputs(
+        &mut self,
+        key: StageKey,
+        records: Vec<ArtifactRecord>,
+    ) -> Result<(), String> {
         let limit = self.config.max_run_artifact_bytes;
         let run_total: u64 = self
             .runs

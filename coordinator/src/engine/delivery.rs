@@ -28,9 +28,6 @@ use crate::store::{
     RunRecord, RunState, StageArtifact, StageRecord, StageState,
 };
 
-/// Largest metrics file the coordinator reads.
-const MAX_METRICS_BYTES: u64 = 1 << 20;
-
 /// What the run book asks of the delivery controller; the engine routes
 /// these after each event (and between dispatch rounds), so the DAG code
 /// never calls into delivery.
@@ -63,30 +60,6 @@ impl Engine {
     /// events may arrive after the run retired in the same burst.
     fn run_of(&self, run: RunId) -> Option<&ActiveRun> {
         self.runs.get(&run).or_else(|| self.retired.get(&run))
-    }
-
-    /// Reads the stage's `metrics:` file from its outputs into the record.
-    pub(super) fn record_metrics(&mut self, key: StageKey) -> Result<(), String> {
-        let Some(path) = self.stage_spec(key).and_then(|stage| stage.metrics.clone()) else {
-            return Ok(());
-        };
-        let digest = self
-            .stage(key)
-            .and_then(|stage| stage.outputs.iter().find(|output| output.path == path))
-            .map(|output| output.digest.clone())
-            .ok_or_else(|| {
-                format!("metrics file `{path}` was not uploaded; the stage must write it")
-            })?;
-        let text = self
-            .blobs
-            .read_single_file(&digest, &path, MAX_METRICS_BYTES)
-            .map_err(|error| format!("metrics file `{path}`: {error}"))?;
-        let metrics =
-            parse_metrics(&text).map_err(|error| format!("metrics file `{path}`: {error}"))?;
-        if let Some(stage) = self.stage_mut(key) {
-            stage.metrics = metrics;
-        }
-        Ok(())
     }
 
     /// The spec of a stage of an active run.

@@ -21,6 +21,7 @@
 
 mod agents;
 mod alerts;
+mod checks;
 mod delivery;
 mod dispatch;
 mod environments;
@@ -136,6 +137,12 @@ pub(crate) enum Event {
     },
     /// What a monitor saw; see [`monitor`].
     MonitorSample(monitor::Observation),
+    /// What the blob store said of a completion's outputs; see [`checks`].
+    OutputsChecked {
+        agent: String,
+        finished: pb::StageFinished,
+        checked: checks::Checked,
+    },
 }
 
 /// A release to watch: the runner starts a monitor task for it.
@@ -235,6 +242,10 @@ pub(crate) struct Engine {
     next_run_id: u64,
     /// The delivery controller's state: environments, releases, breaches.
     delivery: environments::Environments,
+    /// Completions whose outputs the runner is to check off the loop.
+    checks: Vec<checks::OutputCheck>,
+    /// Attempts with a check in flight.
+    checking: BTreeSet<(StageKey, u32)>,
     /// Delivery work the run book asked for, routed after each event.
     delivery_events: Vec<delivery::DeliveryEvent>,
     /// When each queued stage became ready, for the dispatch latency metric.
@@ -309,6 +320,8 @@ impl Engine {
             next_run_id,
             delivery,
             delivery_events: Vec::new(),
+            checks: Vec::new(),
+            checking: BTreeSet::new(),
             ready_since: HashMap::new(),
             monitor_requests: Vec::new(),
             pending_alerts: Vec::new(),
@@ -449,6 +462,11 @@ impl Engine {
                 self.reply(reply, result);
             }
             Event::MonitorSample(observation) => self.observe(observation),
+            Event::OutputsChecked {
+                agent,
+                finished,
+                checked,
+            } => self.outputs_checked(&agent, finished, checked),
         }
         // What the run book asked of delivery happens before the next event.
         self.route_delivery();
@@ -468,6 +486,12 @@ impl Engine {
             std::mem::take(&mut self.monitor_requests),
             std::mem::take(&mut self.pending_alerts),
         )
+    }
+
+    /// Output checks to run on the blocking pool; each reports back as an
+    /// event.
+    pub(crate) fn take_checks(&mut self) -> Vec<checks::OutputCheck> {
+        std::mem::take(&mut self.checks)
     }
 
     /// Pushes ready stages to agents, then returns the pending group.
@@ -673,6 +697,17 @@ pub(crate) async fn run_engine(
         if !batch.is_empty() || !effects.is_empty() {
             let seq = committer.submit(batch, effects);
             engine.committed(seq);
+        }
+        for check in engine.take_checks() {
+            let (blobs, events) = (engine.blobs.clone(), delivery.events.clone());
+            tokio::spawn(async move {
+                let checked = tokio::task::spawn_blocking(move || check.run(&blobs)).await;
+                // A lost result only means the agent sends its completion
+                // again after it reconnects.
+                if let Ok(event) = checked {
+                    let _ = events.send(event).await;
+                }
+            });
         }
         let (requests, alerts) = engine.take_requests();
         for alert in alerts {

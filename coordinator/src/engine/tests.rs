@@ -82,8 +82,19 @@ impl Harness {
         .unwrap();
     }
 
-    /// What the commit thread does: apply, flush, then run the effects.
+    /// What the runner and the commit thread do: output checks on the
+    /// side (here, at once), then apply, flush and run the effects.
     fn commit(&mut self) {
+        loop {
+            let checks = self.engine.take_checks();
+            if checks.is_empty() {
+                break;
+            }
+            for check in checks {
+                let event = check.run(&self.blobs);
+                self.engine.handle(event);
+            }
+        }
         let (batch, effects) = self.engine.take_commit();
         self.store.apply(&batch).unwrap();
         self.store.flush().unwrap();
@@ -715,4 +726,80 @@ fn lines_that_cannot_be_masked_are_never_stored_and_the_stage_fails() {
         "the agent is told to stop: {received:?}"
     );
     assert!(acks(received).iter().any(|ack| ack.rejected));
+}
+
+#[test]
+fn a_completion_with_outputs_is_settled_only_when_its_check_answers() {
+    let mut h = Harness::new();
+    let run = h.start_run(
+        "pipeline: p\nstages:\n  a: { commands: [x], artifacts: [out] }\n  b: { needs: [a], commands: [y], artifacts: [gone] }\n",
+    );
+    let mut agent = h.connect("one", 1, 1, vec![]);
+    let stage = agent.assignments()[0];
+    let blob = h
+        .blobs
+        .store_with(|writer| writer.write_all(b"an archive"))
+        .unwrap();
+    let finished = pb::StageFinished {
+        stage: Some(stage),
+        outcome: pb::Outcome::Succeeded as i32,
+        outputs: vec![pb::Artifact {
+            path: "out".into(),
+            digest: blob.digest.to_string(),
+            size: blob.size,
+            stage: "a".into(),
+        }],
+        ..Default::default()
+    };
+    // The engine hands the blob store's part to the runner and waits.
+    h.engine.handle(Event::AgentMessage {
+        agent: "one".into(),
+        conn: ConnId(1),
+        msg: Msg::Finished(finished.clone()),
+    });
+    let checks = h.engine.take_checks();
+    assert_eq!(checks.len(), 1);
+    // A repeat while the check is out starts no second one.
+    h.engine.handle(Event::AgentMessage {
+        agent: "one".into(),
+        conn: ConnId(1),
+        msg: Msg::Finished(finished),
+    });
+    assert!(h.engine.take_checks().is_empty());
+    assert_eq!(h.stage(run, "a").state, pb::StageState::Assigned as i32);
+    assert!(acks(agent.received()).is_empty(), "no ack before the check");
+    for check in checks {
+        let event = check.run(&h.blobs);
+        h.engine.handle(event);
+    }
+    let a = h.stage(run, "a");
+    assert_eq!(a.state, pb::StageState::Succeeded as i32);
+    assert_eq!(a.outputs.len(), 1);
+    let received = agent.received();
+    assert!(acks(received.clone()).iter().any(|ack| ack.finished));
+
+    // An output that was never uploaded fails the stage, through the same
+    // check.
+    let b = received
+        .into_iter()
+        .find_map(|msg| match msg {
+            Out::Assign(assign) => assign.stage,
+            _ => None,
+        })
+        .expect("b assigned");
+    let missing = pb::StageFinished {
+        stage: Some(b),
+        outcome: pb::Outcome::Succeeded as i32,
+        outputs: vec![pb::Artifact {
+            path: "gone".into(),
+            digest: kiln_common::archive::BlobDigest::of(b"never sent").to_string(),
+            size: 10,
+            stage: "b".into(),
+        }],
+        ..Default::default()
+    };
+    h.send(&agent, Msg::Finished(missing));
+    let b = h.stage(run, "b");
+    assert_eq!(b.state, pb::StageState::Failed as i32);
+    assert!(b.message.contains("never uploaded"), "{}", b.message);
 }

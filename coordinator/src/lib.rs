@@ -28,6 +28,7 @@ mod error;
 mod gc;
 mod http;
 mod metrics;
+mod pipelines;
 mod provenance;
 mod read;
 mod secrets;
@@ -202,7 +203,8 @@ pub async fn run(
         stop_rx.clone(),
     ));
     let hooks_events = events_tx.clone();
-    let reader = read::Reader::new(store.clone(), engine.durable_view());
+    let parsed = engine.parsed_pipelines();
+    let reader = read::Reader::new(store.clone(), engine.durable_view(), parsed.clone());
     let engine_task = tokio::spawn(engine::run_engine(
         engine,
         events_rx,
@@ -292,6 +294,7 @@ pub async fn run(
                     store: store.clone(),
                     secrets: secrets.clone(),
                     events: hooks_events,
+                    parsed,
                     auth: auth.clone(),
                 },
                 stop_rx.clone(),

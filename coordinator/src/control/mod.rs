@@ -26,6 +26,7 @@ use crate::blobs::{BlobStore, parse_digest};
 use crate::engine::{Event, NewPipeline, Reply};
 use crate::error::ApiError;
 use crate::gc;
+use crate::pipelines::ParsedPipelines;
 use crate::provenance::ProvenanceKey;
 use crate::read::{LogRequest, Reader};
 use crate::secrets::Secrets;
@@ -179,7 +180,7 @@ impl ControlService for ControlApi {
         let target = format!("pipeline {} v{}", record.name, record.version);
         Ok(audited(
             pb::RegisterPipelineResponse {
-                pipeline: Some(pipeline_view(&record)),
+                pipeline: Some(pipeline_view(self.reader.parsed(), &record)),
                 created,
             },
             target,
@@ -195,7 +196,7 @@ impl ControlService for ControlApi {
             .latest_pipelines()
             .map_err(ApiError::from)?
             .iter()
-            .map(pipeline_view)
+            .map(|record| pipeline_view(self.reader.parsed(), record))
             .collect();
         Ok(Response::new(pb::ListPipelinesResponse { pipelines }))
     }
@@ -218,7 +219,7 @@ impl ControlService for ControlApi {
                     ))
                 })?
         };
-        Ok(Response::new(pipeline_view(&record)))
+        Ok(Response::new(pipeline_view(self.reader.parsed(), &record)))
     }
 
     async fn trigger_run(
@@ -658,9 +659,16 @@ fn is_finished(run: &pb::Run) -> bool {
     )
 }
 
-fn pipeline_view(record: &PipelineRecord) -> pb::Pipeline {
-    let stages = spec::parse(&record.file_name, &record.spec_yaml)
-        .map(|parsed| parsed.stages.into_iter().map(|stage| stage.name).collect())
+fn pipeline_view(parsed: &ParsedPipelines, record: &PipelineRecord) -> pb::Pipeline {
+    let stages = parsed
+        .get(record)
+        .map(|parsed| {
+            parsed
+                .stages
+                .iter()
+                .map(|stage| stage.name.clone())
+                .collect()
+        })
         .unwrap_or_default();
     pb::Pipeline {
         name: record.name.clone(),

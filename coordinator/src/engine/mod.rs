@@ -166,7 +166,7 @@ pub(crate) struct NewPipeline {
 /// A pipeline version, parsed once and shared by its runs.
 pub(crate) struct PipelineSpec {
     pub(crate) record: PipelineRecord,
-    pub(crate) parsed: spec::Pipeline,
+    pub(crate) parsed: Arc<spec::Pipeline>,
     /// `dependents[i]`: stages that list stage `i` in their `needs`.
     pub(crate) dependents: Vec<Vec<usize>>,
 }
@@ -256,6 +256,8 @@ pub(crate) struct Engine {
     pending_alerts: Vec<crate::delivery::alerts::Alert>,
     /// Records changed since the last commit, written once at its end.
     dirty: Dirty,
+    /// Pipeline versions parsed once, shared with the API.
+    parsed: Arc<crate::pipelines::ParsedPipelines>,
     /// What readers may see once the pending group is durable.
     view: Arc<crate::read::DurableView>,
     view_update: crate::read::ViewUpdate,
@@ -327,6 +329,7 @@ impl Engine {
             pending_alerts: Vec::new(),
             dirty: Dirty::default(),
             view: Arc::new(crate::read::DurableView::default()),
+            parsed: Arc::default(),
             view_update: crate::read::ViewUpdate::default(),
             retired: BTreeMap::new(),
             retired_order: VecDeque::new(),
@@ -557,6 +560,11 @@ impl Engine {
         }
     }
 
+    /// The parsed pipeline versions, for the API to share.
+    pub(crate) fn parsed_pipelines(&self) -> Arc<crate::pipelines::ParsedPipelines> {
+        self.parsed.clone()
+    }
+
     /// The shared view readers use; filled by this engine's commits.
     pub(crate) fn durable_view(&self) -> Arc<crate::read::DurableView> {
         self.view.clone()
@@ -600,7 +608,9 @@ impl Engine {
         let record = self.store.pipeline(name, version)?.ok_or_else(|| {
             ApiError::NotFound(format!("pipeline `{name}` has no version {version}"))
         })?;
-        let parsed = spec::parse(&record.file_name, &record.spec_yaml)
+        let parsed = self
+            .parsed
+            .get(&record)
             .map_err(|error| ApiError::FailedPrecondition(error.to_string()))?;
         let mut dependents = vec![Vec::new(); parsed.stages.len()];
         for (idx, stage) in parsed.stages.iter().enumerate() {

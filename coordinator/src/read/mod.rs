@@ -136,11 +136,25 @@ impl DurableView {
 pub(crate) struct Reader {
     store: Arc<dyn Store>,
     view: Arc<DurableView>,
+    parsed: Arc<crate::pipelines::ParsedPipelines>,
 }
 
 impl Reader {
-    pub(crate) fn new(store: Arc<dyn Store>, view: Arc<DurableView>) -> Self {
-        Self { store, view }
+    pub(crate) fn new(
+        store: Arc<dyn Store>,
+        view: Arc<DurableView>,
+        parsed: Arc<crate::pipelines::ParsedPipelines>,
+    ) -> Self {
+        Self {
+            store,
+            view,
+            parsed,
+        }
+    }
+
+    /// Pipeline versions, parsed once.
+    pub(crate) fn parsed(&self) -> &Arc<crate::pipelines::ParsedPipelines> {
+        &self.parsed
     }
 
     /// Runs `read` on the blocking pool.

@@ -9,7 +9,7 @@ use axum::Json;
 use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
-use kiln_common::spec;
+
 use kiln_common::triggers::webhook::{self, PushEvent};
 use serde_json::json;
 use tokio::sync::mpsc;
@@ -31,6 +31,8 @@ pub(crate) struct Hooks {
     pub(crate) secrets: Arc<Secrets>,
     pub(crate) events: mpsc::Sender<Event>,
     pub(crate) auth: Arc<Auth>,
+    /// Each pipeline version's file, parsed once.
+    pub(crate) parsed: Arc<crate::pipelines::ParsedPipelines>,
 }
 
 type Reply = (StatusCode, Json<serde_json::Value>);
@@ -95,9 +97,11 @@ async fn handle(
     let Some(pipeline) = pipeline else {
         return fail(StatusCode::NOT_FOUND, format!("no pipeline named `{name}`"));
     };
-    let push = spec::parse(&pipeline.file_name, &pipeline.spec_yaml)
+    let push = hooks
+        .parsed
+        .get(&pipeline)
         .ok()
-        .and_then(|parsed| parsed.triggers.push);
+        .and_then(|parsed| parsed.triggers.push.clone());
     let Some(push) = push else {
         return fail(
             StatusCode::NOT_FOUND,

@@ -11,11 +11,10 @@ use futures::Stream;
 use kiln_proto::v1 as pb;
 use pb::agent_service_server::AgentService;
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::auth::Principal;
-use crate::engine::{ConnId, Event};
+use crate::engine::{AgentTx, ConnId, Event};
 
 /// How long a new stream may take to say hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -133,7 +132,7 @@ impl AgentService for AgentApi {
             agent: agent.clone(),
         };
         let conn = ConnId(self.next_conn.fetch_add(1, Ordering::Relaxed));
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = AgentTx::channel();
         let events = self.events.clone();
         events
             .send(Event::AgentHello { hello, conn, tx })
@@ -164,7 +163,7 @@ impl AgentService for AgentApi {
             }
             let _ = events.send(Event::AgentGone { agent, conn }).await;
         });
-        Ok(Response::new(Box::pin(UnboundedReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(rx.into_stream())))
     }
 }
 

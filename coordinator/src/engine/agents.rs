@@ -383,7 +383,7 @@ impl Engine {
             return;
         };
         self.after_commit(move || {
-            let _ = tx.send(Ok(pb::CoordinatorMessage { msg: Some(msg) }));
+            tx.send(msg);
         });
     }
 

@@ -11,15 +11,97 @@
 //! its "gone" change nothing.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use kiln_common::ids::StageKey;
 use kiln_common::labels;
 use kiln_proto::v1 as pb;
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 
-/// The outbound half of an agent's stream.
-pub(crate) type AgentTx = mpsc::UnboundedSender<Result<pb::CoordinatorMessage, tonic::Status>>;
+/// Messages queued towards one agent before it counts as not reading.
+const AGENT_QUEUE: usize = 1024;
+
+type Outbound = Result<pb::CoordinatorMessage, tonic::Status>;
+
+/// The outbound half of an agent's stream: bounded. An agent that lets
+/// [`AGENT_QUEUE`] messages pile up is cut off (its stream ends with
+/// `RESOURCE_EXHAUSTED`); it reconnects, and its hello settles what the
+/// lost messages said (acks are re-earned, lost assignments re-queued, a
+/// lost cancel becomes a `drop`).
+#[derive(Clone)]
+pub(crate) struct AgentTx {
+    tx: mpsc::Sender<Outbound>,
+    cut_off: Arc<CutOff>,
+}
+
+#[derive(Default)]
+struct CutOff {
+    flag: AtomicBool,
+    notify: Notify,
+}
+
+/// The receiving half, served as the agent's `Connect` response stream.
+pub(crate) struct AgentRx {
+    rx: mpsc::Receiver<Outbound>,
+    cut_off: Arc<CutOff>,
+}
+
+impl AgentTx {
+    pub(crate) fn channel() -> (Self, AgentRx) {
+        let (tx, rx) = mpsc::channel(AGENT_QUEUE);
+        let cut_off = Arc::new(CutOff::default());
+        let rx = AgentRx {
+            rx,
+            cut_off: cut_off.clone(),
+        };
+        (Self { tx, cut_off }, rx)
+    }
+
+    /// Queues `msg` without waiting (the commit thread calls this).
+    pub(crate) fn send(&self, msg: pb::coordinator_message::Msg) {
+        let message = Ok(pb::CoordinatorMessage { msg: Some(msg) });
+        if let Err(mpsc::error::TrySendError::Full(_)) = self.tx.try_send(message) {
+            if !self.cut_off.flag.swap(true, Ordering::AcqRel) {
+                tracing::warn!("an agent is not reading its stream; cutting it off");
+            }
+            self.cut_off.notify.notify_one();
+        }
+    }
+}
+
+impl AgentRx {
+    /// The messages, ending with an error if the agent was cut off.
+    pub(crate) fn into_stream(self) -> impl futures::Stream<Item = Outbound> + Send {
+        futures::stream::unfold(Some(self), |state| async move {
+            let mut this = state?;
+            if this.cut_off.flag.load(Ordering::Acquire) {
+                let status = tonic::Status::resource_exhausted(
+                    "this agent did not read its stream and was cut off; reconnect",
+                );
+                return Some((Err(status), None));
+            }
+            tokio::select! {
+                biased;
+                () = this.cut_off.notify.notified() => {
+                    let status = tonic::Status::resource_exhausted(
+                        "this agent did not read its stream and was cut off; reconnect",
+                    );
+                    Some((Err(status), None))
+                }
+                message = this.rx.recv() => message.map(|message| (message, Some(this))),
+            }
+        })
+    }
+
+    /// The next queued message, if any (tests drive the engine without a
+    /// runtime).
+    #[cfg(test)]
+    pub(crate) fn try_recv(&mut self) -> Option<Outbound> {
+        self.rx.try_recv().ok()
+    }
+}
 
 /// Distinguishes successive connections of one agent, so a late "gone" from
 /// an old connection does not cut off the new one.
@@ -260,7 +342,7 @@ mod tests {
     }
 
     fn tx() -> AgentTx {
-        mpsc::unbounded_channel().0
+        AgentTx::channel().0
     }
 
     fn held(run: u64, idx: u32, attempt: u32) -> Held {
@@ -323,6 +405,19 @@ mod tests {
         assert_eq!(pool.connected(), 1);
         assert!(pool.disconnect("a", ConnId(2)));
         assert_eq!(pool.connected(), 0);
+    }
+
+    #[tokio::test]
+    async fn an_agent_that_does_not_read_is_cut_off_not_buffered_for() {
+        use futures::StreamExt;
+        let (tx, rx) = AgentTx::channel();
+        for _ in 0..AGENT_QUEUE + 10 {
+            tx.send(pb::coordinator_message::Msg::Ack(pb::Ack::default()));
+        }
+        let received: Vec<Outbound> = rx.into_stream().collect().await;
+        assert_eq!(received.len(), 1, "the cut-off comes first, then the end");
+        let status = received[0].as_ref().unwrap_err();
+        assert_eq!(status.code(), tonic::Code::ResourceExhausted);
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::time::Duration;
 use kiln_proto::v1 as pb;
 use pb::agent_message::Msg;
 use pb::coordinator_message::Msg as Out;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
 use super::*;
 use crate::clock::ManualClock;
@@ -37,7 +37,7 @@ struct Harness {
 struct FakeAgent {
     name: String,
     conn: ConnId,
-    rx: mpsc::UnboundedReceiver<Result<pb::CoordinatorMessage, tonic::Status>>,
+    rx: super::pool::AgentRx,
 }
 
 impl Harness {
@@ -144,7 +144,7 @@ impl Harness {
         capacity: u32,
         held: Vec<pb::StageRef>,
     ) -> FakeAgent {
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = AgentTx::channel();
         let hello = pb::Hello {
             name: name.into(),
             capacity,
@@ -198,7 +198,7 @@ impl Harness {
 
 impl FakeAgent {
     fn received(&mut self) -> Vec<Out> {
-        std::iter::from_fn(|| self.rx.try_recv().ok())
+        std::iter::from_fn(|| self.rx.try_recv())
             .filter_map(|msg| msg.ok()?.msg)
             .collect()
     }

@@ -29,16 +29,6 @@ impl fmt::Display for StageKey {
     }
 }
 
-/// An agent, named by its operator; names are unique within a farm.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-pub struct AgentId(pub String);
-
-impl fmt::Display for AgentId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
 /// What an environment belongs to. Today that is always a pipeline; a model
 /// registry may later scope environments by model name instead, as another
 /// variant, without touching the places that only pass keys around.

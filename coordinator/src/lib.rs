@@ -318,7 +318,6 @@ pub async fn run(
     tracing::info!("shutting down: engine, background tasks, listeners, then the commit thread");
     let _ = stop_tx.send(true);
     engine_task.await?;
-    tracing::info!("engine stopped");
     let _ = tokio::time::timeout(DRAIN_GRACE, alerter).await;
     let _ = tokio::time::timeout(DRAIN_GRACE, signer).await;
     let _ = tokio::time::timeout(DRAIN_GRACE, watcher).await;

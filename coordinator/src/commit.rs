@@ -1,11 +1,16 @@
 //! Group commit: many transitions, one flush.
 //!
-//! The engine (and the auth layer's audit records) hand over each
-//! transition's [`Batch`] together with the effects that must wait for it
-//! (acks to agents, replies to the CLI, the durable view readers see,
-//! pushes to watchers). A dedicated thread applies every batch that is
-//! waiting, flushes once, and only then runs the effects, in submission
-//! order.
+//! The engine hands over each transition's [`Batch`] together with the
+//! effects that must wait for it (acks to agents, replies to the CLI, the
+//! durable view readers see, pushes to watchers). Everything else that
+//! writes — audit records, tokens, secrets, provenance envelopes — goes
+//! through a [`Writer`] and awaits [`Committer::write`]. A dedicated thread
+//! applies every batch that is waiting, flushes once, and only then runs
+//! the effects, in submission order.
+//!
+//! **Architecture Invariant:** the commit thread is the only writer of the
+//! store once it has started (the migration runs before it, when the store
+//! opens).
 //!
 //! **Architecture Invariant:** nothing that confirms a transition leaves the
 //! coordinator before the transition is on disk.
@@ -16,6 +21,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::thread::JoinHandle;
 
+use crate::error::ApiError;
 use crate::store::{Batch, Store};
 
 /// Work to do once a batch is durable. Effects run on the commit thread and
@@ -75,9 +81,55 @@ impl Committer {
         seq
     }
 
+    /// Commits `batch` on its own (sharing a flush with whatever else is
+    /// waiting) and returns once it is durable. A store failure stops the
+    /// thread without running the effect, so the write is never reported
+    /// done: the caller gets an internal error.
+    pub(crate) async fn write(&self, batch: Batch) -> Result<(), ApiError> {
+        let (durable, flushed) = tokio::sync::oneshot::channel();
+        self.submit(
+            batch,
+            vec![Box::new(move || {
+                let _ = durable.send(());
+            })],
+        );
+        flushed
+            .await
+            .map_err(|_| ApiError::Internal("the store failed; the write was not committed".into()))
+    }
+
     /// Every commit numbered up to this is durable.
     pub(crate) fn durable(&self) -> Arc<AtomicU64> {
         self.durable.clone()
+    }
+}
+
+/// The committer handle of everything outside the engine that writes
+/// (audit records, tokens, secrets, provenance envelopes), shared by all of
+/// them and let go of in one place at shutdown: connection tasks may
+/// outlive the server, and the commit thread only ends once every
+/// [`Committer`] is gone.
+#[derive(Clone)]
+pub(crate) struct Writer(Arc<Mutex<Option<Committer>>>);
+
+impl Writer {
+    pub(crate) fn new(committer: Committer) -> Self {
+        Self(Arc::new(Mutex::new(Some(committer))))
+    }
+
+    /// [`Committer::write`], or [`ApiError::ShuttingDown`] once closed.
+    pub(crate) async fn write(&self, batch: Batch) -> Result<(), ApiError> {
+        let committer = self.0.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        match committer {
+            Some(committer) => committer.write(batch).await,
+            None => Err(ApiError::ShuttingDown),
+        }
+    }
+
+    /// Lets go of the commit thread; later writes fail with
+    /// [`ApiError::ShuttingDown`]. A write already queued still completes.
+    pub(crate) fn close(&self) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).take();
     }
 }
 
@@ -115,5 +167,198 @@ fn commit_loop(
                 effect();
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicBool;
+
+    use kiln_common::ids::{RunId, StageKey};
+
+    use super::*;
+    use crate::auth::Role;
+    use crate::auth::tokens::Tokens;
+    use crate::store::{
+        AuditRecord, EnvironmentRecord, Op, PipelineRecord, ProvenanceRecord, ReleaseRecord,
+        Result, RunRecord, SecretRecord, SledStore, StageRecord, StoreError, StoredLog,
+        TokenRecord, TriggerStateRecord,
+    };
+
+    /// A sled store whose writes fail once `failing` is set.
+    struct FlakyStore {
+        inner: SledStore,
+        failing: AtomicBool,
+    }
+
+    impl FlakyStore {
+        fn check(&self) -> Result<()> {
+            if self.failing.load(Ordering::Relaxed) {
+                let source = serde_json::from_str::<u8>("not json").unwrap_err();
+                return Err(StoreError::Corrupt {
+                    key: "test".into(),
+                    source,
+                });
+            }
+            Ok(())
+        }
+    }
+
+    impl Store for FlakyStore {
+        fn apply(&self, batch: &Batch) -> Result<()> {
+            self.check()?;
+            self.inner.apply(batch)
+        }
+        fn flush(&self) -> Result<()> {
+            self.check()?;
+            self.inner.flush()
+        }
+        fn pipeline(&self, name: &str, version: u32) -> Result<Option<PipelineRecord>> {
+            self.inner.pipeline(name, version)
+        }
+        fn latest_pipelines(&self) -> Result<Vec<PipelineRecord>> {
+            self.inner.latest_pipelines()
+        }
+        fn run(&self, id: RunId) -> Result<Option<RunRecord>> {
+            self.inner.run(id)
+        }
+        fn runs(
+            &self,
+            pipeline: Option<&str>,
+            up_to: RunId,
+            limit: usize,
+        ) -> Result<Vec<RunRecord>> {
+            self.inner.runs(pipeline, up_to, limit)
+        }
+        fn unfinished_runs(&self) -> Result<Vec<RunRecord>> {
+            self.inner.unfinished_runs()
+        }
+        fn last_run_id(&self) -> Result<u64> {
+            self.inner.last_run_id()
+        }
+        fn stages(&self, run: RunId) -> Result<Vec<StageRecord>> {
+            self.inner.stages(run)
+        }
+        fn log_page(
+            &self,
+            key: StageKey,
+            attempt: u32,
+            from_seq: u64,
+            below_seq: u64,
+            max_lines: usize,
+        ) -> Result<Vec<StoredLog>> {
+            self.inner
+                .log_page(key, attempt, from_seq, below_seq, max_lines)
+        }
+        fn release(&self, id: u64) -> Result<Option<ReleaseRecord>> {
+            self.inner.release(id)
+        }
+        fn releases(&self) -> Result<Vec<ReleaseRecord>> {
+            self.inner.releases()
+        }
+        fn environments(&self) -> Result<Vec<EnvironmentRecord>> {
+            self.inner.environments()
+        }
+        fn tokens(&self) -> Result<Vec<TokenRecord>> {
+            self.inner.tokens()
+        }
+        fn secret(&self, name: &str) -> Result<Option<SecretRecord>> {
+            self.inner.secret(name)
+        }
+        fn secrets(&self) -> Result<Vec<SecretRecord>> {
+            self.inner.secrets()
+        }
+        fn audit(&self, limit: usize) -> Result<Vec<AuditRecord>> {
+            self.inner.audit(limit)
+        }
+        fn last_audit_id(&self) -> Result<u64> {
+            self.inner.last_audit_id()
+        }
+        fn provenance(&self, release: u64) -> Result<Option<ProvenanceRecord>> {
+            self.inner.provenance(release)
+        }
+        fn trigger_state(&self, pipeline: &str) -> Result<Option<TriggerStateRecord>> {
+            self.inner.trigger_state(pipeline)
+        }
+    }
+
+    fn flaky(dir: &std::path::Path) -> Arc<FlakyStore> {
+        Arc::new(FlakyStore {
+            inner: SledStore::open(dir).unwrap(),
+            failing: AtomicBool::new(false),
+        })
+    }
+
+    fn token(name: &str) -> Batch {
+        let mut batch = Batch::default();
+        batch.push(Op::Token(TokenRecord {
+            name: name.into(),
+            role: Role::Viewer,
+            pipeline: None,
+            hash: format!("hash-of-{name}"),
+            created_ms: 1,
+            created_by: "test".into(),
+            revoked_ms: None,
+        }));
+        batch
+    }
+
+    #[tokio::test]
+    async fn a_write_is_durable_when_it_returns() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = flaky(dir.path());
+        let (committer, thread) = Committer::start(store.clone(), |_| {});
+        committer.write(token("one")).await.unwrap();
+        assert_eq!(committer.durable().load(Ordering::Acquire), 1);
+        assert_eq!(store.tokens().unwrap()[0].name, "one");
+        drop(committer);
+        thread.join().unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_store_failure_is_an_internal_error_and_never_acknowledged() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = flaky(dir.path());
+        let (failed_tx, failed_rx) = std::sync::mpsc::channel();
+        let (committer, thread) = Committer::start(store.clone(), move |error| {
+            failed_tx.send(error).unwrap();
+        });
+        let writer = Writer::new(committer);
+        let tokens = Tokens::load(&*store, writer.clone()).unwrap();
+        store.failing.store(true, Ordering::Relaxed);
+        let error = tokens
+            .create("lost", Role::Viewer, None, "t")
+            .await
+            .unwrap_err();
+        assert!(matches!(error, ApiError::Internal(_)), "{error}");
+        assert!(tokens.list().is_empty(), "a token that was not stored");
+        assert!(
+            failed_rx
+                .recv()
+                .unwrap()
+                .contains("corrupt record under key test")
+        );
+        // The thread has stopped: later writes fail too, without hanging.
+        let error = writer.write(token("later")).await.unwrap_err();
+        assert!(matches!(error, ApiError::Internal(_)), "{error}");
+        thread.join().unwrap();
+    }
+
+    #[tokio::test]
+    async fn closing_the_writer_lets_the_thread_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = flaky(dir.path());
+        let (committer, thread) = Committer::start(store, |_| {});
+        let writer = Writer::new(committer);
+        let holder = writer.clone();
+        writer.write(token("one")).await.unwrap();
+        writer.close();
+        let error = holder.write(token("two")).await.unwrap_err();
+        assert!(matches!(error, ApiError::ShuttingDown), "{error}");
+        // `holder` still exists, yet the thread ends.
+        tokio::task::spawn_blocking(move || thread.join().unwrap())
+            .await
+            .unwrap();
+        drop(holder);
     }
 }

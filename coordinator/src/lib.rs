@@ -5,7 +5,8 @@
 //! - [`run`] starts everything in a fixed order and stops it in reverse.
 //! - `store`: the [`Store`](store) trait and its sled implementation; the
 //!   only module that touches sled.
-//! - `commit`: group commit — many transitions, one flush, then the acks.
+//! - `commit`: group commit — many transitions, one flush, then the acks;
+//!   the only writer of the store once it is open.
 //! - `engine`: the single owner of live state (runs, DAG progress, agents,
 //!   leases, fencing, dispatch, logs), driven by events.
 //! - `agent_service`, `control`: the tonic services, translating requests
@@ -119,9 +120,9 @@ const DRAIN_GRACE: Duration = Duration::from_secs(5);
 
 /// Runs the coordinator until `shutdown` completes.
 ///
-/// Start-up order: store, recovery, commit thread, engine, gRPC, HTTP.
-/// Shutdown runs the other way round; everything acknowledged before it is
-/// on disk when this returns.
+/// Start-up order: store, commit thread, tokens and secrets, recovery,
+/// engine, gRPC, HTTP. Shutdown runs the other way round; everything
+/// acknowledged before it is on disk when this returns.
 pub async fn run(
     config: Config,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
@@ -138,15 +139,28 @@ pub async fn run(
         config.artifacts.max_blob_bytes,
     )?);
     let metrics = Arc::new(metrics::Metrics::default());
-    let tokens = Arc::new(auth::tokens::Tokens::load(store.clone())?);
-    if let Some(path) = tokens.bootstrap(&config.data_dir)? {
+    // The only writer from here on: even the bootstrap token goes through it.
+    let (failed_tx, mut failed_rx) = mpsc::unbounded_channel::<String>();
+    let (committer, commit_thread) = commit::Committer::start(store.clone(), move |error| {
+        let _ = failed_tx.send(error);
+    });
+    // Everything but the engine writes through this one handle, closed
+    // once at shutdown.
+    let writer = commit::Writer::new(committer.clone());
+    tracing::info!(data_dir = %config.data_dir.display(), "store opened; commit thread started");
+    let tokens = Arc::new(auth::tokens::Tokens::load(&*store, writer.clone())?);
+    if let Some(path) = tokens.bootstrap(&config.data_dir).await? {
         tracing::info!(path = %path.display(), "no tokens yet: wrote the bootstrap admin token");
     }
     let secret_key_file = config
         .secret_key_file
         .clone()
         .unwrap_or_else(|| config.data_dir.join("secrets.key"));
-    let secrets = Arc::new(secrets::Secrets::open(store.clone(), &secret_key_file)?);
+    let secrets = Arc::new(secrets::Secrets::load(
+        store.clone(),
+        writer.clone(),
+        &secret_key_file,
+    )?);
     let engine_config = engine::EngineConfig {
         lease_ttl: config.lease_ttl,
         heartbeat_interval: config.heartbeat_interval,
@@ -159,21 +173,17 @@ pub async fn run(
         engine_config,
         metrics.clone(),
     )?;
-    tracing::info!(data_dir = %config.data_dir.display(), "store opened and state recovered");
+    tracing::info!("state recovered");
     engine.with_secrets(secrets.clone());
     let provenance_key = Arc::new(provenance::ProvenanceKey::open(&config.data_dir)?);
     let (signer_tx, signer_rx) = mpsc::unbounded_channel();
     engine.sign_releases_with(signer_tx);
 
     let (stop_tx, stop_rx) = watch::channel(false);
-    let (failed_tx, mut failed_rx) = mpsc::unbounded_channel::<String>();
-    let (committer, commit_thread) = commit::Committer::start(store.clone(), move |error| {
-        let _ = failed_tx.send(error);
-    });
     let auth = Arc::new(auth::layer::Auth::new(
         tokens.clone(),
         &*store,
-        committer.clone(),
+        writer.clone(),
     )?);
     let (events_tx, events_rx) = mpsc::channel(16 * 1024);
     let generator = format!("kiln-coordinator://{}", config.grpc_listener.local_addr()?);
@@ -189,6 +199,7 @@ pub async fn run(
     };
     let signer = tokio::spawn(provenance::run_signer(
         store.clone(),
+        writer.clone(),
         blobs.clone(),
         provenance_key.clone(),
         builder_id(),
@@ -307,10 +318,9 @@ pub async fn run(
         () = shutdown => None,
         error = failed_rx.recv() => error,
     };
-    tracing::info!("shutting down: engine, then listeners, then store");
+    tracing::info!("shutting down: engine, background tasks, listeners, then the commit thread");
     let _ = stop_tx.send(true);
     engine_task.await?;
-    auth.close();
     let _ = tokio::time::timeout(DRAIN_GRACE, alerter).await;
     let _ = tokio::time::timeout(DRAIN_GRACE, signer).await;
     let _ = tokio::time::timeout(DRAIN_GRACE, watcher).await;
@@ -327,8 +337,13 @@ pub async fn run(
         http.abort();
         let _ = http.await;
     }
-    // The engine dropped its committer handle and the auth layer let go of
-    // its own; the thread exits once it has committed the last group.
+    tracing::info!("listeners stopped");
+    // The engine dropped its committer handle; this lets go of the one
+    // tokens, secrets, audit records and the signer shared (connection
+    // tasks may outlive the server and still hold them). Writes already
+    // queued are committed; later ones fail as shutting down. The thread
+    // exits once it has committed the last group.
+    writer.close();
     tokio::task::spawn_blocking(move || commit_thread.join())
         .await?
         .map_err(|_| anyhow::anyhow!("the commit thread panicked"))?;

@@ -4,8 +4,9 @@
 //!
 //! The engine hands over a release id once the release is durable; the
 //! signer reads the release, its run, stages and pipeline back from the
-//! store, lists the files inside every released archive, signs, and
-//! stores the envelope (key `V`). At start-up every release without one is
+//! store, lists the files inside every released archive, signs (on the
+//! blocking pool), and writes the envelope (key `V`) through the group
+//! committer. At start-up every release without one is
 //! signed, so a crash between a release and its signature loses nothing.
 
 use std::path::Path;
@@ -20,6 +21,7 @@ use kiln_common::spec;
 use tokio::sync::{mpsc, watch};
 
 use crate::blobs::BlobStore;
+use crate::commit::Writer;
 use crate::store::{Batch, Op, ProvenanceRecord, ReleaseRecord, Store};
 
 /// The key and what verifiers need of it.
@@ -52,6 +54,7 @@ impl ProvenanceKey {
 /// Signs releases as the engine reports them; stops with `stop`.
 pub(crate) async fn run_signer(
     store: Arc<dyn Store>,
+    writer: Writer,
     blobs: Arc<BlobStore>,
     key: Arc<ProvenanceKey>,
     builder_id: String,
@@ -63,7 +66,7 @@ pub(crate) async fn run_signer(
         Ok(all) => {
             for release in all {
                 if matches!(store.provenance(release.id), Ok(None)) {
-                    sign_logged(&store, &blobs, &key, &builder_id, release.id).await;
+                    sign_logged(&store, &writer, &blobs, &key, &builder_id, release.id).await;
                 }
             }
         }
@@ -73,7 +76,7 @@ pub(crate) async fn run_signer(
         tokio::select! {
             _ = stop.changed() => return,
             release = releases.recv() => match release {
-                Some(id) => sign_logged(&store, &blobs, &key, &builder_id, id).await,
+                Some(id) => sign_logged(&store, &writer, &blobs, &key, &builder_id, id).await,
                 None => return,
             },
         }
@@ -82,6 +85,7 @@ pub(crate) async fn run_signer(
 
 async fn sign_logged(
     store: &Arc<dyn Store>,
+    writer: &Writer,
     blobs: &Arc<BlobStore>,
     key: &Arc<ProvenanceKey>,
     builder_id: &str,
@@ -96,23 +100,40 @@ async fn sign_logged(
     let signed =
         tokio::task::spawn_blocking(move || sign(&*store, &blobs, &key, &builder_id, release))
             .await;
-    match signed {
-        Ok(Ok(digest)) => tracing::info!(release, %digest, "signed the release's provenance"),
-        Ok(Err(error)) => tracing::error!(release, %error, "cannot sign the release's provenance"),
-        Err(error) => tracing::error!(release, %error, "the provenance signer panicked"),
+    let record = match signed {
+        Ok(Ok(Some(record))) => record,
+        Ok(Ok(None)) => return,
+        Ok(Err(error)) => {
+            tracing::error!(release, %error, "cannot sign the release's provenance");
+            return;
+        }
+        Err(error) => {
+            tracing::error!(release, %error, "the provenance signer panicked");
+            return;
+        }
+    };
+    let digest = record.digest.clone();
+    let mut batch = Batch::default();
+    batch.push(Op::Provenance(record));
+    // Not stored (a store failure or shutdown): the next start signs it.
+    match writer.write(batch).await {
+        Ok(()) => tracing::info!(release, %digest, "signed the release's provenance"),
+        Err(error) => {
+            tracing::error!(release, %error, "cannot store the release's provenance");
+        }
     }
 }
 
-/// Signs one release and stores the envelope; returns its digest.
+/// Signs one release; `None` if it already has its provenance.
 fn sign(
     store: &dyn Store,
     blobs: &BlobStore,
     key: &ProvenanceKey,
     builder_id: &str,
     release_id: u64,
-) -> anyhow::Result<String> {
-    if let Some(existing) = store.provenance(release_id)? {
-        return Ok(existing.digest);
+) -> anyhow::Result<Option<ProvenanceRecord>> {
+    if store.provenance(release_id)?.is_some() {
+        return Ok(None);
     }
     let release = store
         .release(release_id)?
@@ -137,19 +158,13 @@ fn sign(
         listings.push(listing);
     }
     let signed = provenance::sign_release(&facts, &listings, &key.signing)?;
-    let record = ProvenanceRecord {
+    Ok(Some(ProvenanceRecord {
         release: release_id,
         envelope_json: signed.envelope_json,
         statement_json: signed.statement_json,
         key_id: signed.key_id,
         digest: signed.digest.to_string(),
-    };
-    let digest = record.digest.clone();
-    let mut batch = Batch::default();
-    batch.push(Op::Provenance(record));
-    store.apply(&batch)?;
-    store.flush()?;
-    Ok(digest)
+    }))
 }
 
 /// What went into a release, read back from the store.

@@ -4,6 +4,7 @@
 //! Values never leave through the API (no RPC returns one), never enter an
 //! error message, and are not logged; stages get them as environment
 //! variables, and their logs are masked on the agent and again here.
+//! Records are written through the group committer.
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
@@ -14,6 +15,7 @@ use chacha20poly1305::aead::{Aead, AeadCore, KeyInit, OsRng, Payload};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
 
 use crate::clock::{Clock, SystemClock};
+use crate::commit::Writer;
 use crate::error::ApiError;
 use crate::store::{Batch, Op, SecretRecord, Store};
 
@@ -23,14 +25,21 @@ const NONCE_BYTES: usize = 24;
 
 /// Sealed secrets in the store, and the key that opens them.
 pub(crate) struct Secrets {
+    /// Read from: listing and revealing.
     store: Arc<dyn Store>,
+    /// Written through: the group committer.
+    writer: Writer,
     cipher: XChaCha20Poly1305,
 }
 
 impl Secrets {
     /// Loads the key from `key_file`, creating it (mode 0600) on first use.
     /// A key file others can read is refused: it opens every secret.
-    pub(crate) fn open(store: Arc<dyn Store>, key_file: &Path) -> anyhow::Result<Self> {
+    pub(crate) fn load(
+        store: Arc<dyn Store>,
+        writer: Writer,
+        key_file: &Path,
+    ) -> anyhow::Result<Self> {
         let key = match std::fs::read_to_string(key_file) {
             Ok(text) => {
                 let mode = std::fs::metadata(key_file)?.permissions().mode();
@@ -67,11 +76,20 @@ impl Secrets {
             }
         };
         let cipher = XChaCha20Poly1305::new_from_slice(&key).expect("the key is 32 bytes");
-        Ok(Self { store, cipher })
+        Ok(Self {
+            store,
+            writer,
+            cipher,
+        })
     }
 
     /// Seals and stores a value, durable on return.
-    pub(crate) fn set(&self, name: &str, value: &str, by: &str) -> Result<SecretRecord, ApiError> {
+    pub(crate) async fn put(
+        &self,
+        name: &str,
+        value: &str,
+        by: &str,
+    ) -> Result<SecretRecord, ApiError> {
         check_secret_name(name)?;
         if value.is_empty() || value.len() > MAX_SECRET_BYTES {
             return Err(ApiError::InvalidArgument(format!(
@@ -104,7 +122,7 @@ impl Secrets {
             updated_ms: SystemClock.now_ms(),
             updated_by: by.to_owned(),
         };
-        self.write(Op::Secret(record.clone()))?;
+        self.write(Op::Secret(record.clone())).await?;
         Ok(record)
     }
 
@@ -112,12 +130,13 @@ impl Secrets {
         Ok(self.store.secrets()?)
     }
 
-    pub(crate) fn delete(&self, name: &str) -> Result<SecretRecord, ApiError> {
+    /// Removes a secret, durably on return; returns what was removed.
+    pub(crate) async fn remove(&self, name: &str) -> Result<SecretRecord, ApiError> {
         let record = self
             .store
             .secret(name)?
             .ok_or_else(|| ApiError::NotFound(format!("no secret named `{name}`")))?;
-        self.write(Op::RemoveSecret(name.to_owned()))?;
+        self.write(Op::RemoveSecret(name.to_owned())).await?;
         Ok(record)
     }
 
@@ -163,12 +182,30 @@ impl Secrets {
         String::from_utf8(plain).map_err(|_| undecryptable())
     }
 
-    fn write(&self, op: Op) -> Result<(), ApiError> {
+    async fn write(&self, op: Op) -> Result<(), ApiError> {
         let mut batch = Batch::default();
         batch.push(op);
-        self.store.apply(&batch)?;
-        self.store.flush()?;
-        Ok(())
+        self.writer.write(batch).await
+    }
+}
+
+/// For tests without a runtime (the engine's, which drive it by hand):
+/// secrets over `store` with a commit thread of their own, written by
+/// blocking on the async calls. Production code uses `load`, `put` and
+/// `remove`.
+#[cfg(test)]
+impl Secrets {
+    pub(crate) fn open(store: Arc<dyn Store>, key_file: &Path) -> anyhow::Result<Self> {
+        let (committer, _thread) = crate::commit::Committer::start(store.clone(), |_| {});
+        Self::load(store, Writer::new(committer), key_file)
+    }
+
+    pub(crate) fn set(&self, name: &str, value: &str, by: &str) -> Result<SecretRecord, ApiError> {
+        futures::executor::block_on(self.put(name, value, by))
+    }
+
+    pub(crate) fn delete(&self, name: &str) -> Result<SecretRecord, ApiError> {
+        futures::executor::block_on(self.remove(name))
     }
 }
 
@@ -190,26 +227,35 @@ pub(crate) fn check_secret_name(name: &str) -> Result<(), ApiError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::commit::Committer;
     use crate::store::SledStore;
 
-    fn open(dir: &Path) -> Secrets {
-        let store = Arc::new(SledStore::open(dir).unwrap());
-        Secrets::open(store, &dir.join("secrets.key")).unwrap()
+    /// A store and a writer that commits to it through a real commit thread.
+    fn store_and_writer(dir: &Path) -> (Arc<dyn Store>, Writer) {
+        let store: Arc<dyn Store> = Arc::new(SledStore::open(dir).unwrap());
+        let (committer, _thread) = Committer::start(store.clone(), |_| {});
+        (store, Writer::new(committer))
     }
 
-    #[test]
-    fn values_are_sealed_at_rest_and_open_again_with_the_key_file() {
+    fn open(dir: &Path) -> Secrets {
+        let (store, writer) = store_and_writer(dir);
+        Secrets::load(store, writer, &dir.join("secrets.key")).unwrap()
+    }
+
+    #[tokio::test]
+    async fn values_are_sealed_at_rest_and_open_again_with_the_key_file() {
         let dir = tempfile::tempdir().unwrap();
         let value = "correct-horse-battery-staple";
         // One store (sled releases its lock asynchronously); the second
         // `Secrets` reads the key file the first one created.
-        let store = Arc::new(SledStore::open(dir.path()).unwrap());
+        let (store, writer) = store_and_writer(dir.path());
         let key_file = dir.path().join("secrets.key");
-        Secrets::open(store.clone(), &key_file)
+        Secrets::load(store.clone(), writer.clone(), &key_file)
             .unwrap()
-            .set("DB_PASSWORD", value, "admin")
+            .put("DB_PASSWORD", value, "admin")
+            .await
             .unwrap();
-        let secrets = Secrets::open(store, &key_file).unwrap();
+        let secrets = Secrets::load(store, writer, &key_file).unwrap();
         let stored = secrets.list().unwrap();
         assert_eq!(stored.len(), 1);
         assert!(
@@ -220,16 +266,28 @@ mod tests {
         );
         let names = ["DB_PASSWORD".to_owned()];
         assert_eq!(secrets.reveal(&names).unwrap()["DB_PASSWORD"], value);
-        secrets.delete("DB_PASSWORD").unwrap();
+        secrets.remove("DB_PASSWORD").await.unwrap();
         let error = secrets.reveal(&names).unwrap_err().to_string();
         assert!(error.contains("`DB_PASSWORD` is not set"), "{error}");
     }
 
-    #[test]
-    fn a_sealed_value_moved_to_another_name_does_not_open() {
+    #[tokio::test]
+    async fn a_write_the_committer_does_not_take_is_an_error_and_stores_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, writer) = store_and_writer(dir.path());
+        let secrets =
+            Secrets::load(store, writer.clone(), &dir.path().join("secrets.key")).unwrap();
+        writer.close();
+        let error = secrets.put("LATE", "late-value", "t").await.unwrap_err();
+        assert!(matches!(error, ApiError::ShuttingDown), "{error}");
+        assert!(secrets.list().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_sealed_value_moved_to_another_name_does_not_open() {
         let dir = tempfile::tempdir().unwrap();
         let secrets = open(dir.path());
-        let mut record = secrets.set("A", "alpha-value", "t").unwrap();
+        let mut record = secrets.put("A", "alpha-value", "t").await.unwrap();
         record.name = "B".into();
         let error = secrets.open_record(&record).unwrap_err().to_string();
         assert!(error.contains("cannot be decrypted"), "{error}");
@@ -242,21 +300,24 @@ mod tests {
         drop(open(dir.path()));
         let key_file = dir.path().join("secrets.key");
         std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o644)).unwrap();
-        let store = Arc::new(SledStore::open(&dir.path().join("other")).unwrap());
-        let error = Secrets::open(store, &key_file).err().unwrap().to_string();
+        let (store, writer) = store_and_writer(&dir.path().join("other"));
+        let error = Secrets::load(store, writer, &key_file)
+            .err()
+            .unwrap()
+            .to_string();
         assert!(error.contains("readable by others"), "{error}");
     }
 
-    #[test]
-    fn bad_names_and_sizes_are_refused() {
+    #[tokio::test]
+    async fn bad_names_and_sizes_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         let secrets = open(dir.path());
         for name in ["", "lower", "1ABC", "A-B", &"A".repeat(65)] {
-            assert!(secrets.set(name, "value", "t").is_err(), "{name}");
+            assert!(secrets.put(name, "value", "t").await.is_err(), "{name}");
         }
-        assert!(secrets.set("EMPTY", "", "t").is_err());
-        assert!(secrets.set("SHORT", "ab", "t").is_err());
+        assert!(secrets.put("EMPTY", "", "t").await.is_err());
+        assert!(secrets.put("SHORT", "ab", "t").await.is_err());
         let big = "x".repeat(MAX_SECRET_BYTES + 1);
-        assert!(secrets.set("BIG", &big, "t").is_err());
+        assert!(secrets.put("BIG", &big, "t").await.is_err());
     }
 }

@@ -1,8 +1,8 @@
 //! The tower layer in front of every gRPC service: authenticate, check the
 //! method's rule, pass the principal on, and audit state-changing calls.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use futures::future::BoxFuture;
@@ -13,7 +13,7 @@ use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 use super::tokens::Tokens;
 use super::{AuditTarget, Principal, rule};
 use crate::clock::{Clock, SystemClock};
-use crate::commit::Committer;
+use crate::commit::Writer;
 use crate::error::ApiError;
 use crate::store::{AuditRecord, Batch, Op, Store};
 
@@ -27,22 +27,12 @@ impl Auth {
     pub(crate) fn new(
         tokens: Arc<Tokens>,
         store: &dyn Store,
-        committer: Committer,
+        writer: Writer,
     ) -> Result<Self, ApiError> {
         Ok(Self {
             tokens,
-            audit: AuditLog::open(store, committer)?,
+            audit: AuditLog::open(store, writer)?,
         })
-    }
-
-    /// Lets go of the commit thread; called once the engine has stopped, so
-    /// nothing that changes state is accepted any more.
-    pub(crate) fn close(&self) {
-        self.audit
-            .committer
-            .lock()
-            .expect("audit log poisoned")
-            .take();
     }
 
     /// Records one call (the layer's, and the webhook's, which does not
@@ -132,40 +122,29 @@ fn role_name(role: super::Role) -> &'static str {
 /// Records go through the group committer, so they share the flush of the
 /// transitions they describe instead of paying for their own.
 struct AuditLog {
-    /// Taken at shutdown: connection tasks may outlive the server, and the
-    /// commit thread only ends once every handle is gone.
-    committer: Mutex<Option<Committer>>,
+    /// The group committer, closed at shutdown (see `commit::Writer`).
+    writer: Writer,
     next_id: AtomicU64,
 }
 
 impl AuditLog {
-    fn open(store: &dyn Store, committer: Committer) -> Result<Self, ApiError> {
+    fn open(store: &dyn Store, writer: Writer) -> Result<Self, ApiError> {
         let next_id = AtomicU64::new(store.last_audit_id()? + 1);
-        Ok(Self {
-            committer: Mutex::new(Some(committer)),
-            next_id,
-        })
+        Ok(Self { writer, next_id })
     }
 
     async fn record(&self, mut record: AuditRecord) {
-        let committer = self.committer.lock().expect("audit log poisoned").clone();
-        let Some(committer) = committer else {
-            tracing::warn!(method = %record.method, "stopping: an audit record was not stored");
-            return;
-        };
         record.id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let method = record.method.clone();
         let mut batch = Batch::default();
         batch.push(Op::Audit(record));
-        let (durable, flushed) = tokio::sync::oneshot::channel();
-        committer.submit(
-            batch,
-            vec![Box::new(move || {
-                let _ = durable.send(());
-            })],
-        );
-        // No answer: the store failed and the coordinator is stopping.
-        if flushed.await.is_err() {
-            tracing::error!("an audit record could not be stored");
+        match self.writer.write(batch).await {
+            Ok(()) => {}
+            Err(ApiError::ShuttingDown) => {
+                tracing::warn!(%method, "stopping: an audit record was not stored");
+            }
+            // The store failed and the coordinator is stopping.
+            Err(error) => tracing::error!(%method, %error, "an audit record could not be stored"),
         }
     }
 }

@@ -1,9 +1,11 @@
 //! Bearer tokens: created with a random secret that is shown once, stored
 //! only as its sha256, checked on every request from an in-memory index.
+//! Records are written through the group committer; the index changes only
+//! once a record is durable.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::RwLock;
 
 use chacha20poly1305::aead::OsRng;
 use chacha20poly1305::aead::rand_core::RngCore;
@@ -11,6 +13,7 @@ use sha2::{Digest, Sha256};
 
 use super::{Principal, Role};
 use crate::clock::{Clock, SystemClock};
+use crate::commit::Writer;
 use crate::error::ApiError;
 use crate::store::{Batch, Op, Store, TokenRecord};
 
@@ -23,23 +26,25 @@ const SECRET_PREFIX: &str = "kiln_";
 
 /// Every token, indexed by the hash of its secret.
 pub(crate) struct Tokens {
-    store: Arc<dyn Store>,
+    /// Where new and revoked records go (the group committer).
+    writer: Writer,
     by_hash: RwLock<HashMap<String, TokenRecord>>,
-    /// Serializes create and revoke, which read then write.
-    writes: Mutex<()>,
+    /// Serializes create and revoke, which read then write; held across
+    /// the commit, so it is an async lock.
+    writes: tokio::sync::Mutex<()>,
 }
 
 impl Tokens {
-    pub(crate) fn load(store: Arc<dyn Store>) -> Result<Self, ApiError> {
+    pub(crate) fn load(store: &dyn Store, writer: Writer) -> Result<Self, ApiError> {
         let by_hash = store
             .tokens()?
             .into_iter()
             .map(|record| (record.hash.clone(), record))
             .collect();
         Ok(Self {
-            store,
+            writer,
             by_hash: RwLock::new(by_hash),
-            writes: Mutex::new(()),
+            writes: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -76,7 +81,7 @@ impl Tokens {
     }
 
     /// Creates a token and returns it with its secret, once durable.
-    pub(crate) fn create(
+    pub(crate) async fn create(
         &self,
         name: &str,
         role: Role,
@@ -97,7 +102,7 @@ impl Tokens {
                 ));
             }
         }
-        let _writing = self.writes.lock().expect("token writes poisoned");
+        let _writing = self.writes.lock().await;
         if self.list().iter().any(|record| record.name == name) {
             return Err(ApiError::AlreadyExists(format!(
                 "a token named `{name}` exists; revoke it or pick another name"
@@ -113,13 +118,13 @@ impl Tokens {
             created_by: created_by.to_owned(),
             revoked_ms: None,
         };
-        self.persist(&record)?;
+        self.persist(&record).await?;
         Ok((record, secret))
     }
 
     /// Revokes a token; requests carrying it fail from now on.
-    pub(crate) fn revoke(&self, name: &str) -> Result<TokenRecord, ApiError> {
-        let _writing = self.writes.lock().expect("token writes poisoned");
+    pub(crate) async fn revoke(&self, name: &str) -> Result<TokenRecord, ApiError> {
+        let _writing = self.writes.lock().await;
         let mut record = self
             .list()
             .into_iter()
@@ -127,7 +132,7 @@ impl Tokens {
             .ok_or_else(|| ApiError::NotFound(format!("no token named `{name}`")))?;
         if record.revoked_ms.is_none() {
             record.revoked_ms = Some(now_ms());
-            self.persist(&record)?;
+            self.persist(&record).await?;
         }
         Ok(record)
     }
@@ -136,7 +141,7 @@ impl Tokens {
     /// secret to `data_dir/admin.token`, readable only by this user. The
     /// file is written first: a crash before the record is stored leaves a
     /// file that the next start overwrites.
-    pub(crate) fn bootstrap(&self, data_dir: &Path) -> Result<Option<PathBuf>, ApiError> {
+    pub(crate) async fn bootstrap(&self, data_dir: &Path) -> Result<Option<PathBuf>, ApiError> {
         if !self.list().is_empty() {
             return Ok(None);
         }
@@ -156,15 +161,15 @@ impl Tokens {
             created_by: "bootstrap".to_owned(),
             revoked_ms: None,
         };
-        self.persist(&record)?;
+        self.persist(&record).await?;
         Ok(Some(path))
     }
 
-    fn persist(&self, record: &TokenRecord) -> Result<(), ApiError> {
+    /// Commits the record, then (only if that succeeded) updates the index.
+    async fn persist(&self, record: &TokenRecord) -> Result<(), ApiError> {
         let mut batch = Batch::default();
         batch.push(Op::Token(record.clone()));
-        self.store.apply(&batch)?;
-        self.store.flush()?;
+        self.writer.write(batch).await?;
         self.by_hash
             .write()
             .expect("token index poisoned")
@@ -208,22 +213,31 @@ pub(crate) fn check_name(name: &str) -> Result<(), ApiError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
+
+    use crate::commit::Committer;
     use crate::store::SledStore;
 
-    fn tokens(dir: &Path) -> Tokens {
-        Tokens::load(Arc::new(SledStore::open(dir).unwrap())).unwrap()
+    /// A store and a writer that commits to it through a real commit thread.
+    fn open(dir: &Path) -> (Arc<dyn Store>, Writer) {
+        let store: Arc<dyn Store> = Arc::new(SledStore::open(dir).unwrap());
+        let (committer, _thread) = Committer::start(store.clone(), |_| {});
+        (store, Writer::new(committer))
     }
 
-    #[test]
-    fn secrets_are_stored_only_as_hashes_and_revocation_is_reloaded() {
+    #[tokio::test]
+    async fn secrets_are_stored_only_as_hashes_and_revocation_is_reloaded() {
         let dir = tempfile::tempdir().unwrap();
         // One store, loaded several times: sled releases its file lock
         // asynchronously, so reopening the directory at once can fail.
-        let store: Arc<dyn Store> = Arc::new(SledStore::open(dir.path()).unwrap());
-        let reload = || Tokens::load(store.clone()).unwrap();
+        let (store, writer) = open(dir.path());
+        let reload = || Tokens::load(&*store, writer.clone()).unwrap();
         let secret = {
             let tokens = reload();
-            let (record, secret) = tokens.create("ci", Role::Operator, None, "admin").unwrap();
+            let (record, secret) = tokens
+                .create("ci", Role::Operator, None, "admin")
+                .await
+                .unwrap();
             assert_ne!(record.hash, secret);
             assert!(secret.starts_with(SECRET_PREFIX));
             assert_eq!(tokens.authenticate(&secret).unwrap().role, Role::Operator);
@@ -237,18 +251,19 @@ mod tests {
         );
         let tokens = reload();
         assert_eq!(tokens.authenticate(&secret).unwrap().name, "ci");
-        tokens.revoke("ci").unwrap();
+        tokens.revoke("ci").await.unwrap();
         let tokens = reload();
         let error = tokens.authenticate(&secret).unwrap_err().to_string();
         assert!(error.contains("revoked"), "{error}");
     }
 
-    #[test]
-    fn bootstrap_writes_a_private_admin_token_once() {
+    #[tokio::test]
+    async fn bootstrap_writes_a_private_admin_token_once() {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
-        let tokens = tokens(dir.path());
-        let path = tokens.bootstrap(dir.path()).unwrap().unwrap();
+        let (store, writer) = open(dir.path());
+        let tokens = Tokens::load(&*store, writer.clone()).unwrap();
+        let path = tokens.bootstrap(dir.path()).await.unwrap().unwrap();
         let mode = std::fs::metadata(&path).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
         let secret = std::fs::read_to_string(&path).unwrap();
@@ -256,28 +271,57 @@ mod tests {
             tokens.authenticate(secret.trim()).unwrap().role,
             Role::Admin
         );
-        assert_eq!(tokens.bootstrap(dir.path()).unwrap(), None);
+        assert_eq!(tokens.bootstrap(dir.path()).await.unwrap(), None);
+        // Durable, not only in the index: a reload still has it.
+        let reloaded = Tokens::load(&*store, writer).unwrap();
+        assert_eq!(reloaded.bootstrap(dir.path()).await.unwrap(), None);
     }
 
-    #[test]
-    fn bad_names_duplicates_and_scopes_are_refused() {
+    #[tokio::test]
+    async fn a_write_the_committer_does_not_take_is_an_error_and_changes_nothing() {
         let dir = tempfile::tempdir().unwrap();
-        let tokens = tokens(dir.path());
+        let (store, writer) = open(dir.path());
+        let tokens = Tokens::load(&*store, writer.clone()).unwrap();
+        writer.close();
+        let error = tokens
+            .create("late", Role::Viewer, None, "t")
+            .await
+            .unwrap_err();
+        assert!(matches!(error, ApiError::ShuttingDown), "{error}");
+        assert!(tokens.list().is_empty());
+        assert!(store.tokens().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn bad_names_duplicates_and_scopes_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, writer) = open(dir.path());
+        let tokens = Tokens::load(&*store, writer).unwrap();
         for name in ["", "Upper", "a b", "x/y", &"n".repeat(65)] {
             assert!(
-                tokens.create(name, Role::Viewer, None, "t").is_err(),
+                tokens.create(name, Role::Viewer, None, "t").await.is_err(),
                 "{name}"
             );
         }
         tokens
             .create("repo", Role::Pipeline, Some("hello".into()), "t")
+            .await
             .unwrap();
-        let duplicate = tokens.create("repo", Role::Viewer, None, "t").unwrap_err();
+        let duplicate = tokens
+            .create("repo", Role::Viewer, None, "t")
+            .await
+            .unwrap_err();
         assert!(matches!(duplicate, ApiError::AlreadyExists(_)));
-        assert!(tokens.create("p2", Role::Pipeline, None, "t").is_err());
+        assert!(
+            tokens
+                .create("p2", Role::Pipeline, None, "t")
+                .await
+                .is_err()
+        );
         assert!(
             tokens
                 .create("v2", Role::Viewer, Some("x".into()), "t")
+                .await
                 .is_err()
         );
         assert!(tokens.authenticate("kiln_nope").is_err());

@@ -1,7 +1,6 @@
 //! The security RPCs of `ControlService`: tokens, secrets and the audit
-//! log. Token and secret writes are durable before the reply.
-
-use std::sync::Arc;
+//! log. Token and secret writes go through the group committer and are
+//! durable before the reply.
 
 use kiln_proto::v1 as pb;
 use tonic::Status;
@@ -31,9 +30,10 @@ impl ControlApi {
     ) -> Result<pb::CreateTokenResponse, Status> {
         let role = role_of(request.role)?;
         let pipeline = Some(request.pipeline).filter(|name| !name.is_empty());
-        let tokens = self.tokens.clone();
-        let (record, secret) =
-            blocking(move || tokens.create(&request.name, role, pipeline, &principal.name)).await?;
+        let (record, secret) = self
+            .tokens
+            .create(&request.name, role, pipeline, &principal.name)
+            .await?;
         Ok(pb::CreateTokenResponse {
             token: Some(token_view(&record)),
             secret,
@@ -47,8 +47,7 @@ impl ControlApi {
     }
 
     pub(super) async fn revoke_token(&self, name: String) -> Result<pb::Token, Status> {
-        let tokens = self.tokens.clone();
-        let record = blocking(move || tokens.revoke(&name)).await?;
+        let record = self.tokens.revoke(&name).await?;
         Ok(token_view(&record))
     }
 
@@ -57,9 +56,10 @@ impl ControlApi {
         request: pb::SetSecretRequest,
         principal: Principal,
     ) -> Result<pb::SecretInfo, Status> {
-        let secrets = Arc::clone(&self.secrets);
-        let record =
-            blocking(move || secrets.set(&request.name, &request.value, &principal.name)).await?;
+        let record = self
+            .secrets
+            .put(&request.name, &request.value, &principal.name)
+            .await?;
         Ok(secret_view(&record))
     }
 
@@ -70,8 +70,7 @@ impl ControlApi {
     }
 
     pub(super) async fn delete_secret(&self, name: String) -> Result<pb::SecretInfo, Status> {
-        let secrets = Arc::clone(&self.secrets);
-        let record = blocking(move || secrets.delete(&name)).await?;
+        let record = self.secrets.remove(&name).await?;
         Ok(secret_view(&record))
     }
 
@@ -85,16 +84,6 @@ impl ControlApi {
             entries: self.store.audit(limit)?.iter().map(audit_view).collect(),
         })
     }
-}
-
-/// Runs a store write (which flushes) off the async threads.
-async fn blocking<T: Send + 'static>(
-    work: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
-) -> Result<T, Status> {
-    tokio::task::spawn_blocking(work)
-        .await
-        .map_err(|error| Status::internal(format!("a store write panicked: {error}")))?
-        .map_err(Status::from)
 }
 
 fn role_of(role: i32) -> Result<Role, ApiError> {

@@ -189,26 +189,6 @@ impl Secrets {
     }
 }
 
-/// For tests without a runtime (the engine's, which drive it by hand):
-/// secrets over `store` with a commit thread of their own, written by
-/// blocking on the async calls. Production code uses `load`, `put` and
-/// `remove`.
-#[cfg(test)]
-impl Secrets {
-    pub(crate) fn open(store: Arc<dyn Store>, key_file: &Path) -> anyhow::Result<Self> {
-        let (committer, _thread) = crate::commit::Committer::start(store.clone(), |_| {});
-        Self::load(store, Writer::new(committer), key_file)
-    }
-
-    pub(crate) fn set(&self, name: &str, value: &str, by: &str) -> Result<SecretRecord, ApiError> {
-        futures::executor::block_on(self.put(name, value, by))
-    }
-
-    pub(crate) fn delete(&self, name: &str) -> Result<SecretRecord, ApiError> {
-        futures::executor::block_on(self.remove(name))
-    }
-}
-
 /// Secret names are environment variable names: `[A-Z_][A-Z0-9_]*`, at
 /// most 64 characters.
 pub(crate) fn check_secret_name(name: &str) -> Result<(), ApiError> {

@@ -1,16 +1,25 @@
-//! What a completion needs from the blob store — that every reported output
-//! was uploaded (and its size), and the stage's parsed `metrics:` file —
-//! read off the event loop: the engine hands an [`OutputCheck`] to the
-//! runner, which runs it on the blocking pool and sends the result back as
-//! [`Event::OutputsChecked`]. The stage stays running meanwhile; a repeated
-//! completion of the same attempt waits for the check in flight.
+//! Work the engine's decisions need but its loop must not do, run by the
+//! runner on the blocking pool and reported back as events:
+//!
+//! - [`OutputCheck`]: what a completion needs from the blob store — that
+//!   every reported output was uploaded (and its size), and the stage's
+//!   parsed `metrics:` file ([`Event::OutputsChecked`]). The stage stays
+//!   running meanwhile; a repeated completion waits for the check in
+//!   flight.
+//! - [`SecretsToOpen`]: the values of an assigned stage's secrets
+//!   ([`Event::SecretsOpened`]); its `Assign` leaves only with them, and a
+//!   secret that cannot be opened fails the stage before it reaches the
+//!   agent.
 
 use std::collections::BTreeMap;
 
 use kiln_proto::v1 as pb;
 
+use kiln_common::ids::StageKey;
+
 use super::Event;
 use crate::blobs::{BlobStore, parse_digest};
+use crate::secrets::Secrets;
 use crate::store::ArtifactRecord;
 
 /// Largest metrics file the coordinator reads.
@@ -53,6 +62,36 @@ impl OutputCheck {
             agent: self.agent,
             finished: self.finished,
             checked: Checked { outputs, metrics },
+        }
+    }
+}
+
+/// An assignment waiting for its secrets.
+pub(crate) struct SecretsToOpen {
+    pub(super) agent: String,
+    pub(super) key: StageKey,
+    pub(super) attempt: u32,
+    pub(super) names: Vec<String>,
+    /// Everything but the secrets.
+    pub(super) assign: pb::Assign,
+}
+
+impl SecretsToOpen {
+    /// Opens the secrets; blocking. The error names the secret, never a
+    /// value.
+    pub(crate) fn run(self, secrets: Option<&Secrets>) -> Event {
+        let opened = match secrets {
+            Some(secrets) => secrets
+                .reveal(&self.names)
+                .map_err(|error| error.to_string()),
+            None => Err("this coordinator has no secrets store".to_owned()),
+        };
+        Event::SecretsOpened {
+            agent: self.agent,
+            key: self.key,
+            attempt: self.attempt,
+            assign: self.assign,
+            opened,
         }
     }
 }

@@ -57,21 +57,6 @@ impl Engine {
                 waiting.push_back(key);
                 continue;
             };
-            let stage_spec = &spec.parsed.stages[key.idx as usize];
-            let secrets = match self.reveal_secrets(&stage_spec.secrets) {
-                Ok(secrets) => secrets,
-                Err(problem) => {
-                    self.ready_since.remove(&key);
-                    self.settle_stage(key, StageState::Failed, None, problem);
-                    continue;
-                }
-            };
-            // The values just opened also build the masker for this stage's
-            // logs, so they are not decrypted a second time.
-            if let Some(active) = self.runs.get_mut(&key.run) {
-                let masker = kiln_common::masking::Masker::new(secrets.values());
-                active.maskers.insert(key.idx, std::sync::Arc::new(masker));
-            }
             if !self.move_stage(key, StageState::Assigned) {
                 continue;
             }
@@ -108,8 +93,9 @@ impl Engine {
                     .collect(),
                 output_paths: output_paths(stage_spec),
                 outputs_always: stage_spec.artifacts_always,
-                secrets: secrets.into_iter().collect(),
+                secrets: Default::default(),
             };
+            let secret_names = stage_spec.secrets.clone();
             self.pool.hold(&name, (key, attempt));
             if let Some(since) = self.ready_since.remove(&key) {
                 self.metrics.observe_dispatch_latency(since.elapsed());
@@ -122,7 +108,18 @@ impl Engine {
                 active.record.state = RunState::Running;
                 self.save_run(key.run);
             }
-            self.send_after_commit(&name, Out::Assign(assign));
+            if secret_names.is_empty() {
+                self.send_after_commit(&name, Out::Assign(assign));
+            } else {
+                // Opened off the loop; the Assign leaves with them.
+                self.secrets_to_open.push(super::checks::SecretsToOpen {
+                    agent: name,
+                    key,
+                    attempt,
+                    names: secret_names,
+                    assign,
+                });
+            }
         }
         waiting.append(&mut self.ready);
         self.ready = waiting;
@@ -130,6 +127,47 @@ impl Engine {
 }
 
 impl Engine {
+    /// An assigned stage's secrets were opened (or could not be): its
+    /// `Assign` goes out with them, or the stage fails before any agent
+    /// sees it. Nothing happens if the attempt is no longer assigned there.
+    pub(super) fn secrets_opened(
+        &mut self,
+        agent: &str,
+        key: StageKey,
+        attempt: u32,
+        mut assign: pb::Assign,
+        opened: Result<std::collections::BTreeMap<String, String>, String>,
+    ) {
+        let still_assigned = self.stage(key).is_some_and(|stage| {
+            stage.attempt == attempt
+                && stage.agent.as_deref() == Some(agent)
+                && stage.state == StageState::Assigned
+        });
+        if !still_assigned {
+            return;
+        }
+        match opened {
+            Ok(values) => {
+                // The values just opened also build the masker for this
+                // stage's logs, so they are not decrypted a second time.
+                if let Some(active) = self.runs.get_mut(&key.run) {
+                    let masker = kiln_common::masking::Masker::new(values.values());
+                    active.maskers.insert(key.idx, std::sync::Arc::new(masker));
+                }
+                assign.secrets = values.into_iter().collect();
+                self.send_after_commit(agent, Out::Assign(assign));
+            }
+            Err(problem) => {
+                // It never reached the agent: the record says so.
+                self.pool.release(agent, (key, attempt));
+                if let Some(stage) = self.stage_mut(key) {
+                    stage.agent = None;
+                }
+                self.settle_stage(key, StageState::Failed, None, problem);
+            }
+        }
+    }
+
     /// The run's dataset snapshots, unpacked into every stage's workspace
     /// like artifacts (rollback runs re-deploy fixed inputs only).
     fn datasets_of(&self, key: StageKey) -> Vec<pb::Artifact> {

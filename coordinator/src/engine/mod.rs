@@ -137,6 +137,14 @@ pub(crate) enum Event {
     },
     /// What a monitor saw; see [`monitor`].
     MonitorSample(monitor::Observation),
+    /// An assigned stage's secrets, opened off the loop; see [`checks`].
+    SecretsOpened {
+        agent: String,
+        key: StageKey,
+        attempt: u32,
+        assign: pb::Assign,
+        opened: Result<std::collections::BTreeMap<String, String>, String>,
+    },
     /// What the blob store said of a completion's outputs; see [`checks`].
     OutputsChecked {
         agent: String,
@@ -244,6 +252,8 @@ pub(crate) struct Engine {
     delivery: environments::Environments,
     /// Completions whose outputs the runner is to check off the loop.
     checks: Vec<checks::OutputCheck>,
+    /// Assignments waiting for their secrets to be opened off the loop.
+    secrets_to_open: Vec<checks::SecretsToOpen>,
     /// Attempts with a check in flight.
     checking: BTreeSet<(StageKey, u32)>,
     /// Delivery work the run book asked for, routed after each event.
@@ -323,6 +333,7 @@ impl Engine {
             delivery,
             delivery_events: Vec::new(),
             checks: Vec::new(),
+            secrets_to_open: Vec::new(),
             checking: BTreeSet::new(),
             ready_since: HashMap::new(),
             monitor_requests: Vec::new(),
@@ -470,6 +481,13 @@ impl Engine {
                 finished,
                 checked,
             } => self.outputs_checked(&agent, finished, checked),
+            Event::SecretsOpened {
+                agent,
+                key,
+                attempt,
+                assign,
+                opened,
+            } => self.secrets_opened(&agent, key, attempt, assign, opened),
         }
         // What the run book asked of delivery happens before the next event.
         self.route_delivery();
@@ -495,6 +513,11 @@ impl Engine {
     /// event.
     pub(crate) fn take_checks(&mut self) -> Vec<checks::OutputCheck> {
         std::mem::take(&mut self.checks)
+    }
+
+    /// Secrets to open on the blocking pool; each reports back as an event.
+    pub(crate) fn take_secrets_to_open(&mut self) -> Vec<checks::SecretsToOpen> {
+        std::mem::take(&mut self.secrets_to_open)
     }
 
     /// Pushes ready stages to agents, then returns the pending group.
@@ -715,6 +738,18 @@ pub(crate) async fn run_engine(
                 // A lost result only means the agent sends its completion
                 // again after it reconnects.
                 if let Ok(event) = checked {
+                    let _ = events.send(event).await;
+                }
+            });
+        }
+        for work in engine.take_secrets_to_open() {
+            let (secrets, events) = (engine.secrets.clone(), delivery.events.clone());
+            tokio::spawn(async move {
+                let opened =
+                    tokio::task::spawn_blocking(move || work.run(secrets.as_deref())).await;
+                // A lost answer leaves the stage assigned with nothing sent:
+                // the agent's next hello (or its lease) re-queues it.
+                if let Ok(event) = opened {
                     let _ = events.send(event).await;
                 }
             });

@@ -85,21 +85,34 @@ impl Harness {
     /// What the runner and the commit thread do: output checks on the
     /// side (here, at once), then apply, flush and run the effects.
     fn commit(&mut self) {
+        let mut events = Vec::new();
         loop {
-            let checks = self.engine.take_checks();
-            if checks.is_empty() {
-                break;
-            }
-            for check in checks {
-                let event = check.run(&self.blobs);
+            for event in events.drain(..) {
                 self.engine.handle(event);
             }
-        }
-        let (batch, effects) = self.engine.take_commit();
-        self.store.apply(&batch).unwrap();
-        self.store.flush().unwrap();
-        for effect in effects {
-            effect();
+            let (batch, effects) = self.engine.take_commit();
+            self.store.apply(&batch).unwrap();
+            self.store.flush().unwrap();
+            for effect in effects {
+                effect();
+            }
+            // What the runner does off the loop, here at once.
+            let secrets = self.engine.secrets.clone();
+            events.extend(
+                self.engine
+                    .take_secrets_to_open()
+                    .into_iter()
+                    .map(|work| work.run(secrets.as_deref())),
+            );
+            events.extend(
+                self.engine
+                    .take_checks()
+                    .into_iter()
+                    .map(|check| check.run(&self.blobs)),
+            );
+            if events.is_empty() {
+                return;
+            }
         }
     }
 
@@ -687,19 +700,7 @@ fn an_illegal_stage_transition_is_refused_and_changes_nothing() {
 #[test]
 fn lines_that_cannot_be_masked_are_never_stored_and_the_stage_fails() {
     let mut h = Harness::new();
-    // Secrets are written through a committer of their own here: the
-    // harness commits the engine's batches by hand.
-    let (committer, _thread) = crate::commit::Committer::start(h.store.clone(), |_| {});
-    let key_file = h._dir.path().join("secrets.key");
-    let secrets = Arc::new(
-        crate::secrets::Secrets::load(
-            h.store.clone(),
-            crate::commit::Writer::new(committer),
-            &key_file,
-        )
-        .unwrap(),
-    );
-    futures::executor::block_on(secrets.put("API_TOKEN", "hunter2-very-secret", "test")).unwrap();
+    let secrets = secrets_with_api_token(&h);
     h.engine.with_secrets(secrets.clone());
     let run = h.start_run(
         "pipeline: p\nstages:\n  a: { commands: [x], secrets: [API_TOKEN] }\n  b: { needs: [a], commands: [y] }\n",
@@ -809,4 +810,75 @@ fn a_completion_with_outputs_is_settled_only_when_its_check_answers() {
     let b = h.stage(run, "b");
     assert_eq!(b.state, pb::StageState::Failed as i32);
     assert!(b.message.contains("never uploaded"), "{}", b.message);
+}
+
+/// A secrets store over the harness's store holding `API_TOKEN`, written
+/// through a committer of its own (the harness commits the engine's
+/// batches by hand).
+fn secrets_with_api_token(h: &Harness) -> Arc<crate::secrets::Secrets> {
+    let (committer, _thread) = crate::commit::Committer::start(h.store.clone(), |_| {});
+    let key_file = h._dir.path().join("secrets.key");
+    let secrets = Arc::new(
+        crate::secrets::Secrets::load(
+            h.store.clone(),
+            crate::commit::Writer::new(committer),
+            &key_file,
+        )
+        .unwrap(),
+    );
+    futures::executor::block_on(secrets.put("API_TOKEN", "hunter2-very-secret", "test")).unwrap();
+    secrets
+}
+
+#[test]
+fn an_assignment_leaves_only_with_its_secrets_opened_off_the_loop() {
+    let mut h = Harness::new();
+    let secrets = secrets_with_api_token(&h);
+    h.engine.with_secrets(secrets);
+    let run = h.start_run(
+        "pipeline: p\nstages:\n  a: { commands: [x], secrets: [API_TOKEN] }\n  b: { commands: [y], secrets: [NOT_SET] }\n",
+    );
+    // Both are placed at once; their secrets are opened off the loop, so
+    // the engine hands them to the runner instead of sending Assigns.
+    let (tx, mut rx) = AgentTx::channel();
+    h.engine.handle(Event::AgentHello {
+        hello: pb::Hello {
+            name: "one".into(),
+            capacity: 2,
+            ..Default::default()
+        },
+        conn: ConnId(1),
+        tx,
+    });
+    let _ = h.engine.take_commit();
+    let work = h.engine.take_secrets_to_open();
+    assert_eq!(work.len(), 2);
+    let early: Vec<_> = std::iter::from_fn(|| rx.try_recv()).collect();
+    assert!(
+        early.is_empty(),
+        "nothing sent before the commit and the secrets"
+    );
+    let secrets = h.engine.secrets.clone();
+    for item in work {
+        let event = item.run(secrets.as_deref());
+        h.engine.handle(event);
+    }
+    let (batch, effects) = h.engine.take_commit();
+    h.store.apply(&batch).unwrap();
+    for effect in effects {
+        effect();
+    }
+    let assigns: Vec<pb::Assign> = std::iter::from_fn(|| rx.try_recv())
+        .filter_map(|msg| match msg.ok()?.msg? {
+            Out::Assign(assign) => Some(assign),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(assigns.len(), 1, "only the stage whose secret opened");
+    assert_eq!(assigns[0].stage_name, "a");
+    assert_eq!(assigns[0].secrets["API_TOKEN"], "hunter2-very-secret");
+    let b = h.stage(run, "b");
+    assert_eq!(b.state, pb::StageState::Failed as i32);
+    assert!(b.message.contains("NOT_SET"), "{}", b.message);
+    assert!(b.agent.is_empty(), "it never reached an agent");
 }

@@ -152,7 +152,9 @@ impl Engine {
                 // stage's logs, so they are not decrypted a second time.
                 if let Some(active) = self.runs.get_mut(&key.run) {
                     let masker = kiln_common::masking::Masker::new(values.values());
-                    active.maskers.insert(key.idx, std::sync::Arc::new(masker));
+                    active
+                        .maskers
+                        .insert(key.idx, Ok(std::sync::Arc::new(masker)));
                 }
                 assign.secrets = values.into_iter().collect();
                 self.send_after_commit(agent, Out::Assign(assign));

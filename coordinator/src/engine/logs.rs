@@ -161,27 +161,31 @@ impl Engine {
         self.reject(agent, stage_ref, message);
     }
 
-    /// The masker of a stage's secrets, built on first use (after a
-    /// restart the values are read again from the secrets store). Fails
-    /// closed: an error names the secret that cannot be opened.
+    /// The masker of a stage's secrets. Built when its secrets were opened
+    /// (off the loop, for its `Assign`; or at start-up for a stage recovered
+    /// on an agent), never here. Fails closed: a stage that lists secrets
+    /// and has no masker gets an error naming why.
     pub(super) fn masker(&mut self, key: StageKey) -> Result<Arc<Masker>, String> {
-        if let Some(masker) = self
-            .runs
-            .get(&key.run)
-            .and_then(|run| run.maskers.get(&key.idx))
-        {
-            return Ok(masker.clone());
+        let Some(run) = self.runs.get(&key.run) else {
+            return Err(format!("stage {key} is not part of an unfinished run"));
+        };
+        if let Some(masker) = run.maskers.get(&key.idx) {
+            return masker.clone();
         }
-        let names = self
-            .runs
-            .get(&key.run)
-            .and_then(|run| run.spec.parsed.stages.get(key.idx as usize))
-            .map(|stage| stage.secrets.clone())
-            .unwrap_or_default();
-        let values = self.reveal_secrets(&names)?;
-        let masker = Arc::new(Masker::new(values.values()));
+        let lists_secrets = run
+            .spec
+            .parsed
+            .stages
+            .get(key.idx as usize)
+            .is_some_and(|stage| !stage.secrets.is_empty());
+        if lists_secrets {
+            return Err(format!(
+                "the secrets of stage {key} were never opened on this coordinator"
+            ));
+        }
+        let masker = Arc::new(Masker::new(std::iter::empty::<&String>()));
         if let Some(run) = self.runs.get_mut(&key.run) {
-            run.maskers.insert(key.idx, masker.clone());
+            run.maskers.insert(key.idx, Ok(masker.clone()));
         }
         Ok(masker)
     }

@@ -189,7 +189,7 @@ struct ActiveRun {
     followers: Vec<crate::read::Follower>,
     /// Masks the secret values of each stage (by index) in stored lines;
     /// rebuilt from the secrets store after a restart.
-    maskers: HashMap<u32, Arc<kiln_common::masking::Masker>>,
+    maskers: HashMap<u32, Result<Arc<kiln_common::masking::Masker>, String>>,
 }
 
 impl ActiveRun {
@@ -527,8 +527,33 @@ impl Engine {
     }
 
     /// The secrets store stages' `secrets:` are read from.
+    ///
+    /// Stages recovered on an agent get their log maskers here, before the
+    /// loop runs, so the loop never opens secrets itself; a stage whose
+    /// secrets cannot be opened keeps the reason, and its lines are refused.
     pub(crate) fn with_secrets(&mut self, secrets: Arc<crate::secrets::Secrets>) {
         self.secrets = Some(secrets);
+        let held: Vec<(StageKey, Vec<String>)> = self
+            .runs
+            .values()
+            .flat_map(|run| {
+                run.stages
+                    .iter()
+                    .filter(|stage| stage.state.is_held())
+                    .filter_map(|stage| {
+                        let names = &run.spec.parsed.stages[stage.key.idx as usize].secrets;
+                        (!names.is_empty()).then(|| (stage.key, names.clone()))
+                    })
+            })
+            .collect();
+        for (key, names) in held {
+            let masker = self
+                .reveal_secrets(&names)
+                .map(|values| Arc::new(kiln_common::masking::Masker::new(values.values())));
+            if let Some(run) = self.runs.get_mut(&key.run) {
+                run.maskers.insert(key.idx, masker);
+            }
+        }
     }
 
     pub(crate) fn take_commit(&mut self) -> (Batch, Vec<Effect>) {

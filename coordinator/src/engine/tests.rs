@@ -710,9 +710,9 @@ fn lines_that_cannot_be_masked_are_never_stored_and_the_stage_fails() {
     let key = StageKey { run, idx: 0 };
     // After a restart the masker is rebuilt from the secrets store, where
     // the secret is gone.
+    futures::executor::block_on(secrets.remove("API_TOKEN")).unwrap();
     h.restart();
     h.engine.with_secrets(secrets.clone());
-    futures::executor::block_on(secrets.remove("API_TOKEN")).unwrap();
     let mut agent = h.connect("one", 2, 1, vec![stage]);
     agent.received();
     h.send(

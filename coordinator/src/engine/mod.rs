@@ -16,18 +16,19 @@
 //!   completion, loss.
 //! - [`dispatch`]: ready stages to the places the pool offers.
 //! - [`logs`]: storing, acknowledging and following log lines.
-//! - [`delivery`], [`monitor`], [`alerts`]: gates, releases, environments,
-//!   monitors and rollbacks.
+//! - [`delivery`]: the delivery controller — gates, releases,
+//!   environments, monitors and rollbacks; its own state and tests,
+//!   nothing about the DAG.
+//! - [`route`]: what the run book asks of delivery and what delivery
+//!   decides for the run book, carried across by the loop.
 
 mod agents;
-mod alerts;
 mod checks;
 mod delivery;
 mod dispatch;
-mod environments;
 mod logs;
-mod monitor;
 mod pool;
+mod route;
 mod runs;
 #[cfg(test)]
 mod tests;
@@ -136,7 +137,7 @@ pub(crate) enum Event {
         reply: Reply<pb::Environment>,
     },
     /// What a monitor saw; see [`monitor`].
-    MonitorSample(monitor::Observation),
+    MonitorSample(delivery::monitor::Observation),
     /// An assigned stage's secrets, opened off the loop; see [`checks`].
     SecretsOpened {
         agent: String,
@@ -248,8 +249,9 @@ pub(crate) struct Engine {
     ready: VecDeque<StageKey>,
     pool: pool::AgentPool,
     next_run_id: u64,
-    /// The delivery controller's state: environments, releases, breaches.
-    delivery: environments::Environments,
+    /// The delivery controller: environments, releases, breaches, and
+    /// the monitors, alerts and signatures it asks for.
+    delivery: delivery::DeliveryController,
     /// Completions whose outputs the runner is to check off the loop.
     checks: Vec<checks::OutputCheck>,
     /// Assignments waiting for their secrets to be opened off the loop.
@@ -260,10 +262,6 @@ pub(crate) struct Engine {
     delivery_events: Vec<delivery::DeliveryEvent>,
     /// When each queued stage became ready, for the dispatch latency metric.
     ready_since: HashMap<StageKey, std::time::Instant>,
-    /// Monitors to start; the runner drains this.
-    monitor_requests: Vec<MonitorRequest>,
-    /// Alerts to send; the runner drains this into the alerter.
-    pending_alerts: Vec<crate::delivery::alerts::Alert>,
     /// Records changed since the last commit, written once at its end.
     dirty: Dirty,
     /// Pipeline versions parsed once, shared with the API.
@@ -302,22 +300,11 @@ impl Engine {
             .map(|record| (record.name.clone(), record))
             .collect();
         let next_run_id = store.last_run_id()? + 1;
-        let delivery = environments::Environments::load(store.environments()?, store.releases()?);
-        let now = clock.now_ms();
-        // Releases still inside their watch window get their monitor back.
-        let resumed_monitors: Vec<(u64, EnvKey, String, u32, String, u64)> = delivery
-            .watched_at(now)
-            .map(|r| {
-                (
-                    r.id,
-                    r.environment.clone(),
-                    r.pipeline.clone(),
-                    r.pipeline_version,
-                    r.stage.clone(),
-                    r.monitor_until_ms.unwrap_or_default(),
-                )
-            })
-            .collect();
+        let delivery = delivery::DeliveryController::load(
+            store.environments()?,
+            store.releases()?,
+            metrics.clone(),
+        );
         let mut engine = Self {
             store: store.clone(),
             blobs,
@@ -336,8 +323,6 @@ impl Engine {
             secrets_to_open: Vec::new(),
             checking: BTreeSet::new(),
             ready_since: HashMap::new(),
-            monitor_requests: Vec::new(),
-            pending_alerts: Vec::new(),
             dirty: Dirty::default(),
             view: Arc::new(crate::read::DurableView::default()),
             parsed: Arc::default(),
@@ -366,21 +351,8 @@ impl Engine {
             last_run: Some(RunId(next_run_id - 1)),
             ..update
         });
-        for (release, environment, pipeline, version, stage, until_ms) in resumed_monitors {
-            let spec = engine.spec(&pipeline, version)?;
-            let monitor = spec
-                .parsed
-                .stage_idx(&stage)
-                .and_then(|idx| spec.parsed.stages[idx].monitor.clone());
-            if let Some(monitor) = monitor {
-                engine.monitor_requests.push(MonitorRequest {
-                    release,
-                    environment,
-                    monitor,
-                    until_ms,
-                });
-            }
-        }
+        // Releases still inside their watch window get their monitor back.
+        engine.resume_monitors();
         engine.update_gauges();
         Ok(engine)
     }
@@ -503,10 +475,7 @@ impl Engine {
     pub(crate) fn take_requests(
         &mut self,
     ) -> (Vec<MonitorRequest>, Vec<crate::delivery::alerts::Alert>) {
-        (
-            std::mem::take(&mut self.monitor_requests),
-            std::mem::take(&mut self.pending_alerts),
-        )
+        self.delivery.take_work()
     }
 
     /// Output checks to run on the blocking pool; each reports back as an
@@ -785,7 +754,7 @@ pub(crate) async fn run_engine(
         }
         for request in requests {
             let clock = engine.clock.clone();
-            monitors.spawn(monitor::watch(
+            monitors.spawn(delivery::monitor::watch(
                 request,
                 delivery.http.clone(),
                 delivery.events.clone(),

@@ -5,18 +5,94 @@
 //! per attempt; only a new attempt (re-dispatch or manual retry) can leave
 //! it, and that attempt number fences off whoever held the old one.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use kiln_common::ids::{RunId, StageKey};
+use kiln_common::spec;
 use kiln_proto::v1 as pb;
 use tokio::sync::watch;
 
+use super::delivery::RollbackStart;
 use super::{ActiveRun, Engine, PipelineSpec, Reply};
 use crate::error::ApiError;
 use crate::store::{
-    DatasetRecord, Op, PipelineRecord, RunRecord, RunState, StageRecord, StageState,
+    DatasetRecord, Op, PipelineRecord, RunRecord, RunState, StageArtifact, StageRecord, StageState,
 };
 use crate::views;
+
+/// A run as the run book lends it to others (delivery), read-only.
+pub(super) struct RunView<'a> {
+    pub(super) record: &'a RunRecord,
+    pub(super) stages: &'a [StageRecord],
+    pub(super) spec: &'a spec::Pipeline,
+}
+
+impl RunView<'_> {
+    /// Every metric of the run so far; later stages win on a name clash.
+    pub(super) fn metrics(&self) -> BTreeMap<String, Option<f64>> {
+        let mut metrics = BTreeMap::new();
+        for stage in self.stages {
+            metrics.extend(stage.metrics.clone());
+        }
+        metrics
+    }
+
+    /// Artifacts stage `idx` gets: the outputs of the stages it needs, or
+    /// a rollback plan's fixed artifacts.
+    pub(super) fn inputs_of(&self, idx: usize) -> Vec<StageArtifact> {
+        if let Some(plan) = &self.record.rollback {
+            return plan.inputs.clone();
+        }
+        self.spec.stages[idx]
+            .needs
+            .iter()
+            .flat_map(|&need| {
+                let stage = &self.stages[need];
+                stage.outputs.iter().map(|artifact| StageArtifact {
+                    stage: stage.name.clone(),
+                    artifact: artifact.clone(),
+                })
+            })
+            .collect()
+    }
+}
+
+impl ActiveRun {
+    pub(super) fn view(&self) -> RunView<'_> {
+        RunView {
+            record: &self.record,
+            stages: &self.stages,
+            spec: &self.spec.parsed,
+        }
+    }
+}
+
+impl StageRecord {
+    /// A stage as it starts: pending, attempt 1.
+    pub(crate) fn new(key: StageKey, name: &str, needs: Vec<String>) -> Self {
+        Self {
+            key,
+            name: name.to_owned(),
+            needs,
+            state: StageState::Pending,
+            attempt: 1,
+            retries_used: 0,
+            agent: None,
+            started_ms: None,
+            finished_ms: None,
+            exit_code: None,
+            message: String::new(),
+            next_log_seq: 0,
+            log_bytes: 0,
+            log_truncated: false,
+            image_digest: None,
+            outputs: Vec::new(),
+            metrics: BTreeMap::new(),
+            gate: None,
+        }
+    }
+}
 
 impl Engine {
     pub(super) fn trigger(
@@ -648,6 +724,147 @@ impl Engine {
         record.state = RunState::Failed;
         record.finished_ms = Some(now);
         self.write(Op::Run(record));
+    }
+
+    /// A run of the run book, unfinished or lately finished: delivery
+    /// events may arrive after the run retired in the same burst.
+    pub(super) fn run_of(&self, run: RunId) -> Option<&ActiveRun> {
+        self.runs.get(&run).or_else(|| self.retired.get(&run))
+    }
+
+    /// The spec of a stage of an active run.
+    pub(super) fn stage_spec(&self, key: StageKey) -> Option<&spec::Stage> {
+        self.run_of(key.run)?
+            .spec
+            .parsed
+            .stages
+            .get(key.idx as usize)
+    }
+
+    /// Artifacts a stage gets: the outputs of the stages it needs, or a
+    /// rollback plan's fixed artifacts.
+    pub(super) fn inputs_of_stage(&self, key: StageKey) -> Vec<StageArtifact> {
+        self.run_of(key.run)
+            .map(|active| active.view().inputs_of(key.idx as usize))
+            .unwrap_or_default()
+    }
+
+    /// `kiln approve` / `kiln reject` of a gate that waits.
+    pub(super) fn decide_gate(
+        &mut self,
+        run: RunId,
+        name: &str,
+        user: &str,
+        approve: bool,
+    ) -> Result<RunId, ApiError> {
+        let active = self.runs.get(&run).ok_or_else(|| self.not_active(run))?;
+        let idx = active
+            .spec
+            .parsed
+            .stage_idx(name)
+            .ok_or_else(|| ApiError::NotFound(format!("run {run} has no stage `{name}`")))?;
+        let key = StageKey {
+            run,
+            idx: idx as u32,
+        };
+        let state = active.stages[idx].state;
+        if state != StageState::AwaitingApproval {
+            return Err(ApiError::FailedPrecondition(format!(
+                "stage `{name}` of run {run} is {}, not waiting for approval",
+                state.name()
+            )));
+        }
+        let verdict = if approve { "approved" } else { "rejected" };
+        if let Some(stage) = self.stage_mut(key)
+            && let Some(gate) = stage.gate.as_mut()
+        {
+            gate.decided_by = Some(user.to_owned());
+            gate.passed = approve;
+            gate.summary = format!("{}; {verdict} by {user}", gate.summary);
+        }
+        tracing::info!(run = %run, stage = name, user, verdict, "manual gate decided");
+        let message = format!("{verdict} by {user}");
+        let state = if approve {
+            StageState::Succeeded
+        } else {
+            StageState::Failed
+        };
+        self.settle_stage(key, state, None, message);
+        Ok(run)
+    }
+
+    /// Starts the rollback run delivery planned: the environment stage
+    /// alone, at the restored release's pipeline version and commit, every
+    /// other stage skipped.
+    pub(super) fn start_rollback_run(
+        &mut self,
+        start: RollbackStart,
+        triggered_by: String,
+    ) -> Result<RunId, ApiError> {
+        let RollbackStart { plan, target } = start;
+        let pipeline =
+            self.latest.get(&target.pipeline).cloned().ok_or_else(|| {
+                ApiError::NotFound(format!("pipeline `{}` is gone", target.pipeline))
+            })?;
+        let spec = self.spec(&target.pipeline, target.pipeline_version)?;
+        let idx = spec.parsed.stage_idx(&target.stage).ok_or_else(|| {
+            ApiError::FailedPrecondition(format!(
+                "stage `{}` is not in version {}",
+                target.stage, target.pipeline_version
+            ))
+        })?;
+        let id = RunId(self.next_run_id);
+        self.next_run_id += 1;
+        tracing::warn!(run = %id, environment = %plan.environment, from = plan.from, to = plan.to, "rolling back: release {} replaces release {}", plan.to, plan.from);
+        let record = RunRecord {
+            id,
+            pipeline: pipeline.name.clone(),
+            pipeline_version: target.pipeline_version,
+            commit: target.commit.clone(),
+            rev: format!("rollback to release {}", target.id),
+            state: RunState::Queued,
+            triggered_by,
+            created_ms: self.clock.now_ms(),
+            finished_ms: None,
+            source_digest: target.source_digest.clone(),
+            rollback: Some(plan),
+            datasets: Vec::new(),
+        };
+        let stages: Vec<StageRecord> = spec
+            .parsed
+            .stages
+            .iter()
+            .enumerate()
+            .map(|(i, stage)| {
+                let mut record = StageRecord::new(
+                    StageKey {
+                        run: id,
+                        idx: i as u32,
+                    },
+                    &stage.name,
+                    Vec::new(),
+                );
+                if i != idx {
+                    record.state = StageState::Skipped;
+                    record.message = "not part of a rollback".into();
+                }
+                record
+            })
+            .collect();
+        let n_stages = stages.len();
+        self.runs.insert(id, ActiveRun::new(record, stages, spec));
+        self.save_run(id);
+        for i in 0..n_stages {
+            self.save_stage(StageKey {
+                run: id,
+                idx: i as u32,
+            });
+        }
+        self.make_ready(StageKey {
+            run: id,
+            idx: idx as u32,
+        });
+        Ok(id)
     }
 }
 

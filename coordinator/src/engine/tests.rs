@@ -11,7 +11,7 @@ use tokio::sync::oneshot;
 
 use super::*;
 use crate::clock::ManualClock;
-use crate::engine::monitor;
+use crate::engine::delivery::monitor;
 use crate::store::{SledStore, StageState};
 
 const LEASE_MS: u64 = 3_000;

@@ -1,10 +1,10 @@
 //! The delivery controller's state: environments, their releases, and the
 //! breach count of each watched release.
 //!
-//! It knows nothing of runs or agents. The engine routes delivery events
-//! to it (a release is made, a rollback ended, a monitor sampled) and asks
-//! it questions (the champion of an environment, whether one is frozen);
-//! every change it makes comes back as store ops for the engine's batch.
+//! It knows nothing of runs or agents: the controller ([`super`]) asks it
+//! questions (the champion of an environment, whether one is frozen) and
+//! tells it what happened (a release is made, a rollback ended, a monitor
+//! sampled); every change it makes comes back as store ops.
 //!
 //! **Architecture Invariant:** an environment has at most one live
 //! release; making one live supersedes (or rolls back) the one before, in
@@ -131,12 +131,13 @@ impl Environments {
         ops
     }
 
-    pub(super) fn unfreeze(&mut self, environment: &EnvKey) -> Result<Op, ApiError> {
+    /// Lets `environment` take deployments again; the record to write.
+    pub(super) fn unfreeze(&mut self, environment: &EnvKey) -> Result<EnvironmentRecord, ApiError> {
         let env = self.environments.get_mut(environment).ok_or_else(|| {
             ApiError::NotFound(format!("environment `{environment}` has no releases"))
         })?;
         env.frozen = None;
-        Ok(Op::Environment(env.clone()))
+        Ok(env.clone())
     }
 
     pub(super) fn freeze(&mut self, environment: &EnvKey, reason: String) -> Option<Op> {
@@ -283,7 +284,7 @@ mod tests {
             Some(Op::Environment(_))
         ));
         assert_eq!(envs.frozen(&prod), Some("breach"));
-        assert!(matches!(envs.unfreeze(&prod), Ok(Op::Environment(_))));
+        assert_eq!(envs.unfreeze(&prod).unwrap().frozen, None);
         assert_eq!(envs.frozen(&prod), None);
     }
 }

@@ -1,19 +1,19 @@
 //! Watching a live release: a task per release samples its source every
-//! `every` until the watch window ends and reports to the engine, which
-//! counts consecutive breaches and rolls back (or freezes) at
-//! `failure_limit`. The task only observes; the decision is the engine's.
+//! `every` until the watch window ends and reports to the event loop; the
+//! controller judges each round ([`judge`]), counts consecutive breaches
+//! and asks for a rollback (or freezes) at `failure_limit`. The task only
+//! observes; the decision is the controller's.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use kiln_common::ids::EnvKey;
-use kiln_common::spec::{self, MonitorSource, OnBreach, OnMissing};
+use kiln_common::spec::{self, MonitorSource, OnMissing};
 use tokio::sync::{mpsc, watch};
 
-use super::environments::Watch;
-use super::{Engine, Event, MonitorRequest};
 use crate::delivery::HttpClient;
 use crate::delivery::sources::{self, MetricSource, Sample};
+use crate::engine::{Event, MonitorRequest};
 
 /// One round of samples of a watched release.
 pub(crate) struct Observation {
@@ -92,66 +92,8 @@ async fn sample_all(
     Ok(values)
 }
 
-impl Engine {
-    /// Counts a breach or a healthy sample; acts at `failure_limit`.
-    pub(super) fn observe(&mut self, observation: Observation) {
-        let Observation {
-            release,
-            environment,
-            values,
-        } = observation;
-        let Some(record) = self.delivery.release(release).cloned() else {
-            return;
-        };
-        let Ok(spec) = self.spec(&record.pipeline, record.pipeline_version) else {
-            return;
-        };
-        let Some(monitor) = spec
-            .parsed
-            .stage_idx(&record.stage)
-            .and_then(|idx| spec.parsed.stages[idx].monitor.clone())
-        else {
-            return;
-        };
-        let (breached, observed) = judge(&monitor, &values);
-        let count =
-            match self
-                .delivery
-                .observe(&environment, release, breached, monitor.failure_limit)
-            {
-                Watch::Ignored | Watch::Counted(0) => return,
-                Watch::Counted(count) | Watch::Act(count) => count,
-            };
-        self.metrics.monitor_breach(&environment);
-        tracing::warn!(release, environment = %environment, count, limit = monitor.failure_limit, %observed, "monitor breach");
-        if count < monitor.failure_limit {
-            return;
-        }
-        let reason = format!(
-            "{} consecutive breaches of release {release} in `{environment}`: {observed}",
-            monitor.failure_limit
-        );
-        self.alert_breach(&environment, release, &reason);
-        match monitor.on_breach {
-            OnBreach::Rollback => {
-                if let Err(error) =
-                    self.start_rollback(&environment, None, reason.clone(), "monitor".into())
-                {
-                    tracing::error!(%error, "automatic rollback could not start");
-                    self.alert_rollback_not_started(&environment, release, &error.to_string());
-                }
-            }
-            OnBreach::Freeze => {
-                if let Some(op) = self.delivery.freeze(&environment, reason) {
-                    self.write(op);
-                }
-            }
-        }
-    }
-}
-
 /// Whether a round breaches, and what was seen (for the reason).
-fn judge(
+pub(super) fn judge(
     monitor: &spec::Monitor,
     values: &Result<BTreeMap<String, Option<f64>>, String>,
 ) -> (bool, String) {

@@ -1,16 +1,18 @@
-//! The alerts the engine raises. They are queued here and handed to the
-//! alerter by the runner, so the engine never waits on a network.
+//! The alerts the delivery controller raises. They are queued here and
+//! handed to the alerter by the runner, so the loop never waits on a
+//! network.
 
 use std::collections::BTreeMap;
 use std::time::SystemTime;
 
-use kiln_common::ids::{EnvKey, StageKey};
+use kiln_common::ids::EnvKey;
 
-use super::Engine;
+use super::DeliveryController;
 use crate::delivery::alerts::Alert;
+use crate::engine::runs::RunView;
 use crate::store::RollbackPlan;
 
-impl Engine {
+impl DeliveryController {
     fn raise(&mut self, name: &str, severity: &str, labels: &[(&str, String)], summary: String) {
         let labels: BTreeMap<String, String> = labels
             .iter()
@@ -18,7 +20,7 @@ impl Engine {
             .map(|(k, v)| (k.to_string(), v.clone()))
             .collect();
         tracing::warn!(alertname = name, %summary, "alert");
-        self.pending_alerts.push(Alert {
+        self.alerts.push(Alert {
             name: name.to_owned(),
             severity: severity.to_owned(),
             labels,
@@ -29,27 +31,18 @@ impl Engine {
         });
     }
 
-    pub(super) fn alert_gate_failed(&mut self, key: StageKey, summary: &str) {
-        let (pipeline, stage) = self
-            .runs
-            .get(&key.run)
-            .map(|run| {
-                (
-                    run.record.pipeline.clone(),
-                    run.stages[key.idx as usize].name.clone(),
-                )
-            })
-            .unwrap_or_default();
+    pub(super) fn alert_gate_failed(&mut self, run: &RunView<'_>, idx: usize, summary: &str) {
+        let stage = run.stages[idx].name.clone();
         let labels = [
-            ("pipeline", pipeline),
-            ("run", key.run.to_string()),
+            ("pipeline", run.record.pipeline.clone()),
+            ("run", run.record.id.to_string()),
             ("stage", stage.clone()),
         ];
         self.raise(
             "KilnGateFailed",
             "warning",
             &labels,
-            format!("gate `{stage}` of run {} failed: {summary}", key.run),
+            format!("gate `{stage}` of run {} failed: {summary}", run.record.id),
         );
     }
 

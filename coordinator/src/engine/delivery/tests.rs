@@ -1,0 +1,262 @@
+//! The delivery controller on its own: runs are plain records lent to it,
+//! decisions come back as verdicts and store ops. No engine, no store, no
+//! clock.
+
+use std::collections::BTreeMap;
+
+use kiln_common::ids::{EnvKey, RunId, StageKey};
+use kiln_common::spec::{self, OnBreach};
+
+use super::monitor::Observation;
+use super::*;
+use crate::engine::runs::RunView;
+use crate::store::{RunRecord, RunState, StageRecord};
+
+const CREDIT: &str = "
+pipeline: credit
+stages:
+  evaluate: { commands: [x], metrics: m.json }
+  acceptance:
+    needs: [evaluate]
+    gate:
+      require: { recall: \">= 0.5\" }
+      compare_to: production
+      max_regression: { recall: 10% }
+  deploy:
+    needs: [acceptance]
+    environment: production
+    commands: [x]
+    monitor:
+      scrape: http://127.0.0.1:9/metrics
+      every: 1s
+      rollback_when: { error_ratio: \"> 0.5\" }
+      failure_limit: 2
+      for: 10m
+";
+
+/// A run of `yaml`'s pipeline whose `evaluate` measured `recall`, every
+/// stage's record as the run book would hold it.
+struct Run {
+    record: RunRecord,
+    stages: Vec<StageRecord>,
+    spec: spec::Pipeline,
+}
+
+impl Run {
+    fn new(yaml: &str, id: u64, recall: f64) -> Self {
+        let spec = spec::parse("kiln.yml", yaml).unwrap();
+        let run = RunId(id);
+        let record = RunRecord {
+            id: run,
+            pipeline: spec.name.clone(),
+            pipeline_version: 1,
+            commit: "c".repeat(40),
+            rev: "main".into(),
+            state: RunState::Running,
+            triggered_by: "test".into(),
+            created_ms: 0,
+            finished_ms: None,
+            source_digest: None,
+            rollback: None,
+            datasets: Vec::new(),
+        };
+        let mut stages: Vec<StageRecord> = spec
+            .stages
+            .iter()
+            .enumerate()
+            .map(|(idx, stage)| {
+                let key = StageKey {
+                    run,
+                    idx: idx as u32,
+                };
+                StageRecord::new(key, &stage.name, Vec::new())
+            })
+            .collect();
+        stages[0].metrics = BTreeMap::from([("recall".to_string(), Some(recall))]);
+        Self {
+            record,
+            stages,
+            spec,
+        }
+    }
+
+    fn view(&self) -> RunView<'_> {
+        RunView {
+            record: &self.record,
+            stages: &self.stages,
+            spec: &self.spec,
+        }
+    }
+
+    fn idx(&self, name: &str) -> usize {
+        self.spec.stage_idx(name).unwrap()
+    }
+}
+
+fn controller() -> DeliveryController {
+    DeliveryController::load(Vec::new(), Vec::new(), Default::default())
+}
+
+fn production(pipeline: &str) -> EnvKey {
+    EnvKey::of_pipeline(pipeline, "production")
+}
+
+/// Runs the gate and the deployment of `run` as the run book would.
+fn ship(delivery: &mut DeliveryController, run: &Run) -> GateVerdict {
+    let (_, verdict) = delivery
+        .decide_gate(&run.view(), run.idx("acceptance"), 10)
+        .unwrap();
+    if matches!(verdict, GateVerdict::Passed(_)) {
+        let ops = delivery.deployed(&run.view(), run.idx("deploy"), 20);
+        assert!(!ops.is_empty(), "a deployment writes its release");
+    }
+    verdict
+}
+
+#[test]
+fn a_gate_compares_only_with_its_own_pipelines_champion() {
+    let mut delivery = controller();
+    assert!(matches!(
+        ship(&mut delivery, &Run::new(CREDIT, 1, 0.9)),
+        GateVerdict::Passed(_)
+    ));
+    let other = CREDIT.replace("pipeline: credit", "pipeline: juice");
+    let verdict = ship(&mut delivery, &Run::new(&other, 2, 0.6));
+    let GateVerdict::Passed(summary) = verdict else {
+        panic!("juice's first model has no champion: {verdict:?}");
+    };
+    assert!(summary.contains("first deployment"), "{summary}");
+
+    let verdict = ship(&mut delivery, &Run::new(CREDIT, 3, 0.6));
+    let GateVerdict::Failed(summary) = verdict else {
+        panic!("0.6 is more than 10% below credit's 0.9: {verdict:?}");
+    };
+    assert!(summary.contains("vs champion 0.9000"), "{summary}");
+    let (_, alerts) = delivery.take_work();
+    let alert = alerts
+        .iter()
+        .find(|a| a.name == "KilnGateFailed")
+        .expect("a failed gate raises an alert");
+    assert_eq!(alert.labels["pipeline"], "credit");
+    assert_eq!(delivery.live(&production("credit")), Some(1));
+}
+
+#[test]
+fn a_deployment_supersedes_the_live_release_and_asks_for_a_monitor_and_a_signature() {
+    let mut delivery = controller();
+    ship(&mut delivery, &Run::new(CREDIT, 1, 0.9));
+    ship(&mut delivery, &Run::new(CREDIT, 2, 0.95));
+    assert_eq!(delivery.live(&production("credit")), Some(2));
+    let history = delivery.history(&production("credit"));
+    assert_eq!(history[0].state, ReleaseState::Superseded);
+    assert_eq!(history[1].state, ReleaseState::Live);
+    assert_eq!(history[1].metrics["recall"], Some(0.95));
+    assert_eq!(delivery.take_to_sign(), vec![1, 2]);
+    let (monitors, _) = delivery.take_work();
+    assert_eq!(
+        monitors.iter().map(|m| m.release).collect::<Vec<_>>(),
+        vec![1, 2]
+    );
+}
+
+#[test]
+fn a_rollback_restores_the_previous_release_of_the_same_pipeline() {
+    let mut delivery = controller();
+    let other = CREDIT.replace("pipeline: credit", "pipeline: juice");
+    ship(&mut delivery, &Run::new(CREDIT, 1, 0.9));
+    ship(&mut delivery, &Run::new(&other, 2, 0.9));
+    ship(&mut delivery, &Run::new(CREDIT, 3, 0.95));
+    let env = production("credit");
+
+    let start = delivery
+        .plan_rollback(&env, None, "by hand".into(), None)
+        .unwrap();
+    assert_eq!((start.plan.from, start.plan.to), (3, 1));
+    assert_eq!(start.target.pipeline, "credit");
+    let refused = delivery.plan_rollback(&env, None, "again".into(), Some(RunId(9)));
+    assert!(
+        refused
+            .err()
+            .unwrap()
+            .to_string()
+            .contains("already running as run 9")
+    );
+    assert!(
+        delivery
+            .plan_rollback(&env, Some(2), "x".into(), None)
+            .is_err(),
+        "release 2 is juice's"
+    );
+
+    // The rollback run's environment stage succeeded.
+    let mut rollback = Run::new(CREDIT, 4, 0.0);
+    rollback.record.rollback = Some(start.plan);
+    delivery.deployed(&rollback.view(), rollback.idx("deploy"), 30);
+    assert_eq!(delivery.live(&env), Some(1));
+    let history = delivery.history(&env);
+    assert_eq!(history[1].state, ReleaseState::RolledBack);
+    assert_eq!(history[1].reason.as_deref(), Some("by hand"));
+    assert_eq!(delivery.live(&production("juice")), Some(2), "untouched");
+    assert!(
+        delivery
+            .plan_rollback(&env, None, "x".into(), None)
+            .err()
+            .unwrap()
+            .to_string()
+            .contains("no earlier release"),
+        "release 3 was rolled back, release 1 is live"
+    );
+}
+
+#[test]
+fn breaches_ask_for_one_rollback_at_the_limit_or_freeze() {
+    let mut delivery = controller();
+    ship(&mut delivery, &Run::new(CREDIT, 1, 0.9));
+    let spec = spec::parse("kiln.yml", CREDIT).unwrap();
+    let mut monitor = spec.stages[2].monitor.clone().unwrap();
+    let env = production("credit");
+    let sample = |value: f64| Observation {
+        release: 1,
+        environment: env.clone(),
+        values: Ok(BTreeMap::from([("error_ratio".to_string(), Some(value))])),
+    };
+    assert!(matches!(
+        delivery.observe(&sample(0.9), &monitor),
+        Breach::Quiet
+    ));
+    assert!(matches!(
+        delivery.observe(&sample(0.1), &monitor),
+        Breach::Quiet
+    ));
+    assert!(matches!(
+        delivery.observe(&sample(0.9), &monitor),
+        Breach::Quiet
+    ));
+    let Breach::RollBack {
+        environment,
+        release,
+        reason,
+    } = delivery.observe(&sample(0.9), &monitor)
+    else {
+        panic!("the second breach in a row reaches the limit");
+    };
+    assert_eq!((environment, release), (env.clone(), 1));
+    assert!(reason.contains("error_ratio=0.9"), "{reason}");
+    assert!(
+        matches!(delivery.observe(&sample(0.9), &monitor), Breach::Quiet),
+        "acted once"
+    );
+
+    ship(&mut delivery, &Run::new(CREDIT, 2, 0.9));
+    monitor.on_breach = OnBreach::Freeze;
+    let mut second = sample(0.9);
+    second.release = 2;
+    delivery.observe(&second, &monitor);
+    assert!(matches!(
+        delivery.observe(&second, &monitor),
+        Breach::Frozen(ops) if ops.len() == 1
+    ));
+    assert!(delivery.frozen(&env).is_some());
+    let (_, record) = delivery.unfreeze(&env).unwrap();
+    assert_eq!(record.frozen, None);
+}

@@ -38,6 +38,7 @@ mod list;
 mod pack;
 mod paths;
 mod unpack;
+mod walk;
 
 #[cfg(test)]
 mod tests;

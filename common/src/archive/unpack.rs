@@ -6,22 +6,9 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use tar::{EntryType, PaxExtensions};
-
-use super::paths::{MAX_NAME_BYTES, entry_path, lexical_link_problem, resolved_link_problem};
-use super::{ArchiveError, LimitKind, Limits, UnpackSummary};
-
-/// Largest zstd window accepted, as a power of two (16 MiB). Our packer's
-/// level needs far less; the default (128 MiB) would let a crafted frame make
-/// us allocate that much before writing a byte.
-pub(super) const MAX_WINDOW_LOG: u32 = 24;
-
-/// Largest pax extension header read into memory.
-pub(super) const MAX_PAX_BYTES: u64 = 64 * 1024;
-
-/// Decompressed bytes read after the end-of-archive marker, to let zstd
-/// verify its checksum; our packer leaves at most a few blocks of padding.
-pub(super) const MAX_TRAILER_BYTES: u64 = 1 << 20;
+use super::paths::{MAX_NAME_BYTES, lexical_link_problem, resolved_link_problem};
+use super::walk::{Kind, Member, copy_contents, walk};
+use super::{ArchiveError, Limits, UnpackSummary};
 
 /// Unpacks a zstd-compressed tar stream into `target` (created if missing),
 /// checking every entry itself rather than trusting the tar crate:
@@ -59,43 +46,13 @@ pub fn unpack(
     let root = fs::canonicalize(target)
         .map_err(|e| ArchiveError::io(format!("opening `{target_display}`"), e))?;
 
-    let mut decoder = zstd::Decoder::new(input).map_err(corrupt)?;
-    decoder.window_log_max(MAX_WINDOW_LOG).map_err(corrupt)?;
-    let mut archive = tar::Archive::new(decoder);
     let mut unpacker = Unpacker {
         root,
-        limits: *limits,
         summary: UnpackSummary::default(),
-        entries: 0,
-        data_bytes: 0,
-        long_name: None,
-        long_link: None,
         links: Vec::new(),
         checked_dir: None,
     };
-    // Raw: extension headers (long names, pax) come to us unparsed, so we
-    // can bound what they make us hold in memory; the tar crate would read
-    // any size.
-    for entry in archive.entries().map_err(corrupt)?.raw(true) {
-        let mut entry = entry.map_err(corrupt)?;
-        unpacker.entry(&mut entry)?;
-    }
-    if unpacker.long_name.is_some() || unpacker.long_link.is_some() {
-        return Err(corrupt(io::Error::other(
-            "the archive ends after a long-name header",
-        )));
-    }
-    // Reading to the end of the zstd frame makes zstd verify its checksum.
-    let trailer = io::copy(
-        &mut archive.into_inner().take(MAX_TRAILER_BYTES + 1),
-        &mut io::sink(),
-    )
-    .map_err(corrupt)?;
-    if trailer > MAX_TRAILER_BYTES {
-        return Err(corrupt(io::Error::other(
-            "data continues after the end of the archive",
-        )));
-    }
+    walk(input, limits, |member| unpacker.member(member))?;
     unpacker.create_links()
 }
 
@@ -103,17 +60,7 @@ pub fn unpack(
 struct Unpacker {
     /// The canonical target directory.
     root: PathBuf,
-    limits: Limits,
     summary: UnpackSummary,
-    /// Entries seen, extension headers not counted.
-    entries: u64,
-    /// Data bytes of every entry, extension headers and skipped data
-    /// included, so no kind of entry escapes `max_bytes`.
-    data_bytes: u64,
-    /// From a GNU long-name header or a pax `path`, for the next entry.
-    long_name: Option<Vec<u8>>,
-    /// From a GNU long-link header or a pax `linkpath`, for the next entry.
-    long_link: Option<Vec<u8>>,
     /// Symlinks to create once everything else is written: (where, relative
     /// to `root`; target).
     links: Vec<(PathBuf, PathBuf)>,
@@ -123,103 +70,33 @@ struct Unpacker {
 }
 
 impl Unpacker {
-    fn entry<R: Read>(&mut self, entry: &mut tar::Entry<'_, R>) -> Result<(), ArchiveError> {
-        let entry_type = entry.header().entry_type();
-        let size = entry.size();
-        self.data_bytes = self.data_bytes.saturating_add(size);
-        LimitKind::MaxBytes.check(self.limits.max_bytes, self.data_bytes)?;
-
-        match entry_type {
-            EntryType::GNULongName => {
-                let name = read_extension(entry, MAX_NAME_BYTES as u64 + 1, "long name")?;
-                return set_once(&mut self.long_name, trim_nul(name), "long name");
-            }
-            EntryType::GNULongLink => {
-                let link = read_extension(entry, MAX_NAME_BYTES as u64 + 1, "long link")?;
-                return set_once(&mut self.long_link, trim_nul(link), "long link");
-            }
-            EntryType::XHeader => return self.pax_header(entry),
-            _ => {}
-        }
-
-        let header = entry.header().clone();
-        let name = match self.long_name.take() {
-            Some(name) => name,
-            None => header.path_bytes().into_owned(),
-        };
-        let link = match self.long_link.take() {
-            Some(link) => Some(link),
-            None => header.link_name_bytes().map(|link| link.into_owned()),
-        };
-        self.entries += 1;
-        LimitKind::MaxEntries.check(self.limits.max_entries, self.entries)?;
-        let refuse = |reason: &str| ArchiveError::unsafe_entry(&name, reason);
-        let rel = entry_path(&name).map_err(|reason| refuse(&reason))?;
-
-        match entry_type {
-            EntryType::Regular | EntryType::Continuous => {
-                if rel.as_os_str().is_empty() || name.ends_with(b"/") {
-                    return Err(refuse("it is a file whose name ends in `/`"));
-                }
-                let executable = header.mode().map_err(corrupt)? & 0o111 != 0;
-                self.write_file(&name, &rel, entry, size, executable)
-            }
-            EntryType::Directory => {
-                if !rel.as_os_str().is_empty() {
-                    self.ensure_dir(&name, &rel)?;
+    fn member(&mut self, mut member: Member<'_>) -> Result<(), ArchiveError> {
+        match member.kind {
+            Kind::File { size, executable } => self.write_file(&mut member, size, executable),
+            Kind::Dir => {
+                if !member.rel.as_os_str().is_empty() {
+                    self.ensure_dir(&member.name, &member.rel)?;
                 }
                 self.summary.dirs += 1;
                 Ok(())
             }
-            EntryType::Symlink => {
-                let target = link.ok_or_else(|| refuse("it is a symlink without a target"))?;
-                self.queue_link(&name, rel, target)
-            }
-            EntryType::Link => Err(refuse(
-                "it is a hard link; kiln archives never contain hard links",
-            )),
-            EntryType::Char => Err(refuse("it is a character device")),
-            EntryType::Block => Err(refuse("it is a block device")),
-            EntryType::Fifo => Err(refuse("it is a fifo")),
-            EntryType::GNUSparse => Err(refuse("it is a sparse file")),
-            EntryType::XGlobalHeader => Err(refuse("it is a pax global header")),
-            other => Err(refuse(&format!(
-                "its type `{}` is not a file, directory or symlink",
-                other.as_byte().escape_ascii()
-            ))),
-        }
-    }
-
-    /// Takes `path` and `linkpath` from a pax header for the next entry.
-    fn pax_header<R: Read>(&mut self, entry: &mut tar::Entry<'_, R>) -> Result<(), ArchiveError> {
-        let data = read_extension(entry, MAX_PAX_BYTES, "pax header")?;
-        for extension in PaxExtensions::new(&data) {
-            let extension = extension.map_err(corrupt)?;
-            let value = extension.value_bytes().to_vec();
-            match extension.key_bytes() {
-                b"path" => set_once(&mut self.long_name, value, "path")?,
-                b"linkpath" => set_once(&mut self.long_link, value, "linkpath")?,
-                key @ (b"size" | b"GNU.sparse.size" | b"GNU.sparse.map") => {
-                    return Err(ArchiveError::unsafe_entry(
-                        b"pax header",
-                        format!("it sets `{}`", key.escape_ascii()),
-                    ));
-                }
-                // Times, owners, xattrs, comments: nothing we restore.
-                _ => {}
+            Kind::Symlink => {
+                let target = member.link.ok_or_else(|| {
+                    ArchiveError::unsafe_entry(&member.name, "it is a symlink without a target")
+                })?;
+                self.queue_link(&member.name, member.rel, target)
             }
         }
-        Ok(())
     }
 
     fn write_file(
         &mut self,
-        name: &[u8],
-        rel: &Path,
-        contents: &mut impl Read,
+        member: &mut Member<'_>,
         size: u64,
         executable: bool,
     ) -> Result<(), ArchiveError> {
+        let (name, rel) = (member.name.clone(), member.rel.clone());
+        let (name, rel) = (name.as_slice(), rel.as_path());
         if let Some(parent) = rel.parent().filter(|p| !p.as_os_str().is_empty()) {
             self.ensure_dir(name, parent)?;
         }
@@ -234,13 +111,7 @@ impl Unpacker {
             .custom_flags(libc::O_NOFOLLOW)
             .open(&path)
             .map_err(|e| ArchiveError::io(context("creating"), e))?;
-        let written = io::copy(contents, &mut file).map_err(corrupt)?;
-        if written != size {
-            return Err(corrupt(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                format!("`{}` ends early", rel.display()),
-            )));
-        }
+        let written = copy_contents(member, size, &mut file)?;
         // The umask may have taken bits from `mode`; fchmod, so no symlink
         // is followed.
         file.set_permissions(fs::Permissions::from_mode(mode))
@@ -378,48 +249,4 @@ impl Unpacker {
             within: "target directory",
         }
     }
-}
-
-/// Reads an extension header's data, refusing more than `max` bytes.
-pub(super) fn read_extension<R: Read>(
-    entry: &mut tar::Entry<'_, R>,
-    max: u64,
-    what: &str,
-) -> Result<Vec<u8>, ArchiveError> {
-    let size = entry.size();
-    if size > max {
-        return Err(ArchiveError::unsafe_entry(
-            what.as_bytes(),
-            format!("it is {size} bytes, over the {max} accepted"),
-        ));
-    }
-    let mut data = Vec::with_capacity(size as usize);
-    entry.read_to_end(&mut data).map_err(corrupt)?;
-    Ok(data)
-}
-
-pub(super) fn set_once(
-    slot: &mut Option<Vec<u8>>,
-    value: Vec<u8>,
-    what: &str,
-) -> Result<(), ArchiveError> {
-    if slot.is_some() {
-        return Err(ArchiveError::unsafe_entry(
-            what.as_bytes(),
-            "two of them describe the same entry",
-        ));
-    }
-    *slot = Some(value);
-    Ok(())
-}
-
-pub(super) fn trim_nul(mut bytes: Vec<u8>) -> Vec<u8> {
-    while bytes.last() == Some(&0) {
-        bytes.pop();
-    }
-    bytes
-}
-
-pub(super) fn corrupt(source: io::Error) -> ArchiveError {
-    ArchiveError::Corrupt { source }
 }

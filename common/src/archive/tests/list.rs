@@ -53,7 +53,7 @@ fn refuses_what_unpack_refuses() {
     refused(
         vec![Raw::File("a", "a"), Raw::HardLink("b", "a".into())],
         unlimited,
-        "is not a file, directory or symlink",
+        "it is a hard link",
     );
     refused(
         vec![Raw::LongName("a".repeat(1 << 20)), Raw::File("x", "x")],

@@ -197,25 +197,33 @@ pub async fn run(
         alerts,
         events: events_tx.clone(),
     };
+    let parsed = engine.parsed_pipelines();
+    let view = engine.durable_view();
     let signer = tokio::spawn(provenance::run_signer(
-        store.clone(),
-        writer.clone(),
-        blobs.clone(),
-        provenance_key.clone(),
-        builder_id(),
+        provenance::Signer {
+            store: store.clone(),
+            writer: writer.clone(),
+            blobs: blobs.clone(),
+            key: provenance_key.clone(),
+            builder_id: builder_id(),
+            parsed: parsed.clone(),
+        },
         signer_rx,
         stop_rx.clone(),
     ));
     let watcher = tokio::spawn(triggers::run_watcher(
-        store.clone(),
-        blobs.clone(),
-        Arc::new(clock::SystemClock),
+        triggers::Watcher {
+            store: store.clone(),
+            blobs: blobs.clone(),
+            clock: Arc::new(clock::SystemClock),
+            view: view.clone(),
+            parsed: parsed.clone(),
+        },
         events_tx.clone(),
         stop_rx.clone(),
     ));
     let hooks_events = events_tx.clone();
-    let parsed = engine.parsed_pipelines();
-    let reader = read::Reader::new(store.clone(), engine.durable_view(), parsed.clone());
+    let reader = read::Reader::new(store.clone(), view.clone(), parsed.clone());
     let engine_task = tokio::spawn(engine::run_engine(
         engine,
         events_rx,
@@ -302,10 +310,10 @@ pub async fn run(
                 http_tls,
                 metrics,
                 triggers::webhook::Hooks {
-                    store: store.clone(),
                     secrets: secrets.clone(),
                     events: hooks_events,
                     parsed,
+                    view,
                     auth: auth.clone(),
                 },
                 stop_rx.clone(),

@@ -17,11 +17,12 @@ use kiln_common::provenance::{
     self, ArtifactFacts, DatasetFacts, GateFacts, ImageFacts, PipelineFacts, ReleaseFacts,
     SigningKey, SourceFacts,
 };
-use kiln_common::spec;
+
 use tokio::sync::{mpsc, watch};
 
 use crate::blobs::BlobStore;
 use crate::commit::Writer;
+use crate::pipelines::ParsedPipelines;
 use crate::store::{Batch, Op, ProvenanceRecord, ReleaseRecord, Store};
 
 /// The key and what verifiers need of it.
@@ -53,20 +54,17 @@ impl ProvenanceKey {
 
 /// Signs releases as the engine reports them; stops with `stop`.
 pub(crate) async fn run_signer(
-    store: Arc<dyn Store>,
-    writer: Writer,
-    blobs: Arc<BlobStore>,
-    key: Arc<ProvenanceKey>,
-    builder_id: String,
+    signer: Signer,
     mut releases: mpsc::UnboundedReceiver<u64>,
     mut stop: watch::Receiver<bool>,
 ) {
+    let signer = Arc::new(signer);
     // Releases made before a crash that were never signed.
-    match store.releases() {
+    match signer.store.releases() {
         Ok(all) => {
             for release in all {
-                if matches!(store.provenance(release.id), Ok(None)) {
-                    sign_logged(&store, &writer, &blobs, &key, &builder_id, release.id).await;
+                if matches!(signer.store.provenance(release.id), Ok(None)) {
+                    sign_logged(&signer, release.id).await;
                 }
             }
         }
@@ -76,30 +74,28 @@ pub(crate) async fn run_signer(
         tokio::select! {
             _ = stop.changed() => return,
             release = releases.recv() => match release {
-                Some(id) => sign_logged(&store, &writer, &blobs, &key, &builder_id, id).await,
+                Some(id) => sign_logged(&signer, id).await,
                 None => return,
             },
         }
     }
 }
 
-async fn sign_logged(
-    store: &Arc<dyn Store>,
-    writer: &Writer,
-    blobs: &Arc<BlobStore>,
-    key: &Arc<ProvenanceKey>,
-    builder_id: &str,
-    release: u64,
-) {
-    let (store, blobs, key, builder_id) = (
-        store.clone(),
-        blobs.clone(),
-        key.clone(),
-        builder_id.to_owned(),
-    );
-    let signed =
-        tokio::task::spawn_blocking(move || sign(&*store, &blobs, &key, &builder_id, release))
-            .await;
+/// What the signer task reads and writes with.
+pub(crate) struct Signer {
+    pub(crate) store: Arc<dyn Store>,
+    /// Envelopes are stored through the group committer.
+    pub(crate) writer: Writer,
+    pub(crate) blobs: Arc<BlobStore>,
+    pub(crate) key: Arc<ProvenanceKey>,
+    pub(crate) builder_id: String,
+    /// Pipeline versions, parsed once (the stages' image references).
+    pub(crate) parsed: Arc<ParsedPipelines>,
+}
+
+async fn sign_logged(signer: &Arc<Signer>, release: u64) {
+    let task = signer.clone();
+    let signed = tokio::task::spawn_blocking(move || sign(&task, release)).await;
     let record = match signed {
         Ok(Ok(Some(record))) => record,
         Ok(Ok(None)) => return,
@@ -116,7 +112,7 @@ async fn sign_logged(
     let mut batch = Batch::default();
     batch.push(Op::Provenance(record));
     // Not stored (a store failure or shutdown): the next start signs it.
-    match writer.write(batch).await {
+    match signer.writer.write(batch).await {
         Ok(()) => tracing::info!(release, %digest, "signed the release's provenance"),
         Err(error) => {
             tracing::error!(release, %error, "cannot store the release's provenance");
@@ -125,23 +121,18 @@ async fn sign_logged(
 }
 
 /// Signs one release; `None` if it already has its provenance.
-fn sign(
-    store: &dyn Store,
-    blobs: &BlobStore,
-    key: &ProvenanceKey,
-    builder_id: &str,
-    release_id: u64,
-) -> anyhow::Result<Option<ProvenanceRecord>> {
+fn sign(signer: &Signer, release_id: u64) -> anyhow::Result<Option<ProvenanceRecord>> {
+    let store = &*signer.store;
     if store.provenance(release_id)?.is_some() {
         return Ok(None);
     }
     let release = store
         .release(release_id)?
         .ok_or_else(|| anyhow::anyhow!("release {release_id} does not exist"))?;
-    let facts = facts(store, &release, builder_id)?;
+    let facts = facts(store, &signer.parsed, &release, &signer.builder_id)?;
     let mut listings = Vec::new();
     for artifact in &facts.artifacts {
-        let file = std::fs::File::open(blobs.path(&artifact.digest)).map_err(|error| {
+        let file = std::fs::File::open(signer.blobs.path(&artifact.digest)).map_err(|error| {
             anyhow::anyhow!("artifact {} is not readable: {error}", artifact.digest)
         })?;
         let limits = Limits {
@@ -157,7 +148,7 @@ fn sign(
         );
         listings.push(listing);
     }
-    let signed = provenance::sign_release(&facts, &listings, &key.signing)?;
+    let signed = provenance::sign_release(&facts, &listings, &signer.key.signing)?;
     Ok(Some(ProvenanceRecord {
         release: release_id,
         envelope_json: signed.envelope_json,
@@ -170,6 +161,7 @@ fn sign(
 /// What went into a release, read back from the store.
 fn facts(
     store: &dyn Store,
+    parsed: &ParsedPipelines,
     release: &ReleaseRecord,
     builder_id: &str,
 ) -> anyhow::Result<ReleaseFacts> {
@@ -185,7 +177,7 @@ fn facts(
                 release.pipeline_version
             )
         })?;
-    let parsed = spec::parse(&pipeline.file_name, &pipeline.spec_yaml).ok();
+    let parsed = parsed.get(&pipeline).ok();
     let stages = store.stages(release.run)?;
     let images = stages
         .iter()

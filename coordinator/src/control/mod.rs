@@ -104,11 +104,12 @@ impl ControlApi {
         Ok(audited(run, target))
     }
 
+    /// The latest durable version of `name`, from the durable view.
     fn latest_pipeline(&self, name: &str) -> Result<PipelineRecord, ApiError> {
-        self.store
-            .latest_pipelines()?
-            .into_iter()
-            .find(|record| record.name == name)
+        self.reader
+            .view()
+            .pipeline(name)
+            .map(|record| (*record).clone())
             .ok_or_else(|| {
                 ApiError::NotFound(format!(
                     "no pipeline named `{name}`; register it with `kiln pipeline register DIR`"
@@ -192,9 +193,9 @@ impl ControlService for ControlApi {
         _request: Request<pb::ListPipelinesRequest>,
     ) -> Result<Response<pb::ListPipelinesResponse>, Status> {
         let pipelines = self
-            .store
-            .latest_pipelines()
-            .map_err(ApiError::from)?
+            .reader
+            .view()
+            .pipelines()
             .iter()
             .map(|record| pipeline_view(self.reader.parsed(), record))
             .collect();

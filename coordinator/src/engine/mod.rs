@@ -349,6 +349,7 @@ impl Engine {
         let update = std::mem::take(&mut engine.view_update);
         engine.view.apply(crate::read::ViewUpdate {
             last_run: Some(RunId(next_run_id - 1)),
+            pipelines: engine.latest.values().cloned().collect(),
             ..update
         });
         // Releases still inside their watch window get their monitor back.
@@ -670,6 +671,7 @@ impl Engine {
         };
         tracing::info!(pipeline = %record.name, version, "registered pipeline");
         self.write(Op::Pipeline(record.clone()));
+        self.view_update.pipelines.push(record.clone());
         self.latest.insert(record.name.clone(), record.clone());
         Ok((record, true))
     }

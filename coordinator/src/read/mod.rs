@@ -4,7 +4,8 @@
 //! Readers go to the store on the blocking pool, at the **durable
 //! watermark**: the [`DurableView`] is what the committer has made durable,
 //! published after every flush (the unfinished runs as snapshots, how many
-//! lines of each running attempt are on disk, the highest durable run id).
+//! lines of each running attempt are on disk, the highest durable run id,
+//! the latest version of every pipeline).
 //! A reader takes the view first and reads the store only within it, so it
 //! never shows what a crash could still take back, and it never waits for
 //! the committer: a flush in progress only means the view is a few
@@ -15,7 +16,7 @@
 
 mod logs;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, RwLock};
 
 use kiln_common::ids::{RunId, StageKey};
@@ -24,7 +25,7 @@ use kiln_proto::v1 as pb;
 pub(crate) use logs::{Followed, Follower, LogRequest, StagePlan, Tap, select_stage, stream_logs};
 
 use crate::error::ApiError;
-use crate::store::Store;
+use crate::store::{PipelineRecord, Store};
 use crate::views;
 
 /// How far one running attempt's log is durable.
@@ -44,6 +45,8 @@ pub(crate) struct ViewUpdate {
     /// Finished runs: their records in the store are final and durable.
     pub(crate) retired: Vec<RunId>,
     pub(crate) last_run: Option<RunId>,
+    /// New latest versions of pipelines.
+    pub(crate) pipelines: Vec<PipelineRecord>,
 }
 
 impl ViewUpdate {
@@ -52,6 +55,7 @@ impl ViewUpdate {
             && self.marks.is_empty()
             && self.retired.is_empty()
             && self.last_run.is_none()
+            && self.pipelines.is_empty()
     }
 }
 
@@ -63,6 +67,10 @@ struct ViewState {
     marks: HashMap<StageKey, LogMark>,
     /// The highest run id whose creation is durable.
     last_run: RunId,
+    /// The latest durable version of every pipeline, by name.
+    pipelines: BTreeMap<String, Arc<PipelineRecord>>,
+    /// Changes whenever `pipelines` does, so a watcher can tell cheaply.
+    pipelines_generation: u64,
 }
 
 /// The durable state readers may see; shared by the engine (which fills it
@@ -88,6 +96,32 @@ impl DurableView {
             state.runs.remove(&run);
             state.marks.retain(|key, _| key.run != run);
         }
+        if !update.pipelines.is_empty() {
+            state.pipelines_generation += 1;
+        }
+        for pipeline in update.pipelines {
+            state
+                .pipelines
+                .insert(pipeline.name.clone(), Arc::new(pipeline));
+        }
+    }
+
+    /// The latest durable version of the pipeline `name`.
+    pub(crate) fn pipeline(&self, name: &str) -> Option<Arc<PipelineRecord>> {
+        let state = self.state.read().unwrap_or_else(|e| e.into_inner());
+        state.pipelines.get(name).cloned()
+    }
+
+    /// The latest durable version of every pipeline, by name.
+    pub(crate) fn pipelines(&self) -> Vec<Arc<PipelineRecord>> {
+        let state = self.state.read().unwrap_or_else(|e| e.into_inner());
+        state.pipelines.values().cloned().collect()
+    }
+
+    /// A number that changes whenever a pipeline gets a new version.
+    pub(crate) fn pipelines_generation(&self) -> u64 {
+        let state = self.state.read().unwrap_or_else(|e| e.into_inner());
+        state.pipelines_generation
     }
 
     fn active_run(&self, run: RunId) -> Option<Arc<pb::Run>> {
@@ -217,4 +251,47 @@ impl Reader {
 
 pub(crate) fn not_found(run: RunId) -> ApiError {
     ApiError::NotFound(format!("run {run} does not exist"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pipeline(name: &str, version: u32) -> PipelineRecord {
+        PipelineRecord {
+            name: name.into(),
+            version,
+            file_name: "kiln.yml".into(),
+            spec_yaml: String::new(),
+            repo: String::new(),
+            branch: "main".into(),
+            subdir: String::new(),
+            registered_ms: 0,
+        }
+    }
+
+    #[test]
+    fn the_latest_pipeline_versions_change_only_with_a_new_version() {
+        let view = DurableView::default();
+        let before = view.pipelines_generation();
+        view.apply(ViewUpdate {
+            last_run: Some(RunId(1)),
+            ..Default::default()
+        });
+        assert_eq!(view.pipelines_generation(), before, "no pipeline changed");
+        view.apply(ViewUpdate {
+            pipelines: vec![pipeline("credit", 1), pipeline("juice", 1)],
+            ..Default::default()
+        });
+        let registered = view.pipelines_generation();
+        assert_ne!(registered, before);
+        view.apply(ViewUpdate {
+            pipelines: vec![pipeline("credit", 2)],
+            ..Default::default()
+        });
+        assert_ne!(view.pipelines_generation(), registered);
+        assert_eq!(view.pipeline("credit").unwrap().version, 2);
+        assert_eq!(view.pipelines().len(), 2);
+        assert!(view.pipeline("churn").is_none());
+    }
 }

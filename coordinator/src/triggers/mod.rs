@@ -1,8 +1,8 @@
 //! Runs nobody typed: cron schedules and watched data directories (this
 //! task), and push webhooks (`webhook`, on the HTTP listener).
 //!
-//! The watcher wakes every [`TICK`], reads the latest version of every
-//! pipeline, and starts a run when a schedule slot is due or watched data
+//! The watcher wakes every [`TICK`], looks at the latest durable version
+//! of every pipeline (the durable view's, parsed once), and starts a run when a schedule slot is due or watched data
 //! has changed and settled. The slot or data digest that started a run is
 //! written in the same batch as the run, so after a restart a slot never
 //! fires twice; slots missed while the coordinator was down fire once,
@@ -16,7 +16,7 @@ use std::collections::hash_map::Entry;
 use std::sync::Arc;
 use std::time::Duration;
 
-use kiln_common::spec::{self, DataTrigger, Triggers};
+use kiln_common::spec::{DataTrigger, Triggers};
 use kiln_common::triggers::data::{DataWatch, digest_tree};
 use kiln_common::triggers::schedule;
 use kiln_proto::v1 as pb;
@@ -26,6 +26,8 @@ use crate::blobs::BlobStore;
 use crate::clock::Clock;
 use crate::engine::Event;
 use crate::error::ApiError;
+use crate::pipelines::ParsedPipelines;
+use crate::read::DurableView;
 use crate::store::{DatasetRecord, PipelineRecord, Store, TriggerStateRecord};
 
 /// How often due schedules and data polls are checked.
@@ -103,15 +105,35 @@ impl DataPoll {
     }
 }
 
+/// What the watcher reads.
+pub(crate) struct Watcher {
+    /// Trigger states (last slot fired, last data digest).
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) blobs: Arc<BlobStore>,
+    pub(crate) clock: Arc<dyn Clock>,
+    /// The latest durable pipeline versions: looked at every tick, copied
+    /// only when a pipeline got a new version.
+    pub(crate) view: Arc<DurableView>,
+    /// Each version's triggers, parsed once.
+    pub(crate) parsed: Arc<ParsedPipelines>,
+}
+
 /// Watches schedules and data until `stop`.
 pub(crate) async fn run_watcher(
-    store: Arc<dyn Store>,
-    blobs: Arc<BlobStore>,
-    clock: Arc<dyn Clock>,
+    watcher: Watcher,
     events: mpsc::Sender<Event>,
     mut stop: watch::Receiver<bool>,
 ) {
+    let Watcher {
+        store,
+        blobs,
+        clock,
+        view,
+        parsed,
+    } = watcher;
     let mut watched: HashMap<String, Watched> = HashMap::new();
+    let mut pipelines: Vec<Arc<PipelineRecord>> = Vec::new();
+    let mut seen_generation = None;
     let mut ticks = tokio::time::interval(TICK);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -119,14 +141,12 @@ pub(crate) async fn run_watcher(
             _ = stop.changed() => return,
             _ = ticks.tick() => {}
         }
-        let pipelines = match store.latest_pipelines() {
-            Ok(pipelines) => pipelines,
-            Err(error) => {
-                tracing::error!(%error, "trigger watcher cannot read pipelines");
-                continue;
-            }
-        };
-        for pipeline in pipelines {
+        let generation = view.pipelines_generation();
+        if seen_generation != Some(generation) {
+            seen_generation = Some(generation);
+            pipelines = view.pipelines();
+        }
+        for pipeline in &pipelines {
             let entry = match watched.entry(pipeline.name.clone()) {
                 Entry::Occupied(entry) => entry.into_mut(),
                 Entry::Vacant(slot) => match store.trigger_state(&pipeline.name) {
@@ -148,8 +168,9 @@ pub(crate) async fn run_watcher(
             };
             if entry.version != pipeline.version {
                 entry.version = pipeline.version;
-                entry.triggers = spec::parse(&pipeline.file_name, &pipeline.spec_yaml)
-                    .map(|parsed| parsed.triggers)
+                entry.triggers = parsed
+                    .get(pipeline)
+                    .map(|parsed| parsed.triggers.clone())
                     .unwrap_or_default();
                 entry.data = entry
                     .triggers
@@ -173,7 +194,7 @@ pub(crate) async fn run_watcher(
                     ..entry.state.clone()
                 };
                 let run = TriggeredRun {
-                    pipeline: pipeline.clone(),
+                    pipeline: (**pipeline).clone(),
                     rev: None,
                     triggered_by: format!("schedule:{}", expressions.join(" | ")),
                     datasets: Vec::new(),
@@ -196,7 +217,7 @@ pub(crate) async fn run_watcher(
             {
                 data.next_poll_ms = now + data.trigger.every.as_millis() as u64;
                 if let Some(state) =
-                    poll_data(&blobs, &events, &pipeline, &entry.state, data, now).await
+                    poll_data(&blobs, &events, pipeline, &entry.state, data, now).await
                 {
                     entry.state = state;
                 }

@@ -18,7 +18,6 @@ use super::{TriggeredRun, start_run};
 use crate::auth::layer::Auth;
 use crate::engine::Event;
 use crate::secrets::Secrets;
-use crate::store::Store;
 
 /// Largest webhook body accepted (GitHub caps payloads at 25 MB, but a
 /// push of a few commits is a few KiB).
@@ -27,12 +26,13 @@ pub(crate) const MAX_BODY_BYTES: usize = 1 << 20;
 /// What the hook handler needs.
 #[derive(Clone)]
 pub(crate) struct Hooks {
-    pub(crate) store: Arc<dyn Store>,
     pub(crate) secrets: Arc<Secrets>,
     pub(crate) events: mpsc::Sender<Event>,
     pub(crate) auth: Arc<Auth>,
     /// Each pipeline version's file, parsed once.
     pub(crate) parsed: Arc<crate::pipelines::ParsedPipelines>,
+    /// Where the latest durable pipeline versions are read.
+    pub(crate) view: Arc<crate::read::DurableView>,
 }
 
 type Reply = (StatusCode, Json<serde_json::Value>);
@@ -87,14 +87,7 @@ async fn handle(
         let (status, body) = reply(status, message);
         (status, body, target.clone())
     };
-    let pipeline = match hooks.store.latest_pipelines() {
-        Ok(all) => all.into_iter().find(|p| p.name == name),
-        Err(error) => {
-            let error = crate::error::ApiError::from(error);
-            return fail(status_of(&error), error.public_message());
-        }
-    };
-    let Some(pipeline) = pipeline else {
+    let Some(pipeline) = hooks.view.pipeline(name).map(|record| (*record).clone()) else {
         return fail(StatusCode::NOT_FOUND, format!("no pipeline named `{name}`"));
     };
     let push = hooks

@@ -282,11 +282,7 @@ pub(crate) mod testing {
     pub(crate) fn sink_with(masker: Masker) -> (LogSink, Capture) {
         let (events_tx, events) = mpsc::channel(4096);
         let (paused, paused_rx) = watch::channel(false);
-        let key = AttemptKey {
-            run_id: 1,
-            stage_idx: 0,
-            attempt: 1,
-        };
+        let key = AttemptKey::new(1, 0, 1);
         let sink = LogSink::new(key, 1, events_tx, paused_rx, masker);
         let capture = Capture {
             events,

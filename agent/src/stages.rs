@@ -72,7 +72,10 @@ impl StageTable {
 
     /// What `Hello.held` reports: everything not yet forgotten.
     pub(crate) fn held(&self) -> Vec<StageRef> {
-        self.entries.keys().map(|key| key.stage_ref()).collect()
+        self.entries
+            .keys()
+            .map(|&key| StageRef::from(key))
+            .collect()
     }
 
     /// Registers an attempt whose task `task_id` is about to start.

@@ -486,11 +486,7 @@ mod tests {
     }
 
     fn key(attempt: u32) -> AttemptKey {
-        AttemptKey {
-            run_id: 3,
-            stage_idx: 1,
-            attempt,
-        }
+        AttemptKey::new(3, 1, attempt)
     }
 
     async fn prepare(

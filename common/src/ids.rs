@@ -29,6 +29,42 @@ impl fmt::Display for StageKey {
     }
 }
 
+/// One attempt of one stage: the fencing token an assignment carries.
+/// The coordinator accepts a message about a stage only from the agent
+/// holding this exact attempt; the agent keys its work and its outbox by it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct AttemptKey {
+    pub stage: StageKey,
+    pub attempt: u32,
+}
+
+impl AttemptKey {
+    pub fn new(run: u64, idx: u32, attempt: u32) -> Self {
+        Self {
+            stage: StageKey {
+                run: RunId(run),
+                idx,
+            },
+            attempt,
+        }
+    }
+
+    /// `<run>-<stage_idx>-<attempt>`: names the attempt's workspace.
+    pub fn dir_name(self) -> String {
+        format!("{}-{}-{}", self.stage.run.0, self.stage.idx, self.attempt)
+    }
+}
+
+impl fmt::Display for AttemptKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "run {} stage {} attempt {}",
+            self.stage.run.0, self.stage.idx, self.attempt
+        )
+    }
+}
+
 /// What an environment belongs to. Today that is always a pipeline; a model
 /// registry may later scope environments by model name instead, as another
 /// variant, without touching the places that only pass keys around.

@@ -14,3 +14,27 @@ pub mod v1 {
 /// The encoded `FileDescriptorSet` of `kiln.v1`, for gRPC reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/kiln_descriptor.bin"));
+
+/// The wire form of an attempt ([`kiln_common::ids::AttemptKey`]): every
+/// message about a stage names one.
+mod attempt {
+    use kiln_common::ids::AttemptKey;
+
+    use crate::v1::StageRef;
+
+    impl From<&StageRef> for AttemptKey {
+        fn from(stage: &StageRef) -> Self {
+            AttemptKey::new(stage.run_id, stage.stage_idx, stage.attempt)
+        }
+    }
+
+    impl From<AttemptKey> for StageRef {
+        fn from(key: AttemptKey) -> Self {
+            StageRef {
+                run_id: key.stage.run.0,
+                stage_idx: key.stage.idx,
+                attempt: key.attempt,
+            }
+        }
+    }
+}

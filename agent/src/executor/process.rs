@@ -250,11 +250,7 @@ mod tests {
     impl Setup {
         fn job(&self, commands: &[&str], timeout: Option<Duration>) -> Job {
             Job {
-                key: crate::attempt::AttemptKey {
-                    run_id: 1,
-                    stage_idx: 0,
-                    attempt: 1,
-                },
+                key: crate::attempt::AttemptKey::new(1, 0, 1),
                 stage_name: "build".into(),
                 name: "1-0-1".into(),
                 workspace: self.dir.path().to_owned(),

@@ -11,7 +11,7 @@
 
 use std::collections::BTreeSet;
 
-use kiln_common::ids::{RunId, StageKey};
+use kiln_common::ids::{AttemptKey, StageKey};
 use kiln_proto::v1 as pb;
 use pb::agent_message::Msg;
 use pb::coordinator_message::Msg as Out;
@@ -23,21 +23,11 @@ use crate::error::ApiError;
 use crate::store::{ArtifactRecord, StageState};
 
 fn stage_ref(key: StageKey, attempt: u32) -> pb::StageRef {
-    pb::StageRef {
-        run_id: key.run.0,
-        stage_idx: key.idx,
+    AttemptKey {
+        stage: key,
         attempt,
     }
-}
-
-fn key_of(stage: &pb::StageRef) -> (StageKey, u32) {
-    (
-        StageKey {
-            run: RunId(stage.run_id),
-            idx: stage.stage_idx,
-        },
-        stage.attempt,
-    )
+    .into()
 }
 
 /// Whether a message about an attempt comes from its rightful holder.
@@ -83,7 +73,14 @@ impl Engine {
     /// that agent to come back and claim them.
     pub(super) fn expect_agent(&mut self, name: &str, key: StageKey, now: u64) {
         let attempt = self.stage(key).map_or(0, |stage| stage.attempt);
-        self.pool.expect(name, (key, attempt), now);
+        self.pool.expect(
+            name,
+            AttemptKey {
+                stage: key,
+                attempt,
+            },
+            now,
+        );
     }
 
     pub(super) fn agent_hello(&mut self, hello: pb::Hello, conn: ConnId, tx: AgentTx) {
@@ -97,11 +94,20 @@ impl Engine {
             drop: Vec::new(),
         };
         for held in &hello.held {
-            let (key, attempt) = key_of(held);
+            let AttemptKey {
+                stage: key,
+                attempt,
+            } = AttemptKey::from(held);
             match self.fence(&name, key, attempt) {
                 Fence::Current => {
                     let next_log_seq = self.stage(key).map_or(0, |stage| stage.next_log_seq);
-                    self.pool.hold(&name, (key, attempt));
+                    self.pool.hold(
+                        &name,
+                        AttemptKey {
+                            stage: key,
+                            attempt,
+                        },
+                    );
                     welcome.resume.push(pb::ResumeStage {
                         stage: Some(*held),
                         next_log_seq,
@@ -111,10 +117,20 @@ impl Engine {
             }
         }
         // What the agent held before but no longer mentions is lost.
-        let kept: BTreeSet<(StageKey, u32)> = self.pool.holds(&name);
-        let lost: Vec<(StageKey, u32)> = before.difference(&kept).copied().collect();
-        for (key, attempt) in lost {
-            self.pool.hold(&name, (key, attempt));
+        let kept: BTreeSet<AttemptKey> = self.pool.holds(&name);
+        let lost: Vec<AttemptKey> = before.difference(&kept).copied().collect();
+        for AttemptKey {
+            stage: key,
+            attempt,
+        } in lost
+        {
+            self.pool.hold(
+                &name,
+                AttemptKey {
+                    stage: key,
+                    attempt,
+                },
+            );
             // An assignment that never started may simply not have arrived;
             // re-sending it costs the stage no retry.
             let started = self
@@ -144,7 +160,10 @@ impl Engine {
                 let Some(stage_ref) = started.stage else {
                     return;
                 };
-                let (key, attempt) = key_of(&stage_ref);
+                let AttemptKey {
+                    stage: key,
+                    attempt,
+                } = AttemptKey::from(&stage_ref);
                 let assigned = self
                     .stage(key)
                     .is_some_and(|stage| stage.state == StageState::Assigned);
@@ -165,9 +184,15 @@ impl Engine {
         let Some(stage_ref) = finished.stage else {
             return;
         };
-        let (key, attempt) = key_of(&stage_ref);
+        let AttemptKey {
+            stage: key,
+            attempt,
+        } = AttemptKey::from(&stage_ref);
         if let Fence::Current = self.fence(name, key, attempt) {
-            if self.checking.contains(&(key, attempt)) {
+            if self.checking.contains(&AttemptKey {
+                stage: key,
+                attempt,
+            }) {
                 // A repeat while its check is in flight: that check answers.
                 return;
             }
@@ -179,7 +204,10 @@ impl Engine {
             if finished.outputs.is_empty() && metrics_path.is_none() {
                 self.complete(name, finished, Checked::nothing());
             } else {
-                self.checking.insert((key, attempt));
+                self.checking.insert(AttemptKey {
+                    stage: key,
+                    attempt,
+                });
                 self.checks.push(OutputCheck {
                     agent: name.to_owned(),
                     finished,
@@ -199,7 +227,7 @@ impl Engine {
         checked: Checked,
     ) {
         if let Some(stage_ref) = finished.stage {
-            self.checking.remove(&key_of(&stage_ref));
+            self.checking.remove(&AttemptKey::from(&stage_ref));
         }
         self.complete(name, finished, checked);
     }
@@ -210,7 +238,10 @@ impl Engine {
         let Some(stage_ref) = finished.stage else {
             return;
         };
-        let (key, attempt) = key_of(&stage_ref);
+        let AttemptKey {
+            stage: key,
+            attempt,
+        } = AttemptKey::from(&stage_ref);
         let ack = match self.fence(name, key, attempt) {
             Fence::Stale(reason) => {
                 tracing::warn!(agent = name, "rejected completion: {reason}");
@@ -296,7 +327,13 @@ impl Engine {
                 }
             }
         };
-        self.pool.release(name, (key, attempt));
+        self.pool.release(
+            name,
+            AttemptKey {
+                stage: key,
+                attempt,
+            },
+        );
         self.send_after_commit(name, Out::Ack(ack));
     }
 
@@ -345,7 +382,11 @@ impl Engine {
     pub(super) fn expire_leases(&mut self) {
         let now = self.clock.now_ms();
         for (name, held) in self.pool.expire(now) {
-            for (key, attempt) in held {
+            for AttemptKey {
+                stage: key,
+                attempt,
+            } in held
+            {
                 self.lose_stage(&name, key, attempt, &format!("agent {name} lost"), true);
             }
         }
@@ -353,7 +394,13 @@ impl Engine {
 
     /// The attempt is gone with its agent: re-queue or fail the stage.
     fn lose_stage(&mut self, name: &str, key: StageKey, attempt: u32, why: &str, charge: bool) {
-        self.pool.release(name, (key, attempt));
+        self.pool.release(
+            name,
+            AttemptKey {
+                stage: key,
+                attempt,
+            },
+        );
         if let Fence::Current = self.fence(name, key, attempt) {
             self.requeue(key, charge, why);
         }

@@ -9,7 +9,7 @@ use kiln_common::spec;
 use kiln_proto::v1 as pb;
 use pb::coordinator_message::Msg as Out;
 
-use kiln_common::ids::StageKey;
+use kiln_common::ids::{AttemptKey, StageKey};
 
 use super::Engine;
 use crate::store::{RunState, StageState};
@@ -96,7 +96,13 @@ impl Engine {
                 secrets: Default::default(),
             };
             let secret_names = stage_spec.secrets.clone();
-            self.pool.hold(&name, (key, attempt));
+            self.pool.hold(
+                &name,
+                AttemptKey {
+                    stage: key,
+                    attempt,
+                },
+            );
             if let Some(since) = self.ready_since.remove(&key) {
                 self.metrics.observe_dispatch_latency(since.elapsed());
             }
@@ -161,7 +167,13 @@ impl Engine {
             }
             Err(problem) => {
                 // It never reached the agent: the record says so.
-                self.pool.release(agent, (key, attempt));
+                self.pool.release(
+                    agent,
+                    AttemptKey {
+                        stage: key,
+                        attempt,
+                    },
+                );
                 if let Some(stage) = self.stage_mut(key) {
                     stage.agent = None;
                 }

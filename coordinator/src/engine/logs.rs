@@ -15,7 +15,7 @@
 
 use std::sync::Arc;
 
-use kiln_common::ids::{RunId, StageKey};
+use kiln_common::ids::{AttemptKey, RunId, StageKey};
 use kiln_common::loglines;
 use kiln_common::masking::Masker;
 use kiln_proto::v1 as pb;
@@ -156,7 +156,7 @@ impl Engine {
         );
         tracing::error!(stage = %key, agent, "{message}");
         self.send_cancel(agent, key, stage_ref.attempt, &message);
-        self.pool.release(agent, (key, stage_ref.attempt));
+        self.pool.release(agent, AttemptKey::from(&stage_ref));
         self.settle_stage(key, StageState::Failed, None, message.clone());
         self.reject(agent, stage_ref, message);
     }

@@ -37,7 +37,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
-use kiln_common::ids::{EnvKey, RunId, StageKey};
+use kiln_common::ids::{AttemptKey, EnvKey, RunId, StageKey};
 use kiln_common::spec;
 use kiln_proto::v1 as pb;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -257,7 +257,7 @@ pub(crate) struct Engine {
     /// Assignments waiting for their secrets to be opened off the loop.
     secrets_to_open: Vec<checks::SecretsToOpen>,
     /// Attempts with a check in flight.
-    checking: BTreeSet<(StageKey, u32)>,
+    checking: BTreeSet<AttemptKey>,
     /// Delivery work the run book asked for, routed after each event.
     delivery_events: Vec<delivery::DeliveryEvent>,
     /// When each queued stage became ready, for the dispatch latency metric.

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use kiln_common::ids::StageKey;
+use kiln_common::ids::AttemptKey;
 use kiln_common::labels;
 use kiln_proto::v1 as pb;
 use tokio::sync::{Notify, mpsc};
@@ -108,9 +108,6 @@ impl AgentRx {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct ConnId(pub(crate) u64);
 
-/// A stage attempt on an agent.
-pub(super) type Held = (StageKey, u32);
-
 struct AgentState {
     name: String,
     labels: BTreeMap<String, String>,
@@ -126,7 +123,7 @@ struct AgentState {
     last_seen_ms: u64,
     /// Stage attempts on the agent, whatever their recorded state (a
     /// cancelled stage occupies its slot until the agent reports it ended).
-    held: BTreeSet<Held>,
+    held: BTreeSet<AttemptKey>,
 }
 
 impl AgentState {
@@ -168,7 +165,7 @@ impl AgentPool {
 
     /// After a restart: the agent recorded on a held stage gets one lease
     /// to come back and claim it.
-    pub(super) fn expect(&mut self, name: &str, held: Held, now: u64) {
+    pub(super) fn expect(&mut self, name: &str, held: AttemptKey, now: u64) {
         let lease = now + self.lease_ttl_ms;
         self.agents
             .entry(name.to_owned())
@@ -196,7 +193,7 @@ impl AgentPool {
         conn: ConnId,
         tx: AgentTx,
         now: u64,
-    ) -> BTreeSet<Held> {
+    ) -> BTreeSet<AttemptKey> {
         let previous = self.agents.remove(&hello.name);
         let draining = previous.as_ref().is_some_and(|agent| agent.draining);
         let before = previous.map(|agent| agent.held).unwrap_or_default();
@@ -240,19 +237,19 @@ impl AgentPool {
         }
     }
 
-    pub(super) fn hold(&mut self, name: &str, held: Held) {
+    pub(super) fn hold(&mut self, name: &str, held: AttemptKey) {
         if let Some(agent) = self.agents.get_mut(name) {
             agent.held.insert(held);
         }
     }
 
-    pub(super) fn release(&mut self, name: &str, held: Held) {
+    pub(super) fn release(&mut self, name: &str, held: AttemptKey) {
         if let Some(agent) = self.agents.get_mut(name) {
             agent.held.remove(&held);
         }
     }
 
-    pub(super) fn holds(&self, name: &str) -> BTreeSet<Held> {
+    pub(super) fn holds(&self, name: &str) -> BTreeSet<AttemptKey> {
         self.agents
             .get(name)
             .map(|agent| agent.held.clone())
@@ -269,7 +266,7 @@ impl AgentPool {
     /// Agents whose lease lapsed: their connection is closed (a half-alive
     /// agent reconnects and learns what is no longer its own) and the
     /// attempts they held are handed back to the caller.
-    pub(super) fn expire(&mut self, now: u64) -> Vec<(String, Vec<Held>)> {
+    pub(super) fn expire(&mut self, now: u64) -> Vec<(String, Vec<AttemptKey>)> {
         let mut expired = Vec::new();
         for agent in self.agents.values_mut() {
             let lapsed =
@@ -319,7 +316,6 @@ impl AgentPool {
 
 #[cfg(test)]
 mod tests {
-    use kiln_common::ids::RunId;
 
     use super::*;
 
@@ -345,14 +341,8 @@ mod tests {
         AgentTx::channel().0
     }
 
-    fn held(run: u64, idx: u32, attempt: u32) -> Held {
-        (
-            StageKey {
-                run: RunId(run),
-                idx,
-            },
-            attempt,
-        )
+    fn held(run: u64, idx: u32, attempt: u32) -> AttemptKey {
+        AttemptKey::new(run, idx, attempt)
     }
 
     fn wants(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {

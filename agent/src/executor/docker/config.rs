@@ -66,7 +66,7 @@ pub(super) fn container_body(
     let working_dir = std::path::Path::new(WORKSPACE).join(subdir);
     let labels = HashMap::from([
         ("kiln.agent".to_owned(), agent.to_owned()),
-        ("kiln.run".to_owned(), job.key.run_id.to_string()),
+        ("kiln.run".to_owned(), job.key.stage.run.to_string()),
         ("kiln.stage".to_owned(), job.stage_name.clone()),
         ("kiln.attempt".to_owned(), job.key.attempt.to_string()),
         ("kiln.image".to_owned(), job.image.clone()),
@@ -163,11 +163,7 @@ mod tests {
 
     fn job(options: DockerOptions) -> Job {
         Job {
-            key: AttemptKey {
-                run_id: 7,
-                stage_idx: 2,
-                attempt: 3,
-            },
+            key: AttemptKey::new(7, 2, 3),
             stage_name: "train".into(),
             name: "7-2-3".into(),
             workspace: "/work/ws/7-2-3".into(),

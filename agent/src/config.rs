@@ -88,6 +88,8 @@ pub struct Config {
     /// After shutdown is requested, running stages get this long to finish
     /// before they are handed back.
     pub drain_timeout: Duration,
+    /// GPU devices stages may be given (`--gpus`); empty: none.
+    pub gpus: Vec<u32>,
 }
 
 #[cfg(test)]

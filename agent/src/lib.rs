@@ -93,6 +93,7 @@ mod error;
 mod executor;
 mod logs;
 mod outbox;
+mod resources;
 mod stage;
 mod stages;
 mod supervisor;
@@ -102,6 +103,7 @@ mod workspace;
 
 pub use config::{AllowedMount, Config, DockerConfig, ExecutorKind};
 pub use error::Error;
+pub use resources::{detect_gpus, parse_gpus};
 
 /// Runs the agent until `shutdown` completes and its stages are finished or
 /// handed back.

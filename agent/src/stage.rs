@@ -200,6 +200,7 @@ impl StageRunner {
             commands: assign.commands,
             image: assign.image,
             docker: assign.docker.unwrap_or_default(),
+            gpus: assign.gpus,
         };
         let inputs_ready = Instant::now();
         let report = match self.executor.run(job, log.clone(), stop.clone()).await {

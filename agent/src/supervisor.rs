@@ -487,6 +487,7 @@ impl Supervisor {
             capacity: self.config.capacity,
             version: env!("CARGO_PKG_VERSION").to_owned(),
             held: self.stages.held(),
+            resources: Some(crate::resources::machine(&self.config.gpus)),
         }
     }
 }
@@ -509,6 +510,7 @@ mod tests {
             work_dir: "/nonexistent".into(),
             executor: ExecutorKind::Process,
             drain_timeout: Duration::from_secs(1),
+            gpus: Vec::new(),
         }
     }
 

@@ -149,6 +149,7 @@ impl Harness {
             work_dir: work_dir.path().to_owned(),
             executor: ExecutorKind::Process,
             drain_timeout,
+            gpus: vec![1],
         };
         let (shutdown, shutdown_rx) = oneshot::channel();
         let agent = tokio::spawn(kiln_agent::run(config, async move {
@@ -230,6 +231,13 @@ async fn runs_an_assigned_stage_and_reports_it() {
         "the agent advertises its executor"
     );
     assert!(conn.hello.held.is_empty());
+    let resources = conn
+        .hello
+        .resources
+        .as_ref()
+        .expect("the hello declares the machine");
+    assert!(resources.cpus >= 1.0 && resources.memory_bytes > 0);
+    assert_eq!(resources.gpus, vec![1], "the configured gpus");
 
     conn.send(assign(0, &["echo one", "echo two >&2"])).await;
     assert!(matches!(conn.recv().await, Msg::Started(s) if s.stage == Some(stage(0))));

@@ -292,6 +292,7 @@ fn start_agent(
         work_dir: data_dir.join("agents").join(name),
         executor,
         drain_timeout: DRAIN_TIMEOUT,
+        gpus: Vec::new(),
     };
     let (stop, stopped) = watch::channel(false);
     let task = tokio::spawn(kiln_agent::run(config, stop_requested(stopped)));

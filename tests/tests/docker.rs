@@ -333,6 +333,9 @@ stages:
     pull: never
     commands: ["true"]
   no-image:
+    # Without `executor: docker` the coordinator would keep it for a
+    # process agent (see tests/placement.rs); here it insists on docker.
+    executor: docker
     retries: 0
     commands: ["true"]
 "#,

@@ -66,6 +66,10 @@ struct Args {
         value_parser = kiln_common::duration::parse
     )]
     drain_timeout: Duration,
+    /// GPUs stages may be given: `auto` (as `nvidia-smi` lists them),
+    /// `none`, a count (`2` = devices 0 and 1) or device indexes (`0,2`).
+    #[arg(long, env = "KILN_AGENT_GPUS", default_value = "auto")]
+    gpus: String,
     /// PEM CA bundle the coordinator's certificate must chain to (for an
     /// https:// coordinator; without it the system's roots are used).
     #[arg(long, env = "KILN_CA_FILE", value_name = "PEM")]
@@ -152,6 +156,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
             }),
         },
         drain_timeout: args.drain_timeout,
+        gpus: match kiln_agent::parse_gpus(&args.gpus) {
+            Ok(Some(gpus)) => gpus,
+            Ok(None) => kiln_agent::detect_gpus(),
+            Err(error) => anyhow::bail!("--gpus: {error}"),
+        },
     };
     // Installed before the agent starts, so an early signal is not lost.
     let mut terminate = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;

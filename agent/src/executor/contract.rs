@@ -50,6 +50,9 @@ pub(crate) struct Job {
     /// Pull policy, limits and network of the container; the process
     /// executor ignores them.
     pub(crate) docker: DockerOptions,
+    /// GPU devices the coordinator reserved for the stage: a container gets
+    /// a device request for them, a host process `CUDA_VISIBLE_DEVICES`.
+    pub(crate) gpus: Vec<u32>,
 }
 
 /// What an executor reports: how the commands ended, and in what.

@@ -179,7 +179,22 @@ impl DockerExecutor {
             .run_container(&container, &job, limit_bytes, &log, &mut stop)
             .await;
         container.remove().await;
-        let (exit, started_at) = ran?;
+        let (exit, started_at) = match ran {
+            Err(Error::Docker { action, detail })
+                if !job.gpus.is_empty() && detail.contains("capabilities: [[gpu]]") =>
+            {
+                // No retry makes a GPU runtime appear; say what to do.
+                let message = format!(
+                    "the stage asks for gpus {:?} and the docker engine cannot give them \
+                     ({action}: {detail}); install the NVIDIA Container Toolkit on this agent's \
+                     machine, or start the agent with --gpus none so gpu stages go elsewhere",
+                    job.gpus
+                );
+                log.system(message.clone()).await;
+                return Ok(Exit::CannotStart(message).into());
+            }
+            ran => ran?,
+        };
         Ok(Ended {
             exit,
             image_digest: image.digest,

@@ -73,6 +73,7 @@ impl ProcessExecutor {
             .env_clear()
             .envs(self.inherited_env.iter().map(|(k, v)| (k, v)))
             .envs(&job.env)
+            .envs(gpu_env(&job.gpus))
             .envs(&job.secrets)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -222,6 +223,16 @@ impl Drop for ProcessGroup {
     }
 }
 
+/// The reserved GPU devices as CUDA numbers them for a host process;
+/// nothing when the stage asked for none.
+fn gpu_env(gpus: &[u32]) -> Option<(&'static str, String)> {
+    if gpus.is_empty() {
+        return None;
+    }
+    let devices: Vec<String> = gpus.iter().map(u32::to_string).collect();
+    Some(("CUDA_VISIBLE_DEVICES", devices.join(",")))
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;
@@ -250,6 +261,7 @@ mod tests {
     impl Setup {
         fn job(&self, commands: &[&str], timeout: Option<Duration>) -> Job {
             Job {
+                gpus: Vec::new(),
                 key: crate::attempt::AttemptKey::new(1, 0, 1),
                 stage_name: "build".into(),
                 name: "1-0-1".into(),
@@ -308,6 +320,15 @@ mod tests {
                 return pid;
             }
         }
+    }
+
+    #[test]
+    fn reserved_gpus_are_the_cuda_visible_devices() {
+        assert_eq!(gpu_env(&[]), None);
+        assert_eq!(
+            gpu_env(&[1, 3]),
+            Some(("CUDA_VISIBLE_DEVICES", "1,3".to_owned()))
+        );
     }
 
     #[tokio::test]

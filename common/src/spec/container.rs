@@ -7,7 +7,7 @@ use saphyr::Scalar;
 use super::schema::Path;
 use super::suggest::did_you_mean;
 use super::yaml::Node;
-use super::{ContainerSettings, NetworkMode, Position, Problem, PullPolicy};
+use super::{ContainerSettings, GpuRequest, NetworkMode, Position, Problem, PullPolicy};
 
 /// Docker refuses memory limits below 6 MiB.
 const MIN_MEMORY_BYTES: u64 = 6 * 1024 * 1024;
@@ -17,24 +17,29 @@ const MEMORY_HINT: &str =
     "write a whole number with a unit: 512Mi, 2Gi (powers of 1024) or 500M, 1G (powers of 1000)";
 
 /// Container settings as written; `None` where a mapping leaves one out.
-#[derive(Clone, Copy, Default)]
+#[derive(Clone, Default)]
 pub(super) struct ContainerDraft {
     pub(super) pull: Option<PullPolicy>,
     pub(super) memory_bytes: Option<u64>,
     pub(super) cpus: Option<f64>,
     pub(super) pids: Option<i64>,
+    pub(super) gpus: Option<GpuRequest>,
     pub(super) network: Option<NetworkMode>,
 }
 
 impl ContainerDraft {
     /// Each setting from the stage, else from `defaults`, else the built-in
     /// default (`None` limits: the agent's own).
-    pub(super) fn or_defaults(self, defaults: ContainerDraft) -> ContainerSettings {
+    pub(super) fn or_defaults(self, defaults: &ContainerDraft) -> ContainerSettings {
         ContainerSettings {
             pull: self.pull.or(defaults.pull).unwrap_or_default(),
             memory_bytes: self.memory_bytes.or(defaults.memory_bytes),
             cpus: self.cpus.or(defaults.cpus),
             pids: self.pids.or(defaults.pids),
+            gpus: self
+                .gpus
+                .or_else(|| defaults.gpus.clone())
+                .unwrap_or_default(),
             network: self.network.or(defaults.network).unwrap_or_default(),
         }
     }
@@ -129,6 +134,58 @@ pub(super) fn pids(value: Node<'_>, path: &Path<'_>) -> Result<i64, Problem> {
                 value.describe()
             ),
         )),
+    }
+}
+
+/// Most GPU devices one machine is expected to have.
+const MAX_GPU_INDEX: i64 = 63;
+const GPUS_HINT: &str = "write a count (`gpus: 1`), device indexes (`gpus: [0, 1]`) or `gpus: all`";
+
+/// `gpus:` a count of GPUs, a list of device indexes, or `all`.
+pub(super) fn gpus(value: Node<'_>, path: &Path<'_>) -> Result<GpuRequest, Problem> {
+    let bad = |what: String| Problem::new(value.position(), format!("{what}; {GPUS_HINT}"));
+    if let Some(items) = value.items() {
+        let mut devices = Vec::new();
+        for item in items {
+            match item.scalar() {
+                Some(Scalar::Integer(n)) if (0..=MAX_GPU_INDEX).contains(&n) => {
+                    let n = n as u32;
+                    if devices.contains(&n) {
+                        return Err(Problem::new(
+                            item.position(),
+                            format!("{path} names device {n} twice; {GPUS_HINT}"),
+                        ));
+                    }
+                    devices.push(n);
+                }
+                _ => {
+                    return Err(Problem::new(
+                        item.position(),
+                        format!(
+                            "{path} lists device indexes from 0 to {MAX_GPU_INDEX}; found {}; {GPUS_HINT}",
+                            item.describe()
+                        ),
+                    ));
+                }
+            }
+        }
+        if devices.is_empty() {
+            return Err(bad(format!(
+                "{path} lists no device; leave `gpus` out for none"
+            )));
+        }
+        return Ok(GpuRequest::Devices(devices));
+    }
+    match value.scalar() {
+        Some(Scalar::Integer(n)) if (1..=MAX_GPU_INDEX + 1).contains(&n) => {
+            Ok(GpuRequest::Count(n as u32))
+        }
+        _ if value.text() == Some("all") => Ok(GpuRequest::All),
+        _ => Err(bad(format!(
+            "{path} must be a count from 1 to {}, a list of device indexes, or `all`; found {}",
+            MAX_GPU_INDEX + 1,
+            value.describe()
+        ))),
     }
 }
 

@@ -125,6 +125,8 @@ pub struct Stage {
 }
 
 /// How a docker stage gets its image, what it may use, and its network.
+/// `resources:` (`cpus`, `memory`, `gpus`) also places the stage, docker or
+/// process: it goes only to an agent where that much is free.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct ContainerSettings {
     pub pull: PullPolicy,
@@ -132,7 +134,21 @@ pub struct ContainerSettings {
     pub memory_bytes: Option<u64>,
     pub cpus: Option<f64>,
     pub pids: Option<i64>,
+    pub gpus: GpuRequest,
     pub network: NetworkMode,
+}
+
+/// `resources: {gpus: ..}` — what a stage asks of an agent's GPUs.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum GpuRequest {
+    #[default]
+    None,
+    /// Any `n` free devices.
+    Count(u32),
+    /// These device indexes, all free.
+    Devices(Vec<u32>),
+    /// Every device of an agent that has at least one, all free.
+    All,
 }
 
 /// `pull:` — when the docker executor may pull the stage's image.

@@ -155,6 +155,7 @@ const RESOURCES_FIELDS: &[Field<ContainerDraft>] = &[
     ("memory", |c, v, path| set(&mut c.memory_bytes, container::memory(v, path).map(Some))),
     ("cpus", |c, v, path| set(&mut c.cpus, container::cpus(v, path).map(Some))),
     ("pids", |c, v, path| set(&mut c.pids, container::pids(v, path).map(Some))),
+    ("gpus", |c, v, path| set(&mut c.gpus, container::gpus(v, path).map(Some))),
 ];
 
 /// Reads the whole file into a [`Draft`], or the first problem in it.

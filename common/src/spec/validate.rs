@@ -162,7 +162,7 @@ fn with_defaults(stage: StageDraft, needs: Vec<usize>, defaults: &Defaults) -> S
             .unwrap_or(DEFAULT_RETRIES),
         agent_labels: stage.agent_labels,
         image: stage.image.or_else(|| defaults.image.clone()),
-        container: stage.container.or_defaults(defaults.container),
+        container: stage.container.or_defaults(&defaults.container),
         artifacts: stage.artifacts,
         artifacts_always: stage.artifacts_always,
         metrics: stage.delivery.metrics,

@@ -73,12 +73,14 @@ impl Engine {
     /// that agent to come back and claim them.
     pub(super) fn expect_agent(&mut self, name: &str, key: StageKey, now: u64) {
         let attempt = self.stage(key).map_or(0, |stage| stage.attempt);
+        let reservation = self.reservation_of(key);
         self.pool.expect(
             name,
             AttemptKey {
                 stage: key,
                 attempt,
             },
+            reservation,
             now,
         );
     }
@@ -101,12 +103,14 @@ impl Engine {
             match self.fence(&name, key, attempt) {
                 Fence::Current => {
                     let next_log_seq = self.stage(key).map_or(0, |stage| stage.next_log_seq);
+                    let reservation = self.reservation_of(key);
                     self.pool.hold(
                         &name,
                         AttemptKey {
                             stage: key,
                             attempt,
                         },
+                        reservation,
                     );
                     welcome.resume.push(pb::ResumeStage {
                         stage: Some(*held),
@@ -124,12 +128,14 @@ impl Engine {
             attempt,
         } in lost
         {
+            let reservation = self.reservation_of(key);
             self.pool.hold(
                 &name,
                 AttemptKey {
                     stage: key,
                     attempt,
                 },
+                reservation,
             );
             // An assignment that never started may simply not have arrived;
             // re-sending it costs the stage no retry.

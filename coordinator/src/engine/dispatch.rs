@@ -12,6 +12,8 @@ use pb::coordinator_message::Msg as Out;
 use kiln_common::ids::{AttemptKey, StageKey};
 
 use super::Engine;
+use super::placement::{Need, Reservation};
+use super::pool::Placement;
 use crate::store::{RunState, StageState};
 use crate::views;
 
@@ -51,11 +53,19 @@ impl Engine {
                 continue;
             }
             let spec = active.spec.clone();
-            let wanted = &spec.parsed.stages[key.idx as usize].agent_labels;
-            let chosen = self.pool.place(wanted);
-            let Some(name) = chosen else {
-                waiting.push_back(key);
-                continue;
+            let stage_spec = &spec.parsed.stages[key.idx as usize];
+            let need = Need::of(stage_spec);
+            let (name, reservation) = match self.pool.place(&stage_spec.agent_labels, &need) {
+                Placement::At(name, reservation) => (name, reservation),
+                Placement::Busy => {
+                    waiting.push_back(key);
+                    continue;
+                }
+                Placement::Nowhere(reason) => {
+                    self.note_waiting(key, reason);
+                    waiting.push_back(key);
+                    continue;
+                }
             };
             if !self.move_stage(key, StageState::Assigned) {
                 continue;
@@ -64,6 +74,10 @@ impl Engine {
                 continue;
             };
             stage.agent = Some(name.clone());
+            stage.gpus = reservation.gpus.clone();
+            if stage.message.starts_with(WAITING) {
+                stage.message.clear();
+            }
             let attempt = stage.attempt;
             let stage_spec = &spec.parsed.stages[key.idx as usize];
             let assign = pb::Assign {
@@ -94,6 +108,7 @@ impl Engine {
                 output_paths: output_paths(stage_spec),
                 outputs_always: stage_spec.artifacts_always,
                 secrets: Default::default(),
+                gpus: reservation.gpus.clone(),
             };
             let secret_names = stage_spec.secrets.clone();
             self.pool.hold(
@@ -102,6 +117,7 @@ impl Engine {
                     stage: key,
                     attempt,
                 },
+                reservation,
             );
             if let Some(since) = self.ready_since.remove(&key) {
                 self.metrics.observe_dispatch_latency(since.elapsed());
@@ -253,7 +269,38 @@ impl Engine {
     }
 }
 
+/// How the message of a stage that waits for a capable agent starts.
+const WAITING: &str = "waiting for an agent";
+
 impl Engine {
+    /// Says on the stage why it waits (once: the record is written only
+    /// when the reason changes).
+    fn note_waiting(&mut self, key: StageKey, reason: String) {
+        debug_assert!(reason.starts_with(WAITING));
+        let Some(stage) = self.stage_mut(key) else {
+            return;
+        };
+        if stage.message != reason {
+            tracing::info!(stage = %key, %reason, "stage waits");
+            stage.message = reason;
+            self.save_stage(key);
+        }
+    }
+
+    /// What an attempt of `key` holds of its agent: its `resources:` and
+    /// the GPU devices it was given.
+    pub(super) fn reservation_of(&self, key: StageKey) -> Reservation {
+        let need = self.stage_spec(key).map(Need::of).unwrap_or_default();
+        Reservation {
+            cpus: need.cpus,
+            memory_bytes: need.memory_bytes,
+            gpus: self
+                .stage(key)
+                .map(|stage| stage.gpus.clone())
+                .unwrap_or_default(),
+        }
+    }
+
     /// The stage's image; a rollback re-deploys in the exact image the
     /// restored release recorded (by digest), whatever its tag says now.
     fn image_for(&self, key: StageKey, stage: &spec::Stage) -> String {

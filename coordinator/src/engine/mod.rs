@@ -27,6 +27,7 @@ mod checks;
 mod delivery;
 mod dispatch;
 mod logs;
+mod placement;
 mod pool;
 mod route;
 mod runs;

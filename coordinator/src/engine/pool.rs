@@ -16,6 +16,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use kiln_common::ids::AttemptKey;
+
+use super::placement::{Machine, Need, Reservation};
 use kiln_common::labels;
 use kiln_proto::v1 as pb;
 use tokio::sync::{Notify, mpsc};
@@ -121,9 +123,12 @@ struct AgentState {
     /// The agent loses its stages when the clock passes this.
     lease_deadline_ms: u64,
     last_seen_ms: u64,
+    /// What the machine declared (CPUs, memory, GPUs).
+    machine: Machine,
     /// Stage attempts on the agent, whatever their recorded state (a
-    /// cancelled stage occupies its slot until the agent reports it ended).
-    held: BTreeSet<AttemptKey>,
+    /// cancelled stage occupies its slot until the agent reports it ended),
+    /// with the resources each reserves.
+    held: BTreeMap<AttemptKey, Reservation>,
 }
 
 impl AgentState {
@@ -145,8 +150,25 @@ impl AgentState {
             draining: self.draining,
             version: self.version.clone(),
             last_seen_ms: self.last_seen_ms,
+            resources: Some(self.machine.view()),
+            reserved: Some(pb::Resources {
+                cpus: self.held.values().map(|r| r.cpus).sum(),
+                memory_bytes: self.held.values().map(|r| r.memory_bytes).sum(),
+                gpus: self.held.values().flat_map(|r| r.gpus.clone()).collect(),
+            }),
         }
     }
+}
+
+/// Where dispatch may send a stage.
+#[derive(Debug, PartialEq)]
+pub(super) enum Placement {
+    /// To this agent, reserving this much of it.
+    At(String, Reservation),
+    /// Agents that could run it are all busy: wait.
+    Busy,
+    /// No connected agent could run it even idle: wait, and say why.
+    Nowhere(String),
 }
 
 /// Every agent the coordinator knows of in this incarnation.
@@ -165,7 +187,13 @@ impl AgentPool {
 
     /// After a restart: the agent recorded on a held stage gets one lease
     /// to come back and claim it.
-    pub(super) fn expect(&mut self, name: &str, held: AttemptKey, now: u64) {
+    pub(super) fn expect(
+        &mut self,
+        name: &str,
+        held: AttemptKey,
+        reservation: Reservation,
+        now: u64,
+    ) {
         let lease = now + self.lease_ttl_ms;
         self.agents
             .entry(name.to_owned())
@@ -178,10 +206,11 @@ impl AgentPool {
                 draining: false,
                 lease_deadline_ms: lease,
                 last_seen_ms: 0,
-                held: BTreeSet::new(),
+                machine: Machine::default(),
+                held: BTreeMap::new(),
             })
             .held
-            .insert(held);
+            .insert(held, reservation);
     }
 
     /// A hello: the agent's new connection replaces any previous one, with
@@ -196,7 +225,9 @@ impl AgentPool {
     ) -> BTreeSet<AttemptKey> {
         let previous = self.agents.remove(&hello.name);
         let draining = previous.as_ref().is_some_and(|agent| agent.draining);
-        let before = previous.map(|agent| agent.held).unwrap_or_default();
+        let before = previous
+            .map(|agent| agent.held.into_keys().collect())
+            .unwrap_or_default();
         let agent = AgentState {
             name: hello.name.clone(),
             labels: hello.labels.clone().into_iter().collect(),
@@ -206,7 +237,8 @@ impl AgentPool {
             draining,
             lease_deadline_ms: now + self.lease_ttl_ms,
             last_seen_ms: now,
-            held: BTreeSet::new(),
+            machine: Machine::from_hello(hello.resources.as_ref()),
+            held: BTreeMap::new(),
         };
         self.agents.insert(hello.name.clone(), agent);
         before
@@ -237,9 +269,9 @@ impl AgentPool {
         }
     }
 
-    pub(super) fn hold(&mut self, name: &str, held: AttemptKey) {
+    pub(super) fn hold(&mut self, name: &str, held: AttemptKey, reservation: Reservation) {
         if let Some(agent) = self.agents.get_mut(name) {
-            agent.held.insert(held);
+            agent.held.insert(held, reservation);
         }
     }
 
@@ -252,7 +284,7 @@ impl AgentPool {
     pub(super) fn holds(&self, name: &str) -> BTreeSet<AttemptKey> {
         self.agents
             .get(name)
-            .map(|agent| agent.held.clone())
+            .map(|agent| agent.held.keys().copied().collect())
             .unwrap_or_default()
     }
 
@@ -274,7 +306,7 @@ impl AgentPool {
             if lapsed {
                 tracing::warn!(agent = %agent.name, stages = agent.held.len(), "agent lease expired");
                 agent.conn = None;
-                let held = std::mem::take(&mut agent.held).into_iter().collect();
+                let held = std::mem::take(&mut agent.held).into_keys().collect();
                 expired.push((agent.name.clone(), held));
             }
         }
@@ -286,14 +318,55 @@ impl AgentPool {
         self.agents.values().any(AgentState::takes_work)
     }
 
-    /// Where a stage that wants `wanted` labels goes: the matching agent
-    /// with the most free slots, so work spreads across the farm.
-    pub(super) fn place(&self, wanted: &BTreeMap<String, String>) -> Option<String> {
-        self.agents
+    /// Where a stage that wants `wanted` labels and `need` goes: of the
+    /// agents that have a free slot and that much free, the one with the
+    /// most free slots, so work spreads across the farm.
+    pub(super) fn place(&self, wanted: &BTreeMap<String, String>, need: &Need) -> Placement {
+        let best = self
+            .agents
             .values()
             .filter(|agent| agent.takes_work() && labels::satisfies(&agent.labels, wanted))
-            .max_by_key(|agent| agent.free_slots())
-            .map(|agent| agent.name.clone())
+            .filter(|agent| agent.machine.never(&agent.labels, need).is_none())
+            .filter_map(|agent| {
+                let reservation = agent.machine.reserve(need, agent.held.values())?;
+                Some((agent, reservation))
+            })
+            .max_by_key(|(agent, _)| agent.free_slots());
+        if let Some((agent, reservation)) = best {
+            return Placement::At(agent.name.clone(), reservation);
+        }
+        let connected: Vec<&AgentState> =
+            self.agents.values().filter(|a| a.conn.is_some()).collect();
+        let could = connected.iter().any(|agent| {
+            !agent.draining
+                && labels::satisfies(&agent.labels, wanted)
+                && agent.machine.never(&agent.labels, need).is_none()
+        });
+        if could {
+            return Placement::Busy;
+        }
+        let why: Vec<String> = connected
+            .iter()
+            .map(|agent| {
+                let reason = if agent.draining {
+                    "is draining".to_owned()
+                } else if !labels::satisfies(&agent.labels, wanted) {
+                    "lacks the labels".to_owned()
+                } else {
+                    agent.machine.never(&agent.labels, need).unwrap_or_default()
+                };
+                format!("`{}` {reason}", agent.name)
+            })
+            .collect();
+        let agents = if why.is_empty() {
+            "no agent is connected".to_owned()
+        } else {
+            why.join("; ")
+        };
+        Placement::Nowhere(format!(
+            "waiting for an agent that can run it: it needs {}; {agents}",
+            need.describe(wanted)
+        ))
     }
 
     /// The current connection of `name`.
@@ -316,6 +389,8 @@ impl AgentPool {
 
 #[cfg(test)]
 mod tests {
+
+    use kiln_common::spec::{EXECUTOR_LABEL, GpuRequest};
 
     use super::*;
 
@@ -352,17 +427,29 @@ mod tests {
             .collect()
     }
 
+    /// Where a stage that asks for nothing but `labels` goes, if anywhere.
+    fn place(pool: &AgentPool, labels: &[(&str, &str)]) -> Option<String> {
+        match pool.place(&wants(labels), &Need::default()) {
+            Placement::At(name, _) => Some(name),
+            Placement::Busy | Placement::Nowhere(_) => None,
+        }
+    }
+
     #[test]
     fn placement_follows_labels_free_slots_and_drains() {
         let mut pool = pool();
         pool.connect(&hello("gpu", 1, &[("role", "train")]), ConnId(1), tx(), 0);
         pool.connect(&hello("wide", 3, &[]), ConnId(2), tx(), 0);
-        assert_eq!(pool.place(&wants(&[])), Some("wide".into()));
-        assert_eq!(pool.place(&wants(&[("role", "train")])), Some("gpu".into()));
-        pool.hold("gpu", held(1, 0, 1));
-        assert_eq!(pool.place(&wants(&[("role", "train")])), None, "full");
+        assert_eq!(place(&pool, &[]), Some("wide".into()));
+        assert_eq!(place(&pool, &[("role", "train")]), Some("gpu".into()));
+        pool.hold("gpu", held(1, 0, 1), Reservation::default());
+        assert_eq!(
+            pool.place(&wants(&[("role", "train")]), &Need::default()),
+            Placement::Busy,
+            "full"
+        );
         pool.drain("wide");
-        assert_eq!(pool.place(&wants(&[])), None, "draining takes nothing");
+        assert_eq!(place(&pool, &[]), None, "draining takes nothing");
         assert!(!pool.has_free_slot());
         // A drain outlives a reconnect.
         pool.connect(&hello("wide", 3, &[]), ConnId(3), tx(), 10);
@@ -370,11 +457,52 @@ mod tests {
     }
 
     #[test]
+    fn a_stage_no_connected_agent_can_run_waits_with_the_reason() {
+        let mut pool = pool();
+        let docker = hello("boxes", 4, &[(EXECUTOR_LABEL, "docker")]);
+        pool.connect(&docker, ConnId(1), tx(), 0);
+        let mut two_cpus = hello("host", 4, &[(EXECUTOR_LABEL, "process")]);
+        two_cpus.resources = Some(pb::Resources {
+            cpus: 2.0,
+            memory_bytes: 4 << 30,
+            gpus: Vec::new(),
+        });
+        pool.connect(&two_cpus, ConnId(2), tx(), 0);
+        let host_only = Need {
+            host_only: true,
+            cpus: 2.0,
+            ..Need::default()
+        };
+        let Placement::At(name, first) = pool.place(&wants(&[]), &host_only) else {
+            panic!("the process agent can run it");
+        };
+        assert_eq!(name, "host", "never the docker agent");
+        pool.hold("host", held(1, 0, 1), first);
+        assert_eq!(
+            pool.place(&wants(&[]), &host_only),
+            Placement::Busy,
+            "two 2-cpu stages never share a 2-cpu agent"
+        );
+        let gpu = Need {
+            gpus: GpuRequest::Count(1),
+            ..Need::default()
+        };
+        let Placement::Nowhere(reason) = pool.place(&wants(&[]), &gpu) else {
+            panic!("nobody declared a gpu");
+        };
+        assert!(reason.contains("it needs 1 gpus"), "{reason}");
+        assert!(reason.contains("`host` has gpus []"), "{reason}");
+        let views = pool.views();
+        let host = views.iter().find(|a| a.name == "host").unwrap();
+        assert_eq!(host.reserved.as_ref().unwrap().cpus, 2.0);
+    }
+
+    #[test]
     fn a_lapsed_lease_hands_back_what_the_agent_held_once() {
         let mut pool = pool();
         pool.connect(&hello("a", 2, &[]), ConnId(1), tx(), 0);
-        pool.hold("a", held(1, 0, 1));
-        pool.hold("a", held(2, 3, 4));
+        pool.hold("a", held(1, 0, 1), Reservation::default());
+        pool.hold("a", held(2, 3, 4), Reservation::default());
         assert!(pool.renew("a", ConnId(1), 500));
         assert!(pool.expire(1_400).is_empty(), "renewed at 500");
         let expired = pool.expire(1_501);
@@ -387,7 +515,7 @@ mod tests {
     fn a_replaced_connection_neither_renews_nor_disconnects() {
         let mut pool = pool();
         pool.connect(&hello("a", 1, &[]), ConnId(1), tx(), 0);
-        pool.hold("a", held(1, 0, 1));
+        pool.hold("a", held(1, 0, 1), Reservation::default());
         let before = pool.connect(&hello("a", 1, &[]), ConnId(2), tx(), 100);
         assert_eq!(before, BTreeSet::from([held(1, 0, 1)]));
         assert!(!pool.renew("a", ConnId(1), 900), "the old stream is gone");
@@ -413,7 +541,7 @@ mod tests {
     #[test]
     fn an_expected_agent_has_one_lease_to_come_back() {
         let mut pool = pool();
-        pool.expect("gone", held(7, 1, 2), 0);
+        pool.expect("gone", held(7, 1, 2), Reservation::default(), 0);
         assert!(!pool.has_free_slot(), "not connected, no capacity");
         assert_eq!(
             pool.expire(TTL_MS + 1),

@@ -90,6 +90,7 @@ impl StageRecord {
             outputs: Vec::new(),
             metrics: BTreeMap::new(),
             gate: None,
+            gpus: Vec::new(),
         }
     }
 }

@@ -179,6 +179,10 @@ pub(crate) struct StageRecord {
     /// A gate's decision and the values that decided it.
     #[serde(default)]
     pub(crate) gate: Option<GateDecision>,
+    /// The GPU devices the current attempt holds on its agent, so a
+    /// restarted coordinator reserves the same ones again.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub(crate) gpus: Vec<u32>,
 }
 
 /// What a gate decided, with every check's inputs.

@@ -316,6 +316,7 @@ mod tests {
                 outputs: Vec::new(),
                 metrics: Default::default(),
                 gate: None,
+                gpus: vec![0],
             }));
             for seq in [0, 1, 256] {
                 batch.push(Op::Log(StoredLog {

@@ -4,7 +4,9 @@
 
 use std::collections::HashMap;
 
-use bollard::models::{ContainerCreateBody, HostConfig, HostConfigLogConfig, Mount, MountType};
+use bollard::models::{
+    ContainerCreateBody, DeviceRequest, HostConfig, HostConfigLogConfig, Mount, MountType,
+};
 use kiln_proto::v1::DockerOptions;
 
 use crate::config::AllowedMount;
@@ -140,8 +142,23 @@ fn host_config(job: &Job, host: &HostSettings) -> HostConfig {
             typ: Some("none".into()),
             config: None,
         }),
+        device_requests: gpu_request(&job.gpus),
         ..Default::default()
     }
+}
+
+/// The reserved GPU devices as a Docker device request: by id, any driver
+/// that offers the `gpu` capability (the NVIDIA runtime). An engine without
+/// one refuses the container with its own words, which the stage reports.
+fn gpu_request(gpus: &[u32]) -> Option<Vec<DeviceRequest>> {
+    if gpus.is_empty() {
+        return None;
+    }
+    Some(vec![DeviceRequest {
+        device_ids: Some(gpus.iter().map(u32::to_string).collect()),
+        capabilities: Some(vec![vec!["gpu".to_owned()]]),
+        ..Default::default()
+    }])
 }
 
 fn bind(source: &str, target: &str, read_only: bool) -> Mount {
@@ -163,6 +180,7 @@ mod tests {
 
     fn job(options: DockerOptions) -> Job {
         Job {
+            gpus: Vec::new(),
             key: AttemptKey::new(7, 2, 3),
             stage_name: "train".into(),
             name: "7-2-3".into(),
@@ -225,6 +243,32 @@ mod tests {
         assert_eq!(host_config.nano_cpus, Some(2_000_000_000));
         assert_eq!(host_config.pids_limit, Some(64));
         assert_eq!(host_config.network_mode.as_deref(), Some("bridge"));
+    }
+
+    #[test]
+    fn reserved_gpus_become_one_device_request_by_id() {
+        let plain = container_body(
+            &job(DockerOptions::default()),
+            "sha256:x",
+            "true\n".into(),
+            "a",
+            &host(2.0),
+        );
+        assert_eq!(plain.host_config.unwrap().device_requests, None);
+        let mut gpu_job = job(DockerOptions::default());
+        gpu_job.gpus = vec![0, 2];
+        let body = container_body(&gpu_job, "sha256:x", "true\n".into(), "a", &host(2.0));
+        let requests = body.host_config.unwrap().device_requests.unwrap();
+        assert_eq!(requests.len(), 1);
+        assert_eq!(
+            requests[0].device_ids,
+            Some(vec!["0".to_owned(), "2".to_owned()])
+        );
+        assert_eq!(requests[0].capabilities, Some(vec![vec!["gpu".to_owned()]]));
+        assert_eq!(
+            requests[0].count, None,
+            "ids and a count exclude each other"
+        );
     }
 
     #[test]

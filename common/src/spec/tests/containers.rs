@@ -3,7 +3,9 @@
 
 use std::collections::BTreeMap;
 
-use super::{ContainerSettings, EXECUTOR_LABEL, NetworkMode, PullPolicy, check, parse_ok};
+use super::{
+    ContainerSettings, EXECUTOR_LABEL, GpuRequest, NetworkMode, PullPolicy, check, parse_ok,
+};
 
 #[test]
 fn settings_fall_back_to_defaults_one_field_at_a_time() {
@@ -34,6 +36,7 @@ fn settings_fall_back_to_defaults_one_field_at_a_time() {
             memory_bytes: Some(2 << 30),
             cpus: Some(1.5),
             pids: Some(512),
+            gpus: GpuRequest::None,
             network: NetworkMode::Bridge,
         }
     );
@@ -44,6 +47,7 @@ fn settings_fall_back_to_defaults_one_field_at_a_time() {
             memory_bytes: Some(512 << 20),
             cpus: Some(1.5),
             pids: Some(64),
+            gpus: GpuRequest::None,
             network: NetworkMode::None,
         }
     );
@@ -67,6 +71,44 @@ fn without_settings_the_agent_decides_the_limits() {
     assert_eq!(pipeline.stages[1].container, ContainerSettings::default());
     assert_eq!(ContainerSettings::default().pull, PullPolicy::IfMissing);
     assert_eq!(ContainerSettings::default().network, NetworkMode::None);
+}
+
+#[test]
+fn gpus_are_a_count_devices_or_all_and_fall_back_to_defaults() {
+    let pipeline = parse_ok(
+        "
+        pipeline: gpus
+        defaults:
+          resources: { gpus: 1 }
+        stages:
+          one: { commands: [train] }
+          pair: { commands: [train], resources: { gpus: [0, 1] } }
+          every: { commands: [train], resources: { gpus: all } }
+        ",
+    );
+    let gpus = |idx: usize| &pipeline.stages[idx].container.gpus;
+    assert_eq!(gpus(0), &GpuRequest::Count(1));
+    assert_eq!(gpus(1), &GpuRequest::Devices(vec![0, 1]));
+    assert_eq!(gpus(2), &GpuRequest::All);
+    check(
+        "
+        pipeline: demo
+        stages:
+          train: { commands: [x], resources: { gpus: 0 } }
+        ",
+        "kiln.yml:3:46: `gpus` in `resources` of stage `train` must be a count from 1 to 64, \
+         a list of device indexes, or `all`; found the number `0`; write a count \
+         (`gpus: 1`), device indexes (`gpus: [0, 1]`) or `gpus: all`",
+    );
+    check(
+        "
+        pipeline: demo
+        stages:
+          train: { commands: [x], resources: { gpus: [0, 0] } }
+        ",
+        "kiln.yml:3:50: `gpus` in `resources` of stage `train` names device 0 twice; \
+         write a count (`gpus: 1`), device indexes (`gpus: [0, 1]`) or `gpus: all`",
+    );
 }
 
 #[test]
@@ -217,7 +259,7 @@ fn bad_resources() {
           build: { commands: [make], resources: { memroy: 1Gi } }
         ",
         "kiln.yml:3:43: unknown key `memroy` in `resources` of stage `build`; expected one of: \
-         memory, cpus, pids (did you mean `memory`?)",
+         memory, cpus, pids, gpus (did you mean `memory`?)",
     );
     check(
         "

@@ -148,7 +148,15 @@ async fn cancel_kills_a_running_stage() -> Result<()> {
     // The agent's slot is free again: a new run goes through.
     let quick = Repo::new("pipeline: quick\nstages:\n  x: { commands: [\"true\"] }\n")?;
     let id = register_and_run(&farm.coordinator, &quick).await?;
-    let run = wait_run(&mut client, id, Duration::from_secs(30)).await?;
+    let run = match wait_run(&mut client, id, Duration::from_secs(30)).await {
+        Ok(run) => run,
+        Err(error) => {
+            // Say where it stuck: the run's stages and what each agent holds.
+            let run = get_run(&mut client, id).await?;
+            let agents = client.list_agents(pb::ListAgentsRequest {}).await?;
+            return Err(error.context(format!("run: {run:?}; agents: {agents:?}")));
+        }
+    };
     assert_eq!(run.state, pb::RunState::Succeeded as i32);
     Ok(())
 }

@@ -78,6 +78,9 @@ pub struct Pipeline {
     pub stages: Vec<Stage>,
     /// `triggers:` what starts runs besides `kiln run`.
     pub triggers: Triggers,
+    /// `timeout:` at the top level: how long a whole run may take before
+    /// what still runs is stopped and the run fails.
+    pub timeout: Option<Duration>,
 }
 
 /// One stage, with the pipeline's `defaults` already applied.
@@ -99,8 +102,13 @@ pub struct Stage {
     pub secrets: Vec<String>,
     /// How long the stage may run before it is stopped and failed.
     pub timeout: Duration,
-    /// Re-dispatches after a lost agent or an infrastructure failure.
+    /// New attempts allowed, for the causes in `retry_when`.
     pub retries: u32,
+    /// `retries: {when: [...]}`: which endings earn a new attempt.
+    pub retry_when: RetryWhen,
+    /// `allow_failure: true`: a failure (or time-out) of this stage lets
+    /// the stages after it run and does not fail the run.
+    pub allow_failure: bool,
     /// `agent: { labels: {..} }`: an agent must carry all of them. A stage's
     /// `executor: KIND` is here too, as [`EXECUTOR_LABEL`]`=KIND`.
     pub agent_labels: BTreeMap<String, String>,
@@ -122,6 +130,29 @@ pub struct Stage {
     pub gate: Option<Gate>,
     /// `monitor:` watches the release this stage makes.
     pub monitor: Option<Monitor>,
+}
+
+/// `retries: {max: N, when: [agent_lost, infra_error, timeout, failed]}` —
+/// which endings of an attempt earn a new one. A plain `retries: N` retries
+/// only for infrastructure causes: a lost agent or an agent-side failure.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RetryWhen {
+    pub agent_lost: bool,
+    pub infra_error: bool,
+    pub timeout: bool,
+    /// The commands failed (a non-zero exit).
+    pub failed: bool,
+}
+
+impl Default for RetryWhen {
+    fn default() -> Self {
+        Self {
+            agent_lost: true,
+            infra_error: true,
+            timeout: false,
+            failed: false,
+        }
+    }
 }
 
 /// How a docker stage gets its image, what it may use, and its network.

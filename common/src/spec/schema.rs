@@ -16,13 +16,14 @@ use super::suggest::did_you_mean;
 use super::triggers::{self, Triggers};
 use super::values;
 use super::yaml::{Document, Node};
-use super::{EXECUTOR_LABEL, MAX_STAGES, Position, Problem};
+use super::{EXECUTOR_LABEL, MAX_STAGES, Position, Problem, RetryWhen};
 
 /// The file as read, before `needs` are resolved and defaults applied.
 pub(super) struct Draft {
     pub(super) name: String,
     pub(super) defaults: Defaults,
     pub(super) triggers: Triggers,
+    pub(super) timeout: Option<Duration>,
     /// Never empty, in file order.
     pub(super) stages: Vec<StageDraft>,
 }
@@ -32,7 +33,7 @@ pub(super) struct Draft {
 pub(super) struct Defaults {
     pub(super) image: Option<String>,
     pub(super) timeout: Option<Duration>,
-    pub(super) retries: Option<u32>,
+    pub(super) retries: Option<(u32, Option<RetryWhen>)>,
     pub(super) container: ContainerDraft,
 }
 
@@ -47,7 +48,8 @@ pub(super) struct StageDraft {
     /// `secrets:` and where the list is, which a gate's error points at.
     pub(super) secrets: Option<(Vec<String>, Position)>,
     pub(super) timeout: Option<Duration>,
-    pub(super) retries: Option<u32>,
+    pub(super) retries: Option<(u32, Option<RetryWhen>)>,
+    pub(super) allow_failure: bool,
     pub(super) image: Option<String>,
     pub(super) agent_labels: BTreeMap<String, String>,
     /// `executor:` as the agent label value it requires, and where it was
@@ -93,6 +95,7 @@ struct TopLevel {
     name: Option<String>,
     defaults: Defaults,
     triggers: Triggers,
+    timeout: Option<Duration>,
     stages: Option<Vec<StageDraft>>,
 }
 
@@ -102,6 +105,7 @@ const TOP_LEVEL_FIELDS: &[Field<TopLevel>] = &[
     ("pipeline", |top, v, path| set(&mut top.name, values::name(v, path).map(Some))),
     ("defaults", |top, v, path| read_defaults(&mut top.defaults, v, path)),
     ("triggers", |top, v, path| set(&mut top.triggers, triggers::read(v, path))),
+    ("timeout", |top, v, path| set(&mut top.timeout, values::timeout(v, path).map(Some))),
     ("stages", |top, v, path| set(&mut top.stages, read_stages(v, path).map(Some))),
 ];
 
@@ -123,6 +127,7 @@ const STAGE_FIELDS: &[Field<StageDraft>] = &[
     ("secrets", |s, v, path| set(&mut s.secrets, values::secrets(v, path).map(|names| Some((names, v.position()))))),
     ("timeout", |s, v, path| set(&mut s.timeout, values::timeout(v, path).map(Some))),
     ("retries", |s, v, path| set(&mut s.retries, values::retries(v, path).map(Some))),
+    ("allow_failure", |s, v, path| set(&mut s.allow_failure, values::flag(v, path))),
     ("image", |s, v, path| set(&mut s.image, values::image(v, path).map(Some))),
     ("agent", read_agent),
     ("executor", |s, v, path| set(&mut s.executor, container::executor(v, path).map(Some))),
@@ -190,6 +195,7 @@ pub(super) fn read(document: &Document<'_>) -> Result<Draft, Problem> {
         name,
         defaults: top.defaults,
         triggers: top.triggers,
+        timeout: top.timeout,
         stages,
     })
 }
@@ -250,6 +256,7 @@ fn read_stage(key: Node<'_>, body: Node<'_>) -> Result<StageDraft, Problem> {
         secrets: None,
         timeout: None,
         retries: None,
+        allow_failure: false,
         image: None,
         agent_labels: BTreeMap::new(),
         executor: None,

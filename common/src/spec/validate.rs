@@ -23,6 +23,7 @@ pub(super) fn pipeline(draft: Draft) -> Result<Pipeline, Problem> {
         name: draft.name,
         stages,
         triggers: draft.triggers,
+        timeout: draft.timeout,
     })
 }
 
@@ -159,7 +160,13 @@ fn with_defaults(stage: StageDraft, needs: Vec<usize>, defaults: &Defaults) -> S
         retries: stage
             .retries
             .or(defaults.retries)
-            .unwrap_or(DEFAULT_RETRIES),
+            .map_or(DEFAULT_RETRIES, |(max, _)| max),
+        retry_when: stage
+            .retries
+            .or(defaults.retries)
+            .and_then(|(_, when)| when)
+            .unwrap_or_default(),
+        allow_failure: stage.allow_failure,
         agent_labels: stage.agent_labels,
         image: stage.image.or_else(|| defaults.image.clone()),
         container: stage.container.or_defaults(&defaults.container),

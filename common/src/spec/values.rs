@@ -9,7 +9,7 @@ use saphyr::Scalar;
 
 use super::schema::{Named, Path, place_or_top_level};
 use super::yaml::Node;
-use super::{MAX_COMMAND_BYTES, MAX_COMMANDS, MAX_NAME_LEN, Problem};
+use super::{MAX_COMMAND_BYTES, MAX_COMMANDS, MAX_NAME_LEN, Problem, RetryWhen};
 use crate::duration;
 
 const MAX_RETRIES: u32 = 10;
@@ -240,8 +240,97 @@ pub(super) fn timeout(value: Node<'_>, path: &Path<'_>) -> Result<Duration, Prob
     }
 }
 
-/// `retries:` a whole number up to [`MAX_RETRIES`].
-pub(super) fn retries(value: Node<'_>, path: &Path<'_>) -> Result<u32, Problem> {
+/// `retries:` a whole number up to [`MAX_RETRIES`], or `{max: N, when:
+/// [causes]}`.
+pub(super) fn retries(
+    value: Node<'_>,
+    path: &Path<'_>,
+) -> Result<(u32, Option<RetryWhen>), Problem> {
+    let Some(entries) = value.entries() else {
+        return retry_count(value, path).map(|max| (max, None));
+    };
+    let mut max = None;
+    let mut when = None;
+    let place = format!(" in `{}`{}", path.key, path.place);
+    for (key, item) in entries {
+        match key.text() {
+            Some("max") => {
+                let path = Path {
+                    key: "max",
+                    place: &place,
+                };
+                max = Some(retry_count(item, &path)?);
+            }
+            Some("when") => {
+                let path = Path {
+                    key: "when",
+                    place: &place,
+                };
+                when = Some(retry_causes(item, &path)?);
+            }
+            _ => {
+                return Err(Problem::new(
+                    key.position(),
+                    format!(
+                        "unknown key {} in {path}; expected one of: max, when",
+                        key.describe()
+                    ),
+                ));
+            }
+        }
+    }
+    let max = max.ok_or_else(|| {
+        Problem::new(
+            value.position(),
+            format!("{path} needs `max:`, like `retries: {{max: 2, when: [agent_lost, timeout]}}`"),
+        )
+    })?;
+    Ok((max, when))
+}
+
+/// `retries.when: [..]`: the causes that earn a new attempt.
+fn retry_causes(value: Node<'_>, path: &Path<'_>) -> Result<RetryWhen, Problem> {
+    const CAUSES: &str = "agent_lost, infra_error, timeout, failed";
+    let items = value
+        .items()
+        .ok_or_else(|| wrong_type(value, path, &format!("a list of causes from: {CAUSES}")))?;
+    let mut when = RetryWhen {
+        agent_lost: false,
+        infra_error: false,
+        timeout: false,
+        failed: false,
+    };
+    for item in items {
+        let flag = match item.text() {
+            Some("agent_lost") => &mut when.agent_lost,
+            Some("infra_error") => &mut when.infra_error,
+            Some("timeout") => &mut when.timeout,
+            Some("failed") => &mut when.failed,
+            _ => {
+                return Err(Problem::new(
+                    item.position(),
+                    format!(
+                        "{path} lists causes from: {CAUSES}; found {}",
+                        item.describe()
+                    ),
+                ));
+            }
+        };
+        *flag = true;
+    }
+    Ok(when)
+}
+
+/// `allow_failure:` true or false.
+pub(super) fn flag(value: Node<'_>, path: &Path<'_>) -> Result<bool, Problem> {
+    match value.scalar() {
+        Some(Scalar::Boolean(flag)) => Ok(flag),
+        _ => Err(wrong_type(value, path, "true or false")),
+    }
+}
+
+/// A whole number of retries up to [`MAX_RETRIES`].
+fn retry_count(value: Node<'_>, path: &Path<'_>) -> Result<u32, Problem> {
     match value.scalar() {
         Some(Scalar::Integer(n)) => u32::try_from(n).ok().filter(|n| *n <= MAX_RETRIES),
         _ => None,

@@ -19,6 +19,7 @@ use pb::coordinator_message::Msg as Out;
 use super::Engine;
 use super::checks::{Checked, OutputCheck};
 use super::pool::{AgentTx, ConnId};
+use super::runs::Cause;
 use crate::error::ApiError;
 use crate::store::{ArtifactRecord, StageState};
 
@@ -309,20 +310,21 @@ impl Engine {
                         } else {
                             message
                         };
-                        self.settle_stage(key, StageState::Failed, exit, message)
+                        self.requeue(key, Some(Cause::Failed), exit, &message)
                     }
                     pb::Outcome::TimedOut => {
-                        self.settle_stage(key, StageState::TimedOut, exit, message)
+                        self.requeue(key, Some(Cause::Timeout), exit, &message)
                     }
                     pb::Outcome::Cancelled => {
                         self.settle_stage(key, StageState::Cancelled, exit, message)
                     }
                     pb::Outcome::HandedBack => {
-                        self.requeue(key, false, &format!("handed back by {name}"))
+                        self.requeue(key, None, None, &format!("handed back by {name}"))
                     }
                     pb::Outcome::InfraError | pb::Outcome::Unspecified => self.requeue(
                         key,
-                        true,
+                        Some(Cause::InfraError),
+                        None,
                         &format!("infrastructure error on {name}: {message}"),
                     ),
                 }
@@ -408,7 +410,7 @@ impl Engine {
             },
         );
         if let Fence::Current = self.fence(name, key, attempt) {
-            self.requeue(key, charge, why);
+            self.requeue(key, charge.then_some(Cause::AgentLost), None, why);
         }
     }
 

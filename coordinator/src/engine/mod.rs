@@ -470,6 +470,7 @@ impl Engine {
     /// Periodic work: expire leases.
     pub(crate) fn tick(&mut self) {
         self.expire_leases();
+        self.expire_runs();
     }
 
     /// Monitors to start, alerts to send: work for the runner, outside the

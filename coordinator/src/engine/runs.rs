@@ -299,8 +299,11 @@ impl Engine {
         let Some(spec) = self.runs.get(&key.run).map(|run| run.spec.clone()) else {
             return;
         };
-        if state == StageState::Succeeded {
-            if spec.parsed.stages[key.idx as usize].environment.is_some() {
+        let passed = self.stage(key).is_some_and(|stage| passes(stage, &spec));
+        if passed {
+            if state == StageState::Succeeded
+                && spec.parsed.stages[key.idx as usize].environment.is_some()
+            {
                 self.delivery_events
                     .push(super::delivery::DeliveryEvent::Deployed(key));
             }
@@ -310,7 +313,7 @@ impl Engine {
                         run: key.run,
                         idx: need as u32,
                     })
-                    .is_some_and(|stage| stage.state == StageState::Succeeded)
+                    .is_some_and(|stage| passes(stage, &spec))
                 });
                 let dependent_key = StageKey {
                     run: key.run,
@@ -330,7 +333,7 @@ impl Engine {
                             run: key.run,
                             idx: need as u32,
                         })?;
-                        (need.state.is_finished() && need.state != StageState::Succeeded)
+                        (need.state.is_finished() && !passes(need, &spec))
                             .then(|| need.name.clone())
                     });
                 if all_done && pending {
@@ -363,11 +366,19 @@ impl Engine {
         if !state.is_finished() || !self.move_stage(key, state) {
             return false;
         }
+        let allowed = matches!(state, StageState::Failed | StageState::TimedOut)
+            && self
+                .stage_spec(key)
+                .is_some_and(|stage| stage.allow_failure);
         let Some(stage) = self.stage_mut(key) else {
             return false;
         };
         stage.exit_code = exit_code;
-        stage.message = message;
+        stage.message = if allowed {
+            format!("{message} (allowed to fail)")
+        } else {
+            message
+        };
         stage.finished_ms = Some(now);
         tracing::debug!(stage = %key, name = %stage.name, ?state, "stage settled");
         self.metrics.stage_finished(state);
@@ -401,27 +412,91 @@ impl Engine {
         true
     }
 
-    /// Re-queues a stage whose attempt was lost, as a new attempt, or fails
-    /// it when its retries are used up. `charge` is false for hand-backs.
-    pub(super) fn requeue(&mut self, key: StageKey, charge: bool, why: &str) {
+    /// Re-queues a stage whose attempt ended without success, as a new
+    /// attempt, when its `retries` allow it for `cause`; otherwise ends it
+    /// (failed, or timed out). `cause: None` is a hand-back: always
+    /// re-queued, and free.
+    pub(super) fn requeue(
+        &mut self,
+        key: StageKey,
+        cause: Option<Cause>,
+        exit_code: Option<i32>,
+        why: &str,
+    ) {
         let Some(spec) = self.runs.get(&key.run).map(|run| run.spec.clone()) else {
             return;
         };
-        let retries = spec.parsed.stages[key.idx as usize].retries;
+        let stage_spec = &spec.parsed.stages[key.idx as usize];
         let Some(stage) = self.stage(key) else {
             return;
         };
         if !stage.state.is_held() {
             return;
         }
-        if charge && stage.retries_used >= retries {
-            let message = format!("{why} (attempt {}, no retries left)", stage.attempt);
-            self.settle_stage(key, StageState::Failed, None, message);
-            return;
+        if let Some(cause) = cause {
+            let final_state = cause.final_state();
+            if !cause.earns_retry(&stage_spec.retry_when) {
+                self.settle_stage(key, final_state, exit_code, why.to_owned());
+                return;
+            }
+            if stage.retries_used >= stage_spec.retries {
+                let message = format!("{why} (attempt {}, no retries left)", stage.attempt);
+                self.settle_stage(key, final_state, exit_code, message);
+                return;
+            }
         }
         let message = format!("{why}; re-queued as attempt {}", stage.attempt + 1);
         tracing::warn!(stage = %key, attempt = stage.attempt + 1, "{why}; re-queued");
-        self.new_attempt(key, StageState::Ready, charge, false, &message);
+        self.new_attempt(key, StageState::Ready, cause.is_some(), false, &message);
+    }
+
+    /// The run's own `timeout:` passed: what still runs is stopped, what
+    /// waits is cancelled, and the run fails.
+    pub(super) fn expire_runs(&mut self) {
+        let now = self.clock.now_ms();
+        let due: Vec<(RunId, std::time::Duration)> = self
+            .runs
+            .values()
+            .filter_map(|run| {
+                let limit = run.spec.parsed.timeout?;
+                let deadline = run
+                    .record
+                    .created_ms
+                    .saturating_add(limit.as_millis() as u64);
+                (!run.record.state.is_finished() && now >= deadline)
+                    .then_some((run.record.id, limit))
+            })
+            .collect();
+        for (run, limit) in due {
+            let why = format!(
+                "the run's timeout of {} passed",
+                kiln_common::duration::format(limit)
+            );
+            tracing::warn!(run = %run, "{why}; stopping it");
+            let Some(active) = self.runs.get_mut(&run) else {
+                continue;
+            };
+            active.record.state = RunState::Failed;
+            let keys: Vec<StageKey> = active.stages.iter().map(|stage| stage.key).collect();
+            for key in keys {
+                let Some(stage) = self.stage(key) else {
+                    continue;
+                };
+                if stage.state.is_finished() {
+                    continue;
+                }
+                let state = if stage.state.is_held() {
+                    if let Some(agent) = stage.agent.clone() {
+                        self.send_cancel(&agent, key, stage.attempt, &why);
+                    }
+                    StageState::TimedOut
+                } else {
+                    StageState::Cancelled
+                };
+                self.end_attempt(key, state, None, why.clone());
+            }
+            self.finish_run_if_done(run);
+        }
     }
 
     /// The one way a stage starts over: a new attempt (which fences off
@@ -479,10 +554,10 @@ impl Engine {
             return;
         }
         if !active.record.state.is_finished() {
-            let failed = active
-                .stages
-                .iter()
-                .any(|stage| matches!(stage.state, StageState::Failed | StageState::TimedOut));
+            let failed = active.stages.iter().any(|stage| {
+                matches!(stage.state, StageState::Failed | StageState::TimedOut)
+                    && !passes(stage, &active.spec)
+            });
             let cancelled = active
                 .stages
                 .iter()
@@ -641,7 +716,7 @@ impl Engine {
         if let Some(&need) = spec.parsed.stages[idx]
             .needs
             .iter()
-            .find(|&&need| active.stages[need].state != StageState::Succeeded)
+            .find(|&&need| !passes(&active.stages[need], &spec))
         {
             return Err(ApiError::FailedPrecondition(format!(
                 "stage `{name}` needs `{}`, which did not succeed; retry that stage first",
@@ -866,6 +941,48 @@ impl Engine {
             idx: idx as u32,
         });
         Ok(id)
+    }
+}
+
+/// Whether a finished stage lets the stages after it run: it succeeded,
+/// or it failed (or timed out) and says `allow_failure: true`.
+fn passes(stage: &StageRecord, spec: &PipelineSpec) -> bool {
+    match stage.state {
+        StageState::Succeeded => true,
+        StageState::Failed | StageState::TimedOut => spec
+            .parsed
+            .stages
+            .get(stage.key.idx as usize)
+            .is_some_and(|stage| stage.allow_failure),
+        _ => false,
+    }
+}
+
+/// Why an attempt ended without success, in the words of `retries.when`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Cause {
+    AgentLost,
+    InfraError,
+    Timeout,
+    Failed,
+}
+
+impl Cause {
+    fn earns_retry(self, when: &spec::RetryWhen) -> bool {
+        match self {
+            Cause::AgentLost => when.agent_lost,
+            Cause::InfraError => when.infra_error,
+            Cause::Timeout => when.timeout,
+            Cause::Failed => when.failed,
+        }
+    }
+
+    /// The state a stage ends in when this cause gets no new attempt.
+    fn final_state(self) -> StageState {
+        match self {
+            Cause::Timeout => StageState::TimedOut,
+            Cause::AgentLost | Cause::InfraError | Cause::Failed => StageState::Failed,
+        }
     }
 }
 

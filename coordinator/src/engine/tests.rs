@@ -306,6 +306,102 @@ fn a_failed_stage_skips_its_dependents_and_fails_the_run() {
 }
 
 #[test]
+fn an_allowed_failure_lets_its_dependents_run_and_the_run_succeed() {
+    let mut h = Harness::new();
+    let run = h.start_run(
+        "pipeline: p\nstages:\n  lint: { commands: [x], allow_failure: true, retries: 0 }\n  build: { needs: [lint], commands: [y] }\n",
+    );
+    let mut agents = [h.connect("one", 1, 1, vec![])];
+    let lint = assignments(&mut agents)[0].1;
+    h.finish(&agents[0], lint, pb::Outcome::Failed);
+    let lint = h.stage(run, "lint");
+    assert_eq!(lint.state, pb::StageState::Failed as i32);
+    assert!(
+        lint.message.ends_with("(allowed to fail)"),
+        "{}",
+        lint.message
+    );
+    let build = assignments(&mut agents);
+    assert_eq!(build.len(), 1, "build runs after an allowed failure");
+    h.finish(&agents[0], build[0].1, pb::Outcome::Succeeded);
+    assert_eq!(h.run(run).state, pb::RunState::Succeeded as i32);
+}
+
+#[test]
+fn retries_follow_their_causes() {
+    let mut h = Harness::new();
+    let run = h.start_run(
+        "pipeline: p\nstages:\n  flaky: { commands: [x], retries: { max: 1, when: [failed] } }\n  plain: { commands: [y], retries: 2 }\n",
+    );
+    let mut agents = [h.connect("one", 1, 2, vec![])];
+    let first = assignments(&mut agents);
+    let flaky = first.iter().find(|(_, s)| s.stage_idx == 0).unwrap().1;
+    let plain = first.iter().find(|(_, s)| s.stage_idx == 1).unwrap().1;
+    h.finish(&agents[0], flaky, pb::Outcome::Failed);
+    h.finish(&agents[0], plain, pb::Outcome::Failed);
+    assert_eq!(
+        h.stage(run, "plain").state,
+        pb::StageState::Failed as i32,
+        "a plain count does not retry a failure of the commands"
+    );
+    let again = assignments(&mut agents);
+    assert_eq!(again.len(), 1);
+    assert_eq!((again[0].1.stage_idx, again[0].1.attempt), (0, 2));
+    h.finish(&agents[0], again[0].1, pb::Outcome::Failed);
+    let flaky = h.stage(run, "flaky");
+    assert_eq!(flaky.state, pb::StageState::Failed as i32);
+    assert!(
+        flaky.message.contains("no retries left"),
+        "{}",
+        flaky.message
+    );
+    assert_eq!(h.run(run).state, pb::RunState::Failed as i32);
+}
+
+#[test]
+fn a_run_past_its_timeout_is_stopped_and_fails() {
+    let mut h = Harness::new();
+    let run = h.start_run(
+        "pipeline: p\ntimeout: 1m\nstages:\n  slow: { commands: [sleep] }\n  after: { needs: [slow], commands: [y] }\n",
+    );
+    let mut agent = h.connect("one", 1, 1, vec![]);
+    let slow = agent.assignments()[0];
+    h.clock.advance(30_000);
+    // The agent keeps its lease meanwhile.
+    h.send(&agent, Msg::Heartbeat(pb::Heartbeat { running: 1 }));
+    h.engine.tick();
+    assert_eq!(h.run(run).state, pb::RunState::Running as i32);
+    h.clock.advance(31_000);
+    h.send(&agent, Msg::Heartbeat(pb::Heartbeat { running: 1 }));
+    h.engine.tick();
+    let stopped = h.run(run);
+    assert_eq!(stopped.state, pb::RunState::Failed as i32);
+    let slow_stage = h.stage(run, "slow");
+    assert_eq!(slow_stage.state, pb::StageState::TimedOut as i32);
+    assert!(
+        slow_stage
+            .message
+            .contains("the run's timeout of 60s passed"),
+        "{}",
+        slow_stage.message
+    );
+    assert_eq!(
+        h.stage(run, "after").state,
+        pb::StageState::Cancelled as i32
+    );
+    let cancels: Vec<pb::Cancel> = agent
+        .received()
+        .into_iter()
+        .filter_map(|msg| match msg {
+            Out::Cancel(cancel) => Some(cancel),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(cancels.len(), 1, "the agent is told to stop");
+    assert_eq!(cancels[0].stage, Some(slow));
+}
+
+#[test]
 fn lost_lease_requeues_and_fences_off_the_old_attempt() {
     let mut h = Harness::new();
     let run = h.start_run("pipeline: p\nstages:\n  only: { commands: [sleep 1] }\n");

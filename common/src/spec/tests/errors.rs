@@ -84,7 +84,7 @@ fn unknown_keys() {
           build: { commands: [make] }
         ",
         "kiln.yml:2:1: unknown key `stage` at the top level; expected one of: pipeline, \
-         defaults, triggers, stages (did you mean `stages`?)",
+         defaults, triggers, timeout, stages (did you mean `stages`?)",
     );
     check(
         "
@@ -92,7 +92,7 @@ fn unknown_keys() {
         trigger: { push: { branches: [main] } }
         ",
         "kiln.yml:2:1: unknown key `trigger` at the top level; expected one of: pipeline, \
-         defaults, triggers, stages (did you mean `triggers`?)",
+         defaults, triggers, timeout, stages (did you mean `triggers`?)",
     );
     check(
         "
@@ -112,7 +112,8 @@ fn unknown_keys() {
             comands: [make]
         ",
         "kiln.yml:4:5: unknown key `comands` in stage `build`; expected one of: needs, \
-         commands, env, secrets, timeout, retries, image, agent, executor, pull, resources, network, \
+         commands, env, secrets, timeout, retries, allow_failure, image, agent, executor, pull, \
+         resources, network, \
          artifacts, metrics, environment, gate, monitor (did you mean `commands`?)",
     );
     check(
@@ -122,7 +123,8 @@ fn unknown_keys() {
           build: { commands: [make], Needs: [] }
         ",
         "kiln.yml:3:30: unknown key `Needs` in stage `build`; expected one of: needs, \
-         commands, env, secrets, timeout, retries, image, agent, executor, pull, resources, network, \
+         commands, env, secrets, timeout, retries, allow_failure, image, agent, executor, pull, \
+         resources, network, \
          artifacts, metrics, environment, gate, monitor (did you mean `needs`?)",
     );
     check(

@@ -10,6 +10,7 @@ mod delivery;
 mod errors;
 mod limits;
 mod pipelines;
+mod policy;
 mod robustness;
 mod secrets;
 mod triggers;

@@ -97,6 +97,20 @@ pub(crate) fn gate(decision: &GateDecision) -> pb::GateDecision {
             })
             .collect(),
         summary: decision.summary.clone(),
+        selected: decision
+            .selection
+            .as_ref()
+            .and_then(|selection| selection.winner.clone())
+            .unwrap_or_default(),
+        candidates: decision
+            .selection
+            .iter()
+            .flat_map(|selection| &selection.candidates)
+            .map(|(stage, value)| pb::Candidate {
+                stage: stage.clone(),
+                value: *value,
+            })
+            .collect(),
         decided_ms: decision.decided_ms,
         decided_by: decision.decided_by.clone().unwrap_or_default(),
     }

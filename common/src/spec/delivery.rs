@@ -92,6 +92,19 @@ pub struct Gate {
     pub max_regression: BTreeMap<String, MaxRegression>,
     pub on_missing: OnMissing,
     pub approval: Approval,
+    /// `select: {metric: recall, max: true}` — best of a sweep: of the
+    /// stages the gate needs, the one with the best value of `metric` wins;
+    /// the gate's rules are checked on its metrics, and the stages after the
+    /// gate get its artifacts.
+    pub select: Option<Select>,
+}
+
+/// How a best-of gate picks its winner.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Select {
+    pub metric: String,
+    /// The highest value wins (`max: true`), else the lowest (`min: true`).
+    pub highest: bool,
 }
 
 /// Where a monitor reads its value.
@@ -170,6 +183,7 @@ const GATE_FIELDS: &[Field<GateDraft>] = &[
     ("max_regression", |g, v, path| set(&mut g.gate.max_regression, regressions(v, path))),
     ("on_missing", |g, v, path| set(&mut g.gate.on_missing, on_missing(v, path))),
     ("approval", |g, v, path| set(&mut g.gate.approval, approval(v, path))),
+    ("select", |g, v, path| set(&mut g.gate.select, select(v, path).map(Some))),
 ];
 
 pub(super) fn gate(
@@ -466,6 +480,28 @@ fn on_missing(value: Node<'_>, path: &Path<'_>) -> Result<OnMissing, Problem> {
         Some("fail") => Ok(OnMissing::Fail),
         Some("pass") => Ok(OnMissing::Pass),
         _ => Err(wrong(value, path, "`fail` or `pass`")),
+    }
+}
+
+/// `select: {metric: NAME, max: true}` or `{metric: NAME, min: true}`.
+fn select(value: Node<'_>, path: &Path<'_>) -> Result<Select, Problem> {
+    const EXPECTED: &str = "`{metric: recall, max: true}` or `{metric: loss, min: true}`";
+    let entries = value
+        .entries()
+        .ok_or_else(|| wrong(value, path, EXPECTED))?;
+    let mut metric = None;
+    let mut highest = None;
+    for (key, item) in entries {
+        match (key.text(), item.scalar()) {
+            (Some("metric"), _) => metric = item.text().map(str::to_owned),
+            (Some("max"), Some(saphyr::Scalar::Boolean(true))) => highest = Some(true),
+            (Some("min"), Some(saphyr::Scalar::Boolean(true))) => highest = Some(false),
+            _ => return Err(wrong(value, path, EXPECTED)),
+        }
+    }
+    match (metric, highest) {
+        (Some(metric), Some(highest)) if !metric.is_empty() => Ok(Select { metric, highest }),
+        _ => Err(wrong(value, path, EXPECTED)),
     }
 }
 

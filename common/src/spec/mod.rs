@@ -25,6 +25,7 @@ use std::time::Duration;
 
 pub use delivery::{
     Approval, Condition, Gate, MaxRegression, Monitor, MonitorSource, OnBreach, OnMissing, Op,
+    Select,
 };
 pub use triggers::{
     DEFAULT_DATA_EVERY, DataTrigger, MAX_SCHEDULES, MIN_DATA_INTERVAL, PushTrigger, Triggers,
@@ -32,6 +33,7 @@ pub use triggers::{
 
 mod container;
 mod delivery;
+mod matrix;
 mod schema;
 mod suggest;
 mod triggers;
@@ -130,6 +132,9 @@ pub struct Stage {
     pub gate: Option<Gate>,
     /// `monitor:` watches the release this stage makes.
     pub monitor: Option<Monitor>,
+    /// For a cell of a `matrix:` (`train[lr=0.1]`): the stage as written
+    /// (`train`).
+    pub cell_of: Option<String>,
 }
 
 /// `retries: {max: N, when: [agent_lost, infra_error, timeout, failed]}` —

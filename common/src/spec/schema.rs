@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use super::container::{self, ContainerDraft};
 use super::delivery::{self, DeliveryDraft};
+use super::matrix::{self, MatrixDraft};
 use super::suggest::did_you_mean;
 use super::triggers::{self, Triggers};
 use super::values;
@@ -38,6 +39,7 @@ pub(super) struct Defaults {
 }
 
 /// One stage as written; `None` settings fall back to `defaults`.
+#[derive(Clone)]
 pub(super) struct StageDraft {
     pub(super) name: String,
     /// Where the stage's name is, which errors about the whole stage point at.
@@ -62,9 +64,14 @@ pub(super) struct StageDraft {
     pub(super) artifacts_always: bool,
     /// `metrics`, `environment`, `gate`, `monitor`.
     pub(super) delivery: DeliveryDraft,
+    /// `matrix:` as written; expanded into cells before `needs` resolve.
+    pub(super) matrix: Option<MatrixDraft>,
+    /// For a cell of a matrix: the stage it was expanded from.
+    pub(super) cell_of: Option<String>,
 }
 
 /// A name and where it was written, so that a reference can be blamed.
+#[derive(Clone)]
 pub(super) struct Named {
     pub(super) name: String,
     pub(super) position: Position,
@@ -128,6 +135,7 @@ const STAGE_FIELDS: &[Field<StageDraft>] = &[
     ("timeout", |s, v, path| set(&mut s.timeout, values::timeout(v, path).map(Some))),
     ("retries", |s, v, path| set(&mut s.retries, values::retries(v, path).map(Some))),
     ("allow_failure", |s, v, path| set(&mut s.allow_failure, values::flag(v, path))),
+    ("matrix", |s, v, path| set(&mut s.matrix, matrix::read(v, path).map(Some))),
     ("image", |s, v, path| set(&mut s.image, values::image(v, path).map(Some))),
     ("agent", read_agent),
     ("executor", |s, v, path| set(&mut s.executor, container::executor(v, path).map(Some))),
@@ -264,6 +272,8 @@ fn read_stage(key: Node<'_>, body: Node<'_>) -> Result<StageDraft, Problem> {
         artifacts: Vec::new(),
         artifacts_always: false,
         delivery: DeliveryDraft::default(),
+        matrix: None,
+        cell_of: None,
     };
     // `build:` with nothing under it is a stage without commands, not a type error.
     if !body.is_null() {

@@ -9,12 +9,12 @@ use super::{DEFAULT_RETRIES, DEFAULT_TIMEOUT, Pipeline, Problem, Stage};
 
 /// Builds the pipeline, failing on the first bad `needs` entry or cycle.
 pub(super) fn pipeline(draft: Draft) -> Result<Pipeline, Problem> {
-    let needs = resolve_needs(&draft.stages)?;
+    let stages = expand_matrices(draft.stages)?;
+    let needs = resolve_needs(&stages)?;
     if let Some(cycle) = find_cycle(&needs) {
-        return Err(cycle_problem(&draft.stages, &cycle));
+        return Err(cycle_problem(&stages, &cycle));
     }
-    let stages = draft
-        .stages
+    let stages = stages
         .into_iter()
         .zip(needs)
         .map(|(stage, needs)| with_defaults(stage, needs, &draft.defaults))
@@ -27,20 +27,45 @@ pub(super) fn pipeline(draft: Draft) -> Result<Pipeline, Problem> {
     })
 }
 
-/// Each stage's `needs` as indices into `stages`, in the order written.
+/// Every stage with a `matrix:` replaced by its cells, in place.
+fn expand_matrices(stages: Vec<StageDraft>) -> Result<Vec<StageDraft>, Problem> {
+    let mut expanded = Vec::with_capacity(stages.len());
+    for stage in stages {
+        match stage.matrix.clone() {
+            Some(matrix) => expanded.extend(super::matrix::expand(stage, &matrix)?),
+            None => expanded.push(stage),
+        }
+    }
+    if expanded.len() > super::MAX_STAGES {
+        return Err(Problem::new(
+            super::Position { line: 1, column: 1 },
+            format!(
+                "the pipeline has {} stages once its matrices are expanded; at most {} are \
+                 accepted",
+                expanded.len(),
+                super::MAX_STAGES
+            ),
+        ));
+    }
+    Ok(expanded)
+}
+
+/// Each stage's `needs` as indices into `stages`, in the order written; a
+/// need that names a matrix stage means every one of its cells.
 fn resolve_needs(stages: &[StageDraft]) -> Result<Vec<Vec<usize>>, Problem> {
-    // Names are unique here: the schema rejects repeated stage keys.
-    let idx_by_name: HashMap<&str, usize> = stages
-        .iter()
-        .enumerate()
-        .map(|(idx, stage)| (stage.name.as_str(), idx))
-        .collect();
+    // Names are unique here: the schema rejects repeated stage keys, and
+    // cells are named after their (unique) values.
+    let mut idx_by_name: HashMap<&str, Vec<usize>> = HashMap::new();
+    for (idx, stage) in stages.iter().enumerate() {
+        let name = stage.cell_of.as_deref().unwrap_or(&stage.name);
+        idx_by_name.entry(name).or_default().push(idx);
+    }
     let mut all_needs = Vec::with_capacity(stages.len());
     for (stage_idx, stage) in stages.iter().enumerate() {
         let mut needs = Vec::with_capacity(stage.needs.len());
         for need in &stage.needs {
-            let Some(&need_idx) = idx_by_name.get(need.name.as_str()) else {
-                let names = stages.iter().map(|stage| stage.name.as_str());
+            let Some(need_idxs) = idx_by_name.get(need.name.as_str()) else {
+                let names = idx_by_name.keys().copied();
                 return Err(Problem::new(
                     need.position,
                     format!(
@@ -52,25 +77,27 @@ fn resolve_needs(stages: &[StageDraft]) -> Result<Vec<Vec<usize>>, Problem> {
                     ),
                 ));
             };
-            if need_idx == stage_idx {
-                return Err(Problem::new(
-                    need.position,
-                    format!(
-                        "stage `{}` needs itself; remove `{}` from its `needs`",
-                        stage.name, need.name
-                    ),
-                ));
+            for &need_idx in need_idxs {
+                if need_idx == stage_idx || stage.cell_of.as_deref() == Some(&need.name) {
+                    return Err(Problem::new(
+                        need.position,
+                        format!(
+                            "stage `{}` needs itself; remove `{}` from its `needs`",
+                            stage.name, need.name
+                        ),
+                    ));
+                }
+                if needs.contains(&need_idx) {
+                    return Err(Problem::new(
+                        need.position,
+                        format!(
+                            "stage `{}` lists `{}` twice in `needs`; remove one",
+                            stage.name, need.name
+                        ),
+                    ));
+                }
+                needs.push(need_idx);
             }
-            if needs.contains(&need_idx) {
-                return Err(Problem::new(
-                    need.position,
-                    format!(
-                        "stage `{}` lists `{}` twice in `needs`; remove one",
-                        stage.name, need.name
-                    ),
-                ));
-            }
-            needs.push(need_idx);
         }
         all_needs.push(needs);
     }
@@ -176,5 +203,6 @@ fn with_defaults(stage: StageDraft, needs: Vec<usize>, defaults: &Defaults) -> S
         environment: stage.delivery.environment,
         gate: stage.delivery.gate.map(|(gate, _)| gate),
         monitor: stage.delivery.monitor.map(|(monitor, _)| monitor),
+        cell_of: stage.cell_of,
     }
 }

@@ -402,7 +402,7 @@ fn is_name(text: &str) -> bool {
 }
 
 /// `[A-Za-z_][A-Za-z0-9_]*`, what every shell accepts as a variable name.
-fn is_env_name(text: &str) -> bool {
+pub(super) fn is_env_name(text: &str) -> bool {
     let mut chars = text.chars();
     chars
         .next()

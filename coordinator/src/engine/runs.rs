@@ -30,10 +30,24 @@ pub(super) struct RunView<'a> {
 
 impl RunView<'_> {
     /// Every metric of the run so far; later stages win on a name clash.
+    /// The stages a best-of gate did not pick do not count.
     pub(super) fn metrics(&self) -> BTreeMap<String, Option<f64>> {
+        let losers: Vec<&str> = self
+            .stages
+            .iter()
+            .filter_map(|stage| stage.gate.as_ref()?.selection.as_ref())
+            .flat_map(|selection| selection.losers())
+            .collect();
+        self.metrics_without(&losers)
+    }
+
+    /// [`RunView::metrics`], leaving out the stages named in `left_out`.
+    pub(super) fn metrics_without(&self, left_out: &[&str]) -> BTreeMap<String, Option<f64>> {
         let mut metrics = BTreeMap::new();
         for stage in self.stages {
-            metrics.extend(stage.metrics.clone());
+            if !left_out.contains(&stage.name.as_str()) {
+                metrics.extend(stage.metrics.clone());
+            }
         }
         metrics
     }
@@ -48,7 +62,13 @@ impl RunView<'_> {
             .needs
             .iter()
             .flat_map(|&need| {
-                let stage = &self.stages[need];
+                // After a best-of gate: the winner's artifacts.
+                let winner = self.stages[need]
+                    .gate
+                    .as_ref()
+                    .and_then(|gate| gate.selection.as_ref()?.winner.as_deref())
+                    .and_then(|name| self.stages.iter().find(|stage| stage.name == name));
+                let stage = winner.unwrap_or(&self.stages[need]);
                 stage.outputs.iter().map(|artifact| StageArtifact {
                     stage: stage.name.clone(),
                     artifact: artifact.clone(),

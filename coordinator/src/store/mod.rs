@@ -196,6 +196,29 @@ pub(crate) struct GateDecision {
     /// Who approved or rejected a manual gate.
     #[serde(default)]
     pub(crate) decided_by: Option<String>,
+    /// A best-of gate's pick, with every candidate's value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) selection: Option<Selection>,
+}
+
+/// What a best-of gate (`select:`) chose among the stages it needs.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub(crate) struct Selection {
+    pub(crate) metric: String,
+    /// Each candidate stage with its value of `metric` (`None`: missing).
+    pub(crate) candidates: Vec<(String, Option<f64>)>,
+    /// The winner; `None` when no candidate had a value.
+    pub(crate) winner: Option<String>,
+}
+
+impl Selection {
+    /// Candidates that lost: their metrics and artifacts go no further.
+    pub(crate) fn losers(&self) -> impl Iterator<Item = &str> {
+        self.candidates
+            .iter()
+            .map(|(name, _)| name.as_str())
+            .filter(move |name| self.winner.as_deref() != Some(*name))
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -112,7 +112,8 @@ fn unknown_keys() {
             comands: [make]
         ",
         "kiln.yml:4:5: unknown key `comands` in stage `build`; expected one of: needs, \
-         commands, env, secrets, timeout, retries, allow_failure, image, agent, executor, pull, \
+         commands, env, secrets, timeout, retries, allow_failure, matrix, image, agent, executor, \
+         pull, \
          resources, network, \
          artifacts, metrics, environment, gate, monitor (did you mean `commands`?)",
     );
@@ -123,7 +124,8 @@ fn unknown_keys() {
           build: { commands: [make], Needs: [] }
         ",
         "kiln.yml:3:30: unknown key `Needs` in stage `build`; expected one of: needs, \
-         commands, env, secrets, timeout, retries, allow_failure, image, agent, executor, pull, \
+         commands, env, secrets, timeout, retries, allow_failure, matrix, image, agent, executor, \
+         pull, \
          resources, network, \
          artifacts, metrics, environment, gate, monitor (did you mean `needs`?)",
     );

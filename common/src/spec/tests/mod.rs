@@ -9,6 +9,7 @@ mod containers;
 mod delivery;
 mod errors;
 mod limits;
+mod matrix;
 mod pipelines;
 mod policy;
 mod robustness;

@@ -121,7 +121,26 @@ pub(super) fn decide(
         summary,
         decided_ms: 0,
         decided_by: None,
+        selection: None,
     }
+}
+
+/// The winner of a best-of gate among `candidates`: the best value of the
+/// metric (highest or lowest); missing and NaN values never win, and the
+/// first of equal values does.
+pub(super) fn select_winner(candidates: &[(String, Option<f64>)], highest: bool) -> Option<String> {
+    candidates
+        .iter()
+        .filter_map(|(name, value)| Some((name, value.filter(|v| !v.is_nan())?)))
+        .reduce(|best, next| {
+            let better = if highest {
+                next.1 > best.1
+            } else {
+                next.1 < best.1
+            };
+            if better { next } else { best }
+        })
+        .map(|(name, _)| name.clone())
 }
 
 fn missing(policy: OnMissing) -> (bool, Option<String>) {
@@ -237,6 +256,7 @@ mod tests {
             .into(),
             on_missing,
             approval: Approval::Auto,
+            select: None,
         }
     }
 

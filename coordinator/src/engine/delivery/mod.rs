@@ -45,7 +45,8 @@ use crate::delivery::alerts::Alert;
 use crate::error::ApiError;
 use crate::metrics::Metrics;
 use crate::store::{
-    EnvironmentRecord, GateDecision, Op, ReleaseRecord, ReleaseState, RollbackPlan, StageArtifact,
+    EnvironmentRecord, GateDecision, Op, ReleaseRecord, ReleaseState, RollbackPlan, Selection,
+    StageArtifact,
 };
 use environments::{Environments, Watch};
 
@@ -172,8 +173,63 @@ impl DeliveryController {
                 .champion(&EnvKey::of_pipeline(&run.record.pipeline, env))?;
             Some((env.as_str(), &champion.metrics))
         });
-        let mut decision = gates::decide(gate, &run.metrics(), champion);
+        // A best-of gate first picks among the stages it needs; its rules
+        // are then checked on the winner's metrics alone.
+        let selection = gate.select.as_ref().map(|select| {
+            let candidates: Vec<(String, Option<f64>)> = run.spec.stages[idx]
+                .needs
+                .iter()
+                .map(|&need| {
+                    let stage = &run.stages[need];
+                    let value = stage.metrics.get(&select.metric).copied().flatten();
+                    (stage.name.clone(), value)
+                })
+                .collect();
+            let winner = gates::select_winner(&candidates, select.highest);
+            Selection {
+                metric: select.metric.clone(),
+                candidates,
+                winner,
+            }
+        });
+        let metrics = match &selection {
+            Some(selection) => run.metrics_without(&selection.losers().collect::<Vec<_>>()),
+            None => run.metrics(),
+        };
+        let mut decision = gates::decide(gate, &metrics, champion);
         decision.decided_ms = now;
+        if let Some(selection) = &selection {
+            let values: Vec<String> = selection
+                .candidates
+                .iter()
+                .map(|(name, value)| match value {
+                    Some(value) => format!("{name}={value:.4}"),
+                    None => format!("{name}=missing"),
+                })
+                .collect();
+            let how = if gate.select.as_ref().is_some_and(|s| s.highest) {
+                "highest"
+            } else {
+                "lowest"
+            };
+            decision.summary = match &selection.winner {
+                Some(winner) => format!(
+                    "selected {winner} ({how} {} of {}); {}",
+                    selection.metric,
+                    values.join(", "),
+                    decision.summary
+                ),
+                None => {
+                    decision.passed = false;
+                    format!(
+                        "no stage it needs has a value of `{}` to select by ({})",
+                        selection.metric,
+                        values.join(", ")
+                    )
+                }
+            };
+        }
+        decision.selection = selection;
         let summary = decision.summary.clone();
         let verdict = match (decision.passed, gate.approval) {
             (false, _) => {

@@ -260,3 +260,91 @@ fn breaches_ask_for_one_rollback_at_the_limit_or_freeze() {
     let (_, record) = delivery.unfreeze(&env).unwrap();
     assert_eq!(record.frozen, None);
 }
+
+const SWEEP: &str = "
+pipeline: sweep
+stages:
+  train:
+    commands: [x]
+    metrics: m.json
+    artifacts: [model]
+    matrix: { weight: [1, 2, 3, 4] }
+  best:
+    needs: [train]
+    gate: { select: { metric: recall, max: true }, require: { recall: \">= 0.5\" } }
+  deploy:
+    needs: [best]
+    environment: production
+    commands: [x]
+";
+
+#[test]
+fn a_best_of_gate_picks_the_winner_and_the_release_gets_its_model() {
+    let mut delivery = controller();
+    let mut run = Run::new(SWEEP, 1, 0.0);
+    for (cell, recall) in [0.61, 0.74, 0.52, 0.70].into_iter().enumerate() {
+        let stage = &mut run.stages[cell];
+        stage.metrics = BTreeMap::from([("recall".to_string(), Some(recall))]);
+        stage.outputs = vec![crate::store::ArtifactRecord {
+            path: "model".into(),
+            digest: format!("sha256:{}", format!("{cell}").repeat(64)),
+            size: 1,
+        }];
+    }
+    let (decision, verdict) = delivery
+        .decide_gate(&run.view(), run.idx("best"), 10)
+        .unwrap();
+    let GateVerdict::Passed(summary) = &verdict else {
+        panic!("{verdict:?}");
+    };
+    let selection = decision.selection.clone().unwrap();
+    assert_eq!(selection.winner.as_deref(), Some("train[weight=2]"));
+    assert_eq!(
+        selection.candidates.len(),
+        4,
+        "every cell's value is recorded"
+    );
+    assert!(summary.contains("selected train[weight=2]"), "{summary}");
+    assert!(summary.contains("train[weight=3]=0.5200"), "{summary}");
+    assert_eq!(
+        decision.checks[0].value,
+        Some(0.74),
+        "the rule sees the winner"
+    );
+
+    let best = run.idx("best");
+    run.stages[best].gate = Some(decision);
+    delivery.deployed(&run.view(), run.idx("deploy"), 20);
+    let history = delivery.history(&production("sweep"));
+    let release = &history[0];
+    assert_eq!(release.metrics["recall"], Some(0.74));
+    assert_eq!(
+        release
+            .artifacts
+            .iter()
+            .map(|a| a.stage.as_str())
+            .collect::<Vec<_>>(),
+        ["train[weight=2]"],
+        "the environment stage gets the winner's model, and only it"
+    );
+}
+
+#[test]
+fn a_best_of_gate_without_values_fails() {
+    let mut delivery = controller();
+    let mut run = Run::new(SWEEP, 1, 0.0);
+    for stage in &mut run.stages[..4] {
+        stage.metrics.clear();
+    }
+    let (decision, verdict) = delivery
+        .decide_gate(&run.view(), run.idx("best"), 10)
+        .unwrap();
+    assert!(!decision.passed);
+    let GateVerdict::Failed(summary) = verdict else {
+        panic!("nothing to select");
+    };
+    assert!(
+        summary.contains("no stage it needs has a value of `recall`"),
+        "{summary}"
+    );
+}

@@ -3,8 +3,8 @@
 //!
 //! Each test checks at its end that its agent left no container behind
 //! (containers labelled `kiln.agent=<its agent>`). Without a usable engine a
-//! test prints why and skips, unless `KILN_REQUIRE_DOCKER=1` makes that a
-//! failure (CI sets it).
+//! test fails saying what to install (`tests/setup.sh` does it); only
+//! `KILN_ALLOW_SKIP=1` makes that a printed skip.
 
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;

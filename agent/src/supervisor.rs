@@ -247,7 +247,11 @@ impl Supervisor {
             LinkEvent::Opened(Err(err)) => {
                 let delay = self.backoff.next_delay();
                 let failures = self.backoff.failures();
-                warn!(%err, failures, retry_in = ?delay, "cannot connect to the coordinator");
+                if matches!(err, Error::TokenRefused { .. }) {
+                    warn!(%err, failures, retry_in = ?delay, "the coordinator refused this agent's token");
+                } else {
+                    warn!(%err, failures, retry_in = ?delay, "cannot connect to the coordinator");
+                }
                 self.link = Link::Down {
                     retry_at: Instant::now() + delay,
                 };

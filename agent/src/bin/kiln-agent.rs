@@ -10,6 +10,8 @@ use anyhow::Context;
 use clap::{Parser, ValueEnum};
 use kiln_agent::{AllowedMount, Config, DockerConfig, ExecutorKind};
 use kiln_common::channel::{ClientOptions, Token};
+use kiln_common::logging::LogFormat;
+use sd_notify::NotifyState;
 use tokio::signal::unix::{SignalKind, signal};
 
 /// Runs the stages a Kiln coordinator assigns and streams their logs back.
@@ -92,6 +94,9 @@ struct Args {
     /// stages.
     #[arg(long, env = "KILN_AGENT_TOKEN_FILE", value_name = "FILE")]
     token_file: Option<PathBuf>,
+    /// How log lines on stderr look: text, or json (one object per line).
+    #[arg(long, env = "KILN_LOG_FORMAT", default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
 }
 
 /// The token's value comes from the environment only: a flag would show it
@@ -114,8 +119,9 @@ fn parse_labels(text: &str) -> Result<Labels, String> {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    kiln_common::logging::init("info");
-    match run(Args::parse()).await {
+    let args = Args::parse();
+    kiln_common::logging::init_with("info", args.log_format);
+    match run(args).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("error: {err}");
@@ -162,8 +168,20 @@ async fn run(args: Args) -> anyhow::Result<()> {
             _ = interrupt.recv() => "SIGINT",
         };
         tracing::info!(signal = name, "shutting down");
+        notify_systemd(&[NotifyState::Stopping]);
     };
+    // Under systemd (Type=notify): ready once the flags and token are
+    // good; the agent then connects, retrying with backoff until it can.
+    notify_systemd(&[NotifyState::Ready]);
     kiln_agent::run(config, shutdown).await
+}
+
+/// Tells systemd about a state change when it asked to be told
+/// (`NOTIFY_SOCKET`); a failure to tell it is logged, never fatal.
+fn notify_systemd(states: &[NotifyState]) {
+    if let Err(error) = sd_notify::notify(states) {
+        tracing::warn!(%error, "cannot notify systemd (NOTIFY_SOCKET)");
+    }
 }
 
 #[cfg(test)]

@@ -6,6 +6,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
+use kiln_common::logging::LogFormat;
+use sd_notify::NotifyState;
 
 /// The Kiln coordinator: stores pipelines, runs and logs in sled and
 /// dispatches stages to agents.
@@ -72,6 +74,9 @@ struct Flags {
     /// proxy, or on a private container network).
     #[arg(long, env = "KILN_INSECURE")]
     insecure: bool,
+    /// How log lines on stderr look: text, or json (one object per line).
+    #[arg(long, env = "KILN_LOG_FORMAT", default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
 }
 
 /// Exit code when the flags ask for something unsafe (as clap's usage errors).
@@ -92,8 +97,9 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    kiln_common::logging::init("info");
-    match serve(Flags::parse()).await {
+    let flags = Flags::parse();
+    kiln_common::logging::init_with("info", flags.log_format);
+    match serve(flags).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure::Refused(line)) => {
             eprintln!("error: {line}");
@@ -191,8 +197,22 @@ async fn serve(flags: Flags) -> Result<(), Failure> {
         max_agents_per_token: flags.max_agents_per_token,
         tls,
     };
-    kiln_coordinator::run(config, shutdown_signal()).await?;
+    // Installed before readiness is announced, so a stop that follows at
+    // once is a clean shutdown, not SIGTERM's default death.
+    let shutdown = shutdown_signal()?;
+    // Under systemd (Type=notify): ready once the listeners are bound, so
+    // clients that connect from now on are queued, not refused.
+    notify_systemd(&[NotifyState::Ready]);
+    kiln_coordinator::run(config, shutdown).await?;
     Ok(())
+}
+
+/// Tells systemd about a state change when it asked to be told
+/// (`NOTIFY_SOCKET`); a failure to tell it is logged, never fatal.
+fn notify_systemd(states: &[NotifyState]) {
+    if let Err(error) = sd_notify::notify(states) {
+        tracing::warn!(%error, "cannot notify systemd (NOTIFY_SOCKET)");
+    }
 }
 
 /// The listeners other machines can reach.
@@ -212,13 +232,19 @@ fn refusal(what: &str, addr: SocketAddr) -> String {
     )
 }
 
-async fn shutdown_signal() {
+/// Resolves on SIGTERM or SIGINT; both handlers are installed when this
+/// returns.
+fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).expect("installing the SIGTERM handler");
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
+    let mut term = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = interrupt.recv() => {}
+        }
+        notify_systemd(&[NotifyState::Stopping]);
+    })
 }
 
 #[cfg(test)]

@@ -80,17 +80,34 @@ impl Prometheus {
     /// Starts Prometheus scraping `targets` (`host:port`, path `/metrics`)
     /// every second as job `kiln`; `None` if `test` skips.
     pub fn start(test: &str, targets: &[&str]) -> Result<Option<Self>> {
+        Self::start_with_rules(test, "kiln", targets, &[])
+    }
+
+    /// [`Prometheus::start`] with the scrape job named `job` and the rule
+    /// files `rules` loaded, evaluated every second.
+    pub fn start_with_rules(
+        test: &str,
+        job: &str,
+        targets: &[&str],
+        rules: &[&Path],
+    ) -> Result<Option<Self>> {
         let Some(binary) = binary("prometheus", test)? else {
             return Ok(None);
         };
         let dir = tempfile::tempdir()?;
         let config = dir.path().join("prometheus.yml");
         let targets: Vec<String> = targets.iter().map(|target| format!("'{target}'")).collect();
+        let rules: Vec<String> = rules
+            .iter()
+            .map(|path| format!("'{}'", path.display()))
+            .collect();
         std::fs::write(
             &config,
             format!(
                 "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n\
-                 scrape_configs:\n  - job_name: kiln\n    static_configs:\n      - targets: [{}]\n",
+                 rule_files: [{}]\n\
+                 scrape_configs:\n  - job_name: {job}\n    static_configs:\n      - targets: [{}]\n",
+                rules.join(", "),
                 targets.join(", ")
             ),
         )?;

@@ -67,7 +67,13 @@ pub(crate) struct GlobalArgs {
     #[arg(long, global = true, env = "KILN_TOKEN_FILE", value_name = "FILE")]
     pub(crate) token_file: Option<PathBuf>,
     /// How results are printed.
-    #[arg(long, global = true, value_enum, default_value_t = OutputFormat::Table)]
+    #[arg(
+        long,
+        global = true,
+        env = "KILN_OUTPUT",
+        value_enum,
+        default_value_t = OutputFormat::Table
+    )]
     pub(crate) output: OutputFormat,
     /// How long `logs -f` and `run --wait` keep reconnecting to a
     /// coordinator that went away before giving up (exit code 3).
@@ -145,6 +151,25 @@ pub(crate) enum Command {
     Lineage(LineageArgs),
     /// Start an embedded coordinator and two agents, and run an example pipeline.
     Demo(DemoArgs),
+    /// Print a shell completion script, e.g. `source <(kiln completion bash)`.
+    Completion(CompletionArgs),
+    /// Write man pages for kiln and every subcommand (kiln.1, kiln-run.1, ...).
+    Man(ManArgs),
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct CompletionArgs {
+    /// The shell to complete in.
+    #[arg(value_enum)]
+    pub(crate) shell: clap_complete::Shell,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct ManArgs {
+    /// Directory to write the pages to (created if missing), e.g.
+    /// /usr/local/share/man/man1.
+    #[arg(long, default_value = ".", value_name = "DIR")]
+    pub(crate) dir: PathBuf,
 }
 
 #[derive(Debug, Subcommand)]

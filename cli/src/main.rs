@@ -10,6 +10,7 @@
 //! - [`view`]: what is shown, built from the proto messages; the JSON shape.
 //! - [`output`]: tables and JSON; [`timefmt`]: times and durations.
 //! - [`git`]: where a pipeline directory lives in git.
+//! - [`completion`]: shell completion scripts and man pages, from [`args`].
 //! - [`error`]: failures and their exit codes.
 //!
 //! This file only parses flags, connects, dispatches, and turns the result
@@ -18,6 +19,7 @@
 mod args;
 mod client;
 mod commands;
+mod completion;
 mod demo;
 mod demo_ml;
 mod error;
@@ -57,6 +59,12 @@ async fn main() -> ExitCode {
 }
 
 async fn dispatch(cli: Cli) -> Result<Outcome, CliError> {
+    // Neither needs a coordinator, a token or TLS files.
+    match &cli.command {
+        Command::Completion(args) => return completion::completion(args.shell),
+        Command::Man(args) => return completion::man_pages(&args.dir),
+        _ => {}
+    }
     let format = cli.global.output;
     let url = &cli.global.coordinator;
     let options = client_options(&cli.global)?;
@@ -151,6 +159,8 @@ async fn remote(
         Command::Audit(args) => security::audit(c, format, args.limit).await,
         Command::Whoami => security::whoami(c, format).await,
         Command::Demo(_)
+        | Command::Completion(_)
+        | Command::Man(_)
         | Command::Verify(_)
         | Command::Pipeline(PipelineCommand::Register { .. }) => {
             unreachable!("dispatch handles the commands that do more than call the coordinator")

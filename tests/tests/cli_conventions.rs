@@ -1,0 +1,107 @@
+//! The habits a CLI user brings from gh and kubectl: completion scripts
+//! that load in the shell (`source <(kiln completion bash)`), man pages,
+//! and `KILN_OUTPUT=json` in place of `--output json` on every command.
+
+use std::process::{Command, Stdio};
+
+use anyhow::{Context, Result, ensure};
+use kiln_tests::{Coordinator, CoordinatorOptions, binary, kiln_command};
+
+#[test]
+fn bash_completion_loads_and_completes_subcommands() -> Result<()> {
+    let kiln = binary("kiln");
+    // What a user puts in ~/.bashrc, then a Tab after `kiln pip` and after
+    // `kiln env `.
+    let script = format!(
+        r#"source <('{kiln}' completion bash) || exit 1
+complete -p kiln || exit 1
+COMP_WORDS=(kiln pip); COMP_CWORD=1; _kiln kiln pip kiln
+echo "first: ${{COMPREPLY[*]}}"
+COMP_WORDS=(kiln env ''); COMP_CWORD=2; _kiln kiln '' env
+echo "env: ${{COMPREPLY[*]}}""#,
+        kiln = kiln.display()
+    );
+    let output = Command::new("bash")
+        .args(["-c", &script])
+        .stdin(Stdio::null())
+        .output()
+        .context("running bash")?;
+    let said = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    ensure!(output.status.success(), "{said}{stderr}");
+    ensure!(stderr.trim().is_empty(), "bash complained:\n{stderr}");
+    ensure!(said.contains("-F _kiln kiln"), "{said}");
+    ensure!(said.contains("first: pipeline\n"), "{said}");
+    let env_line = said.lines().find(|l| l.starts_with("env: ")).unwrap_or("");
+    for sub in ["history", "ls", "unfreeze"] {
+        ensure!(env_line.split_whitespace().any(|w| w == sub), "{said}");
+    }
+    Ok(())
+}
+
+#[test]
+fn zsh_and_fish_scripts_are_printed() -> Result<()> {
+    for (shell, marker) in [("zsh", "#compdef kiln"), ("fish", "complete -c kiln")] {
+        let output = Command::new(binary("kiln"))
+            .args(["completion", shell])
+            .output()?;
+        let script = String::from_utf8(output.stdout)?;
+        ensure!(output.status.success(), "kiln completion {shell} failed");
+        ensure!(script.contains(marker), "{shell}: no {marker:?}");
+    }
+    let output = Command::new(binary("kiln"))
+        .args(["completion", "tcsh"])
+        .output()?;
+    ensure!(
+        output.status.code() == Some(2),
+        "an unknown shell is a usage error"
+    );
+    Ok(())
+}
+
+#[test]
+fn man_pages_cover_every_subcommand() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let output = Command::new(binary("kiln"))
+        .args(["man", "--dir"])
+        .arg(dir.path())
+        .output()?;
+    ensure!(output.status.success(), "{output:?}");
+    for page in [
+        "kiln.1",
+        "kiln-run.1",
+        "kiln-env-history.1",
+        "kiln-completion.1",
+    ] {
+        let text =
+            std::fs::read_to_string(dir.path().join(page)).with_context(|| format!("no {page}"))?;
+        ensure!(text.contains(".TH "), "{page} is not a man page:\n{text}");
+    }
+    let listed = String::from_utf8(output.stdout)?;
+    ensure!(listed.lines().count() >= 30, "few pages:\n{listed}");
+    Ok(())
+}
+
+#[test]
+fn kiln_output_json_in_the_environment_means_json() -> Result<()> {
+    let data = tempfile::tempdir()?;
+    let coordinator = Coordinator::start(data.path(), &CoordinatorOptions::default())?;
+    let url = coordinator.url();
+    let output = kiln_command(&url, &["whoami"])
+        .env("KILN_OUTPUT", "json")
+        .output()?;
+    ensure!(output.status.success(), "{output:?}");
+    let value: serde_json::Value = serde_json::from_slice(&output.stdout)
+        .with_context(|| format!("not JSON: {}", String::from_utf8_lossy(&output.stdout)))?;
+    ensure!(value.is_object(), "{value}");
+    // The flag wins over the environment.
+    let output = kiln_command(&url, &["whoami", "--output", "table"])
+        .env("KILN_OUTPUT", "json")
+        .output()?;
+    ensure!(output.status.success(), "{output:?}");
+    ensure!(
+        serde_json::from_slice::<serde_json::Value>(&output.stdout).is_err(),
+        "--output table printed JSON"
+    );
+    Ok(())
+}

@@ -97,6 +97,11 @@ struct Args {
     /// How log lines on stderr look: text, or json (one object per line).
     #[arg(long, env = "KILN_LOG_FORMAT", default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+    /// Serve Prometheus metrics at http://ADDR/metrics (plain HTTP; slots,
+    /// running stages, start latencies, output bytes — no secrets). Port 0
+    /// picks a free one; the address is printed on stdout.
+    #[arg(long, env = "KILN_AGENT_METRICS", value_name = "ADDR")]
+    metrics: Option<String>,
 }
 
 /// The token's value comes from the environment only: a flag would show it
@@ -170,10 +175,56 @@ async fn run(args: Args) -> anyhow::Result<()> {
         tracing::info!(signal = name, "shutting down");
         notify_systemd(&[NotifyState::Stopping]);
     };
+    let metrics = kiln_agent::Metrics::new(config.executor.label());
+    let metrics_server = match &args.metrics {
+        Some(addr) => Some(serve_metrics(addr, metrics.clone()).await?),
+        None => None,
+    };
     // Under systemd (Type=notify): ready once the flags and token are
-    // good; the agent then connects, retrying with backoff until it can.
+    // good and the metrics listener is bound; the agent then connects,
+    // retrying with backoff until it can.
     notify_systemd(&[NotifyState::Ready]);
-    kiln_agent::run(config, shutdown).await
+    let result = kiln_agent::run_with_metrics(config, metrics, shutdown).await;
+    if let Some(server) = metrics_server {
+        // Scrapes hold no state worth finishing.
+        server.abort();
+        let _ = server.await;
+    }
+    result
+}
+
+/// Binds `addr` and serves `GET /metrics` from `metrics` until aborted;
+/// prints the bound address on stdout (for port 0).
+async fn serve_metrics(
+    addr: &str,
+    metrics: kiln_agent::Metrics,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr} for --metrics"))?;
+    let bound = listener.local_addr()?;
+    println!("kiln-agent metrics http://{bound}/metrics");
+    tracing::info!(%bound, "serving /metrics");
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let metrics = metrics.clone();
+            async move {
+                (
+                    [(
+                        axum::http::header::CONTENT_TYPE,
+                        "text/plain; version=0.0.4; charset=utf-8",
+                    )],
+                    metrics.render(),
+                )
+            }
+        }),
+    );
+    Ok(tokio::spawn(async move {
+        if let Err(error) = axum::serve(listener, app).await {
+            tracing::warn!(%error, "the metrics listener stopped");
+        }
+    }))
 }
 
 /// Tells systemd about a state change when it asked to be told

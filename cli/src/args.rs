@@ -31,9 +31,15 @@ pub(crate) struct Cli {
     pub(crate) command: Command,
 }
 
-/// Flags every command accepts.
+/// Flags every command accepts; `--help` lists them under their own
+/// heading, apart from a command's own.
 #[derive(Debug, Args)]
+#[command(next_help_heading = "Global options")]
 pub(crate) struct GlobalArgs {
+    /// The context (from ~/.config/kiln/config.toml) to use instead of the
+    /// current one; see `kiln context`.
+    #[arg(long, global = true, env = "KILN_CONTEXT", value_name = "NAME")]
+    pub(crate) context: Option<String>,
     /// gRPC address of the coordinator.
     #[arg(
         long,
@@ -155,6 +161,21 @@ pub(crate) enum Command {
     Completion(CompletionArgs),
     /// Write man pages for kiln and every subcommand (kiln.1, kiln-run.1, ...).
     Man(ManArgs),
+    /// Named coordinators in ~/.config/kiln/config.toml: list, use, set.
+    #[command(subcommand)]
+    Context(ContextCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum ContextCommand {
+    /// List the contexts; `*` marks the current one.
+    Ls,
+    /// Make NAME the current context.
+    Use { name: String },
+    /// Save the connection flags given with this command (--coordinator,
+    /// --token-file, --ca-file) as context NAME; the first context saved
+    /// becomes the current one.
+    Set { name: String },
 }
 
 #[derive(Debug, Args)]

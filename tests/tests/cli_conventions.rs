@@ -105,3 +105,106 @@ fn kiln_output_json_in_the_environment_means_json() -> Result<()> {
     );
     Ok(())
 }
+
+/// `kiln ARGS` with only `config` for settings: none of the variables that
+/// name a coordinator, token or context.
+fn kiln_with_config(config: &std::path::Path, args: &[&str]) -> Result<std::process::Output> {
+    Ok(Command::new(binary("kiln"))
+        .args(args)
+        .env("KILN_CONFIG", config)
+        .env_remove("KILN_COORDINATOR")
+        .env_remove("KILN_TOKEN")
+        .env_remove("KILN_TOKEN_FILE")
+        .env_remove("KILN_CA_FILE")
+        .env_remove("KILN_CONTEXT")
+        .env_remove("KILN_OUTPUT")
+        .stdin(Stdio::null())
+        .output()?)
+}
+
+#[test]
+fn contexts_name_coordinators_and_never_lend_a_token_to_another() -> Result<()> {
+    let data = tempfile::tempdir()?;
+    let coordinator = Coordinator::start(data.path(), &CoordinatorOptions::default())?;
+    let url = coordinator.url();
+    let dir = tempfile::tempdir()?;
+    let config = dir.path().join("kiln").join("config.toml");
+    let token_file = dir.path().join("farm.token");
+    std::fs::write(&token_file, &coordinator.admin_token)?;
+    let token_path = token_file.display().to_string();
+
+    // Saved from the flags given; the first context becomes the current one.
+    let set = kiln_with_config(
+        &config,
+        &[
+            "context",
+            "set",
+            "farm",
+            "--coordinator",
+            &url,
+            "--token-file",
+            &token_path,
+        ],
+    )?;
+    ensure!(set.status.success(), "{set:?}");
+    let agents = kiln_with_config(&config, &["agents"])?;
+    ensure!(
+        agents.status.success(),
+        "the current context was not used: {agents:?}"
+    );
+
+    // A second context at a port nobody listens on, made current.
+    let set = kiln_with_config(
+        &config,
+        &[
+            "context",
+            "set",
+            "nowhere",
+            "--coordinator",
+            "http://127.0.0.1:9",
+        ],
+    )?;
+    ensure!(set.status.success(), "{set:?}");
+    let used = kiln_with_config(&config, &["context", "use", "nowhere"])?;
+    ensure!(used.status.success(), "{used:?}");
+    let listed = String::from_utf8(kiln_with_config(&config, &["context", "ls"])?.stdout)?;
+    ensure!(
+        listed
+            .lines()
+            .any(|l| l.starts_with('*') && l.contains("nowhere")),
+        "{listed}"
+    );
+    let unreachable = kiln_with_config(&config, &["agents"])?;
+    ensure!(unreachable.status.code() == Some(3), "{unreachable:?}");
+    // --context picks one for a single command.
+    let picked = kiln_with_config(&config, &["--context", "farm", "agents"])?;
+    ensure!(picked.status.success(), "{picked:?}");
+    // An unknown context is an input error naming the known ones.
+    let unknown = kiln_with_config(&config, &["--context", "prod", "agents"])?;
+    ensure!(unknown.status.code() == Some(2), "{unknown:?}");
+    ensure!(
+        String::from_utf8_lossy(&unknown.stderr).contains("it has: farm, nowhere"),
+        "{unknown:?}"
+    );
+
+    // With the coordinator named on the command line the current context
+    // is off: the farm context's token is not sent along.
+    let used = kiln_with_config(&config, &["context", "use", "farm"])?;
+    ensure!(used.status.success(), "{used:?}");
+    let elsewhere = kiln_with_config(&config, &["--coordinator", &url, "agents"])?;
+    ensure!(
+        elsewhere.status.code() == Some(2),
+        "a token went along without a context: {elsewhere:?}"
+    );
+    // The file keeps what a person wrote in it.
+    let mut text = std::fs::read_to_string(&config)?;
+    text.insert_str(0, "# my farms\n");
+    std::fs::write(&config, text)?;
+    let used = kiln_with_config(&config, &["context", "use", "nowhere"])?;
+    ensure!(used.status.success(), "{used:?}");
+    ensure!(
+        std::fs::read_to_string(&config)?.starts_with("# my farms\n"),
+        "the comment was lost"
+    );
+    Ok(())
+}

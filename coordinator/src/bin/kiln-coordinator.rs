@@ -29,11 +29,22 @@ struct Flags {
     /// How often agents heartbeat.
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
     heartbeat: Duration,
-    /// Largest single artifact (or source snapshot) accepted, in bytes.
-    #[arg(long, default_value_t = kiln_coordinator::ArtifactPolicy::default().max_blob_bytes)]
+    /// Largest single artifact (or source snapshot) accepted: bytes, or a
+    /// size such as 512MiB or 2GiB.
+    #[arg(
+        long,
+        value_name = "SIZE",
+        default_value_t = kiln_coordinator::ArtifactPolicy::default().max_blob_bytes,
+        value_parser = kiln_common::size::parse
+    )]
     max_artifact_bytes: u64,
-    /// Total bytes of artifacts one run may store.
-    #[arg(long, default_value_t = kiln_coordinator::ArtifactPolicy::default().max_run_bytes)]
+    /// Total size of the artifacts one run may store (e.g. 20GiB).
+    #[arg(
+        long,
+        value_name = "SIZE",
+        default_value_t = kiln_coordinator::ArtifactPolicy::default().max_run_bytes,
+        value_parser = kiln_common::size::parse
+    )]
     max_run_artifact_bytes: u64,
     /// `kiln gc` keeps the outputs of runs finished within this many days.
     #[arg(long, default_value_t = kiln_coordinator::ArtifactPolicy::default().keep_days)]
@@ -279,6 +290,25 @@ mod tests {
         let no_unit = parse(&["--lease-ttl=30"]).err().unwrap().to_string();
         assert!(no_unit.contains("needs a unit"), "{no_unit}");
         assert!(parse(&["--heartbeat=0s"]).is_err());
+    }
+
+    #[test]
+    fn size_flags_take_sizes_with_units() {
+        let parse = |args: &[&str]| Flags::try_parse_from(["kiln-coordinator"].iter().chain(args));
+        let flags = parse(&["--max-artifact-bytes=512MiB", "--max-run-artifact-bytes=2G"]).unwrap();
+        assert_eq!(flags.max_artifact_bytes, 512 << 20);
+        assert_eq!(flags.max_run_artifact_bytes, 2_000_000_000);
+        assert_eq!(
+            parse(&["--max-artifact-bytes=1048576"])
+                .unwrap()
+                .max_artifact_bytes,
+            1 << 20
+        );
+        let bad = parse(&["--max-artifact-bytes=1.5GiB"])
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(bad.contains("512MiB"), "{bad}");
     }
 
     #[test]

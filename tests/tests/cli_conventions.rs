@@ -94,6 +94,21 @@ fn kiln_output_json_in_the_environment_means_json() -> Result<()> {
     let value: serde_json::Value = serde_json::from_slice(&output.stdout)
         .with_context(|| format!("not JSON: {}", String::from_utf8_lossy(&output.stdout)))?;
     ensure!(value.is_object(), "{value}");
+    // Times come as RFC 3339 beside the epoch milliseconds.
+    let output = kiln_command(&url, &["token", "list"])
+        .env("KILN_OUTPUT", "json")
+        .output()?;
+    ensure!(output.status.success(), "{output:?}");
+    let tokens: serde_json::Value = serde_json::from_slice(&output.stdout)?;
+    let admin = &tokens[0];
+    let created_ms = admin["created_ms"].as_i64().context("no created_ms")?;
+    let created_at = admin["created_at"].as_str().context("no created_at")?;
+    let parsed = created_at
+        .strip_suffix('Z')
+        .filter(|text| text.len() >= "2026-01-01T00:00:00".len() && text.as_bytes()[10] == b'T')
+        .with_context(|| format!("not RFC 3339 UTC: {created_at}"))?;
+    ensure!(!parsed.is_empty() && created_ms > 0, "{admin}");
+    ensure!(admin["revoked_at"].is_null(), "{admin}");
     // The flag wins over the environment.
     let output = kiln_command(&url, &["whoami", "--output", "table"])
         .env("KILN_OUTPUT", "json")

@@ -156,10 +156,17 @@ async fn dial(
         .await
         .map_err(|err| connect_error(error_chain(&err)))?;
     let mut client = AgentServiceClient::new(channel);
+    let refused_or_unreachable = |status: tonic::Status| match status.code() {
+        tonic::Code::Unauthenticated | tonic::Code::PermissionDenied => Error::TokenRefused {
+            address: address.clone(),
+            detail: describe_status(&status),
+        },
+        _ => connect_error(describe_status(&status)),
+    };
     let response = client
         .connect(UnboundedReceiverStream::new(outbound_rx))
         .await
-        .map_err(|status| connect_error(describe_status(&status)))?;
+        .map_err(refused_or_unreachable)?;
     let mut inbound = response.into_inner();
     let welcome = match inbound.message().await {
         Ok(Some(CoordinatorMessage {
@@ -171,7 +178,7 @@ async fn dial(
             )));
         }
         Ok(None) => return Err(connect_error("the stream ended before Welcome".into())),
-        Err(status) => return Err(connect_error(describe_status(&status))),
+        Err(status) => return Err(refused_or_unreachable(status)),
     };
     let mut heartbeat = tokio::time::interval(heartbeat_interval(&welcome));
     heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);

@@ -19,6 +19,14 @@ pub enum Error {
         "cannot reach the coordinator at {address}: {detail}; check that it runs and the address is right"
     )]
     Connect { address: String, detail: String },
+    /// The coordinator answered and refused the agent's token (revoked, or
+    /// made by a coordinator whose data directory is gone); retried like
+    /// `Connect`, since an operator may create the token meanwhile.
+    #[error(
+        "token refused by the coordinator at {address}: {detail}; give the agent a valid agent \
+         token (`kiln token create NAME --role agent`, then KILN_AGENT_TOKEN or --token-file)"
+    )]
+    TokenRefused { address: String, detail: String },
     /// The coordinator answered, but not as `kiln.v1` says it must.
     #[error(
         "the coordinator broke the protocol: {0}; check that agent and coordinator versions match"

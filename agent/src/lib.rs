@@ -27,7 +27,8 @@
 //! - `logs`: how output becomes masked lines of bounded length and reaches
 //!   the supervisor.
 //! - `attempt`: what names an attempt (`AttemptKey`) and what its end says
-//!   (`Report`); `config`, `error`, `timer`: plain leaves.
+//!   (`Report`); `config`, `error`, `timer`: plain leaves; [`Metrics`]: what
+//!   `--metrics ADDR` serves, updated by the supervisor and stage tasks.
 //! - [`transfer`]: blob upload (dedup) and resumable, verified download,
 //!   shared with the CLI.
 //!
@@ -53,7 +54,7 @@
 //!                       logs
 //!                         │
 //!                         ▼
-//!      attempt, config, error, timer: leaves, importing nothing of the crate
+//!  attempt, config, error, metrics, timer: leaves, importing nothing of the crate
 //! ```
 //!
 //! Every layer may also import the leaves. An executor imports the contract,
@@ -92,6 +93,7 @@ mod connection;
 mod error;
 mod executor;
 mod logs;
+mod metrics;
 mod outbox;
 mod resources;
 mod stage;
@@ -103,6 +105,7 @@ mod workspace;
 
 pub use config::{AllowedMount, Config, DockerConfig, ExecutorKind};
 pub use error::Error;
+pub use metrics::Metrics;
 pub use resources::{detect_gpus, parse_gpus};
 
 /// Runs the agent until `shutdown` completes and its stages are finished or
@@ -114,6 +117,17 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    supervisor::run(config, shutdown).await?;
+    let metrics = Metrics::new(config.executor.label());
+    run_with_metrics(config, metrics, shutdown).await
+}
+
+/// [`run`], keeping `metrics` up to date (the binary serves them with
+/// `--metrics ADDR`).
+pub async fn run_with_metrics(
+    config: Config,
+    metrics: Metrics,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    supervisor::run(config, metrics, shutdown).await?;
     Ok(())
 }

@@ -21,6 +21,7 @@ use crate::executor::contract::{
     Ended, Executor, Exit, Job, Stop, StopSignal, out_of_memory_message,
 };
 use crate::logs::LogSink;
+use crate::metrics::Metrics;
 use crate::transfer;
 use crate::workspace::Workspaces;
 
@@ -113,6 +114,8 @@ pub(crate) struct StageRunner {
     executor: Arc<dyn Executor>,
     /// The coordinator's blob store: inputs, outputs, source snapshots.
     artifacts: ArtifactServiceClient<KilnChannel>,
+    /// Start latencies and output bytes, for `--metrics`.
+    metrics: Metrics,
 }
 
 /// What one restored input may unpack to; the coordinator's limits bound
@@ -127,11 +130,13 @@ impl StageRunner {
         workspaces: Workspaces,
         executor: Arc<dyn Executor>,
         artifacts: ArtifactServiceClient<KilnChannel>,
+        metrics: Metrics,
     ) -> Self {
         StageRunner {
             workspaces,
             executor,
             artifacts,
+            metrics,
         }
     }
 
@@ -213,6 +218,10 @@ impl StageRunner {
                         started_at,
                     };
                     times.log(key);
+                    self.metrics.stage_started(
+                        started_at.saturating_duration_since(received),
+                        started_at.saturating_duration_since(inputs_ready),
+                    );
                 }
                 ended_report(ended)
             }
@@ -317,6 +326,7 @@ impl StageRunner {
             .await;
             match uploaded {
                 Ok((digest, size, summary)) => {
+                    self.metrics.output_stored(size);
                     log.system(format!(
                         "stored artifact {path}: {} files, {size} bytes packed, {digest}",
                         summary.files
@@ -481,7 +491,12 @@ mod tests {
         )
         .unwrap()
         .connect_lazy();
-        StageRunner::new(workspaces, executor, ArtifactServiceClient::new(channel))
+        StageRunner::new(
+            workspaces,
+            executor,
+            ArtifactServiceClient::new(channel),
+            Metrics::new("process"),
+        )
     }
 
     #[tokio::test]

@@ -32,6 +32,7 @@ use crate::connection::{self, Backoff, Link, LinkEvent, Session};
 use crate::error::Error;
 use crate::executor::{self, KILL_GRACE};
 use crate::logs::{LogSink, StageEvent};
+use crate::metrics::Metrics;
 use crate::stage::StageRunner;
 use crate::stages::StageTable;
 use crate::timer::sleep_until_some;
@@ -57,6 +58,7 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// Checks `config`, sets up the work dir and runs the loop until shutdown.
 pub(crate) async fn run(
     mut config: Config,
+    metrics: Metrics,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
     advertise_executor(&mut config)?;
@@ -79,7 +81,12 @@ pub(crate) async fn run(
     // never delays heartbeats and acks on the control stream.
     let artifacts =
         ArtifactServiceClient::new(endpoint.connect_lazy()).max_decoding_message_size(8 << 20);
-    let runner = StageRunner::new(workspaces, executor::build(&config).await?, artifacts);
+    let runner = StageRunner::new(
+        workspaces,
+        executor::build(&config).await?,
+        artifacts,
+        metrics.clone(),
+    );
     info!(
         name = %config.name,
         coordinator = %config.coordinator,
@@ -88,7 +95,7 @@ pub(crate) async fn run(
         work_dir = %config.work_dir.display(),
         "agent starting"
     );
-    Supervisor::new(config, endpoint, runner)
+    Supervisor::new(config, endpoint, runner, metrics)
         .run(shutdown)
         .await;
     info!("agent stopped");
@@ -166,10 +173,17 @@ struct Supervisor {
     /// When buffered lines must go out; `None` when nothing waits.
     flush_at: Option<Instant>,
     phase: Phase,
+    /// Slots, running stages and the link, refreshed after every event.
+    metrics: Metrics,
 }
 
 impl Supervisor {
-    fn new(config: Config, endpoint: CoordinatorEndpoint, runner: StageRunner) -> Self {
+    fn new(
+        config: Config,
+        endpoint: CoordinatorEndpoint,
+        runner: StageRunner,
+        metrics: Metrics,
+    ) -> Self {
         let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE);
         Supervisor {
             config,
@@ -188,6 +202,7 @@ impl Supervisor {
             next_task_id: 0,
             flush_at: None,
             phase: Phase::Serving,
+            metrics,
         }
     }
 
@@ -196,6 +211,11 @@ impl Supervisor {
         let mut shutdown_requested = false;
         loop {
             self.advance_phase();
+            self.metrics.set_state(
+                self.config.capacity,
+                self.stages.running(),
+                self.link.session().is_some(),
+            );
             if self.phase == Phase::Done {
                 break;
             }
@@ -247,7 +267,11 @@ impl Supervisor {
             LinkEvent::Opened(Err(err)) => {
                 let delay = self.backoff.next_delay();
                 let failures = self.backoff.failures();
-                warn!(%err, failures, retry_in = ?delay, "cannot connect to the coordinator");
+                if matches!(err, Error::TokenRefused { .. }) {
+                    warn!(%err, failures, retry_in = ?delay, "the coordinator refused this agent's token");
+                } else {
+                    warn!(%err, failures, retry_in = ?delay, "cannot connect to the coordinator");
+                }
                 self.link = Link::Down {
                     retry_at: Instant::now() + delay,
                 };

@@ -31,9 +31,15 @@ pub(crate) struct Cli {
     pub(crate) command: Command,
 }
 
-/// Flags every command accepts.
+/// Flags every command accepts; `--help` lists them under their own
+/// heading, apart from a command's own.
 #[derive(Debug, Args)]
+#[command(next_help_heading = "Global options")]
 pub(crate) struct GlobalArgs {
+    /// The context (from ~/.config/kiln/config.toml) to use instead of the
+    /// current one; see `kiln context`.
+    #[arg(long, global = true, env = "KILN_CONTEXT", value_name = "NAME")]
+    pub(crate) context: Option<String>,
     /// gRPC address of the coordinator.
     #[arg(
         long,
@@ -67,7 +73,13 @@ pub(crate) struct GlobalArgs {
     #[arg(long, global = true, env = "KILN_TOKEN_FILE", value_name = "FILE")]
     pub(crate) token_file: Option<PathBuf>,
     /// How results are printed.
-    #[arg(long, global = true, value_enum, default_value_t = OutputFormat::Table)]
+    #[arg(
+        long,
+        global = true,
+        env = "KILN_OUTPUT",
+        value_enum,
+        default_value_t = OutputFormat::Table
+    )]
     pub(crate) output: OutputFormat,
     /// How long `logs -f` and `run --wait` keep reconnecting to a
     /// coordinator that went away before giving up (exit code 3).
@@ -145,6 +157,40 @@ pub(crate) enum Command {
     Lineage(LineageArgs),
     /// Start an embedded coordinator and two agents, and run an example pipeline.
     Demo(DemoArgs),
+    /// Print a shell completion script, e.g. `source <(kiln completion bash)`.
+    Completion(CompletionArgs),
+    /// Write man pages for kiln and every subcommand (kiln.1, kiln-run.1, ...).
+    Man(ManArgs),
+    /// Named coordinators in ~/.config/kiln/config.toml: list, use, set.
+    #[command(subcommand)]
+    Context(ContextCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum ContextCommand {
+    /// List the contexts; `*` marks the current one.
+    Ls,
+    /// Make NAME the current context.
+    Use { name: String },
+    /// Save the connection flags given with this command (--coordinator,
+    /// --token-file, --ca-file) as context NAME; the first context saved
+    /// becomes the current one.
+    Set { name: String },
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct CompletionArgs {
+    /// The shell to complete in.
+    #[arg(value_enum)]
+    pub(crate) shell: clap_complete::Shell,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct ManArgs {
+    /// Directory to write the pages to (created if missing), e.g.
+    /// /usr/local/share/man/man1.
+    #[arg(long, default_value = ".", value_name = "DIR")]
+    pub(crate) dir: PathBuf,
 }
 
 #[derive(Debug, Subcommand)]

@@ -10,6 +10,9 @@
 //! - [`view`]: what is shown, built from the proto messages; the JSON shape.
 //! - [`output`]: tables and JSON; [`timefmt`]: times and durations.
 //! - [`git`]: where a pipeline directory lives in git.
+//! - [`completion`]: shell completion scripts and man pages, from [`args`].
+//! - [`context`]: named coordinators in `~/.config/kiln/config.toml`,
+//!   filling in what flags and environment leave unset.
 //! - [`error`]: failures and their exit codes.
 //!
 //! This file only parses flags, connects, dispatches, and turns the result
@@ -18,6 +21,8 @@
 mod args;
 mod client;
 mod commands;
+mod completion;
+mod context;
 mod demo;
 mod demo_ml;
 mod error;
@@ -29,7 +34,7 @@ mod view;
 
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches};
 
 use kiln_common::channel::{ChannelError, ClientOptions, Token};
 
@@ -43,8 +48,12 @@ use crate::error::{CliError, Outcome};
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let cli = Cli::parse();
-    let code = match dispatch(cli).await {
+    let matches = Cli::command().get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(error) => error.exit(),
+    };
+    let code = match dispatch(cli, &matches).await {
         Ok(outcome) => outcome.exit_code(),
         Err(error) => {
             if error.should_print() {
@@ -56,7 +65,15 @@ async fn main() -> ExitCode {
     ExitCode::from(code)
 }
 
-async fn dispatch(cli: Cli) -> Result<Outcome, CliError> {
+async fn dispatch(mut cli: Cli, matches: &clap::ArgMatches) -> Result<Outcome, CliError> {
+    // None of these needs a coordinator, a token or TLS files.
+    match &cli.command {
+        Command::Completion(args) => return completion::completion(args.shell),
+        Command::Man(args) => return completion::man_pages(&args.dir),
+        Command::Context(command) => return context::run(command, &cli.global, matches),
+        _ => {}
+    }
+    context::apply(&mut cli.global, matches)?;
     let format = cli.global.output;
     let url = &cli.global.coordinator;
     let options = client_options(&cli.global)?;
@@ -151,6 +168,9 @@ async fn remote(
         Command::Audit(args) => security::audit(c, format, args.limit).await,
         Command::Whoami => security::whoami(c, format).await,
         Command::Demo(_)
+        | Command::Completion(_)
+        | Command::Man(_)
+        | Command::Context(_)
         | Command::Verify(_)
         | Command::Pipeline(PipelineCommand::Register { .. }) => {
             unreachable!("dispatch handles the commands that do more than call the coordinator")

@@ -34,19 +34,60 @@ pub(crate) fn progress(format: OutputFormat, text: &str) -> Result<(), CliError>
 
 /// Pretty JSON for one value (an object or an array), then a newline.
 pub(crate) fn json(value: &impl Serialize) -> Result<(), CliError> {
+    let value = with_rfc3339(serde_json::to_value(value).map_err(io::Error::from)?);
     let mut out = io::stdout().lock();
-    serde_json::to_writer_pretty(&mut out, value).map_err(io::Error::from)?;
+    serde_json::to_writer_pretty(&mut out, &value).map_err(io::Error::from)?;
     writeln!(out)?;
     Ok(())
 }
 
 /// Compact JSON on one line, for streams (`kiln logs --output json`).
 pub(crate) fn json_line(value: &impl Serialize) -> Result<(), CliError> {
+    let value = with_rfc3339(serde_json::to_value(value).map_err(io::Error::from)?);
     let mut out = io::stdout().lock();
-    serde_json::to_writer(&mut out, value).map_err(io::Error::from)?;
+    serde_json::to_writer(&mut out, &value).map_err(io::Error::from)?;
     writeln!(out)?;
     out.flush()?;
     Ok(())
+}
+
+/// The JSON keys holding a time as milliseconds since the Unix epoch, and
+/// the key of the same time in RFC 3339 that [`with_rfc3339`] adds beside.
+const TIME_KEYS: [(&str, &str); 8] = [
+    ("at_ms", "at"),
+    ("created_ms", "created_at"),
+    ("finished_ms", "finished_at"),
+    ("last_seen_ms", "last_seen_at"),
+    ("registered_ms", "registered_at"),
+    ("revoked_ms", "revoked_at"),
+    ("started_ms", "started_at"),
+    ("updated_ms", "updated_at"),
+];
+
+/// `value` with an RFC 3339 UTC string (or `null`) beside every time in
+/// milliseconds, at any depth: `created_ms: 1709251199000` gains
+/// `created_at: "2024-02-29T23:59:59Z"`. The milliseconds stay, so scripts
+/// that read them keep working. Keys come out sorted.
+fn with_rfc3339(value: serde_json::Value) -> serde_json::Value {
+    use serde_json::Value;
+    match value {
+        Value::Array(items) => Value::Array(items.into_iter().map(with_rfc3339).collect()),
+        Value::Object(map) => {
+            let mut out = serde_json::Map::new();
+            for (key, item) in map {
+                if let Some((_, rfc_key)) = TIME_KEYS.iter().find(|(ms_key, _)| *ms_key == key) {
+                    let text = item
+                        .as_u64()
+                        .and_then(timefmt::rfc3339)
+                        .map_or(Value::Null, Value::String);
+                    out.insert((*rfc_key).to_owned(), text);
+                }
+                out.insert(key, with_rfc3339(item));
+            }
+            Value::Object(out)
+        }
+        other => other,
+    }
 }
 
 /// True when stdout is a terminal that wants colour (`NO_COLOR` unset), so
@@ -315,6 +356,24 @@ pub(crate) fn number(value: f64) -> String {
 mod tests {
     use super::*;
     use crate::view::{StageState, StageView};
+
+    #[test]
+    fn times_in_milliseconds_gain_rfc3339_siblings_at_any_depth() {
+        let value = serde_json::json!({
+            "id": 7,
+            "created_ms": 1_709_251_199_000u64,
+            "finished_ms": null,
+            "timeout_ms": 5000,
+            "stages": [{"started_ms": 951_912_000_250u64}],
+        });
+        let out = with_rfc3339(value);
+        assert_eq!(out["created_at"], "2024-02-29T23:59:59Z");
+        assert_eq!(out["created_ms"], 1_709_251_199_000u64);
+        assert!(out["finished_at"].is_null());
+        assert_eq!(out["stages"][0]["started_at"], "2000-03-01T12:00:00.25Z");
+        // Only the listed time keys: a duration stays as it is.
+        assert!(out.get("timeout_at").is_none(), "{out}");
+    }
 
     #[test]
     fn tables_align_columns_and_do_not_pad_the_last() {

@@ -59,8 +59,7 @@ pub(crate) fn elapsed(start_ms: u64, end_ms: u64, now_ms: u64) -> String {
 
 /// `HH:MM:SS`, local time: the prefix of progress lines.
 pub(crate) fn clock(at_ms: u64) -> String {
-    let t = local(at_ms);
-    format!("{:02}:{:02}:{:02}", t.hour, t.minute, t.second)
+    local(at_ms).strftime("%H:%M:%S").to_string()
 }
 
 /// `YYYY-MM-DD HH:MM:SS`, local time; `-` for 0.
@@ -68,75 +67,25 @@ pub(crate) fn datetime(at_ms: u64) -> String {
     if at_ms == 0 {
         return "-".to_owned();
     }
-    let t = local(at_ms);
-    format!(
-        "{:04}-{:02}-{:02} {:02}:{:02}:{:02}",
-        t.year, t.month, t.day, t.hour, t.minute, t.second
-    )
+    local(at_ms).strftime("%Y-%m-%d %H:%M:%S").to_string()
 }
 
-/// A calendar date and wall-clock time.
-#[derive(Debug, PartialEq, Eq)]
-struct Civil {
-    year: i64,
-    month: u32,
-    day: u32,
-    hour: u32,
-    minute: u32,
-    second: u32,
+/// RFC 3339 in UTC (`2024-02-29T23:59:59.25Z`); `None` for 0 ("not yet").
+pub(crate) fn rfc3339(at_ms: u64) -> Option<String> {
+    (at_ms != 0).then(|| timestamp(at_ms).to_string())
 }
 
-/// Local time through the C library, because it alone knows the time zone
-/// rules (`TZ`, `/etc/localtime`); UTC if it cannot tell.
-fn local(at_ms: u64) -> Civil {
-    let Ok(secs) = libc::time_t::try_from(at_ms / 1000) else {
-        return utc(at_ms);
-    };
-    // SAFETY: `tm` is plain old data (all-zero is valid, the zone pointer
-    // null); `localtime_r` is the re-entrant variant and writes only into
-    // the `tm` we pass, reading `secs` through a pointer to a live local.
-    let mut tm: libc::tm = unsafe { std::mem::zeroed() };
-    let converted = unsafe { !libc::localtime_r(&secs, &mut tm).is_null() };
-    if !converted {
-        return utc(at_ms);
-    }
-    let field = |v: libc::c_int| u32::try_from(v).unwrap_or(0);
-    Civil {
-        year: i64::from(tm.tm_year) + 1900,
-        month: field(tm.tm_mon) + 1,
-        day: field(tm.tm_mday),
-        hour: field(tm.tm_hour),
-        minute: field(tm.tm_min),
-        second: field(tm.tm_sec),
-    }
+fn timestamp(at_ms: u64) -> jiff::Timestamp {
+    i64::try_from(at_ms)
+        .ok()
+        .and_then(|ms| jiff::Timestamp::from_millisecond(ms).ok())
+        .unwrap_or(jiff::Timestamp::MAX)
 }
 
-/// UTC from epoch milliseconds (Howard Hinnant's days-to-civil algorithm).
-fn utc(at_ms: u64) -> Civil {
-    let secs = at_ms / 1000;
-    let days = i64::try_from(secs / 86400).unwrap_or(0);
-    let time_of_day = secs % 86400;
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let day_of_era = z.rem_euclid(146_097);
-    let year_of_era =
-        (day_of_era - day_of_era / 1460 + day_of_era / 36524 - day_of_era / 146_096) / 365;
-    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
-    let mp = (5 * day_of_year + 2) / 153;
-    let day = day_of_year - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = year_of_era + era * 400 + i64::from(month <= 2);
-    // Each value below is bounded (day <= 31, month <= 12, seconds of a day).
-    let small = |v: i64| u32::try_from(v).unwrap_or(0);
-    let small_u = |v: u64| u32::try_from(v).unwrap_or(0);
-    Civil {
-        year,
-        month: small(month),
-        day: small(day),
-        hour: small_u(time_of_day / 3600),
-        minute: small_u(time_of_day % 3600 / 60),
-        second: small_u(time_of_day % 60),
-    }
+/// `at_ms` in this machine's time zone (`TZ`, else `/etc/localtime`; UTC
+/// when neither says), through jiff and the system's zone database.
+fn local(at_ms: u64) -> jiff::ZonedDateTime {
+    timestamp(at_ms).to_zoned_datetime(jiff::tz::TimeZone::system())
 }
 
 #[cfg(test)]
@@ -183,20 +132,17 @@ mod tests {
     }
 
     #[test]
-    fn utc_calendar_is_right_across_leap_days() {
-        let civil = |y, mo, d, h, mi, s| Civil {
-            year: y,
-            month: mo,
-            day: d,
-            hour: h,
-            minute: mi,
-            second: s,
-        };
-        assert_eq!(utc(0), civil(1970, 1, 1, 0, 0, 0));
-        // 2024-02-29T23:59:59Z
-        assert_eq!(utc(1_709_251_199_000), civil(2024, 2, 29, 23, 59, 59));
-        // 2000-03-01T12:00:00Z
-        assert_eq!(utc(951_912_000_000), civil(2000, 3, 1, 12, 0, 0));
+    fn rfc3339_is_utc_with_milliseconds() {
+        assert_eq!(rfc3339(0), None);
+        // A leap day.
+        assert_eq!(
+            rfc3339(1_709_251_199_000).as_deref(),
+            Some("2024-02-29T23:59:59Z")
+        );
+        assert_eq!(
+            rfc3339(951_912_000_250).as_deref(),
+            Some("2000-03-01T12:00:00.25Z")
+        );
     }
 
     #[test]

@@ -35,6 +35,7 @@ pub mod logging;
 pub mod loglines;
 pub mod masking;
 pub mod provenance;
+pub mod size;
 pub mod spec;
 pub mod tls;
 pub mod triggers;

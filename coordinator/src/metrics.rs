@@ -12,8 +12,8 @@
 use std::time::Duration;
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 use kiln_common::ids::EnvKey;
@@ -132,6 +132,28 @@ impl Default for Metrics {
         .expect("valid counter");
         registry
             .register(Box::new(alerts_dropped.clone()))
+            .expect("unique metric name");
+        let build_info = IntGaugeVec::new(
+            Opts::new(
+                "kiln_build_info",
+                "Always 1; the labels say which Kiln program and version this is.",
+            ),
+            &["component", "version"],
+        )
+        .expect("valid gauge");
+        build_info
+            .with_label_values(&["coordinator", env!("CARGO_PKG_VERSION")])
+            .set(1);
+        registry
+            .register(Box::new(build_info))
+            .expect("unique metric name");
+        // The process's CPU, memory, file descriptors and start time
+        // (`process_*`), read from /proc at each scrape.
+        #[cfg(target_os = "linux")]
+        registry
+            .register(Box::new(
+                prometheus::process_collector::ProcessCollector::for_self(),
+            ))
             .expect("unique metric name");
 
         // Fixed label sets start at 0, so the series exist (and `rate()` has
@@ -325,6 +347,15 @@ mod tests {
         ] {
             assert_eq!(sample(&text, series), Some(value), "{series} in\n{text}");
         }
+        let build_info = format!(
+            "kiln_build_info{{component=\"coordinator\",version=\"{}\"}}",
+            env!("CARGO_PKG_VERSION")
+        );
+        assert_eq!(sample(&text, &build_info), Some(1.0), "{text}");
+        assert!(
+            sample(&text, "process_resident_memory_bytes").is_some_and(|bytes| bytes > 0.0),
+            "{text}"
+        );
     }
 
     #[test]

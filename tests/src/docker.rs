@@ -3,8 +3,8 @@
 //! without a registry, and a farm of one coordinator and one docker agent.
 //!
 //! The engine is reached through its API (bollard), like the agent does;
-//! `DOCKER_HOST` is honoured. With `KILN_REQUIRE_DOCKER=1` (CI sets it) an
-//! unusable engine is an error, never a skip.
+//! `DOCKER_HOST` is honoured. An unusable engine fails the test (see
+//! [`crate::skip`] for the one opt-out).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -29,14 +29,9 @@ const BUSYBOX: &str = "/bin/busybox";
 /// One build at a time per test process; the engine copes with the rest.
 static IMAGE_BUILD: Mutex<()> = Mutex::const_new(());
 
-/// Whether an unusable engine must fail the test (`KILN_REQUIRE_DOCKER=1`).
-pub fn docker_required() -> bool {
-    std::env::var("KILN_REQUIRE_DOCKER").is_ok_and(|value| value == "1")
-}
-
-/// The engine with the test image on it, or `None` after printing why the
-/// test `test` skips. With `KILN_REQUIRE_DOCKER=1` every reason to skip is
-/// an error instead.
+/// The engine with the test image on it; an error saying what to install
+/// when it is unusable, or `None` after printing why the test `test` skips
+/// where skipping is allowed ([`crate::skip`]).
 pub async fn engine(test: &str) -> Result<Option<Docker>> {
     let ready = async {
         let docker = connect().await?;
@@ -45,17 +40,8 @@ pub async fn engine(test: &str) -> Result<Option<Docker>> {
     };
     match ready.await {
         Ok(docker) => Ok(Some(docker)),
-        Err(err) if docker_required() => {
-            Err(err.context("KILN_REQUIRE_DOCKER=1, so a usable docker engine is required"))
-        }
         Err(err) => {
-            // Straight to the file descriptor: the test harness captures
-            // `eprintln!`, and a skip must be seen.
-            use std::io::Write;
-            let _ = writeln!(
-                std::io::stderr(),
-                "SKIPPED {test}: {err:#} (set KILN_REQUIRE_DOCKER=1 to make this a failure)"
-            );
+            crate::skip::missing(test, &format!("no usable docker engine: {err:#}"))?;
             Ok(None)
         }
     }

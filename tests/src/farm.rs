@@ -33,7 +33,7 @@ use kiln_common::channel::KilnChannel;
 use kiln_proto::v1 as pb;
 use pb::control_service_client::ControlServiceClient;
 
-use crate::docker::{docker_required, engine};
+use crate::docker::engine;
 use crate::{binary, eventually};
 
 /// Built by `deploy/build-images.sh` from the test's own binaries.
@@ -109,19 +109,14 @@ pub struct Farm {
 
 impl Farm {
     /// Builds the images as needed and starts the farm; `None` when the test
-    /// `test` skips (no engine, or no base image and no root to build it),
-    /// after printing why. With `KILN_REQUIRE_DOCKER=1` those are errors.
+    /// `test` may skip (no engine, or no base image and no root to build it)
+    /// and does, after printing why; see [`crate::skip`].
     pub async fn start(test: &str, options: &FarmOptions<'_>) -> Result<Option<Self>> {
         let Some(docker) = engine(test).await? else {
             return Ok(None);
         };
         if let Err(reason) = can_build_images(&docker).await {
-            if docker_required() {
-                bail!("{reason} (KILN_REQUIRE_DOCKER=1, so this is a failure)");
-            }
-            eprintln!(
-                "SKIPPED {test}: {reason} (set KILN_REQUIRE_DOCKER=1 to make this a failure)"
-            );
+            crate::skip::missing(test, &reason.to_string())?;
             return Ok(None);
         }
         build_service_images().await?;

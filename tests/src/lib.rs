@@ -23,6 +23,7 @@ pub mod delivery;
 pub mod docker;
 pub mod farm;
 pub mod prom;
+pub mod skip;
 
 /// Path of a workspace binary next to the running test executable.
 pub fn binary(name: &str) -> PathBuf {

@@ -4,8 +4,8 @@
 //! the coordinator's monitor, with the alert shown.
 //!
 //! Needs the Docker engine and the `kiln/python-ml:bookworm` image (which
-//! `.ci/run` builds; the demo builds it itself when missing, which this
-//! test does not wait for).
+//! `tests/setup.sh` builds; the demo builds it itself when missing, which
+//! this test does not wait for).
 
 use std::process::Command;
 
@@ -22,13 +22,10 @@ async fn the_demo_promotes_a_model_and_rolls_back_a_degraded_one() -> Result<()>
         .args(["image", "inspect", "kiln/python-ml:bookworm"])
         .output()?;
     if !image.status.success() {
-        anyhow::ensure!(
-            !kiln_tests::docker::docker_required(),
-            "kiln/python-ml:bookworm is missing; .ci/run builds it with deploy/images/python-ml/build.sh"
-        );
-        eprintln!(
-            "SKIPPED {TEST}: kiln/python-ml:bookworm is missing (deploy/images/python-ml/build.sh builds it)"
-        );
+        kiln_tests::skip::missing(
+            TEST,
+            "kiln/python-ml:bookworm is missing (deploy/images/python-ml/build.sh builds it)",
+        )?;
         return Ok(());
     }
     let data = tempfile::tempdir()?;

@@ -3,8 +3,8 @@
 //!
 //! Each test checks at its end that its agent left no container behind
 //! (containers labelled `kiln.agent=<its agent>`). Without a usable engine a
-//! test prints why and skips, unless `KILN_REQUIRE_DOCKER=1` makes that a
-//! failure (CI sets it).
+//! test fails saying what to install (`tests/setup.sh` does it); only
+//! `KILN_ALLOW_SKIP=1` makes that a printed skip.
 
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
@@ -507,6 +507,32 @@ stages:
     );
     let bridged = output(logs(&mut client, id, "bridged").await?);
     assert!(bridged.contains(&"eth0".to_owned()), "{bridged:?}");
+    // Before any output of the stage, the executor's first system line
+    // (after the checkout's) says what the stage runs in, so a stage that
+    // cannot resolve a host shows at once that it has no network.
+    let first_system = |entries: Vec<pb::LogEntry>| -> String {
+        let before_output: Vec<String> = entries
+            .into_iter()
+            .filter_map(|entry| entry.line)
+            .take_while(|line| line.stream == pb::LogStream::System as i32)
+            .map(|line| line.text)
+            .collect();
+        before_output
+            .iter()
+            .find(|text| text.starts_with("docker: "))
+            .cloned()
+            .unwrap_or_else(|| format!("no docker line before the output: {before_output:?}"))
+    };
+    let isolated = first_system(logs(&mut client, id, "isolated").await?);
+    assert!(
+        isolated.starts_with(&format!("docker: image {TEST_IMAGE} (sha256:"))
+            && isolated.contains("network: none (the default")
+            && isolated.contains("set `network: bridge`")
+            && isolated.contains("limits: memory 2 GiB"),
+        "{isolated}"
+    );
+    let bridged = first_system(logs(&mut client, id, "bridged").await?);
+    assert!(bridged.contains("; network: bridge; limits:"), "{bridged}");
     assert!(!shared.path().join("new").exists());
     farm.no_containers_left().await
 }

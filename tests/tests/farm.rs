@@ -5,9 +5,9 @@
 //! expires, the run must succeed, and no stage may complete twice, not even
 //! when the cut-off agent comes back with its late result.
 //!
-//! Needs a Docker engine (skips with a reason without one, fails with
-//! `KILN_REQUIRE_DOCKER=1`), `busybox-static` for the stage image, and
-//! kiln/base:bookworm or root to build it (see deploy/README.md).
+//! Needs a Docker engine, `busybox-static` for the stage image, and
+//! kiln/base:bookworm or root to build it (`tests/setup.sh` provides all
+//! three; without them the test fails, or skips with `KILN_ALLOW_SKIP=1`).
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};

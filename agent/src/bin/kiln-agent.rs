@@ -10,6 +10,8 @@ use anyhow::Context;
 use clap::{Parser, ValueEnum};
 use kiln_agent::{AllowedMount, Config, DockerConfig, ExecutorKind};
 use kiln_common::channel::{ClientOptions, Token};
+use kiln_common::logging::LogFormat;
+use sd_notify::NotifyState;
 use tokio::signal::unix::{SignalKind, signal};
 
 /// Runs the stages a Kiln coordinator assigns and streams their logs back.
@@ -96,6 +98,14 @@ struct Args {
     /// stages.
     #[arg(long, env = "KILN_AGENT_TOKEN_FILE", value_name = "FILE")]
     token_file: Option<PathBuf>,
+    /// How log lines on stderr look: text, or json (one object per line).
+    #[arg(long, env = "KILN_LOG_FORMAT", default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    /// Serve Prometheus metrics at http://ADDR/metrics (plain HTTP; slots,
+    /// running stages, start latencies, output bytes — no secrets). Port 0
+    /// picks a free one; the address is printed on stdout.
+    #[arg(long, env = "KILN_AGENT_METRICS", value_name = "ADDR")]
+    metrics: Option<String>,
 }
 
 /// The token's value comes from the environment only: a flag would show it
@@ -118,8 +128,9 @@ fn parse_labels(text: &str) -> Result<Labels, String> {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    kiln_common::logging::init("info");
-    match run(Args::parse()).await {
+    let args = Args::parse();
+    kiln_common::logging::init_with("info", args.log_format);
+    match run(args).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("error: {err}");
@@ -171,8 +182,66 @@ async fn run(args: Args) -> anyhow::Result<()> {
             _ = interrupt.recv() => "SIGINT",
         };
         tracing::info!(signal = name, "shutting down");
+        notify_systemd(&[NotifyState::Stopping]);
     };
-    kiln_agent::run(config, shutdown).await
+    let metrics = kiln_agent::Metrics::new(config.executor.label());
+    let metrics_server = match &args.metrics {
+        Some(addr) => Some(serve_metrics(addr, metrics.clone()).await?),
+        None => None,
+    };
+    // Under systemd (Type=notify): ready once the flags and token are
+    // good and the metrics listener is bound; the agent then connects,
+    // retrying with backoff until it can.
+    notify_systemd(&[NotifyState::Ready]);
+    let result = kiln_agent::run_with_metrics(config, metrics, shutdown).await;
+    if let Some(server) = metrics_server {
+        // Scrapes hold no state worth finishing.
+        server.abort();
+        let _ = server.await;
+    }
+    result
+}
+
+/// Binds `addr` and serves `GET /metrics` from `metrics` until aborted;
+/// prints the bound address on stdout (for port 0).
+async fn serve_metrics(
+    addr: &str,
+    metrics: kiln_agent::Metrics,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr} for --metrics"))?;
+    let bound = listener.local_addr()?;
+    println!("kiln-agent metrics http://{bound}/metrics");
+    tracing::info!(%bound, "serving /metrics");
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let metrics = metrics.clone();
+            async move {
+                (
+                    [(
+                        axum::http::header::CONTENT_TYPE,
+                        "text/plain; version=0.0.4; charset=utf-8",
+                    )],
+                    metrics.render(),
+                )
+            }
+        }),
+    );
+    Ok(tokio::spawn(async move {
+        if let Err(error) = axum::serve(listener, app).await {
+            tracing::warn!(%error, "the metrics listener stopped");
+        }
+    }))
+}
+
+/// Tells systemd about a state change when it asked to be told
+/// (`NOTIFY_SOCKET`); a failure to tell it is logged, never fatal.
+fn notify_systemd(states: &[NotifyState]) {
+    if let Err(error) = sd_notify::notify(states) {
+        tracing::warn!(%error, "cannot notify systemd (NOTIFY_SOCKET)");
+    }
 }
 
 #[cfg(test)]

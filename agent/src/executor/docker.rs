@@ -171,6 +171,8 @@ impl DockerExecutor {
             }
         };
 
+        log.system(config::describe(&job, &image.digest, &self.host))
+            .await;
         let name = config::container_name(&self.agent, &job);
         let body = config::container_body(&job, &image.id, script, &self.agent, &self.host);
         let limit_bytes = config::memory_limit(&job.docker);

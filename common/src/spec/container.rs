@@ -13,8 +13,7 @@ use super::{ContainerSettings, GpuRequest, NetworkMode, Position, Problem, PullP
 const MIN_MEMORY_BYTES: u64 = 6 * 1024 * 1024;
 /// Docker counts CPUs in hundredths.
 const MIN_CPUS: f64 = 0.01;
-const MEMORY_HINT: &str =
-    "write a whole number with a unit: 512Mi, 2Gi (powers of 1024) or 500M, 1G (powers of 1000)";
+const MEMORY_HINT: &str = "write a whole number with a unit: 512Mi or 512MiB, 2Gi (powers of 1024) or 500M, 1G (powers of 1000)";
 
 /// Container settings as written; `None` where a mapping leaves one out.
 #[derive(Clone, Default)]
@@ -209,26 +208,10 @@ fn choice<T: Copy>(value: Node<'_>, path: &Path<'_>, options: &[(&str, T)]) -> R
     ))
 }
 
-/// Bytes in `text`: digits, then optionally `Ki`, `Mi`, `Gi`, `Ti` (1024s) or
-/// `K`/`k`, `M`, `G`, `T` (1000s); `None` on anything else or overflow.
+/// Bytes in `text`, in Kiln's one size syntax ([`crate::size`]); `None`
+/// on anything else or overflow.
 fn parse_memory(text: &str) -> Option<u64> {
-    let n_digits = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let number: u64 = text[..n_digits].parse().ok()?;
-    let multiplier: u64 = match &text[n_digits..] {
-        "" => 1,
-        "Ki" => 1 << 10,
-        "Mi" => 1 << 20,
-        "Gi" => 1 << 30,
-        "Ti" => 1 << 40,
-        "K" | "k" => 1_000,
-        "M" => 1_000_000,
-        "G" => 1_000_000_000,
-        "T" => 1_000_000_000_000,
-        _ => return None,
-    };
-    number.checked_mul(multiplier)
+    crate::size::parse(text).ok()
 }
 
 #[cfg(test)]
@@ -242,16 +225,9 @@ mod tests {
         assert_eq!(parse_memory("1G"), Some(1_000_000_000));
         assert_eq!(parse_memory("64k"), Some(64_000));
         assert_eq!(parse_memory("1048576"), Some(1 << 20));
-        for bad in [
-            "",
-            "Gi",
-            "2GB",
-            "2gi",
-            "1.5Gi",
-            "-1",
-            "2 Gi",
-            "99999999999Ti",
-        ] {
+        assert_eq!(parse_memory("512MiB"), Some(512 << 20));
+        assert_eq!(parse_memory("2GB"), Some(2_000_000_000));
+        for bad in ["", "Gi", "2gi", "1.5Gi", "-1", "2 Gi", "99999999999Ti"] {
             assert_eq!(parse_memory(bad), None, "{bad}");
         }
     }

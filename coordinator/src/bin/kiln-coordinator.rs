@@ -6,6 +6,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
+use kiln_common::logging::LogFormat;
+use sd_notify::NotifyState;
 
 /// The Kiln coordinator: stores pipelines, runs and logs in sled and
 /// dispatches stages to agents.
@@ -27,11 +29,22 @@ struct Flags {
     /// How often agents heartbeat.
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
     heartbeat: Duration,
-    /// Largest single artifact (or source snapshot) accepted, in bytes.
-    #[arg(long, default_value_t = kiln_coordinator::ArtifactPolicy::default().max_blob_bytes)]
+    /// Largest single artifact (or source snapshot) accepted: bytes, or a
+    /// size such as 512MiB or 2GiB.
+    #[arg(
+        long,
+        value_name = "SIZE",
+        default_value_t = kiln_coordinator::ArtifactPolicy::default().max_blob_bytes,
+        value_parser = kiln_common::size::parse
+    )]
     max_artifact_bytes: u64,
-    /// Total bytes of artifacts one run may store.
-    #[arg(long, default_value_t = kiln_coordinator::ArtifactPolicy::default().max_run_bytes)]
+    /// Total size of the artifacts one run may store (e.g. 20GiB).
+    #[arg(
+        long,
+        value_name = "SIZE",
+        default_value_t = kiln_coordinator::ArtifactPolicy::default().max_run_bytes,
+        value_parser = kiln_common::size::parse
+    )]
     max_run_artifact_bytes: u64,
     /// `kiln gc` keeps the outputs of runs finished within this many days.
     #[arg(long, default_value_t = kiln_coordinator::ArtifactPolicy::default().keep_days)]
@@ -72,6 +85,9 @@ struct Flags {
     /// proxy, or on a private container network).
     #[arg(long, env = "KILN_INSECURE")]
     insecure: bool,
+    /// How log lines on stderr look: text, or json (one object per line).
+    #[arg(long, env = "KILN_LOG_FORMAT", default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
 }
 
 /// Exit code when the flags ask for something unsafe (as clap's usage errors).
@@ -92,8 +108,9 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    kiln_common::logging::init("info");
-    match serve(Flags::parse()).await {
+    let flags = Flags::parse();
+    kiln_common::logging::init_with("info", flags.log_format);
+    match serve(flags).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure::Refused(line)) => {
             eprintln!("error: {line}");
@@ -191,8 +208,22 @@ async fn serve(flags: Flags) -> Result<(), Failure> {
         max_agents_per_token: flags.max_agents_per_token,
         tls,
     };
-    kiln_coordinator::run(config, shutdown_signal()).await?;
+    // Installed before readiness is announced, so a stop that follows at
+    // once is a clean shutdown, not SIGTERM's default death.
+    let shutdown = shutdown_signal()?;
+    // Under systemd (Type=notify): ready once the listeners are bound, so
+    // clients that connect from now on are queued, not refused.
+    notify_systemd(&[NotifyState::Ready]);
+    kiln_coordinator::run(config, shutdown).await?;
     Ok(())
+}
+
+/// Tells systemd about a state change when it asked to be told
+/// (`NOTIFY_SOCKET`); a failure to tell it is logged, never fatal.
+fn notify_systemd(states: &[NotifyState]) {
+    if let Err(error) = sd_notify::notify(states) {
+        tracing::warn!(%error, "cannot notify systemd (NOTIFY_SOCKET)");
+    }
 }
 
 /// The listeners other machines can reach.
@@ -212,13 +243,19 @@ fn refusal(what: &str, addr: SocketAddr) -> String {
     )
 }
 
-async fn shutdown_signal() {
+/// Resolves on SIGTERM or SIGINT; both handlers are installed when this
+/// returns.
+fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).expect("installing the SIGTERM handler");
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
+    let mut term = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = interrupt.recv() => {}
+        }
+        notify_systemd(&[NotifyState::Stopping]);
+    })
 }
 
 #[cfg(test)]
@@ -253,6 +290,25 @@ mod tests {
         let no_unit = parse(&["--lease-ttl=30"]).err().unwrap().to_string();
         assert!(no_unit.contains("needs a unit"), "{no_unit}");
         assert!(parse(&["--heartbeat=0s"]).is_err());
+    }
+
+    #[test]
+    fn size_flags_take_sizes_with_units() {
+        let parse = |args: &[&str]| Flags::try_parse_from(["kiln-coordinator"].iter().chain(args));
+        let flags = parse(&["--max-artifact-bytes=512MiB", "--max-run-artifact-bytes=2G"]).unwrap();
+        assert_eq!(flags.max_artifact_bytes, 512 << 20);
+        assert_eq!(flags.max_run_artifact_bytes, 2_000_000_000);
+        assert_eq!(
+            parse(&["--max-artifact-bytes=1048576"])
+                .unwrap()
+                .max_artifact_bytes,
+            1 << 20
+        );
+        let bad = parse(&["--max-artifact-bytes=1.5GiB"])
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(bad.contains("512MiB"), "{bad}");
     }
 
     #[test]

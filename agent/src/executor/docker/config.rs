@@ -161,6 +161,42 @@ fn gpu_request(gpus: &[u32]) -> Option<Vec<DeviceRequest>> {
     }])
 }
 
+/// The stage's first system line: the image it runs in (with the digest),
+/// its network and its limits, read from the same [`HostConfig`] the
+/// container is created with. A stage that cannot resolve a host then shows
+/// at once that it has no network unless it asks for one.
+pub(super) fn describe(job: &Job, image_digest: &str, host: &HostSettings) -> String {
+    let config = host_config(job, host);
+    let network = match config.network_mode.as_deref() {
+        Some("bridge") => "network: bridge".to_owned(),
+        _ => "network: none (the default: no network at all; set `network: bridge` on the \
+              stage in kiln.yml for one)"
+            .to_owned(),
+    };
+    let memory = config
+        .memory
+        .map_or(0, |bytes| u64::try_from(bytes).unwrap_or(0));
+    let cpus = config.nano_cpus.unwrap_or(0) as f64 / 1e9;
+    format!(
+        "docker: image {} ({image_digest}); {network}; limits: memory {}, cpus {cpus}, pids {}",
+        job.image,
+        byte_size(memory),
+        config.pids_limit.unwrap_or(0),
+    )
+}
+
+/// `2 GiB`, `512 MiB`, `1536 KiB`: the largest binary unit that divides
+/// `bytes`, else MiB with one decimal.
+fn byte_size(bytes: u64) -> String {
+    const UNITS: [(u64, &str); 3] = [(1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")];
+    for (unit, name) in UNITS {
+        if bytes >= unit && bytes.is_multiple_of(unit) {
+            return format!("{} {name}", bytes / unit);
+        }
+    }
+    format!("{:.1} MiB", bytes as f64 / (1u64 << 20) as f64)
+}
+
 fn bind(source: &str, target: &str, read_only: bool) -> Mount {
     Mount {
         source: Some(source.to_owned()),
@@ -205,6 +241,30 @@ mod tests {
             }],
             user: None,
         }
+    }
+
+    #[test]
+    fn the_first_line_names_image_network_and_limits() {
+        let line = describe(&job(DockerOptions::default()), "sha256:abc", &host(8.0));
+        assert_eq!(
+            line,
+            "docker: image kiln/test-busybox:1 (sha256:abc); network: none (the default: no \
+             network at all; set `network: bridge` on the stage in kiln.yml for one); limits: \
+             memory 2 GiB, cpus 2, pids 1024"
+        );
+        let bridged = DockerOptions {
+            network: "bridge".into(),
+            memory_bytes: 512 << 20,
+            cpus: 1.5,
+            pids: 64,
+            ..DockerOptions::default()
+        };
+        let line = describe(&job(bridged), "sha256:abc", &host(8.0));
+        assert!(
+            line.ends_with("; network: bridge; limits: memory 512 MiB, cpus 1.5, pids 64"),
+            "{line}"
+        );
+        assert_eq!(byte_size(1_500_000), "1.4 MiB");
     }
 
     #[test]

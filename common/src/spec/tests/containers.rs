@@ -198,11 +198,11 @@ fn bad_resources() {
         "
         pipeline: demo
         stages:
-          build: { commands: [make], resources: { memory: 2GB } }
+          build: { commands: [make], resources: { memory: 2gb } }
         ",
-        "kiln.yml:3:51: bad memory size `2GB` for `memory` in `resources` of stage `build`; \
-         write a whole number with a unit: 512Mi, 2Gi (powers of 1024) or 500M, 1G (powers of \
-         1000)",
+        "kiln.yml:3:51: bad memory size `2gb` for `memory` in `resources` of stage `build`; \
+         write a whole number with a unit: 512Mi or 512MiB, 2Gi (powers of 1024) or 500M, 1G \
+         (powers of 1000)",
     );
     check(
         "
@@ -222,8 +222,8 @@ fn bad_resources() {
           build: { commands: [make], resources: { memory: [1] } }
         ",
         "kiln.yml:3:51: `memory` in `resources` of stage `build` must be a memory size; found a \
-         list; write a whole number with a unit: 512Mi, 2Gi (powers of 1024) or 500M, 1G \
-         (powers of 1000)",
+         list; write a whole number with a unit: 512Mi or 512MiB, 2Gi (powers of 1024) or 500M, \
+         1G (powers of 1000)",
     );
     check(
         "

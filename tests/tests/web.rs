@@ -213,6 +213,7 @@ async fn pages_need_a_session_and_sign_in_sets_a_strict_cookie() -> Result<()> {
 
     let page = client
         .get(format!("{base}/runs?state=failed"))
+        .header("accept", "text/html,application/xhtml+xml")
         .send()
         .await?;
     assert_eq!(page.status(), StatusCode::SEE_OTHER);
@@ -220,6 +221,20 @@ async fn pages_need_a_session_and_sign_in_sets_a_strict_cookie() -> Result<()> {
         page.headers()[LOCATION],
         "/login?next=/runs%3Fstate%3Dfailed"
     );
+    // curl is told how to sign in; a form post without a session is refused.
+    let curl = client
+        .get(format!("{base}/runs/1/stages/a/log"))
+        .send()
+        .await?;
+    assert_eq!(curl.status(), StatusCode::UNAUTHORIZED);
+    assert!(curl.text().await?.contains("authorization: Bearer"));
+    let unsigned = client
+        .post(format!("{base}/runs/1/cancel"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body("csrf=x")
+        .send()
+        .await?;
+    assert_eq!(unsigned.status(), StatusCode::FORBIDDEN);
 
     let (session, line) = sign_in(&base, &farm.coordinator.admin_token).await?;
     for flag in ["HttpOnly", "SameSite=Strict", "Path=/"] {
@@ -279,6 +294,7 @@ async fn pages_need_a_session_and_sign_in_sets_a_strict_cookie() -> Result<()> {
     let after = client
         .get(format!("{base}/runs"))
         .header(COOKIE, &session.cookie)
+        .header("accept", "text/html")
         .send()
         .await?;
     assert_eq!(after.status(), StatusCode::SEE_OTHER);
@@ -658,6 +674,14 @@ async fn browser_rolls_back_an_environment_and_sees_the_history_change() -> Resu
         .js("return document.querySelectorAll('svg.chart circle').length")
         .await?;
     assert_eq!(points, 0, "these releases carry no metrics");
+    let said = browser
+        .js("return document.querySelector('main').textContent")
+        .await?;
+    assert!(
+        said.as_str()
+            .unwrap()
+            .contains("No release of shop/production carries metrics")
+    );
     browser
         .client
         .find(fantoccini::Locator::Id("rollback"))

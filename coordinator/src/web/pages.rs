@@ -785,7 +785,7 @@ async fn environment_page(web: &Web, signed: &Signed, pipeline: String, name: St
         .collect::<std::collections::BTreeSet<_>>()
         .into_iter()
         .collect();
-    let chart = if mine.is_empty() {
+    let chart = if names.is_empty() {
         String::new()
     } else {
         chart::svg(&chart::Chart {

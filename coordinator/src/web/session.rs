@@ -186,8 +186,29 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
         .map(str::trim)
 }
 
-/// Where an unsigned request goes: the sign-in page, then back here.
+/// Where an unsigned request goes: a page to the sign-in page (and back
+/// here after it); a form post or a request that does not want HTML
+/// (`curl`, an event stream) gets a refusal that says how to sign in.
 fn to_login(parts: &Parts) -> Response {
+    let wants_html = parts
+        .headers
+        .get(header::ACCEPT)
+        .and_then(|accept| accept.to_str().ok())
+        .is_some_and(|accept| accept.contains("text/html"));
+    if parts.method == axum::http::Method::POST {
+        return error_page(
+            None,
+            StatusCode::FORBIDDEN,
+            "sign in first: this form needs a session (open /login)",
+        );
+    }
+    if !wants_html {
+        return (
+            StatusCode::UNAUTHORIZED,
+            "sign in at /login, or send `authorization: Bearer <token>` with a Kiln token\n",
+        )
+            .into_response();
+    }
     let here = parts
         .uri
         .path_and_query()

@@ -790,3 +790,78 @@ async fn browser_viewer_sees_no_buttons_and_a_forged_post_is_refused() -> Result
     assert!(is_png(&browser.screenshot("viewer").await?));
     browser.finish().await
 }
+
+// ------------------------------------------------------------------ demo
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kiln_demo_serve_keeps_the_dashboard_up_until_ctrl_c() -> Result<()> {
+    use std::io::{BufRead, BufReader};
+    let data = tempfile::tempdir()?;
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let child = std::process::Command::new(kiln_tests::binary("kiln"))
+        .args([
+            "demo",
+            "--example",
+            "examples/hello",
+            "--serve",
+            "--data-dir",
+        ])
+        .arg(data.path().join("demo"))
+        .current_dir(&root)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()?;
+    let mut demo = kiln_tests::Process {
+        child,
+        name: "kiln demo".into(),
+    };
+    let stdout = demo.child.stdout.take().context("demo stdout")?;
+    let (tx, mut said) = tokio::sync::mpsc::unbounded_channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut url = None;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+    loop {
+        let line = tokio::time::timeout_at(deadline, said.recv())
+            .await
+            .context("the demo did not say it serves the dashboard within 90s")?
+            .context("the demo ended before serving the dashboard")?;
+        if let Some(rest) = line.strip_prefix("dashboard: ") {
+            url = rest.split_whitespace().next().map(str::to_owned);
+        }
+        if line.starts_with("serving the dashboard at ") {
+            break;
+        }
+    }
+    let url = url.context("the demo never printed the dashboard's URL")?;
+    let base = url.trim_end_matches('/');
+    let token = std::fs::read_to_string(data.path().join("demo/coordinator/admin.token"))?;
+    let (session, _) = sign_in(base, token.trim()).await?;
+    let runs = http()?
+        .get(format!("{base}/runs"))
+        .header(COOKIE, &session.cookie)
+        .send()
+        .await?
+        .text()
+        .await?;
+    assert!(
+        runs.contains("<td>hello</td>") && runs.contains("succeeded"),
+        "{runs}"
+    );
+    unsafe { libc::kill(demo.pid(), libc::SIGINT) };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = demo.child.try_wait()? {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            bail!("kiln demo did not stop within 30s of Ctrl-C");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(status.success(), "{status:?}");
+    Ok(())
+}

@@ -51,6 +51,7 @@ stages:
     gate: { require: { auc: ">= 0.8" }, approval: manual }
   ship:
     needs: [signoff]
+    environment: prod
     commands: ["echo shipped"]
 "#;
 
@@ -58,8 +59,9 @@ const SHOP: &str = r#"
 pipeline: shop
 stages:
   build:
-    commands: ["mkdir -p out", "echo v > out/model"]
+    commands: ["mkdir -p out", "echo v > out/model", "cp metrics.json out/metrics.json"]
     artifacts: [out]
+    metrics: out/metrics.json
   deploy:
     needs: [build]
     environment: production
@@ -606,6 +608,13 @@ async fn browser_approves_a_waiting_gate_and_the_run_goes_on() -> Result<()> {
         gate, "node gate awaiting_approval",
         "a gate is drawn as one"
     );
+    let ship = browser
+        .js("return document.querySelector('svg.dag g[data-stage=\"ship\"]').getAttribute('class')")
+        .await?;
+    assert_eq!(
+        ship, "node environment pending",
+        "so is an environment stage"
+    );
     assert!(is_png(&browser.screenshot("waiting").await?));
     browser
         .client
@@ -650,7 +659,11 @@ async fn browser_rolls_back_an_environment_and_sees_the_history_change() -> Resu
     let site = base(&farm);
     let repo = Repo::new(SHOP)?;
     let mut client = farm.coordinator.client().await?;
-    for _ in 0..2 {
+    for metrics in [
+        r#"{"accuracy": 0.91, "recall": 0.62}"#,
+        r#"{"accuracy": 0.87, "recall": 0.48}"#,
+    ] {
+        repo.commit("metrics.json", metrics)?;
         let run = register_and_run(&farm.coordinator, &repo).await?;
         let done = wait_run(&mut client, run, Duration::from_secs(30)).await?;
         assert_eq!(run_state(&done), pb::RunState::Succeeded);
@@ -673,15 +686,11 @@ async fn browser_rolls_back_an_environment_and_sees_the_history_change() -> Resu
     let points = browser
         .js("return document.querySelectorAll('svg.chart circle').length")
         .await?;
-    assert_eq!(points, 0, "these releases carry no metrics");
-    let said = browser
-        .js("return document.querySelector('main').textContent")
+    assert_eq!(points, 4, "two metrics of two releases on the chart");
+    let legend = browser
+        .js("return Array.from(document.querySelectorAll('svg.chart text.legend')).map(t => t.textContent)")
         .await?;
-    assert!(
-        said.as_str()
-            .unwrap()
-            .contains("No release of shop/production carries metrics")
-    );
+    assert_eq!(legend, serde_json::json!(["accuracy", "recall"]));
     browser
         .client
         .find(fantoccini::Locator::Id("rollback"))
@@ -717,6 +726,10 @@ async fn browser_rolls_back_an_environment_and_sees_the_history_change() -> Resu
         .context("the rollback is not in the audit log")?;
     assert_eq!(rollback.target, "environment shop/production");
     assert_eq!(rollback.outcome, "OK");
+    let marked = browser
+        .js("return document.querySelectorAll('svg.chart line.mark').length")
+        .await?;
+    assert_eq!(marked, 1, "the rolled-back release is marked on the chart");
     assert!(is_png(&browser.screenshot("rolled-back").await?));
     browser.finish().await
 }

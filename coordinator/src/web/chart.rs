@@ -68,16 +68,17 @@ pub(crate) fn svg(chart: &Chart) -> String {
     out.push_str(r#""><title>"#);
     escape(&chart.title, &mut out);
     out.push_str("</title>");
+    // Enough decimals to tell the ticks apart, no more.
+    let decimals = (2.0 - (high - low).log10().floor()).clamp(0.0, 6.0) as usize;
     for tick in 0..=4 {
         let v = low + (high - low) * tick as f64 / 4.0;
         let ty = y(v);
         let _ = write!(
             out,
-            r#"<line class="grid" x1="{LEFT}" x2="{:.1}" y1="{ty:.1}" y2="{ty:.1}"/><text class="tick" x="{:.1}" y="{:.1}" text-anchor="end">{}</text>"#,
+            r#"<line class="grid" x1="{LEFT}" x2="{:.1}" y1="{ty:.1}" y2="{ty:.1}"/><text class="tick" x="{:.1}" y="{:.1}" text-anchor="end">{v:.decimals$}</text>"#,
             WIDTH - RIGHT,
             LEFT - 6.0,
             ty + 4.0,
-            number(v)
         );
     }
     for &i in &chart.marked {

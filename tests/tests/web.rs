@@ -731,6 +731,34 @@ async fn browser_rolls_back_an_environment_and_sees_the_history_change() -> Resu
         .await?;
     assert_eq!(marked, 1, "the rolled-back release is marked on the chart");
     assert!(is_png(&browser.screenshot("rolled-back").await?));
+
+    // The restored release's lineage, and its signed provenance checked
+    // against the coordinator's key (signed moments after it went live).
+    let limit = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        browser.goto(&format!("{site}/releases/{older}")).await?;
+        let verdict = browser
+            .js("return document.getElementById('signature').className")
+            .await?;
+        if verdict == "verified" {
+            break;
+        }
+        if std::time::Instant::now() > limit {
+            let said = browser
+                .js("return document.getElementById('signature').textContent")
+                .await?;
+            bail!("release {older}'s provenance never verified: {said}");
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let artifacts = browser
+        .js("return Array.from(document.querySelectorAll('ul.artifacts a')).map(a => a.textContent)")
+        .await?;
+    assert_eq!(
+        artifacts,
+        serde_json::json!(["build: out", "build: out/metrics.json"])
+    );
+    assert!(is_png(&browser.screenshot("release").await?));
     browser.finish().await
 }
 
@@ -876,5 +904,158 @@ async fn kiln_demo_serve_keeps_the_dashboard_up_until_ctrl_c() -> Result<()> {
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert!(status.success(), "{status:?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cancel_retry_and_unfreeze_forms_go_through_the_control_service() -> Result<()> {
+    let farm = farm()?;
+    let base = base(&farm);
+    let marker = tempfile::tempdir()?;
+    let ok = marker.path().join("ok");
+    let flaky = format!(
+        "pipeline: flaky\nstages:\n  check:\n    commands: [\"test -f {}\"]\n  deploy:\n    needs: [check]\n    environment: staging\n    commands: [\"true\"]\n  slow:\n    commands: [\"sleep 60\"]\n",
+        ok.display()
+    );
+    let repo = Repo::new(&flaky)?;
+    let run = register_and_run(&farm.coordinator, &repo).await?;
+    wait_stage(&farm, run, "check", pb::StageState::Failed).await?;
+    wait_stage(&farm, run, "slow", pb::StageState::Running).await?;
+    let (admin, _) = sign_in(&base, &farm.coordinator.admin_token).await?;
+    let csrf = format!("csrf={}", admin.csrf);
+
+    // The failed stage's page offers a retry; it runs again and passes.
+    let page = http()?
+        .get(format!("{base}/runs/{run}/stages/check"))
+        .header(COOKIE, &admin.cookie)
+        .send()
+        .await?
+        .text()
+        .await?;
+    assert!(page.contains(r#"id="retry-stage""#), "{page}");
+    std::fs::write(&ok, "")?;
+    let retried = post(
+        &base,
+        &format!("/runs/{run}/stages/check/retry"),
+        &admin,
+        &csrf,
+    )
+    .await?;
+    assert_eq!(retried.status(), StatusCode::SEE_OTHER);
+    assert_eq!(
+        retried.headers()[LOCATION],
+        format!("/runs/{run}/stages/check")
+    );
+    wait_stage(&farm, run, "deploy", pb::StageState::Succeeded).await?;
+
+    // Cancel stops the stage that still sleeps.
+    let cancelled = post(&base, &format!("/runs/{run}/cancel"), &admin, &csrf).await?;
+    assert_eq!(cancelled.status(), StatusCode::SEE_OTHER);
+    let mut client = farm.coordinator.client().await?;
+    let done = wait_run(&mut client, run, Duration::from_secs(30)).await?;
+    assert_eq!(run_state(&done), pb::RunState::Cancelled);
+    assert_eq!(stage(&done, "check").attempt, 2);
+
+    // Unfreezing answers as `kiln env unfreeze` does, page or refusal,
+    // and is audited either way.
+    let unfreeze = post(&base, "/environments/flaky/staging/unfreeze", &admin, &csrf).await?;
+    let status = unfreeze.status();
+    assert!(
+        status == StatusCode::SEE_OTHER || status.is_client_error(),
+        "{status}: {}",
+        unfreeze.text().await?
+    );
+    let entries = audit(&farm).await?;
+    let find = |method: &str| {
+        entries
+            .iter()
+            .find(|e| e.method == format!("/kiln.v1.ControlService/{method}"))
+            .with_context(|| format!("no {method} in the audit log: {entries:?}"))
+    };
+    assert_eq!(find("RetryStage")?.target, format!("run {run} stage check"));
+    assert_eq!(find("CancelRun")?.target, format!("run {run}"));
+    assert_eq!(find("CancelRun")?.outcome, "OK");
+    let unfrozen = find("UnfreezeEnvironment")?;
+    assert_eq!(
+        unfrozen.outcome == "OK",
+        status == StatusCode::SEE_OTHER,
+        "{unfrozen:?}"
+    );
+    assert!(
+        [find("RetryStage")?, find("CancelRun")?, unfrozen]
+            .iter()
+            .all(|e| e.principal == "admin")
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn lists_filter_and_page_and_the_run_page_of_500_stages_renders_quickly() -> Result<()> {
+    let farm = farm()?;
+    let base = base(&farm);
+    let repo = Repo::new(QUICK)?;
+    let mut client = farm.coordinator.client().await?;
+    for _ in 0..3 {
+        let run = register_and_run(&farm.coordinator, &repo).await?;
+        wait_run(&mut client, run, Duration::from_secs(30)).await?;
+    }
+    let (session, _) = sign_in(&base, &farm.coordinator.admin_token).await?;
+    let get = |path: String| {
+        let cookie = session.cookie.clone();
+        async move {
+            let response = http()?.get(path).header(COOKIE, cookie).send().await?;
+            anyhow::ensure!(response.status() == StatusCode::OK, "{}", response.status());
+            Ok::<_, anyhow::Error>(response.text().await?)
+        }
+    };
+    let rows = |page: &str| page.matches("<tr data-run=").count();
+    assert_eq!(rows(&get(format!("{base}/runs")).await?), 3);
+    assert_eq!(
+        rows(&get(format!("{base}/runs?state=succeeded&branch=main")).await?),
+        3
+    );
+    assert_eq!(rows(&get(format!("{base}/runs?state=failed")).await?), 0);
+    assert_eq!(rows(&get(format!("{base}/runs?branch=other")).await?), 0);
+    let older = get(format!("{base}/runs?before=3")).await?;
+    assert!(older.contains(r#"data-run="2""#) && older.contains(r#"data-run="1""#));
+    assert_eq!(rows(&older), 2);
+    let home = get(format!("{base}/")).await?;
+    assert_eq!(
+        home.matches(r#"class="mark succeeded""#).count(),
+        3,
+        "{home}"
+    );
+    let found = get(format!("{base}/runs/1/stages/count?q=line+30")).await?;
+    assert!(
+        found.contains(">line 30<") && !found.contains(">line 29<"),
+        "{found}"
+    );
+    let agents = get(format!("{base}/agents")).await?;
+    assert!(agents.contains(r#"data-agent="web-agent""#) && agents.contains("connected"));
+
+    // 500 stages (the pipeline limit), ten chains of fifty, not yet run.
+    let mut wide = String::from("pipeline: wide\nstages:\n");
+    for i in 0..500 {
+        wide.push_str(&format!(
+            "  s{i}:\n    agent: {{ labels: {{ role: none }} }}\n    commands: [\"true\"]\n"
+        ));
+        if i % 50 != 0 {
+            wide.push_str(&format!("    needs: [s{}]\n", i - 1));
+        }
+    }
+    let big = Repo::new(&wide)?;
+    let run = register_and_run(&farm.coordinator, &big).await?;
+    let mut fastest = Duration::MAX;
+    for _ in 0..5 {
+        let started = std::time::Instant::now();
+        let page = get(format!("{base}/runs/{run}")).await?;
+        fastest = fastest.min(started.elapsed());
+        assert_eq!(page.matches("<g class=\"node ").count(), 500);
+    }
+    assert!(
+        fastest < Duration::from_millis(200),
+        "the 500-stage run page took {fastest:?}"
+    );
+    eprintln!("500-stage run page: {fastest:?}");
     Ok(())
 }

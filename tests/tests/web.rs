@@ -249,6 +249,10 @@ async fn pages_need_a_session_and_sign_in_sets_a_strict_cookie() -> Result<()> {
         .send()
         .await?;
     assert_eq!(runs.status(), StatusCode::OK);
+    let policy = runs.headers()["content-security-policy"]
+        .to_str()?
+        .to_owned();
+    assert!(policy.starts_with("default-src 'self'"), "{policy}");
     assert!(runs.text().await?.contains("<h1>Runs</h1>"));
 
     // A wrong token is told so, and gets no session.

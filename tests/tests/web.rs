@@ -27,7 +27,7 @@ stages:
     commands: ["echo ready"]
   train:
     needs: [prepare]
-    commands: ["for i in $(seq 1 40); do if [ $((i % 2)) -eq 0 ]; then printf '\\033[32mline %s\\033[0m\\n' $i; else echo line $i; fi; sleep 0.2; done"]
+    commands: ["for i in $(seq 1 60); do if [ $((i % 2)) -eq 0 ]; then printf '\\033[32mline %s\\033[0m\\n' $i; else echo line $i; fi; sleep 0.25; done"]
   report:
     needs: [train]
     commands: ["echo done"]
@@ -559,7 +559,7 @@ async fn browser_watches_a_running_dag_and_a_live_log_that_survives_a_cut() -> R
         .await?;
     let texts: Vec<String> = serde_json::from_value(texts)?;
     let output: Vec<&String> = texts.iter().filter(|t| t.starts_with("line ")).collect();
-    let expected: Vec<String> = (1..=40).map(|i| format!("line {i}")).collect();
+    let expected: Vec<String> = (1..=60).map(|i| format!("line {i}")).collect();
     assert_eq!(
         output,
         expected.iter().collect::<Vec<_>>(),
@@ -576,7 +576,7 @@ async fn browser_watches_a_running_dag_and_a_live_log_that_survives_a_cut() -> R
     let green = browser
         .js("return document.querySelectorAll('#log li code span.f2').length")
         .await?;
-    assert_eq!(green, 20, "ANSI green on every even line");
+    assert_eq!(green, 30, "ANSI green on every even line");
     assert!(is_png(&browser.screenshot("stage").await?));
     browser.finish().await
 }

@@ -302,7 +302,13 @@ fn safe_next(next: &str) -> String {
 }
 
 fn cookie_header(web: &Web, name: &str, value: &str, path: &str, max_age: u64) -> HeaderValue {
-    let secure = if web.secure_cookies { "; Secure" } else { "" };
+    set_cookie(web.secure_cookies, name, value, path, max_age)
+}
+
+/// A `Set-Cookie` value: never readable by scripts, never sent from
+/// another site, and only over TLS when the listener has it.
+fn set_cookie(secure: bool, name: &str, value: &str, path: &str, max_age: u64) -> HeaderValue {
+    let secure = if secure { "; Secure" } else { "" };
     let text = format!(
         "{name}={value}; Path={path}; HttpOnly; SameSite=Strict; Max-Age={max_age}{secure}"
     );
@@ -432,6 +438,20 @@ mod tests {
         }
         assert!(sessions.get(&first, 2).is_none(), "evicted");
         assert_eq!(sessions.lock().len(), MAX_SESSIONS);
+    }
+
+    #[test]
+    fn cookies_are_strict_and_secure_over_tls() {
+        let plain = set_cookie(false, SESSION_COOKIE, "abc", "/", 60);
+        assert_eq!(
+            plain,
+            "kiln_session=abc; Path=/; HttpOnly; SameSite=Strict; Max-Age=60"
+        );
+        let tls = set_cookie(true, SESSION_COOKIE, "abc", "/", 60);
+        assert_eq!(
+            tls,
+            "kiln_session=abc; Path=/; HttpOnly; SameSite=Strict; Max-Age=60; Secure"
+        );
     }
 
     #[test]

@@ -48,9 +48,23 @@
     log.append(li);
     if (atBottom) log.scrollTop = log.scrollHeight;
   };
-  source.addEventListener("end", () => {
+  source.addEventListener("end", async () => {
     source.close();
     say("ended", "finished");
+    // The stage's state, exit code and duration as they are now; the log
+    // itself is complete already.
+    try {
+      const response = await fetch(location.pathname + location.search, { credentials: "same-origin" });
+      if (!response.ok) return;
+      const page = new DOMParser().parseFromString(await response.text(), "text/html");
+      for (const id of ["stage-state", "stage-facts"]) {
+        const mine = document.getElementById(id);
+        const theirs = page.getElementById(id);
+        if (mine && theirs) mine.replaceWith(document.adoptNode(theirs));
+      }
+    } catch (_) {
+      // The page still shows every line; a reload shows the rest.
+    }
   });
   source.addEventListener("attempt", () => {
     source.close();

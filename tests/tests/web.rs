@@ -577,6 +577,13 @@ async fn browser_watches_a_running_dag_and_a_live_log_that_survives_a_cut() -> R
         .js("return document.querySelectorAll('#log li code span.f2').length")
         .await?;
     assert_eq!(green, 30, "ANSI green on every even line");
+    browser
+        .wait_js(
+            Duration::from_secs(10),
+            "the stage's state to follow",
+            "return document.getElementById('stage-state').textContent === 'succeeded'",
+        )
+        .await?;
     assert!(is_png(&browser.screenshot("stage").await?));
     browser.finish().await
 }

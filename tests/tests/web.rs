@@ -11,7 +11,9 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use kiln_proto::v1 as pb;
-use kiln_tests::{Repo, create_token, get_run, register_and_run, stage, wait_run};
+use kiln_tests::{
+    CoordinatorOptions, Repo, create_token, get_run, register_and_run, stage, wait_run,
+};
 use reqwest::StatusCode;
 use reqwest::header::{COOKIE, LOCATION, SET_COOKIE};
 use web_common::{GATED, QUICK, audit, base, farm, run_state, wait_stage};
@@ -287,12 +289,13 @@ async fn posts_without_the_csrf_token_are_refused_and_roles_are_checked_and_audi
     Ok(())
 }
 
-/// Server-Sent Events of a finished stage: `(id, data)` of each line
-/// event, and whether the stream said `end`.
+/// Server-Sent Events: `(id, data)` of each complete line event, and
+/// whether the stream said `end`.
 fn parse_events(text: &str) -> (Vec<(u64, String)>, bool) {
     let mut lines = Vec::new();
     let mut ended = false;
-    for block in text.split("\n\n") {
+    let complete = text.rfind("\n\n").map_or("", |end| &text[..end]);
+    for block in complete.split("\n\n") {
         let mut fields: HashMap<&str, &str> = HashMap::new();
         for line in block.lines() {
             if let Some((key, value)) = line.split_once(':') {
@@ -306,6 +309,85 @@ fn parse_events(text: &str) -> (Vec<(u64, String)>, bool) {
         }
     }
     (lines, ended)
+}
+
+/// Reads a live event stream until `enough` says stop (or it closes).
+async fn read_events(
+    response: &mut reqwest::Response,
+    text: &mut String,
+    enough: impl Fn(&str) -> bool,
+) -> Result<()> {
+    while !enough(text) {
+        match tokio::time::timeout(Duration::from_secs(30), response.chunk()).await {
+            Ok(Ok(Some(chunk))) => text.push_str(&String::from_utf8_lossy(&chunk)),
+            Ok(Ok(None) | Err(_)) => return Ok(()),
+            Err(_) => bail!("no event for 30s; so far: {text}"),
+        }
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_log_stream_cut_by_a_coordinator_restart_is_not_ended_and_resumes_without_gaps()
+-> Result<()> {
+    let mut farm = farm()?;
+    let repo = Repo::new(
+        "pipeline: slow\nstages:\n  count:\n    commands: [\"for i in $(seq 1 40); do echo line $i; sleep 0.2; done\"]\n",
+    )?;
+    let run = register_and_run(&farm.coordinator, &repo).await?;
+    wait_stage(&farm, run, "count", pb::StageState::Running).await?;
+    let (session, _) = sign_in(&base(&farm), &farm.coordinator.admin_token).await?;
+    let mut stream = http()?
+        .get(format!("{}/runs/{run}/stages/count/events", base(&farm)))
+        .header(COOKIE, &session.cookie)
+        .send()
+        .await?;
+    let mut text = String::new();
+    read_events(&mut stream, &mut text, |text| {
+        parse_events(text).0.len() >= 6
+    })
+    .await?;
+    let status = farm
+        .coordinator
+        .process
+        .terminate(Duration::from_secs(20))?;
+    assert!(status.success(), "{status:?}");
+    read_events(&mut stream, &mut text, |_| false).await?;
+    let (before, ended) = parse_events(&text);
+    assert!(
+        !ended,
+        "a stopping coordinator told the browser the log was over: {text}"
+    );
+    let last = before.last().context("no line before the stop")?.0;
+
+    farm.coordinator
+        .crash_and_restart(&CoordinatorOptions::default(), Duration::ZERO)?;
+    let (session, _) = sign_in(&base(&farm), &farm.coordinator.admin_token).await?;
+    let mut resumed = http()?
+        .get(format!("{}/runs/{run}/stages/count/events", base(&farm)))
+        .header(COOKIE, &session.cookie)
+        .header("last-event-id", last.to_string())
+        .send()
+        .await?;
+    let mut rest = String::new();
+    read_events(&mut resumed, &mut rest, |text| parse_events(text).1).await?;
+    let (after, ended) = parse_events(&rest);
+    assert!(ended, "{rest}");
+    let all: Vec<(u64, String)> = before.into_iter().chain(after).collect();
+    let ids: Vec<u64> = all.iter().map(|(id, _)| *id).collect();
+    assert_eq!(
+        ids,
+        (0..all.len() as u64).collect::<Vec<_>>(),
+        "no line lost or repeated"
+    );
+    let output: Vec<&str> = all
+        .iter()
+        .map(|(_, data)| data.as_str())
+        .filter(|data| data.starts_with("line "))
+        .collect();
+    let expected: Vec<String> = (1..=40).map(|i| format!("line {i}")).collect();
+    assert_eq!(output, expected);
+    Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -124,6 +124,18 @@ pub(crate) fn stage_state(state: i32) -> &'static str {
     }
 }
 
+/// Whether a stage is over: no more lines will come for its attempt.
+pub(crate) fn stage_is_over(state: i32) -> bool {
+    !matches!(
+        pb::StageState::try_from(state),
+        Ok(pb::StageState::Pending
+            | pb::StageState::Ready
+            | pb::StageState::Assigned
+            | pb::StageState::Running
+            | pb::StageState::AwaitingApproval)
+    )
+}
+
 /// Whether a run can still change (cancel makes sense).
 pub(crate) fn run_is_active(state: i32) -> bool {
     matches!(

@@ -25,7 +25,7 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use super::Web;
 use super::ansi;
-use super::format::{error_page, status_page};
+use super::format::{error_page, stage_is_over, status_page};
 use super::session::Signed;
 use crate::read::{LogRequest, stream_logs};
 
@@ -158,44 +158,79 @@ pub(crate) async fn events(
     };
     let start =
         futures::stream::once(async { Ok(SseEvent::default().retry(RETRY).comment("kiln")) });
-    let body = futures::stream::unfold(
-        (lines, false),
-        move |(mut lines, done)| {
-            let stage = stage.clone();
-            async move {
-            if done {
-                return None;
-            }
-            match lines.next().await {
-                Some(Ok(entry)) if entry.attempt != attempt => {
-                    let event = SseEvent::default()
-                        .event("attempt")
-                        .data(entry.attempt.to_string());
-                    Some((event, (lines, true)))
-                }
-                Some(Ok(entry)) => {
-                    let text = entry.line.map(|line| line.text).unwrap_or_default();
-                    let event = SseEvent::default()
-                        .id(entry.seq.to_string())
-                        .data(ansi::to_html(&text));
-                    Some((event, (lines, false)))
-                }
-                // Fallen behind or failed: end without `end`, so the
-                // browser reconnects with Last-Event-ID.
-                Some(Err(status)) => {
-                    tracing::debug!(run, %stage, reason = %status.message(), "a web log follower was cut off");
-                    None
-                }
-                // An event without data is never dispatched: say something.
-                    None => Some((SseEvent::default().event("end").data("end"), (lines, true))),
-            }
-            }
-        },
-    )
-    .map(Ok::<_, std::convert::Infallible>);
+    let follow = Follow {
+        web,
+        run,
+        stage,
+        attempt,
+        lines,
+        done: false,
+    };
+    let body = futures::stream::unfold(follow, |mut follow| async move {
+        let event = follow.next().await?;
+        Some((Ok::<_, std::convert::Infallible>(event), follow))
+    });
     Sse::new(start.chain(body))
         .keep_alive(KeepAlive::default())
         .into_response()
+}
+
+/// One browser following one attempt of a stage.
+struct Follow {
+    web: Arc<Web>,
+    run: u64,
+    stage: String,
+    attempt: u32,
+    lines: ReceiverStream<Result<pb::LogEntry, tonic::Status>>,
+    /// `end` or `attempt` was sent: close after it.
+    done: bool,
+}
+
+impl Follow {
+    /// The next event, or `None` to close the stream (without `end`, the
+    /// browser reconnects and resumes from its `Last-Event-ID`).
+    async fn next(&mut self) -> Option<SseEvent> {
+        if self.done {
+            return None;
+        }
+        match self.lines.next().await {
+            Some(Ok(entry)) if entry.attempt != self.attempt => {
+                self.done = true;
+                Some(
+                    SseEvent::default()
+                        .event("attempt")
+                        .data(entry.attempt.to_string()),
+                )
+            }
+            Some(Ok(entry)) => {
+                let text = entry.line.map(|line| line.text).unwrap_or_default();
+                Some(
+                    SseEvent::default()
+                        .id(entry.seq.to_string())
+                        .data(ansi::to_html(&text)),
+                )
+            }
+            // Fallen behind, or the read failed.
+            Some(Err(status)) => {
+                tracing::debug!(run = self.run, stage = %self.stage, reason = %status.message(), "a web log follower was cut off");
+                None
+            }
+            // The tap also closes when the coordinator stops: only a stage
+            // that is over (or retried) ends the page's log.
+            None => {
+                self.done = true;
+                match current_stage(&self.web, self.run, &self.stage).await {
+                    Ok((_, stage))
+                        if stage.attempt != self.attempt || stage_is_over(stage.state) =>
+                    {
+                        // An event without data is never dispatched.
+                        Some(SseEvent::default().event("end").data("end"))
+                    }
+                    _ => None,
+                }
+            }
+        }
+    }
 }
 
 /// `GET /blobs/sha256:…`: an artifact, verified by digest as it streams.

@@ -103,10 +103,7 @@ async fn stage_page(
     }
     let state = format::stage_state(stage.state);
     let href = format!("/runs/{run_id}/stages/{}", segment(name));
-    let finished = !matches!(
-        state,
-        "pending" | "ready" | "assigned" | "running" | "awaiting_approval"
-    );
+    let finished = format::stage_is_over(stage.state);
     // Live lines only continue an unfiltered, complete current attempt.
     let events = if !finished && !cut && query.q.is_empty() && attempt == stage.attempt {
         format!("{href}/events?attempt={attempt}&from={next_seq}")

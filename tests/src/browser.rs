@@ -62,6 +62,11 @@ impl Browser {
     /// Starts chromedriver and a headless Chromium; `test` names the
     /// screenshots.
     pub async fn start(test: &str) -> Result<Self> {
+        Self::start_with(test, &[]).await
+    }
+
+    /// [`Browser::start`] with more Chromium flags.
+    pub async fn start_with(test: &str, flags: &[&str]) -> Result<Self> {
         let turn = ONE_BROWSER.lock().await;
         let driver_path = match std::env::var_os("KILN_CHROMEDRIVER") {
             Some(path) => PathBuf::from(path),
@@ -91,18 +96,20 @@ impl Browser {
             name: "chromedriver".into(),
         };
         let profile = tempfile::tempdir()?;
+        let mut args = vec![
+            "--headless=new".to_owned(),
+            "--no-sandbox".to_owned(),
+            "--disable-gpu".to_owned(),
+            "--disable-dev-shm-usage".to_owned(),
+            "--no-first-run".to_owned(),
+            "--window-size=1280,900".to_owned(),
+            format!("--user-data-dir={}", profile.path().display()),
+        ];
+        args.extend(flags.iter().map(|flag| (*flag).to_owned()));
         let capabilities = json!({
             "goog:chromeOptions": {
                 "binary": chromium.display().to_string(),
-                "args": [
-                    "--headless=new",
-                    "--no-sandbox",
-                    "--disable-gpu",
-                    "--disable-dev-shm-usage",
-                    "--no-first-run",
-                    "--window-size=1280,900",
-                    format!("--user-data-dir={}", profile.path().display()),
-                ],
+                "args": args,
             }
         });
         let capabilities = match capabilities {

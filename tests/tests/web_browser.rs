@@ -371,3 +371,28 @@ async fn browser_viewer_sees_no_buttons_and_a_forged_post_is_refused() -> Result
     assert!(is_png(&browser.screenshot("viewer").await?));
     browser.finish().await
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn browser_that_prefers_dark_gets_the_dark_palette() -> Result<()> {
+    let farm = farm()?;
+    let site = base(&farm);
+    let repo = Repo::new(GATED)?;
+    let run = register_and_run(&farm.coordinator, &repo).await?;
+    wait_stage(&farm, run, "signoff", pb::StageState::AwaitingApproval).await?;
+    // Blink's preferred colour scheme 0 is dark.
+    let browser = Browser::start_with("dark", &["--blink-settings=preferredColorScheme=0"]).await?;
+    browser
+        .sign_in(&site, &farm.coordinator.admin_token)
+        .await?;
+    browser.goto(&format!("{site}/runs/{run}")).await?;
+    let dark = browser
+        .js("return matchMedia('(prefers-color-scheme: dark)').matches")
+        .await?;
+    assert_eq!(dark, true, "the browser does not prefer dark");
+    let background = browser
+        .js("return getComputedStyle(document.body).backgroundColor")
+        .await?;
+    assert_eq!(background, "rgb(13, 17, 23)");
+    assert!(is_png(&browser.screenshot("run").await?));
+    browser.finish().await
+}

@@ -16,7 +16,7 @@ use kiln_tests::{
 };
 use reqwest::StatusCode;
 use reqwest::header::{COOKIE, LOCATION, SET_COOKIE};
-use web_common::{GATED, QUICK, audit, base, farm, run_state, wait_stage};
+use web_common::{GATED, QUICK, SHOP, audit, base, farm, run_state, wait_stage};
 
 fn http() -> Result<reqwest::Client> {
     Ok(reqwest::Client::builder()
@@ -698,5 +698,42 @@ async fn lists_filter_and_page_and_the_run_page_of_500_stages_renders_quickly() 
         "the 500-stage run page took {fastest:?}"
     );
     eprintln!("500-stage run page: {fastest:?}");
+
+    // An artifact's download link serves the blob, whole and verified.
+    let shop = Repo::new(SHOP)?;
+    shop.commit("metrics.json", r#"{"accuracy": 0.9}"#)?;
+    let built = register_and_run(&farm.coordinator, &shop).await?;
+    wait_run(&mut client, built, Duration::from_secs(30)).await?;
+    let page = get(format!("{base}/runs/{built}/stages/build")).await?;
+    let digest = page
+        .split(r#"href="/blobs/"#)
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .context("no artifact link on the stage page")?
+        .to_owned();
+    assert!(
+        page.contains("<th scope=\"row\">accuracy</th><td>0.9</td>"),
+        "{page}"
+    );
+    let blob = http()?
+        .get(format!("{base}/blobs/{digest}"))
+        .header(COOKIE, &session.cookie)
+        .send()
+        .await?;
+    assert_eq!(blob.status(), StatusCode::OK);
+    let bytes = blob.bytes().await?;
+    assert!(
+        bytes.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]),
+        "a zstd archive"
+    );
+    use sha2::Digest;
+    let actual = format!("sha256:{}", hex::encode(sha2::Sha256::digest(&bytes)));
+    assert_eq!(actual, digest);
+    let missing = http()?
+        .get(format!("{base}/blobs/sha256:{}", "0".repeat(64)))
+        .header(COOKIE, &session.cookie)
+        .send()
+        .await?;
+    assert_eq!(missing.status(), StatusCode::NOT_FOUND);
     Ok(())
 }

@@ -131,7 +131,7 @@ async fn pages_need_a_session_and_sign_in_sets_a_strict_cookie() -> Result<()> {
     assert_eq!(page.status(), StatusCode::SEE_OTHER);
     assert_eq!(
         page.headers()[LOCATION],
-        "/login?next=/runs%3Fstate%3Dfailed"
+        "/login?next=%2Fruns%3Fstate%3Dfailed"
     );
     // curl is told how to sign in; a form post without a session is refused.
     let curl = client

@@ -20,7 +20,7 @@ use serde::Deserialize;
 use tonic::{Request, Status};
 
 use super::Web;
-use super::format::{segment, status_page};
+use super::format::{status_page, url_encode};
 use super::session::{Signed, method_path};
 use crate::auth::AuditTarget;
 use crate::auth::layer::{outcome_of_status, refusal};
@@ -112,7 +112,7 @@ fn run_page(run: u64) -> String {
 }
 
 fn stage_page(run: u64, stage: &str) -> String {
-    format!("/runs/{run}/stages/{}", segment(stage))
+    format!("/runs/{run}/stages/{}", url_encode(stage))
 }
 
 pub(crate) async fn cancel(
@@ -278,5 +278,9 @@ pub(crate) async fn unfreeze(
 }
 
 pub(crate) fn environment_page(pipeline: &str, name: &str) -> String {
-    format!("/environments/{}/{}", segment(pipeline), segment(name))
+    format!(
+        "/environments/{}/{}",
+        url_encode(pipeline),
+        url_encode(name)
+    )
 }

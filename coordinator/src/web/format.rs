@@ -208,9 +208,9 @@ pub(crate) fn escape(text: &str, out: &mut String) {
     }
 }
 
-/// Percent-encodes one URL path segment (stage names are plain, but a
+/// Percent-encodes one URL path url_encode (stage names are plain, but a
 /// link must not break on any name).
-pub(crate) fn segment(text: &str) -> String {
+pub(crate) fn url_encode(text: &str) -> String {
     let mut out = String::new();
     for byte in text.bytes() {
         match byte {
@@ -238,6 +238,6 @@ mod tests {
         assert_eq!(number(1.0), "1");
         assert_eq!(bytes(512), "512 B");
         assert_eq!(bytes(1536), "1.5 KiB");
-        assert_eq!(segment("deploy prod/x"), "deploy%20prod%2Fx");
+        assert_eq!(url_encode("deploy prod/x"), "deploy%20prod%2Fx");
     }
 }

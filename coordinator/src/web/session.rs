@@ -25,7 +25,7 @@ use chacha20poly1305::aead::rand_core::RngCore;
 use serde::Deserialize;
 
 use super::Web;
-use super::format::{Chrome, error_page, render};
+use super::format::{Chrome, error_page, render, url_encode};
 use crate::auth::{Principal, rule};
 use crate::clock::{Clock, SystemClock};
 
@@ -209,26 +209,8 @@ fn to_login(parts: &Parts) -> Response {
         )
             .into_response();
     }
-    let here = parts
-        .uri
-        .path_and_query()
-        .map_or("/", |path| path.as_str())
-        .to_owned();
-    let next: String = form_urlencoded_byte_serialize(&here);
-    Redirect::to(&format!("/login?next={next}")).into_response()
-}
-
-fn form_urlencoded_byte_serialize(text: &str) -> String {
-    let mut out = String::new();
-    for byte in text.bytes() {
-        match byte {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' | b'/' => {
-                out.push(byte as char);
-            }
-            _ => out.push_str(&format!("%{byte:02X}")),
-        }
-    }
-    out
+    let here = parts.uri.path_and_query().map_or("/", |path| path.as_str());
+    Redirect::to(&format!("/login?next={}", url_encode(here))).into_response()
 }
 
 impl FromRequestParts<Arc<Web>> for Signed {

@@ -10,7 +10,7 @@ use kiln_proto::v1 as pb;
 use pb::control_service_server::ControlService;
 
 use super::{Page, RECENT_RUNS, Signed, Web, fail, finish};
-use crate::web::format::{self, Chrome, render, segment};
+use crate::web::format::{self, Chrome, render, url_encode};
 
 struct AgentRow {
     name: String,
@@ -55,7 +55,7 @@ async fn agents_page(web: &Web, signed: &Signed) -> Page {
             if matches!(format::stage_state(stage.state), "assigned" | "running") {
                 running.entry(stage.agent.clone()).or_default().push((
                     format!("run {} {}", run.id, stage.name),
-                    format!("/runs/{}/stages/{}", run.id, segment(&stage.name)),
+                    format!("/runs/{}/stages/{}", run.id, url_encode(&stage.name)),
                 ));
             }
         }

@@ -13,7 +13,7 @@ use serde::Deserialize;
 use super::{Page, RECENT_RUNS, Signed, Web, blocking, fail, finish, now_ms};
 use crate::store::PipelineRecord;
 use crate::web::dag;
-use crate::web::format::{self, Chrome, render, segment, short};
+use crate::web::format::{self, Chrome, render, short, url_encode};
 
 /// Runs on one page of `/runs`.
 const RUNS_PER_PAGE: usize = 50;
@@ -95,7 +95,7 @@ async fn pipelines_page(web: &Web, signed: &Signed) -> Page {
                 })
                 .collect();
             PipelineRow {
-                runs_href: format!("/runs?pipeline={}", segment(&record.name)),
+                runs_href: format!("/runs?pipeline={}", url_encode(&record.name)),
                 name: record.name,
                 version: record.version,
                 repo: record.repo,
@@ -214,9 +214,9 @@ async fn runs_page(web: &Web, signed: &Signed, query: RunsQuery) -> Page {
     let older_href = if more && last > 1 {
         format!(
             "/runs?pipeline={}&state={}&branch={}&before={last}",
-            segment(&query.pipeline),
-            segment(&query.state),
-            segment(&query.branch)
+            url_encode(&query.pipeline),
+            url_encode(&query.state),
+            url_encode(&query.branch)
         )
     } else {
         String::new()
@@ -325,7 +325,7 @@ async fn run_page(web: &Web, signed: &Signed, id: u64) -> Page {
         .map_err(|e| fail(signed)(e.into()))?;
     let kinds = stage_kinds(web, &run).await;
     let kind = |name: &str| kinds.get(name).copied().unwrap_or(dag::Kind::Stage);
-    let href = |name: &str| format!("/runs/{id}/stages/{}", segment(name));
+    let href = |name: &str| format!("/runs/{id}/stages/{}", url_encode(name));
     let nodes: Vec<dag::Node<'_>> = run
         .stages
         .iter()

@@ -10,7 +10,7 @@ use serde::Deserialize;
 
 use super::{ArtifactView, GateView, Page, Signed, Web, fail, finish, gate_view, now_ms};
 use crate::web::ansi;
-use crate::web::format::{self, Chrome, render, segment, short};
+use crate::web::format::{self, Chrome, render, short, url_encode};
 use crate::web::live::{attempt_lines, current_stage};
 
 /// Lines a stage page renders; the whole log is at `/log`.
@@ -102,7 +102,7 @@ async fn stage_page(
         }
     }
     let state = format::stage_state(stage.state);
-    let href = format!("/runs/{run_id}/stages/{}", segment(name));
+    let href = format!("/runs/{run_id}/stages/{}", url_encode(name));
     let finished = format::stage_is_over(stage.state);
     // Live lines only continue an unfiltered, complete current attempt.
     let events = if !finished && !cut && query.q.is_empty() && attempt == stage.attempt {

@@ -8,7 +8,9 @@
 #                     ca-certificates, openssl (deploy/tls/dev-certs.sh),
 #                     prometheus with promtool and prometheus-alertmanager
 #                     (delivery I/O and rule tests), docker-compose (the
-#                     compose test), systemd (systemd-analyze verify)
+#                     compose test), systemd (systemd-analyze verify),
+#                     chromium and chromium-driver (the dashboard's browser
+#                     tests)
 #   offline images    kiln/test-busybox:1, kiln/base:bookworm,
 #                     kiln/python-ml:bookworm (deploy/images/*/build.sh)
 #
@@ -36,7 +38,7 @@ if ((EUID != 0)); then
 fi
 
 packages=(git busybox-static debootstrap shellcheck ca-certificates openssl
-  prometheus prometheus-alertmanager docker-compose systemd)
+  prometheus prometheus-alertmanager docker-compose systemd chromium chromium-driver)
 missing=()
 for package in "${packages[@]}"; do
   status=$(dpkg-query -W -f='${db:Status-Status}' "$package" 2>/dev/null || true)

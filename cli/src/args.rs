@@ -313,6 +313,12 @@ pub(crate) struct DemoArgs {
     /// Keep the data dir from an earlier demo instead of clearing it.
     #[arg(long)]
     pub(crate) keep: bool,
+    /// Keep serving the web dashboard after the demo, until Ctrl-C.
+    #[arg(long)]
+    pub(crate) serve: bool,
+    /// Where the dashboard listens (loopback only: plain HTTP).
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:0")]
+    pub(crate) http: std::net::SocketAddr,
 }
 
 #[cfg(test)]

@@ -9,7 +9,9 @@
 //!
 //! Without `--example` it plays the ML scenario of [`crate::demo_ml`]
 //! (docker agent for training, process agent for deploys) when a Docker
-//! engine answers, and the shell-only `examples/hello` otherwise.
+//! engine answers, and the shell-only `examples/hello` otherwise. The
+//! coordinator's web dashboard is served throughout; with `--serve` it
+//! stays up after the scenario until Ctrl-C.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -51,7 +53,7 @@ struct Service {
     task: JoinHandle<anyhow::Result<()>>,
 }
 
-/// `kiln demo [--example DIR] [--data-dir D] [--keep]`.
+/// `kiln demo [--example DIR] [--data-dir D] [--keep] [--serve]`.
 pub(crate) async fn demo(args: &DemoArgs, format: OutputFormat) -> Result<Outcome, CliError> {
     // The libraries report through tracing; warnings and errors only, so
     // the demo's own lines stay readable.
@@ -92,7 +94,9 @@ pub(crate) async fn demo(args: &DemoArgs, format: OutputFormat) -> Result<Outcom
         ),
     )?;
 
-    let coordinator = start_coordinator(&data_dir, listener, None);
+    let (dashboard, dashboard_url) = bind_dashboard(args).await?;
+    let coordinator = start_coordinator(&data_dir, listener, dashboard, None);
+    announce_dashboard(format, &dashboard_url, &data_dir)?;
     let access = match Access::bootstrap(&data_dir, &url).await {
         Ok(access) => access,
         Err(error) => {
@@ -118,6 +122,7 @@ pub(crate) async fn demo(args: &DemoArgs, format: OutputFormat) -> Result<Outcom
         result = run_example(&url, &access.admin, registration, format) => result,
         _ = tokio::signal::ctrl_c() => Err(CliError::Input("interrupted".to_owned())),
     };
+    let script = serve_dashboard(args, format, &dashboard_url, script).await;
 
     // Shutdown happens even if stdout is gone, so no `?` here.
     let _ = output::progress(format, "stopping the agents, then the coordinator");
@@ -177,7 +182,9 @@ async fn ml_demo(args: &DemoArgs, format: OutputFormat) -> Result<Outcome, CliEr
             data_dir.display()
         ),
     )?;
-    let coordinator = start_coordinator(&data_dir, listener, Some(alert_url));
+    let (dashboard, dashboard_url) = bind_dashboard(args).await?;
+    let coordinator = start_coordinator(&data_dir, listener, dashboard, Some(alert_url));
+    announce_dashboard(format, &dashboard_url, &data_dir)?;
     let access = match Access::bootstrap(&data_dir, &url).await {
         Ok(access) => access,
         Err(error) => {
@@ -221,6 +228,7 @@ async fn ml_demo(args: &DemoArgs, format: OutputFormat) -> Result<Outcome, CliEr
         result = scenario => result,
         _ = tokio::signal::ctrl_c() => Err(CliError::Input("interrupted".to_owned())),
     };
+    let result = serve_dashboard(args, format, &dashboard_url, result).await;
     let _ = output::progress(
         format,
         "stopping the model server, the agents, then the coordinator",
@@ -245,15 +253,75 @@ fn repo_root() -> PathBuf {
     built_from.canonicalize().unwrap_or(built_from)
 }
 
+/// The dashboard's listener and its URL.
+async fn bind_dashboard(args: &DemoArgs) -> Result<(tokio::net::TcpListener, String), CliError> {
+    if !args.http.ip().is_loopback() {
+        return Err(CliError::Input(format!(
+            "--http {}: the demo serves plain HTTP, so only on a loopback address (e.g. 127.0.0.1:7701)",
+            args.http
+        )));
+    }
+    let listener = tokio::net::TcpListener::bind(args.http)
+        .await
+        .map_err(|e| {
+            CliError::Input(format!(
+                "cannot listen on {} for the dashboard: {e}",
+                args.http
+            ))
+        })?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| CliError::Input(e.to_string()))?;
+    Ok((listener, format!("http://{addr}/")))
+}
+
+fn announce_dashboard(format: OutputFormat, url: &str, data_dir: &Path) -> Result<(), CliError> {
+    output::progress(
+        format,
+        &format!(
+            "dashboard: {url} (sign in with the token in {})",
+            data_dir.join("coordinator").join("admin.token").display()
+        ),
+    )
+}
+
+/// With `--serve`, keeps the farm up for the dashboard until Ctrl-C once
+/// the scenario is over (whatever its outcome); otherwise says how to.
+async fn serve_dashboard(
+    args: &DemoArgs,
+    format: OutputFormat,
+    url: &str,
+    outcome: Result<Outcome, CliError>,
+) -> Result<Outcome, CliError> {
+    let interrupted = matches!(&outcome, Err(CliError::Input(why)) if why == "interrupted");
+    if interrupted {
+        return outcome;
+    }
+    if !args.serve {
+        let _ = output::progress(
+            format,
+            "(run `kiln demo --serve` to keep the dashboard open after the demo)",
+        );
+        return outcome;
+    }
+    let _ = output::progress(
+        format,
+        &format!("serving the dashboard at {url}; press Ctrl-C to stop"),
+    );
+    let _ = tokio::signal::ctrl_c().await;
+    outcome
+}
+
 fn start_coordinator(
     data_dir: &Path,
     listener: tokio::net::TcpListener,
+    dashboard: tokio::net::TcpListener,
     alert_webhook: Option<String>,
 ) -> Service {
     let config = kiln_coordinator::Config {
         data_dir: data_dir.join("coordinator"),
         grpc_listener: listener,
-        http_listener: None,
+        http_listener: Some(dashboard),
         lease_ttl: LEASE_TTL,
         heartbeat_interval: HEARTBEAT,
         artifacts: kiln_coordinator::ArtifactPolicy::default(),

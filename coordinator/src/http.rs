@@ -1,23 +1,46 @@
 //! The HTTP listener: `/healthz` for load balancers, `/metrics` for
-//! Prometheus and `/hooks/{pipeline}` for git servers' push webhooks. Over
-//! TLS when the coordinator has a certificate (no client certificates
-//! here: webhooks come from git servers).
+//! Prometheus, `/hooks/{pipeline}` for git servers' push webhooks, and the
+//! web dashboard (`web`) on every other path. Over TLS when the
+//! coordinator has a certificate (no client certificates here: webhooks
+//! come from git servers and people use browsers).
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
+use axum::extract::connect_info::Connected;
 use axum::routing::{get, post};
+use axum::serve::IncomingStream;
 use tokio::sync::watch;
 
 use crate::metrics::Metrics;
+use crate::tls_listener::TlsListener;
 use crate::triggers::webhook::{self, Hooks};
+use crate::web::{self, Web};
+
+/// The remote address of an HTTP connection, plain or TLS.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Peer(pub(crate) SocketAddr);
+
+impl Connected<IncomingStream<'_, tokio::net::TcpListener>> for Peer {
+    fn connect_info(stream: IncomingStream<'_, tokio::net::TcpListener>) -> Self {
+        Peer(*stream.remote_addr())
+    }
+}
+
+impl Connected<IncomingStream<'_, TlsListener>> for Peer {
+    fn connect_info(stream: IncomingStream<'_, TlsListener>) -> Self {
+        Peer(*stream.remote_addr())
+    }
+}
 
 pub(crate) async fn serve(
     listener: tokio::net::TcpListener,
     tls: Option<Arc<rustls::ServerConfig>>,
     metrics: Arc<Metrics>,
     hooks: Hooks,
+    web: Arc<Web>,
     stop: watch::Receiver<bool>,
 ) {
     let app = Router::new()
@@ -34,7 +57,10 @@ pub(crate) async fn serve(
             post(webhook::push)
                 .with_state(hooks)
                 .layer(DefaultBodyLimit::max(webhook::MAX_BODY_BYTES)),
-        );
+        )
+        .merge(web::router(web))
+        // The dashboard's audit records name the peer, as gRPC's do.
+        .into_make_service_with_connect_info::<Peer>();
     let stopped = {
         let mut stop = stop.clone();
         async move {

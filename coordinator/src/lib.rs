@@ -13,7 +13,10 @@
 //!   into engine events.
 //! - `blobs`, `artifact_service`: the content-addressed blob store (files
 //!   in the data dir) and its chunked upload/download service.
-//! - `http`: `/healthz` and `/metrics`; `tls_listener` serves them over TLS.
+//! - `http`: `/healthz`, `/metrics`, webhooks and the dashboard;
+//!   `tls_listener` serves them over TLS.
+//! - `web`: the dashboard — server-rendered pages, live logs over
+//!   Server-Sent Events, and buttons that call the control service.
 //! - `views`: stored records as wire messages.
 
 mod agent_service;
@@ -38,6 +41,7 @@ mod store;
 mod tls_listener;
 mod triggers;
 mod views;
+mod web;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -250,6 +254,26 @@ pub async fn run(
     };
     let reflection_v1 = reflection().build_v1()?;
     let reflection_v1alpha = reflection().build_v1alpha()?;
+    // One control service for the CLI (gRPC) and the dashboard's buttons,
+    // so both follow the same rules.
+    let control = Arc::new(control::ControlApi::new(
+        events_tx.clone(),
+        reader.clone(),
+        blobs.clone(),
+        config.artifacts.keep_days,
+        tokens,
+        secrets.clone(),
+        provenance_key.clone(),
+    ));
+    let web = Arc::new(web::Web::new(
+        reader,
+        events_tx.clone(),
+        control.clone(),
+        auth.clone(),
+        blobs.clone(),
+        provenance_key,
+        tls.is_some(),
+    ));
     let grpc_addr = config.grpc_listener.local_addr()?;
     let incoming =
         tonic::transport::server::TcpIncoming::from(config.grpc_listener).with_nodelay(Some(true));
@@ -277,16 +301,8 @@ pub async fn run(
                     .max_decoding_message_size(4 * blobs::CHUNK_BYTES),
             )
             .add_service(
-                ControlServiceServer::new(control::ControlApi::new(
-                    events_tx,
-                    reader,
-                    blobs,
-                    config.artifacts.keep_days,
-                    tokens,
-                    secrets.clone(),
-                    provenance_key,
-                ))
-                .max_decoding_message_size(MAX_MESSAGE_BYTES),
+                ControlServiceServer::from_arc(control.clone())
+                    .max_decoding_message_size(MAX_MESSAGE_BYTES),
             )
             .serve_with_incoming_shutdown(incoming, async move {
                 let _ = grpc_stop.changed().await;
@@ -316,6 +332,7 @@ pub async fn run(
                     view,
                     auth: auth.clone(),
                 },
+                web,
                 stop_rx.clone(),
             )))
         }

@@ -19,6 +19,7 @@ use kiln_proto::v1 as pb;
 use pb::control_service_client::ControlServiceClient;
 use tonic::transport::Channel;
 
+pub mod browser;
 pub mod delivery;
 pub mod docker;
 pub mod farm;

@@ -89,14 +89,29 @@ impl Auth {
             }
         };
         if !rule.allows(principal.role) {
-            let status = Status::permission_denied(format!(
-                "token `{}` ({}) may not call {method}",
-                principal.name,
-                role_name(principal.role)
-            ));
+            let status = refusal(&principal, method);
             return Err((Some(principal.name), status));
         }
         Ok(principal)
+    }
+}
+
+/// The answer to a principal whose role may not call `method`; the web
+/// dashboard gives the same one.
+pub(crate) fn refusal(principal: &Principal, method: &str) -> Status {
+    Status::permission_denied(format!(
+        "token `{}` ({}) may not call {method}",
+        principal.name,
+        role_name(principal.role)
+    ))
+}
+
+/// The audit outcome of a call answered without going through HTTP (the
+/// web dashboard's actions): `OK`, or the status's code name and message.
+pub(crate) fn outcome_of_status(status: Option<&Status>) -> (String, String) {
+    match status {
+        None => (code_name(tonic::Code::Ok), String::new()),
+        Some(status) => (code_name(status.code()), status.message().to_owned()),
     }
 }
 
@@ -108,7 +123,7 @@ fn anonymous() -> Principal {
     }
 }
 
-fn role_name(role: super::Role) -> &'static str {
+pub(crate) fn role_name(role: super::Role) -> &'static str {
     match role {
         super::Role::Viewer => "viewer",
         super::Role::Operator => "operator",

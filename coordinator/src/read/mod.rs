@@ -220,8 +220,20 @@ impl Reader {
         pipeline: Option<String>,
         limit: usize,
     ) -> Result<Vec<pb::Run>, ApiError> {
+        self.runs_up_to(pipeline, None, limit).await
+    }
+
+    /// The newest runs with an id up to `up_to` (all when `None`), durable
+    /// ones only: the web dashboard's pages of runs.
+    pub(crate) async fn runs_up_to(
+        &self,
+        pipeline: Option<String>,
+        up_to: Option<RunId>,
+        limit: usize,
+    ) -> Result<Vec<pb::Run>, ApiError> {
         let view = self.view.clone();
-        let up_to = view.last_run();
+        let durable = view.last_run();
+        let up_to = up_to.map_or(durable, |id| id.min(durable));
         self.blocking(move |store| {
             let records = store.runs(pipeline.as_deref(), up_to, limit)?;
             records

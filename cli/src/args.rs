@@ -436,6 +436,9 @@ pub(crate) struct DecideArgs {
     pub(crate) run: u64,
     /// The gate stage waiting for a decision.
     pub(crate) stage: String,
+    /// Why, recorded on the gate's decision (e.g. --reason "recall too low").
+    #[arg(long, default_value = "")]
+    pub(crate) reason: String,
 }
 
 #[derive(Debug, Args)]

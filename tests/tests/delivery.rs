@@ -433,9 +433,10 @@ async fn manual_approval_waits_and_rejection_fails() -> Result<()> {
             },
         )
         .await?;
-        let decided = farm
-            .coordinator
-            .kiln(&[verdict, &id.to_string(), "signoff"]);
+        let reason = format!("{verdict}d after reading the report");
+        let decided =
+            farm.coordinator
+                .kiln(&[verdict, &id.to_string(), "signoff", "--reason", &reason]);
         assert_eq!(
             decided.status.code(),
             Some(0),
@@ -447,6 +448,16 @@ async fn manual_approval_waits_and_rejection_fails() -> Result<()> {
         let gate = stage(&run, "signoff").gate.clone().unwrap();
         // Who decided comes from the token, not from what the client says.
         assert_eq!(gate.decided_by, "admin");
+        assert!(
+            gate.summary.ends_with(&format!("by admin: {reason}")),
+            "{}",
+            gate.summary
+        );
+        assert!(
+            stage(&run, "signoff").message.ends_with(&reason),
+            "the reason is on the stage: {}",
+            stage(&run, "signoff").message
+        );
     }
     let again = farm.coordinator.kiln(&["approve", "1", "signoff"]);
     assert_eq!(

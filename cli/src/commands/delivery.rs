@@ -371,7 +371,7 @@ pub(crate) async fn decide(
         run_id: args.run,
         stage: args.stage.clone(),
         user: user(),
-        comment: String::new(),
+        comment: args.reason.clone(),
     };
     let mut control = c.control();
     let reply = if approve {

@@ -92,12 +92,21 @@ impl ControlApi {
         let request = request.into_inner();
         let (run, stage) = (RunId(request.run_id), request.stage);
         let target = format!("run {run} stage {stage}");
+        let reason = request.comment.trim().to_owned();
+        if reason.len() > MAX_REASON_BYTES {
+            return Err(ApiError::InvalidArgument(format!(
+                "the reason is {} bytes; keep it under {MAX_REASON_BYTES}",
+                reason.len()
+            ))
+            .into());
+        }
         let run = self
             .ask(|reply| Event::DecideGate {
                 run,
                 stage,
                 user,
                 approve,
+                reason,
                 reply,
             })
             .await?;
@@ -117,6 +126,9 @@ impl ControlApi {
             })
     }
 }
+
+/// Longest reason a gate decision records.
+const MAX_REASON_BYTES: usize = 1024;
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 

@@ -125,6 +125,8 @@ pub(crate) enum Event {
         stage: String,
         user: String,
         approve: bool,
+        /// Why, if the person said ("" otherwise).
+        reason: String,
         reply: Reply<pb::Run>,
     },
     Rollback {
@@ -428,9 +430,10 @@ impl Engine {
                 stage,
                 user,
                 approve,
+                reason,
                 reply,
             } => {
-                let result = self.decide_gate(run, &stage, &user, approve);
+                let result = self.decide_gate(run, &stage, &user, approve, &reason);
                 self.reply_run(reply, result);
             }
             Event::Rollback {

@@ -852,6 +852,7 @@ impl Engine {
         name: &str,
         user: &str,
         approve: bool,
+        reason: &str,
     ) -> Result<RunId, ApiError> {
         let active = self.runs.get(&run).ok_or_else(|| self.not_active(run))?;
         let idx = active
@@ -871,15 +872,20 @@ impl Engine {
             )));
         }
         let verdict = if approve { "approved" } else { "rejected" };
+        let because = if reason.is_empty() {
+            String::new()
+        } else {
+            format!(": {reason}")
+        };
         if let Some(stage) = self.stage_mut(key)
             && let Some(gate) = stage.gate.as_mut()
         {
             gate.decided_by = Some(user.to_owned());
             gate.passed = approve;
-            gate.summary = format!("{}; {verdict} by {user}", gate.summary);
+            gate.summary = format!("{}; {verdict} by {user}{because}", gate.summary);
         }
         tracing::info!(run = %run, stage = name, user, verdict, "manual gate decided");
-        let message = format!("{verdict} by {user}");
+        let message = format!("{verdict} by {user}{because}");
         let state = if approve {
             StageState::Succeeded
         } else {

@@ -277,6 +277,13 @@ mod tests {
         fn provenance(&self, release: u64) -> Result<Option<ProvenanceRecord>> {
             self.inner.provenance(release)
         }
+        fn monitor_samples(
+            &self,
+            release: u64,
+            limit: usize,
+        ) -> Result<Vec<crate::store::MonitorSampleRecord>> {
+            self.inner.monitor_samples(release, limit)
+        }
         fn trigger_state(&self, pipeline: &str) -> Result<Option<TriggerStateRecord>> {
             self.inner.trigger_state(pipeline)
         }

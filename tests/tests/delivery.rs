@@ -10,7 +10,7 @@
 
 use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use kiln_proto::v1 as pb;
 use kiln_tests::delivery::{
     farm, history, model_server, release_state, ship, ship_pipeline, spec, state, webhook,
@@ -109,6 +109,28 @@ async fn promotion_gates_monitoring_and_automatic_rollback() -> Result<()> {
         std::fs::read_to_string(serve.path().join("production"))?.trim(),
         "good-1",
         "the good model serves again"
+    );
+    // The dashboard charts the monitor's samples of the watched releases,
+    // the breaching rounds marked (curl-style, with the admin token).
+    let pipeline = history_pipeline(&releases);
+    let page = reqwest::Client::new()
+        .get(format!(
+            "http://{}/environments/{pipeline}/production",
+            farm.coordinator.http
+        ))
+        .bearer_auth(&farm.coordinator.admin_token)
+        .send()
+        .await?
+        .text()
+        .await?;
+    let figure = page
+        .split(r#"id="monitor-samples""#)
+        .nth(1)
+        .and_then(|rest| rest.split("</figure>").next())
+        .with_context(|| format!("no monitor chart on the environment page: {page}"))?;
+    assert!(
+        figure.matches(r#"class="mark""#).count() >= 3,
+        "the three breaching rounds are marked: {figure}"
     );
     // Exactly failure_limit breaches: the rollback began at the third bad
     // scrape, not before (a few more scrapes may land while it runs).
@@ -597,4 +619,12 @@ async fn prometheus_query_monitor_rolls_back_and_alertmanager_gets_the_alert() -
     })
     .await?;
     Ok(())
+}
+
+/// The pipeline the releases belong to (one here).
+fn history_pipeline(releases: &[pb::Release]) -> String {
+    releases
+        .first()
+        .map(|release| release.pipeline.clone())
+        .unwrap_or_default()
 }

@@ -145,7 +145,12 @@ impl Engine {
         else {
             return;
         };
-        match self.delivery.observe(&observation, &monitor) {
+        let now = self.clock.now_ms();
+        let (sample, breach) = self.delivery.observe(&observation, &monitor, now);
+        if let Some(sample) = sample {
+            self.write(Op::MonitorSample(sample));
+        }
+        match breach {
             Breach::Quiet => {}
             Breach::Frozen(ops) => self.write_all(ops),
             Breach::RollBack {

@@ -15,6 +15,7 @@
 //! U <audit:u64>                                   audit record
 //! V <release:u64>                                 signed provenance
 //! G <pipeline>                                    schedule/data trigger state
+//! S <release:u64> <at_ms:u64>                     monitor sample of a release
 //! M schema                                        store schema version (u32)
 //! ```
 //!
@@ -35,6 +36,7 @@ pub(super) const SECRET: u8 = b'K';
 pub(super) const AUDIT: u8 = b'U';
 pub(super) const PROVENANCE: u8 = b'V';
 pub(super) const TRIGGER_STATE: u8 = b'G';
+pub(super) const MONITOR_SAMPLE: u8 = b'S';
 /// Where the store records its schema version.
 pub(super) const SCHEMA: &[u8] = b"Mschema";
 
@@ -47,6 +49,18 @@ pub(super) fn provenance(release: u64) -> Vec<u8> {
 pub(super) fn named(prefix: u8, name: &str) -> Vec<u8> {
     let mut key = vec![prefix];
     key.extend_from_slice(name.as_bytes());
+    key
+}
+
+pub(super) fn monitor_sample(release: u64, at_ms: u64) -> Vec<u8> {
+    let mut key = monitor_samples(release);
+    key.extend_from_slice(&at_ms.to_be_bytes());
+    key
+}
+
+pub(super) fn monitor_samples(release: u64) -> Vec<u8> {
+    let mut key = vec![MONITOR_SAMPLE];
+    key.extend_from_slice(&release.to_be_bytes());
     key
 }
 

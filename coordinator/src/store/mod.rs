@@ -353,6 +353,19 @@ pub(crate) enum Op {
     Audit(AuditRecord),
     Provenance(ProvenanceRecord),
     TriggerState(TriggerStateRecord),
+    MonitorSample(MonitorSampleRecord),
+}
+
+/// One round of a release's monitor: what it read and whether it breached.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub(crate) struct MonitorSampleRecord {
+    pub(crate) release: u64,
+    pub(crate) at_ms: u64,
+    /// Value per `rollback_when` metric (`None`: empty result).
+    pub(crate) values: BTreeMap<String, Option<f64>>,
+    /// Why the source could not be read, if it could not.
+    pub(crate) error: Option<String>,
+    pub(crate) breached: bool,
 }
 
 impl Batch {
@@ -409,4 +422,6 @@ pub(crate) trait Store: Send + Sync + 'static {
     fn last_audit_id(&self) -> Result<u64>;
     fn provenance(&self, release: u64) -> Result<Option<ProvenanceRecord>>;
     fn trigger_state(&self, pipeline: &str) -> Result<Option<TriggerStateRecord>>;
+    /// The newest `limit` monitor samples of `release`, oldest first.
+    fn monitor_samples(&self, release: u64, limit: usize) -> Result<Vec<MonitorSampleRecord>>;
 }

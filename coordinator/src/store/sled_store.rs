@@ -12,9 +12,9 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::{
-    AuditRecord, Batch, EnvironmentRecord, LogLine, Op, PipelineRecord, ProvenanceRecord,
-    ReleaseRecord, Result, RunRecord, SecretRecord, StageRecord, Store, StoreError, StoredLog,
-    TokenRecord, TriggerStateRecord, keys,
+    AuditRecord, Batch, EnvironmentRecord, LogLine, MonitorSampleRecord, Op, PipelineRecord,
+    ProvenanceRecord, ReleaseRecord, Result, RunRecord, SecretRecord, StageRecord, Store,
+    StoreError, StoredLog, TokenRecord, TriggerStateRecord, keys,
 };
 
 pub(crate) struct SledStore {
@@ -103,6 +103,12 @@ impl Store for SledStore {
                 }
                 Op::Provenance(record) => {
                     writes.insert(keys::provenance(record.release), encode(record));
+                }
+                Op::MonitorSample(record) => {
+                    writes.insert(
+                        keys::monitor_sample(record.release, record.at_ms),
+                        encode(record),
+                    );
                 }
             }
         }
@@ -199,6 +205,21 @@ impl Store for SledStore {
 
     fn secrets(&self) -> Result<Vec<SecretRecord>> {
         self.scan(&[keys::SECRET])
+    }
+
+    fn monitor_samples(&self, release: u64, limit: usize) -> Result<Vec<MonitorSampleRecord>> {
+        let mut samples = self
+            .db
+            .scan_prefix(keys::monitor_samples(release))
+            .rev()
+            .take(limit)
+            .map(|entry| {
+                let (key, value) = entry?;
+                decode(&key, &value)
+            })
+            .collect::<Result<Vec<MonitorSampleRecord>>>()?;
+        samples.reverse();
+        Ok(samples)
     }
 
     fn audit(&self, limit: usize) -> Result<Vec<AuditRecord>> {

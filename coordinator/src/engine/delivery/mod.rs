@@ -45,8 +45,8 @@ use crate::delivery::alerts::Alert;
 use crate::error::ApiError;
 use crate::metrics::Metrics;
 use crate::store::{
-    EnvironmentRecord, GateDecision, Op, ReleaseRecord, ReleaseState, RollbackPlan, Selection,
-    StageArtifact,
+    EnvironmentRecord, GateDecision, MonitorSampleRecord, Op, ReleaseRecord, ReleaseState,
+    RollbackPlan, Selection, StageArtifact,
 };
 use environments::{Environments, Watch};
 
@@ -423,12 +423,15 @@ impl DeliveryController {
 
     /// Judges one round of samples of a watched release against its
     /// stage's `monitor:`; at `failure_limit` consecutive breaches it
-    /// raises an alert and asks for a rollback, or freezes.
+    /// raises an alert and asks for a rollback, or freezes. The round is
+    /// kept as a sample (for the dashboard's chart) while the release is
+    /// live.
     pub(super) fn observe(
         &mut self,
         observation: &monitor::Observation,
         monitor: &spec::Monitor,
-    ) -> Breach {
+        now: u64,
+    ) -> (Option<MonitorSampleRecord>, Breach) {
         let monitor::Observation {
             release,
             environment,
@@ -436,14 +439,38 @@ impl DeliveryController {
         } = observation;
         let release = *release;
         let (breached, observed) = monitor::judge(monitor, values);
-        let count =
-            match self
-                .environments
-                .observe(environment, release, breached, monitor.failure_limit)
-            {
-                Watch::Ignored | Watch::Counted(0) => return Breach::Quiet,
-                Watch::Counted(count) | Watch::Act(count) => count,
-            };
+        let watch =
+            self.environments
+                .observe(environment, release, breached, monitor.failure_limit);
+        if watch == Watch::Ignored {
+            return (None, Breach::Quiet);
+        }
+        let sample = MonitorSampleRecord {
+            release,
+            at_ms: now,
+            values: values.clone().unwrap_or_default(),
+            error: values.as_ref().err().cloned(),
+            breached,
+        };
+        let count = match watch {
+            Watch::Ignored | Watch::Counted(0) => return (Some(sample), Breach::Quiet),
+            Watch::Counted(count) | Watch::Act(count) => count,
+        };
+        (
+            Some(sample),
+            self.breach(environment, release, monitor, count, &observed),
+        )
+    }
+
+    /// A counted breach: at the limit, an alert and what `on_breach` says.
+    fn breach(
+        &mut self,
+        environment: &EnvKey,
+        release: u64,
+        monitor: &spec::Monitor,
+        count: u32,
+        observed: &str,
+    ) -> Breach {
         self.metrics.monitor_breach(environment);
         tracing::warn!(release, environment = %environment, count, limit = monitor.failure_limit, %observed, "monitor breach");
         if count < monitor.failure_limit {

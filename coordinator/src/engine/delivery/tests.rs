@@ -221,29 +221,32 @@ fn breaches_ask_for_one_rollback_at_the_limit_or_freeze() {
         values: Ok(BTreeMap::from([("error_ratio".to_string(), Some(value))])),
     };
     assert!(matches!(
-        delivery.observe(&sample(0.9), &monitor),
+        delivery.observe(&sample(0.9), &monitor, 0).1,
         Breach::Quiet
     ));
     assert!(matches!(
-        delivery.observe(&sample(0.1), &monitor),
+        delivery.observe(&sample(0.1), &monitor, 0).1,
         Breach::Quiet
     ));
     assert!(matches!(
-        delivery.observe(&sample(0.9), &monitor),
+        delivery.observe(&sample(0.9), &monitor, 0).1,
         Breach::Quiet
     ));
+    let (kept, breach) = delivery.observe(&sample(0.9), &monitor, 77);
+    let kept = kept.expect("a live release's rounds are kept");
+    assert!(kept.breached && kept.at_ms == 77 && kept.values["error_ratio"] == Some(0.9));
     let Breach::RollBack {
         environment,
         release,
         reason,
-    } = delivery.observe(&sample(0.9), &monitor)
+    } = breach
     else {
         panic!("the second breach in a row reaches the limit");
     };
     assert_eq!((environment, release), (env.clone(), 1));
     assert!(reason.contains("error_ratio=0.9"), "{reason}");
     assert!(
-        matches!(delivery.observe(&sample(0.9), &monitor), Breach::Quiet),
+        matches!(delivery.observe(&sample(0.9), &monitor, 0).1, Breach::Quiet),
         "acted once"
     );
 
@@ -251,9 +254,9 @@ fn breaches_ask_for_one_rollback_at_the_limit_or_freeze() {
     monitor.on_breach = OnBreach::Freeze;
     let mut second = sample(0.9);
     second.release = 2;
-    delivery.observe(&second, &monitor);
+    delivery.observe(&second, &monitor, 0);
     assert!(matches!(
-        delivery.observe(&second, &monitor),
+        delivery.observe(&second, &monitor, 0).1,
         Breach::Frozen(ops) if ops.len() == 1
     ));
     assert!(delivery.frozen(&env).is_some());

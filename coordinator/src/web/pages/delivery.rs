@@ -133,6 +133,10 @@ struct EnvironmentPage {
     frozen: String,
     history: Vec<ReleaseRow>,
     chart: String,
+    /// The monitor's samples of the newest watched release, as a chart.
+    samples_chart: String,
+    /// What that chart shows, for its caption.
+    samples_caption: String,
     rollback_href: String,
     unfreeze_href: String,
     can_rollback: bool,
@@ -192,6 +196,10 @@ async fn environment_page(web: &Web, signed: &Signed, pipeline: String, name: St
             threshold: None,
         })
     };
+    let (samples_chart, samples_caption) = samples_chart(web, &mine)
+        .await
+        .map_err(fail(signed))?
+        .unwrap_or_default();
     let live = env
         .live
         .and_then(|id| mine.iter().find(|r| r.id == id))
@@ -207,9 +215,86 @@ async fn environment_page(web: &Web, signed: &Signed, pipeline: String, name: St
         live,
         history,
         chart,
+        samples_chart,
+        samples_caption,
         rollback_href: format!("{href}/rollback"),
         unfreeze_href: format!("{href}/unfreeze"),
     }))
+}
+
+/// Most samples one chart draws (the newest).
+const MAX_SAMPLES: usize = 500;
+
+/// The monitor's samples of the newest release that has any, over time,
+/// with the `rollback_when` threshold of its first metric and the breaching
+/// rounds marked; `None` when no release of the environment was watched.
+async fn samples_chart(
+    web: &Web,
+    releases: &[ReleaseRecord],
+) -> Result<Option<(String, String)>, tonic::Status> {
+    let newest_first: Vec<ReleaseRecord> = releases.iter().rev().cloned().collect();
+    let parsed = web.reader.parsed().clone();
+    blocking(web, move |store| {
+        for release in newest_first {
+            let samples = store.monitor_samples(release.id, MAX_SAMPLES)?;
+            if samples.is_empty() {
+                continue;
+            }
+            let monitor = store
+                .pipeline(&release.pipeline, release.pipeline_version)?
+                .and_then(|record| parsed.get(&record).ok())
+                .and_then(|spec| {
+                    let idx = spec.stage_idx(&release.stage)?;
+                    spec.stages[idx].monitor.clone()
+                });
+            let metrics: Vec<String> = samples
+                .iter()
+                .flat_map(|s| s.values.keys().cloned())
+                .collect::<std::collections::BTreeSet<_>>()
+                .into_iter()
+                .collect();
+            let threshold = monitor.as_ref().and_then(|monitor| {
+                let first = metrics.first()?;
+                Some(monitor.rollback_when.get(first)?.value)
+            });
+            let rule = monitor
+                .as_ref()
+                .and_then(|monitor| {
+                    let first = metrics.first()?;
+                    Some(format!("breach when {first} {}", monitor.rollback_when.get(first)?))
+                })
+                .unwrap_or_default();
+            let svg = chart::svg(&chart::Chart {
+                title: format!("monitor samples of release {}", release.id),
+                labels: samples.iter().map(|s| format::time(s.at_ms)).collect(),
+                series: metrics
+                    .iter()
+                    .map(|metric| chart::Series {
+                        name: metric.clone(),
+                        values: samples
+                            .iter()
+                            .map(|s| s.values.get(metric).copied().flatten())
+                            .collect(),
+                    })
+                    .collect(),
+                marked: samples
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, s)| s.breached)
+                    .map(|(i, _)| i)
+                    .collect(),
+                threshold,
+            });
+            let caption = format!(
+                "The monitor's {} samples of release {} over time; the line is the threshold ({rule}), marked points breached.",
+                samples.len(),
+                release.id
+            );
+            return Ok(Some((svg, caption)));
+        }
+        Ok(None)
+    })
+    .await
 }
 
 // ---------------------------------------------------------------- release

@@ -10,7 +10,14 @@ use std::path::{Path, PathBuf};
 
 /// Plain modules that import nothing of the crate; any other layer may
 /// import them.
-const LEAVES: &[&str] = &["attempt", "config", "error", "metrics", "resources", "timer"];
+const LEAVES: &[&str] = &[
+    "attempt",
+    "config",
+    "error",
+    "metrics",
+    "resources",
+    "timer",
+];
 
 /// Each other layer and the layers above the leaves it may import.
 /// Executors see only their contract and `logs`.

@@ -177,8 +177,20 @@ pub(super) fn describe(job: &Job, image_digest: &str, host: &HostSettings) -> St
         .memory
         .map_or(0, |bytes| u64::try_from(bytes).unwrap_or(0));
     let cpus = config.nano_cpus.unwrap_or(0) as f64 / 1e9;
+    let gpus: Vec<String> = config
+        .device_requests
+        .iter()
+        .flatten()
+        .flat_map(|request| request.device_ids.iter().flatten())
+        .cloned()
+        .collect();
+    let gpus = if gpus.is_empty() {
+        String::new()
+    } else {
+        format!(", gpus {}", gpus.join(","))
+    };
     format!(
-        "docker: image {} ({image_digest}); {network}; limits: memory {}, cpus {cpus}, pids {}",
+        "docker: image {} ({image_digest}); {network}; limits: memory {}, cpus {cpus}, pids {}{gpus}",
         job.image,
         byte_size(memory),
         config.pids_limit.unwrap_or(0),
@@ -259,11 +271,15 @@ mod tests {
             pids: 64,
             ..DockerOptions::default()
         };
-        let line = describe(&job(bridged), "sha256:abc", &host(8.0));
+        let mut bridged = job(bridged);
+        let line = describe(&bridged, "sha256:abc", &host(8.0));
         assert!(
             line.ends_with("; network: bridge; limits: memory 512 MiB, cpus 1.5, pids 64"),
             "{line}"
         );
+        bridged.gpus = vec![0, 2];
+        let line = describe(&bridged, "sha256:abc", &host(8.0));
+        assert!(line.ends_with(", pids 64, gpus 0,2"), "{line}");
         assert_eq!(byte_size(1_500_000), "1.4 MiB");
     }
 

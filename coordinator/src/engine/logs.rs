@@ -132,7 +132,12 @@ impl Engine {
         self.send_after_commit(agent, Out::Ack(ack));
     }
 
+    /// Refuses a batch: the agent stops the attempt and forgets it, without
+    /// a completion, so its slot (and resources) are free again here too.
+    /// Without this a run cancelled (and retired) while its stage printed
+    /// left the attempt held on the agent forever.
     fn reject(&mut self, agent: &str, stage_ref: pb::StageRef, reason: String) {
+        self.pool.release(agent, AttemptKey::from(&stage_ref));
         let ack = pb::Ack {
             stage: Some(stage_ref),
             rejected: true,

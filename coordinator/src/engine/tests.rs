@@ -721,6 +721,29 @@ fn a_breach_rolls_back_its_own_pipeline_and_never_touches_another() {
     );
 }
 
+#[test]
+fn refused_lines_of_a_cancelled_run_free_the_agents_slot() {
+    let mut h = Harness::new();
+    let run = h.start_run("pipeline: p\nstages:\n  hang: { commands: [sleep] }\n");
+    let mut agent = h.connect("one", 1, 1, vec![]);
+    let hang = agent.assignments()[0];
+    h.ask(|reply| Event::CancelRun { run, reply }).unwrap();
+    h.commit();
+    // The run is over and retired; the agent, not yet stopped, prints on.
+    h.send(&agent, log_batch(hang, 0, &["still here"]));
+    let refused = acks(agent.received());
+    assert!(
+        refused.iter().any(|ack| ack.rejected),
+        "the lines are refused: {refused:?}"
+    );
+    // An agent told so forgets the attempt without a completion: its slot
+    // must not stay taken.
+    let next = h.start_run("pipeline: q\nstages:\n  x: { commands: [make] }\n");
+    let given = agent.assignments();
+    assert_eq!(given.len(), 1, "the one slot is free again");
+    assert_eq!(given[0].run_id, next.0);
+}
+
 fn log_batch(stage: pb::StageRef, first: u64, texts: &[&str]) -> Msg {
     let lines = texts
         .iter()

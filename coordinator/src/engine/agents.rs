@@ -104,15 +104,7 @@ impl Engine {
             match self.fence(&name, key, attempt) {
                 Fence::Current => {
                     let next_log_seq = self.stage(key).map_or(0, |stage| stage.next_log_seq);
-                    let reservation = self.reservation_of(key);
-                    self.pool.hold(
-                        &name,
-                        AttemptKey {
-                            stage: key,
-                            attempt,
-                        },
-                        reservation,
-                    );
+                    self.hold_attempt(&name, key, attempt);
                     welcome.resume.push(pb::ResumeStage {
                         stage: Some(*held),
                         next_log_seq,
@@ -129,15 +121,7 @@ impl Engine {
             attempt,
         } in lost
         {
-            let reservation = self.reservation_of(key);
-            self.pool.hold(
-                &name,
-                AttemptKey {
-                    stage: key,
-                    attempt,
-                },
-                reservation,
-            );
+            self.hold_attempt(&name, key, attempt);
             // An assignment that never started may simply not have arrived;
             // re-sending it costs the stage no retry.
             let started = self

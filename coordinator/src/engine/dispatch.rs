@@ -287,6 +287,20 @@ impl Engine {
         }
     }
 
+    /// Books attempt `attempt` of `key` on agent `name` with what its stage
+    /// holds there (after a hello, or a lost assignment re-sent).
+    pub(super) fn hold_attempt(&mut self, name: &str, key: StageKey, attempt: u32) {
+        let reservation = self.reservation_of(key);
+        self.pool.hold(
+            name,
+            AttemptKey {
+                stage: key,
+                attempt,
+            },
+            reservation,
+        );
+    }
+
     /// What an attempt of `key` holds of its agent: its `resources:` and
     /// the GPU devices it was given.
     pub(super) fn reservation_of(&self, key: StageKey) -> Reservation {

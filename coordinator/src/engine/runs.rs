@@ -493,29 +493,7 @@ impl Engine {
                 kiln_common::duration::format(limit)
             );
             tracing::warn!(run = %run, "{why}; stopping it");
-            let Some(active) = self.runs.get_mut(&run) else {
-                continue;
-            };
-            active.record.state = RunState::Failed;
-            let keys: Vec<StageKey> = active.stages.iter().map(|stage| stage.key).collect();
-            for key in keys {
-                let Some(stage) = self.stage(key) else {
-                    continue;
-                };
-                if stage.state.is_finished() {
-                    continue;
-                }
-                let state = if stage.state.is_held() {
-                    if let Some(agent) = stage.agent.clone() {
-                        self.send_cancel(&agent, key, stage.attempt, &why);
-                    }
-                    StageState::TimedOut
-                } else {
-                    StageState::Cancelled
-                };
-                self.end_attempt(key, state, None, why.clone());
-            }
-            self.finish_run_if_done(run);
+            self.stop_run(run, RunState::Failed, StageState::TimedOut, &why, &why);
         }
     }
 
@@ -660,10 +638,35 @@ impl Engine {
     }
 
     pub(super) fn cancel_run(&mut self, run: RunId) -> Result<RunId, ApiError> {
-        let Some(active) = self.runs.get_mut(&run) else {
+        if !self.runs.contains_key(&run) {
             return Err(self.not_active(run));
+        }
+        self.stop_run(
+            run,
+            RunState::Cancelled,
+            StageState::Cancelled,
+            "run cancelled",
+            "cancelled by user",
+        );
+        tracing::info!(run = %run, "run cancelled");
+        Ok(run)
+    }
+
+    /// Ends every unfinished stage of `run` and the run itself in
+    /// `run_state`: a running stage's agent is told to stop (`stop_reason`)
+    /// and the stage ends `held_as`; a waiting one is cancelled.
+    fn stop_run(
+        &mut self,
+        run: RunId,
+        run_state: RunState,
+        held_as: StageState,
+        stop_reason: &str,
+        message: &str,
+    ) {
+        let Some(active) = self.runs.get_mut(&run) else {
+            return;
         };
-        active.record.state = RunState::Cancelled;
+        active.record.state = run_state;
         let keys: Vec<StageKey> = active.stages.iter().map(|stage| stage.key).collect();
         for key in keys {
             let Some(stage) = self.stage(key) else {
@@ -672,16 +675,17 @@ impl Engine {
             if stage.state.is_finished() {
                 continue;
             }
-            if stage.state.is_held()
-                && let Some(agent) = stage.agent.clone()
-            {
-                self.send_cancel(&agent, key, stage.attempt, "run cancelled");
-            }
-            self.end_attempt(key, StageState::Cancelled, None, "cancelled by user".into());
+            let state = if stage.state.is_held() {
+                if let Some(agent) = stage.agent.clone() {
+                    self.send_cancel(&agent, key, stage.attempt, stop_reason);
+                }
+                held_as
+            } else {
+                StageState::Cancelled
+            };
+            self.end_attempt(key, state, None, message.to_owned());
         }
-        tracing::info!(run = %run, "run cancelled");
         self.finish_run_if_done(run);
-        Ok(run)
     }
 
     pub(super) fn retry_stage(

@@ -30,7 +30,7 @@ use crate::http::Peer;
 #[derive(Deserialize)]
 pub(crate) struct ActionForm {
     csrf: Option<String>,
-    /// A rejection's reason.
+    /// Why a gate was approved or rejected.
     #[serde(default)]
     reason: String,
 }
@@ -171,24 +171,7 @@ pub(crate) async fn approve(
     Path((run, stage)): Path<(u64, String)>,
     form: Form,
 ) -> Response {
-    if let Err(refused) = checked(&signed, form) {
-        return refused;
-    }
-    let request = pb::DecideStageRequest {
-        run_id: run,
-        stage,
-        ..Default::default()
-    };
-    let result = web
-        .act(
-            &signed,
-            "ApproveStage",
-            peer,
-            request,
-            |api, request| async move { api.approve_stage(request).await },
-        )
-        .await;
-    done(&signed, result, &run_page(run))
+    decide(&web, peer, &signed, (run, stage), form, true).await
 }
 
 pub(crate) async fn reject(
@@ -198,30 +181,49 @@ pub(crate) async fn reject(
     Path((run, stage)): Path<(u64, String)>,
     form: Form,
 ) -> Response {
-    let form = match checked(&signed, form) {
+    decide(&web, peer, &signed, (run, stage), form, false).await
+}
+
+/// Approves or rejects a waiting gate through the same handler as `kiln
+/// approve` / `kiln reject`; a reason, when given, is recorded with it.
+async fn decide(
+    web: &Web,
+    peer: std::net::SocketAddr,
+    signed: &Signed,
+    (run, stage): (u64, String),
+    form: Form,
+    approve: bool,
+) -> Response {
+    let form = match checked(signed, form) {
         Ok(form) => form,
         Err(refused) => return refused,
     };
-    let reason = form.reason.trim().to_owned();
-    if !reason.is_empty() {
-        tracing::info!(run, %stage, user = %signed.principal.name, %reason, "gate rejected from the dashboard");
-    }
     let request = pb::DecideStageRequest {
         run_id: run,
         stage,
-        comment: reason,
+        comment: form.reason.trim().to_owned(),
         ..Default::default()
     };
-    let result = web
-        .act(
-            &signed,
+    let result = if approve {
+        web.act(
+            signed,
+            "ApproveStage",
+            peer,
+            request,
+            |api, request| async move { api.approve_stage(request).await },
+        )
+        .await
+    } else {
+        web.act(
+            signed,
             "RejectStage",
             peer,
             request,
             |api, request| async move { api.reject_stage(request).await },
         )
-        .await;
-    done(&signed, result, &run_page(run))
+        .await
+    };
+    done(signed, result, &run_page(run))
 }
 
 pub(crate) async fn rollback(

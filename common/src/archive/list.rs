@@ -29,10 +29,10 @@ pub struct ArchivedFile {
 /// name.
 pub fn list_files(input: impl Read, limits: &Limits) -> Result<Vec<ArchivedFile>, ArchiveError> {
     let mut files = Vec::new();
-    walk(input, limits, |mut member| {
+    walk(input, limits, |member| {
         if let Kind::File { size, .. } = member.kind {
             let mut hashing = HashingWriter::new(io::sink());
-            copy_contents(&mut member, size, &mut hashing)?;
+            copy_contents(member.contents, &member.rel, size, &mut hashing)?;
             let info = hashing.finish().1;
             files.push(ArchivedFile {
                 path: member.rel.to_string_lossy().into_owned(),

@@ -95,7 +95,12 @@ impl Unpacker {
         size: u64,
         executable: bool,
     ) -> Result<(), ArchiveError> {
-        let (name, rel) = (member.name.clone(), member.rel.clone());
+        let Member {
+            name,
+            rel,
+            contents,
+            ..
+        } = member;
         let (name, rel) = (name.as_slice(), rel.as_path());
         if let Some(parent) = rel.parent().filter(|p| !p.as_os_str().is_empty()) {
             self.ensure_dir(name, parent)?;
@@ -111,7 +116,7 @@ impl Unpacker {
             .custom_flags(libc::O_NOFOLLOW)
             .open(&path)
             .map_err(|e| ArchiveError::io(context("creating"), e))?;
-        let written = copy_contents(member, size, &mut file)?;
+        let written = copy_contents(*contents, rel, size, &mut file)?;
         // The umask may have taken bits from `mode`; fchmod, so no symlink
         // is followed.
         file.set_permissions(fs::Permissions::from_mode(mode))

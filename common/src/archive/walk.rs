@@ -233,18 +233,19 @@ pub(super) fn corrupt(source: io::Error) -> ArchiveError {
     ArchiveError::Corrupt { source }
 }
 
-/// Reads a file member's contents into `out`, checking that all `size`
-/// bytes were there.
+/// Reads a file member's `contents` into `out`, checking that all `size`
+/// bytes were there (`rel` names the member in the error).
 pub(super) fn copy_contents(
-    member: &mut Member<'_>,
+    contents: &mut dyn Read,
+    rel: &std::path::Path,
     size: u64,
     out: &mut impl io::Write,
 ) -> Result<u64, ArchiveError> {
-    let read = io::copy(&mut member.contents, out).map_err(corrupt)?;
+    let read = io::copy(contents, out).map_err(corrupt)?;
     if read != size {
         return Err(corrupt(io::Error::new(
             io::ErrorKind::UnexpectedEof,
-            format!("`{}` ends early", member.rel.display()),
+            format!("`{}` ends early", rel.display()),
         )));
     }
     Ok(read)

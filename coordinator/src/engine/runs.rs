@@ -410,7 +410,14 @@ impl Engine {
         };
         stage.finished_ms = Some(now);
         tracing::debug!(stage = %key, name = %stage.name, ?state, "stage settled");
-        self.metrics.stage_finished(state);
+        let ran = stage
+            .started_ms
+            .map(|started| std::time::Duration::from_millis(now.saturating_sub(started)));
+        let pipeline = self
+            .runs
+            .get(&key.run)
+            .map_or("", |run| run.record.pipeline.as_str());
+        self.metrics.stage_finished(pipeline, state, ran);
         self.end_followers(key);
         true
     }

@@ -206,6 +206,7 @@ impl StageRunner {
             image: assign.image,
             docker: assign.docker.unwrap_or_default(),
             gpus: assign.gpus,
+            services: assign.services,
         };
         let inputs_ready = Instant::now();
         let report = match self.executor.run(job, log.clone(), stop.clone()).await {

@@ -27,6 +27,7 @@ pub use delivery::{
     Approval, Condition, Gate, MaxRegression, Monitor, MonitorSource, OnBreach, OnMissing, Op,
     Select,
 };
+pub use services::{DEFAULT_HEALTH_TIMEOUT, MAX_SERVICES};
 pub use triggers::{
     DEFAULT_DATA_EVERY, DataTrigger, MAX_SCHEDULES, MIN_DATA_INTERVAL, PushTrigger, Triggers,
 };
@@ -35,6 +36,7 @@ mod container;
 mod delivery;
 mod matrix;
 mod schema;
+mod services;
 mod suggest;
 mod triggers;
 mod validate;
@@ -135,6 +137,26 @@ pub struct Stage {
     /// For a cell of a `matrix:` (`train[lr=0.1]`): the stage as written
     /// (`train`).
     pub cell_of: Option<String>,
+    /// `services:` containers started beside this (docker) stage, in file
+    /// order; names are unique within the stage.
+    pub services: Vec<Service>,
+}
+
+/// One of a docker stage's `services:`: a container on the attempt's own
+/// network, reachable from the stage by `name`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Service {
+    /// Its host name on the attempt's network: a DNS label.
+    pub name: String,
+    pub image: String,
+    pub env: BTreeMap<String, String>,
+    /// Arguments replacing the image's command; empty keeps the image's.
+    pub command: Vec<String>,
+    /// A shell command run inside the service until it succeeds; `None`:
+    /// the service is ready once it runs.
+    pub health: Option<String>,
+    /// How long the service may take to become ready.
+    pub health_timeout: Duration,
 }
 
 /// `retries: {max: N, when: [agent_lost, infra_error, timeout, failed]}` —

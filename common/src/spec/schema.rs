@@ -13,11 +13,12 @@ use std::time::Duration;
 use super::container::{self, ContainerDraft};
 use super::delivery::{self, DeliveryDraft};
 use super::matrix::{self, MatrixDraft};
+use super::services;
 use super::suggest::did_you_mean;
 use super::triggers::{self, Triggers};
 use super::values;
 use super::yaml::{Document, Node};
-use super::{EXECUTOR_LABEL, MAX_STAGES, Position, Problem, RetryWhen};
+use super::{EXECUTOR_LABEL, MAX_STAGES, Position, Problem, RetryWhen, Service};
 
 /// The file as read, before `needs` are resolved and defaults applied.
 pub(super) struct Draft {
@@ -68,6 +69,9 @@ pub(super) struct StageDraft {
     pub(super) matrix: Option<MatrixDraft>,
     /// For a cell of a matrix: the stage it was expanded from.
     pub(super) cell_of: Option<String>,
+    /// `services:` and where the list is, which a stage that cannot have
+    /// them is blamed on.
+    pub(super) services: Option<(Vec<Service>, Position)>,
 }
 
 /// A name and where it was written, so that a reference can be blamed.
@@ -147,6 +151,7 @@ const STAGE_FIELDS: &[Field<StageDraft>] = &[
     ("environment", |s, v, path| set(&mut s.delivery.environment, delivery::environment(v, path).map(Some))),
     ("gate", |s, v, path| set(&mut s.delivery.gate, delivery::gate(v, path, &s.name.clone()).map(Some))),
     ("monitor", |s, v, path| set(&mut s.delivery.monitor, delivery::monitor(v, path, &s.name.clone()).map(Some))),
+    ("services", |s, v, path| set(&mut s.services, services::read(v, path, &s.name.clone()).map(Some))),
 ];
 
 /// The long form `artifacts: {paths: [...], when: always}`.
@@ -274,6 +279,7 @@ fn read_stage(key: Node<'_>, body: Node<'_>) -> Result<StageDraft, Problem> {
         delivery: DeliveryDraft::default(),
         matrix: None,
         cell_of: None,
+        services: None,
     };
     // `build:` with nothing under it is a stage without commands, not a type error.
     if !body.is_null() {
@@ -332,6 +338,7 @@ fn check_delivery(stage: &StageDraft) -> Result<(), Problem> {
             (stage.delivery.metrics.is_some(), "metrics"),
             (stage.delivery.environment.is_some(), "environment"),
             (stage.delivery.monitor.is_some(), "monitor"),
+            (stage.services.is_some(), "services"),
         ];
         if let Some((_, key)) = extra.iter().find(|(present, _)| *present) {
             return Err(Problem::new(

@@ -109,6 +109,7 @@ impl Engine {
                 outputs_always: stage_spec.artifacts_always,
                 secrets: Default::default(),
                 gpus: reservation.gpus.clone(),
+                services: stage_spec.services.iter().map(service).collect(),
             };
             let secret_names = stage_spec.secrets.clone();
             self.pool.hold(
@@ -337,6 +338,17 @@ fn output_paths(stage: &spec::Stage) -> Vec<String> {
         paths.push(metrics.clone());
     }
     paths
+}
+
+fn service(service: &spec::Service) -> pb::StageService {
+    pb::StageService {
+        name: service.name.clone(),
+        image: service.image.clone(),
+        env: service.env.clone().into_iter().collect(),
+        command: service.command.clone(),
+        health: service.health.clone().unwrap_or_default(),
+        health_timeout_ms: service.health_timeout.as_millis() as u64,
+    }
 }
 
 fn docker_options(container: &spec::ContainerSettings) -> pb::DockerOptions {

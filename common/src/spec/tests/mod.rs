@@ -14,6 +14,7 @@ mod pipelines;
 mod policy;
 mod robustness;
 mod secrets;
+mod services;
 mod triggers;
 
 use super::*;

@@ -2,7 +2,8 @@
 //!
 //! Kept: everything a release references (forever: a rollback may need it),
 //! and the outputs and source snapshots of every unfinished run and of
-//! every run that finished within `keep_days`. Everything else older than
+//! every run that finished within `keep_days`, and the archives of shared
+//! cache entries saved within `cache_keep_days`. Everything else older than
 //! the grace period goes.
 
 use std::collections::HashSet;
@@ -12,14 +13,18 @@ use kiln_common::ids::RunId;
 use tonic::Status;
 
 use crate::blobs::{BlobStore, GC_GRACE, GcReport};
-use crate::store::Store;
+use crate::store::{CacheRecord, Store};
 
+/// Collects blobs nothing keeps; returns the report and the shared cache
+/// entries that expired (the caller forgets them through the commit
+/// thread, unless this is a dry run).
 pub(crate) fn collect(
     store: &dyn Store,
     blobs: &BlobStore,
     keep_days: u32,
+    cache_keep_days: u32,
     dry_run: bool,
-) -> Result<GcReport, Status> {
+) -> Result<(GcReport, Vec<CacheRecord>), Status> {
     // Anything used after this instant is kept whatever the scan finds.
     let scan_started = SystemTime::now();
     let now_ms = scan_started
@@ -52,12 +57,26 @@ pub(crate) fn collect(
         keep.extend(release.source_digest);
         keep.extend(release.artifacts.into_iter().map(|a| a.artifact.digest));
     }
+    let mut expired_caches = Vec::new();
+    for entry in store.caches(None).map_err(internal)? {
+        if crate::caches::expired(&entry, now_ms, cache_keep_days) {
+            expired_caches.push(entry);
+        } else {
+            keep.extend(entry.archives.into_iter().map(|archive| archive.digest));
+        }
+    }
     let cutoff = scan_started.checked_sub(GC_GRACE).unwrap_or(UNIX_EPOCH);
     let report = blobs
         .collect(&keep, cutoff, dry_run)
         .map_err(|error| Status::internal(format!("garbage collection failed: {error}")))?;
-    tracing::info!(?report, keep_days, dry_run, "artifact garbage collection");
-    Ok(report)
+    tracing::info!(
+        ?report,
+        keep_days,
+        expired_caches = expired_caches.len(),
+        dry_run,
+        "artifact garbage collection"
+    );
+    Ok((report, expired_caches))
 }
 
 #[cfg(test)]
@@ -150,7 +169,7 @@ mod tests {
             restored_by_rollback: false,
         }));
         store.apply(&batch).unwrap();
-        let report = collect(&store, &blobs, 1, false).unwrap();
+        let (report, _) = collect(&store, &blobs, 1, 7, false).unwrap();
         assert_eq!((report.deleted, report.kept), (1, 1));
         let model = crate::blobs::parse_digest(&model).unwrap();
         let scratch = crate::blobs::parse_digest(&scratch).unwrap();

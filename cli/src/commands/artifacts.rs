@@ -137,6 +137,7 @@ pub(crate) async fn gc(
             "blobs_deleted": report.blobs_deleted,
             "bytes_freed": report.bytes_freed,
             "blobs_kept": report.blobs_kept,
+            "caches_expired": report.caches_expired,
         }))?,
         OutputFormat::Table => output::line(format!(
             "{} {} blobs ({}), kept {}",
@@ -149,6 +150,17 @@ pub(crate) async fn gc(
             human_bytes(report.bytes_freed),
             report.blobs_kept
         ))?,
+    }
+    if format == OutputFormat::Table && report.caches_expired > 0 {
+        output::line(format!(
+            "{} {} expired shared cache entries",
+            if args.dry_run {
+                "would forget"
+            } else {
+                "forgot"
+            },
+            report.caches_expired
+        ))?;
     }
     Ok(Outcome::Ok)
 }

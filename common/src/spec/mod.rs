@@ -32,6 +32,7 @@ pub use triggers::{
     DEFAULT_DATA_EVERY, DataTrigger, MAX_SCHEDULES, MIN_DATA_INTERVAL, PushTrigger, Triggers,
 };
 
+mod cache;
 mod container;
 mod delivery;
 mod matrix;
@@ -140,6 +141,19 @@ pub struct Stage {
     /// `services:` containers started beside this (docker) stage, in file
     /// order; names are unique within the stage.
     pub services: Vec<Service>,
+    /// `cache:` directories restored before the stage and saved after it.
+    pub cache: Option<Cache>,
+}
+
+/// A stage's `cache:`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Cache {
+    /// Rendered by the agent in the stage's directory.
+    pub key: crate::cache_key::CacheKey,
+    /// Directories (or files) relative to the stage's directory.
+    pub paths: Vec<String>,
+    /// Also kept in the coordinator's blob store for every agent.
+    pub shared: bool,
 }
 
 /// One of a docker stage's `services:`: a container on the attempt's own

@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::time::Duration;
 
+use super::cache;
 use super::container::{self, ContainerDraft};
 use super::delivery::{self, DeliveryDraft};
 use super::matrix::{self, MatrixDraft};
@@ -18,7 +19,7 @@ use super::suggest::did_you_mean;
 use super::triggers::{self, Triggers};
 use super::values;
 use super::yaml::{Document, Node};
-use super::{EXECUTOR_LABEL, MAX_STAGES, Position, Problem, RetryWhen, Service};
+use super::{Cache, EXECUTOR_LABEL, MAX_STAGES, Position, Problem, RetryWhen, Service};
 
 /// The file as read, before `needs` are resolved and defaults applied.
 pub(super) struct Draft {
@@ -72,6 +73,8 @@ pub(super) struct StageDraft {
     /// `services:` and where the list is, which a stage that cannot have
     /// them is blamed on.
     pub(super) services: Option<(Vec<Service>, Position)>,
+    /// `cache:` as read.
+    pub(super) cache: Option<Cache>,
 }
 
 /// A name and where it was written, so that a reference can be blamed.
@@ -152,6 +155,7 @@ const STAGE_FIELDS: &[Field<StageDraft>] = &[
     ("gate", |s, v, path| set(&mut s.delivery.gate, delivery::gate(v, path, &s.name.clone()).map(Some))),
     ("monitor", |s, v, path| set(&mut s.delivery.monitor, delivery::monitor(v, path, &s.name.clone()).map(Some))),
     ("services", |s, v, path| set(&mut s.services, services::read(v, path, &s.name.clone()).map(Some))),
+    ("cache", |s, v, path| set(&mut s.cache, cache::read(v, path, &s.name.clone()).map(Some))),
 ];
 
 /// The long form `artifacts: {paths: [...], when: always}`.
@@ -280,6 +284,7 @@ fn read_stage(key: Node<'_>, body: Node<'_>) -> Result<StageDraft, Problem> {
         matrix: None,
         cell_of: None,
         services: None,
+        cache: None,
     };
     // `build:` with nothing under it is a stage without commands, not a type error.
     if !body.is_null() {
@@ -339,6 +344,7 @@ fn check_delivery(stage: &StageDraft) -> Result<(), Problem> {
             (stage.delivery.environment.is_some(), "environment"),
             (stage.delivery.monitor.is_some(), "monitor"),
             (stage.services.is_some(), "services"),
+            (stage.cache.is_some(), "cache"),
         ];
         if let Some((_, key)) = extra.iter().find(|(present, _)| *present) {
             return Err(Problem::new(

@@ -211,6 +211,7 @@ fn with_defaults(stage: StageDraft, needs: Vec<usize>, defaults: &Defaults) -> S
             .services
             .map(|(services, _)| services)
             .unwrap_or_default(),
+        cache: stage.cache,
     }
 }
 

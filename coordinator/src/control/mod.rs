@@ -23,6 +23,7 @@ mod security;
 use crate::auth::tokens::Tokens;
 use crate::auth::{Principal, audited};
 use crate::blobs::{BlobStore, parse_digest};
+use crate::caches::{self, Caches};
 use crate::engine::{Event, NewPipeline, Reply};
 use crate::error::ApiError;
 use crate::gc;
@@ -46,9 +47,13 @@ pub(crate) struct ControlApi {
     tokens: Arc<Tokens>,
     secrets: Arc<Secrets>,
     provenance_key: Arc<ProvenanceKey>,
+    /// The shared cache index: `kiln cache ls|clear`, and what `kiln gc`
+    /// keeps of it.
+    caches: Caches,
 }
 
 impl ControlApi {
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         events: mpsc::Sender<Event>,
         reader: Reader,
@@ -57,6 +62,7 @@ impl ControlApi {
         tokens: Arc<Tokens>,
         secrets: Arc<Secrets>,
         provenance_key: Arc<ProvenanceKey>,
+        caches: Caches,
     ) -> Self {
         Self {
             events,
@@ -67,6 +73,7 @@ impl ControlApi {
             tokens,
             secrets,
             provenance_key,
+            caches,
         }
     }
 
@@ -552,16 +559,48 @@ impl ControlService for ControlApi {
             request.keep_days
         };
         let (store, blobs) = (self.store.clone(), self.blobs.clone());
-        let report = tokio::task::spawn_blocking(move || {
-            gc::collect(&*store, &blobs, keep_days, request.dry_run)
+        let cache_keep_days = self.caches.keep_days();
+        let (report, expired_caches) = tokio::task::spawn_blocking(move || {
+            gc::collect(&*store, &blobs, keep_days, cache_keep_days, request.dry_run)
         })
         .await
         .map_err(|error| Status::internal(format!("garbage collection panicked: {error}")))??;
+        let caches_expired = expired_caches.len() as u64;
+        if !request.dry_run {
+            self.caches.forget(expired_caches).await?;
+        }
         Ok(Response::new(pb::GcResponse {
             blobs_deleted: report.deleted,
             bytes_freed: report.freed,
             blobs_kept: report.kept,
+            caches_expired,
         }))
+    }
+
+    async fn list_caches(
+        &self,
+        request: Request<pb::ListCachesRequest>,
+    ) -> Result<Response<pb::ListCachesResponse>, Status> {
+        let entries = self.caches.list(&request.into_inner().pipeline).await?;
+        Ok(Response::new(pb::ListCachesResponse {
+            entries: entries.iter().map(caches::view).collect(),
+        }))
+    }
+
+    async fn clear_caches(
+        &self,
+        request: Request<pb::ClearCachesRequest>,
+    ) -> Result<Response<pb::ClearCachesResponse>, Status> {
+        let principal = Principal::of(&request)?;
+        let request = request.into_inner();
+        if request.pipeline.is_empty() {
+            return Err(Status::invalid_argument(
+                "name the pipeline whose caches to clear",
+            ));
+        }
+        principal.check_pipeline(&request.pipeline)?;
+        let removed = self.caches.clear(&request.pipeline, &request.key).await?;
+        Ok(Response::new(pb::ClearCachesResponse { removed }))
     }
 
     async fn get_provenance(

@@ -110,6 +110,11 @@ impl Engine {
                 secrets: Default::default(),
                 gpus: reservation.gpus.clone(),
                 services: stage_spec.services.iter().map(service).collect(),
+                cache: stage_spec.cache.as_ref().map(|cache| pb::StageCache {
+                    key: cache.key.as_str().to_owned(),
+                    paths: cache.paths.clone(),
+                    shared: cache.shared,
+                }),
             };
             let secret_names = stage_spec.secrets.clone();
             self.pool.hold(

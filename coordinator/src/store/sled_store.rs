@@ -12,9 +12,9 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::{
-    AuditRecord, Batch, EnvironmentRecord, LogLine, MonitorSampleRecord, Op, PipelineRecord,
-    ProvenanceRecord, ReleaseRecord, Result, RunRecord, SecretRecord, StageRecord, Store,
-    StoreError, StoredLog, TokenRecord, TriggerStateRecord, keys,
+    AuditRecord, Batch, CacheRecord, EnvironmentRecord, LogLine, MonitorSampleRecord, Op,
+    PipelineRecord, ProvenanceRecord, ReleaseRecord, Result, RunRecord, SecretRecord, StageRecord,
+    Store, StoreError, StoredLog, TokenRecord, TriggerStateRecord, keys,
 };
 
 pub(crate) struct SledStore {
@@ -94,6 +94,10 @@ impl Store for SledStore {
                     writes.insert(keys::named(keys::SECRET, &record.name), encode(record));
                 }
                 Op::RemoveSecret(name) => writes.remove(keys::named(keys::SECRET, name)),
+                Op::Cache(record) => {
+                    writes.insert(keys::cache(&record.pipeline, &record.key), encode(record));
+                }
+                Op::RemoveCache(pipeline, key) => writes.remove(keys::cache(pipeline, key)),
                 Op::Audit(record) => writes.insert(keys::audit(record.id), encode(record)),
                 Op::TriggerState(record) => {
                     writes.insert(
@@ -205,6 +209,17 @@ impl Store for SledStore {
 
     fn secrets(&self) -> Result<Vec<SecretRecord>> {
         self.scan(&[keys::SECRET])
+    }
+
+    fn cache(&self, pipeline: &str, key: &str) -> Result<Option<CacheRecord>> {
+        self.get(&keys::cache(pipeline, key))
+    }
+
+    fn caches(&self, pipeline: Option<&str>) -> Result<Vec<CacheRecord>> {
+        match pipeline {
+            Some(pipeline) => self.scan(&keys::cache(pipeline, "")),
+            None => self.scan(&[keys::CACHE]),
+        }
     }
 
     fn monitor_samples(&self, release: u64, limit: usize) -> Result<Vec<MonitorSampleRecord>> {

@@ -5,6 +5,7 @@
 //! so line numbers in expectations count from the case's first line.
 
 mod artifacts;
+mod cache;
 mod containers;
 mod delivery;
 mod errors;

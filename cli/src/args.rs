@@ -126,7 +126,8 @@ pub(crate) enum Command {
     /// List and download the artifacts of a run.
     #[command(subcommand)]
     Artifacts(ArtifactsCommand),
-    /// Delete stored artifacts that no run or release keeps any more.
+    /// Delete finished runs past their pipeline's `retention:`, and stored
+    /// artifacts that no run or release keeps any more.
     Gc(GcArgs),
     /// The coordinator's shared stage caches (`cache: {shared: true}`).
     #[command(subcommand)]

@@ -276,6 +276,7 @@ pub async fn run(
         secrets.clone(),
         provenance_key.clone(),
         caches.clone(),
+        writer.clone(),
     ));
     let web = Arc::new(web::Web::new(
         reader,

@@ -138,6 +138,7 @@ pub(crate) async fn gc(
             "bytes_freed": report.bytes_freed,
             "blobs_kept": report.blobs_kept,
             "caches_expired": report.caches_expired,
+            "runs_deleted": report.runs_deleted,
         }))?,
         OutputFormat::Table => output::line(format!(
             "{} {} blobs ({}), kept {}",
@@ -150,6 +151,19 @@ pub(crate) async fn gc(
             human_bytes(report.bytes_freed),
             report.blobs_kept
         ))?,
+    }
+    if format == OutputFormat::Table && !report.runs_deleted.is_empty() {
+        let runs: Vec<String> = report.runs_deleted.iter().map(u64::to_string).collect();
+        output::line(format!(
+            "{} {} runs past their pipeline's retention (with their stages and logs): {}",
+            if args.dry_run {
+                "would delete"
+            } else {
+                "deleted"
+            },
+            runs.len(),
+            runs.join(", ")
+        ))?;
     }
     if format == OutputFormat::Table && report.caches_expired > 0 {
         output::line(format!(

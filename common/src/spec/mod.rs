@@ -16,7 +16,9 @@
 //!
 //! `values` reads single values for `schema`, `container` the docker
 //! settings (`executor`, `pull`, `resources`, `network`), `delivery` the
-//! delivery keys of a stage, `triggers` the pipeline's `triggers:`;
+//! delivery keys of a stage, `triggers` the pipeline's `triggers:`,
+//! `services` a stage's `services:`, `cache` its `cache:`, `retention` the
+//! pipeline's `retention:`;
 //! `suggest` is a small helper. Durations are read by [`crate::duration`].
 
 use std::collections::BTreeMap;
@@ -36,6 +38,7 @@ mod cache;
 mod container;
 mod delivery;
 mod matrix;
+mod retention;
 mod schema;
 mod services;
 mod suggest;
@@ -86,6 +89,18 @@ pub struct Pipeline {
     /// `timeout:` at the top level: how long a whole run may take before
     /// what still runs is stopped and the run fails.
     pub timeout: Option<Duration>,
+    /// `retention:` how many finished runs `kiln gc` keeps; `None` keeps
+    /// them all (their artifacts still go after `--artifact-keep-days`).
+    pub retention: Option<Retention>,
+}
+
+/// `retention: {keep: {runs: N, days: D}}`: a finished run is kept while it
+/// is among its pipeline's newest `runs` finished runs or finished within
+/// `days` (at least one is set); runs that made a release always are.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Retention {
+    pub runs: Option<u32>,
+    pub days: Option<u32>,
 }
 
 /// One stage, with the pipeline's `defaults` already applied.

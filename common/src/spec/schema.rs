@@ -14,12 +14,13 @@ use super::cache;
 use super::container::{self, ContainerDraft};
 use super::delivery::{self, DeliveryDraft};
 use super::matrix::{self, MatrixDraft};
+use super::retention;
 use super::services;
 use super::suggest::did_you_mean;
 use super::triggers::{self, Triggers};
 use super::values;
 use super::yaml::{Document, Node};
-use super::{Cache, EXECUTOR_LABEL, MAX_STAGES, Position, Problem, RetryWhen, Service};
+use super::{Cache, EXECUTOR_LABEL, MAX_STAGES, Position, Problem, Retention, RetryWhen, Service};
 
 /// The file as read, before `needs` are resolved and defaults applied.
 pub(super) struct Draft {
@@ -27,6 +28,7 @@ pub(super) struct Draft {
     pub(super) defaults: Defaults,
     pub(super) triggers: Triggers,
     pub(super) timeout: Option<Duration>,
+    pub(super) retention: Option<Retention>,
     /// Never empty, in file order.
     pub(super) stages: Vec<StageDraft>,
 }
@@ -110,6 +112,7 @@ struct TopLevel {
     defaults: Defaults,
     triggers: Triggers,
     timeout: Option<Duration>,
+    retention: Option<Retention>,
     stages: Option<Vec<StageDraft>>,
 }
 
@@ -121,6 +124,7 @@ const TOP_LEVEL_FIELDS: &[Field<TopLevel>] = &[
     ("triggers", |top, v, path| set(&mut top.triggers, triggers::read(v, path))),
     ("timeout", |top, v, path| set(&mut top.timeout, values::timeout(v, path).map(Some))),
     ("stages", |top, v, path| set(&mut top.stages, read_stages(v, path).map(Some))),
+    ("retention", |top, v, path| set(&mut top.retention, retention::read(v, path).map(Some))),
 ];
 
 #[rustfmt::skip]
@@ -213,6 +217,7 @@ pub(super) fn read(document: &Document<'_>) -> Result<Draft, Problem> {
         defaults: top.defaults,
         triggers: top.triggers,
         timeout: top.timeout,
+        retention: top.retention,
         stages,
     })
 }

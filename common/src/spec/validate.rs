@@ -27,6 +27,7 @@ pub(super) fn pipeline(draft: Draft) -> Result<Pipeline, Problem> {
         stages,
         triggers: draft.triggers,
         timeout: draft.timeout,
+        retention: draft.retention,
     })
 }
 

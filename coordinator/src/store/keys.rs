@@ -144,6 +144,11 @@ pub(super) fn log(key: StageKey, attempt: u32, seq: u64) -> Vec<u8> {
     out
 }
 
+/// Every log line of every stage of `run`.
+pub(super) fn logs_of_run(run: RunId) -> Vec<u8> {
+    with_run(LOG, run)
+}
+
 /// The run id at bytes 1..9 of a run-scoped key.
 pub(super) fn run_of(key: &[u8]) -> Option<RunId> {
     let bytes: [u8; 8] = key.get(1..9)?.try_into().ok()?;

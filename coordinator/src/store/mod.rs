@@ -355,6 +355,10 @@ pub(crate) enum Op {
     TriggerState(TriggerStateRecord),
     MonitorSample(MonitorSampleRecord),
     Cache(CacheRecord),
+    /// Deletes a finished run (retention): its record, stages and log
+    /// lines. A run that is unfinished when the batch is applied (retried
+    /// since it was chosen) is left alone.
+    DeleteRun(RunId),
     /// Forgets a shared cache entry: (pipeline, key).
     RemoveCache(String, String),
 }

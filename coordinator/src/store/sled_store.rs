@@ -98,6 +98,21 @@ impl Store for SledStore {
                     writes.insert(keys::cache(&record.pipeline, &record.key), encode(record));
                 }
                 Op::RemoveCache(pipeline, key) => writes.remove(keys::cache(pipeline, key)),
+                Op::DeleteRun(run) => {
+                    // The keys are listed before the batch is applied (a
+                    // batch holds point writes only); the commit thread is
+                    // the only writer, so none appears in between.
+                    if self.db.contains_key(keys::active(*run))? {
+                        tracing::warn!(%run, "not deleting a run that is unfinished again");
+                        continue;
+                    }
+                    writes.remove(keys::run(*run));
+                    for prefix in [keys::stages_of(*run), keys::logs_of_run(*run)] {
+                        for key in self.db.scan_prefix(prefix).keys() {
+                            writes.remove(key?);
+                        }
+                    }
+                }
                 Op::Audit(record) => writes.insert(keys::audit(record.id), encode(record)),
                 Op::TriggerState(record) => {
                     writes.insert(

@@ -99,6 +99,11 @@ fn spec() -> BTreeMap<String, Expect> {
         with_pipelines(with_agents(users(Operator))),
     );
     add(artifacts, &["DownloadBlob"], with_agents(users(Viewer)));
+    add(
+        artifacts,
+        &["GetCache", "PutCache"],
+        with_agents(users(AgentsOnly)),
+    );
     let control = "kiln.v1.ControlService";
     add(
         control,
@@ -127,6 +132,7 @@ fn spec() -> BTreeMap<String, Expect> {
             "GetProvenance",
             "GetProvenanceKey",
             "Lineage",
+            "ListCaches",
         ],
         users(Viewer),
     );
@@ -138,6 +144,7 @@ fn spec() -> BTreeMap<String, Expect> {
             "ApproveStage",
             "RejectStage",
             "Rollback",
+            "ClearCaches",
             "UnfreezeEnvironment",
         ],
         users(Operator),

@@ -14,6 +14,7 @@ pub(super) fn pipeline(draft: Draft) -> Result<Pipeline, Problem> {
     if let Some(cycle) = find_cycle(&needs) {
         return Err(cycle_problem(&stages, &cycle));
     }
+    check_retrain_has_a_champion_gate(&stages)?;
     let stages = stages
         .into_iter()
         .zip(needs)
@@ -156,6 +157,37 @@ fn find_cycle(needs: &[Vec<usize>]) -> Option<Vec<usize>> {
         }
     }
     None
+}
+
+/// A monitor that retrains after its rollback needs a gate comparing with
+/// that environment's champion: otherwise the retrained candidate would go
+/// live without having to beat the release just restored.
+fn check_retrain_has_a_champion_gate(stages: &[StageDraft]) -> Result<(), Problem> {
+    for stage in stages {
+        let (Some((monitor, at)), Some(environment)) =
+            (&stage.delivery.monitor, &stage.delivery.environment)
+        else {
+            continue;
+        };
+        let compared =
+            stages.iter().any(|other| {
+                other.delivery.gate.as_ref().is_some_and(|(gate, _)| {
+                    gate.compare_to.as_deref() == Some(environment.as_str())
+                })
+            });
+        if monitor.retrain && !compared {
+            return Err(Problem::new(
+                *at,
+                format!(
+                    "`on_breach: [rollback, retrain]` of stage `{}` needs a gate that compares \
+                     the retrained model with the restored one; add `compare_to: {environment}` \
+                     to a gate",
+                    stage.name
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn cycle_problem(stages: &[StageDraft], cycle: &[usize]) -> Problem {

@@ -138,6 +138,10 @@ pub(crate) struct RollbackPlan {
     /// The restored release's artifacts, by digest.
     pub(crate) inputs: Vec<StageArtifact>,
     pub(crate) reason: String,
+    /// The monitor said `on_breach: [rollback, retrain]`: once the
+    /// rollback succeeds, the pipeline runs again on its newest commit.
+    #[serde(default)]
+    pub(crate) retrain: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -181,7 +181,7 @@ class ModelServer(ThreadingHTTPServer):
         poll: float = 1.0,
         fault: Optional[str] = None,
         drift_window: int = 500,
-        drift_min_rows: int = 100,
+        drift_min_rows: int = 500,
     ) -> None:
         super().__init__((HOST, port), Handler)
         self.env_dir = env_dir
@@ -516,8 +516,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--poll", type=float, default=1.0, help="seconds between reload checks")
     parser.add_argument("--drift-window", type=int, default=500,
                         help="scored customers the input drift is measured over (default 500)")
-    parser.add_argument("--drift-min-rows", type=int, default=100,
-                        help="customers needed before model_input_psi is reported (default 100)")
+    parser.add_argument("--drift-min-rows", type=int, default=500,
+                        help="customers needed before model_input_psi is reported (default 500: a part-full window reads noisy)")
     parser.add_argument("--fault", choices=("none", *FAULTS),
                         default=os.environ.get("KILN_DEMO_FAULT") or "none",
                         help="demo only: corrupt every served model (default $KILN_DEMO_FAULT)")

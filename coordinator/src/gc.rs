@@ -148,6 +148,7 @@ mod tests {
             reason: None,
             monitor_until_ms: None,
             restored_by_rollback: false,
+            endpoint: None,
         }));
         store.apply(&batch).unwrap();
         let report = collect(&store, &blobs, 1, false).unwrap();

@@ -9,17 +9,17 @@
 //!   newest commit after the rollback, and the new candidate has to pass
 //!   the gate against the restored champion.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use kiln_proto::v1 as pb;
-use kiln_tests::delivery::{farm, history, model_server, release_state, ship, spec, webhook};
+use kiln_tests::delivery::{
+    Containers, ML_IMAGE, all_runs, copy_example, environment, farm, free_port, history,
+    ml_image_ready, model_server, release_state, ship, ship_run, spec, webhook,
+};
 use kiln_tests::docker::start_docker_agent;
-use kiln_tests::{Farm, Repo, eventually, get_run, stage, wait_run};
-
-const ML_IMAGE: &str = "kiln/python-ml:bookworm";
+use kiln_tests::{Repo, eventually, get_run, stage};
 
 /// The example's own stages, trained in Docker on the real Caravan data;
 /// production is deployed by the process agent with the example's
@@ -58,150 +58,10 @@ stages:
     )
 }
 
-/// Containers of the scenery (model server, traffic), removed on drop.
-struct Containers(Vec<String>);
-
-impl Containers {
-    fn run(
-        &mut self,
-        name: &str,
-        mounts: &[&Path],
-        workdir: &Path,
-        command: &[&str],
-    ) -> Result<()> {
-        let _ = Command::new("docker").args(["rm", "-f", name]).output();
-        let mut docker = Command::new("docker");
-        docker.args(["run", "-d", "--name", name, "--network", "host"]);
-        for mount in mounts {
-            docker.args(["-v", &format!("{0}:{0}", mount.display())]);
-        }
-        docker.args(["-w", &workdir.display().to_string(), ML_IMAGE]);
-        let out = docker.args(command).output()?;
-        if !out.status.success() {
-            bail!(
-                "docker run {name}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        self.0.push(name.to_owned());
-        Ok(())
-    }
-
-    fn logs(&self, name: &str) -> String {
-        Command::new("docker")
-            .args(["logs", "--tail", "30", name])
-            .output()
-            .map(|o| {
-                format!(
-                    "{}{}",
-                    String::from_utf8_lossy(&o.stdout),
-                    String::from_utf8_lossy(&o.stderr)
-                )
-            })
-            .unwrap_or_default()
-    }
-}
-
-impl Drop for Containers {
-    fn drop(&mut self) {
-        for name in &self.0 {
-            let _ = Command::new("docker").args(["rm", "-f", name]).output();
-        }
-    }
-}
-
-/// The example checked into `repo` beside its kiln.yml (build outputs and
-/// caches left out).
-fn copy_example(repo: &Repo) -> Result<()> {
-    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/customer-behavior");
-    copy_tree(&example, repo.path())?;
-    repo.commit(
-        "kiln.yml",
-        &std::fs::read_to_string(repo.path().join("kiln.yml"))?,
-    )?;
-    Ok(())
-}
-
-fn copy_tree(from: &Path, to: &Path) -> Result<()> {
-    std::fs::create_dir_all(to)?;
-    for entry in std::fs::read_dir(from)? {
-        let entry = entry?;
-        let name = entry.file_name();
-        if name == "build" || name == "__pycache__" || name == ".pytest_cache" || name == "kiln.yml"
-        {
-            continue;
-        }
-        let target: PathBuf = to.join(&name);
-        if entry.file_type()?.is_dir() {
-            copy_tree(&entry.path(), &target)?;
-        } else {
-            std::fs::copy(entry.path(), &target)?;
-        }
-    }
-    Ok(())
-}
-
-fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
-async fn ship_run(farm: &Farm, repo: &Repo, pipeline: &str) -> Result<pb::Run> {
-    let register = farm
-        .coordinator
-        .kiln(&["pipeline", "register", repo.path().to_str().unwrap()]);
-    assert_eq!(
-        register.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&register.stderr)
-    );
-    let started = farm.coordinator.kiln(&["run", pipeline]);
-    let id: u64 = String::from_utf8(started.stdout)?.trim().parse()?;
-    let mut client = farm.coordinator.client().await?;
-    wait_run(&mut client, id, Duration::from_secs(300)).await
-}
-
-async fn environment(farm: &Farm, pipeline: &str, name: &str) -> Result<pb::Environment> {
-    let mut client = farm.coordinator.client().await?;
-    let environments = client
-        .list_environments(pb::ListEnvironmentsRequest::default())
-        .await?
-        .into_inner()
-        .environments;
-    environments
-        .into_iter()
-        .find(|e| e.pipeline == pipeline && e.name == name)
-        .with_context(|| format!("no environment {pipeline}/{name}"))
-}
-
-async fn all_runs(farm: &Farm) -> Result<Vec<pb::Run>> {
-    let mut client = farm.coordinator.client().await?;
-    Ok(client
-        .list_runs(pb::ListRunsRequest {
-            pipeline: String::new(),
-            limit: 100,
-        })
-        .await?
-        .into_inner()
-        .runs)
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn input_drift_rolls_back_and_a_restored_release_that_drifts_too_freezes() -> Result<()> {
     const TEST: &str = "input_drift_rolls_back_and_a_restored_release_that_drifts_too_freezes";
-    if kiln_tests::docker::engine(TEST).await?.is_none() {
-        return Ok(());
-    }
-    let image = Command::new("docker")
-        .args(["image", "inspect", ML_IMAGE])
-        .output()?;
-    if !image.status.success() {
-        kiln_tests::skip::missing(
-            TEST,
-            "kiln/python-ml:bookworm is missing (deploy/images/python-ml/build.sh builds it)",
-        )?;
+    if !ml_image_ready(TEST).await? {
         return Ok(());
     }
     let serve = tempfile::tempdir()?;
@@ -216,7 +76,8 @@ async fn input_drift_rolls_back_and_a_restored_release_that_drifts_too_freezes()
         &[],
     )?;
     let repo = Repo::new(&drift_spec(serve.path(), port))?;
-    copy_example(&repo)?;
+    copy_example(&repo, |yaml| yaml.to_owned())?;
+    repo.commit("kiln.yml", &drift_spec(serve.path(), port))?;
 
     // The real model server, watching production's serving directory.
     let mut scenery = Containers(Vec::new());

@@ -156,6 +156,8 @@ pub struct Monitor {
 pub(super) struct DeliveryDraft {
     pub(super) metrics: Option<String>,
     pub(super) environment: Option<String>,
+    /// `endpoint: URL` and where it was written.
+    pub(super) endpoint: Option<(String, Position)>,
     pub(super) gate: Option<(Gate, Position)>,
     pub(super) monitor: Option<(Monitor, Position)>,
 }
@@ -173,6 +175,15 @@ pub(super) fn metrics(value: Node<'_>, path: &Path<'_>) -> Result<String, Proble
 /// `environment: production`.
 pub(super) fn environment(value: Node<'_>, path: &Path<'_>) -> Result<String, Problem> {
     values::name(value, path)
+}
+
+/// `endpoint: http://127.0.0.1:9102`: where the environment stage's
+/// release is served.
+pub(super) fn endpoint(value: Node<'_>, path: &Path<'_>) -> Result<(String, Position), Problem> {
+    let url = value
+        .string()
+        .ok_or_else(|| wrong(value, path, "an http:// or https:// URL"))?;
+    Ok((http_url(value, url, path)?, value.position()))
 }
 
 #[derive(Default)]

@@ -233,6 +233,7 @@ fn with_defaults(stage: StageDraft, needs: Vec<usize>, defaults: &Defaults) -> S
         artifacts_always: stage.artifacts_always,
         metrics: stage.delivery.metrics,
         environment: stage.delivery.environment,
+        endpoint: stage.delivery.endpoint.map(|(url, _)| url),
         gate: stage.delivery.gate.map(|(gate, _)| gate),
         monitor: stage.delivery.monitor.map(|(monitor, _)| monitor),
         cell_of: stage.cell_of,

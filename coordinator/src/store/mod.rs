@@ -274,6 +274,10 @@ pub(crate) struct ReleaseRecord {
     /// Set for a release made live again by a rollback.
     #[serde(default)]
     pub(crate) restored_by_rollback: bool,
+    /// Where it is served (the stage's `endpoint:`), as its stage and the
+    /// stages after it got it in `KILN_ENDPOINT`.
+    #[serde(default)]
+    pub(crate) endpoint: Option<String>,
 }
 
 /// An artifact with the stage that produced it.

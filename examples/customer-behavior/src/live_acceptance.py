@@ -1,19 +1,20 @@
 """Stage `live-acceptance`: ask the model deployed to staging about held-out customers.
 
-    python3 -m src.live_acceptance --endpoint "$KILN_ENDPOINT" --data build/data/test.csv \\
+    python3 -m src.live_acceptance --endpoint "$KILN_ENDPOINT" --data build/data/test.csv \
         --model build/model --out build/live-metrics.json
 
 ``KILN_ENDPOINT`` is the staging release's endpoint, which Kiln hands to the
 stages that need the environment stage. The script waits until the server
 answers with the model this run trained (``/healthz`` names its version), sends
-``--limit`` held-out customers (``build/data/test.csv``: never seen in
-training) to ``POST /predict`` in batches, compares the live answers with the
-true labels and writes a flat metrics file for the coordinator's gate:
-``live_accuracy``, ``live_precision``, ``live_recall``, ``live_flag_rate`` and
-``live_customers``. Offline metrics score the artifact; these score what is
-actually served, so a model that evaluates well but answers wrongly once
-deployed is stopped in staging. Standard library only: it runs as a host
-process next to the server.
+the held-out customers (``build/data/test.csv``, never seen in training; all of
+them, or a seeded sample of ``--limit``) to ``POST /predict`` in batches,
+compares the live answers with the true labels and writes a flat metrics file
+for the coordinator's gate: ``live_accuracy``, ``live_precision``,
+``live_recall``, ``live_flag_rate`` and ``live_customers``. Offline metrics
+score the artifact; these score what is actually served, so a model that
+evaluates well but answers wrongly once deployed is stopped in staging.
+Python 3.10+, standard library only: it runs as a host process next to the
+server.
 """
 
 from __future__ import annotations
@@ -67,7 +68,8 @@ def held_out(path: Path, limit: int, seed: int) -> tuple[list[list[float]], list
             raise SystemExit(f"live-acceptance: {path} has no {TARGET} column last")
         records = list(reader)
     random.Random(seed).shuffle(records)
-    records = records[:limit]
+    if limit:
+        records = records[:limit]
     rows = [[float(v) for v in record[:-1]] for record in records]
     labels = [1 if record[-1] in ("Yes", "1") else 0 for record in records]
     if not rows:
@@ -99,7 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", type=Path, default=Path("build/model"),
                         help="the model this run trained (its version must be the one served)")
     parser.add_argument("--out", type=Path, default=Path("build/live-metrics.json"))
-    parser.add_argument("--limit", type=int, default=600, help="customers to send")
+    parser.add_argument("--limit", type=int, default=0,
+                        help="customers to send, a seeded sample (default 0: all of them, so a "
+                             "healthy server's answers give exactly the offline metrics)")
     parser.add_argument("--seed", type=int, default=11)
     parser.add_argument("--wait", type=float, default=30.0,
                         help="seconds to wait for the server to serve this run's model")

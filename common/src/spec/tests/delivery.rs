@@ -211,3 +211,44 @@ fn retraining_after_a_rollback_needs_a_gate_against_the_champion() {
         assert!(error_text.contains(error), "{on_breach}: {error_text}");
     }
 }
+
+#[test]
+fn an_endpoint_belongs_to_an_environment_stage() {
+    let pipeline = parse_ok(
+        r#"
+        pipeline: p
+        stages:
+          deploy:
+            environment: staging
+            endpoint: http://127.0.0.1:9102
+            commands: [./deploy.sh staging]
+        "#,
+    );
+    assert_eq!(
+        pipeline.stages[0].endpoint.as_deref(),
+        Some("http://127.0.0.1:9102")
+    );
+    check(
+        "
+        pipeline: p
+        stages:
+          check:
+            endpoint: http://127.0.0.1:9102
+            commands: [x]
+        ",
+        "kiln.yml:4:15: stage `check` has an `endpoint` but no `environment`; an endpoint is \
+         where an environment stage's release is served",
+    );
+    check(
+        "
+        pipeline: p
+        stages:
+          deploy:
+            environment: staging
+            endpoint: 127.0.0.1:9102
+            commands: [x]
+        ",
+        "kiln.yml:5:15: `endpoint` in stage `deploy` must be an http:// or https:// URL; found \
+         `127.0.0.1:9102`",
+    );
+}

@@ -206,6 +206,7 @@ mod tests {
             reason: None,
             monitor_until_ms: None,
             restored_by_rollback: false,
+            endpoint: None,
         }
     }
 

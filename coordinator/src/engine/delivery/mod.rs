@@ -323,6 +323,7 @@ impl DeliveryController {
             reason: None,
             monitor_until_ms,
             restored_by_rollback: false,
+            endpoint: stage_spec.endpoint.clone(),
         };
         let ops = self.make_live(release, ReleaseState::Superseded, None);
         self.to_sign.push(id);

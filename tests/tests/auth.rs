@@ -123,6 +123,7 @@ fn spec() -> BTreeMap<String, Expect> {
             "ListArtifacts",
             "ListEnvironments",
             "EnvironmentHistory",
+            "MetricHistory",
             "GetRelease",
             "GetProvenance",
             "GetProvenanceKey",

@@ -362,6 +362,11 @@ pub(crate) enum Op {
     Provenance(ProvenanceRecord),
     TriggerState(TriggerStateRecord),
     MonitorSample(MonitorSampleRecord),
+    /// A sample thinned out of the history (see `delivery::history`).
+    RemoveMonitorSample {
+        release: u64,
+        at_ms: u64,
+    },
 }
 
 /// One round of a release's monitor: what it read and whether it breached.

@@ -502,6 +502,9 @@ impl DeliveryController {
         if watch == Watch::Ignored {
             return (None, Breach::Quiet);
         }
+        if let Ok(values) = values {
+            self.metrics.monitor_sampled(environment, release, values);
+        }
         let sample = MonitorSampleRecord {
             release,
             at_ms: now,

@@ -154,6 +154,8 @@ pub(crate) enum Command {
     Reject(DecideArgs),
     /// Put an environment's previous (or a chosen) release back.
     Rollback(RollbackArgs),
+    /// What the monitors read from an environment's releases, and their metrics.
+    Metrics(MetricsArgs),
     /// Check a file (a model file, or an artifact archive) against a
     /// release's signed provenance.
     Verify(VerifyArgs),
@@ -471,6 +473,16 @@ pub(crate) struct RollbackArgs {
     /// of the same pipeline that was live before the current one.
     #[arg(long)]
     pub(crate) to: Option<u64>,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct MetricsArgs {
+    /// PIPELINE/ENV (e.g. credit/production), or ENV alone when only one
+    /// pipeline has an environment of that name.
+    pub(crate) environment: String,
+    /// Only samples this recent (e.g. 1h, 30m); default: all kept.
+    #[arg(long, value_name = "DURATION", value_parser = kiln_common::duration::parse)]
+    pub(crate) since: Option<std::time::Duration>,
 }
 
 #[derive(Debug, Subcommand)]

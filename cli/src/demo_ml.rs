@@ -1,15 +1,22 @@
-//! `kiln demo`'s main act: the customer-behavior model shipped, watched and
-//! rolled back, on an embedded coordinator with a docker agent (training,
-//! tests, evaluation) and a process agent (deploys).
+//! `kiln demo`'s main act: the customer-behavior model shipped, accepted
+//! live in staging, watched and rolled back, on an embedded coordinator
+//! with a docker agent (training, tests, evaluation) and a process agent
+//! (deploys, live acceptance).
 //!
-//! 1. Release 1 is trained on the real Caravan data, passes the acceptance
-//!    gate and reaches production; a model server and live traffic run.
+//! 1. Release 1 is trained on the real Caravan data, deployed to staging,
+//!    where the staging server answers the held-out customers, passes the
+//!    gate on offline and live values and reaches production; a production
+//!    server and live traffic run.
 //! 2. The demo openly commits a fault (`KILN_DEMO_FAULT: invert`: the model
-//!    inverts its answers when served). The new model passes every offline
-//!    gate, goes live, its live error ratio climbs, the coordinator's
-//!    monitor counts the breaches and rolls production back; the alert is
-//!    printed as the webhook receives it.
-//! 3. It ends with the production history.
+//!    inverts its answers when served). Its offline metrics pass, its live
+//!    ones in staging do not: the gate stops it before production.
+//! 3. The fault is reverted and a new release reaches production. Then the
+//!    production traffic goes wrong upstream (half the customers arrive with
+//!    their attributes shifted): the monitor sees the input drift, rolls
+//!    back, watches the restored release, sees it drift too, and freezes
+//!    production with an alert that blames the data. The alerts are printed
+//!    as the webhook receives them.
+//! 4. It ends with the production history and the live model's lineage.
 //!
 //! The model server and the traffic run as containers of the same image,
 //! started with the `docker` CLI: they are the demo's scenery, not Kiln.
@@ -32,6 +39,7 @@ pub(crate) const IMAGE: &str = "kiln/python-ml:bookworm";
 /// Where deploy.sh installs models (the example's kiln.yml says so too).
 const SERVE_ROOT: &str = "/tmp/kiln-serve";
 const SERVER: &str = "kiln-demo-serve";
+const STAGING_SERVER: &str = "kiln-demo-serve-staging";
 const TRAFFIC: &str = "kiln-demo-traffic";
 
 /// Why the ML demo cannot run here, if it cannot (no engine).
@@ -254,6 +262,7 @@ fn docker_run_detached(name: &str, repo: &Path, command: &[&str]) -> Result<(), 
 pub(crate) fn stop_scenery() {
     docker_rm(TRAFFIC);
     docker_rm(SERVER);
+    docker_rm(STAGING_SERVER);
 }
 
 /// The scenario, once the farm is up.
@@ -267,33 +276,42 @@ pub(crate) async fn run_scenario(
     std::fs::create_dir_all(SERVE_ROOT)
         .map_err(|e| CliError::Input(format!("cannot create {SERVE_ROOT}: {e}")))?;
 
-    // The server is up before anything is deployed, so the monitor of the
-    // first release finds it (it answers, with no model loaded yet).
+    // The servers are up before anything is deployed, so live acceptance
+    // and the monitor of the first release find them (they answer, with no
+    // model loaded yet).
     say(
         format,
-        &format!("starting the model server on 127.0.0.1:9101 (serving {SERVE_ROOT}/production)"),
+        &format!(
+            "starting model servers: staging on 127.0.0.1:9102, production on 127.0.0.1:9101 (serving {SERVE_ROOT}/ENV)"
+        ),
     )?;
-    let env_dir = format!("{SERVE_ROOT}/production");
-    docker_run_detached(
-        SERVER,
-        repo,
-        &[
-            "python",
-            "serve.py",
-            "--env-dir",
-            &env_dir,
-            "--port",
-            "9101",
-            "--min-feedback",
-            "50",
-            "--window",
-            "100",
-        ],
-    )?;
+    for (name, env, port) in [
+        (STAGING_SERVER, "staging", "9102"),
+        (SERVER, "production", "9101"),
+    ] {
+        let env_dir = format!("{SERVE_ROOT}/{env}");
+        docker_run_detached(
+            name,
+            repo,
+            &[
+                "python",
+                "serve.py",
+                "--env-dir",
+                &env_dir,
+                "--port",
+                port,
+                "--min-feedback",
+                "50",
+                "--window",
+                "100",
+            ],
+        )?;
+    }
 
     say(
         format,
-        "act 1: train on the Caravan data, gate on precision and recall, release to production",
+        "act 1: train on the Caravan data, deploy to staging, ask the staging server about the \
+         held-out customers, gate on offline and live values, release to production",
     )?;
     let first = ship(coordinator, repo, format).await?;
     if first.state != pb::RunState::Succeeded as i32 {
@@ -307,50 +325,52 @@ pub(crate) async fn run_scenario(
 
     say(
         format,
-        "sending live traffic with labelled feedback to the model server",
+        "sending live traffic with labelled feedback to the production server",
     )?;
-    docker_run_detached(
-        TRAFFIC,
-        repo,
-        &[
-            "python",
-            "traffic.py",
-            "--url",
-            "http://127.0.0.1:9101",
-            "--rate",
-            "25",
-            "--duration",
-            "0",
-            "--report-every",
-            "1000",
-        ],
-    )?;
+    start_traffic(repo, "0")?;
     tokio::time::sleep(Duration::from_secs(6)).await;
 
     say(
         format,
         "act 2: INJECTING A FAULT, openly: committing `KILN_DEMO_FAULT: invert` to the train stage. \
-         The new model is as good offline (the gate passes) but inverts its answers when served.",
+         The new model is as good offline but inverts its answers when served.",
     )?;
-    let kiln_yml = repo.join("kiln.yml");
-    let text = std::fs::read_to_string(&kiln_yml).map_err(|e| CliError::Input(e.to_string()))?;
-    std::fs::write(
-        &kiln_yml,
-        text.replace("KILN_DEMO_FAULT: none", "KILN_DEMO_FAULT: invert"),
-    )
-    .map_err(|e| CliError::Input(e.to_string()))?;
-    commit_all(
-        repo,
-        "demo: inject a serving fault (the model inverts its answers live)",
-    )?;
+    set_fault(repo, "none", "invert")?;
     let second = ship(coordinator, repo, format).await?;
     print_gate(&second, format)?;
+    let stopped = second.state != pb::RunState::Succeeded as i32
+        && second
+            .stages
+            .iter()
+            .any(|s| s.name == "deploy-production" && s.state() == pb::StageState::Skipped);
+    if stopped {
+        say(
+            format,
+            &format!(
+                "run {} was stopped in staging: its offline metrics pass, the staging server's live answers fail the gate; production never saw it",
+                second.id
+            ),
+        )?;
+    } else {
+        say(format, "the inverted model was NOT stopped in staging")?;
+    }
 
     say(
         format,
-        "watching production: the monitor scrapes the server every 2s and rolls back after 3 breaches",
+        "act 3: the fault is reverted and a new release goes through staging to production",
     )?;
-    let rolled_back = wait_for_rollback(coordinator, second.id).await?;
+    set_fault(repo, "invert", "none")?;
+    let third = ship(coordinator, repo, format).await?;
+    print_gate(&third, format)?;
+    say(
+        format,
+        "UPSTREAM DATA FAULT, openly: from now on half the production customers arrive with \
+         every attribute shifted one column over. The monitor scrapes the server every 2s \
+         (error ratio and input drift, model_input_psi) and rolls back after 3 breaches.",
+    )?;
+    docker_rm(TRAFFIC);
+    start_traffic(repo, "0.5")?;
+    let rolled_back = wait_for_rollback(coordinator, third.id).await?;
     match &rolled_back {
         Some(release) => say(
             format,
@@ -358,6 +378,15 @@ pub(crate) async fn run_scenario(
         )?,
         None => say(format, "no rollback happened within 3 minutes")?,
     }
+    say(
+        format,
+        "the restored release is watched again; if it breaches too, the cause is the data",
+    )?;
+    match wait_for_freeze(coordinator).await? {
+        Some(why) => say(format, &format!("production is FROZEN: {why}"))?,
+        None => say(format, "production did not freeze within 2 minutes")?,
+    }
+    docker_rm(TRAFFIC);
     tokio::time::sleep(Duration::from_secs(2)).await;
     if alerts.lock().expect("alert list").is_empty() {
         say(format, "(no alert reached the webhook)")?;
@@ -365,7 +394,7 @@ pub(crate) async fn run_scenario(
 
     say(
         format,
-        &format!("act 3: the history of {PIPELINE}/production"),
+        &format!("act 4: the history of {PIPELINE}/production"),
     )?;
     let history = production_history(coordinator).await?;
     for release in &history {
@@ -390,14 +419,57 @@ pub(crate) async fn run_scenario(
         ))?;
     }
     if let Some(live) = history.iter().find(|r| r.state() == pb::ReleaseState::Live) {
-        say(format, "act 4: what the live model was built from")?;
+        say(format, "act 5: what the live model was built from")?;
         output::line(provenance_summary(coordinator, live.id).await)?;
     }
-    Ok(if rolled_back.is_some() {
+    Ok(if stopped && rolled_back.is_some() {
         Outcome::Ok
     } else {
         Outcome::RunNotSucceeded
     })
+}
+
+/// Replays customers to the production server (`drift_share` of them
+/// shifted one column over).
+fn start_traffic(repo: &Path, drift_share: &str) -> Result<(), CliError> {
+    docker_run_detached(
+        TRAFFIC,
+        repo,
+        &[
+            "python",
+            "traffic.py",
+            "--url",
+            "http://127.0.0.1:9101",
+            "--rate",
+            "25",
+            "--duration",
+            "0",
+            "--report-every",
+            "1000",
+            "--drift-share",
+            drift_share,
+        ],
+    )
+}
+
+/// Commits the train stage's `KILN_DEMO_FAULT: from` as `to`.
+fn set_fault(repo: &Path, from: &str, to: &str) -> Result<(), CliError> {
+    let kiln_yml = repo.join("kiln.yml");
+    let text = std::fs::read_to_string(&kiln_yml).map_err(|e| CliError::Input(e.to_string()))?;
+    std::fs::write(
+        &kiln_yml,
+        text.replace(
+            &format!("KILN_DEMO_FAULT: {from}"),
+            &format!("KILN_DEMO_FAULT: {to}"),
+        ),
+    )
+    .map_err(|e| CliError::Input(e.to_string()))?;
+    let message = if to == "none" {
+        "demo: remove the serving fault".to_owned()
+    } else {
+        format!("demo: inject a serving fault ({to}: the model answers wrongly live)")
+    };
+    commit_all(repo, &message)
 }
 
 async fn ship(
@@ -413,31 +485,56 @@ async fn ship(
     coordinator.get_run(run.id).await
 }
 
+/// Each gate in a few lines: its summary, then one line per rule, a
+/// metric's offline value beside the staging server's live one
+/// (`live_<metric>`) when the gate checks both.
 fn print_gate(run: &pb::Run, format: OutputFormat) -> Result<(), CliError> {
+    let verdict = |check: &pb::GateCheck| if check.passed { "pass" } else { "FAIL" };
+    let value = |check: &pb::GateCheck| check.value.map_or("missing".into(), output::number);
     for stage in &run.stages {
-        if let Some(gate) = &stage.gate {
-            say(
-                format,
-                &format!(
-                    "gate `{}` (decided by the coordinator): {}",
-                    stage.name, gate.summary
-                ),
-            )?;
-            for check in &gate.checks {
-                let value = check.value.map_or("missing".into(), output::number);
-                let champion = check
-                    .champion
-                    .map(|c| format!(", champion {}", output::number(c)))
-                    .unwrap_or_default();
-                let verdict = if check.passed { "pass" } else { "FAIL" };
-                output::progress(
-                    format,
-                    &format!(
-                        "      {verdict}  {} {}: {value}{champion}",
-                        check.metric, check.rule
-                    ),
-                )?;
+        let Some(gate) = &stage.gate else { continue };
+        say(
+            format,
+            &format!(
+                "gate `{}` (decided by the coordinator): {}",
+                stage.name, gate.summary
+            ),
+        )?;
+        let live_of = |metric: &str| {
+            gate.checks
+                .iter()
+                .find(|c| c.metric == format!("live_{metric}") && c.champion.is_none())
+        };
+        for check in &gate.checks {
+            let paired = check
+                .metric
+                .strip_prefix("live_")
+                .is_some_and(|offline| gate.checks.iter().any(|c| c.metric == offline));
+            if paired && check.champion.is_none() {
+                continue;
             }
+            let line = match (check.champion, live_of(&check.metric)) {
+                (None, Some(live)) => format!(
+                    "      {:<9} {:<7} offline {:<6} {}   live {:<6} {}",
+                    check.metric,
+                    check.rule,
+                    value(check),
+                    verdict(check),
+                    value(live),
+                    verdict(live),
+                ),
+                (champion, _) => format!(
+                    "      {:<9} {:<7} {}{} {}",
+                    check.metric,
+                    check.rule,
+                    value(check),
+                    champion
+                        .map(|c| format!(" (champion {})", output::number(c)))
+                        .unwrap_or_default(),
+                    verdict(check),
+                ),
+            };
+            output::progress(format, &line)?;
         }
     }
     Ok(())
@@ -454,6 +551,27 @@ async fn wait_for_rollback(
             .find(|r| r.run_id == bad_run && r.state() == pb::ReleaseState::RolledBack)
         {
             return Ok(Some(release.clone()));
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    Ok(None)
+}
+
+/// Why production froze, once it has.
+async fn wait_for_freeze(coordinator: &Coordinator) -> Result<Option<String>, CliError> {
+    for _ in 0..120 {
+        let reply = coordinator
+            .control()
+            .list_environments(pb::ListEnvironmentsRequest {})
+            .await
+            .map_err(|status| coordinator.failed(status))?;
+        if let Some(env) = reply
+            .into_inner()
+            .environments
+            .into_iter()
+            .find(|e| e.pipeline == PIPELINE && e.name == "production" && !e.frozen.is_empty())
+        {
+            return Ok(Some(env.frozen));
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }

@@ -44,7 +44,7 @@ use crate::args::{
 };
 use crate::client::Coordinator;
 use crate::commands::{
-    agents, artifacts, cache, delivery, logs, pipeline, provenance, runs, security,
+    agents, artifacts, cache, delivery, logs, metrics, pipeline, provenance, runs, security,
 };
 use crate::error::{CliError, Outcome};
 
@@ -171,6 +171,7 @@ async fn remote(
         Command::Approve(args) => delivery::decide(c, format, &args, true).await,
         Command::Reject(args) => delivery::decide(c, format, &args, false).await,
         Command::Rollback(args) => delivery::rollback(c, format, &args).await,
+        Command::Metrics(args) => metrics::metrics(c, format, &args).await,
         Command::Token(command) => security::token(c, format, command).await,
         Command::Secret(command) => security::secret(c, format, command).await,
         Command::Audit(args) => security::audit(c, format, args.limit).await,

@@ -225,6 +225,7 @@ mod tests {
             reason: None,
             monitor_until_ms: None,
             restored_by_rollback: false,
+            endpoint: None,
         }));
         store.apply(&batch).unwrap();
         let (report, _) = collect(&store, &blobs, 1, 7, &HashSet::new(), false).unwrap();

@@ -222,6 +222,15 @@ pub async fn run(
         signer_rx,
         stop_rx.clone(),
     ));
+    let compactor = {
+        let clock = clock::SystemClock;
+        tokio::spawn(delivery::history::run_compactor(
+            store.clone(),
+            writer.clone(),
+            move || clock::Clock::now_ms(&clock),
+            stop_rx.clone(),
+        ))
+    };
     let watcher = tokio::spawn(triggers::run_watcher(
         triggers::Watcher {
             store: store.clone(),
@@ -376,6 +385,7 @@ pub async fn run(
     let _ = tokio::time::timeout(DRAIN_GRACE, alerter).await;
     let _ = tokio::time::timeout(DRAIN_GRACE, signer).await;
     let _ = tokio::time::timeout(DRAIN_GRACE, watcher).await;
+    let _ = tokio::time::timeout(DRAIN_GRACE, compactor).await;
     // Streams still open after the grace are cut.
     let mut grpc = grpc;
     if tokio::time::timeout(DRAIN_GRACE, &mut grpc).await.is_err() {

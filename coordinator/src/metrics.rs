@@ -9,13 +9,13 @@
 //! registry, never the process-global one, so embedded coordinators (the
 //! demo, tests) do not collide.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Mutex;
 use std::time::Duration;
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 use kiln_common::ids::EnvKey;
@@ -71,6 +71,12 @@ pub(crate) struct Metrics {
     alerts: IntCounterVec,
     /// Alerts dropped because the alerter's queue was full or closed.
     alerts_dropped: IntCounter,
+    /// The last monitor sample of the live release of each environment.
+    monitor_values: GaugeVec,
+    /// The series `monitor_values` holds per environment (release, metric
+    /// names): a new release's first sample removes the old release's, so
+    /// there are never more series than environments × metrics.
+    monitor_series: Mutex<HashMap<EnvKey, (u64, Vec<String>)>>,
 }
 
 impl Default for Metrics {
@@ -163,6 +169,18 @@ impl Default for Metrics {
         registry
             .register(Box::new(alerts_dropped.clone()))
             .expect("unique metric name");
+        let monitor_values = GaugeVec::new(
+            Opts::new(
+                "kiln_monitor_value",
+                "The last value a monitor read for the live release of an environment, by metric \
+                 (NaN: missing).",
+            ),
+            &["pipeline", "environment", "release", "metric"],
+        )
+        .expect("valid gauge");
+        registry
+            .register(Box::new(monitor_values.clone()))
+            .expect("unique metric name");
         let build_info = IntGaugeVec::new(
             Opts::new(
                 "kiln_build_info",
@@ -218,6 +236,8 @@ impl Default for Metrics {
             monitor_breaches,
             alerts,
             alerts_dropped,
+            monitor_values,
+            monitor_series: Mutex::default(),
         }
     }
 }
@@ -307,6 +327,48 @@ impl Metrics {
             .inc();
     }
 
+    /// A monitor sample of the live `release` of `environment`; the
+    /// environment's series of an older release go.
+    pub(crate) fn monitor_sampled(
+        &self,
+        environment: &EnvKey,
+        release: u64,
+        values: &std::collections::BTreeMap<String, Option<f64>>,
+    ) {
+        let mut series = self
+            .monitor_series
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let release_label = release.to_string();
+        if let Some((old, metrics)) = series.get(environment)
+            && *old != release
+        {
+            let old = old.to_string();
+            for metric in metrics {
+                let _ = self.monitor_values.remove_label_values(&[
+                    environment.pipeline(),
+                    &environment.name,
+                    &old,
+                    metric,
+                ]);
+            }
+        }
+        for (metric, value) in values {
+            self.monitor_values
+                .with_label_values(&[
+                    environment.pipeline(),
+                    &environment.name,
+                    &release_label,
+                    metric,
+                ])
+                .set(value.unwrap_or(f64::NAN));
+        }
+        series.insert(
+            environment.clone(),
+            (release, values.keys().cloned().collect()),
+        );
+    }
+
     /// One alert's delivery to `destination` ("alertmanager" or "webhook")
     /// ended, after any retries.
     pub(crate) fn alert_delivered(&self, destination: &str, sent: bool) {
@@ -356,6 +418,29 @@ mod tests {
     fn sample(text: &str, series: &str) -> Option<f64> {
         text.lines()
             .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+    }
+
+    #[test]
+    fn monitor_values_keep_one_release_per_environment() {
+        let metrics = Metrics::default();
+        let production = EnvKey::of_pipeline("credit", "production");
+        let values =
+            |v: f64| std::collections::BTreeMap::from([("error_ratio".to_owned(), Some(v))]);
+        metrics.monitor_sampled(&production, 1, &values(0.1));
+        let series = |release: u64| {
+            format!(
+                "kiln_monitor_value{{environment=\"production\",metric=\"error_ratio\",pipeline=\"credit\",release=\"{release}\"}}"
+            )
+        };
+        assert_eq!(sample(&metrics.render(), &series(1)), Some(0.1));
+        metrics.monitor_sampled(&production, 2, &values(0.7));
+        let text = metrics.render();
+        assert_eq!(sample(&text, &series(2)), Some(0.7));
+        assert_eq!(
+            sample(&text, &series(1)),
+            None,
+            "the old release's series is gone"
+        );
     }
 
     #[test]

@@ -151,6 +151,7 @@ pub(crate) fn release(record: &ReleaseRecord) -> pb::Release {
         reason: record.reason.clone().unwrap_or_default(),
         monitor_until_ms: record.monitor_until_ms.unwrap_or_default(),
         restored_by_rollback: record.restored_by_rollback,
+        endpoint: record.endpoint.clone().unwrap_or_default(),
         datasets: Vec::new(),
         repo: String::new(),
         provenance_digest: String::new(),

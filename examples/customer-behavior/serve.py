@@ -16,7 +16,10 @@ on 127.0.0.1 only.
 - ``GET /healthz``   200 with the model version once a model is loaded, else 503.
 - ``GET /metrics``   Prometheus text exposition: model_requests_total,
   model_errors_total, model_latency_seconds (histogram), model_feedback_total,
-  model_error_ratio (wrong / feedback in the window), model_info{version}, ...
+  model_error_ratio (wrong / feedback in the window), model_input_psi (input
+  drift: the largest population stability index of a feature over the last
+  ``--drift-window`` scored customers against the model's training data, see
+  src/drift.py), model_info{version}, ...
 
 The feedback window belongs to the model being served: it restarts empty when
 a new model is loaded, and ``model_error_ratio`` stays 0 until the window holds
@@ -54,6 +57,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer  # noqa: E40
 from pathlib import Path  # noqa: E402
 from typing import Any, Optional  # noqa: E402
 
+from src.drift import DriftWindow  # noqa: E402
+
 LOG = logging.getLogger("serve")
 HOST = "127.0.0.1"
 FAULTS = ("invert",)
@@ -80,6 +85,9 @@ class LoadedModel:
     directory: str
     fault: Optional[str]
     fault_source: str = ""
+    # Each feature's share of each value in the training data (model.json
+    # "reference"); None for a model trained before drift was measured.
+    reference: Optional[dict[str, dict[str, float]]] = None
 
     def score(self, rows: list[list[float]]) -> tuple[list[int], list[float]]:
         """Predictions (1 = buyer) and buyer probabilities, with the demo fault applied."""
@@ -110,7 +118,7 @@ def load_release(directory: Path, server_fault: Optional[str]) -> LoadedModel:
         raise ValueError(f"unknown demo fault {fault!r} set by {source}")
     return LoadedModel(
         estimator, features, float(meta["threshold"]), version or "unknown", str(directory),
-        fault, source,
+        fault, source, meta.get("reference"),
     )
 
 
@@ -172,12 +180,19 @@ class ModelServer(ThreadingHTTPServer):
         min_feedback: int = 100,
         poll: float = 1.0,
         fault: Optional[str] = None,
+        drift_window: int = 500,
+        drift_min_rows: int = 500,
     ) -> None:
         super().__init__((HOST, port), Handler)
         self.env_dir = env_dir
         self.poll = poll
         self.server_fault = fault
         self.stats = Stats(window_size=window, min_feedback=min_feedback)
+        # The inputs, not the model: kept across reloads, so a restored model
+        # is judged on the same customers at once.
+        self.drift: Optional[DriftWindow] = None
+        self.drift_window = drift_window
+        self.drift_min_rows = drift_min_rows
         self.model: Optional[LoadedModel] = None
         # True while `current` names a release that could not be loaded.
         self.stale = False
@@ -254,6 +269,9 @@ class ModelServer(ThreadingHTTPServer):
         else:
             raise BadRequest('send {"rows": [[...], ...]} or {"customers": [{...}, ...]}')
         predictions, probabilities = model.score(rows)
+        if self.drift is None or self.drift.features != model.features:
+            self.drift = DriftWindow(model.features, self.drift_window, self.drift_min_rows)
+        self.drift.add(rows)
         with self.stats.lock:
             self.stats.predictions += len(predictions)
             self.stats.predicted_buyers += sum(predictions)
@@ -327,6 +345,18 @@ class ModelServer(ThreadingHTTPServer):
                     "Times a newly deployed model replaced the served one.", [("", s.reloads)])
             _family(lines, "model_load_failures_total", "counter",
                     "Deployed models that could not be loaded.", [("", s.load_failures)])
+        drift = self.drift
+        worst = drift.worst(model.reference) if drift and model and model.reference else None
+        _family(lines, "model_input_psi", "gauge",
+                "Largest population stability index of a feature over the scored window "
+                f"against the training data (0 until it holds {self.drift_min_rows} customers).",
+                [("", worst[0] if worst else 0.0)])
+        _family(lines, "model_input_drift_window", "gauge",
+                "Scored customers in the drift window.", [("", len(drift) if drift else 0)])
+        if worst:
+            _family(lines, "model_input_psi_worst_feature", "gauge",
+                    "The feature with the largest PSI (its value is that PSI).",
+                    [(f'{{feature="{_escape(worst[1])}"}}', worst[0])])
         version = model.version if model else "none"
         _family(lines, "model_info", "gauge", "The model being served.",
                 [(f'{{version="{_escape(version)}"}}', 1 if model else 0)])
@@ -484,6 +514,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-feedback", type=int, default=100,
                         help="items needed before the error ratio is reported (default 100)")
     parser.add_argument("--poll", type=float, default=1.0, help="seconds between reload checks")
+    parser.add_argument("--drift-window", type=int, default=500,
+                        help="scored customers the input drift is measured over (default 500)")
+    parser.add_argument("--drift-min-rows", type=int, default=500,
+                        help="customers needed before model_input_psi is reported (default 500: a part-full window reads noisy)")
     parser.add_argument("--fault", choices=("none", *FAULTS),
                         default=os.environ.get("KILN_DEMO_FAULT") or "none",
                         help="demo only: corrupt every served model (default $KILN_DEMO_FAULT)")
@@ -495,7 +529,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s serve: %(message)s", stream=sys.stderr)
     server = ModelServer(args.env_dir, args.port, args.window, args.min_feedback, args.poll,
-                         args.fault)
+                         args.fault, args.drift_window, args.drift_min_rows)
     if args.fault:
         LOG.warning("!!! DEMO FAULT '%s' requested for this server: every model it serves "
                     "will answer wrongly on purpose", args.fault)

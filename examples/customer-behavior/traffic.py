@@ -6,7 +6,8 @@ Each tick sends one customer to ``POST /predict`` and then its true label to
 ``POST /feedback``, so the server's ``model_error_ratio`` tracks how often the
 live model is wrong. Rows come from ``build/data/test.csv`` (held out from
 training) when it exists, else ``data/raw/caravan.csv``, shuffled with a fixed
-seed and cycled. Prints a progress line every ``--report-every`` seconds and a
+seed and cycled. ``--drift-share S`` sends a share S of them shifted one column
+over, the kind of upstream fault that hurts every model alike. Prints a progress line every ``--report-every`` seconds and a
 summary at the end. Standard library only, so it runs with any Python 3.9+.
 """
 
@@ -87,6 +88,7 @@ def replay(
     report_every: float,
     seed: int,
     timeout: float = 2.0,
+    drift_share: float = 0.0,
 ) -> Tally:
     """Send ``rate`` customers a second for ``duration`` seconds (0 = until interrupted)."""
     rng = random.Random(seed)
@@ -115,6 +117,10 @@ def replay(
         index = order[i % len(order)]
         i += 1
         row, label = rows[index], labels[index]
+        if drift_share and rng.random() < drift_share:
+            # An upstream change moved every attribute one column over:
+            # the customers are the same, the inputs are not.
+            row = row[1:] + row[:1]
         tally.sent += 1
         try:
             answer = post(f"{url}/predict", {"rows": [row]}, timeout)
@@ -148,15 +154,21 @@ def main(argv: list[str] | None = None) -> int:
                         help="share of customers whose label is fed back (default all)")
     parser.add_argument("--report-every", type=float, default=5.0)
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--drift-share", type=float, default=0.0,
+                        help="share of customers sent with every attribute moved one column "
+                             "over (an upstream data fault; the server's model_input_psi sees it)")
     args = parser.parse_args(argv)
     if args.rate <= 0:
         parser.error("--rate must be positive")
+    if not 0.0 <= args.drift_share <= 1.0:
+        parser.error("--drift-share must be between 0 and 1")
     rows, labels = load_rows(args.data)
     print(f"traffic: replaying {len(rows)} customers from {args.data} to {args.url} "
           f"at {args.rate:g}/s for {args.duration:g}s", flush=True)
     started = time.monotonic()
     tally = replay(args.url.rstrip("/"), rows, labels, args.rate, args.duration,
-                   args.feedback_share, args.report_every, args.seed)
+                   args.feedback_share, args.report_every, args.seed,
+                   drift_share=args.drift_share)
     print(tally.line(time.monotonic() - started) + " (done)", flush=True)
     return 1 if tally.sent and tally.failed == tally.sent else 0
 

@@ -4,10 +4,11 @@
 //! a model through a farm.
 
 use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::Result;
+use anyhow::{Context, Result, bail};
 use kiln_proto::v1 as pb;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
@@ -163,19 +164,7 @@ pub async fn ship_pipeline(
 ) -> Result<pb::Run> {
     repo.commit("model.txt", model)?;
     repo.commit("metrics.json", metrics)?;
-    let register = farm
-        .coordinator
-        .kiln(&["pipeline", "register", repo.path().to_str().unwrap()]);
-    assert_eq!(
-        register.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&register.stderr)
-    );
-    let started = farm.coordinator.kiln(&["run", pipeline]);
-    let id: u64 = String::from_utf8(started.stdout)?.trim().parse()?;
-    let mut client = farm.coordinator.client().await?;
-    wait_run(&mut client, id, Duration::from_secs(60)).await
+    ship_run(farm, repo, pipeline).await
 }
 
 pub fn state(stage: &pb::Stage) -> pb::StageState {
@@ -200,4 +189,161 @@ pub async fn history(farm: &Farm, environment: &str) -> Result<Vec<pb::Release>>
 
 pub fn release_state(release: &pb::Release) -> pb::ReleaseState {
     pb::ReleaseState::try_from(release.state).unwrap()
+}
+
+/// The image the example's Python stages and model server run in.
+pub const ML_IMAGE: &str = "kiln/python-ml:bookworm";
+
+/// Whether the test `test` can use Docker and [`ML_IMAGE`]; `false` after
+/// [`crate::skip::missing`] allowed it to skip.
+pub async fn ml_image_ready(test: &str) -> Result<bool> {
+    if crate::docker::engine(test).await?.is_none() {
+        return Ok(false);
+    }
+    let image = Command::new("docker")
+        .args(["image", "inspect", ML_IMAGE])
+        .output()?;
+    if !image.status.success() {
+        crate::skip::missing(
+            test,
+            "kiln/python-ml:bookworm is missing (deploy/images/python-ml/build.sh builds it)",
+        )?;
+        return Ok(false);
+    }
+    Ok(true)
+}
+
+/// Containers of the scenery (model server, traffic), removed on drop.
+pub struct Containers(pub Vec<String>);
+
+impl Containers {
+    /// `docker run -d` of [`ML_IMAGE`] on the host network, `mounts` at
+    /// the same paths, in `workdir`.
+    pub fn run(
+        &mut self,
+        name: &str,
+        mounts: &[&Path],
+        workdir: &Path,
+        command: &[&str],
+    ) -> Result<()> {
+        let _ = Command::new("docker").args(["rm", "-f", name]).output();
+        let mut docker = Command::new("docker");
+        docker.args(["run", "-d", "--name", name, "--network", "host"]);
+        for mount in mounts {
+            docker.args(["-v", &format!("{0}:{0}", mount.display())]);
+        }
+        docker.args(["-w", &workdir.display().to_string(), ML_IMAGE]);
+        let out = docker.args(command).output()?;
+        if !out.status.success() {
+            bail!(
+                "docker run {name}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        self.0.push(name.to_owned());
+        Ok(())
+    }
+
+    /// The last lines `name` wrote.
+    pub fn logs(&self, name: &str) -> String {
+        Command::new("docker")
+            .args(["logs", "--tail", "30", name])
+            .output()
+            .map(|o| {
+                format!(
+                    "{}{}",
+                    String::from_utf8_lossy(&o.stdout),
+                    String::from_utf8_lossy(&o.stderr)
+                )
+            })
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Containers {
+    fn drop(&mut self) {
+        for name in &self.0 {
+            let _ = Command::new("docker").args(["rm", "-f", name]).output();
+        }
+    }
+}
+
+/// The example checked into `repo`, its kiln.yml passed through
+/// `edit_kiln_yml` (build outputs and caches left out).
+pub fn copy_example(repo: &Repo, edit_kiln_yml: impl Fn(&str) -> String) -> Result<()> {
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/customer-behavior");
+    copy_tree(&example, repo.path())?;
+    let kiln_yml = std::fs::read_to_string(example.join("kiln.yml"))?;
+    repo.commit("kiln.yml", &edit_kiln_yml(&kiln_yml))?;
+    Ok(())
+}
+
+fn copy_tree(from: &Path, to: &Path) -> Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        if name == "build" || name == "__pycache__" || name == ".pytest_cache" || name == "kiln.yml"
+        {
+            continue;
+        }
+        let target: PathBuf = to.join(&name);
+        if entry.file_type()?.is_dir() {
+            copy_tree(&entry.path(), &target)?;
+        } else {
+            std::fs::copy(entry.path(), &target)?;
+        }
+    }
+    Ok(())
+}
+
+/// A loopback port nobody listened on a moment ago.
+pub fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// Registers `repo` as it is, runs `pipeline`, waits for the run.
+pub async fn ship_run(farm: &Farm, repo: &Repo, pipeline: &str) -> Result<pb::Run> {
+    let register = farm
+        .coordinator
+        .kiln(&["pipeline", "register", repo.path().to_str().unwrap()]);
+    assert_eq!(
+        register.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&register.stderr)
+    );
+    let started = farm.coordinator.kiln(&["run", pipeline]);
+    let id: u64 = String::from_utf8(started.stdout)?.trim().parse()?;
+    let mut client = farm.coordinator.client().await?;
+    wait_run(&mut client, id, Duration::from_secs(300)).await
+}
+
+/// The environment `name` of `pipeline`.
+pub async fn environment(farm: &Farm, pipeline: &str, name: &str) -> Result<pb::Environment> {
+    let mut client = farm.coordinator.client().await?;
+    let environments = client
+        .list_environments(pb::ListEnvironmentsRequest::default())
+        .await?
+        .into_inner()
+        .environments;
+    environments
+        .into_iter()
+        .find(|e| e.pipeline == pipeline && e.name == name)
+        .with_context(|| format!("no environment {pipeline}/{name}"))
+}
+
+/// The newest 100 runs of every pipeline.
+pub async fn all_runs(farm: &Farm) -> Result<Vec<pb::Run>> {
+    let mut client = farm.coordinator.client().await?;
+    Ok(client
+        .list_runs(pb::ListRunsRequest {
+            pipeline: String::new(),
+            limit: 100,
+        })
+        .await?
+        .into_inner()
+        .runs)
 }

@@ -128,6 +128,7 @@ fn spec() -> BTreeMap<String, Expect> {
             "ListArtifacts",
             "ListEnvironments",
             "EnvironmentHistory",
+            "MetricHistory",
             "GetRelease",
             "GetProvenance",
             "GetProvenanceKey",

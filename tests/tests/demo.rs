@@ -1,7 +1,9 @@
 //! `kiln demo` end to end: the customer-behavior example trained, tested
-//! and evaluated in Docker on the real Caravan data, gated, released to
-//! production, degraded live by an openly injected fault, rolled back by
-//! the coordinator's monitor, with the alert shown.
+//! and evaluated in Docker on the real Caravan data, accepted live in
+//! staging and released to production; an openly injected serving fault
+//! stopped in staging by the live answers; an upstream data fault in
+//! production rolled back by the coordinator's monitor, the restored
+//! release watched, and production frozen with an alert blaming the data.
 //!
 //! Needs the Docker engine and the `kiln/python-ml:bookworm` image (which
 //! `tests/setup.sh` builds; the demo builds it itself when missing, which
@@ -45,10 +47,20 @@ async fn the_demo_promotes_a_model_and_rolls_back_a_degraded_one() -> Result<()>
     );
     assert!(all.contains("INJECTING A FAULT"), "{all}");
     assert!(
+        all.contains("was stopped in staging: its offline metrics pass"),
+        "{all}"
+    );
+    assert!(all.contains("live_accuracy"), "{all}");
+    assert!(
         all.contains("was rolled back: 3 consecutive breaches"),
         "{all}"
     );
     assert!(all.contains("ALERT KilnRollback"), "{all}");
+    assert!(
+        all.contains("production is FROZEN: release") && all.contains("likely the data"),
+        "{all}"
+    );
+    assert!(all.contains("ALERT KilnDataSuspected"), "{all}");
     assert!(
         all.contains("live        recall=") && all.contains("(restored by rollback)"),
         "{all}"

@@ -26,7 +26,7 @@ struct EnvironmentView {
 
 /// A release. JSON: `{id, environment, state, run_id, pipeline,
 /// pipeline_version, repo, commit, source_digest, stage, image_digest,
-/// triggered_by, created_ms, reason, restored_by_rollback, metrics,
+/// endpoint, triggered_by, created_ms, reason, restored_by_rollback, metrics,
 /// artifacts: [{stage, path, digest, size}], gates: [{stage, gate}],
 /// datasets: [{source, path, digest, content_digest}], provenance_digest}`.
 #[derive(Debug, Serialize)]
@@ -44,6 +44,8 @@ struct ReleaseView {
     source_digest: Option<String>,
     stage: String,
     image_digest: Option<String>,
+    /// Where it is served (its stage's `endpoint:`); null if not said.
+    endpoint: Option<String>,
     triggered_by: String,
     created_ms: u64,
     reason: Option<String>,
@@ -113,6 +115,7 @@ impl From<pb::Release> for ReleaseView {
             source_digest: some(release.source_digest),
             stage: release.stage,
             image_digest: some(release.image_digest),
+            endpoint: some(release.endpoint),
             triggered_by: release.triggered_by,
             created_ms: release.created_ms,
             reason: some(release.reason),
@@ -340,6 +343,9 @@ fn lineage_lines(release: &ReleaseView) -> String {
         "\nimage      {}",
         release.image_digest.as_deref().unwrap_or("-")
     ));
+    if let Some(endpoint) = &release.endpoint {
+        text.push_str(&format!("\nendpoint   {endpoint}"));
+    }
     match &release.provenance_digest {
         Some(digest) => text.push_str(&format!(
             "\nprovenance {digest} (kiln release provenance {})",

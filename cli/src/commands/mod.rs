@@ -7,6 +7,7 @@ pub(crate) mod artifacts;
 pub(crate) mod cache;
 pub(crate) mod delivery;
 pub(crate) mod logs;
+pub(crate) mod metrics;
 pub(crate) mod pipeline;
 pub(crate) mod provenance;
 pub(crate) mod runs;

@@ -145,6 +145,10 @@ pub struct Monitor {
     /// What a failed scrape or an empty result counts as (`fail` = breach).
     pub on_missing: OnMissing,
     pub on_breach: OnBreach,
+    /// `on_breach: [rollback, retrain]`: after the rollback, the pipeline
+    /// runs again on its newest commit, and its candidate must pass the
+    /// gate that compares it with the restored champion.
+    pub retrain: bool,
 }
 
 /// The delivery keys of a stage, as read.
@@ -152,6 +156,8 @@ pub struct Monitor {
 pub(super) struct DeliveryDraft {
     pub(super) metrics: Option<String>,
     pub(super) environment: Option<String>,
+    /// `endpoint: URL` and where it was written.
+    pub(super) endpoint: Option<(String, Position)>,
     pub(super) gate: Option<(Gate, Position)>,
     pub(super) monitor: Option<(Monitor, Position)>,
 }
@@ -169,6 +175,15 @@ pub(super) fn metrics(value: Node<'_>, path: &Path<'_>) -> Result<String, Proble
 /// `environment: production`.
 pub(super) fn environment(value: Node<'_>, path: &Path<'_>) -> Result<String, Problem> {
     values::name(value, path)
+}
+
+/// `endpoint: http://127.0.0.1:9102`: where the environment stage's
+/// release is served.
+pub(super) fn endpoint(value: Node<'_>, path: &Path<'_>) -> Result<(String, Position), Problem> {
+    let url = value
+        .string()
+        .ok_or_else(|| wrong(value, path, "an http:// or https:// URL"))?;
+    Ok((http_url(value, url, path)?, value.position()))
 }
 
 #[derive(Default)]
@@ -217,7 +232,7 @@ struct MonitorDraft {
     rollback_when: BTreeMap<String, Condition>,
     failure_limit: Option<u32>,
     on_missing: OnMissing,
-    on_breach: OnBreach,
+    on_breach: (OnBreach, bool),
 }
 
 #[rustfmt::skip]
@@ -284,7 +299,8 @@ pub(super) fn monitor(
         rollback_when: draft.rollback_when,
         failure_limit: draft.failure_limit.unwrap_or(3),
         on_missing: draft.on_missing,
-        on_breach: draft.on_breach,
+        on_breach: draft.on_breach.0,
+        retrain: draft.on_breach.1,
     };
     Ok((monitor, at))
 }
@@ -513,11 +529,42 @@ fn approval(value: Node<'_>, path: &Path<'_>) -> Result<Approval, Problem> {
     }
 }
 
-fn on_breach(value: Node<'_>, path: &Path<'_>) -> Result<OnBreach, Problem> {
-    match value.text() {
-        Some("rollback") => Ok(OnBreach::Rollback),
-        Some("freeze") => Ok(OnBreach::Freeze),
-        _ => Err(wrong(value, path, "`rollback` or `freeze`")),
+/// `rollback`, `freeze`, or a list of them plus `retrain` (which follows a
+/// rollback): what to do, and whether to retrain afterwards.
+fn on_breach(value: Node<'_>, path: &Path<'_>) -> Result<(OnBreach, bool), Problem> {
+    const EXPECTED: &str = "`rollback`, `freeze` or `[rollback, retrain]`";
+    let Some(items) = value.items() else {
+        return match value.text() {
+            Some("rollback") => Ok((OnBreach::Rollback, false)),
+            Some("freeze") => Ok((OnBreach::Freeze, false)),
+            Some("retrain") => Err(Problem::new(
+                value.position(),
+                format!("{path}: `retrain` follows a rollback; write `[rollback, retrain]`"),
+            )),
+            _ => Err(wrong(value, path, EXPECTED)),
+        };
+    };
+    let (mut action, mut retrain) = (None, false);
+    for item in items {
+        match (item.text(), action) {
+            (Some("rollback"), None) => action = Some(OnBreach::Rollback),
+            (Some("freeze"), None) => action = Some(OnBreach::Freeze),
+            (Some("retrain"), _) if !retrain => retrain = true,
+            _ => return Err(wrong(item, path, EXPECTED)),
+        }
+    }
+    match action {
+        Some(OnBreach::Freeze) if retrain => Err(Problem::new(
+            value.position(),
+            format!(
+                "{path}: `retrain` follows a rollback, not a freeze; write `[rollback, retrain]`"
+            ),
+        )),
+        Some(action) => Ok((action, retrain)),
+        None => Err(Problem::new(
+            value.position(),
+            format!("{path}: `retrain` follows a rollback; write `[rollback, retrain]`"),
+        )),
     }
 }
 

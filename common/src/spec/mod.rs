@@ -146,6 +146,10 @@ pub struct Stage {
     pub metrics: Option<String>,
     /// `environment:` success creates a release there.
     pub environment: Option<String>,
+    /// `endpoint:` where that release is served: recorded on the release
+    /// and given as `KILN_ENDPOINT` to this stage and to the stages that
+    /// need it (an acceptance stage asks the deployed model itself).
+    pub endpoint: Option<String>,
     /// `gate:` evaluated by the coordinator; such a stage has no commands.
     pub gate: Option<Gate>,
     /// `monitor:` watches the release this stage makes.

@@ -156,6 +156,7 @@ const STAGE_FIELDS: &[Field<StageDraft>] = &[
     ("artifacts", read_artifacts),
     ("metrics", |s, v, path| set(&mut s.delivery.metrics, delivery::metrics(v, path).map(Some))),
     ("environment", |s, v, path| set(&mut s.delivery.environment, delivery::environment(v, path).map(Some))),
+    ("endpoint", |s, v, path| set(&mut s.delivery.endpoint, delivery::endpoint(v, path).map(Some))),
     ("gate", |s, v, path| set(&mut s.delivery.gate, delivery::gate(v, path, &s.name.clone()).map(Some))),
     ("monitor", |s, v, path| set(&mut s.delivery.monitor, delivery::monitor(v, path, &s.name.clone()).map(Some))),
     ("services", |s, v, path| set(&mut s.services, services::read(v, path, &s.name.clone()).map(Some))),
@@ -350,6 +351,7 @@ fn check_delivery(stage: &StageDraft) -> Result<(), Problem> {
             (stage.delivery.monitor.is_some(), "monitor"),
             (stage.services.is_some(), "services"),
             (stage.cache.is_some(), "cache"),
+            (stage.delivery.endpoint.is_some(), "endpoint"),
         ];
         if let Some((_, key)) = extra.iter().find(|(present, _)| *present) {
             return Err(Problem::new(
@@ -359,6 +361,16 @@ fn check_delivery(stage: &StageDraft) -> Result<(), Problem> {
                 ),
             ));
         }
+    }
+    if let Some((_, at)) = &stage.delivery.endpoint
+        && stage.delivery.environment.is_none()
+    {
+        return Err(Problem::new(
+            *at,
+            format!(
+                "stage `{name}` has an `endpoint` but no `environment`; an endpoint is where an environment stage's release is served"
+            ),
+        ));
     }
     if let Some((_, at)) = &stage.delivery.monitor
         && stage.delivery.environment.is_none()

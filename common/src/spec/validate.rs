@@ -17,6 +17,7 @@ pub(super) fn pipeline(draft: Draft) -> Result<Pipeline, Problem> {
     for stage in &stages {
         check_services(stage, &draft.defaults)?;
     }
+    check_retrain_has_a_champion_gate(&stages)?;
     let stages = stages
         .into_iter()
         .zip(needs)
@@ -162,6 +163,37 @@ fn find_cycle(needs: &[Vec<usize>]) -> Option<Vec<usize>> {
     None
 }
 
+/// A monitor that retrains after its rollback needs a gate comparing with
+/// that environment's champion: otherwise the retrained candidate would go
+/// live without having to beat the release just restored.
+fn check_retrain_has_a_champion_gate(stages: &[StageDraft]) -> Result<(), Problem> {
+    for stage in stages {
+        let (Some((monitor, at)), Some(environment)) =
+            (&stage.delivery.monitor, &stage.delivery.environment)
+        else {
+            continue;
+        };
+        let compared =
+            stages.iter().any(|other| {
+                other.delivery.gate.as_ref().is_some_and(|(gate, _)| {
+                    gate.compare_to.as_deref() == Some(environment.as_str())
+                })
+            });
+        if monitor.retrain && !compared {
+            return Err(Problem::new(
+                *at,
+                format!(
+                    "`on_breach: [rollback, retrain]` of stage `{}` needs a gate that compares \
+                     the retrained model with the restored one; add `compare_to: {environment}` \
+                     to a gate",
+                    stage.name
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 fn cycle_problem(stages: &[StageDraft], cycle: &[usize]) -> Problem {
     let names: Vec<&str> = cycle
         .iter()
@@ -205,6 +237,7 @@ fn with_defaults(stage: StageDraft, needs: Vec<usize>, defaults: &Defaults) -> S
         artifacts_always: stage.artifacts_always,
         metrics: stage.delivery.metrics,
         environment: stage.delivery.environment,
+        endpoint: stage.delivery.endpoint.map(|(url, _)| url),
         gate: stage.delivery.gate.map(|(gate, _)| gate),
         monitor: stage.delivery.monitor.map(|(monitor, _)| monitor),
         cell_of: stage.cell_of,

@@ -167,9 +167,8 @@ pub(crate) fn rule(method: &str) -> Option<Rule> {
             "WhoAmI" => Rule::read(Viewer).and_agents().and_pipelines(),
             "ListPipelines" | "GetPipeline" | "GetRun" | "ListRuns" | "WatchRun" | "StreamLogs"
             | "ListAgents" | "ListArtifacts" | "ListEnvironments" | "EnvironmentHistory"
-            | "GetRelease" | "GetProvenance" | "GetProvenanceKey" | "Lineage" | "ListCaches" => {
-                Rule::read(Viewer)
-            }
+            | "MetricHistory" | "GetRelease" | "GetProvenance" | "GetProvenanceKey" | "Lineage"
+            | "ListCaches" => Rule::read(Viewer),
             "CancelRun"
             | "RetryStage"
             | "ApproveStage"

@@ -503,6 +503,39 @@ impl ControlService for ControlApi {
         Ok(Response::new(pb::ListReleasesResponse { releases }))
     }
 
+    async fn metric_history(
+        &self,
+        request: Request<pb::MetricHistoryRequest>,
+    ) -> Result<Response<pb::MetricHistoryResponse>, Status> {
+        let request = request.into_inner();
+        let environment = self.resolve_environment(&request.pipeline, &request.environment)?;
+        let store = self.store.clone();
+        let since_ms = request.since_ms;
+        let (releases, samples) = tokio::task::spawn_blocking(move || {
+            crate::delivery::history::read(store.as_ref(), &environment, since_ms)
+        })
+        .await
+        .map_err(|_| ApiError::Internal("reading the metric history failed".into()))?
+        .map_err(ApiError::from)?;
+        Ok(Response::new(pb::MetricHistoryResponse {
+            releases: releases.iter().map(views::release).collect(),
+            samples: samples
+                .into_iter()
+                .map(|sample| pb::MetricSample {
+                    release_id: sample.release,
+                    at_ms: sample.at_ms,
+                    values: sample
+                        .values
+                        .into_iter()
+                        .filter_map(|(metric, value)| Some((metric, value?)))
+                        .collect(),
+                    breached: sample.breached,
+                    error: sample.error.unwrap_or_default(),
+                })
+                .collect(),
+        }))
+    }
+
     async fn get_release(
         &self,
         request: Request<pb::GetReleaseRequest>,

@@ -8,8 +8,11 @@
 //!   endpoint or a Prometheus server's query API.
 //! - `alerts`: the alerter task posting to Alertmanager and a signed
 //!   webhook, fed through a queue the engine never blocks on.
+//! - `history`: the stored monitor samples read back (`kiln metrics`) and
+//!   thinned by the compactor task.
 
 pub(crate) mod alerts;
+pub(crate) mod history;
 pub(crate) mod sources;
 #[cfg(test)]
 pub(crate) mod testing;

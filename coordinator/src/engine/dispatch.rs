@@ -85,7 +85,12 @@ impl Engine {
                 pipeline: spec.record.name.clone(),
                 stage_name: stage_spec.name.clone(),
                 commands: stage_spec.commands.clone(),
-                env: stage_spec.env.clone().into_iter().collect(),
+                env: stage_spec
+                    .env
+                    .clone()
+                    .into_iter()
+                    .chain(endpoints(&spec.parsed, key.idx as usize))
+                    .collect(),
                 timeout_ms: stage_spec.timeout.as_millis() as u64,
                 source: Some(pb::Source {
                     repo: spec.record.repo.clone(),
@@ -378,4 +383,35 @@ fn docker_options(container: &spec::ContainerSettings) -> pb::DockerOptions {
         }
         .to_owned(),
     }
+}
+
+/// Where the releases a stage deals with are served: an environment stage
+/// gets its own `endpoint:` as `KILN_ENDPOINT`; a stage that needs
+/// environment stages gets each one's as `KILN_ENDPOINT_<ENVIRONMENT>`
+/// (upper case, `-` as `_`), and as `KILN_ENDPOINT` when there is one, so
+/// an acceptance stage can ask the model its run just deployed.
+fn endpoints(spec: &spec::Pipeline, idx: usize) -> Vec<(String, String)> {
+    let stage = &spec.stages[idx];
+    if let Some(own) = &stage.endpoint {
+        return vec![("KILN_ENDPOINT".to_owned(), own.clone())];
+    }
+    let needed: Vec<(&str, &str)> = stage
+        .needs
+        .iter()
+        .filter_map(|&need| {
+            let need = &spec.stages[need];
+            Some((need.environment.as_deref()?, need.endpoint.as_deref()?))
+        })
+        .collect();
+    let mut env: Vec<(String, String)> = needed
+        .iter()
+        .map(|(environment, url)| {
+            let name = environment.to_ascii_uppercase().replace('-', "_");
+            (format!("KILN_ENDPOINT_{name}"), (*url).to_owned())
+        })
+        .collect();
+    if let [(_, url)] = needed.as_slice() {
+        env.push(("KILN_ENDPOINT".to_owned(), (*url).to_owned()));
+    }
+    env
 }

@@ -444,7 +444,7 @@ impl Engine {
                 reply,
             } => {
                 let reason = format!("manual rollback by {user}");
-                let result = self.start_rollback(&environment, to, reason, user);
+                let result = self.start_rollback(&environment, to, reason, user, false);
                 self.reply_run(reply, result);
             }
             Event::Unfreeze { environment, reply } => {
@@ -483,6 +483,32 @@ impl Engine {
         &mut self,
     ) -> (Vec<MonitorRequest>, Vec<crate::delivery::alerts::Alert>) {
         self.delivery.take_work()
+    }
+
+    /// Runs to start again after a rollback (`on_breach: [rollback,
+    /// retrain]`), each with the pipeline's latest version: the runner
+    /// resolves the newest commit off the loop.
+    pub(crate) fn take_retrains(&mut self) -> Vec<crate::triggers::TriggeredRun> {
+        let retrains = self.delivery.take_retrains();
+        retrains
+            .into_iter()
+            .filter_map(|retrain| {
+                let Some(pipeline) = self.latest.get(&retrain.pipeline).cloned() else {
+                    tracing::error!(
+                        pipeline = retrain.pipeline,
+                        "cannot retrain: the pipeline is gone"
+                    );
+                    return None;
+                };
+                Some(crate::triggers::TriggeredRun {
+                    pipeline,
+                    rev: None,
+                    triggered_by: retrain.triggered_by,
+                    datasets: Vec::new(),
+                    trigger_state: None,
+                })
+            })
+            .collect()
     }
 
     /// Output checks to run on the blocking pool; each reports back as an
@@ -706,6 +732,8 @@ pub(crate) async fn run_engine(
 ) {
     engine.durable = committer.durable();
     let mut monitors = tokio::task::JoinSet::new();
+    // The monitor task of each watched release.
+    let mut watching: HashMap<u64, tokio::task::AbortHandle> = HashMap::new();
     // Leases are checked often enough that expiry is noticed within a small
     // fraction of the TTL.
     let tick_every = (engine.config.lease_ttl / 10).max(Duration::from_millis(20));
@@ -762,15 +790,48 @@ pub(crate) async fn run_engine(
         }
         for request in requests {
             let clock = engine.clock.clone();
-            monitors.spawn(delivery::monitor::watch(
+            let release = request.release;
+            let task = monitors.spawn(delivery::monitor::watch(
                 request,
                 delivery.http.clone(),
                 delivery.events.clone(),
                 stop.clone(),
                 move || clock.now_ms(),
             ));
+            // A release watched again (restored by a rollback within its
+            // first window) has one monitor, not two counting each breach.
+            if let Some(previous) = watching.insert(release, task) {
+                previous.abort();
+            }
+        }
+        for run in engine.take_retrains() {
+            let (events, alerts) = (delivery.events.clone(), delivery.alerts.clone());
+            tokio::spawn(async move {
+                let pipeline = run.pipeline.name.clone();
+                match crate::triggers::start_run(&events, run).await {
+                    Ok(run) => {
+                        tracing::info!(%pipeline, run = run.id, "retraining after a rollback")
+                    }
+                    Err(error) => {
+                        let summary = format!(
+                            "cannot start the retraining run of `{pipeline}` after its rollback: {error}"
+                        );
+                        tracing::error!(%pipeline, %error, "{summary}");
+                        alerts.send(crate::delivery::alerts::Alert {
+                            name: "KilnRetrainFailed".into(),
+                            severity: "warning".into(),
+                            labels: [("pipeline".to_owned(), pipeline)].into(),
+                            description: summary.clone(),
+                            summary,
+                            starts_at: std::time::SystemTime::now(),
+                            ends_at: None,
+                        });
+                    }
+                }
+            });
         }
         while monitors.try_join_next().is_some() {}
+        watching.retain(|_, task| !task.is_finished());
     }
     let (batch, effects) = engine.take_commit();
     committer.submit(batch, effects);

@@ -25,7 +25,8 @@ impl Engine {
                     DeliveryEvent::Deployed(key) => self.deployed(key),
                     DeliveryEvent::GateReady(key) => self.gate_ready(key),
                     DeliveryEvent::RollbackFailed(plan) => {
-                        let ops = self.delivery.rollback_ended(&plan, false);
+                        let now = self.clock.now_ms();
+                        let ops = self.delivery.rollback_ended(&plan, false, None, now);
                         self.write_all(ops);
                     }
                 }
@@ -108,13 +109,15 @@ impl Engine {
     }
 
     /// `kiln rollback` and the monitor's automatic rollback: delivery
-    /// plans it, the run book runs it.
+    /// plans it, the run book runs it. `retrain`: the pipeline runs again
+    /// once the rollback succeeded.
     pub(super) fn start_rollback(
         &mut self,
         environment: &EnvKey,
         to: Option<u64>,
         reason: String,
         triggered_by: String,
+        retrain: bool,
     ) -> Result<RunId, ApiError> {
         let running = self
             .runs
@@ -128,9 +131,10 @@ impl Engine {
                         .is_some_and(|plan| plan.environment == *environment)
             })
             .map(|run| run.record.id);
-        let start = self
+        let mut start = self
             .delivery
             .plan_rollback(environment, to, reason, running)?;
+        start.plan.retrain = retrain;
         self.start_rollback_run(start, triggered_by)
     }
 
@@ -157,9 +161,10 @@ impl Engine {
                 environment,
                 release,
                 reason,
+                retrain,
             } => {
                 if let Err(error) =
-                    self.start_rollback(&environment, None, reason, "monitor".into())
+                    self.start_rollback(&environment, None, reason, "monitor".into(), retrain)
                 {
                     self.delivery
                         .rollback_not_started(&environment, release, &error.to_string());

@@ -142,6 +142,10 @@ pub(crate) struct RollbackPlan {
     /// The restored release's artifacts, by digest.
     pub(crate) inputs: Vec<StageArtifact>,
     pub(crate) reason: String,
+    /// The monitor said `on_breach: [rollback, retrain]`: once the
+    /// rollback succeeds, the pipeline runs again on its newest commit.
+    #[serde(default)]
+    pub(crate) retrain: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -274,6 +278,10 @@ pub(crate) struct ReleaseRecord {
     /// Set for a release made live again by a rollback.
     #[serde(default)]
     pub(crate) restored_by_rollback: bool,
+    /// Where it is served (the stage's `endpoint:`), as its stage and the
+    /// stages after it got it in `KILN_ENDPOINT`.
+    #[serde(default)]
+    pub(crate) endpoint: Option<String>,
 }
 
 /// An artifact with the stage that produced it.
@@ -368,6 +376,11 @@ pub(crate) enum Op {
     DeleteRun(RunId),
     /// Forgets a shared cache entry: (pipeline, key).
     RemoveCache(String, String),
+    /// A sample thinned out of the history (see `delivery::history`).
+    RemoveMonitorSample {
+        release: u64,
+        at_ms: u64,
+    },
 }
 
 /// A shared cache entry: the archives an agent saved under a pipeline's

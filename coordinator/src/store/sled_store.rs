@@ -187,6 +187,9 @@ impl Store for SledStore {
                         encode(record),
                     );
                 }
+                Op::RemoveMonitorSample { release, at_ms } => {
+                    writes.remove(keys::monitor_sample(*release, *at_ms));
+                }
             }
         }
         self.db.apply_batch(writes.batch)?;

@@ -35,6 +35,7 @@ from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
 from src import schema
+from src import drift
 from src.files import read_json, write_json
 
 DEFAULT_SEED = 7
@@ -136,6 +137,8 @@ def train(
         "seed": seed,
         "run": run_label(),
         "demo_fault": None if demo_fault == "none" else demo_fault,
+        # What serve.py measures input drift against (src/drift.py).
+        "reference": drift.reference(x.to_numpy().tolist(), schema.FEATURES),
         "versions": {
             "python": platform.python_version(),
             "sklearn": sklearn.__version__,

@@ -199,6 +199,35 @@ def test_metrics_are_valid_exposition(client: Client, test_rows: tuple[list, lis
     assert re.search(r'^model_info\{version="(local|run)[^"]*"\} 1$', text, re.M)
 
 
+def test_input_drift_is_measured_against_the_training_data(
+        serve_root: Path, test_rows: tuple[list, list]) -> None:
+    server = serve.ModelServer(serve_root / "staging", 0, poll=0.05, drift_window=200,
+                               drift_min_rows=50)
+    server.start_watching()
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
+                     daemon=True).start()
+    client = Client(server)
+    try:
+        rows = (test_rows[0] * 10)[:400]  # the fixture holds a small sample
+        client.call("POST", "/predict", {"rows": rows[:49]})
+        assert client.metric("model_input_psi") == 0.0, "too few customers to judge"
+        client.call("POST", "/predict", {"rows": rows[49:200]})
+        assert client.metric("model_input_drift_window") == 200
+        # The fixture's model is trained on a small sample, so even held-out
+        # customers differ from it by some sampling noise.
+        clean = client.metric("model_input_psi")
+        # Every attribute moved one column over: the population the model
+        # was trained on is gone, whatever the model.
+        client.call("POST", "/predict", {"rows": [r[1:] + r[:1] for r in rows[200:400]]})
+        shifted = client.metric("model_input_psi")
+        assert shifted > 1.0 and shifted > 3 * clean, (clean, shifted)
+        _, text = client.call("GET", "/metrics")
+        assert re.search(r'^model_input_psi_worst_feature\{feature="[A-Z]+"\} ', text, re.M)
+    finally:
+        server.stop()
+        server.server_close()
+
+
 def test_server_fault_inverts_predictions(serve_root: Path, project: Path,
                                           test_rows: tuple[list, list]) -> None:
     server = start(serve_root / "staging", fault="invert")

@@ -144,3 +144,111 @@ fn mistakes_in_delivery_keys() {
         "kiln.yml:6:14: `monitor` of stage `d` has no source; add `scrape: URL` or `prometheus: {url, query}`",
     );
 }
+
+#[test]
+fn retraining_after_a_rollback_needs_a_gate_against_the_champion() {
+    let pipeline = parse_ok(
+        r#"
+        pipeline: p
+        stages:
+          gate:
+            gate: { require: { recall: ">= 0.1" }, compare_to: production }
+          deploy:
+            needs: [gate]
+            environment: production
+            commands: [./deploy.sh]
+            monitor:
+              scrape: http://127.0.0.1:9101/metrics
+              rollback_when: { input_psi: "> 0.25" }
+              on_breach: [rollback, retrain]
+        "#,
+    );
+    let monitor = pipeline.stages[1].monitor.as_ref().unwrap();
+    assert_eq!(
+        (monitor.on_breach, monitor.retrain),
+        (OnBreach::Rollback, true)
+    );
+    let without_gate = "
+        pipeline: p
+        stages:
+          deploy:
+            environment: production
+            commands: [./deploy.sh]
+            monitor:
+              scrape: http://127.0.0.1:9101/metrics
+              rollback_when: { e: \"> 1\" }
+              on_breach: [rollback, retrain]
+        ";
+    check(
+        without_gate,
+        "kiln.yml:7:7: `on_breach: [rollback, retrain]` of stage `deploy` needs a gate that \
+         compares the retrained model with the restored one; add `compare_to: production` to a \
+         gate",
+    );
+    for (on_breach, error) in [
+        (
+            "[freeze, retrain]",
+            "`retrain` follows a rollback, not a freeze",
+        ),
+        (
+            "retrain",
+            "`retrain` follows a rollback; write `[rollback, retrain]`",
+        ),
+        (
+            "[retrain]",
+            "`retrain` follows a rollback; write `[rollback, retrain]`",
+        ),
+        (
+            "[rollback, freeze]",
+            "must be `rollback`, `freeze` or `[rollback, retrain]`",
+        ),
+    ] {
+        let yaml = without_gate.replace("[rollback, retrain]", on_breach);
+        let error_text = match crate::spec::parse("kiln.yml", &super::trim_indent(&yaml)) {
+            Ok(_) => panic!("{on_breach} was accepted"),
+            Err(error) => error.to_string(),
+        };
+        assert!(error_text.contains(error), "{on_breach}: {error_text}");
+    }
+}
+
+#[test]
+fn an_endpoint_belongs_to_an_environment_stage() {
+    let pipeline = parse_ok(
+        r#"
+        pipeline: p
+        stages:
+          deploy:
+            environment: staging
+            endpoint: http://127.0.0.1:9102
+            commands: [./deploy.sh staging]
+        "#,
+    );
+    assert_eq!(
+        pipeline.stages[0].endpoint.as_deref(),
+        Some("http://127.0.0.1:9102")
+    );
+    check(
+        "
+        pipeline: p
+        stages:
+          check:
+            endpoint: http://127.0.0.1:9102
+            commands: [x]
+        ",
+        "kiln.yml:4:15: stage `check` has an `endpoint` but no `environment`; an endpoint is \
+         where an environment stage's release is served",
+    );
+    check(
+        "
+        pipeline: p
+        stages:
+          deploy:
+            environment: staging
+            endpoint: 127.0.0.1:9102
+            commands: [x]
+        ",
+        "kiln.yml:5:15: `endpoint` in stage `deploy` must be an http:// or https:// URL; found \
+         `127.0.0.1:9102`",
+    );
+}

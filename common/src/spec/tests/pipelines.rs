@@ -209,7 +209,7 @@ fn numeric_stage_names_are_names() {
 }
 
 /// The example from DESIGN.md, without the keys this version does not know
-/// yet (triggers, artifacts, metrics, environment, gate, monitor); the
+/// yet (triggers, artifacts, metrics, environment, endpoint, gate, monitor); the
 /// acceptance gate becomes a plain stage.
 #[test]
 fn design_example() {

@@ -51,6 +51,18 @@ impl DeliveryController {
         self.raise("KilnMonitorBreach", "critical", &labels, reason.to_owned());
     }
 
+    /// A release restored by a rollback breaches too: the environment is
+    /// frozen and a person looks at the data.
+    pub(super) fn alert_data_suspected(
+        &mut self,
+        environment: &EnvKey,
+        release: u64,
+        reason: &str,
+    ) {
+        let labels = environment_labels(environment, release);
+        self.raise("KilnDataSuspected", "critical", &labels, reason.to_owned());
+    }
+
     pub(super) fn alert_rolled_back(&mut self, plan: &RollbackPlan) {
         let labels = environment_labels(&plan.environment, plan.from);
         let summary = format!(

@@ -146,6 +146,11 @@ impl Environments {
         Some(Op::Environment(env.clone()))
     }
 
+    /// A (new) watch of `release` begins: its breaches count from zero.
+    pub(super) fn start_watch(&mut self, release: u64) {
+        self.breaches.insert(release, Some(0));
+    }
+
     /// Counts a sample of `release` in `environment`.
     pub(super) fn observe(
         &mut self,
@@ -201,6 +206,7 @@ mod tests {
             reason: None,
             monitor_until_ms: None,
             restored_by_rollback: false,
+            endpoint: None,
         }
     }
 

@@ -81,15 +81,32 @@ pub(super) enum Breach {
     /// Nothing to do (healthy, counted, or not live any more).
     Quiet,
     /// The limit was reached and the stage says `on_breach: rollback`:
-    /// the loop starts a rollback of `environment` with this reason.
+    /// the loop starts a rollback of `environment` with this reason (and,
+    /// with `retrain`, a new run of the pipeline once it succeeded).
     RollBack {
         environment: EnvKey,
         release: u64,
         reason: String,
+        retrain: bool,
     },
     /// The limit was reached and the environment is now frozen.
     Frozen(Vec<Op>),
 }
+
+/// A pipeline to run again on its newest commit after a rollback
+/// (`on_breach: [rollback, retrain]`); the runner resolves the commit off
+/// the loop and starts the run like a trigger would.
+#[derive(Debug, PartialEq)]
+pub(crate) struct Retrain {
+    pub(crate) pipeline: String,
+    /// The run's `triggered_by`: starts with [`RETRAIN`].
+    pub(crate) triggered_by: String,
+}
+
+/// How a retraining run's `triggered_by` begins. A release made by such a
+/// run that is rolled back in turn does not retrain again: one retrain per
+/// rollback, never a loop.
+pub(crate) const RETRAIN: &str = "retrain after rollback";
 
 /// A rollback the run book is to start: the plan it carries and the
 /// release it restores.
@@ -107,6 +124,8 @@ pub(super) struct DeliveryController {
     alerts: Vec<Alert>,
     /// Releases made live whose provenance is to be signed once durable.
     to_sign: Vec<u64>,
+    /// Pipelines to run again after a rollback; the runner drains these.
+    retrains: Vec<Retrain>,
 }
 
 impl DeliveryController {
@@ -121,6 +140,7 @@ impl DeliveryController {
             monitor_requests: Vec::new(),
             alerts: Vec::new(),
             to_sign: Vec::new(),
+            retrains: Vec::new(),
         }
     }
 
@@ -146,8 +166,10 @@ impl DeliveryController {
         self.environments.watched_at(now).cloned().collect()
     }
 
-    /// Watches a release (again, after a restart).
+    /// Watches a release (again, after a restart); its breach count
+    /// starts over.
     pub(super) fn watch(&mut self, request: MonitorRequest) {
+        self.environments.start_watch(request.release);
         self.monitor_requests.push(request);
     }
 
@@ -253,12 +275,14 @@ impl DeliveryController {
     /// live (or, in a rollback run, the restored release does). Returns the
     /// writes.
     pub(super) fn deployed(&mut self, run: &RunView<'_>, idx: usize, now: u64) -> Vec<Op> {
-        if let Some(plan) = &run.record.rollback {
-            return self.rollback_ended(plan, true);
-        }
         let Some(stage_spec) = run.spec.stages.get(idx) else {
             return Vec::new();
         };
+        if let Some(plan) = &run.record.rollback {
+            // The rollback run is at the restored release's pipeline
+            // version: this is the `monitor:` it was released with.
+            return self.rollback_ended(plan, true, stage_spec.monitor.as_ref(), now);
+        }
         let Some(name) = stage_spec.environment.as_deref() else {
             return Vec::new();
         };
@@ -299,11 +323,12 @@ impl DeliveryController {
             reason: None,
             monitor_until_ms,
             restored_by_rollback: false,
+            endpoint: stage_spec.endpoint.clone(),
         };
         let ops = self.make_live(release, ReleaseState::Superseded, None);
         self.to_sign.push(id);
         if let (Some(monitor), Some(until_ms)) = (&stage_spec.monitor, monitor_until_ms) {
-            self.monitor_requests.push(MonitorRequest {
+            self.watch(MonitorRequest {
                 release: id,
                 environment,
                 monitor: monitor.clone(),
@@ -387,6 +412,7 @@ impl DeliveryController {
                 .cloned()
                 .collect(),
             reason,
+            retrain: false,
         };
         Ok(RollbackStart {
             plan,
@@ -394,9 +420,18 @@ impl DeliveryController {
         })
     }
 
-    /// A rollback run ended: on success the restored release is live again
-    /// and the replaced one is marked rolled back. Returns the writes.
-    pub(super) fn rollback_ended(&mut self, plan: &RollbackPlan, succeeded: bool) -> Vec<Op> {
+    /// A rollback run ended: on success the restored release is live again,
+    /// the replaced one is marked rolled back, and the restored one is
+    /// watched again by its own `monitor:` (if it breaches too, the
+    /// environment freezes: see [`Self::breach`]); with `plan.retrain` the
+    /// pipeline is queued to run again. Returns the writes.
+    pub(super) fn rollback_ended(
+        &mut self,
+        plan: &RollbackPlan,
+        succeeded: bool,
+        monitor: Option<&spec::Monitor>,
+        now: u64,
+    ) -> Vec<Op> {
         self.metrics.rollback_finished(&plan.environment, succeeded);
         if !succeeded {
             self.alert_rollback_failed(plan);
@@ -414,13 +449,35 @@ impl DeliveryController {
         };
         restored.state = ReleaseState::Live;
         restored.restored_by_rollback = true;
-        restored.monitor_until_ms = None;
+        restored.monitor_until_ms = monitor.map(|m| now + m.window.as_millis() as u64);
+        let watch = monitor
+            .zip(restored.monitor_until_ms)
+            .map(|(monitor, until_ms)| MonitorRequest {
+                release: restored.id,
+                environment: restored.environment.clone(),
+                monitor: monitor.clone(),
+                until_ms,
+            });
+        let pipeline = restored.pipeline.clone();
         let ops = self.make_live(
             restored,
             ReleaseState::RolledBack,
             Some(plan.reason.clone()),
         );
+        if let Some(watch) = watch {
+            self.watch(watch);
+        }
         self.alert_rolled_back(plan);
+        if plan.retrain {
+            tracing::info!(environment = %plan.environment, release = plan.to, "retraining after the rollback");
+            self.retrains.push(Retrain {
+                pipeline,
+                triggered_by: format!(
+                    "{RETRAIN} of release {} in `{}`",
+                    plan.from, plan.environment
+                ),
+            });
+        }
         ops
     }
 
@@ -447,6 +504,9 @@ impl DeliveryController {
                 .observe(environment, release, breached, monitor.failure_limit);
         if watch == Watch::Ignored {
             return (None, Breach::Quiet);
+        }
+        if let Ok(values) = values {
+            self.metrics.monitor_sampled(environment, release, values);
         }
         let sample = MonitorSampleRecord {
             release,
@@ -484,11 +544,35 @@ impl DeliveryController {
             monitor.failure_limit
         );
         self.alert_breach(environment, release, &reason);
+        let (restored, retrained) = self
+            .environments
+            .release(release)
+            .map_or((false, false), |r| {
+                (r.restored_by_rollback, r.triggered_by.starts_with(RETRAIN))
+            });
+        if restored {
+            // The release a rollback brought back was healthy before; that
+            // it breaches too points at what it is fed, which another
+            // rollback would not fix.
+            let reason = format!(
+                "release {release} was restored by a rollback and breaches too ({observed}): \
+                 the cause is likely the data, not the model; `{environment}` is frozen and \
+                 nothing is rolled back further; check the inputs, then `kiln env unfreeze`"
+            );
+            self.alert_data_suspected(environment, release, &reason);
+            return Breach::Frozen(
+                self.environments
+                    .freeze(environment, reason)
+                    .into_iter()
+                    .collect(),
+            );
+        }
         match monitor.on_breach {
             OnBreach::Rollback => Breach::RollBack {
                 environment: environment.clone(),
                 release,
                 reason,
+                retrain: monitor.retrain && !retrained,
             },
             OnBreach::Freeze => Breach::Frozen(
                 self.environments
@@ -520,6 +604,11 @@ impl DeliveryController {
             std::mem::take(&mut self.monitor_requests),
             std::mem::take(&mut self.alerts),
         )
+    }
+
+    /// Pipelines to run again after their rollback.
+    pub(super) fn take_retrains(&mut self) -> Vec<Retrain> {
+        std::mem::take(&mut self.retrains)
     }
 
     /// Releases made live since the last call, to be signed once durable.

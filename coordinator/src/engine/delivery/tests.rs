@@ -239,11 +239,12 @@ fn breaches_ask_for_one_rollback_at_the_limit_or_freeze() {
         environment,
         release,
         reason,
+        retrain,
     } = breach
     else {
         panic!("the second breach in a row reaches the limit");
     };
-    assert_eq!((environment, release), (env.clone(), 1));
+    assert_eq!((environment, release, retrain), (env.clone(), 1, false));
     assert!(reason.contains("error_ratio=0.9"), "{reason}");
     assert!(
         matches!(delivery.observe(&sample(0.9), &monitor, 0).1, Breach::Quiet),
@@ -262,6 +263,92 @@ fn breaches_ask_for_one_rollback_at_the_limit_or_freeze() {
     assert!(delivery.frozen(&env).is_some());
     let (_, record) = delivery.unfreeze(&env).unwrap();
     assert_eq!(record.frozen, None);
+}
+
+/// The restored release is watched again; when it breaches too the
+/// environment freezes with an alert naming the data, never a second
+/// rollback; `[rollback, retrain]` queues one retraining run, and a release
+/// that came from a retrain does not retrain again.
+#[test]
+fn a_restored_release_is_watched_and_its_breach_freezes_and_blames_the_data() {
+    let yaml = CREDIT.replace("for: 10m", "for: 10m\n      on_breach: [rollback, retrain]");
+    let mut delivery = controller();
+    let env = production("credit");
+    ship(&mut delivery, &Run::new(&yaml, 1, 0.9));
+    ship(&mut delivery, &Run::new(&yaml, 2, 0.9));
+    let (watches, _) = delivery.take_work();
+    assert_eq!(watches.len(), 2, "both releases were watched");
+    let spec = spec::parse("kiln.yml", &yaml).unwrap();
+    let monitor = spec.stages[2].monitor.clone().unwrap();
+    let sample = |release: u64| Observation {
+        release,
+        environment: env.clone(),
+        values: Ok(BTreeMap::from([("error_ratio".to_string(), Some(0.9))])),
+    };
+    delivery.observe(&sample(2), &monitor, 0);
+    let Breach::RollBack { retrain: true, .. } = delivery.observe(&sample(2), &monitor, 0).1 else {
+        panic!("the second breach rolls back and asks for a retrain");
+    };
+    let mut start = delivery
+        .plan_rollback(&env, None, "breach".into(), None)
+        .unwrap();
+    start.plan.retrain = true;
+    let mut rollback = Run::new(&yaml, 3, 0.0);
+    rollback.record.rollback = Some(start.plan);
+    delivery.deployed(&rollback.view(), rollback.idx("deploy"), 1_000);
+
+    // Release 1 is live again, watched for its stage's whole window.
+    assert_eq!(delivery.live(&env), Some(1));
+    let restored = delivery.release(1).unwrap();
+    assert!(restored.restored_by_rollback);
+    assert_eq!(restored.monitor_until_ms, Some(1_000 + 600_000));
+    let (watches, alerts) = delivery.take_work();
+    assert_eq!(
+        watches.iter().map(|w| w.release).collect::<Vec<_>>(),
+        [1],
+        "the restored release has a monitor again"
+    );
+    assert!(alerts.iter().any(|a| a.name == "KilnRollback"));
+    let retrains = delivery.take_retrains();
+    assert_eq!(retrains.len(), 1);
+    assert_eq!(retrains[0].pipeline, "credit");
+    assert!(
+        retrains[0].triggered_by.starts_with(RETRAIN),
+        "{}",
+        retrains[0].triggered_by
+    );
+
+    // It breaches too: freeze, blame the data, no rollback.
+    assert!(matches!(
+        delivery.observe(&sample(1), &monitor, 0).1,
+        Breach::Quiet
+    ));
+    let Breach::Frozen(ops) = delivery.observe(&sample(1), &monitor, 0).1 else {
+        panic!("a restored release that breaches freezes its environment");
+    };
+    assert_eq!(ops.len(), 1);
+    let frozen = delivery.frozen(&env).unwrap().to_owned();
+    assert!(frozen.contains("likely the data"), "{frozen}");
+    assert_eq!(delivery.live(&env), Some(1), "nothing rolled back further");
+    let (_, alerts) = delivery.take_work();
+    let alert = alerts
+        .iter()
+        .find(|a| a.name == "KilnDataSuspected")
+        .unwrap();
+    assert!(alert.summary.contains("nothing is rolled back further"));
+
+    // A release that came from the retrain and breaches rolls back, but
+    // does not retrain again.
+    delivery.unfreeze(&env).unwrap();
+    let mut retrained = Run::new(&yaml, 4, 0.9);
+    retrained.record.triggered_by = retrains[0].triggered_by.clone();
+    ship(&mut delivery, &retrained);
+    let live = delivery.live(&env).unwrap();
+    delivery.observe(&sample(live), &monitor, 0);
+    let Breach::RollBack { retrain, .. } = delivery.observe(&sample(live), &monitor, 0).1 else {
+        panic!("the retrained release rolls back");
+    };
+    assert!(!retrain, "one retrain per rollback, never a loop");
 }
 
 const SWEEP: &str = "

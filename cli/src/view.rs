@@ -47,15 +47,21 @@ pub(crate) enum StageState {
 
 /// A run (`kiln status`, `kiln runs`, `kiln run`, `cancel`, `retry`).
 ///
-/// JSON: `{id, pipeline, pipeline_version, commit, rev, state, triggered_by,
-/// created_ms, finished_ms, stages: [StageView], rollback}`; `rollback` is
+/// JSON: `{id, pipeline, pipeline_version, pipeline_digest, commit, rev,
+/// state, triggered_by, created_ms, finished_ms, stages: [StageView],
+/// rollback}`; `rollback` is
 /// `{pipeline, environment, from_release, to_release, reason}` for a run
 /// that puts a release back, else `null`.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub(crate) struct RunView {
     pub(crate) id: u64,
     pub(crate) pipeline: String,
+    /// 0 for a run failed at once because its pipeline file at the
+    /// commit could not be read or parsed.
     pub(crate) pipeline_version: u32,
+    /// "sha256:<hex>" of the pipeline file read at the commit; "" for a
+    /// run of a registered snapshot.
+    pub(crate) pipeline_digest: String,
     /// Full commit id the run checked out ("" until resolved).
     pub(crate) commit: String,
     /// What was asked for: branch, tag, commit, or "" for the branch head.
@@ -149,8 +155,8 @@ impl From<pb::GateDecision> for GateView {
 
 /// A registered pipeline version (`kiln pipeline list|show|register`).
 ///
-/// JSON: `{name, version, repo, branch, subdir, stages, registered_ms,
-/// spec_yaml}`.
+/// JSON: `{name, version, repo, branch, subdir, path, digest, repository,
+/// stages, registered_ms, spec_yaml}`.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub(crate) struct PipelineView {
     pub(crate) name: String,
@@ -159,6 +165,13 @@ pub(crate) struct PipelineView {
     pub(crate) branch: String,
     /// Directory of kiln.yml inside the repository, "" for the root.
     pub(crate) subdir: String,
+    /// The pipeline file inside the repository when runs read it at their
+    /// commit; "" for a registered snapshot.
+    pub(crate) path: String,
+    /// "sha256:<hex>" of the file's text.
+    pub(crate) digest: String,
+    /// The repository's name (`kiln repo add --name`).
+    pub(crate) repository: String,
     /// Stage names in file order.
     pub(crate) stages: Vec<String>,
     pub(crate) registered_ms: Option<u64>,
@@ -329,6 +342,7 @@ impl From<pb::Run> for RunView {
             state: run.state().into(),
             pipeline: run.pipeline,
             pipeline_version: run.pipeline_version,
+            pipeline_digest: run.pipeline_digest,
             commit: run.commit,
             rev: run.rev,
             triggered_by: run.triggered_by,
@@ -377,6 +391,9 @@ impl From<pb::Pipeline> for PipelineView {
             repo: pipeline.repo,
             branch: pipeline.branch,
             subdir: pipeline.subdir,
+            path: pipeline.path,
+            digest: pipeline.digest,
+            repository: pipeline.repository,
             stages: pipeline.stages,
             registered_ms: when(pipeline.registered_ms),
             spec_yaml: pipeline.spec_yaml,

@@ -219,6 +219,9 @@ mod tests {
         fn latest_pipelines(&self) -> Result<Vec<PipelineRecord>> {
             self.inner.latest_pipelines()
         }
+        fn pipeline_versions(&self) -> Result<Vec<PipelineRecord>> {
+            self.inner.pipeline_versions()
+        }
         fn run(&self, id: RunId) -> Result<Option<RunRecord>> {
             self.inner.run(id)
         }

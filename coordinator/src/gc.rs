@@ -117,6 +117,7 @@ mod tests {
             source_digest: None,
             rollback: None,
             datasets: Vec::new(),
+            pipeline_digest: String::new(),
         }));
         let mut stage = StageRecord::new(StageKey { run, idx: 0 }, "train", Vec::new());
         let output = |digest: &str| ArtifactRecord {

@@ -35,6 +35,7 @@ mod metrics;
 mod pipelines;
 mod provenance;
 mod read;
+mod repos;
 mod secrets;
 mod state;
 mod store;
@@ -202,6 +203,11 @@ pub async fn run(
         events: events_tx.clone(),
     };
     let parsed = engine.parsed_pipelines();
+    let starter = triggers::Starter {
+        events: events_tx.clone(),
+        repos: Arc::new(repos::Repos::new(&config.data_dir)),
+        parsed: parsed.clone(),
+    };
     let view = engine.durable_view();
     let signer = tokio::spawn(provenance::run_signer(
         provenance::Signer {
@@ -222,11 +228,11 @@ pub async fn run(
             clock: Arc::new(clock::SystemClock),
             view: view.clone(),
             parsed: parsed.clone(),
+            repos: starter.repos.clone(),
         },
         events_tx.clone(),
         stop_rx.clone(),
     ));
-    let hooks_events = events_tx.clone();
     let reader = read::Reader::new(store.clone(), view.clone(), parsed.clone());
     let engine_task = tokio::spawn(engine::run_engine(
         engine,
@@ -257,7 +263,7 @@ pub async fn run(
     // One control service for the CLI (gRPC) and the dashboard's buttons,
     // so both follow the same rules.
     let control = Arc::new(control::ControlApi::new(
-        events_tx.clone(),
+        starter.clone(),
         reader.clone(),
         blobs.clone(),
         config.artifacts.keep_days,
@@ -327,8 +333,7 @@ pub async fn run(
                 metrics,
                 triggers::webhook::Hooks {
                     secrets: secrets.clone(),
-                    events: hooks_events,
-                    parsed,
+                    starter: starter.clone(),
                     view,
                     auth: auth.clone(),
                 },

@@ -8,6 +8,7 @@ pub(crate) mod delivery;
 pub(crate) mod logs;
 pub(crate) mod pipeline;
 pub(crate) mod provenance;
+pub(crate) mod repo;
 pub(crate) mod runs;
 pub(crate) mod security;
 pub(crate) mod watch;

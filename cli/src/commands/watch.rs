@@ -237,6 +237,7 @@ mod tests {
             id: 7,
             pipeline: "hello".into(),
             pipeline_version: 2,
+            pipeline_digest: String::new(),
             commit: "0123456789abcdef".into(),
             rev: String::new(),
             state,

@@ -23,6 +23,7 @@
 //!   decides for the run book, carried across by the loop.
 
 mod agents;
+mod at_commit;
 mod checks;
 mod delivery;
 mod dispatch;
@@ -51,6 +52,7 @@ use crate::metrics::Metrics;
 use crate::store::{Batch, Op, PipelineRecord, RunRecord, StageRecord, Store};
 use crate::views;
 
+pub(crate) use at_commit::FileAtCommit;
 pub(crate) use pool::{AgentTx, ConnId};
 
 pub(crate) type Reply<T> = oneshot::Sender<Result<T, ApiError>>;
@@ -77,6 +79,9 @@ pub(crate) enum Event {
     },
     Trigger {
         pipeline: PipelineRecord,
+        /// The pipeline file read at `commit`, for a pipeline whose runs
+        /// read it there; `None` builds the registered version.
+        at_commit: Option<FileAtCommit>,
         commit: String,
         rev: String,
         triggered_by: String,
@@ -173,6 +178,11 @@ pub(crate) struct NewPipeline {
     pub(crate) repo: String,
     pub(crate) branch: String,
     pub(crate) subdir: String,
+    /// The file's path in the repository when runs read it at their
+    /// commit; "" for a snapshot.
+    pub(crate) path: String,
+    /// The repository's name, "" if none.
+    pub(crate) repository: String,
 }
 
 /// A pipeline version, parsed once and shared by its runs.
@@ -181,6 +191,22 @@ pub(crate) struct PipelineSpec {
     pub(crate) parsed: Arc<spec::Pipeline>,
     /// `dependents[i]`: stages that list stage `i` in their `needs`.
     pub(crate) dependents: Vec<Vec<usize>>,
+}
+
+impl PipelineSpec {
+    pub(crate) fn new(record: PipelineRecord, parsed: Arc<spec::Pipeline>) -> Self {
+        let mut dependents = vec![Vec::new(); parsed.stages.len()];
+        for (idx, stage) in parsed.stages.iter().enumerate() {
+            for &need in &stage.needs {
+                dependents[need].push(idx);
+            }
+        }
+        Self {
+            record,
+            parsed,
+            dependents,
+        }
+    }
 }
 
 /// A run that is not finished yet, with everything needed to move it on.
@@ -244,6 +270,10 @@ pub(crate) struct Engine {
     metrics: Arc<Metrics>,
     /// Latest version of every pipeline, by name.
     latest: HashMap<String, PipelineRecord>,
+    /// The version holding each file (pipeline, "sha256:<hex>"), among the
+    /// versions with the latest settings (repository, branch, path): a
+    /// file read at a commit gets a new version only when it is new.
+    digests: HashMap<(String, String), u32>,
     /// Parsed pipeline versions that active runs use.
     specs: HashMap<(String, u32), Arc<PipelineSpec>>,
     runs: BTreeMap<RunId, ActiveRun>,
@@ -297,10 +327,23 @@ impl Engine {
         config: EngineConfig,
         metrics: Arc<Metrics>,
     ) -> Result<Self, ApiError> {
-        let latest = store
+        let latest: HashMap<String, PipelineRecord> = store
             .latest_pipelines()?
             .into_iter()
             .map(|record| (record.name.clone(), record))
+            .collect();
+        let digests = store
+            .pipeline_versions()?
+            .into_iter()
+            .filter(|record| {
+                latest
+                    .get(&record.name)
+                    .is_some_and(|latest| same_settings(latest, record))
+            })
+            .map(|record| {
+                let digest = version_digest(&record);
+                ((record.name, digest), record.version)
+            })
             .collect();
         let next_run_id = store.last_run_id()? + 1;
         let delivery = delivery::DeliveryController::load(
@@ -315,6 +358,7 @@ impl Engine {
             config,
             metrics,
             latest,
+            digests,
             specs: HashMap::new(),
             runs: BTreeMap::new(),
             ready: VecDeque::new(),
@@ -373,6 +417,7 @@ impl Engine {
             }
             Event::Trigger {
                 pipeline,
+                at_commit,
                 commit,
                 rev,
                 triggered_by,
@@ -381,14 +426,46 @@ impl Engine {
                 trigger_state,
                 reply,
             } => {
-                let result = self.trigger(
-                    &pipeline,
+                let (version, pipeline_digest) = match at_commit {
+                    None => (pipeline.version, String::new()),
+                    Some(FileAtCommit {
+                        path,
+                        digest,
+                        read: Ok((text, parsed)),
+                    }) => (
+                        self.version_at_commit(&pipeline, &path, text, digest.clone(), parsed),
+                        digest,
+                    ),
+                    Some(FileAtCommit {
+                        path,
+                        digest,
+                        read: Err(reason),
+                    }) => {
+                        let refusal = at_commit::Refusal {
+                            commit,
+                            rev,
+                            triggered_by,
+                            file: path,
+                            digest,
+                            reason,
+                        };
+                        let run = self.refuse_run(&pipeline, refusal);
+                        // The slot or data that started it is spent too.
+                        if let Some(state) = trigger_state {
+                            self.write(Op::TriggerState(state));
+                        }
+                        self.reply(reply, Ok(run));
+                        self.route_delivery();
+                        return;
+                    }
+                };
+                let source = runs::RunSource {
                     commit,
                     rev,
-                    triggered_by,
                     source_digest,
-                    datasets,
-                );
+                    pipeline_digest,
+                };
+                let result = self.trigger(&pipeline, version, source, triggered_by, datasets);
                 if let (Ok(_), Some(state)) = (&result, trigger_state) {
                     self.write(Op::TriggerState(state));
                 }
@@ -635,31 +712,12 @@ impl Engine {
             .parsed
             .get(&record)
             .map_err(|error| ApiError::FailedPrecondition(error.to_string()))?;
-        let mut dependents = vec![Vec::new(); parsed.stages.len()];
-        for (idx, stage) in parsed.stages.iter().enumerate() {
-            for &need in &stage.needs {
-                dependents[need].push(idx);
-            }
-        }
-        let spec = Arc::new(PipelineSpec {
-            record,
-            parsed,
-            dependents,
-        });
+        let spec = Arc::new(PipelineSpec::new(record, parsed));
         self.specs.insert((name.to_owned(), version), spec.clone());
         Ok(spec)
     }
 
     fn register(&mut self, new: NewPipeline) -> Result<(PipelineRecord, bool), ApiError> {
-        if let Some(latest) = self.latest.get(&new.name) {
-            let unchanged = latest.spec_yaml == new.spec_yaml
-                && latest.repo == new.repo
-                && latest.branch == new.branch
-                && latest.subdir == new.subdir;
-            if unchanged {
-                return Ok((latest.clone(), false));
-            }
-        }
         let version = self
             .latest
             .get(&new.name)
@@ -668,13 +726,27 @@ impl Engine {
             name: new.name,
             version,
             file_name: new.file_name,
+            digest: crate::repos::digest(&new.spec_yaml),
             spec_yaml: new.spec_yaml,
             repo: new.repo,
             branch: new.branch,
             subdir: new.subdir,
             registered_ms: self.clock.now_ms(),
+            path: new.path,
+            repository: new.repository,
         };
+        if let Some(latest) = self.latest.get(&record.name) {
+            if same_settings(latest, &record) && version_digest(latest) == record.digest {
+                return Ok((latest.clone(), false));
+            }
+            if !same_settings(latest, &record) {
+                // Versions with other settings are never reused.
+                self.digests.retain(|(name, _), _| *name != record.name);
+            }
+        }
         tracing::info!(pipeline = %record.name, version, "registered pipeline");
+        self.digests
+            .insert((record.name.clone(), record.digest.clone()), record.version);
         self.write(Op::Pipeline(record.clone()));
         self.view_update.pipelines.push(record.clone());
         self.latest.insert(record.name.clone(), record.clone());
@@ -684,6 +756,22 @@ impl Engine {
     fn update_gauges(&self) {
         self.metrics
             .set_engine_gauges(self.runs.len(), self.ready.len(), self.pool.connected());
+    }
+}
+
+/// Whether two versions build from the same place the same way: a new
+/// version with other settings never shares a run's file with an old one.
+fn same_settings(a: &PipelineRecord, b: &PipelineRecord) -> bool {
+    (&a.repo, &a.branch, &a.subdir, &a.path, &a.repository)
+        == (&b.repo, &b.branch, &b.subdir, &b.path, &b.repository)
+}
+
+/// A version's digest; versions stored before digests get theirs here.
+fn version_digest(record: &PipelineRecord) -> String {
+    if record.digest.is_empty() {
+        crate::repos::digest(&record.spec_yaml)
+    } else {
+        record.digest.clone()
     }
 }
 

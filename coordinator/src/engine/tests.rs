@@ -131,6 +131,8 @@ impl Harness {
             repo: "/nowhere".into(),
             branch: "main".into(),
             subdir: String::new(),
+            path: String::new(),
+            repository: String::new(),
         };
         let (pipeline, _) = self
             .ask(|reply| Event::Register { pipeline, reply })
@@ -138,6 +140,7 @@ impl Harness {
         let run = self
             .ask(|reply| Event::Trigger {
                 pipeline,
+                at_commit: None,
                 commit: "0".repeat(40),
                 rev: "main".into(),
                 triggered_by: "test".into(),

@@ -64,6 +64,17 @@ pub(crate) struct PipelineRecord {
     pub(crate) branch: String,
     pub(crate) subdir: String,
     pub(crate) registered_ms: u64,
+    /// The pipeline file's path inside the repository when every run reads
+    /// it at its own commit; "" for a registered snapshot (runs use
+    /// `spec_yaml`).
+    #[serde(default)]
+    pub(crate) path: String,
+    /// "sha256:<hex>" of `spec_yaml` ("" in versions stored before it).
+    #[serde(default)]
+    pub(crate) digest: String,
+    /// The repository's name (`kiln repo add --name`), "" if none.
+    #[serde(default)]
+    pub(crate) repository: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -86,6 +97,10 @@ pub(crate) struct RunRecord {
     /// Datasets the run was given (a `data` trigger's snapshot).
     #[serde(default)]
     pub(crate) datasets: Vec<DatasetRecord>,
+    /// "sha256:<hex>" of the pipeline file read at the run's commit (even
+    /// one that did not parse); "" for a run of a registered snapshot.
+    #[serde(default)]
+    pub(crate) pipeline_digest: String,
 }
 
 /// A snapshot of a watched data location, stored as a blob.
@@ -388,6 +403,8 @@ pub(crate) trait Store: Send + Sync + 'static {
     fn pipeline(&self, name: &str, version: u32) -> Result<Option<PipelineRecord>>;
     /// The latest version of every pipeline, by name.
     fn latest_pipelines(&self) -> Result<Vec<PipelineRecord>>;
+    /// Every stored version of every pipeline, by name then version.
+    fn pipeline_versions(&self) -> Result<Vec<PipelineRecord>>;
     fn run(&self, id: RunId) -> Result<Option<RunRecord>>;
     /// Newest first, at most `limit`, none above `up_to` (readers pass the
     /// durable watermark; the engine's own callers `RunId(u64::MAX)`).

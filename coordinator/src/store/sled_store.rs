@@ -137,6 +137,10 @@ impl Store for SledStore {
         Ok(latest)
     }
 
+    fn pipeline_versions(&self) -> Result<Vec<PipelineRecord>> {
+        self.scan::<PipelineRecord>(&[keys::PIPELINE])
+    }
+
     fn run(&self, id: RunId) -> Result<Option<RunRecord>> {
         self.get(&keys::run(id))
     }
@@ -297,6 +301,7 @@ mod tests {
             source_digest: None,
             rollback: None,
             datasets: Vec::new(),
+            pipeline_digest: String::new(),
         }
     }
 

@@ -12,11 +12,9 @@ use axum::http::{HeaderMap, StatusCode};
 
 use kiln_common::triggers::webhook::{self, PushEvent};
 use serde_json::json;
-use tokio::sync::mpsc;
 
-use super::{TriggeredRun, start_run};
+use super::{Starter, TriggeredRun};
 use crate::auth::layer::Auth;
-use crate::engine::Event;
 use crate::secrets::Secrets;
 
 /// Largest webhook body accepted (GitHub caps payloads at 25 MB, but a
@@ -27,10 +25,9 @@ pub(crate) const MAX_BODY_BYTES: usize = 1 << 20;
 #[derive(Clone)]
 pub(crate) struct Hooks {
     pub(crate) secrets: Arc<Secrets>,
-    pub(crate) events: mpsc::Sender<Event>,
+    /// Starts runs (and parsed each pipeline version's file once).
+    pub(crate) starter: Starter,
     pub(crate) auth: Arc<Auth>,
-    /// Each pipeline version's file, parsed once.
-    pub(crate) parsed: Arc<crate::pipelines::ParsedPipelines>,
     /// Where the latest durable pipeline versions are read.
     pub(crate) view: Arc<crate::read::DurableView>,
 }
@@ -91,6 +88,7 @@ async fn handle(
         return fail(StatusCode::NOT_FOUND, format!("no pipeline named `{name}`"));
     };
     let push = hooks
+        .starter
         .parsed
         .get(&pipeline)
         .ok()
@@ -148,7 +146,7 @@ async fn handle(
         datasets: Vec::new(),
         trigger_state: None,
     };
-    match start_run(&hooks.events, run).await {
+    match hooks.starter.start(run).await {
         Ok(run) => (
             StatusCode::CREATED,
             Json(json!({

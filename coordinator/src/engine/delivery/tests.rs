@@ -59,6 +59,7 @@ impl Run {
             source_digest: None,
             rollback: None,
             datasets: Vec::new(),
+            pipeline_digest: String::new(),
         };
         let mut stages: Vec<StageRecord> = spec
             .stages

@@ -1,0 +1,129 @@
+//! Pipelines read at the commit a run builds.
+//!
+//! The file was read and parsed off the loop (`triggers::start_run`); here
+//! it becomes the run's pipeline version — the version already stored
+//! under its digest, or a new one — or, when it could not be read or
+//! parsed, the run is created failed at once, its one stage named after
+//! the file carrying the error as its reason and its log.
+
+use std::sync::Arc;
+
+use kiln_common::ids::{RunId, StageKey};
+use kiln_common::spec;
+use kiln_proto::v1 as pb;
+
+use super::{Engine, PipelineSpec};
+use crate::store::{
+    LogLine, LogStream, Op, PipelineRecord, RunRecord, RunState, StageRecord, StageState, StoredLog,
+};
+use crate::views;
+
+/// The pipeline file as read at a run's commit, off the loop.
+pub(crate) struct FileAtCommit {
+    /// Its path inside the repository.
+    pub(crate) path: String,
+    /// "sha256:<hex>" of its text ("" when there was no text to read).
+    pub(crate) digest: String,
+    /// The text and its parse, or why no run can be built from it (file,
+    /// line, column and what to change, for a parse error).
+    pub(crate) read: Result<(String, Arc<spec::Pipeline>), String>,
+}
+
+/// A run that could not start, as the refused run records it.
+pub(super) struct Refusal {
+    pub(super) commit: String,
+    pub(super) rev: String,
+    pub(super) triggered_by: String,
+    pub(super) file: String,
+    pub(super) digest: String,
+    pub(super) reason: String,
+}
+
+impl Engine {
+    /// The version of `pipeline` whose file is `text`: the one stored
+    /// under `digest`, or a new one with the latest version's settings.
+    pub(super) fn version_at_commit(
+        &mut self,
+        pipeline: &PipelineRecord,
+        path: &str,
+        text: String,
+        digest: String,
+        parsed: Arc<spec::Pipeline>,
+    ) -> u32 {
+        let key = (pipeline.name.clone(), digest.clone());
+        if let Some(&version) = self.digests.get(&key) {
+            return version;
+        }
+        let latest = self.latest.get(&pipeline.name).unwrap_or(pipeline);
+        let record = PipelineRecord {
+            version: latest.version + 1,
+            file_name: path.to_owned(),
+            spec_yaml: text,
+            path: path.to_owned(),
+            digest,
+            registered_ms: self.clock.now_ms(),
+            ..latest.clone()
+        };
+        tracing::info!(pipeline = %record.name, version = record.version, digest = %record.digest, "new pipeline version read at a run's commit");
+        self.write(Op::Pipeline(record.clone()));
+        self.view_update.pipelines.push(record.clone());
+        self.latest.insert(record.name.clone(), record.clone());
+        self.digests.insert(key, record.version);
+        // Not durable yet, so `spec` could not read it back from the store.
+        let spec = Arc::new(PipelineSpec::new(record.clone(), parsed));
+        self.specs
+            .insert((record.name.clone(), record.version), spec);
+        record.version
+    }
+
+    /// Creates the run of `pipeline` already failed: its file at the
+    /// commit cannot be read or parsed. One stage, named after the file,
+    /// holds the reason as its message and its log.
+    pub(super) fn refuse_run(&mut self, pipeline: &PipelineRecord, refusal: Refusal) -> pb::Run {
+        let id = RunId(self.next_run_id);
+        self.next_run_id += 1;
+        let now = self.clock.now_ms();
+        tracing::warn!(run = %id, pipeline = %pipeline.name, commit = %refusal.commit, reason = %refusal.reason, "run failed at once: its pipeline file cannot be used");
+        let record = RunRecord {
+            id,
+            pipeline: pipeline.name.clone(),
+            // No version: the file at this commit is no pipeline.
+            pipeline_version: 0,
+            commit: refusal.commit,
+            rev: refusal.rev,
+            state: RunState::Failed,
+            triggered_by: refusal.triggered_by,
+            created_ms: now,
+            finished_ms: Some(now),
+            source_digest: None,
+            rollback: None,
+            datasets: Vec::new(),
+            pipeline_digest: refusal.digest,
+        };
+        let key = StageKey { run: id, idx: 0 };
+        let mut stage = StageRecord::new(key, &refusal.file, Vec::new());
+        stage.state = StageState::Failed;
+        stage.message = refusal.reason.clone();
+        stage.started_ms = Some(now);
+        stage.finished_ms = Some(now);
+        for (seq, text) in refusal.reason.lines().enumerate() {
+            self.write(Op::Log(StoredLog {
+                key,
+                attempt: stage.attempt,
+                seq: seq as u64,
+                line: LogLine {
+                    stream: LogStream::System,
+                    text: text.to_owned(),
+                    at_ms: now,
+                },
+            }));
+            stage.next_log_seq = seq as u64 + 1;
+            stage.log_bytes += text.len() as u64;
+        }
+        self.write(Op::Stage(stage.clone()));
+        self.write(Op::Run(record.clone()));
+        let last = self.view_update.last_run.get_or_insert(id);
+        *last = (*last).max(id);
+        views::run(&record, &[stage])
+    }
+}

@@ -229,6 +229,10 @@ pub(crate) struct RunArgs {
     /// honoured) instead of a git revision: it is packed and uploaded first.
     #[arg(long, value_name = "DIR", conflicts_with = "rev")]
     pub(crate) source: Option<std::path::PathBuf>,
+    /// A value for one of the pipeline's `params:` (checked against its
+    /// type); repeat for more. The others get their defaults.
+    #[arg(short = 'p', long = "param", value_name = "NAME=VALUE")]
+    pub(crate) params: Vec<String>,
 }
 
 #[derive(Debug, Subcommand)]

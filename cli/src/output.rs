@@ -217,10 +217,23 @@ pub(crate) fn run_header(run: &RunView, now_ms: u64) -> String {
     } else {
         format!("file       {} (read at the commit)\n", run.pipeline_digest)
     };
+    let pairs = |map: &std::collections::BTreeMap<String, String>| {
+        map.iter()
+            .map(|(name, value)| format!("{name}={value}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let mut inputs = String::new();
+    if !run.variables.is_empty() {
+        inputs.push_str(&format!("event      {}\n", pairs(&run.variables)));
+    }
+    if !run.params.is_empty() {
+        inputs.push_str(&format!("params     {}\n", pairs(&run.params)));
+    }
     format!(
         "run {id}  {pipeline} ({version})  {state}\n\
          commit     {commit} ({rev})\n\
-         {file}\
+         {file}{inputs}\
          triggered  by {by}, {age} ({at})\n\
          duration   {duration}\n",
         id = run.id,

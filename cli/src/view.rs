@@ -47,9 +47,9 @@ pub(crate) enum StageState {
 
 /// A run (`kiln status`, `kiln runs`, `kiln run`, `cancel`, `retry`).
 ///
-/// JSON: `{id, pipeline, pipeline_version, pipeline_digest, commit, rev,
-/// state, triggered_by, created_ms, finished_ms, stages: [StageView],
-/// rollback}`; `rollback` is
+/// JSON: `{id, pipeline, pipeline_version, pipeline_digest, params,
+/// variables, commit, rev, state, triggered_by, created_ms, finished_ms,
+/// stages: [StageView], rollback}`; `rollback` is
 /// `{pipeline, environment, from_release, to_release, reason}` for a run
 /// that puts a release back, else `null`.
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -62,6 +62,11 @@ pub(crate) struct RunView {
     /// "sha256:<hex>" of the pipeline file read at the commit; "" for a
     /// run of a registered snapshot.
     pub(crate) pipeline_digest: String,
+    /// The run's `params:` values, defaults filled in.
+    pub(crate) params: std::collections::BTreeMap<String, String>,
+    /// What started it: `KILN_EVENT`, `KILN_BRANCH`, `KILN_TAG`,
+    /// `KILN_MR_ID` as its stages see them.
+    pub(crate) variables: std::collections::BTreeMap<String, String>,
     /// Full commit id the run checked out ("" until resolved).
     pub(crate) commit: String,
     /// What was asked for: branch, tag, commit, or "" for the branch head.
@@ -343,6 +348,8 @@ impl From<pb::Run> for RunView {
             pipeline: run.pipeline,
             pipeline_version: run.pipeline_version,
             pipeline_digest: run.pipeline_digest,
+            params: run.params.into_iter().collect(),
+            variables: run.variables.into_iter().collect(),
             commit: run.commit,
             rev: run.rev,
             triggered_by: run.triggered_by,

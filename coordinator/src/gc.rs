@@ -118,6 +118,8 @@ mod tests {
             rollback: None,
             datasets: Vec::new(),
             pipeline_digest: String::new(),
+            params: Default::default(),
+            variables: Default::default(),
         }));
         let mut stage = StageRecord::new(StageKey { run, idx: 0 }, "train", Vec::new());
         let output = |digest: &str| ArtifactRecord {

@@ -78,6 +78,21 @@ impl Repos {
         })
     }
 
+    /// Whether `rev` names a branch (`KILN_BRANCH`) or a tag (`KILN_TAG`)
+    /// of `repo`; `None` for a commit id or anything else. Reads what
+    /// [`Repos::resolve`] already fetched.
+    pub(crate) async fn ref_kind(&self, repo: &str, rev: &str) -> Option<&'static str> {
+        let dir = self.git_dir(repo, false).await.ok()?;
+        for (prefix, kind) in [("refs/heads/", "KILN_BRANCH"), ("refs/tags/", "KILN_TAG")] {
+            let reference = format!("{prefix}{rev}");
+            let found = git(&dir, &["show-ref", "--verify", "--quiet", &reference]).await;
+            if found.is_ok_and(|output| output.status.success()) {
+                return Some(kind);
+            }
+        }
+        None
+    }
+
     /// The text of `path` at `commit`, `Ok(None)` when the commit has no
     /// such file. `commit` must have been resolved by [`Repos::resolve`].
     pub(crate) async fn read_file(

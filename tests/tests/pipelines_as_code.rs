@@ -295,3 +295,160 @@ async fn pipeline_register_is_a_shortcut_for_one_file() -> Result<()> {
     );
     Ok(())
 }
+
+/// The line of `stage`'s log that starts with `prefix`.
+async fn line_starting(farm: &Farm, run: u64, stage: &str, prefix: &str) -> Result<String> {
+    let mut client = farm.coordinator.client().await?;
+    let lines = logs(&mut client, run, stage).await?;
+    lines
+        .iter()
+        .filter_map(|entry| entry.line.as_ref())
+        .map(|line| line.text.clone())
+        .find(|text| text.starts_with(prefix))
+        .with_context(|| format!("no line starting with {prefix:?} in {lines:#?}"))
+}
+
+const VARS: &str = r#"
+pipeline: vars
+env: { REGION: eu }
+params:
+  EPOCHS: { type: int, default: 10 }
+  MODE: { type: choice, choices: [fast, full], default: fast }
+stages:
+  show:
+    commands:
+      - echo "params epochs=$EPOCHS mode=$MODE region=$REGION"
+      - echo "ids run=$KILN_RUN_ID pipeline=$KILN_PIPELINE stage=$KILN_STAGE attempt=$KILN_ATTEMPT"
+      - echo "source commit=$KILN_COMMIT branch=${KILN_BRANCH:-} tag=${KILN_TAG:-} event=$KILN_EVENT"
+  deploy:
+    needs: [show]
+    environment: staging
+    commands: ["echo deploy with $EPOCHS epochs"]
+"#;
+
+/// Declared parameters checked against their types, given to every stage
+/// with the pipeline's `env:` and Kiln's own variables, shown by `kiln
+/// status` and signed into the release's provenance.
+#[tokio::test(flavor = "multi_thread")]
+async fn params_env_and_kiln_variables_reach_every_stage() -> Result<()> {
+    let farm = Farm::start(&Default::default(), &[("vars-agent", "", 2)])?;
+    let repo = Repo::new(VARS)?;
+    let commit = repo.commit("README", "vars\n")?;
+    let dir = repo.path().to_str().unwrap();
+    let added = farm.coordinator.kiln(&["repo", "add", dir]);
+    ensure!(added.status.success(), "{}", stderr(&added));
+
+    let ran = farm.coordinator.kiln(&[
+        "--output",
+        "json",
+        "run",
+        "vars",
+        "-p",
+        "EPOCHS=20",
+        "--wait",
+    ]);
+    ensure!(ran.status.success(), "{} {}", stdout(&ran), stderr(&ran));
+    let run: serde_json::Value = serde_json::from_slice(&ran.stdout)?;
+    let id = run["id"].as_u64().context("a run id")?;
+    assert_eq!(
+        run["params"],
+        serde_json::json!({"EPOCHS": "20", "MODE": "fast"})
+    );
+    assert_eq!(
+        line_starting(&farm, id, "show", "params ").await?,
+        "params epochs=20 mode=fast region=eu"
+    );
+    assert_eq!(
+        line_starting(&farm, id, "show", "ids ").await?,
+        format!("ids run={id} pipeline=vars stage=show attempt=1")
+    );
+    assert_eq!(
+        line_starting(&farm, id, "show", "source ").await?,
+        format!("source commit={commit} branch=main tag= event=manual")
+    );
+    assert_eq!(
+        line_starting(&farm, id, "deploy", "deploy ").await?,
+        "deploy with 20 epochs"
+    );
+    let status = farm.coordinator.kiln(&["status", &id.to_string()]);
+    ensure!(
+        stdout(&status).contains("params     EPOCHS=20 MODE=fast")
+            && stdout(&status).contains("KILN_BRANCH=main KILN_EVENT=manual"),
+        "{}",
+        stdout(&status)
+    );
+
+    // The release's signed lineage records the parameters.
+    let mut client = farm.coordinator.client().await?;
+    let releases = client
+        .environment_history(pb::EnvironmentHistoryRequest {
+            environment: "staging".into(),
+            pipeline: "vars".into(),
+        })
+        .await?
+        .into_inner()
+        .releases;
+    let release = releases.first().context("a release")?.id.to_string();
+    let statement = kiln_tests::eventually(LIMIT, "the release to be signed", || {
+        let output = farm
+            .coordinator
+            .kiln(&["release", "provenance", &release, "--statement"]);
+        async move { Ok(output.status.success().then(|| stdout(&output))) }
+    })
+    .await?;
+    let statement: serde_json::Value = serde_json::from_str(&statement)?;
+    assert_eq!(
+        statement["predicate"]["buildDefinition"]["externalParameters"]["parameters"],
+        serde_json::json!({"EPOCHS": "20", "MODE": "fast"})
+    );
+
+    // Wrong values start nothing and say what is expected.
+    for (flag, expected) in [
+        (
+            "EPOCHS=ten",
+            "parameter `EPOCHS` is an int (like `10` or `-3`); `ten` is not",
+        ),
+        (
+            "MODE=slow",
+            "parameter `MODE` is one of: fast, full; `slow` is not",
+        ),
+        (
+            "NOPE=1",
+            "the pipeline has no parameter `NOPE`; it has: EPOCHS, MODE",
+        ),
+    ] {
+        let refused = farm.coordinator.kiln(&["run", "vars", "-p", flag]);
+        assert_eq!(refused.status.code(), Some(2), "{flag}");
+        ensure!(
+            stderr(&refused).contains(expected),
+            "{flag}: {}",
+            stderr(&refused)
+        );
+    }
+    let runs = client
+        .list_runs(pb::ListRunsRequest {
+            pipeline: "vars".into(),
+            limit: 10,
+        })
+        .await?
+        .into_inner()
+        .runs;
+    assert_eq!(runs.len(), 1, "refused values started no run");
+
+    // A tag: KILN_TAG, no branch; defaults fill in.
+    let tagged = std::process::Command::new("git")
+        .args(["-C", dir, "tag", "v1"])
+        .status()?;
+    ensure!(tagged.success());
+    let run = run_at(&farm, "vars", "v1").await?;
+    assert_eq!(run.state, pb::RunState::Succeeded as i32, "{run:#?}");
+    assert_eq!(
+        line_starting(&farm, run.id, "show", "source ").await?,
+        format!("source commit={commit} branch= tag=v1 event=manual")
+    );
+    assert_eq!(
+        line_starting(&farm, run.id, "show", "params ").await?,
+        "params epochs=10 mode=fast region=eu"
+    );
+    Ok(())
+}

@@ -238,6 +238,8 @@ mod tests {
             pipeline: "hello".into(),
             pipeline_version: 2,
             pipeline_digest: String::new(),
+            params: Default::default(),
+            variables: Default::default(),
             commit: "0123456789abcdef".into(),
             rev: String::new(),
             state,

@@ -27,6 +27,7 @@ pub use delivery::{
     Approval, Condition, Gate, MaxRegression, Monitor, MonitorSource, OnBreach, OnMissing, Op,
     Select,
 };
+pub use params::{MAX_PARAM_BYTES, MAX_PARAMS, Param, ParamKind, resolve as resolve_params};
 pub use triggers::{
     DEFAULT_DATA_EVERY, DataTrigger, MAX_SCHEDULES, MIN_DATA_INTERVAL, PushTrigger, Triggers,
 };
@@ -34,6 +35,7 @@ pub use triggers::{
 mod container;
 mod delivery;
 mod matrix;
+mod params;
 mod schema;
 mod suggest;
 mod triggers;
@@ -83,6 +85,11 @@ pub struct Pipeline {
     /// `timeout:` at the top level: how long a whole run may take before
     /// what still runs is stopped and the run fails.
     pub timeout: Option<Duration>,
+    /// `params:` the values a run is started with, in file order.
+    pub params: Vec<Param>,
+    /// `env:` at the top level (already merged into every stage's `env`,
+    /// under the stage's own values).
+    pub env: BTreeMap<String, String>,
 }
 
 /// One stage, with the pipeline's `defaults` already applied.

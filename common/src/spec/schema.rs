@@ -13,6 +13,7 @@ use std::time::Duration;
 use super::container::{self, ContainerDraft};
 use super::delivery::{self, DeliveryDraft};
 use super::matrix::{self, MatrixDraft};
+use super::params::{self, Param};
 use super::suggest::did_you_mean;
 use super::triggers::{self, Triggers};
 use super::values;
@@ -25,6 +26,10 @@ pub(super) struct Draft {
     pub(super) defaults: Defaults,
     pub(super) triggers: Triggers,
     pub(super) timeout: Option<Duration>,
+    /// `params:` in file order.
+    pub(super) params: Vec<Param>,
+    /// `env:` at the top level: every stage's, under its own.
+    pub(super) env: BTreeMap<String, String>,
     /// Never empty, in file order.
     pub(super) stages: Vec<StageDraft>,
 }
@@ -103,6 +108,8 @@ struct TopLevel {
     defaults: Defaults,
     triggers: Triggers,
     timeout: Option<Duration>,
+    params: Option<Vec<(Param, Position)>>,
+    env: BTreeMap<String, String>,
     stages: Option<Vec<StageDraft>>,
 }
 
@@ -113,6 +120,8 @@ const TOP_LEVEL_FIELDS: &[Field<TopLevel>] = &[
     ("defaults", |top, v, path| read_defaults(&mut top.defaults, v, path)),
     ("triggers", |top, v, path| set(&mut top.triggers, triggers::read(v, path))),
     ("timeout", |top, v, path| set(&mut top.timeout, values::timeout(v, path).map(Some))),
+    ("params", |top, v, path| set(&mut top.params, params::read(v, path).map(Some))),
+    ("env", |top, v, path| set(&mut top.env, values::env(v, path))),
     ("stages", |top, v, path| set(&mut top.stages, read_stages(v, path).map(Some))),
 ];
 
@@ -199,13 +208,49 @@ pub(super) fn read(document: &Document<'_>) -> Result<Draft, Problem> {
     let Some(stages) = top.stages else {
         return Err(no_stages(root.position()));
     };
+    let params = top.params.unwrap_or_default();
+    check_param_names(&params, &top.env, &stages)?;
     Ok(Draft {
         name,
         defaults: top.defaults,
         triggers: top.triggers,
         timeout: top.timeout,
+        params: params.into_iter().map(|(param, _)| param).collect(),
+        env: top.env,
         stages,
     })
+}
+
+/// A parameter reaches stages as the variable of its name, so nothing else
+/// may set that variable: one value, the run's.
+fn check_param_names(
+    params: &[(Param, Position)],
+    env: &BTreeMap<String, String>,
+    stages: &[StageDraft],
+) -> Result<(), Problem> {
+    for (param, position) in params {
+        let name = &param.name;
+        let clash = if env.contains_key(name) {
+            Some("the top-level `env`".to_owned())
+        } else {
+            stages.iter().find_map(|stage| {
+                let secret = stage
+                    .secrets
+                    .as_ref()
+                    .is_some_and(|(secrets, _)| secrets.contains(name));
+                (stage.env.contains_key(name) || secret).then(|| format!("stage `{}`", stage.name))
+            })
+        };
+        if let Some(place) = clash {
+            return Err(Problem::new(
+                *position,
+                format!(
+                    "`{name}` is a parameter and is also set in {place}; stages get the run's value of a parameter, so rename one of them"
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn read_defaults(defaults: &mut Defaults, value: Node<'_>, path: &Path<'_>) -> Result<(), Problem> {

@@ -17,13 +17,21 @@ pub(super) fn pipeline(draft: Draft) -> Result<Pipeline, Problem> {
     let stages = stages
         .into_iter()
         .zip(needs)
-        .map(|(stage, needs)| with_defaults(stage, needs, &draft.defaults))
+        .map(|(mut stage, needs)| {
+            // The pipeline's `env:` under each stage's own.
+            let mut env = draft.env.clone();
+            env.append(&mut stage.env);
+            stage.env = env;
+            with_defaults(stage, needs, &draft.defaults)
+        })
         .collect();
     Ok(Pipeline {
         name: draft.name,
         stages,
         triggers: draft.triggers,
         timeout: draft.timeout,
+        params: draft.params,
+        env: draft.env,
     })
 }
 

@@ -346,15 +346,12 @@ impl ControlService for ControlApi {
         let pipeline = self.latest_pipeline(&request.pipeline)?;
         // Who asked comes from the token, never from the request.
         let triggered_by = format!("manual:{}", principal.name);
+        let params: std::collections::BTreeMap<String, String> =
+            request.params.into_iter().collect();
         let run = if request.source_digest.is_empty() {
             let rev = Some(request.rev).filter(|rev| !rev.is_empty());
-            let run = TriggeredRun {
-                pipeline,
-                rev,
-                triggered_by,
-                datasets: Vec::new(),
-                trigger_state: None,
-            };
+            let mut run = TriggeredRun::new(pipeline, rev, "manual", triggered_by);
+            run.params = params;
             self.starter.start(run).await?
         } else {
             // An uploaded snapshot stands in for a revision.
@@ -365,7 +362,7 @@ impl ControlService for ControlApi {
                 )));
             }
             self.starter
-                .start_snapshot(pipeline, digest, triggered_by)
+                .start_snapshot(pipeline, digest, triggered_by, params)
                 .await?
         };
         let target = format!("run {}", run.id);

@@ -37,6 +37,7 @@ pub(super) struct Refusal {
     pub(super) file: String,
     pub(super) digest: String,
     pub(super) reason: String,
+    pub(super) variables: std::collections::BTreeMap<String, String>,
 }
 
 impl Engine {
@@ -99,6 +100,8 @@ impl Engine {
             rollback: None,
             datasets: Vec::new(),
             pipeline_digest: refusal.digest,
+            params: Default::default(),
+            variables: refusal.variables,
         };
         let key = StageKey { run: id, idx: 0 };
         let mut stage = StageRecord::new(key, &refusal.file, Vec::new());

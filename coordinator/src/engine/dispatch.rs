@@ -85,7 +85,7 @@ impl Engine {
                 pipeline: spec.record.name.clone(),
                 stage_name: stage_spec.name.clone(),
                 commands: stage_spec.commands.clone(),
-                env: stage_spec.env.clone().into_iter().collect(),
+                env: self.runs[&key.run].record.stage_env(stage_spec),
                 timeout_ms: stage_spec.timeout.as_millis() as u64,
                 source: Some(pb::Source {
                     repo: spec.record.repo.clone(),

@@ -87,6 +87,11 @@ pub(crate) enum Event {
         triggered_by: String,
         source_digest: Option<String>,
         datasets: Vec<crate::store::DatasetRecord>,
+        /// Checked against the file's `params:`, defaults filled in.
+        params: BTreeMap<String, String>,
+        /// `KILN_EVENT` and where they apply `KILN_BRANCH`, `KILN_TAG`,
+        /// `KILN_MR_ID`.
+        variables: BTreeMap<String, String>,
         /// Written with the run, atomically (schedule and data triggers).
         trigger_state: Option<crate::store::TriggerStateRecord>,
         reply: Reply<pb::Run>,
@@ -423,6 +428,8 @@ impl Engine {
                 triggered_by,
                 source_digest,
                 datasets,
+                params,
+                variables,
                 trigger_state,
                 reply,
             } => {
@@ -448,6 +455,7 @@ impl Engine {
                             file: path,
                             digest,
                             reason,
+                            variables,
                         };
                         let run = self.refuse_run(&pipeline, refusal);
                         // The slot or data that started it is spent too.
@@ -464,6 +472,8 @@ impl Engine {
                     rev,
                     source_digest,
                     pipeline_digest,
+                    params,
+                    variables,
                 };
                 let result = self.trigger(&pipeline, version, source, triggered_by, datasets);
                 if let (Ok(_), Some(state)) = (&result, trigger_state) {

@@ -30,6 +30,10 @@ pub(super) struct RunSource {
     pub(super) source_digest: Option<String>,
     /// "sha256:<hex>" of the file read at `commit`; "" for a snapshot.
     pub(super) pipeline_digest: String,
+    /// Parameter values (checked, defaults filled in) and trigger
+    /// variables; see [`RunRecord`].
+    pub(super) params: BTreeMap<String, String>,
+    pub(super) variables: BTreeMap<String, String>,
 }
 
 /// A run as the run book lends it to others (delivery), read-only.
@@ -99,6 +103,23 @@ impl ActiveRun {
     }
 }
 
+impl RunRecord {
+    /// The environment a stage of this run gets besides Kiln's own
+    /// per-attempt variables (the agent adds those): the stage's `env:`
+    /// (the pipeline's under it), the run's parameters, and what started
+    /// the run.
+    pub(super) fn stage_env(
+        &self,
+        stage: &spec::Stage,
+    ) -> std::collections::HashMap<String, String> {
+        let mut env: std::collections::HashMap<String, String> =
+            stage.env.clone().into_iter().collect();
+        env.extend(self.params.clone());
+        env.extend(self.variables.clone());
+        env
+    }
+}
+
 impl StageRecord {
     /// A stage as it starts: pending, attempt 1.
     pub(crate) fn new(key: StageKey, name: &str, needs: Vec<String>) -> Self {
@@ -152,6 +173,8 @@ impl Engine {
             rollback: None,
             datasets,
             pipeline_digest: source.pipeline_digest,
+            params: source.params,
+            variables: source.variables,
         };
         let stages: Vec<StageRecord> = spec
             .parsed
@@ -947,6 +970,8 @@ impl Engine {
             rollback: Some(plan),
             datasets: Vec::new(),
             pipeline_digest: spec.record.digest.clone(),
+            params: BTreeMap::new(),
+            variables: BTreeMap::from([("KILN_EVENT".to_owned(), "rollback".to_owned())]),
         };
         let stages: Vec<StageRecord> = spec
             .parsed

@@ -146,6 +146,8 @@ impl Harness {
                 triggered_by: "test".into(),
                 source_digest: None,
                 datasets: Vec::new(),
+                params: Default::default(),
+                variables: Default::default(),
                 trigger_state: None,
                 reply,
             })

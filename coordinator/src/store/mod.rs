@@ -101,6 +101,13 @@ pub(crate) struct RunRecord {
     /// one that did not parse); "" for a run of a registered snapshot.
     #[serde(default)]
     pub(crate) pipeline_digest: String,
+    /// The run's `params:` values, defaults filled in.
+    #[serde(default)]
+    pub(crate) params: BTreeMap<String, String>,
+    /// What started the run, as stages see it (`KILN_EVENT`, and
+    /// `KILN_BRANCH`, `KILN_TAG`, `KILN_MR_ID` where they apply).
+    #[serde(default)]
+    pub(crate) variables: BTreeMap<String, String>,
 }
 
 /// A snapshot of a watched data location, stored as a blob.

@@ -302,6 +302,8 @@ mod tests {
             rollback: None,
             datasets: Vec::new(),
             pipeline_digest: String::new(),
+            params: Default::default(),
+            variables: Default::default(),
         }
     }
 

@@ -11,12 +11,12 @@
 pub(crate) mod dataset;
 pub(crate) mod webhook;
 
-use std::collections::HashMap;
 use std::collections::hash_map::Entry;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
-use kiln_common::spec::{DataTrigger, Triggers};
+use kiln_common::spec::{self, DataTrigger, Triggers};
 use kiln_common::triggers::data::{DataWatch, digest_tree};
 use kiln_common::triggers::schedule;
 use kiln_proto::v1 as pb;
@@ -42,6 +42,34 @@ pub(crate) struct TriggeredRun {
     pub(crate) triggered_by: String,
     pub(crate) datasets: Vec<DatasetRecord>,
     pub(crate) trigger_state: Option<TriggerStateRecord>,
+    /// Parameter values asked for; checked against the pipeline file the
+    /// run builds (unknown names and wrong types are refused).
+    pub(crate) params: BTreeMap<String, String>,
+    /// What started the run, as stages see it: `KILN_EVENT`, and the
+    /// `KILN_BRANCH`/`KILN_TAG`/`KILN_MR_ID` the trigger knows. A branch
+    /// or tag the trigger does not name is found from the revision.
+    pub(crate) variables: BTreeMap<String, String>,
+}
+
+impl TriggeredRun {
+    /// A run of `pipeline` at `rev` (the branch head when `None`) started
+    /// by `event` (`KILN_EVENT`), with nothing else set.
+    pub(crate) fn new(
+        pipeline: PipelineRecord,
+        rev: Option<String>,
+        event: &str,
+        triggered_by: String,
+    ) -> Self {
+        Self {
+            pipeline,
+            rev,
+            triggered_by,
+            datasets: Vec::new(),
+            trigger_state: None,
+            params: BTreeMap::new(),
+            variables: BTreeMap::from([("KILN_EVENT".to_owned(), event.to_owned())]),
+        }
+    }
 }
 
 /// Everything that starts runs (the CLI, webhooks, schedules, data) starts
@@ -58,14 +86,40 @@ impl Starter {
     /// Resolves the revision, reads the pipeline file at that commit and
     /// starts the run; answers once it is durable. A file that cannot be
     /// read or parsed still starts a run, failed at once with the reason.
-    pub(crate) async fn start(&self, run: TriggeredRun) -> Result<pb::Run, ApiError> {
-        let pipeline = &run.pipeline;
+    pub(crate) async fn start(&self, mut run: TriggeredRun) -> Result<pb::Run, ApiError> {
+        let pipeline = &run.pipeline.clone();
         let rev = run.rev.clone().unwrap_or_else(|| pipeline.branch.clone());
         let commit = self
             .repos
             .resolve(&pipeline.repo, &pipeline.branch, &rev)
             .await?;
         let at_commit = self.file_at_commit(pipeline, &commit).await?;
+        let declared = match &at_commit {
+            None => self.parsed.get(pipeline).ok(),
+            Some(FileAtCommit {
+                read: Ok((_, parsed)),
+                ..
+            }) => Some(parsed.clone()),
+            // The run fails at once with the file's own error.
+            Some(_) => None,
+        };
+        if let Some(declared) = declared {
+            run.params = spec::resolve_params(&declared.params, &run.params)
+                .map_err(ApiError::InvalidArgument)?;
+        }
+        if !run.variables.contains_key("KILN_BRANCH") && !run.variables.contains_key("KILN_TAG") {
+            let found = if run.rev.is_none() {
+                Some(("KILN_BRANCH", pipeline.branch.clone()))
+            } else {
+                self.repos
+                    .ref_kind(&pipeline.repo, &rev)
+                    .await
+                    .map(|kind| (kind, rev.clone()))
+            };
+            if let Some((name, value)) = found {
+                run.variables.insert(name.to_owned(), value);
+            }
+        }
         self.send(run, at_commit, (commit, rev), None).await
     }
 
@@ -76,14 +130,16 @@ impl Starter {
         pipeline: PipelineRecord,
         source_digest: String,
         triggered_by: String,
+        params: BTreeMap<String, String>,
     ) -> Result<pb::Run, ApiError> {
-        let run = TriggeredRun {
-            pipeline,
-            rev: None,
-            triggered_by,
-            datasets: Vec::new(),
-            trigger_state: None,
-        };
+        let mut run = TriggeredRun::new(pipeline, None, "manual", triggered_by);
+        run.params = params;
+        let declared = self
+            .parsed
+            .get(&run.pipeline)
+            .map_err(|error| ApiError::FailedPrecondition(error.to_string()))?;
+        run.params = spec::resolve_params(&declared.params, &run.params)
+            .map_err(ApiError::InvalidArgument)?;
         let source = (String::new(), "uploaded source".to_owned());
         self.send(run, None, source, Some(source_digest)).await
     }
@@ -105,6 +161,8 @@ impl Starter {
                 triggered_by: run.triggered_by,
                 source_digest,
                 datasets: run.datasets,
+                params: run.params,
+                variables: run.variables,
                 trigger_state: run.trigger_state,
                 reply,
             })
@@ -293,13 +351,13 @@ pub(crate) async fn run_watcher(
                     last_fired_ms: Some(slot),
                     ..entry.state.clone()
                 };
-                let run = TriggeredRun {
-                    pipeline: (**pipeline).clone(),
-                    rev: None,
-                    triggered_by: format!("schedule:{}", expressions.join(" | ")),
-                    datasets: Vec::new(),
-                    trigger_state: Some(state.clone()),
-                };
+                let mut run = TriggeredRun::new(
+                    (**pipeline).clone(),
+                    None,
+                    "schedule",
+                    format!("schedule:{}", expressions.join(" | ")),
+                );
+                run.trigger_state = Some(state.clone());
                 match starter.start(run).await {
                     Ok(run) => {
                         entry.state = state;
@@ -368,13 +426,14 @@ async fn poll_data(
         data_digest: Some(settled.clone()),
         ..state.clone()
     };
-    let run = TriggeredRun {
-        pipeline: pipeline.clone(),
-        rev: None,
-        triggered_by: format!("data:{}", data.trigger.watch.display()),
-        datasets: vec![snapshot],
-        trigger_state: Some(written.clone()),
-    };
+    let mut run = TriggeredRun::new(
+        pipeline.clone(),
+        None,
+        "data",
+        format!("data:{}", data.trigger.watch.display()),
+    );
+    run.datasets = vec![snapshot];
+    run.trigger_state = Some(written.clone());
     match starter.start(run).await {
         Ok(run) => {
             tracing::info!(pipeline = %pipeline.name, run = run.id, digest = %settled, "new data started a run");

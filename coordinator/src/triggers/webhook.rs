@@ -139,13 +139,14 @@ async fn handle(
             format!("branch `{}` is not one this pipeline builds", pushed.branch),
         );
     }
-    let run = TriggeredRun {
+    let mut run = TriggeredRun::new(
         pipeline,
-        rev: Some(pushed.commit.clone()),
-        triggered_by: format!("push:{}@{}", pushed.pusher, pushed.branch),
-        datasets: Vec::new(),
-        trigger_state: None,
-    };
+        Some(pushed.commit.clone()),
+        "push",
+        format!("push:{}@{}", pushed.pusher, pushed.branch),
+    );
+    run.variables
+        .insert("KILN_BRANCH".to_owned(), pushed.branch.clone());
     match hooks.starter.start(run).await {
         Ok(run) => (
             StatusCode::CREATED,

@@ -60,6 +60,8 @@ impl Run {
             rollback: None,
             datasets: Vec::new(),
             pipeline_digest: String::new(),
+            params: Default::default(),
+            variables: Default::default(),
         };
         let mut stages: Vec<StageRecord> = spec
             .stages

@@ -29,7 +29,8 @@ pub use delivery::{
 };
 pub use params::{MAX_PARAM_BYTES, MAX_PARAMS, Param, ParamKind, resolve as resolve_params};
 pub use triggers::{
-    DEFAULT_DATA_EVERY, DataTrigger, MAX_SCHEDULES, MIN_DATA_INTERVAL, PushTrigger, Triggers,
+    DEFAULT_DATA_EVERY, DataTrigger, MAX_SCHEDULES, MIN_DATA_INTERVAL, MergeRequestTrigger,
+    PushTrigger, Triggers,
 };
 
 mod container;

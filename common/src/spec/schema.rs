@@ -119,6 +119,7 @@ const TOP_LEVEL_FIELDS: &[Field<TopLevel>] = &[
     ("pipeline", |top, v, path| set(&mut top.name, values::name(v, path).map(Some))),
     ("defaults", |top, v, path| read_defaults(&mut top.defaults, v, path)),
     ("triggers", |top, v, path| set(&mut top.triggers, triggers::read(v, path))),
+    ("on", |top, v, path| set(&mut top.triggers, triggers::read(v, path))),
     ("timeout", |top, v, path| set(&mut top.timeout, values::timeout(v, path).map(Some))),
     ("params", |top, v, path| set(&mut top.params, params::read(v, path).map(Some))),
     ("env", |top, v, path| set(&mut top.env, values::env(v, path))),

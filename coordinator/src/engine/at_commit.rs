@@ -6,15 +6,19 @@
 //! parsed, the run is created failed at once, its one stage named after
 //! the file carrying the error as its reason and its log.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use kiln_common::ids::{RunId, StageKey};
 use kiln_common::spec;
 use kiln_proto::v1 as pb;
 
-use super::{Engine, PipelineSpec};
+use super::runs::RunSource;
+use super::{Engine, PipelineSpec, Reply};
+use crate::error::ApiError;
 use crate::store::{
-    LogLine, LogStream, Op, PipelineRecord, RunRecord, RunState, StageRecord, StageState, StoredLog,
+    DatasetRecord, DeliveryRecord, LogLine, LogStream, Op, PipelineRecord, RunRecord, RunState,
+    StageRecord, StageState, StoredLog, TriggerStateRecord,
 };
 use crate::views;
 
@@ -29,6 +33,30 @@ pub(crate) struct FileAtCommit {
     pub(crate) read: Result<(String, Arc<spec::Pipeline>), String>,
 }
 
+/// Everything a new run is made of, resolved and read off the loop
+/// (`triggers::Starter`).
+pub(crate) struct TriggerRequest {
+    pub(crate) pipeline: PipelineRecord,
+    /// The pipeline file read at `commit`, for a pipeline whose runs read
+    /// it there; `None` builds the registered version.
+    pub(crate) at_commit: Option<FileAtCommit>,
+    pub(crate) commit: String,
+    pub(crate) rev: String,
+    pub(crate) triggered_by: String,
+    pub(crate) source_digest: Option<String>,
+    pub(crate) datasets: Vec<DatasetRecord>,
+    /// Checked against the file's `params:`, defaults filled in.
+    pub(crate) params: BTreeMap<String, String>,
+    /// `KILN_EVENT` and where they apply `KILN_BRANCH`, `KILN_TAG`,
+    /// `KILN_MR_ID`.
+    pub(crate) variables: BTreeMap<String, String>,
+    /// Idempotency keys of the webhook delivery asking for the run: when
+    /// one already started a run, this one starts nothing.
+    pub(crate) deliveries: Vec<String>,
+    /// Written with the run, atomically (schedule and data triggers).
+    pub(crate) trigger_state: Option<TriggerStateRecord>,
+}
+
 /// A run that could not start, as the refused run records it.
 pub(super) struct Refusal {
     pub(super) commit: String,
@@ -37,10 +65,107 @@ pub(super) struct Refusal {
     pub(super) file: String,
     pub(super) digest: String,
     pub(super) reason: String,
-    pub(super) variables: std::collections::BTreeMap<String, String>,
+    pub(super) variables: BTreeMap<String, String>,
 }
 
 impl Engine {
+    /// Starts the run a trigger asked for — unless its webhook delivery
+    /// already started one — as the version its file at the commit is, or
+    /// failed at once when that file cannot be used.
+    pub(super) fn trigger_request(&mut self, request: TriggerRequest, reply: Reply<pb::Run>) {
+        let name = &request.pipeline.name;
+        let seen = request
+            .deliveries
+            .iter()
+            .find_map(|key| self.deliveries.get(&(name.clone(), key.clone())));
+        if let Some(run) = seen {
+            let error = ApiError::AlreadyExists(format!(
+                "this delivery already started run {run}; it starts no other"
+            ));
+            self.reply(reply, Err(error));
+            return;
+        }
+        let TriggerRequest {
+            pipeline,
+            at_commit,
+            commit,
+            rev,
+            triggered_by,
+            source_digest,
+            datasets,
+            params,
+            variables,
+            deliveries,
+            trigger_state,
+        } = request;
+        let (version, pipeline_digest) = match at_commit {
+            None => (pipeline.version, String::new()),
+            Some(FileAtCommit {
+                path,
+                digest,
+                read: Ok((text, parsed)),
+            }) => (
+                self.version_at_commit(&pipeline, &path, text, digest.clone(), parsed),
+                digest,
+            ),
+            Some(FileAtCommit {
+                path,
+                digest,
+                read: Err(reason),
+            }) => {
+                let refusal = Refusal {
+                    commit,
+                    rev,
+                    triggered_by,
+                    file: path,
+                    digest,
+                    reason,
+                    variables,
+                };
+                let run = self.refuse_run(&pipeline, refusal);
+                self.after_trigger(&pipeline.name, RunId(run.id), deliveries, trigger_state);
+                self.reply(reply, Ok(run));
+                return;
+            }
+        };
+        let source = RunSource {
+            commit,
+            rev,
+            source_digest,
+            pipeline_digest,
+            params,
+            variables,
+        };
+        let result = self.trigger(&pipeline, version, source, triggered_by, datasets);
+        if let Ok(run) = &result {
+            self.after_trigger(&pipeline.name, *run, deliveries, trigger_state);
+        }
+        self.reply_run(reply, result);
+    }
+
+    /// What a started run spends, written in its batch: the schedule slot
+    /// or data digest, and the delivery's keys.
+    fn after_trigger(
+        &mut self,
+        pipeline: &str,
+        run: RunId,
+        deliveries: Vec<String>,
+        trigger_state: Option<TriggerStateRecord>,
+    ) {
+        if let Some(state) = trigger_state {
+            self.write(Op::TriggerState(state));
+        }
+        for key in deliveries {
+            self.deliveries
+                .insert((pipeline.to_owned(), key.clone()), run);
+            self.write(Op::Delivery(DeliveryRecord {
+                pipeline: pipeline.to_owned(),
+                key,
+                run,
+            }));
+        }
+    }
+
     /// The version of `pipeline` whose file is `text`: the one stored
     /// under `digest`, or a new one with the latest version's settings.
     pub(super) fn version_at_commit(

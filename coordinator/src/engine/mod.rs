@@ -52,7 +52,7 @@ use crate::metrics::Metrics;
 use crate::store::{Batch, Op, PipelineRecord, RunRecord, StageRecord, Store};
 use crate::views;
 
-pub(crate) use at_commit::FileAtCommit;
+pub(crate) use at_commit::{FileAtCommit, TriggerRequest};
 pub(crate) use pool::{AgentTx, ConnId};
 
 pub(crate) type Reply<T> = oneshot::Sender<Result<T, ApiError>>;
@@ -78,22 +78,7 @@ pub(crate) enum Event {
         reply: Reply<(PipelineRecord, bool)>,
     },
     Trigger {
-        pipeline: PipelineRecord,
-        /// The pipeline file read at `commit`, for a pipeline whose runs
-        /// read it there; `None` builds the registered version.
-        at_commit: Option<FileAtCommit>,
-        commit: String,
-        rev: String,
-        triggered_by: String,
-        source_digest: Option<String>,
-        datasets: Vec<crate::store::DatasetRecord>,
-        /// Checked against the file's `params:`, defaults filled in.
-        params: BTreeMap<String, String>,
-        /// `KILN_EVENT` and where they apply `KILN_BRANCH`, `KILN_TAG`,
-        /// `KILN_MR_ID`.
-        variables: BTreeMap<String, String>,
-        /// Written with the run, atomically (schedule and data triggers).
-        trigger_state: Option<crate::store::TriggerStateRecord>,
+        request: TriggerRequest,
         reply: Reply<pb::Run>,
     },
     /// `None`: the run is not unfinished here (finished, or unknown);
@@ -279,6 +264,9 @@ pub(crate) struct Engine {
     /// versions with the latest settings (repository, branch, path): a
     /// file read at a commit gets a new version only when it is new.
     digests: HashMap<(String, String), u32>,
+    /// Webhook deliveries that started runs, by (pipeline, idempotency
+    /// key): a repeat starts nothing.
+    deliveries: HashMap<(String, String), RunId>,
     /// Parsed pipeline versions that active runs use.
     specs: HashMap<(String, u32), Arc<PipelineSpec>>,
     runs: BTreeMap<RunId, ActiveRun>,
@@ -364,6 +352,11 @@ impl Engine {
             metrics,
             latest,
             digests,
+            deliveries: store
+                .deliveries()?
+                .into_iter()
+                .map(|record| ((record.pipeline, record.key), record.run))
+                .collect(),
             specs: HashMap::new(),
             runs: BTreeMap::new(),
             ready: VecDeque::new(),
@@ -420,67 +413,7 @@ impl Engine {
                 let result = self.register(pipeline);
                 self.reply(reply, result);
             }
-            Event::Trigger {
-                pipeline,
-                at_commit,
-                commit,
-                rev,
-                triggered_by,
-                source_digest,
-                datasets,
-                params,
-                variables,
-                trigger_state,
-                reply,
-            } => {
-                let (version, pipeline_digest) = match at_commit {
-                    None => (pipeline.version, String::new()),
-                    Some(FileAtCommit {
-                        path,
-                        digest,
-                        read: Ok((text, parsed)),
-                    }) => (
-                        self.version_at_commit(&pipeline, &path, text, digest.clone(), parsed),
-                        digest,
-                    ),
-                    Some(FileAtCommit {
-                        path,
-                        digest,
-                        read: Err(reason),
-                    }) => {
-                        let refusal = at_commit::Refusal {
-                            commit,
-                            rev,
-                            triggered_by,
-                            file: path,
-                            digest,
-                            reason,
-                            variables,
-                        };
-                        let run = self.refuse_run(&pipeline, refusal);
-                        // The slot or data that started it is spent too.
-                        if let Some(state) = trigger_state {
-                            self.write(Op::TriggerState(state));
-                        }
-                        self.reply(reply, Ok(run));
-                        self.route_delivery();
-                        return;
-                    }
-                };
-                let source = runs::RunSource {
-                    commit,
-                    rev,
-                    source_digest,
-                    pipeline_digest,
-                    params,
-                    variables,
-                };
-                let result = self.trigger(&pipeline, version, source, triggered_by, datasets);
-                if let (Ok(_), Some(state)) = (&result, trigger_state) {
-                    self.write(Op::TriggerState(state));
-                }
-                self.reply_run(reply, result);
-            }
+            Event::Trigger { request, reply } => self.trigger_request(request, reply),
             Event::WatchRun { run, reply } => self.watch_run(run, reply),
             Event::CancelRun { run, reply } => {
                 let result = self.cancel_run(run);

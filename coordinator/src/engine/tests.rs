@@ -139,16 +139,19 @@ impl Harness {
             .unwrap();
         let run = self
             .ask(|reply| Event::Trigger {
-                pipeline,
-                at_commit: None,
-                commit: "0".repeat(40),
-                rev: "main".into(),
-                triggered_by: "test".into(),
-                source_digest: None,
-                datasets: Vec::new(),
-                params: Default::default(),
-                variables: Default::default(),
-                trigger_state: None,
+                request: crate::engine::TriggerRequest {
+                    pipeline,
+                    at_commit: None,
+                    commit: "0".repeat(40),
+                    rev: "main".into(),
+                    triggered_by: "test".into(),
+                    source_digest: None,
+                    datasets: Vec::new(),
+                    params: Default::default(),
+                    variables: Default::default(),
+                    deliveries: Vec::new(),
+                    trigger_state: None,
+                },
                 reply,
             })
             .unwrap();

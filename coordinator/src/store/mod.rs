@@ -123,6 +123,16 @@ pub(crate) struct DatasetRecord {
     pub(crate) content_digest: String,
 }
 
+/// A webhook delivery that started a run, by one of its idempotency keys
+/// (the forge's delivery id, or the event, ref and commit): a delivery
+/// seen again starts nothing. Written in the batch of the run it started.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub(crate) struct DeliveryRecord {
+    pub(crate) pipeline: String,
+    pub(crate) key: String,
+    pub(crate) run: RunId,
+}
+
 /// What a pipeline's schedule and data triggers last did; written in the
 /// same batch as the run they started, so a restart neither repeats nor
 /// forgets one.
@@ -375,6 +385,7 @@ pub(crate) enum Op {
     Audit(AuditRecord),
     Provenance(ProvenanceRecord),
     TriggerState(TriggerStateRecord),
+    Delivery(DeliveryRecord),
     MonitorSample(MonitorSampleRecord),
 }
 
@@ -446,6 +457,8 @@ pub(crate) trait Store: Send + Sync + 'static {
     fn last_audit_id(&self) -> Result<u64>;
     fn provenance(&self, release: u64) -> Result<Option<ProvenanceRecord>>;
     fn trigger_state(&self, pipeline: &str) -> Result<Option<TriggerStateRecord>>;
+    /// Every webhook delivery that started a run.
+    fn deliveries(&self) -> Result<Vec<DeliveryRecord>>;
     /// The newest `limit` monitor samples of `release`, oldest first.
     fn monitor_samples(&self, release: u64, limit: usize) -> Result<Vec<MonitorSampleRecord>>;
 }

@@ -12,9 +12,9 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::{
-    AuditRecord, Batch, EnvironmentRecord, LogLine, MonitorSampleRecord, Op, PipelineRecord,
-    ProvenanceRecord, ReleaseRecord, Result, RunRecord, SecretRecord, StageRecord, Store,
-    StoreError, StoredLog, TokenRecord, TriggerStateRecord, keys,
+    AuditRecord, Batch, DeliveryRecord, EnvironmentRecord, LogLine, MonitorSampleRecord, Op,
+    PipelineRecord, ProvenanceRecord, ReleaseRecord, Result, RunRecord, SecretRecord, StageRecord,
+    Store, StoreError, StoredLog, TokenRecord, TriggerStateRecord, keys,
 };
 
 pub(crate) struct SledStore {
@@ -103,6 +103,12 @@ impl Store for SledStore {
                 }
                 Op::Provenance(record) => {
                     writes.insert(keys::provenance(record.release), encode(record));
+                }
+                Op::Delivery(record) => {
+                    writes.insert(
+                        keys::delivery(&record.pipeline, &record.key),
+                        encode(record),
+                    );
                 }
                 Op::MonitorSample(record) => {
                     writes.insert(
@@ -247,6 +253,10 @@ impl Store for SledStore {
 
     fn provenance(&self, release: u64) -> Result<Option<ProvenanceRecord>> {
         self.get(&keys::provenance(release))
+    }
+
+    fn deliveries(&self) -> Result<Vec<DeliveryRecord>> {
+        self.scan::<DeliveryRecord>(&[keys::DELIVERY])
     }
 
     fn trigger_state(&self, pipeline: &str) -> Result<Option<TriggerStateRecord>> {

@@ -24,7 +24,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::blobs::BlobStore;
 use crate::clock::Clock;
-use crate::engine::{Event, FileAtCommit};
+use crate::engine::{Event, FileAtCommit, TriggerRequest};
 use crate::error::ApiError;
 use crate::pipelines::ParsedPipelines;
 use crate::read::DurableView;
@@ -49,6 +49,8 @@ pub(crate) struct TriggeredRun {
     /// `KILN_BRANCH`/`KILN_TAG`/`KILN_MR_ID` the trigger knows. A branch
     /// or tag the trigger does not name is found from the revision.
     pub(crate) variables: BTreeMap<String, String>,
+    /// A webhook delivery's idempotency keys; see `TriggerRequest`.
+    pub(crate) deliveries: Vec<String>,
 }
 
 impl TriggeredRun {
@@ -68,6 +70,7 @@ impl TriggeredRun {
             trigger_state: None,
             params: BTreeMap::new(),
             variables: BTreeMap::from([("KILN_EVENT".to_owned(), event.to_owned())]),
+            deliveries: Vec::new(),
         }
     }
 }
@@ -152,20 +155,21 @@ impl Starter {
         source_digest: Option<String>,
     ) -> Result<pb::Run, ApiError> {
         let (reply, answer) = oneshot::channel();
+        let request = TriggerRequest {
+            pipeline: run.pipeline,
+            at_commit,
+            commit,
+            rev,
+            triggered_by: run.triggered_by,
+            source_digest,
+            datasets: run.datasets,
+            params: run.params,
+            variables: run.variables,
+            deliveries: run.deliveries,
+            trigger_state: run.trigger_state,
+        };
         self.events
-            .send(Event::Trigger {
-                pipeline: run.pipeline,
-                at_commit,
-                commit,
-                rev,
-                triggered_by: run.triggered_by,
-                source_digest,
-                datasets: run.datasets,
-                params: run.params,
-                variables: run.variables,
-                trigger_state: run.trigger_state,
-                reply,
-            })
+            .send(Event::Trigger { request, reply })
             .await
             .map_err(|_| ApiError::ShuttingDown)?;
         answer.await.map_err(|_| ApiError::ShuttingDown)?

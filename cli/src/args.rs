@@ -106,6 +106,10 @@ pub(crate) enum Command {
     /// Register, list and show pipelines.
     #[command(subcommand)]
     Pipeline(PipelineCommand),
+    /// Register a repository once; every run reads its pipeline files at
+    /// the commit it builds.
+    #[command(subcommand)]
+    Repo(RepoCommand),
     /// Trigger a run of a pipeline; prints the run id (or follows it with --wait).
     Run(RunArgs),
     /// List recent runs, newest first.
@@ -231,6 +235,10 @@ pub(crate) struct RunArgs {
     /// honoured) instead of a git revision: it is packed and uploaded first.
     #[arg(long, value_name = "DIR", conflicts_with = "rev")]
     pub(crate) source: Option<std::path::PathBuf>,
+    /// A value for one of the pipeline's `params:` (checked against its
+    /// type); repeat for more. The others get their defaults.
+    #[arg(short = 'p', long = "param", value_name = "NAME=VALUE")]
+    pub(crate) params: Vec<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -532,4 +540,29 @@ pub(crate) struct AuditArgs {
     /// How many entries, newest first.
     #[arg(long, default_value_t = 50)]
     pub(crate) limit: u32,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum RepoCommand {
+    /// Register the pipelines of a repository: `kiln.yml` at its root and
+    /// every `.kiln/*.yml` (or the one --file), read by the coordinator at
+    /// the branch head now and at each run's commit afterwards.
+    Add {
+        /// A git work tree here (its top level is registered), or a git
+        /// URL the coordinator and agents can fetch.
+        repo: String,
+        /// A name for the repository; the last part of the path or URL
+        /// when omitted.
+        #[arg(long)]
+        name: Option<String>,
+        /// Branch runs build when no revision is given; for a work tree the
+        /// branch checked out, else `main`, when omitted.
+        #[arg(long)]
+        branch: Option<String>,
+        /// One pipeline file inside the repository, e.g. `ml/kiln.yml`.
+        #[arg(long, value_name = "PATH")]
+        file: Option<String>,
+    },
+    /// List registered repositories and their pipelines.
+    List,
 }

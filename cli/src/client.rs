@@ -129,6 +129,16 @@ impl Coordinator {
             .map_err(|s| self.fail(s))
     }
 
+    pub(crate) async fn add_repository(
+        &self,
+        request: pb::AddRepositoryRequest,
+    ) -> Result<pb::AddRepositoryResponse, CliError> {
+        let reply = self.rpc.clone().add_repository(request).await;
+        reply
+            .map(tonic::Response::into_inner)
+            .map_err(|s| self.fail(s))
+    }
+
     pub(crate) async fn list_pipelines(&self) -> Result<Vec<pb::Pipeline>, CliError> {
         let reply = self
             .rpc

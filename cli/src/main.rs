@@ -40,11 +40,11 @@ use kiln_common::channel::{ChannelError, ClientOptions, Token};
 
 use crate::args::{
     AgentCommand, ArtifactsCommand, CacheCommand, Cli, Command, EnvCommand, GlobalArgs,
-    OutputFormat, PipelineCommand, ReleaseCommand,
+    OutputFormat, PipelineCommand, ReleaseCommand, RepoCommand,
 };
 use crate::client::Coordinator;
 use crate::commands::{
-    agents, artifacts, cache, delivery, logs, metrics, pipeline, provenance, runs, security,
+    agents, artifacts, cache, delivery, logs, metrics, pipeline, provenance, repo, runs, security,
 };
 use crate::error::{CliError, Outcome};
 
@@ -127,6 +127,16 @@ async fn remote(
 ) -> Result<Outcome, CliError> {
     match command {
         Command::Pipeline(PipelineCommand::List) => pipeline::list(c, format).await,
+        Command::Repo(RepoCommand::Add {
+            repo: source,
+            name,
+            branch,
+            file,
+        }) => {
+            let request = repo::prepare(&source, name, branch, file)?;
+            repo::add(c, format, request).await
+        }
+        Command::Repo(RepoCommand::List) => repo::list(c, format).await,
         Command::Pipeline(PipelineCommand::Show { name, version }) => {
             pipeline::show(c, format, &name, version).await
         }

@@ -204,14 +204,37 @@ pub(crate) fn run_header(run: &RunView, now_ms: u64) -> String {
         &run.rev
     };
     let duration = timefmt::elapsed(created, run.finished_ms.unwrap_or(0), now_ms);
+    let version = match (run.pipeline_version, run.pipeline_digest.as_str()) {
+        (0, "") => "no version".to_owned(),
+        (0, _) => "no version: its pipeline file was refused".to_owned(),
+        (version, _) => format!("version {version}"),
+    };
+    let file = if run.pipeline_digest.is_empty() {
+        String::new()
+    } else {
+        format!("file       {} (read at the commit)\n", run.pipeline_digest)
+    };
+    let pairs = |map: &std::collections::BTreeMap<String, String>| {
+        map.iter()
+            .map(|(name, value)| format!("{name}={value}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let mut inputs = String::new();
+    if !run.variables.is_empty() {
+        inputs.push_str(&format!("event      {}\n", pairs(&run.variables)));
+    }
+    if !run.params.is_empty() {
+        inputs.push_str(&format!("params     {}\n", pairs(&run.params)));
+    }
     format!(
-        "run {id}  {pipeline} (version {version})  {state}\n\
+        "run {id}  {pipeline} ({version})  {state}\n\
          commit     {commit} ({rev})\n\
+         {file}{inputs}\
          triggered  by {by}, {age} ({at})\n\
          duration   {duration}\n",
         id = run.id,
         pipeline = run.pipeline,
-        version = run.pipeline_version,
         state = run.state.as_str(),
         commit = or_dash(&run.commit),
         by = or_dash(&run.triggered_by),
@@ -328,6 +351,16 @@ pub(crate) fn pipeline_details(p: &PipelineView) -> String {
         ["repo".to_owned(), p.repo.clone()],
         ["branch".to_owned(), p.branch.clone()],
         ["subdir".to_owned(), or_dash(&p.subdir)],
+        [
+            "file".to_owned(),
+            if p.path.is_empty() {
+                "registered snapshot".to_owned()
+            } else {
+                format!("{} (read at each run's commit)", p.path)
+            },
+        ],
+        ["digest".to_owned(), or_dash(&p.digest)],
+        ["repository".to_owned(), or_dash(&p.repository)],
         [
             "registered".to_owned(),
             timefmt::datetime(p.registered_ms.unwrap_or(0)),

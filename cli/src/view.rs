@@ -47,15 +47,26 @@ pub(crate) enum StageState {
 
 /// A run (`kiln status`, `kiln runs`, `kiln run`, `cancel`, `retry`).
 ///
-/// JSON: `{id, pipeline, pipeline_version, commit, rev, state, triggered_by,
-/// created_ms, finished_ms, stages: [StageView], rollback}`; `rollback` is
+/// JSON: `{id, pipeline, pipeline_version, pipeline_digest, params,
+/// variables, commit, rev, state, triggered_by, created_ms, finished_ms,
+/// stages: [StageView], rollback}`; `rollback` is
 /// `{pipeline, environment, from_release, to_release, reason}` for a run
 /// that puts a release back, else `null`.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub(crate) struct RunView {
     pub(crate) id: u64,
     pub(crate) pipeline: String,
+    /// 0 for a run failed at once because its pipeline file at the
+    /// commit could not be read or parsed.
     pub(crate) pipeline_version: u32,
+    /// "sha256:<hex>" of the pipeline file read at the commit; "" for a
+    /// run of a registered snapshot.
+    pub(crate) pipeline_digest: String,
+    /// The run's `params:` values, defaults filled in.
+    pub(crate) params: std::collections::BTreeMap<String, String>,
+    /// What started it: `KILN_EVENT`, `KILN_BRANCH`, `KILN_TAG`,
+    /// `KILN_MR_ID` as its stages see them.
+    pub(crate) variables: std::collections::BTreeMap<String, String>,
     /// Full commit id the run checked out ("" until resolved).
     pub(crate) commit: String,
     /// What was asked for: branch, tag, commit, or "" for the branch head.
@@ -149,8 +160,8 @@ impl From<pb::GateDecision> for GateView {
 
 /// A registered pipeline version (`kiln pipeline list|show|register`).
 ///
-/// JSON: `{name, version, repo, branch, subdir, stages, registered_ms,
-/// spec_yaml}`.
+/// JSON: `{name, version, repo, branch, subdir, path, digest, repository,
+/// stages, registered_ms, spec_yaml}`.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub(crate) struct PipelineView {
     pub(crate) name: String,
@@ -159,6 +170,13 @@ pub(crate) struct PipelineView {
     pub(crate) branch: String,
     /// Directory of kiln.yml inside the repository, "" for the root.
     pub(crate) subdir: String,
+    /// The pipeline file inside the repository when runs read it at their
+    /// commit; "" for a registered snapshot.
+    pub(crate) path: String,
+    /// "sha256:<hex>" of the file's text.
+    pub(crate) digest: String,
+    /// The repository's name (`kiln repo add --name`).
+    pub(crate) repository: String,
     /// Stage names in file order.
     pub(crate) stages: Vec<String>,
     pub(crate) registered_ms: Option<u64>,
@@ -352,6 +370,9 @@ impl From<pb::Run> for RunView {
             state: run.state().into(),
             pipeline: run.pipeline,
             pipeline_version: run.pipeline_version,
+            pipeline_digest: run.pipeline_digest,
+            params: run.params.into_iter().collect(),
+            variables: run.variables.into_iter().collect(),
             commit: run.commit,
             rev: run.rev,
             triggered_by: run.triggered_by,
@@ -400,6 +421,9 @@ impl From<pb::Pipeline> for PipelineView {
             repo: pipeline.repo,
             branch: pipeline.branch,
             subdir: pipeline.subdir,
+            path: pipeline.path,
+            digest: pipeline.digest,
+            repository: pipeline.repository,
             stages: pipeline.stages,
             registered_ms: when(pipeline.registered_ms),
             spec_yaml: pipeline.spec_yaml,

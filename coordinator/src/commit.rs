@@ -225,6 +225,12 @@ mod tests {
         fn latest_pipelines(&self) -> Result<Vec<PipelineRecord>> {
             self.inner.latest_pipelines()
         }
+        fn pipeline_versions(&self) -> Result<Vec<PipelineRecord>> {
+            self.inner.pipeline_versions()
+        }
+        fn deliveries(&self) -> Result<Vec<crate::store::DeliveryRecord>> {
+            self.inner.deliveries()
+        }
         fn run(&self, id: RunId) -> Result<Option<RunRecord>> {
             self.inner.run(id)
         }

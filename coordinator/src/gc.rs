@@ -194,6 +194,9 @@ mod tests {
             source_digest: None,
             rollback: None,
             datasets: Vec::new(),
+            pipeline_digest: String::new(),
+            params: Default::default(),
+            variables: Default::default(),
         }));
         let mut stage = StageRecord::new(StageKey { run, idx: 0 }, "train", Vec::new());
         let output = |digest: &str| ArtifactRecord {

@@ -37,6 +37,7 @@ mod metrics;
 mod pipelines;
 mod provenance;
 mod read;
+mod repos;
 mod secrets;
 mod state;
 mod store;
@@ -203,12 +204,18 @@ pub async fn run(
     alert_config.webhook_url = config.alerts.webhook_url.clone();
     alert_config.webhook_secret = config.alerts.webhook_secret.clone();
     let (alerts, alerter) = delivery::alerts::start(alert_config, metrics.clone(), stop_rx.clone());
+    let parsed = engine.parsed_pipelines();
+    let starter = triggers::Starter {
+        events: events_tx.clone(),
+        repos: Arc::new(repos::Repos::new(&config.data_dir)),
+        parsed: parsed.clone(),
+    };
     let runtime = engine::DeliveryRuntime {
         http: delivery::http_client(),
         alerts,
         events: events_tx.clone(),
+        starter: starter.clone(),
     };
-    let parsed = engine.parsed_pipelines();
     let view = engine.durable_view();
     let signer = tokio::spawn(provenance::run_signer(
         provenance::Signer {
@@ -238,11 +245,11 @@ pub async fn run(
             clock: Arc::new(clock::SystemClock),
             view: view.clone(),
             parsed: parsed.clone(),
+            repos: starter.repos.clone(),
         },
         events_tx.clone(),
         stop_rx.clone(),
     ));
-    let hooks_events = events_tx.clone();
     let caches = caches::Caches::new(
         store.clone(),
         writer.clone(),
@@ -282,7 +289,7 @@ pub async fn run(
     // One control service for the CLI (gRPC) and the dashboard's buttons,
     // so both follow the same rules.
     let control = Arc::new(control::ControlApi::new(
-        events_tx.clone(),
+        starter.clone(),
         reader.clone(),
         blobs.clone(),
         config.artifacts.keep_days,
@@ -363,8 +370,7 @@ pub async fn run(
                 metrics,
                 triggers::webhook::Hooks {
                     secrets: secrets.clone(),
-                    events: hooks_events,
-                    parsed,
+                    starter: starter.clone(),
                     view,
                     auth: auth.clone(),
                 },

@@ -1,7 +1,10 @@
-//! Stored pipeline versions, parsed once: a version never changes, so its
-//! `kiln.yml` is parsed the first time anyone needs it (the engine for its
-//! runs, the API for a pipeline's stage list, the webhook for its push
-//! trigger) and kept, and a version today's parser refuses keeps its error.
+//! Pipeline files, parsed once: a version never changes, so its file is
+//! parsed the first time anyone needs it (the engine for its runs, the API
+//! for a pipeline's stage list, the webhook for its push trigger) and kept,
+//! and a version today's parser refuses keeps its error. Entries are keyed
+//! by file name and content digest, so a file read at a run's commit (off
+//! the engine loop, before the run's version exists) is parsed there once
+//! and the engine finds it parsed.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -13,25 +16,38 @@ use crate::store::PipelineRecord;
 /// A parsed version, or why it cannot be parsed (file, line, column).
 pub(crate) type Parsed = Result<Arc<spec::Pipeline>, Arc<str>>;
 
+/// File name (errors name it) and "sha256:<hex>" of the text.
+type Key = (String, String);
+
 #[derive(Default)]
 pub(crate) struct ParsedPipelines {
-    parsed: Mutex<HashMap<(String, u32), Parsed>>,
+    parsed: Mutex<HashMap<Key, Parsed>>,
 }
 
 impl ParsedPipelines {
     pub(crate) fn get(&self, record: &PipelineRecord) -> Parsed {
-        let key = (record.name.clone(), record.version);
+        let digest = if record.digest.is_empty() {
+            crate::repos::digest(&record.spec_yaml)
+        } else {
+            record.digest.clone()
+        };
+        self.parse(&record.file_name, &record.spec_yaml, digest)
+    }
+
+    /// `text` (whose digest is `digest`) as `file_name`, parsed once.
+    pub(crate) fn parse(&self, file_name: &str, text: &str, digest: String) -> Parsed {
+        let key = (file_name.to_owned(), digest);
         if let Some(found) = self.lock().get(&key) {
             return found.clone();
         }
         // Parsed outside the lock: a large file does not hold up others.
-        let parsed = spec::parse(&record.file_name, &record.spec_yaml)
+        let parsed = spec::parse(file_name, text)
             .map(Arc::new)
             .map_err(|error| Arc::from(error.to_string()));
         self.lock().entry(key).or_insert(parsed).clone()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(String, u32), Parsed>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Key, Parsed>> {
         self.parsed.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
@@ -50,6 +66,9 @@ mod tests {
             branch: "main".into(),
             subdir: String::new(),
             registered_ms: 0,
+            path: String::new(),
+            digest: String::new(),
+            repository: String::new(),
         }
     }
 

@@ -238,6 +238,7 @@ fn facts(
         },
         run_id: release.run,
         triggered_by: run.triggered_by.clone(),
+        params: run.params.clone(),
         source: SourceFacts {
             repository: pipeline.repo.clone(),
             commit: Some(release.commit.clone()).filter(|c| !c.is_empty()),

@@ -25,6 +25,9 @@ pub(crate) fn run(record: &RunRecord, stages: &[StageRecord]) -> pb::Run {
         stages: stages.iter().map(stage).collect(),
         source_digest: record.source_digest.clone().unwrap_or_default(),
         datasets: record.datasets.iter().map(dataset).collect(),
+        pipeline_digest: record.pipeline_digest.clone(),
+        params: record.params.clone().into_iter().collect(),
+        variables: record.variables.clone().into_iter().collect(),
         rollback: record.rollback.as_ref().map(|plan| pb::RollbackPlan {
             pipeline: plan.environment.pipeline().to_owned(),
             environment: plan.environment.name.clone(),

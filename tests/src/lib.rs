@@ -558,6 +558,7 @@ pub async fn register(coordinator: &Coordinator, repo: &Repo) -> Result<String> 
             repo: repo.path().display().to_string(),
             branch: "main".into(),
             subdir: String::new(),
+            path: String::new(),
         })
         .await?
         .into_inner()

@@ -203,6 +203,7 @@ async fn gc_deletes_only_old_unreferenced_blobs() -> Result<()> {
             repo: repo.path().display().to_string(),
             branch: "main".into(),
             subdir: String::new(),
+            path: String::new(),
         })
         .await?;
     control

@@ -107,7 +107,7 @@ fn spec() -> BTreeMap<String, Expect> {
     let control = "kiln.v1.ControlService";
     add(
         control,
-        &["RegisterPipeline", "TriggerRun"],
+        &["RegisterPipeline", "AddRepository", "TriggerRun"],
         with_pipelines(users(Operator)),
     );
     add(

@@ -158,6 +158,7 @@ async fn invalid_files_are_refused_with_their_position() -> Result<()> {
             repo: "/r".into(),
             branch: "main".into(),
             subdir: String::new(),
+            path: String::new(),
         };
         let status = client.register_pipeline(request).await.unwrap_err();
         assert_eq!(status.code(), tonic::Code::InvalidArgument);

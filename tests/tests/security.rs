@@ -302,6 +302,7 @@ async fn a_pipeline_file_over_one_mib_is_refused_with_its_size() -> Result<()> {
             repo: "/nowhere".into(),
             branch: "main".into(),
             subdir: String::new(),
+            path: String::new(),
         })
         .await
         .unwrap_err();

@@ -71,17 +71,23 @@ pub(crate) fn prepare(dir: &Path) -> Result<Prepared, CliError> {
     // and points at the same file:line:col.
     kiln_common::spec::parse(&file_name, &spec_yaml).map_err(|e| CliError::Input(e.to_string()))?;
     let source = git::locate(dir)?;
+    let drift = git::drift(dir);
+    // A committed kiln.yml is read by every run at its own commit; one not
+    // committed yet stays a snapshot of this file (and the warning says so).
+    let path = match drift {
+        Drift::NotCommitted => String::new(),
+        Drift::Clean | Drift::Modified(_) if source.subdir.is_empty() => "kiln.yml".to_owned(),
+        Drift::Clean | Drift::Modified(_) => format!("{}/kiln.yml", source.subdir),
+    };
     let request = pb::RegisterPipelineRequest {
         file_name,
         spec_yaml,
         repo: source.repo,
         branch: source.branch,
         subdir: source.subdir,
+        path,
     };
-    Ok(Prepared {
-        request,
-        drift: git::drift(dir),
-    })
+    Ok(Prepared { request, drift })
 }
 
 /// Sends a prepared registration; shared with `kiln demo`.
@@ -158,6 +164,9 @@ mod tests {
             repo: "/r".into(),
             branch: "main".into(),
             subdir: String::new(),
+            path: "kiln.yml".into(),
+            digest: String::new(),
+            repository: String::new(),
             stages: vec![],
             registered_ms: None,
             spec_yaml: String::new(),

@@ -15,20 +15,27 @@ pub(crate) async fn run(
     format: OutputFormat,
     args: &RunArgs,
 ) -> Result<Outcome, CliError> {
+    let params = parse_params(&args.params)?;
     let run = match &args.source {
         Some(dir) => {
             let source_digest = artifacts::upload_source(coordinator, dir).await?;
             trigger_request(
                 coordinator,
                 pb::TriggerRunRequest {
-                    pipeline: args.pipeline.clone(),
                     source_digest,
+                    params,
                     ..request(&args.pipeline, None)
                 },
             )
             .await?
         }
-        None => trigger(coordinator, &args.pipeline, args.rev.as_deref()).await?,
+        None => {
+            let request = pb::TriggerRunRequest {
+                params,
+                ..request(&args.pipeline, args.rev.as_deref())
+            };
+            trigger_request(coordinator, request).await?
+        }
     };
     if args.wait {
         let finished = watch::follow(coordinator, run.id, format).await?;
@@ -49,6 +56,25 @@ pub(crate) async fn trigger(
     rev: Option<&str>,
 ) -> Result<RunView, CliError> {
     trigger_request(coordinator, request(pipeline, rev)).await
+}
+
+/// `-p NAME=VALUE` flags as a map; the coordinator checks names and types
+/// against the pipeline file.
+fn parse_params(flags: &[String]) -> Result<std::collections::HashMap<String, String>, CliError> {
+    let mut params = std::collections::HashMap::new();
+    for flag in flags {
+        let Some((name, value)) = flag.split_once('=') else {
+            return Err(CliError::Input(format!(
+                "-p {flag}: give a parameter as NAME=VALUE, like -p EPOCHS=20"
+            )));
+        };
+        if params.insert(name.to_owned(), value.to_owned()).is_some() {
+            return Err(CliError::Input(format!(
+                "-p {name}=... is given twice; keep one"
+            )));
+        }
+    }
+    Ok(params)
 }
 
 fn request(pipeline: &str, rev: Option<&str>) -> pb::TriggerRunRequest {

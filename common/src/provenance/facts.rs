@@ -20,6 +20,9 @@ pub struct ReleaseFacts {
     pub run_id: RunId,
     /// Who or what started the run (a user, `schedule`, `data`).
     pub triggered_by: String,
+    /// The run's `params:` values (defaults filled in), written as
+    /// `externalParameters.parameters`.
+    pub params: BTreeMap<String, String>,
     pub source: SourceFacts,
     pub datasets: Vec<DatasetFacts>,
     /// Images the run's stages ran in; duplicates are listed once.

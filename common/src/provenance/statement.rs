@@ -19,8 +19,9 @@ pub const STATEMENT_TYPE: &str = "https://in-toto.io/Statement/v1";
 pub const PREDICATE_TYPE: &str = "https://slsa.dev/provenance/v1";
 /// `buildType` of a Kiln release: a pipeline run whose gated artifacts were
 /// promoted to an environment. `externalParameters` holds `release` (`id`,
-/// `environment`), `pipeline` (`name`, `version`), `triggeredBy` and
-/// `source` (`repository` and `commit`, and/or `snapshot`);
+/// `environment`), `pipeline` (`name`, `version`), `triggeredBy`,
+/// `source` (`repository` and `commit`, and/or `snapshot`) and
+/// `parameters` (the run's `params:` values);
 /// `internalParameters` holds `runId`. Resolved dependencies carry an
 /// annotation `kind`: `source`, `pipeline`, `dataset` or `image`.
 pub const BUILD_TYPE: &str = "https://kiln.dev/ml-release/v1";
@@ -144,6 +145,7 @@ pub fn statement(facts: &ReleaseFacts, subject: Vec<Subject>) -> Statement {
         "pipeline": { "name": facts.pipeline.name, "version": facts.pipeline.version },
         "triggeredBy": facts.triggered_by,
         "source": source,
+        "parameters": facts.params,
     });
     let internal_parameters = json!({ "runId": facts.run_id.0 });
 

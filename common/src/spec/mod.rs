@@ -29,15 +29,18 @@ pub use delivery::{
     Approval, Condition, Gate, MaxRegression, Monitor, MonitorSource, OnBreach, OnMissing, Op,
     Select,
 };
+pub use params::{MAX_PARAM_BYTES, MAX_PARAMS, Param, ParamKind, resolve as resolve_params};
 pub use services::{DEFAULT_HEALTH_TIMEOUT, MAX_SERVICES};
 pub use triggers::{
-    DEFAULT_DATA_EVERY, DataTrigger, MAX_SCHEDULES, MIN_DATA_INTERVAL, PushTrigger, Triggers,
+    DEFAULT_DATA_EVERY, DataTrigger, MAX_SCHEDULES, MIN_DATA_INTERVAL, MergeRequestTrigger,
+    PushTrigger, Triggers,
 };
 
 mod cache;
 mod container;
 mod delivery;
 mod matrix;
+mod params;
 mod retention;
 mod schema;
 mod services;
@@ -92,6 +95,11 @@ pub struct Pipeline {
     /// `retention:` how many finished runs `kiln gc` keeps; `None` keeps
     /// them all (their artifacts still go after `--artifact-keep-days`).
     pub retention: Option<Retention>,
+    /// `params:` the values a run is started with, in file order.
+    pub params: Vec<Param>,
+    /// `env:` at the top level (already merged into every stage's `env`,
+    /// under the stage's own values).
+    pub env: BTreeMap<String, String>,
 }
 
 /// `retention: {keep: {runs: N, days: D}}`: a finished run is kept while it

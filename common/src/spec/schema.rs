@@ -14,6 +14,7 @@ use super::cache;
 use super::container::{self, ContainerDraft};
 use super::delivery::{self, DeliveryDraft};
 use super::matrix::{self, MatrixDraft};
+use super::params::{self, Param};
 use super::retention;
 use super::services;
 use super::suggest::did_you_mean;
@@ -29,6 +30,10 @@ pub(super) struct Draft {
     pub(super) triggers: Triggers,
     pub(super) timeout: Option<Duration>,
     pub(super) retention: Option<Retention>,
+    /// `params:` in file order.
+    pub(super) params: Vec<Param>,
+    /// `env:` at the top level: every stage's, under its own.
+    pub(super) env: BTreeMap<String, String>,
     /// Never empty, in file order.
     pub(super) stages: Vec<StageDraft>,
 }
@@ -113,6 +118,8 @@ struct TopLevel {
     triggers: Triggers,
     timeout: Option<Duration>,
     retention: Option<Retention>,
+    params: Option<Vec<(Param, Position)>>,
+    env: BTreeMap<String, String>,
     stages: Option<Vec<StageDraft>>,
 }
 
@@ -122,7 +129,10 @@ const TOP_LEVEL_FIELDS: &[Field<TopLevel>] = &[
     ("pipeline", |top, v, path| set(&mut top.name, values::name(v, path).map(Some))),
     ("defaults", |top, v, path| read_defaults(&mut top.defaults, v, path)),
     ("triggers", |top, v, path| set(&mut top.triggers, triggers::read(v, path))),
+    ("on", |top, v, path| set(&mut top.triggers, triggers::read(v, path))),
     ("timeout", |top, v, path| set(&mut top.timeout, values::timeout(v, path).map(Some))),
+    ("params", |top, v, path| set(&mut top.params, params::read(v, path).map(Some))),
+    ("env", |top, v, path| set(&mut top.env, values::env(v, path))),
     ("stages", |top, v, path| set(&mut top.stages, read_stages(v, path).map(Some))),
     ("retention", |top, v, path| set(&mut top.retention, retention::read(v, path).map(Some))),
 ];
@@ -213,14 +223,50 @@ pub(super) fn read(document: &Document<'_>) -> Result<Draft, Problem> {
     let Some(stages) = top.stages else {
         return Err(no_stages(root.position()));
     };
+    let params = top.params.unwrap_or_default();
+    check_param_names(&params, &top.env, &stages)?;
     Ok(Draft {
         name,
         defaults: top.defaults,
         triggers: top.triggers,
         timeout: top.timeout,
         retention: top.retention,
+        params: params.into_iter().map(|(param, _)| param).collect(),
+        env: top.env,
         stages,
     })
+}
+
+/// A parameter reaches stages as the variable of its name, so nothing else
+/// may set that variable: one value, the run's.
+fn check_param_names(
+    params: &[(Param, Position)],
+    env: &BTreeMap<String, String>,
+    stages: &[StageDraft],
+) -> Result<(), Problem> {
+    for (param, position) in params {
+        let name = &param.name;
+        let clash = if env.contains_key(name) {
+            Some("the top-level `env`".to_owned())
+        } else {
+            stages.iter().find_map(|stage| {
+                let secret = stage
+                    .secrets
+                    .as_ref()
+                    .is_some_and(|(secrets, _)| secrets.contains(name));
+                (stage.env.contains_key(name) || secret).then(|| format!("stage `{}`", stage.name))
+            })
+        };
+        if let Some(place) = clash {
+            return Err(Problem::new(
+                *position,
+                format!(
+                    "`{name}` is a parameter and is also set in {place}; stages get the run's value of a parameter, so rename one of them"
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn read_defaults(defaults: &mut Defaults, value: Node<'_>, path: &Path<'_>) -> Result<(), Problem> {

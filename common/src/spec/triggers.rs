@@ -33,6 +33,44 @@ pub struct Triggers {
     pub schedule: Vec<Schedule>,
     /// `data:` runs when a directory's content changes and settles.
     pub data: Option<DataTrigger>,
+    /// `tag: ["v*"]`: a pushed tag matching one of these patterns runs the
+    /// tagged commit (webhook).
+    pub tag: Option<Vec<String>>,
+    /// `merge_request:` a merge (pull) request opened, reopened or updated
+    /// runs its head commit (webhook).
+    pub merge_request: Option<MergeRequestTrigger>,
+    /// `secret: NAME`: the kiln secret holding the webhook key for every
+    /// forge event (`push.secret` may name it for pushes alone).
+    pub secret: Option<String>,
+}
+
+impl Triggers {
+    /// The kiln secret a delivery is verified with: `push.secret`, else
+    /// `secret`. `None` when no forge event is configured.
+    pub fn webhook_secret(&self) -> Option<&str> {
+        self.push
+            .as_ref()
+            .map(|push| push.secret.as_str())
+            .or(self.secret.as_deref())
+    }
+}
+
+/// `merge_request:` (`true`, or `{ branches: [main] }` to run only the
+/// requests into those target branches).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MergeRequestTrigger {
+    /// Target-branch patterns; `None`: every request.
+    pub branches: Option<Vec<String>>,
+}
+
+impl MergeRequestTrigger {
+    pub fn accepts(&self, target_branch: &str) -> bool {
+        self.branches.as_ref().is_none_or(|patterns| {
+            patterns
+                .iter()
+                .any(|pattern| webhook::branch_matches(pattern, target_branch))
+        })
+    }
 }
 
 /// `push: { branches: [...], secret: NAME }`.
@@ -83,6 +121,9 @@ const TRIGGERS_FIELDS: &[Field<Triggers>] = &[
     ("push", |t, v, path| set(&mut t.push, push(v, path).map(Some))),
     ("schedule", |t, v, path| set(&mut t.schedule, schedule(v, path))),
     ("data", |t, v, path| set(&mut t.data, data(v, path).map(Some))),
+    ("tag", |t, v, path| set(&mut t.tag, branches(v, path).map(Some))),
+    ("merge_request", |t, v, path| set(&mut t.merge_request, merge_request(v, path).map(Some))),
+    ("secret", |t, v, path| set(&mut t.secret, values::secret_name(v, path).map(Some))),
 ];
 
 /// `triggers:`; nothing under it means no triggers.
@@ -96,8 +137,60 @@ pub(super) fn read(value: Node<'_>, path: &Path<'_>) -> Result<Triggers, Problem
             &path.to_string(),
             " in `triggers`",
         )?;
+        let shared = triggers.secret.clone();
+        if let Some(push) = triggers.push.as_mut().filter(|push| push.secret.is_empty()) {
+            let Some(secret) = shared else {
+                let at = value
+                    .entries()
+                    .unwrap_or_default()
+                    .into_iter()
+                    .find(|(key, _)| key.string() == Some("push"))
+                    .map_or(value.position(), |(_, push)| push.position());
+                return Err(Problem::new(
+                    at,
+                    "`push` in `triggers` needs `secret: NAME`: the kiln secret that holds the webhook's \
+                     key, so that only the forge can start runs",
+                ));
+            };
+            push.secret = secret;
+        }
+        if (triggers.tag.is_some() || triggers.merge_request.is_some())
+            && triggers.webhook_secret().is_none()
+        {
+            return Err(Problem::new(
+                value.position(),
+                "`tag` and `merge_request` in `triggers` need `secret: NAME` in `triggers`: the kiln \
+                 secret that holds the webhook's key, so that only the forge can start runs",
+            ));
+        }
     }
     Ok(triggers)
+}
+
+/// `merge_request: true` or `{ branches: [...] }`.
+fn merge_request(value: Node<'_>, path: &Path<'_>) -> Result<MergeRequestTrigger, Problem> {
+    if let Some(on) = value.scalar().and_then(|scalar| scalar.as_bool()) {
+        if !on {
+            return Err(Problem::new(
+                value.position(),
+                format!("{path} is false; leave it out instead"),
+            ));
+        }
+        return Ok(MergeRequestTrigger::default());
+    }
+    let mut trigger = MergeRequestTrigger::default();
+    #[rustfmt::skip]
+    const FIELDS: &[Field<MergeRequestTrigger>] = &[
+        ("branches", |m, v, path| set(&mut m.branches, branches(v, path).map(Some))),
+    ];
+    read_fields(
+        &mut trigger,
+        value,
+        FIELDS,
+        &path.to_string(),
+        " in `merge_request` of `triggers`",
+    )?;
+    Ok(trigger)
 }
 
 #[derive(Default)]
@@ -121,16 +214,10 @@ fn push(value: Node<'_>, path: &Path<'_>) -> Result<PushTrigger, Problem> {
         &path.to_string(),
         " in `push` of `triggers`",
     )?;
-    let Some(secret) = draft.secret else {
-        return Err(Problem::new(
-            value.position(),
-            "`push` in `triggers` needs `secret: NAME`: the kiln secret that holds the webhook's \
-             key, so that only the forge can start runs",
-        ));
-    };
+    // Empty: `triggers.secret` stands in, or `read` says it is missing.
     Ok(PushTrigger {
         branches: draft.branches,
-        secret,
+        secret: draft.secret.unwrap_or_default(),
     })
 }
 

@@ -21,7 +21,13 @@ pub(super) fn pipeline(draft: Draft) -> Result<Pipeline, Problem> {
     let stages = stages
         .into_iter()
         .zip(needs)
-        .map(|(stage, needs)| with_defaults(stage, needs, &draft.defaults))
+        .map(|(mut stage, needs)| {
+            // The pipeline's `env:` under each stage's own.
+            let mut env = draft.env.clone();
+            env.append(&mut stage.env);
+            stage.env = env;
+            with_defaults(stage, needs, &draft.defaults)
+        })
         .collect();
     Ok(Pipeline {
         name: draft.name,
@@ -29,6 +35,8 @@ pub(super) fn pipeline(draft: Draft) -> Result<Pipeline, Problem> {
         triggers: draft.triggers,
         timeout: draft.timeout,
         retention: draft.retention,
+        params: draft.params,
+        env: draft.env,
     })
 }
 

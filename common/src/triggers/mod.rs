@@ -5,8 +5,10 @@
 //! coordinator's clock gives it) and nothing here reads the clock.
 //!
 //! # Layout
-//! - [`webhook`]: signature check (GitHub and Gitea/Forgejo), push payload,
+//! - [`webhook`]: signature check (GitHub, Gitea/Forgejo, GitLab), push payload,
 //!   branch patterns.
+//! - [`forge`]: what a GitHub, Gitea/Forgejo or GitLab delivery asks for
+//!   (branch push, tag push, merge request) and its delivery id.
 //! - [`schedule`]: a parsed cron expression, when it is due and when next.
 //! - [`data`]: the digest of a directory tree (the only I/O here) and the
 //!   debounce that decides when a changed tree starts a run.
@@ -15,5 +17,6 @@
 //! settings these rules are applied with.
 
 pub mod data;
+pub mod forge;
 pub mod schedule;
 pub mod webhook;

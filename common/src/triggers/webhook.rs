@@ -23,6 +23,8 @@ pub const GITHUB_SIGNATURE_HEADER: &str = "X-Hub-Signature-256";
 pub const GITEA_SIGNATURE_HEADER: &str = "X-Gitea-Signature";
 /// Forgejo's own name for the same header as Gitea's.
 pub const FORGEJO_SIGNATURE_HEADER: &str = "X-Forgejo-Signature";
+/// GitLab's header: the webhook's secret token itself.
+pub const GITLAB_TOKEN_HEADER: &str = "X-Gitlab-Token";
 
 /// Why a webhook request was refused. Messages are lowercase and say what
 /// to fix; the coordinator answers 401 for the signature errors and 400 for
@@ -31,7 +33,7 @@ pub const FORGEJO_SIGNATURE_HEADER: &str = "X-Forgejo-Signature";
 pub enum WebhookError {
     #[error(
         "the request has no signature; configure the webhook with a secret so the forge sends \
-         `X-Hub-Signature-256` or `X-Gitea-Signature`"
+         `X-Hub-Signature-256`, `X-Gitea-Signature` or `X-Gitlab-Token`"
     )]
     MissingSignature,
     #[error("the `{header}` header is malformed: {reason}")]
@@ -41,7 +43,7 @@ pub enum WebhookError {
     },
     #[error(
         "the `{header}` signature does not match the body; the webhook's secret must be the \
-         value of the kiln secret named in `triggers.push.secret`"
+         value of the kiln secret named in `triggers` (`secret`, or `push.secret`)"
     )]
     BadSignature { header: &'static str },
     /// `path` is where in the JSON the problem is, like `repository.full_name`
@@ -87,6 +89,25 @@ pub fn verify_signature<'h>(
         mac.update(body);
         mac.verify_slice(&signature)
             .map_err(|_| WebhookError::BadSignature { header: name })?;
+        n_checked += 1;
+    }
+    // GitLab sends the secret itself, not a signature of the body.
+    if let Some(token) = header(GITLAB_TOKEN_HEADER) {
+        // Compared as HMACs of one message under each, which `verify_slice`
+        // compares in constant time: the token's length and bytes leak
+        // nothing through timing.
+        let tag = |key: &[u8]| {
+            let mut mac =
+                Hmac::<Sha256>::new_from_slice(key).expect("hmac accepts keys of any length");
+            mac.update(b"kiln gitlab token");
+            mac
+        };
+        let expected = tag(secret).finalize().into_bytes();
+        if tag(token.as_bytes()).verify_slice(&expected).is_err() {
+            return Err(WebhookError::BadSignature {
+                header: GITLAB_TOKEN_HEADER,
+            });
+        }
         n_checked += 1;
     }
     if n_checked == 0 {
@@ -167,25 +188,33 @@ pub fn parse_push(body: &[u8]) -> Result<PushEvent, WebhookError> {
             reason: "`refs/heads/` names no branch".to_owned(),
         });
     }
-    let pusher = [
+    Ok(PushEvent::Branch(Push {
+        branch: branch.to_owned(),
+        commit: commit.to_ascii_lowercase(),
+        pusher: pusher_of(&document),
+        repository: optional_string_at(&document, &["repository", "full_name"])?,
+        clone_url: optional_string_at(&document, &["repository", "clone_url"])?,
+    }))
+}
+
+/// Who pushed, for the run's `triggered_by`: `pusher.name` (GitHub), else
+/// `pusher.username` or `pusher.login` (Gitea, Forgejo), else
+/// `sender.login`, else `user_username` (GitLab); `unknown` when the
+/// payload names nobody (the run is built from the registered repository,
+/// so nothing depends on it).
+pub(crate) fn pusher_of(document: &Value) -> String {
+    [
         &["pusher", "name"][..],
         &["pusher", "username"],
         &["pusher", "login"],
         &["sender", "login"],
+        &["user_username"],
+        &["user", "username"],
     ]
     .iter()
-    .find_map(|path| lookup(&document, path)?.as_str().filter(|s| !s.is_empty()))
-    .ok_or_else(|| WebhookError::MalformedPayload {
-        path: "pusher".to_owned(),
-        reason: "no `pusher.name`, `pusher.username`, `pusher.login` or `sender.login`".to_owned(),
-    })?;
-    Ok(PushEvent::Branch(Push {
-        branch: branch.to_owned(),
-        commit: commit.to_ascii_lowercase(),
-        pusher: pusher.to_owned(),
-        repository: string_at(&document, &["repository", "full_name"])?.to_owned(),
-        clone_url: string_at(&document, &["repository", "clone_url"])?.to_owned(),
-    }))
+    .find_map(|path| lookup(document, path)?.as_str().filter(|s| !s.is_empty()))
+    .unwrap_or("unknown")
+    .to_owned()
 }
 
 /// Whether `branch` matches `pattern`, where `*` stands for any run of
@@ -231,8 +260,21 @@ fn lookup<'v>(document: &'v Value, path: &[&str]) -> Option<&'v Value> {
     path.iter().try_fold(document, |value, key| value.get(key))
 }
 
+/// The string at `path`, "" when the payload leaves it out (a field Kiln
+/// only reports), an error when it is there but not a string.
+pub(crate) fn optional_string_at(document: &Value, path: &[&str]) -> Result<String, WebhookError> {
+    match lookup(document, path) {
+        None | Some(Value::Null) => Ok(String::new()),
+        Some(_) => string_at(document, path).map(str::to_owned),
+    }
+}
+
+pub(crate) fn lookup_value<'v>(document: &'v Value, path: &[&str]) -> Option<&'v Value> {
+    lookup(document, path)
+}
+
 /// The string at `path`, or an error naming the path.
-fn string_at<'v>(document: &'v Value, path: &[&str]) -> Result<&'v str, WebhookError> {
+pub(crate) fn string_at<'v>(document: &'v Value, path: &[&str]) -> Result<&'v str, WebhookError> {
     let error = |reason: &str| WebhookError::MalformedPayload {
         path: path.join("."),
         reason: reason.to_owned(),

@@ -163,7 +163,9 @@ pub(crate) fn rule(method: &str) -> Option<Rule> {
             _ => return None,
         },
         ("kiln.v1.ControlService", name) => match name {
-            "RegisterPipeline" | "TriggerRun" => Rule::write(Operator).and_pipelines(),
+            "RegisterPipeline" | "AddRepository" | "TriggerRun" => {
+                Rule::write(Operator).and_pipelines()
+            }
             "WhoAmI" => Rule::read(Viewer).and_agents().and_pipelines(),
             "ListPipelines" | "GetPipeline" | "GetRun" | "ListRuns" | "WatchRun" | "StreamLogs"
             | "ListAgents" | "ListArtifacts" | "ListEnvironments" | "EnvironmentHistory"

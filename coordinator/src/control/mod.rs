@@ -4,7 +4,6 @@
 //! through the engine or the commit thread.
 
 use std::collections::{HashMap, HashSet};
-use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
 
@@ -34,6 +33,7 @@ use crate::provenance::ProvenanceKey;
 use crate::read::{LogRequest, Reader};
 use crate::secrets::Secrets;
 use crate::store::{Batch, Op, PipelineRecord, Store};
+use crate::triggers::{Starter, TriggeredRun};
 use crate::views;
 
 /// Runs one retention batch deletes: each carries a run's every log key.
@@ -44,6 +44,8 @@ const DEFAULT_RUN_LIMIT: usize = 50;
 
 pub(crate) struct ControlApi {
     events: mpsc::Sender<Event>,
+    /// Starts runs: resolves revisions and reads pipeline files at them.
+    starter: Starter,
     reader: Reader,
     store: Arc<dyn Store>,
     blobs: Arc<BlobStore>,
@@ -63,7 +65,7 @@ pub(crate) struct ControlApi {
 impl ControlApi {
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
-        events: mpsc::Sender<Event>,
+        starter: Starter,
         reader: Reader,
         blobs: Arc<BlobStore>,
         keep_days: u32,
@@ -74,7 +76,8 @@ impl ControlApi {
         writer: Writer,
     ) -> Self {
         Self {
-            events,
+            events: starter.events.clone(),
+            starter,
             store: reader.store().clone(),
             reader,
             blobs,
@@ -143,6 +146,29 @@ impl ControlApi {
         Ok(audited(run, target))
     }
 
+    /// Whether `principal` may register `name` from `repo`: a pipeline's
+    /// token may update its pipeline, not point it at another repository
+    /// (the coordinator and agents read from there).
+    fn check_may_register(
+        &self,
+        principal: &Principal,
+        name: &str,
+        repo: &str,
+    ) -> Result<(), Status> {
+        principal.check_pipeline(name)?;
+        if principal.role == crate::auth::Role::Pipeline
+            && let Ok(existing) = self.latest_pipeline(name)
+            && existing.repo != repo
+        {
+            return Err(ApiError::PermissionDenied(format!(
+                "token `{}` may not move pipeline `{name}` from {} to another repository; ask an operator",
+                principal.name, existing.repo
+            ))
+            .into());
+        }
+        Ok(())
+    }
+
     /// The latest durable version of `name`, from the durable view.
     fn latest_pipeline(&self, name: &str) -> Result<PipelineRecord, ApiError> {
         self.reader
@@ -187,19 +213,7 @@ impl ControlService for ControlApi {
         };
         let parsed = spec::parse(&file_name, &request.spec_yaml)
             .map_err(|error| Status::invalid_argument(error.to_string()))?;
-        principal.check_pipeline(&parsed.name)?;
-        // A repository's token may update its pipeline, not point it at
-        // another repository (the coordinator and agents read from there).
-        if principal.role == crate::auth::Role::Pipeline
-            && let Ok(existing) = self.latest_pipeline(&parsed.name)
-            && existing.repo != request.repo
-        {
-            return Err(ApiError::PermissionDenied(format!(
-                "token `{}` may not move pipeline `{}` from {} to another repository; ask an operator",
-                principal.name, parsed.name, existing.repo
-            ))
-            .into());
-        }
+        self.check_may_register(&principal, &parsed.name, &request.repo)?;
         if request.repo.is_empty() {
             return Err(Status::invalid_argument(
                 "repo is empty; give the git URL or path agents fetch the source from",
@@ -216,6 +230,8 @@ impl ControlService for ControlApi {
                 request.branch
             },
             subdir: request.subdir,
+            path: normalized_file(&request.path)?,
+            repository: String::new(),
         };
         let (record, created) = self
             .ask(|reply| Event::Register { pipeline, reply })
@@ -225,6 +241,91 @@ impl ControlService for ControlApi {
             pb::RegisterPipelineResponse {
                 pipeline: Some(pipeline_view(self.reader.parsed(), &record)),
                 created,
+            },
+            target,
+        ))
+    }
+
+    async fn add_repository(
+        &self,
+        request: Request<pb::AddRepositoryRequest>,
+    ) -> Result<Response<pb::AddRepositoryResponse>, Status> {
+        let principal = Principal::of(&request)?;
+        let request = request.into_inner();
+        let url = request.url.trim().to_owned();
+        if url.is_empty() || url.starts_with('-') {
+            return Err(Status::invalid_argument(
+                "give the repository as a git URL or a path on the coordinator and build hosts",
+            ));
+        }
+        let branch = match request.branch.trim() {
+            "" => "main".to_owned(),
+            branch => branch.to_owned(),
+        };
+        let repos = &self.starter.repos;
+        let commit = repos.resolve(&url, &branch, "").await?;
+        let files = match normalized_file(&request.file)? {
+            file if file.is_empty() => repos.pipeline_files(&url, &commit).await?,
+            file => vec![file],
+        };
+        if files.is_empty() {
+            return Err(ApiError::FailedPrecondition(format!(
+                "{url} has no `{}` and no `{}/*.yml` at the head of `{branch}` ({commit}); commit one, or name the file with --file",
+                crate::repos::DEFAULT_FILE,
+                crate::repos::PIPELINES_DIR
+            ))
+            .into());
+        }
+        let repository = match request.name.trim() {
+            "" => crate::repos::default_name(&url),
+            name => name.to_owned(),
+        };
+        // Every file is read and checked before any is registered.
+        let mut pipelines: Vec<NewPipeline> = Vec::new();
+        for file in files {
+            let text = repos.read_file(&url, &commit, &file).await?.ok_or_else(|| {
+                ApiError::FailedPrecondition(format!(
+                    "{file} is not in {url} at the head of `{branch}` ({commit}); commit it first"
+                ))
+            })?;
+            let parsed = self
+                .starter
+                .parsed
+                .parse(&file, &text, crate::repos::digest(&text))
+                .map_err(|error| Status::invalid_argument(error.to_string()))?;
+            self.check_may_register(&principal, &parsed.name, &url)?;
+            if let Some(other) = pipelines.iter().find(|p| p.name == parsed.name) {
+                return Err(Status::invalid_argument(format!(
+                    "{file} and {} both name pipeline `{}`; give each file its own `pipeline:` name",
+                    other.path, parsed.name
+                )));
+            }
+            pipelines.push(NewPipeline {
+                name: parsed.name.clone(),
+                subdir: crate::repos::subdir_of(&file),
+                file_name: file.clone(),
+                spec_yaml: text,
+                repo: url.clone(),
+                branch: branch.clone(),
+                path: file,
+                repository: repository.clone(),
+            });
+        }
+        let mut registered = Vec::new();
+        for pipeline in pipelines {
+            let (record, created) = self
+                .ask(|reply| Event::Register { pipeline, reply })
+                .await?;
+            registered.push(pb::RegisterPipelineResponse {
+                pipeline: Some(pipeline_view(self.reader.parsed(), &record)),
+                created,
+            });
+        }
+        let target = format!("repository {repository} ({url})");
+        Ok(audited(
+            pb::AddRepositoryResponse {
+                pipelines: registered,
+                commit,
             },
             target,
         ))
@@ -273,42 +374,27 @@ impl ControlService for ControlApi {
         let request = request.into_inner();
         principal.check_pipeline(&request.pipeline)?;
         let pipeline = self.latest_pipeline(&request.pipeline)?;
-        let source_digest = Some(request.source_digest).filter(|digest| !digest.is_empty());
-        let (commit, rev) = match &source_digest {
-            // An uploaded snapshot stands in for a revision.
-            Some(digest) => {
-                let parsed = parse_digest(digest)?;
-                if self.blobs.stat(&parsed).is_none() {
-                    return Err(Status::failed_precondition(format!(
-                        "source snapshot {digest} is not stored; upload it before triggering the run"
-                    )));
-                }
-                (String::new(), "uploaded source".to_owned())
-            }
-            None => {
-                let commit = resolve_commit(&pipeline.repo, &pipeline.branch, &request.rev).await?;
-                let rev = if request.rev.is_empty() {
-                    pipeline.branch.clone()
-                } else {
-                    request.rev
-                };
-                (commit, rev)
-            }
-        };
         // Who asked comes from the token, never from the request.
         let triggered_by = format!("manual:{}", principal.name);
-        let run = self
-            .ask(|reply| Event::Trigger {
-                pipeline,
-                commit,
-                rev,
-                triggered_by,
-                source_digest,
-                datasets: Vec::new(),
-                trigger_state: None,
-                reply,
-            })
-            .await?;
+        let params: std::collections::BTreeMap<String, String> =
+            request.params.into_iter().collect();
+        let run = if request.source_digest.is_empty() {
+            let rev = Some(request.rev).filter(|rev| !rev.is_empty());
+            let mut run = TriggeredRun::new(pipeline, rev, "manual", triggered_by);
+            run.params = params;
+            self.starter.start(run).await?
+        } else {
+            // An uploaded snapshot stands in for a revision.
+            let digest = request.source_digest;
+            if self.blobs.stat(&parse_digest(&digest)?).is_none() {
+                return Err(Status::failed_precondition(format!(
+                    "source snapshot {digest} is not stored; upload it before triggering the run"
+                )));
+            }
+            self.starter
+                .start_snapshot(pipeline, digest, triggered_by, params)
+                .await?
+        };
         let target = format!("run {}", run.id);
         Ok(audited(run, target))
     }
@@ -819,46 +905,23 @@ fn pipeline_view(parsed: &ParsedPipelines, record: &PipelineRecord) -> pb::Pipel
         spec_yaml: record.spec_yaml.clone(),
         stages,
         registered_ms: record.registered_ms,
+        path: record.path.clone(),
+        digest: record.digest.clone(),
+        repository: record.repository.clone(),
     }
 }
 
-/// Pins a run to one commit: the revision asked for, else the branch head.
-pub(crate) async fn resolve_commit(
-    repo: &str,
-    branch: &str,
-    rev: &str,
-) -> Result<String, ApiError> {
-    let wanted = if rev.is_empty() { branch } else { rev };
-    if wanted.len() == 40 && wanted.chars().all(|c| c.is_ascii_hexdigit()) {
-        return Ok(wanted.to_ascii_lowercase());
-    }
-    if wanted.starts_with('-') {
+/// A pipeline file's path inside a repository, `/`-separated and relative
+/// ("" stays ""): no absolute path, no `..`.
+fn normalized_file(file: &str) -> Result<String, ApiError> {
+    let trimmed = file.trim().trim_start_matches("./");
+    let escapes = trimmed.starts_with('/')
+        || trimmed.contains('\\')
+        || trimmed.split('/').any(|part| part == ".." || part == ".");
+    if escapes {
         return Err(ApiError::InvalidArgument(format!(
-            "revision `{wanted}` is not a branch, tag or commit"
+            "pipeline file `{file}` must be a relative path inside the repository, like `kiln.yml` or `ml/kiln.yml`"
         )));
     }
-    let mut command = tokio::process::Command::new("git");
-    if Path::new(repo).is_dir() {
-        command.args([
-            "-C",
-            repo,
-            "rev-parse",
-            "--verify",
-            "--quiet",
-            &format!("{wanted}^{{commit}}"),
-        ]);
-    } else {
-        command.args(["ls-remote", "--", repo, wanted]);
-    }
-    let output = command.kill_on_drop(true).output().await.map_err(|error| {
-        ApiError::Internal(format!("cannot run git to resolve `{wanted}`: {error}"))
-    })?;
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let commit = stdout.split_whitespace().next().unwrap_or_default();
-    if !output.status.success() || commit.len() != 40 {
-        return Err(ApiError::FailedPrecondition(format!(
-            "cannot resolve revision `{wanted}` in {repo}; push it or pass an existing branch, tag or commit with --rev"
-        )));
-    }
-    Ok(commit.to_owned())
+    Ok(trimmed.to_owned())
 }

@@ -85,9 +85,9 @@ impl Engine {
                 pipeline: spec.record.name.clone(),
                 stage_name: stage_spec.name.clone(),
                 commands: stage_spec.commands.clone(),
-                env: stage_spec
-                    .env
-                    .clone()
+                env: self.runs[&key.run]
+                    .record
+                    .stage_env(stage_spec)
                     .into_iter()
                     .chain(endpoints(&spec.parsed, key.idx as usize))
                     .collect(),

@@ -23,6 +23,7 @@
 //!   decides for the run book, carried across by the loop.
 
 mod agents;
+mod at_commit;
 mod checks;
 mod delivery;
 mod dispatch;
@@ -51,6 +52,7 @@ use crate::metrics::Metrics;
 use crate::store::{Batch, Op, PipelineRecord, RunRecord, StageRecord, Store};
 use crate::views;
 
+pub(crate) use at_commit::{FileAtCommit, TriggerRequest};
 pub(crate) use pool::{AgentTx, ConnId};
 
 pub(crate) type Reply<T> = oneshot::Sender<Result<T, ApiError>>;
@@ -76,14 +78,7 @@ pub(crate) enum Event {
         reply: Reply<(PipelineRecord, bool)>,
     },
     Trigger {
-        pipeline: PipelineRecord,
-        commit: String,
-        rev: String,
-        triggered_by: String,
-        source_digest: Option<String>,
-        datasets: Vec<crate::store::DatasetRecord>,
-        /// Written with the run, atomically (schedule and data triggers).
-        trigger_state: Option<crate::store::TriggerStateRecord>,
+        request: TriggerRequest,
         reply: Reply<pb::Run>,
     },
     /// `None`: the run is not unfinished here (finished, or unknown);
@@ -174,6 +169,11 @@ pub(crate) struct NewPipeline {
     pub(crate) repo: String,
     pub(crate) branch: String,
     pub(crate) subdir: String,
+    /// The file's path in the repository when runs read it at their
+    /// commit; "" for a snapshot.
+    pub(crate) path: String,
+    /// The repository's name, "" if none.
+    pub(crate) repository: String,
 }
 
 /// A pipeline version, parsed once and shared by its runs.
@@ -182,6 +182,22 @@ pub(crate) struct PipelineSpec {
     pub(crate) parsed: Arc<spec::Pipeline>,
     /// `dependents[i]`: stages that list stage `i` in their `needs`.
     pub(crate) dependents: Vec<Vec<usize>>,
+}
+
+impl PipelineSpec {
+    pub(crate) fn new(record: PipelineRecord, parsed: Arc<spec::Pipeline>) -> Self {
+        let mut dependents = vec![Vec::new(); parsed.stages.len()];
+        for (idx, stage) in parsed.stages.iter().enumerate() {
+            for &need in &stage.needs {
+                dependents[need].push(idx);
+            }
+        }
+        Self {
+            record,
+            parsed,
+            dependents,
+        }
+    }
 }
 
 /// A run that is not finished yet, with everything needed to move it on.
@@ -245,6 +261,13 @@ pub(crate) struct Engine {
     metrics: Arc<Metrics>,
     /// Latest version of every pipeline, by name.
     latest: HashMap<String, PipelineRecord>,
+    /// The version holding each file (pipeline, "sha256:<hex>"), among the
+    /// versions with the latest settings (repository, branch, path): a
+    /// file read at a commit gets a new version only when it is new.
+    digests: HashMap<(String, String), u32>,
+    /// Webhook deliveries that started runs, by (pipeline, idempotency
+    /// key): a repeat starts nothing.
+    deliveries: HashMap<(String, String), RunId>,
     /// Parsed pipeline versions that active runs use.
     specs: HashMap<(String, u32), Arc<PipelineSpec>>,
     runs: BTreeMap<RunId, ActiveRun>,
@@ -298,10 +321,23 @@ impl Engine {
         config: EngineConfig,
         metrics: Arc<Metrics>,
     ) -> Result<Self, ApiError> {
-        let latest = store
+        let latest: HashMap<String, PipelineRecord> = store
             .latest_pipelines()?
             .into_iter()
             .map(|record| (record.name.clone(), record))
+            .collect();
+        let digests = store
+            .pipeline_versions()?
+            .into_iter()
+            .filter(|record| {
+                latest
+                    .get(&record.name)
+                    .is_some_and(|latest| same_settings(latest, record))
+            })
+            .map(|record| {
+                let digest = version_digest(&record);
+                ((record.name, digest), record.version)
+            })
             .collect();
         let next_run_id = store.last_run_id()? + 1;
         let delivery = delivery::DeliveryController::load(
@@ -316,6 +352,12 @@ impl Engine {
             config,
             metrics,
             latest,
+            digests,
+            deliveries: store
+                .deliveries()?
+                .into_iter()
+                .map(|record| ((record.pipeline, record.key), record.run))
+                .collect(),
             specs: HashMap::new(),
             runs: BTreeMap::new(),
             ready: VecDeque::new(),
@@ -372,29 +414,7 @@ impl Engine {
                 let result = self.register(pipeline);
                 self.reply(reply, result);
             }
-            Event::Trigger {
-                pipeline,
-                commit,
-                rev,
-                triggered_by,
-                source_digest,
-                datasets,
-                trigger_state,
-                reply,
-            } => {
-                let result = self.trigger(
-                    &pipeline,
-                    commit,
-                    rev,
-                    triggered_by,
-                    source_digest,
-                    datasets,
-                );
-                if let (Ok(_), Some(state)) = (&result, trigger_state) {
-                    self.write(Op::TriggerState(state));
-                }
-                self.reply_run(reply, result);
-            }
+            Event::Trigger { request, reply } => self.trigger_request(request, reply),
             Event::WatchRun { run, reply } => self.watch_run(run, reply),
             Event::CancelRun { run, reply } => {
                 let result = self.cancel_run(run);
@@ -500,13 +520,12 @@ impl Engine {
                     );
                     return None;
                 };
-                Some(crate::triggers::TriggeredRun {
+                Some(crate::triggers::TriggeredRun::new(
                     pipeline,
-                    rev: None,
-                    triggered_by: retrain.triggered_by,
-                    datasets: Vec::new(),
-                    trigger_state: None,
-                })
+                    None,
+                    "retrain",
+                    retrain.triggered_by,
+                ))
             })
             .collect()
     }
@@ -662,31 +681,12 @@ impl Engine {
             .parsed
             .get(&record)
             .map_err(|error| ApiError::FailedPrecondition(error.to_string()))?;
-        let mut dependents = vec![Vec::new(); parsed.stages.len()];
-        for (idx, stage) in parsed.stages.iter().enumerate() {
-            for &need in &stage.needs {
-                dependents[need].push(idx);
-            }
-        }
-        let spec = Arc::new(PipelineSpec {
-            record,
-            parsed,
-            dependents,
-        });
+        let spec = Arc::new(PipelineSpec::new(record, parsed));
         self.specs.insert((name.to_owned(), version), spec.clone());
         Ok(spec)
     }
 
     fn register(&mut self, new: NewPipeline) -> Result<(PipelineRecord, bool), ApiError> {
-        if let Some(latest) = self.latest.get(&new.name) {
-            let unchanged = latest.spec_yaml == new.spec_yaml
-                && latest.repo == new.repo
-                && latest.branch == new.branch
-                && latest.subdir == new.subdir;
-            if unchanged {
-                return Ok((latest.clone(), false));
-            }
-        }
         let version = self
             .latest
             .get(&new.name)
@@ -695,13 +695,27 @@ impl Engine {
             name: new.name,
             version,
             file_name: new.file_name,
+            digest: crate::repos::digest(&new.spec_yaml),
             spec_yaml: new.spec_yaml,
             repo: new.repo,
             branch: new.branch,
             subdir: new.subdir,
             registered_ms: self.clock.now_ms(),
+            path: new.path,
+            repository: new.repository,
         };
+        if let Some(latest) = self.latest.get(&record.name) {
+            if same_settings(latest, &record) && version_digest(latest) == record.digest {
+                return Ok((latest.clone(), false));
+            }
+            if !same_settings(latest, &record) {
+                // Versions with other settings are never reused.
+                self.digests.retain(|(name, _), _| *name != record.name);
+            }
+        }
         tracing::info!(pipeline = %record.name, version, "registered pipeline");
+        self.digests
+            .insert((record.name.clone(), record.digest.clone()), record.version);
         self.write(Op::Pipeline(record.clone()));
         self.view_update.pipelines.push(record.clone());
         self.latest.insert(record.name.clone(), record.clone());
@@ -714,6 +728,22 @@ impl Engine {
     }
 }
 
+/// Whether two versions build from the same place the same way: a new
+/// version with other settings never shares a run's file with an old one.
+fn same_settings(a: &PipelineRecord, b: &PipelineRecord) -> bool {
+    (&a.repo, &a.branch, &a.subdir, &a.path, &a.repository)
+        == (&b.repo, &b.branch, &b.subdir, &b.path, &b.repository)
+}
+
+/// A version's digest; versions stored before digests get theirs here.
+fn version_digest(record: &PipelineRecord) -> String {
+    if record.digest.is_empty() {
+        crate::repos::digest(&record.spec_yaml)
+    } else {
+        record.digest.clone()
+    }
+}
+
 /// Runs the engine until `events` closes, committing after every burst.
 /// What the runner needs for delivery work outside the engine.
 pub(crate) struct DeliveryRuntime {
@@ -721,6 +751,9 @@ pub(crate) struct DeliveryRuntime {
     pub(crate) alerts: crate::delivery::alerts::AlertSender,
     /// Monitors report back through the engine's own queue.
     pub(crate) events: mpsc::Sender<Event>,
+    /// Starts retraining runs the way every trigger starts a run (the
+    /// pipeline file read at the newest commit).
+    pub(crate) starter: crate::triggers::Starter,
 }
 
 pub(crate) async fn run_engine(
@@ -805,10 +838,10 @@ pub(crate) async fn run_engine(
             }
         }
         for run in engine.take_retrains() {
-            let (events, alerts) = (delivery.events.clone(), delivery.alerts.clone());
+            let (starter, alerts) = (delivery.starter.clone(), delivery.alerts.clone());
             tokio::spawn(async move {
                 let pipeline = run.pipeline.name.clone();
-                match crate::triggers::start_run(&events, run).await {
+                match starter.start(run).await {
                     Ok(run) => {
                         tracing::info!(%pipeline, run = run.id, "retraining after a rollback")
                     }

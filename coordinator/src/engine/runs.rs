@@ -21,6 +21,21 @@ use crate::store::{
 };
 use crate::views;
 
+/// What a new run builds: a commit (or an uploaded snapshot) and the
+/// pipeline file it was read from.
+pub(super) struct RunSource {
+    pub(super) commit: String,
+    /// What was asked for (branch, tag, commit).
+    pub(super) rev: String,
+    pub(super) source_digest: Option<String>,
+    /// "sha256:<hex>" of the file read at `commit`; "" for a snapshot.
+    pub(super) pipeline_digest: String,
+    /// Parameter values (checked, defaults filled in) and trigger
+    /// variables; see [`RunRecord`].
+    pub(super) params: BTreeMap<String, String>,
+    pub(super) variables: BTreeMap<String, String>,
+}
+
 /// A run as the run book lends it to others (delivery), read-only.
 pub(super) struct RunView<'a> {
     pub(super) record: &'a RunRecord,
@@ -88,6 +103,23 @@ impl ActiveRun {
     }
 }
 
+impl RunRecord {
+    /// The environment a stage of this run gets besides Kiln's own
+    /// per-attempt variables (the agent adds those): the stage's `env:`
+    /// (the pipeline's under it), the run's parameters, and what started
+    /// the run.
+    pub(super) fn stage_env(
+        &self,
+        stage: &spec::Stage,
+    ) -> std::collections::HashMap<String, String> {
+        let mut env: std::collections::HashMap<String, String> =
+            stage.env.clone().into_iter().collect();
+        env.extend(self.params.clone());
+        env.extend(self.variables.clone());
+        env
+    }
+}
+
 impl StageRecord {
     /// A stage as it starts: pending, attempt 1.
     pub(crate) fn new(key: StageKey, name: &str, needs: Vec<String>) -> Self {
@@ -119,28 +151,30 @@ impl Engine {
     pub(super) fn trigger(
         &mut self,
         pipeline: &PipelineRecord,
-        commit: String,
-        rev: String,
+        version: u32,
+        source: RunSource,
         triggered_by: String,
-        source_digest: Option<String>,
         datasets: Vec<DatasetRecord>,
     ) -> Result<RunId, ApiError> {
-        let spec = self.spec(&pipeline.name, pipeline.version)?;
+        let spec = self.spec(&pipeline.name, version)?;
         let id = RunId(self.next_run_id);
         self.next_run_id += 1;
         let record = RunRecord {
             id,
             pipeline: pipeline.name.clone(),
-            pipeline_version: pipeline.version,
-            commit,
-            rev,
+            pipeline_version: version,
+            commit: source.commit,
+            rev: source.rev,
             state: RunState::Queued,
             triggered_by,
             created_ms: self.clock.now_ms(),
             finished_ms: None,
-            source_digest,
+            source_digest: source.source_digest,
             rollback: None,
             datasets,
+            pipeline_digest: source.pipeline_digest,
+            params: source.params,
+            variables: source.variables,
         };
         let stages: Vec<StageRecord> = spec
             .parsed
@@ -951,6 +985,9 @@ impl Engine {
             source_digest: target.source_digest.clone(),
             rollback: Some(plan),
             datasets: Vec::new(),
+            pipeline_digest: spec.record.digest.clone(),
+            params: BTreeMap::new(),
+            variables: BTreeMap::from([("KILN_EVENT".to_owned(), "rollback".to_owned())]),
         };
         let stages: Vec<StageRecord> = spec
             .parsed

@@ -138,19 +138,27 @@ impl Harness {
             repo: "/nowhere".into(),
             branch: "main".into(),
             subdir: String::new(),
+            path: String::new(),
+            repository: String::new(),
         };
         let (pipeline, _) = self
             .ask(|reply| Event::Register { pipeline, reply })
             .unwrap();
         let run = self
             .ask(|reply| Event::Trigger {
-                pipeline,
-                commit: "0".repeat(40),
-                rev: "main".into(),
-                triggered_by: "test".into(),
-                source_digest: None,
-                datasets: Vec::new(),
-                trigger_state: None,
+                request: crate::engine::TriggerRequest {
+                    pipeline,
+                    at_commit: None,
+                    commit: "0".repeat(40),
+                    rev: "main".into(),
+                    triggered_by: "test".into(),
+                    source_digest: None,
+                    datasets: Vec::new(),
+                    params: Default::default(),
+                    variables: Default::default(),
+                    deliveries: Vec::new(),
+                    trigger_state: None,
+                },
                 reply,
             })
             .unwrap();

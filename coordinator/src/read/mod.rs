@@ -279,6 +279,9 @@ mod tests {
             branch: "main".into(),
             subdir: String::new(),
             registered_ms: 0,
+            path: String::new(),
+            digest: String::new(),
+            repository: String::new(),
         }
     }
 

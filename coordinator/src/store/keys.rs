@@ -16,6 +16,7 @@
 //! V <release:u64>                                 signed provenance
 //! G <pipeline>                                    schedule/data trigger state
 //! S <release:u64> <at_ms:u64>                     monitor sample of a release
+//! W <pipeline> 0x00 <key>                          webhook delivery that started a run
 //! M schema                                        store schema version (u32)
 //! c <pipeline> 0x00 <cache key>                   shared cache entry
 //! ```
@@ -39,6 +40,7 @@ pub(super) const PROVENANCE: u8 = b'V';
 pub(super) const TRIGGER_STATE: u8 = b'G';
 pub(super) const MONITOR_SAMPLE: u8 = b'S';
 pub(super) const CACHE: u8 = b'c';
+pub(super) const DELIVERY: u8 = b'W';
 /// Where the store records its schema version.
 pub(super) const SCHEMA: &[u8] = b"Mschema";
 
@@ -46,6 +48,13 @@ pub(super) fn provenance(release: u64) -> Vec<u8> {
     let mut key = vec![PROVENANCE];
     key.extend_from_slice(&release.to_be_bytes());
     key
+}
+
+pub(super) fn delivery(pipeline: &str, key: &str) -> Vec<u8> {
+    let mut bytes = named(DELIVERY, pipeline);
+    bytes.push(0);
+    bytes.extend_from_slice(key.as_bytes());
+    bytes
 }
 
 pub(super) fn named(prefix: u8, name: &str) -> Vec<u8> {

@@ -68,6 +68,17 @@ pub(crate) struct PipelineRecord {
     pub(crate) branch: String,
     pub(crate) subdir: String,
     pub(crate) registered_ms: u64,
+    /// The pipeline file's path inside the repository when every run reads
+    /// it at its own commit; "" for a registered snapshot (runs use
+    /// `spec_yaml`).
+    #[serde(default)]
+    pub(crate) path: String,
+    /// "sha256:<hex>" of `spec_yaml` ("" in versions stored before it).
+    #[serde(default)]
+    pub(crate) digest: String,
+    /// The repository's name (`kiln repo add --name`), "" if none.
+    #[serde(default)]
+    pub(crate) repository: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -90,6 +101,17 @@ pub(crate) struct RunRecord {
     /// Datasets the run was given (a `data` trigger's snapshot).
     #[serde(default)]
     pub(crate) datasets: Vec<DatasetRecord>,
+    /// "sha256:<hex>" of the pipeline file read at the run's commit (even
+    /// one that did not parse); "" for a run of a registered snapshot.
+    #[serde(default)]
+    pub(crate) pipeline_digest: String,
+    /// The run's `params:` values, defaults filled in.
+    #[serde(default)]
+    pub(crate) params: BTreeMap<String, String>,
+    /// What started the run, as stages see it (`KILN_EVENT`, and
+    /// `KILN_BRANCH`, `KILN_TAG`, `KILN_MR_ID` where they apply).
+    #[serde(default)]
+    pub(crate) variables: BTreeMap<String, String>,
 }
 
 /// A snapshot of a watched data location, stored as a blob.
@@ -103,6 +125,16 @@ pub(crate) struct DatasetRecord {
     pub(crate) digest: String,
     /// "sha256:<hex>" over the files' names and contents.
     pub(crate) content_digest: String,
+}
+
+/// A webhook delivery that started a run, by one of its idempotency keys
+/// (the forge's delivery id, or the event, ref and commit): a delivery
+/// seen again starts nothing. Written in the batch of the run it started.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub(crate) struct DeliveryRecord {
+    pub(crate) pipeline: String,
+    pub(crate) key: String,
+    pub(crate) run: RunId,
 }
 
 /// What a pipeline's schedule and data triggers last did; written in the
@@ -368,6 +400,7 @@ pub(crate) enum Op {
     Audit(AuditRecord),
     Provenance(ProvenanceRecord),
     TriggerState(TriggerStateRecord),
+    Delivery(DeliveryRecord),
     MonitorSample(MonitorSampleRecord),
     Cache(CacheRecord),
     /// Deletes a finished run (retention): its record, stages and log
@@ -434,6 +467,8 @@ pub(crate) trait Store: Send + Sync + 'static {
     fn pipeline(&self, name: &str, version: u32) -> Result<Option<PipelineRecord>>;
     /// The latest version of every pipeline, by name.
     fn latest_pipelines(&self) -> Result<Vec<PipelineRecord>>;
+    /// Every stored version of every pipeline, by name then version.
+    fn pipeline_versions(&self) -> Result<Vec<PipelineRecord>>;
     fn run(&self, id: RunId) -> Result<Option<RunRecord>>;
     /// Newest first, at most `limit`, none above `up_to` (readers pass the
     /// durable watermark; the engine's own callers `RunId(u64::MAX)`).
@@ -468,6 +503,8 @@ pub(crate) trait Store: Send + Sync + 'static {
     fn last_audit_id(&self) -> Result<u64>;
     fn provenance(&self, release: u64) -> Result<Option<ProvenanceRecord>>;
     fn trigger_state(&self, pipeline: &str) -> Result<Option<TriggerStateRecord>>;
+    /// Every webhook delivery that started a run.
+    fn deliveries(&self) -> Result<Vec<DeliveryRecord>>;
     /// The newest `limit` monitor samples of `release`, oldest first.
     fn monitor_samples(&self, release: u64, limit: usize) -> Result<Vec<MonitorSampleRecord>>;
     fn cache(&self, pipeline: &str, key: &str) -> Result<Option<CacheRecord>>;

@@ -14,9 +14,10 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::{
-    AuditRecord, Batch, CacheRecord, EnvironmentRecord, LogLine, MonitorSampleRecord, Op,
-    PipelineRecord, ProvenanceRecord, RawWrite, ReleaseRecord, Result, RunRecord, SecretRecord,
-    StageRecord, Store, StoreError, StoredLog, TokenRecord, TriggerStateRecord, keys,
+    AuditRecord, Batch, CacheRecord, DeliveryRecord, EnvironmentRecord, LogLine,
+    MonitorSampleRecord, Op, PipelineRecord, ProvenanceRecord, RawWrite, ReleaseRecord, Result,
+    RunRecord, SecretRecord, StageRecord, Store, StoreError, StoredLog, TokenRecord,
+    TriggerStateRecord, keys,
 };
 
 pub(crate) struct SledStore {
@@ -181,6 +182,12 @@ impl Store for SledStore {
                 Op::Provenance(record) => {
                     writes.insert(keys::provenance(record.release), encode(record));
                 }
+                Op::Delivery(record) => {
+                    writes.insert(
+                        keys::delivery(&record.pipeline, &record.key),
+                        encode(record),
+                    );
+                }
                 Op::MonitorSample(record) => {
                     writes.insert(
                         keys::monitor_sample(record.release, record.at_ms),
@@ -249,6 +256,10 @@ impl Store for SledStore {
             }
         }
         Ok(latest)
+    }
+
+    fn pipeline_versions(&self) -> Result<Vec<PipelineRecord>> {
+        self.scan::<PipelineRecord>(&[keys::PIPELINE])
     }
 
     fn run(&self, id: RunId) -> Result<Option<RunRecord>> {
@@ -370,6 +381,10 @@ impl Store for SledStore {
         self.get(&keys::provenance(release))
     }
 
+    fn deliveries(&self) -> Result<Vec<DeliveryRecord>> {
+        self.scan::<DeliveryRecord>(&[keys::DELIVERY])
+    }
+
     fn trigger_state(&self, pipeline: &str) -> Result<Option<TriggerStateRecord>> {
         self.get(&keys::named(keys::TRIGGER_STATE, pipeline))
     }
@@ -422,6 +437,9 @@ mod tests {
             source_digest: None,
             rollback: None,
             datasets: Vec::new(),
+            pipeline_digest: String::new(),
+            params: Default::default(),
+            variables: Default::default(),
         }
     }
 

@@ -11,12 +11,12 @@
 pub(crate) mod dataset;
 pub(crate) mod webhook;
 
-use std::collections::HashMap;
 use std::collections::hash_map::Entry;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
-use kiln_common::spec::{DataTrigger, Triggers};
+use kiln_common::spec::{self, DataTrigger, Triggers};
 use kiln_common::triggers::data::{DataWatch, digest_tree};
 use kiln_common::triggers::schedule;
 use kiln_proto::v1 as pb;
@@ -24,10 +24,11 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::blobs::BlobStore;
 use crate::clock::Clock;
-use crate::engine::Event;
+use crate::engine::{Event, FileAtCommit, TriggerRequest};
 use crate::error::ApiError;
 use crate::pipelines::ParsedPipelines;
 use crate::read::DurableView;
+use crate::repos::Repos;
 use crate::store::{DatasetRecord, PipelineRecord, Store, TriggerStateRecord};
 
 /// How often due schedules and data polls are checked.
@@ -41,31 +42,184 @@ pub(crate) struct TriggeredRun {
     pub(crate) triggered_by: String,
     pub(crate) datasets: Vec<DatasetRecord>,
     pub(crate) trigger_state: Option<TriggerStateRecord>,
+    /// Parameter values asked for; checked against the pipeline file the
+    /// run builds (unknown names and wrong types are refused).
+    pub(crate) params: BTreeMap<String, String>,
+    /// What started the run, as stages see it: `KILN_EVENT`, and the
+    /// `KILN_BRANCH`/`KILN_TAG`/`KILN_MR_ID` the trigger knows. A branch
+    /// or tag the trigger does not name is found from the revision.
+    pub(crate) variables: BTreeMap<String, String>,
+    /// A webhook delivery's idempotency keys; see `TriggerRequest`.
+    pub(crate) deliveries: Vec<String>,
 }
 
-/// Resolves the revision and starts the run; answers once it is durable.
-pub(crate) async fn start_run(
-    events: &mpsc::Sender<Event>,
-    run: TriggeredRun,
-) -> Result<pb::Run, ApiError> {
-    let rev = run.rev.unwrap_or_else(|| run.pipeline.branch.clone());
-    let commit =
-        crate::control::resolve_commit(&run.pipeline.repo, &run.pipeline.branch, &rev).await?;
-    let (reply, answer) = oneshot::channel();
-    events
-        .send(Event::Trigger {
+impl TriggeredRun {
+    /// A run of `pipeline` at `rev` (the branch head when `None`) started
+    /// by `event` (`KILN_EVENT`), with nothing else set.
+    pub(crate) fn new(
+        pipeline: PipelineRecord,
+        rev: Option<String>,
+        event: &str,
+        triggered_by: String,
+    ) -> Self {
+        Self {
+            pipeline,
+            rev,
+            triggered_by,
+            datasets: Vec::new(),
+            trigger_state: None,
+            params: BTreeMap::new(),
+            variables: BTreeMap::from([("KILN_EVENT".to_owned(), event.to_owned())]),
+            deliveries: Vec::new(),
+        }
+    }
+}
+
+/// Everything that starts runs (the CLI, webhooks, schedules, data) starts
+/// them through this: the revision resolved to a commit and the pipeline
+/// file read at that commit, both off the engine loop, then one event.
+#[derive(Clone)]
+pub(crate) struct Starter {
+    pub(crate) events: mpsc::Sender<Event>,
+    pub(crate) repos: Arc<Repos>,
+    pub(crate) parsed: Arc<ParsedPipelines>,
+}
+
+impl Starter {
+    /// Resolves the revision, reads the pipeline file at that commit and
+    /// starts the run; answers once it is durable. A file that cannot be
+    /// read or parsed still starts a run, failed at once with the reason.
+    pub(crate) async fn start(&self, mut run: TriggeredRun) -> Result<pb::Run, ApiError> {
+        let pipeline = &run.pipeline.clone();
+        let rev = run.rev.clone().unwrap_or_else(|| pipeline.branch.clone());
+        let commit = self
+            .repos
+            .resolve(&pipeline.repo, &pipeline.branch, &rev)
+            .await?;
+        let at_commit = self.file_at_commit(pipeline, &commit).await?;
+        let declared = match &at_commit {
+            None => self.parsed.get(pipeline).ok(),
+            Some(FileAtCommit {
+                read: Ok((_, parsed)),
+                ..
+            }) => Some(parsed.clone()),
+            // The run fails at once with the file's own error.
+            Some(_) => None,
+        };
+        if let Some(declared) = declared {
+            run.params = spec::resolve_params(&declared.params, &run.params)
+                .map_err(ApiError::InvalidArgument)?;
+        }
+        if !run.variables.contains_key("KILN_BRANCH") && !run.variables.contains_key("KILN_TAG") {
+            let found = if run.rev.is_none() {
+                Some(("KILN_BRANCH", pipeline.branch.clone()))
+            } else {
+                self.repos
+                    .ref_kind(&pipeline.repo, &rev)
+                    .await
+                    .map(|kind| (kind, rev.clone()))
+            };
+            if let Some((name, value)) = found {
+                run.variables.insert(name.to_owned(), value);
+            }
+        }
+        self.send(run, at_commit, (commit, rev), None).await
+    }
+
+    /// Starts a run of an uploaded source snapshot: the registered
+    /// version, no commit.
+    pub(crate) async fn start_snapshot(
+        &self,
+        pipeline: PipelineRecord,
+        source_digest: String,
+        triggered_by: String,
+        params: BTreeMap<String, String>,
+    ) -> Result<pb::Run, ApiError> {
+        let mut run = TriggeredRun::new(pipeline, None, "manual", triggered_by);
+        run.params = params;
+        let declared = self
+            .parsed
+            .get(&run.pipeline)
+            .map_err(|error| ApiError::FailedPrecondition(error.to_string()))?;
+        run.params = spec::resolve_params(&declared.params, &run.params)
+            .map_err(ApiError::InvalidArgument)?;
+        let source = (String::new(), "uploaded source".to_owned());
+        self.send(run, None, source, Some(source_digest)).await
+    }
+
+    async fn send(
+        &self,
+        run: TriggeredRun,
+        at_commit: Option<FileAtCommit>,
+        (commit, rev): (String, String),
+        source_digest: Option<String>,
+    ) -> Result<pb::Run, ApiError> {
+        let (reply, answer) = oneshot::channel();
+        let request = TriggerRequest {
             pipeline: run.pipeline,
+            at_commit,
             commit,
             rev,
             triggered_by: run.triggered_by,
-            source_digest: None,
+            source_digest,
             datasets: run.datasets,
+            params: run.params,
+            variables: run.variables,
+            deliveries: run.deliveries,
             trigger_state: run.trigger_state,
-            reply,
-        })
-        .await
-        .map_err(|_| ApiError::ShuttingDown)?;
-    answer.await.map_err(|_| ApiError::ShuttingDown)?
+        };
+        self.events
+            .send(Event::Trigger { request, reply })
+            .await
+            .map_err(|_| ApiError::ShuttingDown)?;
+        answer.await.map_err(|_| ApiError::ShuttingDown)?
+    }
+
+    /// The pipeline's file at `commit`, read and parsed here, for a
+    /// pipeline whose runs read it at their commit (`None` otherwise).
+    /// What makes it unusable is the run's failure, not this call's: only
+    /// a repository that cannot be read at all is an error.
+    pub(crate) async fn file_at_commit(
+        &self,
+        pipeline: &PipelineRecord,
+        commit: &str,
+    ) -> Result<Option<FileAtCommit>, ApiError> {
+        if pipeline.path.is_empty() {
+            return Ok(None);
+        }
+        let path = pipeline.path.clone();
+        let text = match self.repos.read_file(&pipeline.repo, commit, &path).await {
+            Ok(Some(text)) => text,
+            Ok(None) => {
+                return Ok(Some(FileAtCommit {
+                    read: Err(format!(
+                        "{path}: there is no such file at commit {commit}; add it, or register the repository again with `kiln repo add --file` naming where the pipeline is"
+                    )),
+                    path,
+                    digest: String::new(),
+                }));
+            }
+            Err(ApiError::FailedPrecondition(reason)) => {
+                return Ok(Some(FileAtCommit {
+                    read: Err(reason),
+                    path,
+                    digest: String::new(),
+                }));
+            }
+            Err(other) => return Err(other),
+        };
+        let digest = crate::repos::digest(&text);
+        let parsed = self.parsed.parse(&path, &text, digest.clone());
+        let read = match parsed {
+            Ok(parsed) if parsed.name == pipeline.name => Ok((text, parsed)),
+            Ok(parsed) => Err(format!(
+                "{path}: at commit {commit} the file names pipeline `{}`, not `{}`; put `pipeline: {}` back, or add the repository again (`kiln repo add`) to register `{}` as a pipeline of its own",
+                parsed.name, pipeline.name, pipeline.name, parsed.name
+            )),
+            Err(error) => Err(error.to_string()),
+        };
+        Ok(Some(FileAtCommit { path, digest, read }))
+    }
 }
 
 /// Per pipeline: its triggers, parsed once per version, what they last did,
@@ -116,6 +270,8 @@ pub(crate) struct Watcher {
     pub(crate) view: Arc<DurableView>,
     /// Each version's triggers, parsed once.
     pub(crate) parsed: Arc<ParsedPipelines>,
+    /// Where runs' revisions and pipeline files are read.
+    pub(crate) repos: Arc<Repos>,
 }
 
 /// Watches schedules and data until `stop`.
@@ -130,7 +286,13 @@ pub(crate) async fn run_watcher(
         clock,
         view,
         parsed,
+        repos,
     } = watcher;
+    let starter = Starter {
+        events,
+        repos,
+        parsed: parsed.clone(),
+    };
     let mut watched: HashMap<String, Watched> = HashMap::new();
     let mut pipelines: Vec<Arc<PipelineRecord>> = Vec::new();
     let mut seen_generation = None;
@@ -193,14 +355,14 @@ pub(crate) async fn run_watcher(
                     last_fired_ms: Some(slot),
                     ..entry.state.clone()
                 };
-                let run = TriggeredRun {
-                    pipeline: (**pipeline).clone(),
-                    rev: None,
-                    triggered_by: format!("schedule:{}", expressions.join(" | ")),
-                    datasets: Vec::new(),
-                    trigger_state: Some(state.clone()),
-                };
-                match start_run(&events, run).await {
+                let mut run = TriggeredRun::new(
+                    (**pipeline).clone(),
+                    None,
+                    "schedule",
+                    format!("schedule:{}", expressions.join(" | ")),
+                );
+                run.trigger_state = Some(state.clone());
+                match starter.start(run).await {
                     Ok(run) => {
                         entry.state = state;
                         tracing::info!(pipeline = %pipeline.name, run = run.id, slot, "schedule started a run");
@@ -217,7 +379,7 @@ pub(crate) async fn run_watcher(
             {
                 data.next_poll_ms = now + data.trigger.every.as_millis() as u64;
                 if let Some(state) =
-                    poll_data(&blobs, &events, pipeline, &entry.state, data, now).await
+                    poll_data(&blobs, &starter, pipeline, &entry.state, data, now).await
                 {
                     entry.state = state;
                 }
@@ -230,7 +392,7 @@ pub(crate) async fn run_watcher(
 /// and returns the trigger state written with it.
 async fn poll_data(
     blobs: &Arc<BlobStore>,
-    events: &mpsc::Sender<Event>,
+    starter: &Starter,
     pipeline: &PipelineRecord,
     state: &TriggerStateRecord,
     data: &mut DataPoll,
@@ -268,14 +430,15 @@ async fn poll_data(
         data_digest: Some(settled.clone()),
         ..state.clone()
     };
-    let run = TriggeredRun {
-        pipeline: pipeline.clone(),
-        rev: None,
-        triggered_by: format!("data:{}", data.trigger.watch.display()),
-        datasets: vec![snapshot],
-        trigger_state: Some(written.clone()),
-    };
-    match start_run(events, run).await {
+    let mut run = TriggeredRun::new(
+        pipeline.clone(),
+        None,
+        "data",
+        format!("data:{}", data.trigger.watch.display()),
+    );
+    run.datasets = vec![snapshot];
+    run.trigger_state = Some(written.clone());
+    match starter.start(run).await {
         Ok(run) => {
             tracing::info!(pipeline = %pipeline.name, run = run.id, digest = %settled, "new data started a run");
             Some(written)

@@ -117,6 +117,7 @@ fn facts(model_archive: BlobDigest, metrics_archive: BlobDigest) -> ReleaseFacts
         },
         run_id: RunId(42),
         triggered_by: "alice".into(),
+        params: [("EPOCHS".to_owned(), "20".to_owned())].into(),
         source: SourceFacts {
             repository: "/srv/git/churn".into(),
             commit: Some("0123456789abcdef0123456789abcdef01234567".into()),

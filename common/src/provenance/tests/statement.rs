@@ -54,6 +54,7 @@ fn the_statement_has_the_in_toto_and_slsa_field_names() {
                 "repository": "/srv/git/churn",
                 "commit": "0123456789abcdef0123456789abcdef01234567",
             },
+            "parameters": { "EPOCHS": "20" },
         })
     );
     assert_eq!(definition["internalParameters"], json!({ "runId": 42 }));

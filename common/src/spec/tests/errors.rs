@@ -84,7 +84,7 @@ fn unknown_keys() {
           build: { commands: [make] }
         ",
         "kiln.yml:2:1: unknown key `stage` at the top level; expected one of: pipeline, \
-         defaults, triggers, timeout, stages, retention (did you mean `stages`?)",
+         defaults, triggers, on, timeout, params, env, stages, retention (did you mean `stages`?)",
     );
     check(
         "
@@ -92,7 +92,7 @@ fn unknown_keys() {
         trigger: { push: { branches: [main] } }
         ",
         "kiln.yml:2:1: unknown key `trigger` at the top level; expected one of: pipeline, \
-         defaults, triggers, timeout, stages, retention (did you mean `triggers`?)",
+         defaults, triggers, on, timeout, params, env, stages, retention (did you mean `triggers`?)",
     );
     check(
         "

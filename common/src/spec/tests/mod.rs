@@ -11,6 +11,7 @@ mod delivery;
 mod errors;
 mod limits;
 mod matrix;
+mod params;
 mod pipelines;
 mod policy;
 mod robustness;

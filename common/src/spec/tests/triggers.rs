@@ -102,8 +102,8 @@ fn data_defaults() {
 fn unknown_keys_and_wrong_types() {
     check_triggers(
         "  pushh: { secret: S }",
-        "3:3: unknown key `pushh` in `triggers`; expected one of: push, schedule, data (did you \
-         mean `push`?)",
+        "3:3: unknown key `pushh` in `triggers`; expected one of: push, schedule, data, tag, \
+         merge_request, secret (did you mean `push`?)",
     );
     check_triggers(
         "  push: { branch: [main], secret: S }",
@@ -284,5 +284,46 @@ fn data_errors() {
     check_triggers(
         "  data: { watch: /srv/.., into: x }",
         &format!("3:18: `watch` in `data` of `triggers` `/srv/..` contains `..`; {absolute}"),
+    );
+}
+
+#[test]
+fn tags_merge_requests_and_one_secret_for_all() {
+    let pipeline = parse_ok(
+        "
+        pipeline: p
+        on:
+          push: { branches: [main] }
+          tag: [\"v*\"]
+          merge_request: { branches: [main] }
+          secret: HOOK
+        stages: { a: { commands: [x] } }
+        ",
+    );
+    let triggers = &pipeline.triggers;
+    assert_eq!(triggers.webhook_secret(), Some("HOOK"));
+    assert_eq!(triggers.push.as_ref().unwrap().secret, "HOOK");
+    assert_eq!(triggers.tag.as_deref(), Some(&["v*".to_owned()][..]));
+    let requests = triggers.merge_request.as_ref().unwrap();
+    assert!(requests.accepts("main") && !requests.accepts("dev"));
+    let every = parse_ok(
+        "
+        pipeline: p
+        triggers: { merge_request: true, secret: HOOK }
+        stages: { a: { commands: [x] } }
+        ",
+    );
+    assert!(
+        every
+            .triggers
+            .merge_request
+            .as_ref()
+            .unwrap()
+            .accepts("any")
+    );
+    check_triggers(
+        "  tag: [\"v*\"]",
+        "3:3: `tag` and `merge_request` in `triggers` need `secret: NAME` in `triggers`: the kiln \
+         secret that holds the webhook's key, so that only the forge can start runs",
     );
 }

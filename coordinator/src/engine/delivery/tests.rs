@@ -59,6 +59,9 @@ impl Run {
             source_digest: None,
             rollback: None,
             datasets: Vec::new(),
+            pipeline_digest: String::new(),
+            params: Default::default(),
+            variables: Default::default(),
         };
         let mut stages: Vec<StageRecord> = spec
             .stages

@@ -75,6 +75,7 @@ pub(crate) async fn run(args: &Args) -> Result<()> {
             repo: "/bench".into(),
             branch: "main".into(),
             subdir: String::new(),
+            path: String::new(),
         })
         .await?;
 

@@ -1,0 +1,257 @@
+//! Forge webhooks against a real coordinator, agent and git repository:
+//! GitHub, Gitea and GitLab deliveries for a branch push, a tag push and a
+//! merge request, each verified by that forge's own scheme
+//! (`X-Hub-Signature-256`, `X-Gitea-Signature`, `X-Gitlab-Token`). The
+//! payloads are shaped as each forge documents them; the forges themselves
+//! do not run here.
+
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use hmac::{Hmac, Mac};
+use kiln_proto::v1 as pb;
+use kiln_tests::{Coordinator, Farm, Repo, logs, wait_run};
+use serde_json::json;
+use sha2::Sha256;
+
+const KEY: &str = "forge-hook-key-1";
+const LIMIT: Duration = Duration::from_secs(60);
+
+const PIPELINE: &str = r#"
+pipeline: hooks
+on:
+  push: { branches: [main, "release/*"] }
+  tag: ["v*"]
+  merge_request: { branches: [main] }
+  secret: HOOK_KEY
+stages:
+  show:
+    commands: ["echo event=$KILN_EVENT branch=${KILN_BRANCH:-} tag=${KILN_TAG:-} mr=${KILN_MR_ID:-}"]
+"#;
+
+fn sign(body: &[u8], key: &str) -> String {
+    let mut mac = Hmac::<Sha256>::new_from_slice(key.as_bytes()).expect("any key length");
+    mac.update(body);
+    hex::encode(mac.finalize().into_bytes())
+}
+
+fn git(repo: &Repo, args: &[&str]) -> Result<String> {
+    let output = Command::new("git")
+        .arg("-C")
+        .arg(repo.path())
+        .args(args)
+        .output()?;
+    ensure!(
+        output.status.success(),
+        "git {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(String::from_utf8(output.stdout)?.trim().to_owned())
+}
+
+/// POSTs a delivery; returns the status and the JSON answer.
+async fn deliver(
+    coordinator: &Coordinator,
+    body: &serde_json::Value,
+    headers: &[(&str, String)],
+) -> Result<(u16, serde_json::Value)> {
+    let url = format!("http://{}/hooks/hooks", coordinator.http);
+    let mut request = reqwest::Client::new()
+        .post(url)
+        .header("content-type", "application/json")
+        .body(body.to_string());
+    for (name, value) in headers {
+        request = request.header(*name, value);
+    }
+    let response = request.send().await?;
+    let status = response.status().as_u16();
+    Ok((status, response.json().await?))
+}
+
+fn github(body: &serde_json::Value, event: &str, delivery: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("X-GitHub-Event", event.to_owned()),
+        ("X-GitHub-Delivery", delivery.to_owned()),
+        (
+            "X-Hub-Signature-256",
+            format!("sha256={}", sign(body.to_string().as_bytes(), KEY)),
+        ),
+    ]
+}
+
+fn gitea(body: &serde_json::Value, event: &str, delivery: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("X-Gitea-Event", event.to_owned()),
+        ("X-Gitea-Delivery", delivery.to_owned()),
+        ("X-Gitea-Signature", sign(body.to_string().as_bytes(), KEY)),
+    ]
+}
+
+fn gitlab(event: &str, token: &str, uuid: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("X-Gitlab-Event", event.to_owned()),
+        ("X-Gitlab-Event-UUID", uuid.to_owned()),
+        ("X-Gitlab-Token", token.to_owned()),
+    ]
+}
+
+async fn run_count(coordinator: &Coordinator) -> Result<usize> {
+    let runs = coordinator
+        .client()
+        .await?
+        .list_runs(pb::ListRunsRequest {
+            pipeline: "hooks".into(),
+            limit: 100,
+        })
+        .await?
+        .into_inner()
+        .runs;
+    Ok(runs.len())
+}
+
+/// Waits for the run the answer names and returns its one log line.
+async fn shown(coordinator: &Coordinator, answer: &serde_json::Value) -> Result<String> {
+    let id = answer["run_id"]
+        .as_u64()
+        .context("the answer names a run")?;
+    let mut client = coordinator.client().await?;
+    let run = wait_run(&mut client, id, LIMIT).await?;
+    ensure!(run.state == pb::RunState::Succeeded as i32, "{run:#?}");
+    let lines = logs(&mut client, id, "show").await?;
+    lines
+        .iter()
+        .filter_map(|entry| entry.line.as_ref())
+        .map(|line| line.text.clone())
+        .find(|text| text.starts_with("event="))
+        .with_context(|| format!("{lines:#?}"))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn github_gitea_and_gitlab_events_start_the_right_runs_once() -> Result<()> {
+    let mut farm = Farm::start(&Default::default(), &[("forge-agent", "", 2)])?;
+    let coordinator = &farm.coordinator;
+    let repo = Repo::new(PIPELINE)?;
+    let main = repo.commit("model.txt", "v1\n")?;
+    git(&repo, &["tag", "v1"])?;
+    git(&repo, &["checkout", "-q", "-b", "feature"])?;
+    let feature = repo.commit("model.txt", "v2\n")?;
+    git(&repo, &["checkout", "-q", "main"])?;
+    let added = coordinator.kiln(&["repo", "add", repo.path().to_str().unwrap()]);
+    ensure!(
+        added.status.success(),
+        "{}",
+        String::from_utf8_lossy(&added.stderr)
+    );
+    coordinator
+        .client()
+        .await?
+        .set_secret(pb::SetSecretRequest {
+            name: "HOOK_KEY".into(),
+            value: KEY.into(),
+        })
+        .await?;
+
+    // GitHub: a branch push, without the repository fields Kiln ignores.
+    let push = json!({"ref": "refs/heads/main", "after": main, "pusher": {"name": "ada"}});
+    let (status, answer) = deliver(coordinator, &push, &github(&push, "push", "gh-1")).await?;
+    assert_eq!(status, 201, "{answer}");
+    assert_eq!(
+        shown(coordinator, &answer).await?,
+        "event=push branch=main tag= mr="
+    );
+    // The same delivery again, and another delivery of the same push:
+    // one run.
+    let (status, answer) = deliver(coordinator, &push, &github(&push, "push", "gh-1")).await?;
+    assert_eq!(status, 200, "{answer}");
+    let (status, answer) = deliver(coordinator, &push, &github(&push, "push", "gh-2")).await?;
+    assert_eq!(status, 200, "{answer}");
+    ensure!(
+        answer["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("already started run")
+    );
+    assert_eq!(run_count(coordinator).await?, 1);
+    // A wrong signature is refused before anything is read.
+    let mut forged = github(&push, "push", "gh-3");
+    forged[2].1 = format!(
+        "sha256={}",
+        sign(push.to_string().as_bytes(), "not-the-key")
+    );
+    assert_eq!(deliver(coordinator, &push, &forged).await?.0, 401);
+
+    // Gitea: a tag push.
+    let tag = json!({"ref": "refs/tags/v1", "after": main, "pusher": {"login": "grace"}});
+    let (status, answer) = deliver(coordinator, &tag, &gitea(&tag, "push", "gt-1")).await?;
+    assert_eq!(status, 201, "{answer}");
+    assert_eq!(
+        shown(coordinator, &answer).await?,
+        "event=tag branch= tag=v1 mr="
+    );
+    let other_tag = json!({"ref": "refs/tags/nightly", "after": main});
+    let (status, answer) =
+        deliver(coordinator, &other_tag, &gitea(&other_tag, "push", "gt-2")).await?;
+    assert_eq!(status, 202, "{answer}");
+
+    // GitLab: a merge request into main from `feature`, by token.
+    let request = json!({
+        "object_kind": "merge_request",
+        "user": {"username": "bob"},
+        "object_attributes": {"iid": 5, "action": "open", "source_branch": "feature",
+            "target_branch": "main", "last_commit": {"id": feature}},
+    });
+    let (status, _) = deliver(
+        coordinator,
+        &request,
+        &gitlab("Merge Request Hook", "wrong", "gl-0"),
+    )
+    .await?;
+    assert_eq!(status, 401, "a wrong GitLab token");
+    let (status, answer) = deliver(
+        coordinator,
+        &request,
+        &gitlab("Merge Request Hook", KEY, "gl-1"),
+    )
+    .await?;
+    assert_eq!(status, 201, "{answer}");
+    assert_eq!(
+        shown(coordinator, &answer).await?,
+        "event=merge_request branch=feature tag= mr=5"
+    );
+    // Into another branch: not built.
+    let mut elsewhere = request.clone();
+    elsewhere["object_attributes"]["target_branch"] = json!("dev");
+    let (status, answer) = deliver(
+        coordinator,
+        &elsewhere,
+        &gitlab("Merge Request Hook", KEY, "gl-2"),
+    )
+    .await?;
+    assert_eq!(status, 202, "{answer}");
+
+    // A pushed commit that is not in the registered repository: 422, why.
+    let unknown = "ab".repeat(20);
+    let stray = json!({"object_kind": "push", "ref": "refs/heads/main", "after": unknown,
+        "checkout_sha": unknown});
+    let (status, answer) = deliver(coordinator, &stray, &gitlab("Push Hook", KEY, "gl-3")).await?;
+    assert_eq!(status, 422, "{answer}");
+    ensure!(
+        answer["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("is not in"),
+        "{answer}"
+    );
+    assert_eq!(run_count(coordinator).await?, 3);
+
+    // What a delivery started is durable: after a crash, a repeat of the
+    // first push still starts nothing.
+    farm.coordinator
+        .crash_and_restart(&Default::default(), Duration::from_millis(100))?;
+    let coordinator = &farm.coordinator;
+    let (status, answer) = deliver(coordinator, &push, &github(&push, "push", "gh-1")).await?;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(run_count(coordinator).await?, 3);
+    Ok(())
+}

@@ -87,6 +87,7 @@ fn spec() -> BTreeMap<String, Expect> {
         &["Connect"],
         with_agents(users(AgentsOnly)),
     );
+    add("kiln.v1.AdminService", &["Backup"], users(Admin));
     let artifacts = "kiln.v1.ArtifactService";
     add(
         artifacts,

@@ -85,20 +85,21 @@ fn table(views: &[CacheView], now_ms: u64) -> String {
     if views.is_empty() {
         return "no shared caches\n".into();
     }
-    let mut out = format!(
-        "{:<20} {:<40} {:>12} {:<16} {:<10} PATHS\n",
-        "PIPELINE", "KEY", "BYTES", "AGENT", "SAVED"
-    );
-    for view in views {
-        out.push_str(&format!(
-            "{:<20} {:<40} {:>12} {:<16} {:<10} {}\n",
-            view.pipeline,
-            view.key,
-            view.bytes,
-            view.agent,
-            timefmt::age(view.created_ms, now_ms),
-            view.paths.join(",")
-        ));
-    }
-    out
+    let rows: Vec<[String; 6]> = views
+        .iter()
+        .map(|view| {
+            [
+                view.pipeline.clone(),
+                view.key.clone(),
+                view.bytes.to_string(),
+                view.agent.clone(),
+                timefmt::age(view.created_ms, now_ms),
+                view.paths.join(","),
+            ]
+        })
+        .collect();
+    output::table(
+        ["PIPELINE", "KEY", "BYTES", "AGENT", "SAVED", "PATHS"],
+        &rows,
+    )
 }

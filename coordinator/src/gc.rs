@@ -263,6 +263,9 @@ mod tests {
             source_digest: None,
             rollback: None,
             datasets: Vec::new(),
+            pipeline_digest: String::new(),
+            params: Default::default(),
+            variables: Default::default(),
         }
     }
 

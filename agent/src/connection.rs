@@ -2,9 +2,9 @@
 //! `Welcome` back), what it delivers next, heartbeats, and the backoff
 //! between attempts. What the messages mean is the supervisor's business.
 
-use std::hash::{BuildHasher, RandomState};
 use std::time::Duration;
 
+use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
 use futures::StreamExt;
 use futures::future::BoxFuture;
 use kiln_common::channel::{CoordinatorEndpoint, KilnChannel};
@@ -222,35 +222,35 @@ fn error_chain(err: &dyn std::error::Error) -> String {
     text
 }
 
-/// Delays between reconnect attempts: doubling from `first` to `max`, each
-/// drawn from its upper half so a farm of agents does not reconnect in step.
+/// Delays between reconnect attempts: doubling from `first` to `max`
+/// (backon's exponential backoff), each with a random jitter of up to its
+/// own length so a farm of agents does not reconnect in step.
 pub(crate) struct Backoff {
-    first: Duration,
-    max: Duration,
-    /// The undrawn delay of the next attempt.
-    next: Duration,
+    builder: ExponentialBuilder,
+    delays: ExponentialBackoff,
     /// Attempts since the last success, for logs.
     failures: u32,
 }
 
 impl Backoff {
     pub(crate) fn new(first: Duration, max: Duration) -> Self {
+        let builder = ExponentialBuilder::new()
+            .with_min_delay(first)
+            .with_max_delay(max)
+            .with_jitter()
+            .without_max_times();
         Backoff {
-            first,
-            max,
-            next: first,
+            builder,
+            delays: builder.build(),
             failures: 0,
         }
     }
 
     /// The delay before the next attempt.
     pub(crate) fn next_delay(&mut self) -> Duration {
-        let base = self.next;
-        self.next = (base * 2).min(self.max);
         self.failures += 1;
-        let half = base / 2;
-        let fraction = RandomState::new().hash_one(self.failures) as f64 / u64::MAX as f64;
-        half + half.mul_f64(fraction)
+        // Without a limit on attempts the iterator never ends.
+        self.delays.next().unwrap_or_default()
     }
 
     /// How many attempts failed since the last success.
@@ -260,7 +260,7 @@ impl Backoff {
 
     /// A connection succeeded: the next failure starts from `first` again.
     pub(crate) fn reset(&mut self) {
-        self.next = self.first;
+        self.delays = self.builder.build();
         self.failures = 0;
     }
 }
@@ -277,13 +277,13 @@ mod tests {
         for base in bases {
             let delay = backoff.next_delay();
             assert!(
-                delay >= ms(base) / 2 && delay <= ms(base),
+                delay >= ms(base) && delay < ms(base) * 2,
                 "{delay:?} for {base}ms"
             );
         }
         assert_eq!(backoff.failures(), 8);
         backoff.reset();
-        assert!(backoff.next_delay() <= ms(100));
+        assert!(backoff.next_delay() < ms(200));
     }
 
     #[test]

@@ -287,16 +287,18 @@ pub(crate) fn run(
             match global.output {
                 OutputFormat::Json => output::json(&rows)?,
                 OutputFormat::Table => {
-                    let width = rows.iter().map(|row| row.name.len()).max().unwrap_or(0);
-                    output::line(format!("CURRENT  {:width$}  COORDINATOR", "NAME"))?;
-                    for row in rows {
-                        output::line(format!(
-                            "{:7}  {:width$}  {}",
-                            if row.current { "*" } else { "" },
-                            row.name,
-                            row.context.coordinator.as_deref().unwrap_or("-")
-                        ))?;
-                    }
+                    let cells: Vec<[String; 3]> = rows
+                        .into_iter()
+                        .map(|row| {
+                            [
+                                if row.current { "*" } else { "" }.to_owned(),
+                                row.name,
+                                row.context.coordinator.unwrap_or_else(|| "-".to_owned()),
+                            ]
+                        })
+                        .collect();
+                    let text = output::table(["CURRENT", "NAME", "COORDINATOR"], &cells);
+                    output::line(text.trim_end())?;
                 }
             }
         }

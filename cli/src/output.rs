@@ -105,26 +105,23 @@ pub(crate) fn dim(text: &str, colour: bool) -> String {
     }
 }
 
-/// Columns padded to their widest cell.
+/// Columns padded to their widest cell (comfy-table, without borders):
+/// two spaces between columns, the last one not padded.
 pub(crate) fn table<const N: usize>(headers: [&str; N], rows: &[[String; N]]) -> String {
-    let mut widths = headers.map(|h| h.chars().count());
+    let mut table = comfy_table::Table::new();
+    table
+        .load_preset(comfy_table::presets::NOTHING)
+        .set_content_arrangement(comfy_table::ContentArrangement::Disabled)
+        .set_header(headers);
     for row in rows {
-        for (width, cell) in widths.iter_mut().zip(row) {
-            *width = (*width).max(cell.chars().count());
-        }
+        table.add_row(row);
+    }
+    for (i, column) in table.column_iter_mut().enumerate() {
+        column.set_padding((0, if i + 1 == N { 0 } else { 2 }));
     }
     let mut text = String::new();
-    let header_row = headers.map(str::to_owned);
-    for row in std::iter::once(&header_row).chain(rows) {
-        let mut rendered = String::new();
-        for (i, (cell, width)) in row.iter().zip(widths).enumerate() {
-            if i + 1 == N {
-                rendered.push_str(cell);
-            } else {
-                rendered.push_str(&format!("{cell:<width$}  "));
-            }
-        }
-        text.push_str(rendered.trim_end());
+    for line in table.lines() {
+        text.push_str(line.trim_end());
         text.push('\n');
     }
     text

@@ -14,6 +14,8 @@
 
 use std::time::{Duration, Instant};
 
+use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
+
 use tonic::{Code, Status};
 
 use crate::error::{self, CliError};
@@ -34,23 +36,31 @@ pub(crate) fn is_resumable(status: &Status) -> bool {
     status.code() == Code::Aborted || error::connection_lost(status)
 }
 
-/// The pauses between attempts: a pure schedule, so it is tested without
-/// waiting.
+/// The pauses between attempts (backon's exponential schedule, cut off at
+/// the patience): a pure schedule, so it is tested without waiting.
 #[derive(Debug)]
 struct Backoff {
     /// Give up once the coordinator has been away this long.
     patience: Duration,
-    /// The next pause.
-    delay: Duration,
+    /// The pauses of the current outage.
+    delays: ExponentialBackoff,
     /// When the current outage began; `None` while connected.
     lost_at: Option<Instant>,
+}
+
+fn schedule() -> ExponentialBackoff {
+    ExponentialBuilder::new()
+        .with_min_delay(FIRST_DELAY)
+        .with_max_delay(MAX_DELAY)
+        .without_max_times()
+        .build()
 }
 
 impl Backoff {
     fn new(patience: Duration) -> Self {
         Self {
             patience,
-            delay: FIRST_DELAY,
+            delays: schedule(),
             lost_at: None,
         }
     }
@@ -65,14 +75,12 @@ impl Backoff {
             .patience
             .checked_sub(away)
             .filter(|left| !left.is_zero())?;
-        let delay = self.delay.min(left);
-        self.delay = (self.delay * 2).min(MAX_DELAY);
-        Some(delay)
+        Some(self.delays.next().unwrap_or(MAX_DELAY).min(left))
     }
 
     /// The coordinator answered again: the next outage starts afresh.
     fn reset(&mut self) {
-        self.delay = FIRST_DELAY;
+        self.delays = schedule();
         self.lost_at = None;
     }
 }
@@ -147,7 +155,8 @@ mod tests {
         let mut now = start;
         let mut pauses = Vec::new();
         while let Some(pause) = backoff.next_delay(now) {
-            pauses.push(pause.as_millis());
+            // backon multiplies in floating point: round to the millisecond.
+            pauses.push((pause.as_secs_f64() * 1000.0).round() as u64);
             now += pause;
         }
         assert_eq!(

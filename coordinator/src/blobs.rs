@@ -16,8 +16,8 @@
 use std::collections::{HashMap, HashSet};
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, RwLock, RwLockReadGuard};
 use std::time::{Duration, SystemTime};
 
 use futures::{Stream, StreamExt};
@@ -81,6 +81,10 @@ pub(crate) struct BlobStore {
     /// Digests being uploaded right now, with a count per digest.
     in_flight: Mutex<HashMap<String, usize>>,
     next_tmp: AtomicU64,
+    /// Collection takes it exclusively; an online backup holds it shared
+    /// from before its store scan until its last blob is copied, so no blob
+    /// its store refers to is collected under it.
+    collection: RwLock<()>,
 }
 
 impl BlobStore {
@@ -95,6 +99,7 @@ impl BlobStore {
             max_blob_bytes,
             in_flight: Mutex::new(HashMap::new()),
             next_tmp: AtomicU64::new(0),
+            collection: RwLock::new(()),
         })
     }
 
@@ -286,6 +291,7 @@ impl BlobStore {
         cutoff: SystemTime,
         dry_run: bool,
     ) -> io::Result<GcReport> {
+        let _exclusive = self.collection.write().unwrap_or_else(|e| e.into_inner());
         let mut report = GcReport::default();
         for shard in std::fs::read_dir(self.root.join("sha256"))? {
             for entry in std::fs::read_dir(shard?.path())? {
@@ -323,6 +329,30 @@ impl BlobStore {
             }
         }
         Ok(report)
+    }
+}
+
+impl BlobStore {
+    /// Keeps collection from deleting anything while the guard lives.
+    pub(crate) fn hold_collection(&self) -> RwLockReadGuard<'_, ()> {
+        self.collection.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Every stored blob: its digest, path and size.
+    pub(crate) fn list(&self) -> io::Result<Vec<(BlobDigest, PathBuf, u64)>> {
+        let mut blobs = Vec::new();
+        for shard in std::fs::read_dir(self.root.join("sha256"))? {
+            for entry in std::fs::read_dir(shard?.path())? {
+                let entry = entry?;
+                let name = format!("sha256:{}", entry.file_name().to_string_lossy());
+                let Ok(digest) = parse_digest(&name) else {
+                    continue;
+                };
+                blobs.push((digest, entry.path(), entry.metadata()?.len()));
+            }
+        }
+        blobs.sort_by_key(|blob| blob.0.hex());
+        Ok(blobs)
     }
 }
 

@@ -213,6 +213,12 @@ mod tests {
             self.check()?;
             self.inner.flush()
         }
+        fn raw_page(&self, after: Option<&[u8]>, limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+            self.inner.raw_page(after, limit)
+        }
+        fn record_writes(&self, on: bool) -> Vec<crate::store::RawWrite> {
+            self.inner.record_writes(on)
+        }
         fn pipeline(&self, name: &str, version: u32) -> Result<Option<PipelineRecord>> {
             self.inner.pipeline(name, version)
         }

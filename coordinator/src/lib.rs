@@ -22,6 +22,7 @@
 mod agent_service;
 mod artifact_service;
 mod auth;
+pub mod backup;
 mod blobs;
 pub mod clock;
 mod commit;
@@ -47,6 +48,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use kiln_proto::v1::admin_service_server::AdminServiceServer;
 use kiln_proto::v1::agent_service_server::AgentServiceServer;
 use kiln_proto::v1::artifact_service_server::ArtifactServiceServer;
 use kiln_proto::v1::control_service_server::ControlServiceServer;
@@ -255,6 +257,9 @@ pub async fn run(
     health_reporter
         .set_serving::<ArtifactServiceServer<artifact_service::ArtifactApi>>()
         .await;
+    health_reporter
+        .set_serving::<AdminServiceServer<backup::AdminApi>>()
+        .await;
     // Both reflection versions: older grpcurl builds only speak v1alpha.
     let reflection = || {
         tonic_reflection::server::Builder::configure()
@@ -313,6 +318,12 @@ pub async fn run(
                 ControlServiceServer::from_arc(control.clone())
                     .max_decoding_message_size(MAX_MESSAGE_BYTES),
             )
+            .add_service(AdminServiceServer::new(backup::AdminApi::new(
+                store.clone(),
+                blobs.clone(),
+                config.data_dir.clone(),
+                secret_key_file.clone(),
+            )))
             .serve_with_incoming_shutdown(incoming, async move {
                 let _ = grpc_stop.changed().await;
             }),

@@ -9,13 +9,13 @@
 //! registry, never the process-global one, so embedded coordinators (the
 //! demo, tests) do not collide.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Mutex;
 use std::time::Duration;
 
 use prometheus::{
-    Encoder, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
-    Opts, Registry, TextEncoder,
+    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 use kiln_common::ids::EnvKey;
@@ -27,6 +27,17 @@ use crate::store::{RunState, StageState};
 const DISPATCH_BUCKETS: [f64; 14] = [
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
 ];
+/// Stage duration buckets, in seconds: from a one-line check to a
+/// six-hour training run.
+const DURATION_BUCKETS: [f64; 14] = [
+    0.1, 0.5, 1.0, 5.0, 15.0, 30.0, 60.0, 300.0, 900.0, 1_800.0, 3_600.0, 7_200.0, 14_400.0,
+    21_600.0,
+];
+/// Pipelines that get a label value of their own; later ones share
+/// [`OTHER_PIPELINES`], so a farm with many pipelines cannot blow up the
+/// series count.
+const MAX_PIPELINE_LABELS: usize = 64;
+const OTHER_PIPELINES: &str = "_other";
 const RUN_OUTCOMES: [&str; 3] = ["succeeded", "failed", "cancelled"];
 const STAGE_OUTCOMES: [&str; 5] = ["succeeded", "failed", "timed_out", "cancelled", "skipped"];
 /// Where alerts go; see `delivery::alerts`.
@@ -47,7 +58,12 @@ pub(crate) struct Metrics {
     connected_agents: IntGauge,
     runs_finished: IntCounterVec,
     stages_finished: IntCounterVec,
-    dispatch_latency: Histogram,
+    /// Queue wait: ready to assigned, by pipeline.
+    dispatch_latency: HistogramVec,
+    /// Started to settled, by pipeline and final state.
+    stage_duration: HistogramVec,
+    /// The pipelines that have a label value of their own.
+    pipeline_labels: Mutex<BTreeSet<String>>,
     releases: IntCounterVec,
     gate_decisions: IntCounterVec,
     rollbacks: IntCounterVec,
@@ -97,20 +113,32 @@ impl Default for Metrics {
             "Stage attempts settled, by state.",
             &["state"],
         );
-        let dispatch_latency = Histogram::with_opts(
-            HistogramOpts::new(
-                "kiln_dispatch_latency_seconds",
-                "Time from a stage becoming ready to its assignment being sent to an agent.",
+        let histograms = |name: &str, help: &str, buckets: &[f64], labels: &[&str]| {
+            let histograms = HistogramVec::new(
+                HistogramOpts::new(name, help).buckets(buckets.to_vec()),
+                labels,
             )
-            .buckets(DISPATCH_BUCKETS.to_vec()),
-        )
-        .expect("valid histogram");
-        registry
-            .register(Box::new(dispatch_latency.clone()))
-            .expect("unique metric name");
+            .expect("valid histogram");
+            registry
+                .register(Box::new(histograms.clone()))
+                .expect("unique metric name");
+            histograms
+        };
+        let dispatch_latency = histograms(
+            "kiln_dispatch_latency_seconds",
+            "Queue wait: time from a stage becoming ready to its assignment being sent to an agent, by pipeline.",
+            &DISPATCH_BUCKETS,
+            &["pipeline"],
+        );
+        let stage_duration = histograms(
+            "kiln_stage_duration_seconds",
+            "Time from a stage attempt starting on its agent to its final state, by pipeline and state.",
+            &DURATION_BUCKETS,
+            &["pipeline", "state"],
+        );
         let releases = counters(
             "kiln_releases_total",
-            "Releases created, by pipeline and environment.",
+            "Releases created, by pipeline and environment (a rollback's restore is not a new release).",
             &["pipeline", "environment"],
         );
         let gate_decisions = counters(
@@ -200,6 +228,8 @@ impl Default for Metrics {
             runs_finished,
             stages_finished,
             dispatch_latency,
+            stage_duration,
+            pipeline_labels: Mutex::new(BTreeSet::new()),
             releases,
             gate_decisions,
             rollbacks,
@@ -229,21 +259,42 @@ impl Metrics {
         self.runs_finished.with_label_values(&[label]).inc();
     }
 
-    pub(crate) fn stage_finished(&self, state: StageState) {
-        let label = match state {
-            StageState::Succeeded => "succeeded",
-            StageState::Failed => "failed",
-            StageState::TimedOut => "timed_out",
-            StageState::Cancelled => "cancelled",
-            StageState::Skipped => "skipped",
-            _ => return,
+    /// A stage of `pipeline` settled in `state`; `ran` is how long its
+    /// last attempt ran, if it started.
+    pub(crate) fn stage_finished(&self, pipeline: &str, state: StageState, ran: Option<Duration>) {
+        let Some(label) = stage_outcome(state) else {
+            return;
         };
         self.stages_finished.with_label_values(&[label]).inc();
+        if let Some(ran) = ran {
+            self.stage_duration
+                .with_label_values(&[&self.pipeline_label(pipeline), label])
+                .observe(ran.as_secs_f64());
+        }
     }
 
-    /// A stage was assigned `latency` after it became ready.
-    pub(crate) fn observe_dispatch_latency(&self, latency: Duration) {
-        self.dispatch_latency.observe(latency.as_secs_f64());
+    /// `pipeline` itself while fewer than [`MAX_PIPELINE_LABELS`] have
+    /// been seen, else [`OTHER_PIPELINES`].
+    fn pipeline_label(&self, pipeline: &str) -> String {
+        let mut seen = self
+            .pipeline_labels
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if seen.contains(pipeline) {
+            return pipeline.to_owned();
+        }
+        if seen.len() < MAX_PIPELINE_LABELS {
+            seen.insert(pipeline.to_owned());
+            return pipeline.to_owned();
+        }
+        OTHER_PIPELINES.to_owned()
+    }
+
+    /// A stage of `pipeline` was assigned `latency` after it became ready.
+    pub(crate) fn observe_dispatch_latency(&self, pipeline: &str, latency: Duration) {
+        self.dispatch_latency
+            .with_label_values(&[&self.pipeline_label(pipeline)])
+            .observe(latency.as_secs_f64());
     }
 
     /// A release went live in `environment`.
@@ -341,6 +392,18 @@ impl Metrics {
     }
 }
 
+/// The `state` label of a stage that ended in `state`; `None` if it has not.
+fn stage_outcome(state: StageState) -> Option<&'static str> {
+    Some(match state {
+        StageState::Succeeded => "succeeded",
+        StageState::Failed => "failed",
+        StageState::TimedOut => "timed_out",
+        StageState::Cancelled => "cancelled",
+        StageState::Skipped => "skipped",
+        _ => return None,
+    })
+}
+
 /// Counts are far below `i64::MAX`; saturate rather than wrap if not.
 fn gauge_value(count: usize) -> i64 {
     i64::try_from(count).unwrap_or(i64::MAX)
@@ -386,8 +449,8 @@ mod tests {
         metrics.set_engine_gauges(2, 5, 3);
         metrics.run_finished(RunState::Succeeded);
         metrics.run_finished(RunState::Running);
-        metrics.stage_finished(StageState::TimedOut);
-        metrics.observe_dispatch_latency(Duration::from_millis(30));
+        metrics.stage_finished("credit", StageState::TimedOut, Some(Duration::from_secs(3)));
+        metrics.observe_dispatch_latency("credit", Duration::from_millis(30));
         metrics.release_created(&EnvKey::of_pipeline("credit", "production"));
         metrics.gate_decided("awaiting_approval");
         metrics.rollback_finished(&EnvKey::of_pipeline("credit", "production"), false);
@@ -402,9 +465,26 @@ mod tests {
             ("kiln_runs_finished_total{state=\"succeeded\"}", 1.0),
             ("kiln_runs_finished_total{state=\"failed\"}", 0.0),
             ("kiln_stages_finished_total{state=\"timed_out\"}", 1.0),
-            ("kiln_dispatch_latency_seconds_bucket{le=\"0.025\"}", 0.0),
-            ("kiln_dispatch_latency_seconds_bucket{le=\"0.05\"}", 1.0),
-            ("kiln_dispatch_latency_seconds_count", 1.0),
+            (
+                "kiln_dispatch_latency_seconds_bucket{pipeline=\"credit\",le=\"0.025\"}",
+                0.0,
+            ),
+            (
+                "kiln_dispatch_latency_seconds_bucket{pipeline=\"credit\",le=\"0.05\"}",
+                1.0,
+            ),
+            (
+                "kiln_dispatch_latency_seconds_count{pipeline=\"credit\"}",
+                1.0,
+            ),
+            (
+                "kiln_stage_duration_seconds_bucket{pipeline=\"credit\",state=\"timed_out\",le=\"1\"}",
+                0.0,
+            ),
+            (
+                "kiln_stage_duration_seconds_bucket{pipeline=\"credit\",state=\"timed_out\",le=\"5\"}",
+                1.0,
+            ),
             (
                 "kiln_releases_total{environment=\"production\",pipeline=\"credit\"}",
                 1.0,
@@ -446,6 +526,36 @@ mod tests {
     }
 
     #[test]
+    fn pipeline_labels_are_bounded() {
+        let metrics = Metrics::default();
+        for n in 0..MAX_PIPELINE_LABELS + 10 {
+            metrics.observe_dispatch_latency(&format!("p{n}"), Duration::from_millis(5));
+        }
+        // A pipeline seen early keeps its own label.
+        metrics.observe_dispatch_latency("p0", Duration::from_millis(5));
+        let text = metrics.render();
+        let series = text
+            .lines()
+            .filter(|line| line.starts_with("kiln_dispatch_latency_seconds_count{"))
+            .count();
+        assert_eq!(series, MAX_PIPELINE_LABELS + 1, "{text}");
+        assert_eq!(
+            sample(
+                &text,
+                "kiln_dispatch_latency_seconds_count{pipeline=\"_other\"}"
+            ),
+            Some(10.0)
+        );
+        assert_eq!(
+            sample(
+                &text,
+                "kiln_dispatch_latency_seconds_count{pipeline=\"p0\"}"
+            ),
+            Some(2.0)
+        );
+    }
+
+    #[test]
     fn render_passes_promtool() {
         let Some(promtool) = testing::binary("promtool", "render_passes_promtool") else {
             return;
@@ -455,7 +565,12 @@ mod tests {
         metrics.release_created(&staging);
         metrics.rollback_finished(&staging, true);
         metrics.monitor_breach(&staging);
-        metrics.observe_dispatch_latency(Duration::from_secs(2));
+        metrics.observe_dispatch_latency("credit", Duration::from_secs(2));
+        metrics.stage_finished(
+            "credit",
+            StageState::Succeeded,
+            Some(Duration::from_secs(40)),
+        );
         let report = testing::promtool_check_metrics(&promtool, &metrics.render());
         assert_eq!(report, Ok(String::new()), "promtool check metrics");
     }

@@ -237,6 +237,30 @@ async fn promotion_gates_monitoring_and_automatic_rollback() -> Result<()> {
         .find(|r| release_state(r) == pb::ReleaseState::Live)
         .unwrap();
     assert_eq!(live.id, first_staging);
+    // The restore made an old release live again: not counted as a new one.
+    let (_, exposition) = kiln_tests::prom::http_get(&farm.coordinator.http, "/metrics")?;
+    let sample = |series: &str| {
+        exposition
+            .lines()
+            .find_map(|line| line.strip_prefix(series)?.trim().parse::<f64>().ok())
+    };
+    assert_eq!(
+        sample(r#"kiln_releases_total{environment="staging",pipeline="model"}"#),
+        Some(staging.len() as f64),
+        "{exposition}"
+    );
+    assert_eq!(
+        sample(
+            r#"kiln_rollbacks_total{environment="staging",outcome="succeeded",pipeline="model"}"#
+        ),
+        Some(1.0),
+        "{exposition}"
+    );
+    assert!(
+        sample(r#"kiln_stage_duration_seconds_count{pipeline="model",state="succeeded"}"#)
+            .is_some_and(|count| count >= 1.0),
+        "{exposition}"
+    );
 
     // The release's model is restorable byte for byte by its digest.
     let out = tempfile::tempdir()?;

@@ -3,8 +3,8 @@
 
 use std::io::IsTerminal;
 use std::path::Path;
-use std::time::Instant;
 
+use indicatif::{HumanBytes, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use kiln_common::archive::{self, Limits};
 use kiln_proto::v1 as pb;
 use serde::Serialize;
@@ -92,7 +92,7 @@ pub(crate) async fn get(
     };
     std::fs::create_dir_all(out)
         .map_err(|e| CliError::Input(format!("cannot create {}: {e}", out.display())))?;
-    let bar = Progress::new("downloading", artifact.size);
+    let bar = progress_bar("downloading", artifact.size);
     let progress = bar.clone();
     let summary = kiln_agent::transfer::download_and_unpack(
         &mut coordinator.artifacts(),
@@ -100,11 +100,11 @@ pub(crate) async fn get(
         &std::env::temp_dir(),
         out,
         Limits::UNLIMITED,
-        move |done| progress.update(done),
+        move |done| progress.set_position(done),
     )
     .await
     .map_err(|error| coordinator.transfer_failed(error))?;
-    bar.finish();
+    bar.finish_and_clear();
     let message = format!(
         "unpacked {path} ({} files, {}) into {}",
         summary.files,
@@ -165,17 +165,17 @@ pub(crate) async fn upload_source(
         )));
     }
     let source = dir.to_path_buf();
-    let bar = Progress::new("uploading source", 0);
+    let bar = progress_bar("uploading source", 0);
     let progress = bar.clone();
     let (digest, size, summary) = kiln_agent::transfer::pack_and_upload(
         &mut coordinator.artifacts(),
         &std::env::temp_dir(),
         move |out| archive::pack_source(&source, out),
-        move |done| progress.update(done),
+        move |done| progress.set_position(done),
     )
     .await
     .map_err(|error| coordinator.transfer_failed(error))?;
-    bar.finish();
+    bar.finish_and_clear();
     eprintln!(
         "uploaded {} ({} files, {} packed) as {digest}",
         dir.display(),
@@ -185,70 +185,32 @@ pub(crate) async fn upload_source(
     Ok(digest)
 }
 
-/// A one-line progress display (bytes, rate, ETA) on stderr when stdout is
-/// a terminal; silent otherwise, so scripts and logs stay clean.
-#[derive(Clone)]
-struct Progress {
-    label: &'static str,
-    total: u64,
-    started: Instant,
-    on_terminal: bool,
-}
-
-impl Progress {
-    fn new(label: &'static str, total: u64) -> Self {
-        Self {
-            label,
-            total,
-            started: Instant::now(),
-            on_terminal: std::io::stdout().is_terminal(),
-        }
+/// A one-line progress display (bytes, rate, time left) on stderr when
+/// stdout is a terminal; hidden otherwise, so scripts and logs stay clean.
+/// `total` 0: unknown (a source snapshot is packed while it uploads).
+fn progress_bar(label: &'static str, total: u64) -> ProgressBar {
+    if !std::io::stdout().is_terminal() {
+        return ProgressBar::hidden();
     }
-
-    fn update(&self, done: u64) {
-        if !self.on_terminal {
-            return;
-        }
-        let seconds = self.started.elapsed().as_secs_f64().max(0.001);
-        let rate = done as f64 / seconds;
-        let eta = if self.total > done && rate > 0.0 {
-            format!(", {:.0}s left", (self.total - done) as f64 / rate)
-        } else {
-            String::new()
-        };
-        let of_total = if self.total > 0 {
-            format!(" of {}", human_bytes(self.total))
-        } else {
-            String::new()
-        };
-        eprint!(
-            "\r{}: {}{of_total} at {}/s{eta}   ",
-            self.label,
-            human_bytes(done),
-            human_bytes(rate as u64)
-        );
-    }
-
-    fn finish(&self) {
-        if self.on_terminal {
-            eprintln!();
-        }
-    }
-}
-
-fn human_bytes(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut value = bytes as f64;
-    let mut unit = 0;
-    while value >= 1024.0 && unit + 1 < UNITS.len() {
-        value /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{bytes} B")
+    let (bar, template) = if total > 0 {
+        (
+            ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr()),
+            "{msg}: {bytes} of {total_bytes} at {bytes_per_sec}, {eta} left",
+        )
     } else {
-        format!("{value:.1} {}", UNITS[unit])
-    }
+        (
+            ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr()),
+            "{msg}: {bytes} at {bytes_per_sec}",
+        )
+    };
+    bar.set_style(ProgressStyle::with_template(template).expect("a valid template"));
+    bar.set_message(label);
+    bar
+}
+
+/// Sizes as people write them (`1.50 KiB`).
+fn human_bytes(bytes: u64) -> String {
+    HumanBytes(bytes).to_string()
 }
 
 #[cfg(test)]
@@ -258,7 +220,7 @@ mod tests {
     #[test]
     fn bytes_read_as_people_write_them() {
         assert_eq!(human_bytes(512), "512 B");
-        assert_eq!(human_bytes(1536), "1.5 KiB");
-        assert_eq!(human_bytes(3 << 30), "3.0 GiB");
+        assert_eq!(human_bytes(1536), "1.50 KiB");
+        assert_eq!(human_bytes(3 << 30), "3.00 GiB");
     }
 }

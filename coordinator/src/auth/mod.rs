@@ -146,6 +146,8 @@ pub(crate) fn rule(method: &str) -> Option<Rule> {
             users: None,
             ..Rule::write(Admin).and_agents()
         },
+        // A backup holds every secret (sealed) and the key that opens them.
+        ("kiln.v1.AdminService", "Backup") => Rule::write(Admin),
         ("kiln.v1.ArtifactService", name) => match name {
             "StatBlob" => Rule::read(Viewer).and_agents().and_pipelines(),
             "UploadBlob" => Rule::write(Operator).and_agents().and_pipelines(),

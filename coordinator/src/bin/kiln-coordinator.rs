@@ -12,8 +12,11 @@ use sd_notify::NotifyState;
 /// The Kiln coordinator: stores pipelines, runs and logs in sled and
 /// dispatches stages to agents.
 #[derive(Parser)]
-#[command(version)]
+#[command(version, args_conflicts_with_subcommands = true)]
 struct Flags {
+    /// Without a command the coordinator serves.
+    #[command(subcommand)]
+    command: Option<Command>,
     /// Where the database lives.
     #[arg(long, env = "KILN_DATA_DIR", default_value = "./kiln-data")]
     data_dir: PathBuf,
@@ -90,6 +93,44 @@ struct Flags {
     log_format: LogFormat,
 }
 
+#[derive(clap::Subcommand)]
+enum Command {
+    /// Takes an online backup of a running coordinator into FILE: its
+    /// store (consistent at one instant; the farm keeps running), key files
+    /// and blobs. Needs an admin token.
+    Backup {
+        /// Where to write the backup (FILE.partial until it is complete).
+        #[arg(long, value_name = "FILE")]
+        to: PathBuf,
+        /// The running coordinator's gRPC URL.
+        #[arg(
+            long,
+            env = "KILN_COORDINATOR",
+            default_value = "http://127.0.0.1:7700"
+        )]
+        coordinator: String,
+        /// An admin token.
+        #[arg(long, env = "KILN_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+        /// A file holding an admin token (e.g. DATA_DIR/admin.token).
+        #[arg(long, env = "KILN_TOKEN_FILE")]
+        token_file: Option<PathBuf>,
+        /// PEM CA bundle the coordinator's certificate must chain to.
+        #[arg(long, env = "KILN_CA_FILE")]
+        ca_file: Option<PathBuf>,
+    },
+    /// Restores a backup into a new (or empty) data directory; start a
+    /// coordinator on it afterwards. Nothing is written if it fails.
+    Restore {
+        /// The backup file.
+        #[arg(long, value_name = "FILE")]
+        from: PathBuf,
+        /// The data directory to create.
+        #[arg(long, env = "KILN_DATA_DIR")]
+        data_dir: PathBuf,
+    },
+}
+
 /// Exit code when the flags ask for something unsafe (as clap's usage errors).
 const EXIT_USAGE: u8 = 2;
 
@@ -108,9 +149,13 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let flags = Flags::parse();
+    let mut flags = Flags::parse();
     kiln_common::logging::init_with("info", flags.log_format);
-    match serve(flags).await {
+    let result = match flags.command.take() {
+        Some(command) => admin(command).await,
+        None => serve(flags).await,
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure::Refused(line)) => {
             eprintln!("error: {line}");
@@ -139,6 +184,44 @@ impl From<std::io::Error> for Failure {
     fn from(error: std::io::Error) -> Self {
         Self::Failed(error.into())
     }
+}
+
+/// `backup` and `restore`: one line on stdout saying what was done.
+async fn admin(command: Command) -> Result<(), Failure> {
+    match command {
+        Command::Backup {
+            to,
+            coordinator,
+            token,
+            token_file,
+            ca_file,
+        } => {
+            let token =
+                kiln_common::channel::Token::from_flags(token.as_deref(), token_file.as_deref())
+                    .map_err(|error| Failure::Refused(error.to_string()))?;
+            let options = kiln_common::channel::ClientOptions {
+                ca_file,
+                token,
+                ..Default::default()
+            };
+            let endpoint = kiln_common::channel::CoordinatorEndpoint::new(&coordinator, &options)
+                .map_err(|error| Failure::Refused(error.to_string()))?;
+            let summary = kiln_coordinator::backup::save(&endpoint, &to)
+                .await
+                .map_err(anyhow::Error::from)?;
+            println!("backed up {summary} to {}", to.display());
+        }
+        Command::Restore { from, data_dir } => {
+            let summary =
+                kiln_coordinator::backup::restore(&from, &data_dir).map_err(anyhow::Error::from)?;
+            println!(
+                "restored {summary} into {}; start the coordinator with --data-dir {}",
+                data_dir.display(),
+                data_dir.display()
+            );
+        }
+    }
+    Ok(())
 }
 
 async fn serve(flags: Flags) -> Result<(), Failure> {

@@ -11,6 +11,7 @@
 //! (Alertmanager merges identical alerts; webhook receivers may see a
 //! repeat).
 
+use backon::{BackoffBuilder, ExponentialBuilder};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -255,7 +256,11 @@ impl Alerter {
         alert: &Alert,
         retry: RetryPolicy,
     ) {
-        let mut delay = retry.first_delay;
+        let mut delays = ExponentialBuilder::new()
+            .with_min_delay(retry.first_delay)
+            .with_max_delay(retry.max_delay)
+            .without_max_times()
+            .build();
         let mut attempt = 1;
         let failure = loop {
             let mut request = self
@@ -292,6 +297,7 @@ impl Alerter {
             if permanent || attempt >= retry.attempts {
                 break failure;
             }
+            let delay = delays.next().unwrap_or(retry.max_delay);
             tracing::debug!(
                 alertname = %alert.name,
                 destination,
@@ -300,7 +306,6 @@ impl Alerter {
                 "alert delivery failed; retrying in {delay:?}"
             );
             tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(retry.max_delay);
             attempt += 1;
         };
         tracing::warn!(

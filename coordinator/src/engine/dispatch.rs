@@ -125,7 +125,12 @@ impl Engine {
                 reservation,
             );
             if let Some(since) = self.ready_since.remove(&key) {
-                self.metrics.observe_dispatch_latency(since.elapsed());
+                let pipeline = self
+                    .runs
+                    .get(&key.run)
+                    .map_or("", |run| run.record.pipeline.as_str());
+                self.metrics
+                    .observe_dispatch_latency(pipeline, since.elapsed());
             }
             tracing::debug!(stage = %key, attempt, agent = %name, "assigned");
             self.save_stage(key);

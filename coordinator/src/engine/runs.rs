@@ -192,18 +192,27 @@ impl Engine {
     ) {
         let id = record.id;
         let now = self.clock.now_ms();
+        let mut held = Vec::new();
         for stage in &stages {
             match stage.state {
                 StageState::Ready => self.ready.push_back(stage.key),
                 state if state.is_held() => {
                     if let Some(agent) = &stage.agent {
-                        self.expect_agent(agent, stage.key, now);
+                        held.push((agent.clone(), stage.key));
                     }
                 }
                 _ => {}
             }
         }
         self.runs.insert(id, ActiveRun::new(record, stages, spec));
+        // Only now: the pool books each attempt by the stage's own record
+        // (attempt number and reservation), which must be in place. Booked
+        // before, the attempt was 0, so an agent that never came back after
+        // a restart had its lease expire on an attempt no stage had, and
+        // its stages stayed running for ever.
+        for (agent, key) in held {
+            self.expect_agent(&agent, key, now);
+        }
         self.publish_to_readers(id);
         self.finish_run_if_done(id);
     }
@@ -401,7 +410,14 @@ impl Engine {
         };
         stage.finished_ms = Some(now);
         tracing::debug!(stage = %key, name = %stage.name, ?state, "stage settled");
-        self.metrics.stage_finished(state);
+        let ran = stage
+            .started_ms
+            .map(|started| std::time::Duration::from_millis(now.saturating_sub(started)));
+        let pipeline = self
+            .runs
+            .get(&key.run)
+            .map_or("", |run| run.record.pipeline.as_str());
+        self.metrics.stage_finished(pipeline, state, ran);
         self.end_followers(key);
         true
     }

@@ -526,6 +526,28 @@ fn recovery_resumes_unfinished_runs_and_waits_for_their_agents() {
     assert_eq!(h.run(run).state, pb::RunState::Running as i32);
 }
 
+#[test]
+fn after_a_restart_a_stage_whose_agent_never_returns_is_requeued() {
+    let mut h = Harness::new();
+    let run = h.start_run("pipeline: p\nstages:\n  only: { commands: [sleep 1] }\n");
+    let mut agent = h.connect("gone", 1, 1, vec![]);
+    assert_eq!(agent.assignments()[0].attempt, 1);
+    h.restart();
+    // `gone` never reconnects: one lease after the restart its stage is
+    // handed to another agent.
+    h.clock.advance(LEASE_MS + 1);
+    h.engine.tick();
+    h.commit();
+    let stage = h.stage(run, "only");
+    assert_eq!(
+        (stage.state, stage.attempt),
+        (pb::StageState::Ready as i32, 2),
+        "{stage:?}"
+    );
+    let mut other = h.connect("other", 2, 1, vec![]);
+    assert_eq!(other.assignments()[0].attempt, 2);
+}
+
 const WATCHED: &str = "
 pipeline: w
 stages:

@@ -18,7 +18,11 @@ use serde::{Deserialize, Serialize};
 
 pub(crate) use crate::state::{RunState, StageState};
 pub(crate) use security::{AuditRecord, Role, SecretRecord, TokenRecord};
-pub(crate) use sled_store::SledStore;
+pub(crate) use sled_store::{RawWriter, SledStore};
+
+/// The schema version this coordinator writes (and migrates older stores
+/// to); a backup records it.
+pub(crate) const SCHEMA_VERSION: u32 = migrate::CURRENT;
 
 /// Errors of the storage layer.
 #[derive(Debug, thiserror::Error)]
@@ -341,6 +345,9 @@ pub(crate) struct StoredLog {
     pub(crate) line: LogLine,
 }
 
+/// A key written (`Some` value) or removed (`None`), as `apply` wrote it.
+pub(crate) type RawWrite = (Vec<u8>, Option<Vec<u8>>);
+
 /// Writes applied atomically as one unit.
 #[derive(Debug, Default)]
 pub(crate) struct Batch {
@@ -397,6 +404,14 @@ pub(crate) trait Store: Send + Sync + 'static {
     fn apply(&self, batch: &Batch) -> Result<()>;
     /// Makes everything applied so far durable.
     fn flush(&self) -> Result<()>;
+    /// Up to `limit` stored keys and values in key order, after `after`
+    /// (from the first key when `None`): an online backup's scan.
+    fn raw_page(&self, after: Option<&[u8]>, limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>>;
+    /// Starts (`on`) or stops recording every write `apply` makes, and
+    /// returns what was recorded since it last started. A backup records
+    /// while it scans, so replaying the recorded writes over its scan gives
+    /// the store as it was when recording stopped.
+    fn record_writes(&self, on: bool) -> Vec<RawWrite>;
 
     fn pipeline(&self, name: &str, version: u32) -> Result<Option<PipelineRecord>>;
     /// The latest version of every pipeline, by name.

@@ -5,7 +5,9 @@
 //! made durable with an explicit `flush`; sled's own background flush runs
 //! only every 500 ms and acknowledges nothing.
 
+use std::ops::Bound;
 use std::path::Path;
+use std::sync::Mutex;
 
 use kiln_common::ids::{RunId, StageKey};
 use serde::Serialize;
@@ -13,12 +15,15 @@ use serde::de::DeserializeOwned;
 
 use super::{
     AuditRecord, Batch, EnvironmentRecord, LogLine, MonitorSampleRecord, Op, PipelineRecord,
-    ProvenanceRecord, ReleaseRecord, Result, RunRecord, SecretRecord, StageRecord, Store,
+    ProvenanceRecord, RawWrite, ReleaseRecord, Result, RunRecord, SecretRecord, StageRecord, Store,
     StoreError, StoredLog, TokenRecord, TriggerStateRecord, keys,
 };
 
 pub(crate) struct SledStore {
     db: sled::Db,
+    /// While an online backup scans the store, every write `apply` makes
+    /// is also recorded here (see `backup`).
+    recording: Mutex<Option<Vec<RawWrite>>>,
 }
 
 impl SledStore {
@@ -31,7 +36,10 @@ impl SledStore {
             .cache_capacity(64 * 1024 * 1024)
             .open()?;
         super::migrate::to_current(&db, dir)?;
-        Ok(Self { db })
+        Ok(Self {
+            db,
+            recording: Mutex::new(None),
+        })
     }
 
     fn get<T: DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>> {
@@ -52,6 +60,56 @@ impl SledStore {
     }
 }
 
+/// Writes keys and values as they are into a new store: restoring a
+/// backup (`backup::restore`), before any coordinator opens it.
+pub(crate) struct RawWriter {
+    db: sled::Db,
+}
+
+impl RawWriter {
+    pub(crate) fn create(dir: &Path) -> Result<Self> {
+        let db = sled::Config::new().path(dir.join("state.sled")).open()?;
+        Ok(Self { db })
+    }
+
+    /// Puts `value` at `key`, or removes `key` when `value` is `None`.
+    pub(crate) fn write(&mut self, key: &[u8], value: Option<&[u8]>) -> Result<()> {
+        match value {
+            Some(value) => self.db.insert(key, value)?,
+            None => self.db.remove(key)?,
+        };
+        Ok(())
+    }
+
+    /// Makes everything durable and closes the store.
+    pub(crate) fn finish(self) -> Result<()> {
+        self.db.flush()?;
+        Ok(())
+    }
+}
+
+/// One batch's writes: the sled batch, and the same writes as plain keys
+/// and values for a backup that is recording.
+#[derive(Default)]
+struct Writes {
+    batch: sled::Batch,
+    raw: Vec<RawWrite>,
+}
+
+impl Writes {
+    fn insert(&mut self, key: impl AsRef<[u8]>, value: impl AsRef<[u8]>) {
+        let (key, value) = (key.as_ref(), value.as_ref());
+        self.batch.insert(key, value);
+        self.raw.push((key.to_vec(), Some(value.to_vec())));
+    }
+
+    fn remove(&mut self, key: impl AsRef<[u8]>) {
+        let key = key.as_ref();
+        self.batch.remove(key);
+        self.raw.push((key.to_vec(), None));
+    }
+}
+
 fn encode<T: Serialize>(value: &T) -> Vec<u8> {
     serde_json::to_vec(value).expect("records always serialize")
 }
@@ -65,7 +123,7 @@ fn decode<T: DeserializeOwned>(key: &[u8], value: &[u8]) -> Result<T> {
 
 impl Store for SledStore {
     fn apply(&self, batch: &Batch) -> Result<()> {
-        let mut writes = sled::Batch::default();
+        let mut writes = Writes::default();
         for op in &batch.ops {
             match op {
                 Op::Release(record) => writes.insert(keys::release(record.id), encode(record)),
@@ -115,8 +173,42 @@ impl Store for SledStore {
                 }
             }
         }
-        self.db.apply_batch(writes)?;
+        self.db.apply_batch(writes.batch)?;
+        // After the write: a backup that starts recording later scans it.
+        if let Some(recorded) = self
+            .recording
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_mut()
+        {
+            recorded.extend(writes.raw);
+        }
         Ok(())
+    }
+
+    fn raw_page(&self, after: Option<&[u8]>, limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        let entries = match after {
+            Some(key) => self
+                .db
+                .range::<&[u8], _>((Bound::Excluded(key), Bound::Unbounded)),
+            None => self.db.iter(),
+        };
+        entries
+            .take(limit)
+            .map(|entry| {
+                let (key, value) = entry?;
+                Ok((key.to_vec(), value.to_vec()))
+            })
+            .collect()
+    }
+
+    fn record_writes(&self, on: bool) -> Vec<RawWrite> {
+        let mut recording = self.recording.lock().unwrap_or_else(|e| e.into_inner());
+        let recorded = recording.take().unwrap_or_default();
+        if on {
+            *recording = Some(Vec::new());
+        }
+        recorded
     }
 
     fn flush(&self) -> Result<()> {

@@ -344,7 +344,10 @@ impl DeliveryController {
         previous_becomes: ReleaseState,
         reason: Option<String>,
     ) -> Vec<Op> {
-        self.metrics.release_created(&release.environment);
+        // A rollback's restore makes an old release live again: no new one.
+        if !release.restored_by_rollback {
+            self.metrics.release_created(&release.environment);
+        }
         self.environments
             .make_live(release, previous_becomes, reason)
     }

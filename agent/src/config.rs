@@ -90,6 +90,9 @@ pub struct Config {
     pub drain_timeout: Duration,
     /// GPU devices stages may be given (`--gpus`); empty: none.
     pub gpus: Vec<u32>,
+    /// The most the stage caches under `work_dir/stage-cache` may take
+    /// (`--cache-max-bytes`); the least recently used go first.
+    pub cache_max_bytes: u64,
 }
 
 #[cfg(test)]

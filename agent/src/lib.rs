@@ -88,6 +88,7 @@
 use std::future::Future;
 
 mod attempt;
+mod cache;
 mod config;
 mod connection;
 mod error;

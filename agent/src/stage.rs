@@ -16,6 +16,7 @@ use tokio::time::Instant;
 use tracing::info;
 
 use crate::attempt::{AttemptKey, Report};
+use crate::cache::Caches;
 use crate::error::Error;
 use crate::executor::contract::{
     Ended, Executor, Exit, Job, Stop, StopSignal, out_of_memory_message,
@@ -116,6 +117,8 @@ pub(crate) struct StageRunner {
     artifacts: ArtifactServiceClient<KilnChannel>,
     /// Start latencies and output bytes, for `--metrics`.
     metrics: Metrics,
+    /// `cache:` directories kept on this agent (and shared ones fetched).
+    caches: Arc<Caches>,
 }
 
 /// What one restored input may unpack to; the coordinator's limits bound
@@ -131,12 +134,14 @@ impl StageRunner {
         executor: Arc<dyn Executor>,
         artifacts: ArtifactServiceClient<KilnChannel>,
         metrics: Metrics,
+        caches: Arc<Caches>,
     ) -> Self {
         StageRunner {
             workspaces,
             executor,
             artifacts,
             metrics,
+            caches,
         }
     }
 
@@ -191,6 +196,22 @@ impl StageRunner {
         };
         let (output_paths, outputs_always) = (assign.output_paths.clone(), assign.outputs_always);
         let cwd = dir.clone();
+        let cache = match &assign.cache {
+            Some(cache) => {
+                let mut client = self.artifacts.clone();
+                let restore = self
+                    .caches
+                    .restore(&assign.pipeline, cache, &dir, &mut client, log);
+                tokio::select! {
+                    lookup = restore => lookup,
+                    stop = stop.stopped() => {
+                        log.system(format!("{stop}; not starting the commands")).await;
+                        return exit_report(Exit::Stopped(stop));
+                    }
+                }
+            }
+            None => None,
+        };
         let (env, secrets) = stage_env(&assign);
         let job = Job {
             key,
@@ -206,6 +227,7 @@ impl StageRunner {
             image: assign.image,
             docker: assign.docker.unwrap_or_default(),
             gpus: assign.gpus,
+            services: assign.services,
         };
         let inputs_ready = Instant::now();
         let report = match self.executor.run(job, log.clone(), stop.clone()).await {
@@ -230,6 +252,12 @@ impl StageRunner {
                 return infra_report(&err);
             }
         };
+        if let Some(lookup) = cache.filter(|lookup| !lookup.hit)
+            && report.outcome == Outcome::Succeeded
+        {
+            let mut client = self.artifacts.clone();
+            self.caches.save(&lookup, &cwd, &mut client, log).await;
+        }
         let wanted = match report.outcome {
             Outcome::Succeeded => true,
             Outcome::Failed | Outcome::TimedOut => outputs_always,
@@ -496,6 +524,7 @@ mod tests {
             executor,
             ArtifactServiceClient::new(channel),
             Metrics::new("process"),
+            Arc::new(Caches::open(work_dir, 1 << 20).await.unwrap()),
         )
     }
 

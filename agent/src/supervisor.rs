@@ -27,6 +27,7 @@ use tokio::time::{Instant, sleep_until};
 use tracing::{debug, error, info, warn};
 
 use crate::attempt::{AttemptKey, Report};
+use crate::cache::Caches;
 use crate::config::Config;
 use crate::connection::{self, Backoff, Link, LinkEvent, Session};
 use crate::error::Error;
@@ -81,11 +82,20 @@ pub(crate) async fn run(
     // never delays heartbeats and acks on the control stream.
     let artifacts =
         ArtifactServiceClient::new(endpoint.connect_lazy()).max_decoding_message_size(8 << 20);
+    let caches = Caches::open(&config.work_dir, config.cache_max_bytes)
+        .await
+        .map_err(|error| {
+            Error::Config(format!(
+                "cannot open the stage cache under {}: {error}",
+                config.work_dir.display()
+            ))
+        })?;
     let runner = StageRunner::new(
         workspaces,
         executor::build(&config).await?,
         artifacts,
         metrics.clone(),
+        Arc::new(caches),
     );
     info!(
         name = %config.name,
@@ -535,6 +545,7 @@ mod tests {
             executor: ExecutorKind::Process,
             drain_timeout: Duration::from_secs(1),
             gpus: Vec::new(),
+            cache_max_bytes: 1 << 20,
         }
     }
 

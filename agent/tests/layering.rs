@@ -31,6 +31,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "connection",
             "executor",
             "logs",
+            "cache",
         ],
     ),
     ("connection", &[]),
@@ -38,7 +39,13 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("outbox", &[]),
     (
         "stage",
-        &["workspace", "transfer", "executor::contract", "logs"],
+        &[
+            "workspace",
+            "transfer",
+            "executor::contract",
+            "logs",
+            "cache",
+        ],
     ),
     ("workspace", &["logs"]),
     (
@@ -54,6 +61,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("executor::contract", &["logs"]),
     ("logs", &[]),
     ("transfer", &[]),
+    ("cache", &["transfer", "logs"]),
 ];
 
 #[test]

@@ -150,6 +150,7 @@ impl Harness {
             executor: ExecutorKind::Process,
             drain_timeout,
             gpus: vec![1],
+            cache_max_bytes: 1 << 30,
         };
         let (shutdown, shutdown_rx) = oneshot::channel();
         let agent = tokio::spawn(kiln_agent::run(config, async move {

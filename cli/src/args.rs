@@ -126,8 +126,12 @@ pub(crate) enum Command {
     /// List and download the artifacts of a run.
     #[command(subcommand)]
     Artifacts(ArtifactsCommand),
-    /// Delete stored artifacts that no run or release keeps any more.
+    /// Delete finished runs past their pipeline's `retention:`, and stored
+    /// artifacts that no run or release keeps any more.
     Gc(GcArgs),
+    /// The coordinator's shared stage caches (`cache: {shared: true}`).
+    #[command(subcommand)]
+    Cache(CacheCommand),
     /// Environments and their releases.
     #[command(subcommand)]
     Env(EnvCommand),
@@ -246,6 +250,23 @@ pub(crate) enum ArtifactsCommand {
         /// Where to unpack it (its path is recreated below this directory).
         #[arg(short, long, default_value = ".")]
         out: std::path::PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum CacheCommand {
+    /// List shared cache entries, newest first.
+    Ls {
+        /// Only this pipeline's.
+        #[arg(long)]
+        pipeline: Option<String>,
+    },
+    /// Forget a pipeline's shared cache entries (the next run saves anew).
+    Clear {
+        pipeline: String,
+        /// Only the entry under this rendered key.
+        #[arg(long)]
+        key: Option<String>,
     },
 }
 

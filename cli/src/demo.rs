@@ -361,6 +361,7 @@ fn start_agent(
         executor,
         drain_timeout: DRAIN_TIMEOUT,
         gpus: Vec::new(),
+        cache_max_bytes: 10 << 30,
     };
     let (stop, stopped) = watch::channel(false);
     let task = tokio::spawn(kiln_agent::run(config, stop_requested(stopped)));

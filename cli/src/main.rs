@@ -39,12 +39,12 @@ use clap::{CommandFactory, FromArgMatches};
 use kiln_common::channel::{ChannelError, ClientOptions, Token};
 
 use crate::args::{
-    AgentCommand, ArtifactsCommand, Cli, Command, EnvCommand, GlobalArgs, OutputFormat,
-    PipelineCommand, ReleaseCommand,
+    AgentCommand, ArtifactsCommand, CacheCommand, Cli, Command, EnvCommand, GlobalArgs,
+    OutputFormat, PipelineCommand, ReleaseCommand,
 };
 use crate::client::Coordinator;
 use crate::commands::{
-    agents, artifacts, delivery, logs, metrics, pipeline, provenance, runs, security,
+    agents, artifacts, cache, delivery, logs, metrics, pipeline, provenance, runs, security,
 };
 use crate::error::{CliError, Outcome};
 
@@ -150,6 +150,12 @@ async fn remote(
             out,
         }) => artifacts::get(c, format, run, &stage, &path, &out).await,
         Command::Gc(args) => artifacts::gc(c, format, &args).await,
+        Command::Cache(CacheCommand::Ls { pipeline }) => {
+            cache::list(c, format, pipeline.as_deref()).await
+        }
+        Command::Cache(CacheCommand::Clear { pipeline, key }) => {
+            cache::clear(c, format, &pipeline, key.as_deref()).await
+        }
         Command::Env(EnvCommand::Ls) => delivery::environments(c, format).await,
         Command::Env(EnvCommand::History { environment }) => {
             delivery::history(c, format, &environment).await

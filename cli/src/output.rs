@@ -234,15 +234,61 @@ pub(crate) fn agents_table(agents: &[AgentView], now_ms: u64) -> String {
                 agent.name.clone(),
                 agent.state.as_str().to_owned(),
                 format!("{}/{}", agent.running, agent.capacity),
+                cpus_used(agent),
+                memory_used(agent),
+                gpus_used(agent),
                 or_dash(&labels.join(",")),
                 timefmt::age(agent.last_seen_ms.unwrap_or(0), now_ms),
             ]
         })
         .collect();
     table(
-        ["NAME", "STATE", "RUNNING/CAPACITY", "LABELS", "LAST_SEEN"],
+        [
+            "NAME",
+            "STATE",
+            "RUNNING/CAPACITY",
+            "CPUS",
+            "MEMORY",
+            "GPUS",
+            "LABELS",
+            "LAST_SEEN",
+        ],
         &rows,
     )
+}
+
+/// `1.5/8`: CPUs reserved of those declared (`-` when not declared).
+fn cpus_used(agent: &AgentView) -> String {
+    let total = agent.resources.cpus;
+    let total = if total > 0.0 {
+        format!("{total}")
+    } else {
+        "-".into()
+    };
+    format!("{}/{total}", agent.in_use.cpus)
+}
+
+/// `2.0G/15.6G`: memory reserved of what was declared.
+fn memory_used(agent: &AgentView) -> String {
+    let gib = |bytes: u64| format!("{:.1}G", bytes as f64 / (1u64 << 30) as f64);
+    let total = match agent.resources.memory_bytes {
+        0 => "-".into(),
+        bytes => gib(bytes),
+    };
+    format!("{}/{total}", gib(agent.in_use.memory_bytes))
+}
+
+/// `1/2 (0)`: GPUs in use of those declared, and which; `-` without any.
+fn gpus_used(agent: &AgentView) -> String {
+    if agent.resources.gpus.is_empty() {
+        return "-".into();
+    }
+    let mut used = format!("{}/{}", agent.in_use.gpus.len(), agent.resources.gpus.len());
+    if !agent.in_use.gpus.is_empty() {
+        let devices: Vec<String> = agent.in_use.gpus.iter().map(u32::to_string).collect();
+        used.push_str(&format!(" ({})", devices.join(",")));
+    }
+    used
 }
 
 /// `NAME VERSION STAGES REPO BRANCH SUBDIR REGISTERED`.
@@ -352,7 +398,68 @@ pub(crate) fn number(value: f64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::view::{StageState, StageView};
+    use crate::view::{AgentState, ResourcesView, StageState, StageView};
+
+    #[test]
+    fn the_agents_table_shows_resources_and_what_is_in_use() {
+        let agent = |name: &str, resources: ResourcesView, in_use: ResourcesView| AgentView {
+            name: name.into(),
+            state: AgentState::Connected,
+            running: 1,
+            capacity: 4,
+            labels: Default::default(),
+            version: String::new(),
+            last_seen_ms: None,
+            resources,
+            in_use,
+        };
+        let gpu_box = agent(
+            "gpu-box",
+            ResourcesView {
+                cpus: 8.0,
+                memory_bytes: 16 << 30,
+                gpus: vec![0, 1],
+            },
+            ResourcesView {
+                cpus: 2.0,
+                memory_bytes: 4 << 30,
+                gpus: vec![1],
+            },
+        );
+        let bare = agent("bare", ResourcesView::default(), ResourcesView::default());
+        let table = agents_table(&[gpu_box, bare], 0);
+        let lines: Vec<Vec<&str>> = table
+            .lines()
+            .map(|line| line.split_whitespace().collect())
+            .collect();
+        assert_eq!(
+            lines[0][..6],
+            [
+                "NAME",
+                "STATE",
+                "RUNNING/CAPACITY",
+                "CPUS",
+                "MEMORY",
+                "GPUS"
+            ]
+        );
+        assert_eq!(
+            lines[1][..7],
+            [
+                "gpu-box",
+                "connected",
+                "1/4",
+                "2/8",
+                "4.0G/16.0G",
+                "1/2",
+                "(1)"
+            ]
+        );
+        assert_eq!(
+            lines[2][..6],
+            ["bare", "connected", "1/4", "0/-", "0.0G/-", "-"]
+        );
+    }
 
     #[test]
     fn times_in_milliseconds_gain_rfc3339_siblings_at_any_depth() {

@@ -188,6 +188,29 @@ pub(crate) struct AgentView {
     pub(crate) labels: BTreeMap<String, String>,
     pub(crate) version: String,
     pub(crate) last_seen_ms: Option<u64>,
+    /// What the agent's machine declared (0 CPUs or memory: not declared).
+    pub(crate) resources: ResourcesView,
+    /// What the stages running on it reserve of that.
+    pub(crate) in_use: ResourcesView,
+}
+
+/// CPUs, memory and GPU devices of an agent.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub(crate) struct ResourcesView {
+    pub(crate) cpus: f64,
+    pub(crate) memory_bytes: u64,
+    pub(crate) gpus: Vec<u32>,
+}
+
+impl From<Option<pb::Resources>> for ResourcesView {
+    fn from(resources: Option<pb::Resources>) -> Self {
+        let resources = resources.unwrap_or_default();
+        ResourcesView {
+            cpus: resources.cpus,
+            memory_bytes: resources.memory_bytes,
+            gpus: resources.gpus,
+        }
+    }
 }
 
 /// Whether an agent takes work. A draining agent that lost its
@@ -399,6 +422,8 @@ impl From<pb::Agent> for AgentView {
             labels: agent.labels.into_iter().collect(),
             version: agent.version,
             last_seen_ms: when(agent.last_seen_ms),
+            resources: agent.resources.into(),
+            in_use: agent.reserved.into(),
         }
     }
 }

@@ -5,6 +5,8 @@
 //!   with errors that name the file, line and column.
 //! - [`archive`]: artifacts and source trees as zstd-compressed tar streams,
 //!   packed deterministically and unpacked without escaping the target.
+//! - [`cache_key`]: the key template of a stage's `cache:` (`pip-{{
+//!   hash('requirements.txt') }}`), checked by the parser, rendered by agents.
 //! - [`provenance`]: signed release provenance (in-toto Statement v1, SLSA
 //!   Provenance v1, DSSE, ed25519) and verifying a model file against it.
 //! - [`files`]: owner-only files (keys, tokens), written atomically.
@@ -26,6 +28,7 @@
 //!   which sends the bearer token on every request.
 
 pub mod archive;
+pub mod cache_key;
 pub mod channel;
 pub mod duration;
 pub mod files;

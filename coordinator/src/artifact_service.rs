@@ -10,15 +10,19 @@ use pb::artifact_service_server::ArtifactService;
 use pb::upload_chunk::Part;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::auth::Principal;
 use crate::blobs::{BlobStore, parse_digest};
+use crate::caches::{self, Caches};
 
 pub(crate) struct ArtifactApi {
     blobs: Arc<BlobStore>,
+    /// The shared cache index agents read and add to.
+    caches: Caches,
 }
 
 impl ArtifactApi {
-    pub(crate) fn new(blobs: Arc<BlobStore>) -> Self {
-        Self { blobs }
+    pub(crate) fn new(blobs: Arc<BlobStore>, caches: Caches) -> Self {
+        Self { blobs, caches }
     }
 }
 
@@ -90,5 +94,29 @@ impl ArtifactService for ArtifactApi {
             .read(digest, request.offset)
             .map(|chunk| chunk.map(|data| pb::BlobChunk { data }));
         Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn get_cache(
+        &self,
+        request: Request<pb::GetCacheRequest>,
+    ) -> Result<Response<pb::GetCacheResponse>, Status> {
+        let request = request.into_inner();
+        let entry = self.caches.get(&request.pipeline, &request.key).await?;
+        Ok(Response::new(pb::GetCacheResponse {
+            entry: entry.as_ref().map(caches::view),
+        }))
+    }
+
+    async fn put_cache(
+        &self,
+        request: Request<pb::PutCacheRequest>,
+    ) -> Result<Response<pb::PutCacheResponse>, Status> {
+        let agent = Principal::of(&request)?.name;
+        let entry = request
+            .into_inner()
+            .entry
+            .ok_or_else(|| Status::invalid_argument("PutCache needs an entry"))?;
+        self.caches.put(entry, &agent).await?;
+        Ok(Response::new(pb::PutCacheResponse {}))
     }
 }

@@ -274,6 +274,12 @@ mod tests {
         fn secrets(&self) -> Result<Vec<SecretRecord>> {
             self.inner.secrets()
         }
+        fn cache(&self, pipeline: &str, key: &str) -> Result<Option<crate::store::CacheRecord>> {
+            self.inner.cache(pipeline, key)
+        }
+        fn caches(&self, pipeline: Option<&str>) -> Result<Vec<crate::store::CacheRecord>> {
+            self.inner.caches(pipeline)
+        }
         fn audit(&self, limit: usize) -> Result<Vec<AuditRecord>> {
             self.inner.audit(limit)
         }

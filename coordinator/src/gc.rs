@@ -1,25 +1,87 @@
-//! Artifact retention: which blobs are still wanted, and deleting the rest.
+//! Retention: which finished runs a pipeline's `retention:` lets go
+//! ([`expired_runs`]; the caller deletes them through the commit thread),
+//! which blobs are still wanted, and deleting the rest.
 //!
 //! Kept: everything a release references (forever: a rollback may need it),
 //! and the outputs and source snapshots of every unfinished run and of
-//! every run that finished within `keep_days`. Everything else older than
+//! every run that finished within `keep_days`, and the archives of shared
+//! cache entries saved within `cache_keep_days`. Everything else older than
 //! the grace period goes.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use kiln_common::ids::RunId;
+use kiln_common::spec::Retention;
 use tonic::Status;
 
 use crate::blobs::{BlobStore, GC_GRACE, GcReport};
-use crate::store::Store;
+use crate::store::{CacheRecord, RunRecord, Store};
 
+const DAY_MS: u64 = 24 * 3_600_000;
+
+/// The finished runs each pipeline's `retention:` lets go (by pipeline
+/// name), oldest first. Runs that made a release are never among them.
+pub(crate) fn expired_runs(
+    store: &dyn Store,
+    policies: &HashMap<String, Retention>,
+    now_ms: u64,
+) -> Result<Vec<RunRecord>, Status> {
+    let internal = |error: crate::store::StoreError| Status::internal(error.to_string());
+    let released: HashSet<RunId> = store
+        .releases()
+        .map_err(internal)?
+        .into_iter()
+        .map(|release| release.run)
+        .collect();
+    let mut expired = Vec::new();
+    for (pipeline, retention) in policies {
+        let runs = store
+            .runs(Some(pipeline), RunId(u64::MAX), usize::MAX)
+            .map_err(internal)?;
+        expired.extend(past_retention(runs, retention, &released, now_ms));
+    }
+    expired.sort_by_key(|run| run.id);
+    Ok(expired)
+}
+
+/// Of one pipeline's runs (newest first), the finished ones past
+/// `retention`: beyond the newest `runs` finished runs and finished more
+/// than `days` ago (each only when set), and not released.
+fn past_retention(
+    runs: Vec<RunRecord>,
+    retention: &Retention,
+    released: &HashSet<RunId>,
+    now_ms: u64,
+) -> impl Iterator<Item = RunRecord> {
+    let Retention {
+        runs: keep_runs,
+        days,
+    } = *retention;
+    let keep_after_ms = days.map(|days| now_ms.saturating_sub(u64::from(days) * DAY_MS));
+    runs.into_iter()
+        .filter(|run| run.finished_ms.is_some())
+        .enumerate()
+        .filter(move |(newer, run)| {
+            let by_count = keep_runs.is_some_and(|n| *newer < n as usize);
+            let by_age = keep_after_ms
+                .is_some_and(|after| run.finished_ms.is_some_and(|finished| finished >= after));
+            !by_count && !by_age && !released.contains(&run.id)
+        })
+        .map(|(_, run)| run)
+}
+
+/// Collects blobs nothing keeps; returns the report and the shared cache
+/// entries that expired (the caller forgets them through the commit
+/// thread, unless this is a dry run).
 pub(crate) fn collect(
     store: &dyn Store,
     blobs: &BlobStore,
     keep_days: u32,
+    cache_keep_days: u32,
+    dropped_runs: &HashSet<RunId>,
     dry_run: bool,
-) -> Result<GcReport, Status> {
+) -> Result<(GcReport, Vec<CacheRecord>), Status> {
     // Anything used after this instant is kept whatever the scan finds.
     let scan_started = SystemTime::now();
     let now_ms = scan_started
@@ -32,9 +94,10 @@ pub(crate) fn collect(
         .runs(None, RunId(u64::MAX), usize::MAX)
         .map_err(internal)?
     {
-        let wanted = run
-            .finished_ms
-            .is_none_or(|finished| finished >= keep_after_ms);
+        let wanted = !dropped_runs.contains(&run.id)
+            && run
+                .finished_ms
+                .is_none_or(|finished| finished >= keep_after_ms);
         if !wanted {
             continue;
         }
@@ -52,12 +115,26 @@ pub(crate) fn collect(
         keep.extend(release.source_digest);
         keep.extend(release.artifacts.into_iter().map(|a| a.artifact.digest));
     }
+    let mut expired_caches = Vec::new();
+    for entry in store.caches(None).map_err(internal)? {
+        if crate::caches::expired(&entry, now_ms, cache_keep_days) {
+            expired_caches.push(entry);
+        } else {
+            keep.extend(entry.archives.into_iter().map(|archive| archive.digest));
+        }
+    }
     let cutoff = scan_started.checked_sub(GC_GRACE).unwrap_or(UNIX_EPOCH);
     let report = blobs
         .collect(&keep, cutoff, dry_run)
         .map_err(|error| Status::internal(format!("garbage collection failed: {error}")))?;
-    tracing::info!(?report, keep_days, dry_run, "artifact garbage collection");
-    Ok(report)
+    tracing::info!(
+        ?report,
+        keep_days,
+        expired_caches = expired_caches.len(),
+        dry_run,
+        "artifact garbage collection"
+    );
+    Ok((report, expired_caches))
 }
 
 #[cfg(test)]
@@ -151,7 +228,7 @@ mod tests {
             endpoint: None,
         }));
         store.apply(&batch).unwrap();
-        let report = collect(&store, &blobs, 1, false).unwrap();
+        let (report, _) = collect(&store, &blobs, 1, 7, &HashSet::new(), false).unwrap();
         assert_eq!((report.deleted, report.kept), (1, 1));
         let model = crate::blobs::parse_digest(&model).unwrap();
         let scratch = crate::blobs::parse_digest(&scratch).unwrap();
@@ -163,5 +240,68 @@ mod tests {
             blobs.stat(&scratch).is_none(),
             "an old run's other output is collected"
         );
+    }
+
+    fn finished(id: u64, finished_ms: Option<u64>) -> RunRecord {
+        RunRecord {
+            id: RunId(id),
+            pipeline: "p".into(),
+            pipeline_version: 1,
+            commit: "c".into(),
+            rev: "main".into(),
+            state: if finished_ms.is_some() {
+                RunState::Succeeded
+            } else {
+                RunState::Running
+            },
+            triggered_by: "test".into(),
+            created_ms: 0,
+            finished_ms,
+            source_digest: None,
+            rollback: None,
+            datasets: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn retention_keeps_the_newest_runs_the_recent_ones_and_the_released() {
+        let now = 100 * DAY_MS;
+        // Newest first: 6 is unfinished, 5..1 finished a day apart.
+        let runs = || {
+            let mut runs = vec![finished(6, None)];
+            runs.extend(
+                (1..=5)
+                    .rev()
+                    .map(|id| finished(id, Some(now - (6 - id) * DAY_MS))),
+            );
+            runs
+        };
+        let ids = |retention: Retention, released: &[u64]| {
+            let released = released.iter().map(|id| RunId(*id)).collect();
+            past_retention(runs(), &retention, &released, now)
+                .map(|run| run.id.0)
+                .collect::<Vec<_>>()
+        };
+        let by_count = Retention {
+            runs: Some(2),
+            days: None,
+        };
+        assert_eq!(
+            ids(by_count, &[]),
+            [3, 2, 1],
+            "unfinished 6 is never counted"
+        );
+        assert_eq!(ids(by_count, &[2]), [3, 1], "a released run stays");
+        let by_age = Retention {
+            runs: None,
+            days: Some(3),
+        };
+        // Run 5 finished 1 day ago ... run 3 three days ago: kept.
+        assert_eq!(ids(by_age, &[]), [2, 1]);
+        let either = Retention {
+            runs: Some(4),
+            days: Some(1),
+        };
+        assert_eq!(ids(either, &[]), [1]);
     }
 }

@@ -24,6 +24,7 @@ mod artifact_service;
 mod auth;
 pub mod backup;
 mod blobs;
+mod caches;
 pub mod clock;
 mod commit;
 mod control;
@@ -104,6 +105,9 @@ pub struct ArtifactPolicy {
     pub max_run_bytes: u64,
     /// `kiln gc` keeps outputs of runs finished within this many days.
     pub keep_days: u32,
+    /// A shared cache entry is used, and its archives kept, this many days
+    /// after it was saved.
+    pub cache_keep_days: u32,
 }
 
 impl Default for ArtifactPolicy {
@@ -112,6 +116,7 @@ impl Default for ArtifactPolicy {
             max_blob_bytes: 64 << 30,
             max_run_bytes: 256 << 30,
             keep_days: 30,
+            cache_keep_days: 7,
         }
     }
 }
@@ -238,6 +243,12 @@ pub async fn run(
         stop_rx.clone(),
     ));
     let hooks_events = events_tx.clone();
+    let caches = caches::Caches::new(
+        store.clone(),
+        writer.clone(),
+        blobs.clone(),
+        config.artifacts.cache_keep_days,
+    );
     let reader = read::Reader::new(store.clone(), view.clone(), parsed.clone());
     let engine_task = tokio::spawn(engine::run_engine(
         engine,
@@ -278,6 +289,8 @@ pub async fn run(
         tokens,
         secrets.clone(),
         provenance_key.clone(),
+        caches.clone(),
+        writer.clone(),
     ));
     let web = Arc::new(web::Web::new(
         reader,
@@ -311,8 +324,11 @@ pub async fn run(
                 .max_decoding_message_size(MAX_MESSAGE_BYTES),
             )
             .add_service(
-                ArtifactServiceServer::new(artifact_service::ArtifactApi::new(blobs.clone()))
-                    .max_decoding_message_size(4 * blobs::CHUNK_BYTES),
+                ArtifactServiceServer::new(artifact_service::ArtifactApi::new(
+                    blobs.clone(),
+                    caches,
+                ))
+                .max_decoding_message_size(4 * blobs::CHUNK_BYTES),
             )
             .add_service(
                 ControlServiceServer::from_arc(control.clone())

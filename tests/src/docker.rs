@@ -12,7 +12,9 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use bollard::Docker;
-use bollard::query_parameters::{BuildImageOptionsBuilder, ListContainersOptionsBuilder};
+use bollard::query_parameters::{
+    BuildImageOptionsBuilder, ListContainersOptionsBuilder, ListNetworksOptionsBuilder,
+};
 use futures::StreamExt;
 use kiln_proto::v1 as pb;
 use tokio::sync::Mutex;
@@ -136,6 +138,17 @@ pub async fn containers_of(docker: &Docker, agent: &str) -> Result<Vec<String>> 
         .collect())
 }
 
+/// Names of the networks labelled `kiln.agent=<agent>` (those of stages
+/// with `services:`).
+pub async fn networks_of(docker: &Docker, agent: &str) -> Result<Vec<String>> {
+    let filters = std::collections::HashMap::from([("label", vec![format!("kiln.agent={agent}")])]);
+    let options = ListNetworksOptionsBuilder::default()
+        .filters(&filters)
+        .build();
+    let networks = docker.list_networks(Some(options)).await?;
+    Ok(networks.into_iter().filter_map(|n| n.name).collect())
+}
+
 /// Starts `kiln-agent --executor docker` with capacity 1 and `extra` flags.
 pub fn start_docker_agent(
     url: &str,
@@ -245,6 +258,11 @@ impl DockerFarm {
     /// This farm's containers that exist right now.
     pub async fn containers(&self) -> Result<Vec<String>> {
         containers_of(&self.docker, &self.agent_name).await
+    }
+
+    /// This farm's networks that exist right now.
+    pub async fn networks(&self) -> Result<Vec<String>> {
+        networks_of(&self.docker, &self.agent_name).await
     }
 
     /// Attempt directories under the agent's work dir (`ws/<run>-<idx>-<attempt>`).

@@ -99,6 +99,11 @@ fn spec() -> BTreeMap<String, Expect> {
         with_pipelines(with_agents(users(Operator))),
     );
     add(artifacts, &["DownloadBlob"], with_agents(users(Viewer)));
+    add(
+        artifacts,
+        &["GetCache", "PutCache"],
+        with_agents(users(AgentsOnly)),
+    );
     let control = "kiln.v1.ControlService";
     add(
         control,
@@ -128,6 +133,7 @@ fn spec() -> BTreeMap<String, Expect> {
             "GetProvenance",
             "GetProvenanceKey",
             "Lineage",
+            "ListCaches",
         ],
         users(Viewer),
     );
@@ -139,6 +145,7 @@ fn spec() -> BTreeMap<String, Expect> {
             "ApproveStage",
             "RejectStage",
             "Rollback",
+            "ClearCaches",
             "UnfreezeEnvironment",
         ],
         users(Operator),

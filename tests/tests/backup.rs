@@ -38,16 +38,16 @@ fn tar(args: &[&str]) -> Result<()> {
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_stopped_coordinators_data_dir_restores_elsewhere_and_carries_on() -> Result<()> {
-    let options = CoordinatorOptions::default();
-    let original = tempfile::tempdir()?;
-    let data = original.path().join("kiln");
-    let repo = Repo::new(PIPELINE)?;
-    let work = tempfile::tempdir()?;
-
-    // Before: one finished run with a secret, a log and an artifact.
-    let mut coordinator = Coordinator::start(&data, &options)?;
+/// A coordinator at `data` with one finished run of [`PIPELINE`]: a secret
+/// read by its stage, a log and an artifact. Returns the coordinator, its
+/// agent (named `a1`, in `work`), the run and its repository (later runs
+/// need it).
+async fn one_finished_run(
+    data: &std::path::Path,
+    options: &CoordinatorOptions,
+    work: &std::path::Path,
+) -> Result<(Coordinator, kiln_tests::Process, u64, Repo)> {
+    let coordinator = Coordinator::start(data, options)?;
     let url = coordinator.url();
     let set = kiln_as(
         &url,
@@ -56,11 +56,54 @@ async fn a_stopped_coordinators_data_dir_restores_elsewhere_and_carries_on() -> 
         &["secret", "set", "GREETING"],
     )?;
     ensure!(set.status.success(), "{set:?}");
-    let agent = start_agent(&url, "a1", "", 1, work.path())?;
+    let agent = start_agent(&url, "a1", "", 2, work)?;
+    let repo = Repo::new(PIPELINE)?;
     let first = register_and_run(&coordinator, &repo).await?;
     let mut client = coordinator.client().await?;
     let done = wait_run(&mut client, first, Duration::from_secs(60)).await?;
     ensure!(done.state == pb::RunState::Succeeded as i32, "{done:?}");
+    Ok((coordinator, agent, first, repo))
+}
+
+/// A restored coordinator carries on: a new run after `first`, whose stage
+/// opens the restored secret (an agent must be connected).
+async fn a_new_run_reads_the_restored_secret(coordinator: &Coordinator, first: u64) -> Result<()> {
+    let mut client = coordinator.client().await?;
+    let pipeline = client
+        .trigger_run(pb::TriggerRunRequest {
+            pipeline: "backed-up".into(),
+            triggered_by: "test".into(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    ensure!(pipeline.id > first, "run ids restart after a restore");
+    let second = wait_run(&mut client, pipeline.id, Duration::from_secs(60))
+        .await
+        .context("the restored coordinator did not finish a new run")?;
+    ensure!(second.state == pb::RunState::Succeeded as i32, "{second:?}");
+    let lines = logs(&mut client, second.id, "make").await?;
+    ensure!(
+        lines.iter().any(|entry| {
+            entry
+                .line
+                .as_ref()
+                .is_some_and(|line| line.text.contains("made with 11-character greeting"))
+        }),
+        "the new run did not get the restored secret: {lines:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stopped_coordinators_data_dir_restores_elsewhere_and_carries_on() -> Result<()> {
+    let options = CoordinatorOptions::default();
+    let original = tempfile::tempdir()?;
+    let data = original.path().join("kiln");
+    let work = tempfile::tempdir()?;
+    // Before: one finished run with a secret, a log and an artifact.
+    let (mut coordinator, agent, first, _repo) =
+        one_finished_run(&data, &options, work.path()).await?;
     let admin_token = coordinator.admin_token.clone();
     drop(agent);
 
@@ -116,30 +159,7 @@ async fn a_stopped_coordinators_data_dir_restores_elsewhere_and_carries_on() -> 
     // It carries on: a new run, whose stage opens the restored secret.
     let work = tempfile::tempdir()?;
     let _agent = start_agent(&url, "a2", "", 1, work.path())?;
-    let pipeline = client
-        .trigger_run(pb::TriggerRunRequest {
-            pipeline: "backed-up".into(),
-            triggered_by: "test".into(),
-            ..Default::default()
-        })
-        .await?
-        .into_inner();
-    ensure!(pipeline.id > first, "run ids restart after a restore");
-    let second = wait_run(&mut client, pipeline.id, Duration::from_secs(60))
-        .await
-        .context("the restored coordinator did not finish a new run")?;
-    ensure!(second.state == pb::RunState::Succeeded as i32, "{second:?}");
-    let lines = logs(&mut client, second.id, "make").await?;
-    ensure!(
-        lines.iter().any(|entry| {
-            entry
-                .line
-                .as_ref()
-                .is_some_and(|line| line.text.contains("made with 11-character greeting"))
-        }),
-        "the new run did not get the restored secret: {lines:?}"
-    );
-    Ok(())
+    a_new_run_reads_the_restored_secret(&coordinator, first).await
 }
 
 /// A stage that prints for a while (so the store is written to all through
@@ -200,22 +220,11 @@ async fn an_online_backup_of_a_busy_coordinator_restores_and_carries_on_its_runs
     let options = CoordinatorOptions::default();
     let original = tempfile::tempdir()?;
     let data = original.path().join("kiln");
-    let mut coordinator = Coordinator::start(&data, &options)?;
-    let url = coordinator.url();
-    let set = kiln_as(
-        &url,
-        Some(&coordinator.admin_token),
-        b"hello-there",
-        &["secret", "set", "GREETING"],
-    )?;
-    ensure!(set.status.success(), "{set:?}");
     let work = tempfile::tempdir()?;
-    let mut agent = start_agent(&url, "a1", "", 2, work.path())?;
-    let repo = Repo::new(PIPELINE)?;
-    let first = register_and_run(&coordinator, &repo).await?;
+    let (mut coordinator, mut agent, first, _repo) =
+        one_finished_run(&data, &options, work.path()).await?;
+    let url = coordinator.url();
     let mut client = coordinator.client().await?;
-    let done = wait_run(&mut client, first, Duration::from_secs(60)).await?;
-    ensure!(done.state == pb::RunState::Succeeded as i32, "{done:?}");
 
     // A run that is writing its log while the backup is taken.
     let marks = tempfile::tempdir()?;
@@ -363,15 +372,5 @@ async fn an_online_backup_of_a_busy_coordinator_restores_and_carries_on_its_runs
         finished.state == pb::RunState::Succeeded as i32,
         "{finished:?}"
     );
-    let second = client
-        .trigger_run(pb::TriggerRunRequest {
-            pipeline: "backed-up".into(),
-            triggered_by: "test".into(),
-            ..Default::default()
-        })
-        .await?
-        .into_inner();
-    let second = wait_run(&mut client, second.id, Duration::from_secs(60)).await?;
-    ensure!(second.state == pb::RunState::Succeeded as i32, "{second:?}");
-    Ok(())
+    a_new_run_reads_the_restored_secret(&coordinator, first).await
 }

@@ -213,3 +213,41 @@ async fn logs_follow_a_running_stage_until_it_ends() -> Result<()> {
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn agents_show_their_resources_and_what_running_stages_hold() -> Result<()> {
+    let farm = kiln_tests::Farm::start(&CoordinatorOptions::default(), &[("res-agent", "", 2)])?;
+    let coordinator = &farm.coordinator;
+    let repo = Repo::new(
+        "pipeline: held\nstages:\n  hold:\n    resources: { cpus: 1, memory: 64Mi }\n    commands: [\"sleep 3\"]\n",
+    )?;
+    let run = kiln_tests::register_and_run(coordinator, &repo).await?;
+    let held = kiln_tests::eventually(
+        std::time::Duration::from_secs(30),
+        "the stage to hold its resources",
+        || async {
+            let agents = json(&coordinator.kiln(&["--output", "json", "agents"]));
+            let agent = agents[0].clone();
+            Ok((agent["in_use"]["cpus"] == 1.0).then_some(agent))
+        },
+    )
+    .await?;
+    assert_eq!(held["in_use"]["memory_bytes"], 64 << 20, "{held}");
+    assert!(held["resources"]["cpus"].as_f64().unwrap() >= 1.0, "{held}");
+    assert!(
+        held["resources"]["memory_bytes"].as_u64().unwrap() > 0,
+        "{held}"
+    );
+    let table = stdout(&coordinator.kiln(&["agents"]));
+    assert!(
+        table.contains("CPUS") && table.contains("MEMORY"),
+        "{table}"
+    );
+    assert!(table.contains(" 1/"), "cpus in use of declared: {table}");
+
+    let mut client = coordinator.client().await?;
+    kiln_tests::wait_run(&mut client, run, std::time::Duration::from_secs(30)).await?;
+    let agents = json(&coordinator.kiln(&["--output", "json", "agents"]));
+    assert_eq!(agents[0]["in_use"]["cpus"], 0.0, "{agents}");
+    Ok(())
+}

@@ -72,6 +72,16 @@ struct Args {
     /// `none`, a count (`2` = devices 0 and 1) or device indexes (`0,2`).
     #[arg(long, env = "KILN_AGENT_GPUS", default_value = "auto")]
     gpus: String,
+    /// The most the stage caches (`cache:` in kiln.yml) may take under
+    /// the work dir; the least recently used go first. E.g. 10GiB.
+    #[arg(
+        long,
+        env = "KILN_AGENT_CACHE_MAX_BYTES",
+        value_name = "SIZE",
+        default_value = "10GiB",
+        value_parser = kiln_common::size::parse
+    )]
+    cache_max_bytes: u64,
     /// PEM CA bundle the coordinator's certificate must chain to (for an
     /// https:// coordinator; without it the system's roots are used).
     #[arg(long, env = "KILN_CA_FILE", value_name = "PEM")]
@@ -172,6 +182,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             Ok(None) => kiln_agent::detect_gpus(),
             Err(error) => anyhow::bail!("--gpus: {error}"),
         },
+        cache_max_bytes: args.cache_max_bytes,
     };
     // Installed before the agent starts, so an early signal is not lost.
     let mut terminate = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;

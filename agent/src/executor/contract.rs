@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use kiln_proto::v1::DockerOptions;
+use kiln_proto::v1::{DockerOptions, StageService};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
@@ -53,6 +53,10 @@ pub(crate) struct Job {
     /// GPU devices the coordinator reserved for the stage: a container gets
     /// a device request for them, a host process `CUDA_VISIBLE_DEVICES`.
     pub(crate) gpus: Vec<u32>,
+    /// `services:` the docker executor starts beside the container, on a
+    /// network of the attempt's own; the process executor never gets any
+    /// (the coordinator places such stages on docker agents only).
+    pub(crate) services: Vec<StageService>,
 }
 
 /// What an executor reports: how the commands ended, and in what.

@@ -10,7 +10,9 @@
 //! the shell, which is not PID 1, dies of the SIGTERM. Whatever happens, the
 //! container is removed before the attempt ends (and by a background task if
 //! the attempt's future is dropped); containers a crashed agent of the same
-//! name left are removed when the agent starts.
+//! name left are removed when the agent starts. A stage with `services:`
+//! first gets a network of its own and its services, ready (`services`);
+//! they go after its container, and a crashed agent's with it.
 //!
 //! # Decisions
 //!
@@ -37,7 +39,7 @@ use bollard::Docker;
 use bollard::errors::Error as BollardError;
 use bollard::query_parameters::{
     AttachContainerOptionsBuilder, CreateContainerOptionsBuilder, ListContainersOptionsBuilder,
-    StopContainerOptionsBuilder,
+    ListNetworksOptionsBuilder, StopContainerOptionsBuilder,
 };
 use futures::future::BoxFuture;
 use kiln_common::duration;
@@ -55,8 +57,10 @@ use crate::timer::sleep_until_some;
 mod config;
 mod container;
 mod image;
+mod services;
 
 use container::{Container, forward_output, remove, wait_for_exit};
+use services::{NotReady, Services};
 
 /// Linux's limit on one argument (`MAX_ARG_STRLEN`), which the script is.
 const MAX_SCRIPT_BYTES: usize = 128 * 1024 - 1;
@@ -122,8 +126,9 @@ impl DockerExecutor {
         Ok(executor)
     }
 
-    /// Containers labelled with this agent's name belong to attempts that a
-    /// crash of this agent abandoned: nobody waits for them any more.
+    /// Containers (stages and their services) and networks labelled with
+    /// this agent's name belong to attempts that a crash of this agent
+    /// abandoned: nobody waits for them any more.
     async fn remove_orphans(&self) -> Result<(), BollardError> {
         let filters = HashMap::from([("label", vec![format!("kiln.agent={}", self.agent)])]);
         let options = ListContainersOptionsBuilder::default()
@@ -137,6 +142,17 @@ impl DockerExecutor {
             info!(container = %name, "removing a container an earlier run of this agent left");
             if let Err(err) = remove(&self.docker, &id).await {
                 warn!(container = %name, %err, "cannot remove an orphaned container");
+            }
+        }
+        // Networks last: a network is removable once no container uses it.
+        let options = ListNetworksOptionsBuilder::default()
+            .filters(&filters)
+            .build();
+        for network in self.docker.list_networks(Some(options)).await? {
+            let Some(name) = network.name else { continue };
+            info!(%name, "removing a stage network an earlier run of this agent left");
+            if let Err(err) = services::remove_network(&self.docker, &name).await {
+                warn!(%name, %err, "cannot remove an orphaned network");
             }
         }
         Ok(())
@@ -171,9 +187,46 @@ impl DockerExecutor {
             }
         };
 
-        log.system(config::describe(&job, &image.digest, &self.host))
-            .await;
+        log.system(config::describe(
+            &job,
+            &image.digest,
+            &self.host,
+            &self.agent,
+        ))
+        .await;
         let name = config::container_name(&self.agent, &job);
+        let services = match config::services_network(&self.agent, &job) {
+            None => None,
+            Some(network) => {
+                let labels = config::labels(&self.agent, &job);
+                let (services, ready) = Services::start(
+                    &self.docker,
+                    &name,
+                    &network,
+                    &labels,
+                    &job,
+                    &log,
+                    &mut stop,
+                )
+                .await?;
+                if let Err(not_ready) = ready {
+                    services.remove().await;
+                    let exit = match not_ready {
+                        NotReady::Failed(message) => {
+                            log.system(message.clone()).await;
+                            Exit::CannotStart(message)
+                        }
+                        NotReady::Stopped(stop) => {
+                            log.system(format!("{stop}; not starting the container"))
+                                .await;
+                            Exit::Stopped(stop)
+                        }
+                    };
+                    return Ok(exit.into());
+                }
+                Some(services)
+            }
+        };
         let body = config::container_body(&job, &image.id, script, &self.agent, &self.host);
         let limit_bytes = config::memory_limit(&job.docker);
         let container = self.create(&name, body, &log).await?;
@@ -181,6 +234,9 @@ impl DockerExecutor {
             .run_container(&container, &job, limit_bytes, &log, &mut stop)
             .await;
         container.remove().await;
+        if let Some(services) = services {
+            services.remove().await;
+        }
         let (exit, started_at) = match ran {
             Err(Error::Docker { action, detail })
                 if !job.gpus.is_empty() && detail.contains("capabilities: [[gpu]]") =>

@@ -48,6 +48,15 @@ impl ProcessExecutor {
     }
 
     async fn run_job(&self, job: Job, log: LogSink, mut stop: StopSignal) -> Result<Ended, Error> {
+        if !job.services.is_empty() {
+            // The coordinator places such stages on docker agents only; an
+            // older coordinator may not.
+            let message = "the stage has `services:`, which start only beside a docker stage; \
+                           this agent runs host processes"
+                .to_owned();
+            log.system(message.clone()).await;
+            return Ok(Exit::CannotStart(message).into());
+        }
         let script = job.scratch.join(format!("{}.sh", job.name));
         let mut text = job.commands.join("\n");
         text.push('\n');
@@ -262,6 +271,7 @@ mod tests {
         fn job(&self, commands: &[&str], timeout: Option<Duration>) -> Job {
             Job {
                 gpus: Vec::new(),
+                services: Vec::new(),
                 key: crate::attempt::AttemptKey::new(1, 0, 1),
                 stage_name: "build".into(),
                 name: "1-0-1".into(),

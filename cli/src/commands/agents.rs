@@ -65,6 +65,8 @@ mod tests {
             labels: Default::default(),
             version: String::new(),
             last_seen_ms: None,
+            resources: Default::default(),
+            in_use: Default::default(),
         };
         assert_eq!(
             drained_line(&agent),

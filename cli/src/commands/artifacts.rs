@@ -137,6 +137,8 @@ pub(crate) async fn gc(
             "blobs_deleted": report.blobs_deleted,
             "bytes_freed": report.bytes_freed,
             "blobs_kept": report.blobs_kept,
+            "caches_expired": report.caches_expired,
+            "runs_deleted": report.runs_deleted,
         }))?,
         OutputFormat::Table => output::line(format!(
             "{} {} blobs ({}), kept {}",
@@ -149,6 +151,30 @@ pub(crate) async fn gc(
             human_bytes(report.bytes_freed),
             report.blobs_kept
         ))?,
+    }
+    if format == OutputFormat::Table && !report.runs_deleted.is_empty() {
+        let runs: Vec<String> = report.runs_deleted.iter().map(u64::to_string).collect();
+        output::line(format!(
+            "{} {} runs past their pipeline's retention (with their stages and logs): {}",
+            if args.dry_run {
+                "would delete"
+            } else {
+                "deleted"
+            },
+            runs.len(),
+            runs.join(", ")
+        ))?;
+    }
+    if format == OutputFormat::Table && report.caches_expired > 0 {
+        output::line(format!(
+            "{} {} expired shared cache entries",
+            if args.dry_run {
+                "would forget"
+            } else {
+                "forgot"
+            },
+            report.caches_expired
+        ))?;
     }
     Ok(Outcome::Ok)
 }

@@ -4,6 +4,7 @@
 
 pub(crate) mod agents;
 pub(crate) mod artifacts;
+pub(crate) mod cache;
 pub(crate) mod delivery;
 pub(crate) mod logs;
 pub(crate) mod metrics;

@@ -16,7 +16,9 @@
 //!
 //! `values` reads single values for `schema`, `container` the docker
 //! settings (`executor`, `pull`, `resources`, `network`), `delivery` the
-//! delivery keys of a stage, `triggers` the pipeline's `triggers:`;
+//! delivery keys of a stage, `triggers` the pipeline's `triggers:`,
+//! `services` a stage's `services:`, `cache` its `cache:`, `retention` the
+//! pipeline's `retention:`;
 //! `suggest` is a small helper. Durations are read by [`crate::duration`].
 
 use std::collections::BTreeMap;
@@ -27,14 +29,18 @@ pub use delivery::{
     Approval, Condition, Gate, MaxRegression, Monitor, MonitorSource, OnBreach, OnMissing, Op,
     Select,
 };
+pub use services::{DEFAULT_HEALTH_TIMEOUT, MAX_SERVICES};
 pub use triggers::{
     DEFAULT_DATA_EVERY, DataTrigger, MAX_SCHEDULES, MIN_DATA_INTERVAL, PushTrigger, Triggers,
 };
 
+mod cache;
 mod container;
 mod delivery;
 mod matrix;
+mod retention;
 mod schema;
+mod services;
 mod suggest;
 mod triggers;
 mod validate;
@@ -83,6 +89,18 @@ pub struct Pipeline {
     /// `timeout:` at the top level: how long a whole run may take before
     /// what still runs is stopped and the run fails.
     pub timeout: Option<Duration>,
+    /// `retention:` how many finished runs `kiln gc` keeps; `None` keeps
+    /// them all (their artifacts still go after `--artifact-keep-days`).
+    pub retention: Option<Retention>,
+}
+
+/// `retention: {keep: {runs: N, days: D}}`: a finished run is kept while it
+/// is among its pipeline's newest `runs` finished runs or finished within
+/// `days` (at least one is set); runs that made a release always are.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Retention {
+    pub runs: Option<u32>,
+    pub days: Option<u32>,
 }
 
 /// One stage, with the pipeline's `defaults` already applied.
@@ -139,6 +157,39 @@ pub struct Stage {
     /// For a cell of a `matrix:` (`train[lr=0.1]`): the stage as written
     /// (`train`).
     pub cell_of: Option<String>,
+    /// `services:` containers started beside this (docker) stage, in file
+    /// order; names are unique within the stage.
+    pub services: Vec<Service>,
+    /// `cache:` directories restored before the stage and saved after it.
+    pub cache: Option<Cache>,
+}
+
+/// A stage's `cache:`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Cache {
+    /// Rendered by the agent in the stage's directory.
+    pub key: crate::cache_key::CacheKey,
+    /// Directories (or files) relative to the stage's directory.
+    pub paths: Vec<String>,
+    /// Also kept in the coordinator's blob store for every agent.
+    pub shared: bool,
+}
+
+/// One of a docker stage's `services:`: a container on the attempt's own
+/// network, reachable from the stage by `name`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Service {
+    /// Its host name on the attempt's network: a DNS label.
+    pub name: String,
+    pub image: String,
+    pub env: BTreeMap<String, String>,
+    /// Arguments replacing the image's command; empty keeps the image's.
+    pub command: Vec<String>,
+    /// A shell command run inside the service until it succeeds; `None`:
+    /// the service is ready once it runs.
+    pub health: Option<String>,
+    /// How long the service may take to become ready.
+    pub health_timeout: Duration,
 }
 
 /// `retries: {max: N, when: [agent_lost, infra_error, timeout, failed]}` —

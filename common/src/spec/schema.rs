@@ -10,14 +10,17 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::time::Duration;
 
+use super::cache;
 use super::container::{self, ContainerDraft};
 use super::delivery::{self, DeliveryDraft};
 use super::matrix::{self, MatrixDraft};
+use super::retention;
+use super::services;
 use super::suggest::did_you_mean;
 use super::triggers::{self, Triggers};
 use super::values;
 use super::yaml::{Document, Node};
-use super::{EXECUTOR_LABEL, MAX_STAGES, Position, Problem, RetryWhen};
+use super::{Cache, EXECUTOR_LABEL, MAX_STAGES, Position, Problem, Retention, RetryWhen, Service};
 
 /// The file as read, before `needs` are resolved and defaults applied.
 pub(super) struct Draft {
@@ -25,6 +28,7 @@ pub(super) struct Draft {
     pub(super) defaults: Defaults,
     pub(super) triggers: Triggers,
     pub(super) timeout: Option<Duration>,
+    pub(super) retention: Option<Retention>,
     /// Never empty, in file order.
     pub(super) stages: Vec<StageDraft>,
 }
@@ -68,6 +72,11 @@ pub(super) struct StageDraft {
     pub(super) matrix: Option<MatrixDraft>,
     /// For a cell of a matrix: the stage it was expanded from.
     pub(super) cell_of: Option<String>,
+    /// `services:` and where the list is, which a stage that cannot have
+    /// them is blamed on.
+    pub(super) services: Option<(Vec<Service>, Position)>,
+    /// `cache:` as read.
+    pub(super) cache: Option<Cache>,
 }
 
 /// A name and where it was written, so that a reference can be blamed.
@@ -103,6 +112,7 @@ struct TopLevel {
     defaults: Defaults,
     triggers: Triggers,
     timeout: Option<Duration>,
+    retention: Option<Retention>,
     stages: Option<Vec<StageDraft>>,
 }
 
@@ -114,6 +124,7 @@ const TOP_LEVEL_FIELDS: &[Field<TopLevel>] = &[
     ("triggers", |top, v, path| set(&mut top.triggers, triggers::read(v, path))),
     ("timeout", |top, v, path| set(&mut top.timeout, values::timeout(v, path).map(Some))),
     ("stages", |top, v, path| set(&mut top.stages, read_stages(v, path).map(Some))),
+    ("retention", |top, v, path| set(&mut top.retention, retention::read(v, path).map(Some))),
 ];
 
 #[rustfmt::skip]
@@ -148,6 +159,8 @@ const STAGE_FIELDS: &[Field<StageDraft>] = &[
     ("endpoint", |s, v, path| set(&mut s.delivery.endpoint, delivery::endpoint(v, path).map(Some))),
     ("gate", |s, v, path| set(&mut s.delivery.gate, delivery::gate(v, path, &s.name.clone()).map(Some))),
     ("monitor", |s, v, path| set(&mut s.delivery.monitor, delivery::monitor(v, path, &s.name.clone()).map(Some))),
+    ("services", |s, v, path| set(&mut s.services, services::read(v, path, &s.name.clone()).map(Some))),
+    ("cache", |s, v, path| set(&mut s.cache, cache::read(v, path, &s.name.clone()).map(Some))),
 ];
 
 /// The long form `artifacts: {paths: [...], when: always}`.
@@ -205,6 +218,7 @@ pub(super) fn read(document: &Document<'_>) -> Result<Draft, Problem> {
         defaults: top.defaults,
         triggers: top.triggers,
         timeout: top.timeout,
+        retention: top.retention,
         stages,
     })
 }
@@ -275,6 +289,8 @@ fn read_stage(key: Node<'_>, body: Node<'_>) -> Result<StageDraft, Problem> {
         delivery: DeliveryDraft::default(),
         matrix: None,
         cell_of: None,
+        services: None,
+        cache: None,
     };
     // `build:` with nothing under it is a stage without commands, not a type error.
     if !body.is_null() {
@@ -333,6 +349,8 @@ fn check_delivery(stage: &StageDraft) -> Result<(), Problem> {
             (stage.delivery.metrics.is_some(), "metrics"),
             (stage.delivery.environment.is_some(), "environment"),
             (stage.delivery.monitor.is_some(), "monitor"),
+            (stage.services.is_some(), "services"),
+            (stage.cache.is_some(), "cache"),
             (stage.delivery.endpoint.is_some(), "endpoint"),
         ];
         if let Some((_, key)) = extra.iter().find(|(present, _)| *present) {

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 
 use super::schema::{Defaults, Draft, StageDraft};
 use super::suggest::did_you_mean;
-use super::{DEFAULT_RETRIES, DEFAULT_TIMEOUT, Pipeline, Problem, Stage};
+use super::{DEFAULT_RETRIES, DEFAULT_TIMEOUT, EXECUTOR_LABEL, Pipeline, Problem, Stage};
 
 /// Builds the pipeline, failing on the first bad `needs` entry or cycle.
 pub(super) fn pipeline(draft: Draft) -> Result<Pipeline, Problem> {
@@ -13,6 +13,9 @@ pub(super) fn pipeline(draft: Draft) -> Result<Pipeline, Problem> {
     let needs = resolve_needs(&stages)?;
     if let Some(cycle) = find_cycle(&needs) {
         return Err(cycle_problem(&stages, &cycle));
+    }
+    for stage in &stages {
+        check_services(stage, &draft.defaults)?;
     }
     check_retrain_has_a_champion_gate(&stages)?;
     let stages = stages
@@ -25,6 +28,7 @@ pub(super) fn pipeline(draft: Draft) -> Result<Pipeline, Problem> {
         stages,
         triggers: draft.triggers,
         timeout: draft.timeout,
+        retention: draft.retention,
     })
 }
 
@@ -237,5 +241,40 @@ fn with_defaults(stage: StageDraft, needs: Vec<usize>, defaults: &Defaults) -> S
         gate: stage.delivery.gate.map(|(gate, _)| gate),
         monitor: stage.delivery.monitor.map(|(monitor, _)| monitor),
         cell_of: stage.cell_of,
+        services: stage
+            .services
+            .map(|(services, _)| services)
+            .unwrap_or_default(),
+        cache: stage.cache,
     }
+}
+
+/// Services start beside a container, on its network: only a docker stage
+/// (one with an image, not `executor: process`) can have them.
+fn check_services(stage: &StageDraft, defaults: &Defaults) -> Result<(), Problem> {
+    let Some((_, at)) = &stage.services else {
+        return Ok(());
+    };
+    let name = &stage.name;
+    if stage.agent_labels.get(EXECUTOR_LABEL).map(String::as_str) == Some("process") {
+        return Err(Problem::new(
+            *at,
+            format!(
+                "stage `{name}` runs as a host process (`executor: process`), and `services` \
+                 start only beside a docker stage; remove `services` or run the stage in an \
+                 `image:`"
+            ),
+        ));
+    }
+    if stage.image.is_none() && defaults.image.is_none() {
+        return Err(Problem::new(
+            *at,
+            format!(
+                "stage `{name}` has `services` but no image, so it would run as a host process; \
+                 services start only beside a docker stage: add `image:` to the stage or to \
+                 `defaults`"
+            ),
+        ));
+    }
+    Ok(())
 }

@@ -10,8 +10,8 @@
 //! # Branch patterns
 //! A pattern is a branch name in which `*` stands for any run of
 //! characters, `/` included: `release/*` matches `release/1.2` and
-//! `release/1.2/hotfix`, and `*` alone matches every branch. No other
-//! character is special.
+//! `release/1.2/hotfix`, and `*` alone matches every branch; `{a,b}`
+//! matches either (`{main,develop}`). No other character is special.
 
 use hmac::{Hmac, Mac};
 use serde_json::Value;
@@ -189,29 +189,17 @@ pub fn parse_push(body: &[u8]) -> Result<PushEvent, WebhookError> {
 }
 
 /// Whether `branch` matches `pattern`, where `*` stands for any run of
-/// characters (see the module's branch patterns).
+/// characters (see the module's branch patterns). Matched by globset with
+/// `/` not special and no escapes; [`check_branch_pattern`] refuses the
+/// other glob characters (`?`, `[`), so `*` is the only one left. A
+/// pattern globset cannot read matches nothing.
 pub fn branch_matches(pattern: &str, branch: &str) -> bool {
-    // The classic two-cursor glob: on a mismatch, let the last `*` swallow
-    // one more character. Linear in practice, never exponential.
-    let (pattern, branch) = (pattern.as_bytes(), branch.as_bytes());
-    let (mut p, mut b) = (0, 0);
-    let mut last_star: Option<(usize, usize)> = None;
-    while b < branch.len() {
-        if p < pattern.len() && pattern[p] == b'*' {
-            last_star = Some((p, b));
-            p += 1;
-        } else if p < pattern.len() && pattern[p] == branch[b] {
-            p += 1;
-            b += 1;
-        } else if let Some((star_p, star_b)) = last_star {
-            p = star_p + 1;
-            b = star_b + 1;
-            last_star = Some((star_p, star_b + 1));
-        } else {
-            return false;
-        }
-    }
-    pattern[p..].iter().all(|c| *c == b'*')
+    globset::GlobBuilder::new(pattern)
+        .literal_separator(false)
+        .backslash_escape(false)
+        .empty_alternates(true)
+        .build()
+        .is_ok_and(|glob| glob.compile_matcher().is_match(branch))
 }
 
 /// Why a `branches` entry cannot be a branch pattern, if it cannot: the

@@ -152,6 +152,14 @@ pub(crate) fn rule(method: &str) -> Option<Rule> {
             "StatBlob" => Rule::read(Viewer).and_agents().and_pipelines(),
             "UploadBlob" => Rule::write(Operator).and_agents().and_pipelines(),
             "DownloadBlob" => Rule::read(Viewer).and_agents(),
+            "GetCache" => Rule {
+                users: None,
+                ..Rule::read(Admin).and_agents()
+            },
+            "PutCache" => Rule {
+                users: None,
+                ..Rule::write(Admin).and_agents()
+            },
             _ => return None,
         },
         ("kiln.v1.ControlService", name) => match name {
@@ -159,15 +167,15 @@ pub(crate) fn rule(method: &str) -> Option<Rule> {
             "WhoAmI" => Rule::read(Viewer).and_agents().and_pipelines(),
             "ListPipelines" | "GetPipeline" | "GetRun" | "ListRuns" | "WatchRun" | "StreamLogs"
             | "ListAgents" | "ListArtifacts" | "ListEnvironments" | "EnvironmentHistory"
-            | "MetricHistory" | "GetRelease" | "GetProvenance" | "GetProvenanceKey" | "Lineage" => {
-                Rule::read(Viewer)
-            }
+            | "MetricHistory" | "GetRelease" | "GetProvenance" | "GetProvenanceKey" | "Lineage"
+            | "ListCaches" => Rule::read(Viewer),
             "CancelRun"
             | "RetryStage"
             | "ApproveStage"
             | "RejectStage"
             | "Rollback"
-            | "UnfreezeEnvironment" => Rule::write(Operator),
+            | "UnfreezeEnvironment"
+            | "ClearCaches" => Rule::write(Operator),
             "DrainAgent" | "CollectGarbage" | "CreateToken" | "RevokeToken" | "SetSecret"
             | "DeleteSecret" => Rule::write(Admin),
             "ListTokens" | "ListSecrets" | "ListAudit" => Rule::read(Admin),

@@ -52,6 +52,10 @@ struct Flags {
     /// `kiln gc` keeps the outputs of runs finished within this many days.
     #[arg(long, default_value_t = kiln_coordinator::ArtifactPolicy::default().keep_days)]
     artifact_keep_days: u32,
+    /// A shared stage cache entry is used, and its blobs kept by `kiln gc`,
+    /// this many days after an agent saved it.
+    #[arg(long, default_value_t = kiln_coordinator::ArtifactPolicy::default().cache_keep_days)]
+    cache_keep_days: u32,
     /// Prometheus Alertmanager to post alerts to (root URL).
     #[arg(long, env = "KILN_ALERTMANAGER_URL")]
     alertmanager_url: Option<String>,
@@ -281,6 +285,7 @@ async fn serve(flags: Flags) -> Result<(), Failure> {
             max_blob_bytes: flags.max_artifact_bytes,
             max_run_bytes: flags.max_run_artifact_bytes,
             keep_days: flags.artifact_keep_days,
+            cache_keep_days: flags.cache_keep_days,
         },
         alerts: kiln_coordinator::AlertTargets {
             alertmanager_url: flags.alertmanager_url,

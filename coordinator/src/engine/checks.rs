@@ -90,7 +90,7 @@ impl SecretsToOpen {
             agent: self.agent,
             key: self.key,
             attempt: self.attempt,
-            assign: self.assign,
+            assign: Box::new(self.assign),
             opened,
         }
     }

@@ -114,6 +114,12 @@ impl Engine {
                 outputs_always: stage_spec.artifacts_always,
                 secrets: Default::default(),
                 gpus: reservation.gpus.clone(),
+                services: stage_spec.services.iter().map(service).collect(),
+                cache: stage_spec.cache.as_ref().map(|cache| pb::StageCache {
+                    key: cache.key.as_str().to_owned(),
+                    paths: cache.paths.clone(),
+                    shared: cache.shared,
+                }),
             };
             let secret_names = stage_spec.secrets.clone();
             self.pool.hold(
@@ -347,6 +353,17 @@ fn output_paths(stage: &spec::Stage) -> Vec<String> {
         paths.push(metrics.clone());
     }
     paths
+}
+
+fn service(service: &spec::Service) -> pb::StageService {
+    pb::StageService {
+        name: service.name.clone(),
+        image: service.image.clone(),
+        env: service.env.clone().into_iter().collect(),
+        command: service.command.clone(),
+        health: service.health.clone().unwrap_or_default(),
+        health_timeout_ms: service.health_timeout.as_millis() as u64,
+    }
 }
 
 fn docker_options(container: &spec::ContainerSettings) -> pb::DockerOptions {

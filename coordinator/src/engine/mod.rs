@@ -146,7 +146,8 @@ pub(crate) enum Event {
         agent: String,
         key: StageKey,
         attempt: u32,
-        assign: pb::Assign,
+        /// Boxed: an `Assign` is by far the largest thing an event carries.
+        assign: Box<pb::Assign>,
         opened: Result<std::collections::BTreeMap<String, String>, String>,
     },
     /// What the blob store said of a completion's outputs; see [`checks`].
@@ -464,7 +465,7 @@ impl Engine {
                 attempt,
                 assign,
                 opened,
-            } => self.secrets_opened(&agent, key, attempt, assign, opened),
+            } => self.secrets_opened(&agent, key, attempt, *assign, opened),
         }
         // What the run book asked of delivery happens before the next event.
         self.route_delivery();

@@ -19,6 +19,8 @@ use kiln_proto::v1 as pb;
 pub(super) struct Need {
     /// No image: only a host process can run it.
     pub(super) host_only: bool,
+    /// `services:` start beside a container: only a docker agent can.
+    pub(super) docker_only: bool,
     pub(super) cpus: f64,
     pub(super) memory_bytes: u64,
     pub(super) gpus: GpuRequest,
@@ -28,6 +30,7 @@ impl Need {
     pub(super) fn of(stage: &spec::Stage) -> Self {
         Self {
             host_only: stage.image.is_none() && !stage.agent_labels.contains_key(EXECUTOR_LABEL),
+            docker_only: !stage.services.is_empty(),
             cpus: stage.container.cpus.unwrap_or(0.0),
             memory_bytes: stage.container.memory_bytes.unwrap_or(0),
             gpus: stage.container.gpus.clone(),
@@ -40,6 +43,11 @@ impl Need {
         if self.host_only {
             wants.push(format!(
                 "`{EXECUTOR_LABEL}: process` (it names no image, so it runs as a host process)"
+            ));
+        }
+        if self.docker_only {
+            wants.push(format!(
+                "`{EXECUTOR_LABEL}: docker` (its services start beside a container)"
             ));
         }
         if !labels.is_empty() {
@@ -106,6 +114,13 @@ impl Machine {
             && kind != "process"
         {
             let _ = write!(why, "runs stages in {kind}");
+        } else if need.docker_only
+            && labels.get(EXECUTOR_LABEL).map(String::as_str) != Some("docker")
+        {
+            let kind = labels
+                .get(EXECUTOR_LABEL)
+                .map_or("no executor", String::as_str);
+            let _ = write!(why, "runs stages as {kind}, not in docker");
         } else if self.cpus > 0.0 && need.cpus > self.cpus {
             let _ = write!(why, "has {} cpus", self.cpus);
         } else if self.memory_bytes > 0 && need.memory_bytes > self.memory_bytes {
@@ -312,6 +327,29 @@ mod tests {
             host_only
                 .describe(&BTreeMap::new())
                 .contains("it names no image")
+        );
+    }
+
+    #[test]
+    fn a_stage_with_services_needs_a_docker_agent() {
+        let with_services = Need {
+            docker_only: true,
+            ..Need::default()
+        };
+        let docker: BTreeMap<String, String> =
+            [(EXECUTOR_LABEL.to_owned(), "docker".to_owned())].into();
+        let process: BTreeMap<String, String> =
+            [(EXECUTOR_LABEL.to_owned(), "process".to_owned())].into();
+        let any = Machine::default();
+        assert_eq!(any.never(&docker, &with_services), None);
+        assert_eq!(
+            any.never(&process, &with_services),
+            Some("runs stages as process, not in docker".into())
+        );
+        assert!(
+            with_services
+                .describe(&BTreeMap::new())
+                .contains("its services start beside a container")
         );
     }
 }

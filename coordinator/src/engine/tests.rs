@@ -82,6 +82,13 @@ impl Harness {
         .unwrap();
     }
 
+    /// Every agent stays silent past its lease; the engine notices.
+    fn lapse_lease(&mut self) {
+        self.clock.advance(LEASE_MS + 1);
+        self.engine.tick();
+        self.commit();
+    }
+
     /// What the runner and the commit thread do: output checks on the
     /// side (here, at once), then apply, flush and run the effects.
     fn commit(&mut self) {
@@ -409,9 +416,7 @@ fn lost_lease_requeues_and_fences_off_the_old_attempt() {
     let first = old.assignments()[0];
     assert_eq!(first.attempt, 1);
     // `old` goes silent; the lease runs out.
-    h.clock.advance(LEASE_MS + 1);
-    h.engine.tick();
-    h.commit();
+    h.lapse_lease();
     let stage = h.stage(run, "only");
     assert_eq!(
         (stage.state, stage.attempt),
@@ -455,9 +460,7 @@ fn a_stage_without_retries_fails_with_agent_lost_and_skips_dependents() {
     let run = h.start_run("pipeline: p\ndefaults: { retries: 0 }\nstages:\n  a: { commands: [x] }\n  b: { needs: [a], commands: [y] }\n");
     let mut agent = h.connect("gone", 1, 1, vec![]);
     assert_eq!(agent.assignments().len(), 1);
-    h.clock.advance(LEASE_MS + 1);
-    h.engine.tick();
-    h.commit();
+    h.lapse_lease();
     let a = h.stage(run, "a");
     assert_eq!(a.state, pb::StageState::Failed as i32);
     assert!(a.message.contains("agent gone lost"), "{}", a.message);
@@ -535,9 +538,7 @@ fn after_a_restart_a_stage_whose_agent_never_returns_is_requeued() {
     h.restart();
     // `gone` never reconnects: one lease after the restart its stage is
     // handed to another agent.
-    h.clock.advance(LEASE_MS + 1);
-    h.engine.tick();
-    h.commit();
+    h.lapse_lease();
     let stage = h.stage(run, "only");
     assert_eq!(
         (stage.state, stage.attempt),

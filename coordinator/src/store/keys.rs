@@ -17,6 +17,7 @@
 //! G <pipeline>                                    schedule/data trigger state
 //! S <release:u64> <at_ms:u64>                     monitor sample of a release
 //! M schema                                        store schema version (u32)
+//! c <pipeline> 0x00 <cache key>                   shared cache entry
 //! ```
 //!
 //! Schema 1 (before environments belonged to pipelines) had `E <environment>`
@@ -37,6 +38,7 @@ pub(super) const AUDIT: u8 = b'U';
 pub(super) const PROVENANCE: u8 = b'V';
 pub(super) const TRIGGER_STATE: u8 = b'G';
 pub(super) const MONITOR_SAMPLE: u8 = b'S';
+pub(super) const CACHE: u8 = b'c';
 /// Where the store records its schema version.
 pub(super) const SCHEMA: &[u8] = b"Mschema";
 
@@ -50,6 +52,15 @@ pub(super) fn named(prefix: u8, name: &str) -> Vec<u8> {
     let mut key = vec![prefix];
     key.extend_from_slice(name.as_bytes());
     key
+}
+
+/// `c <pipeline> 0x00 <key>`; `key` "" gives the pipeline's prefix.
+pub(super) fn cache(pipeline: &str, key: &str) -> Vec<u8> {
+    let mut out = vec![CACHE];
+    out.extend_from_slice(pipeline.as_bytes());
+    out.push(0);
+    out.extend_from_slice(key.as_bytes());
+    out
 }
 
 pub(super) fn monitor_sample(release: u64, at_ms: u64) -> Vec<u8> {
@@ -131,6 +142,11 @@ pub(super) fn log(key: StageKey, attempt: u32, seq: u64) -> Vec<u8> {
     let mut out = log_prefix(key, attempt);
     out.extend_from_slice(&seq.to_be_bytes());
     out
+}
+
+/// Every log line of every stage of `run`.
+pub(super) fn logs_of_run(run: RunId) -> Vec<u8> {
+    with_run(LOG, run)
 }
 
 /// The run id at bytes 1..9 of a run-scoped key.

@@ -369,11 +369,29 @@ pub(crate) enum Op {
     Provenance(ProvenanceRecord),
     TriggerState(TriggerStateRecord),
     MonitorSample(MonitorSampleRecord),
+    Cache(CacheRecord),
+    /// Deletes a finished run (retention): its record, stages and log
+    /// lines. A run that is unfinished when the batch is applied (retried
+    /// since it was chosen) is left alone.
+    DeleteRun(RunId),
+    /// Forgets a shared cache entry: (pipeline, key).
+    RemoveCache(String, String),
     /// A sample thinned out of the history (see `delivery::history`).
     RemoveMonitorSample {
         release: u64,
         at_ms: u64,
     },
+}
+
+/// A shared cache entry: the archives an agent saved under a pipeline's
+/// rendered cache key. GC keeps its blobs until it expires.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub(crate) struct CacheRecord {
+    pub(crate) pipeline: String,
+    pub(crate) key: String,
+    pub(crate) archives: Vec<ArtifactRecord>,
+    pub(crate) created_ms: u64,
+    pub(crate) agent: String,
 }
 
 /// One round of a release's monitor: what it read and whether it breached.
@@ -452,4 +470,8 @@ pub(crate) trait Store: Send + Sync + 'static {
     fn trigger_state(&self, pipeline: &str) -> Result<Option<TriggerStateRecord>>;
     /// The newest `limit` monitor samples of `release`, oldest first.
     fn monitor_samples(&self, release: u64, limit: usize) -> Result<Vec<MonitorSampleRecord>>;
+    fn cache(&self, pipeline: &str, key: &str) -> Result<Option<CacheRecord>>;
+    /// Shared cache entries of `pipeline` (every pipeline's for `None`), by
+    /// pipeline and key.
+    fn caches(&self, pipeline: Option<&str>) -> Result<Vec<CacheRecord>>;
 }

@@ -14,9 +14,9 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::{
-    AuditRecord, Batch, EnvironmentRecord, LogLine, MonitorSampleRecord, Op, PipelineRecord,
-    ProvenanceRecord, RawWrite, ReleaseRecord, Result, RunRecord, SecretRecord, StageRecord, Store,
-    StoreError, StoredLog, TokenRecord, TriggerStateRecord, keys,
+    AuditRecord, Batch, CacheRecord, EnvironmentRecord, LogLine, MonitorSampleRecord, Op,
+    PipelineRecord, ProvenanceRecord, RawWrite, ReleaseRecord, Result, RunRecord, SecretRecord,
+    StageRecord, Store, StoreError, StoredLog, TokenRecord, TriggerStateRecord, keys,
 };
 
 pub(crate) struct SledStore {
@@ -152,6 +152,25 @@ impl Store for SledStore {
                     writes.insert(keys::named(keys::SECRET, &record.name), encode(record));
                 }
                 Op::RemoveSecret(name) => writes.remove(keys::named(keys::SECRET, name)),
+                Op::Cache(record) => {
+                    writes.insert(keys::cache(&record.pipeline, &record.key), encode(record));
+                }
+                Op::RemoveCache(pipeline, key) => writes.remove(keys::cache(pipeline, key)),
+                Op::DeleteRun(run) => {
+                    // The keys are listed before the batch is applied (a
+                    // batch holds point writes only); the commit thread is
+                    // the only writer, so none appears in between.
+                    if self.db.contains_key(keys::active(*run))? {
+                        tracing::warn!(%run, "not deleting a run that is unfinished again");
+                        continue;
+                    }
+                    writes.remove(keys::run(*run));
+                    for prefix in [keys::stages_of(*run), keys::logs_of_run(*run)] {
+                        for key in self.db.scan_prefix(prefix).keys() {
+                            writes.remove(key?);
+                        }
+                    }
+                }
                 Op::Audit(record) => writes.insert(keys::audit(record.id), encode(record)),
                 Op::TriggerState(record) => {
                     writes.insert(
@@ -300,6 +319,17 @@ impl Store for SledStore {
 
     fn secrets(&self) -> Result<Vec<SecretRecord>> {
         self.scan(&[keys::SECRET])
+    }
+
+    fn cache(&self, pipeline: &str, key: &str) -> Result<Option<CacheRecord>> {
+        self.get(&keys::cache(pipeline, key))
+    }
+
+    fn caches(&self, pipeline: Option<&str>) -> Result<Vec<CacheRecord>> {
+        match pipeline {
+            Some(pipeline) => self.scan(&keys::cache(pipeline, "")),
+            None => self.scan(&[keys::CACHE]),
+        }
     }
 
     fn monitor_samples(&self, release: u64, limit: usize) -> Result<Vec<MonitorSampleRecord>> {

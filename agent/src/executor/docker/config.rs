@@ -47,6 +47,18 @@ pub(super) fn container_name(agent: &str, job: &Job) -> String {
     format!("kiln-{agent}-{}", job.key.dir_name())
 }
 
+/// What marks everything an attempt creates on the engine (its container,
+/// its services and their network) as this agent's: the start-up sweep
+/// removes what carries `kiln.agent=<agent>`.
+pub(super) fn labels(agent: &str, job: &Job) -> HashMap<String, String> {
+    HashMap::from([
+        ("kiln.agent".to_owned(), agent.to_owned()),
+        ("kiln.run".to_owned(), job.key.stage.run.to_string()),
+        ("kiln.stage".to_owned(), job.stage_name.clone()),
+        ("kiln.attempt".to_owned(), job.key.attempt.to_string()),
+    ])
+}
+
 /// The memory limit in bytes: the stage's, or the default.
 pub(super) fn memory_limit(options: &DockerOptions) -> u64 {
     match options.memory_bytes {
@@ -64,15 +76,11 @@ pub(super) fn container_body(
     agent: &str,
     host: &HostSettings,
 ) -> ContainerCreateBody {
+    let network = services_network(agent, job);
     let subdir = job.dir.strip_prefix(&job.workspace).unwrap_or(&job.dir);
     let working_dir = std::path::Path::new(WORKSPACE).join(subdir);
-    let labels = HashMap::from([
-        ("kiln.agent".to_owned(), agent.to_owned()),
-        ("kiln.run".to_owned(), job.key.stage.run.to_string()),
-        ("kiln.stage".to_owned(), job.stage_name.clone()),
-        ("kiln.attempt".to_owned(), job.key.attempt.to_string()),
-        ("kiln.image".to_owned(), job.image.clone()),
-    ]);
+    let mut labels = labels(agent, job);
+    labels.insert("kiln.image".to_owned(), job.image.clone());
     ContainerCreateBody {
         image: Some(image.to_owned()),
         // An entrypoint of our own, so neither the image's entrypoint nor its
@@ -100,12 +108,18 @@ pub(super) fn container_body(
         attach_stdin: Some(false),
         open_stdin: Some(false),
         tty: Some(false),
-        host_config: Some(host_config(job, host)),
+        host_config: Some(host_config(job, host, network.as_deref())),
         ..Default::default()
     }
 }
 
-fn host_config(job: &Job, host: &HostSettings) -> HostConfig {
+/// The attempt's own network, which a stage with `services:` and its
+/// services share: `<container name>-net`. `None` without services.
+pub(super) fn services_network(agent: &str, job: &Job) -> Option<String> {
+    (!job.services.is_empty()).then(|| format!("{}-net", container_name(agent, job)))
+}
+
+fn host_config(job: &Job, host: &HostSettings, network: Option<&str>) -> HostConfig {
     let options = &job.docker;
     let memory = i64::try_from(memory_limit(options)).unwrap_or(i64::MAX);
     let cpus = match options.cpus {
@@ -127,9 +141,10 @@ fn host_config(job: &Job, host: &HostSettings) -> HostConfig {
             pids if pids > 0 => pids,
             _ => DEFAULT_PIDS,
         }),
-        network_mode: Some(match options.network.as_str() {
-            "bridge" => "bridge".to_owned(),
-            _ => "none".to_owned(),
+        network_mode: Some(match (network, options.network.as_str()) {
+            (Some(network), _) => network.to_owned(),
+            (None, "bridge") => "bridge".to_owned(),
+            (None, _) => "none".to_owned(),
         }),
         privileged: Some(false),
         security_opt: Some(vec!["no-new-privileges".into()]),
@@ -165,10 +180,23 @@ fn gpu_request(gpus: &[u32]) -> Option<Vec<DeviceRequest>> {
 /// its network and its limits, read from the same [`HostConfig`] the
 /// container is created with. A stage that cannot resolve a host then shows
 /// at once that it has no network unless it asks for one.
-pub(super) fn describe(job: &Job, image_digest: &str, host: &HostSettings) -> String {
-    let config = host_config(job, host);
-    let network = match config.network_mode.as_deref() {
-        Some("bridge") => "network: bridge".to_owned(),
+pub(super) fn describe(job: &Job, image_digest: &str, host: &HostSettings, agent: &str) -> String {
+    let services_network = services_network(agent, job);
+    let config = host_config(job, host, services_network.as_deref());
+    let network = match (&services_network, config.network_mode.as_deref()) {
+        (Some(_), _) => {
+            let names: Vec<&str> = job.services.iter().map(|s| s.name.as_str()).collect();
+            let outside = if job.docker.network == "bridge" {
+                "and the outside"
+            } else {
+                "nothing outside (`network: bridge` for that)"
+            };
+            format!(
+                "network: the attempt's own, reaching its services {} by name and {outside}",
+                names.join(", ")
+            )
+        }
+        (None, Some("bridge")) => "network: bridge".to_owned(),
         _ => "network: none (the default: no network at all; set `network: bridge` on the \
               stage in kiln.yml for one)"
             .to_owned(),
@@ -241,6 +269,7 @@ mod tests {
             timeout: None,
             image: "kiln/test-busybox:1".into(),
             docker: options,
+            services: Vec::new(),
         }
     }
 
@@ -257,7 +286,12 @@ mod tests {
 
     #[test]
     fn the_first_line_names_image_network_and_limits() {
-        let line = describe(&job(DockerOptions::default()), "sha256:abc", &host(8.0));
+        let line = describe(
+            &job(DockerOptions::default()),
+            "sha256:abc",
+            &host(8.0),
+            "a",
+        );
         assert_eq!(
             line,
             "docker: image kiln/test-busybox:1 (sha256:abc); network: none (the default: no \
@@ -272,13 +306,13 @@ mod tests {
             ..DockerOptions::default()
         };
         let mut bridged = job(bridged);
-        let line = describe(&bridged, "sha256:abc", &host(8.0));
+        let line = describe(&bridged, "sha256:abc", &host(8.0), "a");
         assert!(
             line.ends_with("; network: bridge; limits: memory 512 MiB, cpus 1.5, pids 64"),
             "{line}"
         );
         bridged.gpus = vec![0, 2];
-        let line = describe(&bridged, "sha256:abc", &host(8.0));
+        let line = describe(&bridged, "sha256:abc", &host(8.0), "a");
         assert!(line.ends_with(", pids 64, gpus 0,2"), "{line}");
         assert_eq!(byte_size(1_500_000), "1.4 MiB");
     }

@@ -5,6 +5,7 @@
 //! so line numbers in expectations count from the case's first line.
 
 mod artifacts;
+mod cache;
 mod containers;
 mod delivery;
 mod errors;
@@ -14,6 +15,7 @@ mod pipelines;
 mod policy;
 mod robustness;
 mod secrets;
+mod services;
 mod triggers;
 
 use super::*;

@@ -73,3 +73,55 @@ fn bad_policies_say_what_to_write() {
         "kiln.yml:3:45: `allow_failure` in stage `build` must be true or false; found the string `yes`",
     );
 }
+
+#[test]
+fn retention_keeps_runs_or_days_and_says_what_is_wrong() {
+    let pipeline = parse_ok(
+        "
+        pipeline: kept
+        retention: { keep: { runs: 20, days: 30 } }
+        stages:
+          a: { commands: [x] }
+        ",
+    );
+    assert_eq!(
+        pipeline.retention,
+        Some(super::Retention {
+            runs: Some(20),
+            days: Some(30)
+        })
+    );
+    assert_eq!(
+        parse_ok("pipeline: p\nstages:\n  a: { commands: [x] }\n").retention,
+        None
+    );
+    check(
+        "
+        pipeline: kept
+        retention: { keep: { runs: 0 } }
+        stages:
+          a: { commands: [x] }
+        ",
+        "kiln.yml:2:28: `runs` in `keep` of `retention` must be a whole number from 1 up; \
+         found the number `0`",
+    );
+    check(
+        "
+        pipeline: kept
+        retention: { keep: { weeks: 2 } }
+        stages:
+          a: { commands: [x] }
+        ",
+        "kiln.yml:2:22: unknown key `weeks` in `keep` of `retention`; expected one of: runs, days",
+    );
+    check(
+        "
+        pipeline: kept
+        retention: { keep: {} }
+        stages:
+          a: { commands: [x] }
+        ",
+        "kiln.yml:2:12: `retention` keeps nothing in particular; say what to keep, like \
+         `retention: {keep: {runs: 20, days: 30}}`",
+    );
+}

@@ -253,6 +253,8 @@ fn branch_patterns() {
         ("main", "main2", false),
         ("main", "mai", false),
         ("*", "anything/at/all", true),
+        ("{main,develop}", "develop", true),
+        ("{main,develop}", "feature", false),
         ("release/*", "release/1.2", true),
         ("release/*", "release/1.2/hotfix", true),
         ("release/*", "release/", true),

@@ -18,6 +18,18 @@ async fn coordinator_metrics_pass_promtool() -> Result<()> {
     };
     let data = tempfile::tempdir()?;
     let coordinator = Coordinator::start(data.path(), &CoordinatorOptions::default())?;
+    // One stage run, so the per-pipeline histograms have a series.
+    let work = tempfile::tempdir()?;
+    let _agent = start_agent(&coordinator.url(), "a1", "", 1, work.path())?;
+    let repo =
+        kiln_tests::Repo::new("pipeline: measured\nstages:\n  only: { commands: [\"exit 0\"] }\n")?;
+    let run = kiln_tests::register_and_run(&coordinator, &repo).await?;
+    let mut client = coordinator.client().await?;
+    let done = kiln_tests::wait_run(&mut client, run, Duration::from_secs(60)).await?;
+    ensure!(
+        done.state == kiln_proto::v1::RunState::Succeeded as i32,
+        "{done:?}"
+    );
     let (status, metrics) = prom::http_get(&coordinator.http, "/metrics")?;
     ensure!(status == 200, "GET /metrics answered {status}: {metrics}");
     for family in [
@@ -27,6 +39,9 @@ async fn coordinator_metrics_pass_promtool() -> Result<()> {
         "# TYPE kiln_runs_finished_total counter",
         "# TYPE kiln_stages_finished_total counter",
         "# TYPE kiln_dispatch_latency_seconds histogram",
+        "kiln_dispatch_latency_seconds_count{pipeline=\"measured\"} 1",
+        "# TYPE kiln_stage_duration_seconds histogram",
+        "kiln_stage_duration_seconds_count{pipeline=\"measured\",state=\"succeeded\"} 1",
         "# TYPE kiln_gate_decisions_total counter",
         "# TYPE kiln_alerts_total counter",
         "# TYPE kiln_alerts_dropped_total counter",

@@ -89,25 +89,35 @@ impl RawWriter {
     }
 }
 
-/// One batch's writes: the sled batch, and the same writes as plain keys
-/// and values for a backup that is recording.
-#[derive(Default)]
+/// One batch's writes: the sled batch, and — only while a backup is
+/// recording — the same writes as plain keys and values.
 struct Writes {
     batch: sled::Batch,
-    raw: Vec<RawWrite>,
+    raw: Option<Vec<RawWrite>>,
 }
 
 impl Writes {
+    fn new(recording: bool) -> Self {
+        Self {
+            batch: sled::Batch::default(),
+            raw: recording.then(Vec::new),
+        }
+    }
+
     fn insert(&mut self, key: impl AsRef<[u8]>, value: impl AsRef<[u8]>) {
         let (key, value) = (key.as_ref(), value.as_ref());
         self.batch.insert(key, value);
-        self.raw.push((key.to_vec(), Some(value.to_vec())));
+        if let Some(raw) = &mut self.raw {
+            raw.push((key.to_vec(), Some(value.to_vec())));
+        }
     }
 
     fn remove(&mut self, key: impl AsRef<[u8]>) {
         let key = key.as_ref();
         self.batch.remove(key);
-        self.raw.push((key.to_vec(), None));
+        if let Some(raw) = &mut self.raw {
+            raw.push((key.to_vec(), None));
+        }
     }
 }
 
@@ -124,7 +134,12 @@ fn decode<T: DeserializeOwned>(key: &[u8], value: &[u8]) -> Result<T> {
 
 impl Store for SledStore {
     fn apply(&self, batch: &Batch) -> Result<()> {
-        let mut writes = Writes::default();
+        // Held until the batch is applied and recorded, so a backup never
+        // stops recording between the two: its scan could then see part
+        // of a batch (the keys after where it was) whose other writes it
+        // passed already and that the recording would lack.
+        let mut recording = self.recording.lock().unwrap_or_else(|e| e.into_inner());
+        let mut writes = Writes::new(recording.is_some());
         for op in &batch.ops {
             match op {
                 Op::Release(record) => writes.insert(keys::release(record.id), encode(record)),
@@ -200,14 +215,9 @@ impl Store for SledStore {
             }
         }
         self.db.apply_batch(writes.batch)?;
-        // After the write: a backup that starts recording later scans it.
-        if let Some(recorded) = self
-            .recording
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_mut()
-        {
-            recorded.extend(writes.raw);
+        // A backup that starts recording after this scans the whole batch.
+        if let (Some(recorded), Some(raw)) = (recording.as_mut(), writes.raw) {
+            recorded.extend(raw);
         }
         Ok(())
     }

@@ -181,22 +181,9 @@ mod tests {
         let run = RunId(1);
         let mut batch = Batch::default();
         batch.push(Op::Run(RunRecord {
-            id: run,
-            pipeline: "p".into(),
-            pipeline_version: 1,
-            commit: "c".into(),
-            rev: "main".into(),
-            state: RunState::Succeeded,
-            triggered_by: "test".into(),
-            created_ms: 0,
             // Finished long before any keep_days window.
             finished_ms: Some(1),
-            source_digest: None,
-            rollback: None,
-            datasets: Vec::new(),
-            pipeline_digest: String::new(),
-            params: Default::default(),
-            variables: Default::default(),
+            ..RunRecord::for_test(run.0, "p", RunState::Succeeded)
         }));
         let mut stage = StageRecord::new(StageKey { run, idx: 0 }, "train", Vec::new());
         let output = |digest: &str| ArtifactRecord {
@@ -246,26 +233,14 @@ mod tests {
     }
 
     fn finished(id: u64, finished_ms: Option<u64>) -> RunRecord {
+        let state = if finished_ms.is_some() {
+            RunState::Succeeded
+        } else {
+            RunState::Running
+        };
         RunRecord {
-            id: RunId(id),
-            pipeline: "p".into(),
-            pipeline_version: 1,
-            commit: "c".into(),
-            rev: "main".into(),
-            state: if finished_ms.is_some() {
-                RunState::Succeeded
-            } else {
-                RunState::Running
-            },
-            triggered_by: "test".into(),
-            created_ms: 0,
             finished_ms,
-            source_digest: None,
-            rollback: None,
-            datasets: Vec::new(),
-            pipeline_digest: String::new(),
-            params: Default::default(),
-            variables: Default::default(),
+            ..RunRecord::for_test(id, "p", state)
         }
     }
 

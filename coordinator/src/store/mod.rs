@@ -114,6 +114,31 @@ pub(crate) struct RunRecord {
     pub(crate) variables: BTreeMap<String, String>,
 }
 
+#[cfg(test)]
+impl RunRecord {
+    /// A run of `pipeline` at commit `c` of `main` (version 1), started by
+    /// `test` at time 0 and not finished; tests set what else they need.
+    pub(crate) fn for_test(id: u64, pipeline: &str, state: RunState) -> Self {
+        RunRecord {
+            id: RunId(id),
+            pipeline: pipeline.into(),
+            pipeline_version: 1,
+            commit: "c".into(),
+            rev: "main".into(),
+            state,
+            triggered_by: "test".into(),
+            created_ms: 0,
+            finished_ms: None,
+            source_digest: None,
+            rollback: None,
+            datasets: Vec::new(),
+            pipeline_digest: String::new(),
+            params: Default::default(),
+            variables: Default::default(),
+        }
+    }
+}
+
 /// A snapshot of a watched data location, stored as a blob.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub(crate) struct DatasetRecord {

@@ -435,21 +435,9 @@ mod tests {
 
     fn run(id: u64, pipeline: &str, state: RunState) -> RunRecord {
         RunRecord {
-            id: RunId(id),
-            pipeline: pipeline.into(),
-            pipeline_version: 1,
-            commit: "c".into(),
             rev: String::new(),
-            state,
-            triggered_by: "test".into(),
             created_ms: id,
-            finished_ms: None,
-            source_digest: None,
-            rollback: None,
-            datasets: Vec::new(),
-            pipeline_digest: String::new(),
-            params: Default::default(),
-            variables: Default::default(),
+            ..RunRecord::for_test(id, pipeline, state)
         }
     }
 

@@ -47,21 +47,8 @@ impl Run {
         let spec = spec::parse("kiln.yml", yaml).unwrap();
         let run = RunId(id);
         let record = RunRecord {
-            id: run,
-            pipeline: spec.name.clone(),
-            pipeline_version: 1,
             commit: "c".repeat(40),
-            rev: "main".into(),
-            state: RunState::Running,
-            triggered_by: "test".into(),
-            created_ms: 0,
-            finished_ms: None,
-            source_digest: None,
-            rollback: None,
-            datasets: Vec::new(),
-            pipeline_digest: String::new(),
-            params: Default::default(),
-            variables: Default::default(),
+            ..RunRecord::for_test(id, &spec.name, RunState::Running)
         };
         let mut stages: Vec<StageRecord> = spec
             .stages

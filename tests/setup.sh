@@ -2,7 +2,9 @@
 # Installs and builds everything Kiln's test suite needs, so that
 # `cargo test --workspace` runs every test instead of skipping some:
 #
-#   Debian packages   git (test repositories, agent checkouts), busybox-static
+#   Debian packages   git (test repositories, agent checkouts), python3 (the
+#                     ML example's live-acceptance stage runs on the host),
+#                     busybox-static
 #                     (the docker tests' image), debootstrap (kiln/base and
 #                     kiln/python-ml), shellcheck (deploy scripts),
 #                     ca-certificates, openssl (deploy/tls/dev-certs.sh),
@@ -37,7 +39,7 @@ if ((EUID != 0)); then
   sudo=(sudo)
 fi
 
-packages=(git busybox-static debootstrap shellcheck ca-certificates openssl
+packages=(git python3 busybox-static debootstrap shellcheck ca-certificates openssl
   prometheus prometheus-alertmanager docker-compose systemd chromium chromium-driver)
 missing=()
 for package in "${packages[@]}"; do

@@ -65,6 +65,16 @@ async fn one_finished_run(
     Ok((coordinator, agent, first, repo))
 }
 
+/// Whether a log of [`PIPELINE`]'s stage shows it read the secret.
+fn greeted(lines: &[pb::LogEntry]) -> bool {
+    lines.iter().any(|entry| {
+        entry
+            .line
+            .as_ref()
+            .is_some_and(|line| line.text.contains("made with 11-character greeting"))
+    })
+}
+
 /// A restored coordinator carries on: a new run after `first`, whose stage
 /// opens the restored secret (an agent must be connected).
 async fn a_new_run_reads_the_restored_secret(coordinator: &Coordinator, first: u64) -> Result<()> {
@@ -84,12 +94,7 @@ async fn a_new_run_reads_the_restored_secret(coordinator: &Coordinator, first: u
     ensure!(second.state == pb::RunState::Succeeded as i32, "{second:?}");
     let lines = logs(&mut client, second.id, "make").await?;
     ensure!(
-        lines.iter().any(|entry| {
-            entry
-                .line
-                .as_ref()
-                .is_some_and(|line| line.text.contains("made with 11-character greeting"))
-        }),
+        greeted(&lines),
         "the new run did not get the restored secret: {lines:?}"
     );
     Ok(())
@@ -141,15 +146,7 @@ async fn a_stopped_coordinators_data_dir_restores_elsewhere_and_carries_on() -> 
         "{restored:?}"
     );
     let lines = logs(&mut client, first, "make").await?;
-    ensure!(
-        lines.iter().any(|entry| {
-            entry
-                .line
-                .as_ref()
-                .is_some_and(|line| line.text.contains("made with 11-character greeting"))
-        }),
-        "the old run's log is gone: {lines:?}"
-    );
+    ensure!(greeted(&lines), "the old run's log is gone: {lines:?}");
     let artifacts = kiln_tests::kiln(&url, &["artifacts", "ls", &first.to_string()]);
     ensure!(
         artifacts.status.success() && String::from_utf8_lossy(&artifacts.stdout).contains("out"),

@@ -216,6 +216,8 @@ mod tests {
             monitor_until_ms: None,
             restored_by_rollback: false,
             endpoint: None,
+            model: None,
+            promotion: None,
         }));
         store.apply(&batch).unwrap();
         let (report, _) = collect(&store, &blobs, 1, 7, &HashSet::new(), false).unwrap();

@@ -155,6 +155,17 @@ pub(crate) fn release(record: &ReleaseRecord) -> pb::Release {
         monitor_until_ms: record.monitor_until_ms.unwrap_or_default(),
         restored_by_rollback: record.restored_by_rollback,
         endpoint: record.endpoint.clone().unwrap_or_default(),
+        model: record
+            .model
+            .as_ref()
+            .map(|m| m.name.clone())
+            .unwrap_or_default(),
+        model_version: record.model.as_ref().map_or(0, |m| m.version),
+        promotion: record.promotion.as_ref().map(|p| pb::Promotion {
+            by: p.by.clone(),
+            at_ms: p.at_ms,
+            from_release: p.from_release,
+        }),
         datasets: Vec::new(),
         repo: String::new(),
         provenance_digest: String::new(),

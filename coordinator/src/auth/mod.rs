@@ -170,14 +170,16 @@ pub(crate) fn rule(method: &str) -> Option<Rule> {
             "ListPipelines" | "GetPipeline" | "GetRun" | "ListRuns" | "WatchRun" | "StreamLogs"
             | "ListAgents" | "ListArtifacts" | "ListEnvironments" | "EnvironmentHistory"
             | "MetricHistory" | "GetRelease" | "GetProvenance" | "GetProvenanceKey" | "Lineage"
-            | "ListCaches" => Rule::read(Viewer),
+            | "ListCaches" | "ListModels" | "GetModelVersion" => Rule::read(Viewer),
             "CancelRun"
             | "RetryStage"
             | "ApproveStage"
             | "RejectStage"
             | "Rollback"
             | "UnfreezeEnvironment"
-            | "ClearCaches" => Rule::write(Operator),
+            | "ClearCaches"
+            | "SetModelAlias"
+            | "Promote" => Rule::write(Operator),
             "DrainAgent" | "CollectGarbage" | "CreateToken" | "RevokeToken" | "SetSecret"
             | "DeleteSecret" => Rule::write(Admin),
             "ListTokens" | "ListSecrets" | "ListAudit" => Rule::read(Admin),

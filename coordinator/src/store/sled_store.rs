@@ -14,7 +14,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::{
-    AuditRecord, Batch, CacheRecord, DeliveryRecord, EnvironmentRecord, LogLine,
+    AuditRecord, Batch, CacheRecord, DeliveryRecord, EnvironmentRecord, LogLine, ModelAliasRecord,
     MonitorSampleRecord, Op, PipelineRecord, ProvenanceRecord, RawWrite, ReleaseRecord, Result,
     RunRecord, SecretRecord, StageRecord, Store, StoreError, StoredLog, TokenRecord,
     TriggerStateRecord, keys,
@@ -172,6 +172,15 @@ impl Store for SledStore {
                     writes.insert(keys::cache(&record.pipeline, &record.key), encode(record));
                 }
                 Op::RemoveCache(pipeline, key) => writes.remove(keys::cache(pipeline, key)),
+                Op::ModelAlias(record) => {
+                    writes.insert(
+                        keys::model_alias(&record.model, &record.alias),
+                        encode(record),
+                    );
+                }
+                Op::RemoveModelAlias(model, alias) => {
+                    writes.remove(keys::model_alias(model, alias));
+                }
                 Op::DeleteRun(run) => {
                     // The keys are listed before the batch is applied (a
                     // batch holds point writes only); the commit thread is
@@ -351,6 +360,10 @@ impl Store for SledStore {
             Some(pipeline) => self.scan(&keys::cache(pipeline, "")),
             None => self.scan(&[keys::CACHE]),
         }
+    }
+
+    fn model_aliases(&self) -> Result<Vec<ModelAliasRecord>> {
+        self.scan(&[keys::MODEL_ALIAS])
     }
 
     fn monitor_samples(&self, release: u64, limit: usize) -> Result<Vec<MonitorSampleRecord>> {

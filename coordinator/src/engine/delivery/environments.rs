@@ -67,6 +67,11 @@ impl Environments {
         self.releases.get(&id)
     }
 
+    /// Every release, oldest first.
+    pub(super) fn releases(&self) -> impl Iterator<Item = &ReleaseRecord> {
+        self.releases.values()
+    }
+
     pub(super) fn live(&self, environment: &EnvKey) -> Option<u64> {
         self.environments.get(environment)?.live
     }
@@ -207,6 +212,8 @@ mod tests {
             monitor_until_ms: None,
             restored_by_rollback: false,
             endpoint: None,
+            model: None,
+            promotion: None,
         }
     }
 

@@ -289,6 +289,9 @@ mod tests {
         fn model_aliases(&self) -> Result<Vec<crate::store::ModelAliasRecord>> {
             self.inner.model_aliases()
         }
+        fn caches_cleared(&self, pipeline: &str) -> Result<Vec<crate::store::CacheClearedRecord>> {
+            self.inner.caches_cleared(pipeline)
+        }
         fn audit(&self, limit: usize) -> Result<Vec<AuditRecord>> {
             self.inner.audit(limit)
         }

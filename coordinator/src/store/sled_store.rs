@@ -14,10 +14,10 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::{
-    AuditRecord, Batch, CacheRecord, DeliveryRecord, EnvironmentRecord, LogLine, ModelAliasRecord,
-    MonitorSampleRecord, Op, PipelineRecord, ProvenanceRecord, RawWrite, ReleaseRecord, Result,
-    RunRecord, SecretRecord, StageRecord, Store, StoreError, StoredLog, TokenRecord,
-    TriggerStateRecord, keys,
+    AuditRecord, Batch, CacheClearedRecord, CacheRecord, DeliveryRecord, EnvironmentRecord,
+    LogLine, ModelAliasRecord, MonitorSampleRecord, Op, PipelineRecord, ProvenanceRecord, RawWrite,
+    ReleaseRecord, Result, RunRecord, SecretRecord, StageRecord, Store, StoreError, StoredLog,
+    TokenRecord, TriggerStateRecord, keys,
 };
 
 pub(crate) struct SledStore {
@@ -172,6 +172,15 @@ impl Store for SledStore {
                     writes.insert(keys::cache(&record.pipeline, &record.key), encode(record));
                 }
                 Op::RemoveCache(pipeline, key) => writes.remove(keys::cache(pipeline, key)),
+                Op::CacheCleared(record) => {
+                    writes.insert(
+                        keys::cache_cleared(&record.pipeline, &record.key),
+                        encode(record),
+                    );
+                }
+                Op::RemoveCacheCleared(pipeline, key) => {
+                    writes.remove(keys::cache_cleared(pipeline, key));
+                }
                 Op::ModelAlias(record) => {
                     writes.insert(
                         keys::model_alias(&record.model, &record.alias),
@@ -360,6 +369,10 @@ impl Store for SledStore {
             Some(pipeline) => self.scan(&keys::cache(pipeline, "")),
             None => self.scan(&[keys::CACHE]),
         }
+    }
+
+    fn caches_cleared(&self, pipeline: &str) -> Result<Vec<CacheClearedRecord>> {
+        self.scan(&keys::cache_cleared(pipeline, ""))
     }
 
     fn model_aliases(&self) -> Result<Vec<ModelAliasRecord>> {

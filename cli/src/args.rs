@@ -158,6 +158,12 @@ pub(crate) enum Command {
     Reject(DecideArgs),
     /// Put an environment's previous (or a chosen) release back.
     Rollback(RollbackArgs),
+    /// Models (`model:`), their versions and aliases.
+    #[command(subcommand)]
+    Model(crate::commands::models::ModelCommand),
+    /// Deploy an existing model version to another environment, after
+    /// that environment's gates pass again (no training).
+    Promote(crate::commands::models::PromoteArgs),
     /// What the monitors read from an environment's releases, and their metrics.
     Metrics(MetricsArgs),
     /// A progressive rollout (`strategy:`): where it is, or move it on.

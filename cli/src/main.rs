@@ -44,8 +44,8 @@ use crate::args::{
 };
 use crate::client::Coordinator;
 use crate::commands::{
-    agents, artifacts, cache, delivery, logs, metrics, pipeline, provenance, repo, rollout, runs,
-    security,
+    agents, artifacts, cache, delivery, logs, metrics, models, pipeline, provenance, repo, rollout,
+    runs, security,
 };
 use crate::error::{CliError, Outcome};
 
@@ -182,6 +182,8 @@ async fn remote(
         Command::Approve(args) => delivery::decide(c, format, &args, true).await,
         Command::Reject(args) => delivery::decide(c, format, &args, false).await,
         Command::Rollback(args) => delivery::rollback(c, format, &args).await,
+        Command::Model(command) => models::model(c, format, command).await,
+        Command::Promote(args) => models::promote(c, format, &args).await,
         Command::Metrics(args) => metrics::metrics(c, format, &args).await,
         Command::Rollout(command) => rollout::rollout(c, format, &command).await,
         Command::Token(command) => security::token(c, format, command).await,

@@ -353,6 +353,8 @@ mod tests {
             restored_by_rollback: false,
             endpoint: None,
             rollout: None,
+            model: None,
+            promotion: None,
         }));
         store.apply(&batch).unwrap();
         let (report, _) = collect(&store, &blobs, 1, 7, &HashSet::new(), false).unwrap();

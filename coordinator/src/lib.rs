@@ -34,6 +34,7 @@ mod error;
 mod gc;
 mod http;
 mod metrics;
+mod models;
 mod pipelines;
 mod provenance;
 mod read;

@@ -73,11 +73,16 @@ pub(crate) struct Metrics {
     alerts_dropped: IntCounter,
     /// The last monitor sample of the live release of each environment.
     monitor_values: GaugeVec,
-    /// The series `monitor_values` holds per environment (release, metric
-    /// names): a new release's first sample removes the old release's, so
-    /// there are never more series than environments × metrics.
-    monitor_series: Mutex<HashMap<EnvKey, (u64, Vec<String>)>>,
+    /// The series `monitor_values` holds per environment (release, its
+    /// model version `NAME@N` or "", metric names): a new release's first
+    /// sample removes the old release's, so there are never more series
+    /// than environments × metrics.
+    monitor_series: Mutex<HashMap<EnvKey, MonitorSeries>>,
 }
+
+/// An environment's `kiln_monitor_value` series: (release, model version,
+/// metric names).
+type MonitorSeries = (u64, String, Vec<String>);
 
 impl Default for Metrics {
     fn default() -> Self {
@@ -175,7 +180,7 @@ impl Default for Metrics {
                 "The last value a monitor read for the live release of an environment, by metric \
                  (NaN: missing).",
             ),
-            &["pipeline", "environment", "release", "metric"],
+            &["pipeline", "environment", "release", "model", "metric"],
         )
         .expect("valid gauge");
         registry
@@ -333,6 +338,7 @@ impl Metrics {
         &self,
         environment: &EnvKey,
         release: u64,
+        model: &str,
         values: &std::collections::BTreeMap<String, Option<f64>>,
     ) {
         let mut series = self
@@ -340,8 +346,8 @@ impl Metrics {
             .lock()
             .unwrap_or_else(|e| e.into_inner());
         let release_label = release.to_string();
-        if let Some((old, metrics)) = series.get(environment)
-            && *old != release
+        if let Some((old, old_model, metrics)) = series.get(environment)
+            && (*old != release || old_model != model)
         {
             let old = old.to_string();
             for metric in metrics {
@@ -349,6 +355,7 @@ impl Metrics {
                     environment.pipeline(),
                     &environment.name,
                     &old,
+                    old_model,
                     metric,
                 ]);
             }
@@ -359,13 +366,14 @@ impl Metrics {
                     environment.pipeline(),
                     &environment.name,
                     &release_label,
+                    model,
                     metric,
                 ])
                 .set(value.unwrap_or(f64::NAN));
         }
         series.insert(
             environment.clone(),
-            (release, values.keys().cloned().collect()),
+            (release, model.to_owned(), values.keys().cloned().collect()),
         );
     }
 
@@ -426,14 +434,14 @@ mod tests {
         let production = EnvKey::of_pipeline("credit", "production");
         let values =
             |v: f64| std::collections::BTreeMap::from([("error_ratio".to_owned(), Some(v))]);
-        metrics.monitor_sampled(&production, 1, &values(0.1));
+        metrics.monitor_sampled(&production, 1, "credit@1", &values(0.1));
         let series = |release: u64| {
             format!(
-                "kiln_monitor_value{{environment=\"production\",metric=\"error_ratio\",pipeline=\"credit\",release=\"{release}\"}}"
+                "kiln_monitor_value{{environment=\"production\",metric=\"error_ratio\",model=\"credit@{release}\",pipeline=\"credit\",release=\"{release}\"}}"
             )
         };
         assert_eq!(sample(&metrics.render(), &series(1)), Some(0.1));
-        metrics.monitor_sampled(&production, 2, &values(0.7));
+        metrics.monitor_sampled(&production, 2, "credit@2", &values(0.7));
         let text = metrics.render();
         assert_eq!(sample(&text, &series(2)), Some(0.7));
         assert_eq!(

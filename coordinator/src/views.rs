@@ -161,6 +161,17 @@ pub(crate) fn release(record: &ReleaseRecord) -> pb::Release {
             .rollout
             .as_ref()
             .map(|rollout| self::rollout(&record.environment, rollout)),
+        model: record
+            .model
+            .as_ref()
+            .map(|m| m.name.clone())
+            .unwrap_or_default(),
+        model_version: record.model.as_ref().map_or(0, |m| m.version),
+        promotion: record.promotion.as_ref().map(|p| pb::Promotion {
+            by: p.by.clone(),
+            at_ms: p.at_ms,
+            from_release: p.from_release,
+        }),
         datasets: Vec::new(),
         repo: String::new(),
         provenance_digest: String::new(),

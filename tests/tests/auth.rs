@@ -135,6 +135,8 @@ fn spec() -> BTreeMap<String, Expect> {
             "GetProvenanceKey",
             "Lineage",
             "ListCaches",
+            "ListModels",
+            "GetModelVersion",
         ],
         users(Viewer),
     );
@@ -148,6 +150,8 @@ fn spec() -> BTreeMap<String, Expect> {
             "Rollback",
             "ClearCaches",
             "UnfreezeEnvironment",
+            "SetModelAlias",
+            "Promote",
         ],
         users(Operator),
     );

@@ -82,7 +82,7 @@ async fn metric_history_is_kept_exported_and_survives_a_restart() -> Result<()> 
         .text()
         .await?;
     let series = format!(
-        "kiln_monitor_value{{environment=\"production\",metric=\"model_error_ratio\",pipeline=\"model\",release=\"{}\"}} 0.01",
+        "kiln_monitor_value{{environment=\"production\",metric=\"model_error_ratio\",model=\"\",pipeline=\"model\",release=\"{}\"}} 0.01",
         release.id
     );
     assert!(exposition.contains(&series), "{exposition}");

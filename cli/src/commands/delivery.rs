@@ -28,14 +28,15 @@ struct EnvironmentView {
 /// pipeline_version, repo, commit, source_digest, stage, image_digest,
 /// endpoint, triggered_by, created_ms, reason, restored_by_rollback, metrics,
 /// artifacts: [{stage, path, digest, size}], gates: [{stage, gate}],
-/// datasets: [{source, path, digest, content_digest}], provenance_digest}`.
+/// datasets: [{source, path, digest, content_digest}], provenance_digest,
+/// model, promotion: {by, at_ms, from_release}}`.
 #[derive(Debug, Serialize)]
-struct ReleaseView {
-    id: u64,
-    environment: String,
-    state: &'static str,
-    run_id: u64,
-    pipeline: String,
+pub(crate) struct ReleaseView {
+    pub(crate) id: u64,
+    pub(crate) environment: String,
+    pub(crate) state: &'static str,
+    pub(crate) run_id: u64,
+    pub(crate) pipeline: String,
     pipeline_version: u32,
     /// Where the pipeline's git source lives; null for a pipeline
     /// registered without one.
@@ -43,7 +44,7 @@ struct ReleaseView {
     commit: String,
     source_digest: Option<String>,
     stage: String,
-    image_digest: Option<String>,
+    pub(crate) image_digest: Option<String>,
     /// Where it is served (its stage's `endpoint:`); null if not said.
     endpoint: Option<String>,
     triggered_by: String,
@@ -51,11 +52,23 @@ struct ReleaseView {
     reason: Option<String>,
     restored_by_rollback: bool,
     metrics: BTreeMap<String, f64>,
-    artifacts: Vec<ArtifactRef>,
-    gates: Vec<NamedGate>,
+    pub(crate) artifacts: Vec<ArtifactRef>,
+    pub(crate) gates: Vec<NamedGate>,
     datasets: Vec<DatasetRef>,
     /// sha256 of the signed provenance envelope; null until signed.
     provenance_digest: Option<String>,
+    /// The model version it is (`churn@3`); null if its stage names none.
+    pub(crate) model: Option<String>,
+    /// Set when `kiln promote` made it.
+    pub(crate) promotion: Option<PromotionView>,
+}
+
+/// Who promoted a release, when, and from which release.
+#[derive(Debug, Serialize)]
+pub(crate) struct PromotionView {
+    pub(crate) by: String,
+    pub(crate) at_ms: u64,
+    pub(crate) from_release: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -67,17 +80,17 @@ struct DatasetRef {
 }
 
 #[derive(Debug, Serialize)]
-struct ArtifactRef {
-    stage: String,
-    path: String,
-    digest: String,
+pub(crate) struct ArtifactRef {
+    pub(crate) stage: String,
+    pub(crate) path: String,
+    pub(crate) digest: String,
     size: u64,
 }
 
 #[derive(Debug, Serialize)]
-struct NamedGate {
-    stage: String,
-    gate: Option<GateView>,
+pub(crate) struct NamedGate {
+    pub(crate) stage: String,
+    pub(crate) gate: Option<GateView>,
 }
 
 impl From<pb::Environment> for EnvironmentView {
@@ -152,6 +165,13 @@ impl From<pb::Release> for ReleaseView {
                 })
                 .collect(),
             provenance_digest: some(release.provenance_digest),
+            model: (!release.model.is_empty())
+                .then(|| format!("{}@{}", release.model, release.model_version)),
+            promotion: release.promotion.map(|p| PromotionView {
+                by: p.by,
+                at_ms: p.at_ms,
+                from_release: p.from_release,
+            }),
         }
     }
 }
@@ -226,26 +246,33 @@ pub(crate) async fn history(
 
 fn history_table(releases: &[ReleaseView]) -> String {
     let now = timefmt::now_ms();
-    let rows: Vec<[String; 6]> = releases
+    let rows: Vec<[String; 7]> = releases
         .iter()
         .map(|r| {
+            let promoted = r
+                .promotion
+                .as_ref()
+                .map(|p| format!("promoted from release {} by {}", p.from_release, p.by));
             [
                 r.id.to_string(),
                 r.state.to_owned(),
+                r.model.clone().unwrap_or_else(|| "-".into()),
                 r.run_id.to_string(),
                 timefmt::age(r.created_ms, now),
                 key_metrics(&r.metrics),
-                r.reason.clone().unwrap_or_default(),
+                r.reason.clone().or(promoted).unwrap_or_default(),
             ]
         })
         .collect();
     output::table(
-        ["RELEASE", "STATE", "RUN", "AGE", "METRICS", "REASON"],
+        [
+            "RELEASE", "STATE", "MODEL", "RUN", "AGE", "METRICS", "REASON",
+        ],
         &rows,
     )
 }
 
-fn key_metrics(metrics: &BTreeMap<String, f64>) -> String {
+pub(crate) fn key_metrics(metrics: &BTreeMap<String, f64>) -> String {
     metrics
         .iter()
         .map(|(k, v)| format!("{k}={}", output::number(*v)))
@@ -358,7 +385,7 @@ fn lineage_lines(release: &ReleaseView) -> String {
     text
 }
 
-fn user() -> String {
+pub(crate) fn user() -> String {
     format!(
         "cli:{}",
         std::env::var("USER")

@@ -8,6 +8,7 @@ pub(crate) mod cache;
 pub(crate) mod delivery;
 pub(crate) mod logs;
 pub(crate) mod metrics;
+pub(crate) mod models;
 pub(crate) mod pipeline;
 pub(crate) mod provenance;
 pub(crate) mod repo;

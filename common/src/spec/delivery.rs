@@ -158,6 +158,8 @@ pub(super) struct DeliveryDraft {
     pub(super) environment: Option<String>,
     /// `endpoint: URL` and where it was written.
     pub(super) endpoint: Option<(String, Position)>,
+    /// `model: NAME` and where it was written.
+    pub(super) model: Option<(String, Position)>,
     pub(super) gate: Option<(Gate, Position)>,
     pub(super) monitor: Option<(Monitor, Position)>,
     /// `strategy:` (canary or shadow) and where it was written.
@@ -177,6 +179,15 @@ pub(super) fn metrics(value: Node<'_>, path: &Path<'_>) -> Result<String, Proble
 /// `environment: production`.
 pub(super) fn environment(value: Node<'_>, path: &Path<'_>) -> Result<String, Problem> {
     values::name(value, path)
+}
+
+/// `model: churn`: the model an environment stage's releases are
+/// versions of (`churn@3`).
+pub(super) fn model(value: Node<'_>, path: &Path<'_>) -> Result<(String, Position), Problem> {
+    Ok((
+        values::name_of(value, path, "model name")?,
+        value.position(),
+    ))
 }
 
 /// `endpoint: http://127.0.0.1:9102`: where the environment stage's

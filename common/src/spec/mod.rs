@@ -160,6 +160,9 @@ pub struct Stage {
     /// and given as `KILN_ENDPOINT` to this stage and to the stages that
     /// need it (an acceptance stage asks the deployed model itself).
     pub endpoint: Option<String>,
+    /// `model:` what that release is a version of (`NAME@N`); the
+    /// coordinator numbers the versions and moves the aliases.
+    pub model: Option<String>,
     /// `gate:` evaluated by the coordinator; such a stage has no commands.
     pub gate: Option<Gate>,
     /// `monitor:` watches the release this stage makes.

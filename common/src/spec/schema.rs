@@ -167,6 +167,7 @@ const STAGE_FIELDS: &[Field<StageDraft>] = &[
     ("metrics", |s, v, path| set(&mut s.delivery.metrics, delivery::metrics(v, path).map(Some))),
     ("environment", |s, v, path| set(&mut s.delivery.environment, delivery::environment(v, path).map(Some))),
     ("endpoint", |s, v, path| set(&mut s.delivery.endpoint, delivery::endpoint(v, path).map(Some))),
+    ("model", |s, v, path| set(&mut s.delivery.model, delivery::model(v, path).map(Some))),
     ("gate", |s, v, path| set(&mut s.delivery.gate, delivery::gate(v, path, &s.name.clone()).map(Some))),
     ("monitor", |s, v, path| set(&mut s.delivery.monitor, delivery::monitor(v, path, &s.name.clone()).map(Some))),
     ("strategy", |s, v, path| set(&mut s.delivery.strategy, super::strategy::read(v, path, &s.name.clone()).map(Some))),
@@ -400,6 +401,7 @@ fn check_delivery(stage: &StageDraft) -> Result<(), Problem> {
             (stage.services.is_some(), "services"),
             (stage.cache.is_some(), "cache"),
             (stage.delivery.endpoint.is_some(), "endpoint"),
+            (stage.delivery.model.is_some(), "model"),
         ];
         if let Some((_, key)) = extra.iter().find(|(present, _)| *present) {
             return Err(Problem::new(
@@ -417,6 +419,16 @@ fn check_delivery(stage: &StageDraft) -> Result<(), Problem> {
             *at,
             format!(
                 "stage `{name}` has an `endpoint` but no `environment`; an endpoint is where an environment stage's release is served"
+            ),
+        ));
+    }
+    if let Some((_, at)) = &stage.delivery.model
+        && stage.delivery.environment.is_none()
+    {
+        return Err(Problem::new(
+            *at,
+            format!(
+                "stage `{name}` has a `model` but no `environment`; `model` names what an environment stage releases"
             ),
         ));
     }

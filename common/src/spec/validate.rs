@@ -246,6 +246,7 @@ fn with_defaults(stage: StageDraft, needs: Vec<usize>, defaults: &Defaults) -> S
         metrics: stage.delivery.metrics,
         environment: stage.delivery.environment,
         endpoint: stage.delivery.endpoint.map(|(url, _)| url),
+        model: stage.delivery.model.map(|(name, _)| name),
         gate: stage.delivery.gate.map(|(gate, _)| gate),
         monitor: stage.delivery.monitor.map(|(monitor, _)| monitor),
         strategy: stage.delivery.strategy.map(|(strategy, _)| strategy),

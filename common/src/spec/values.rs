@@ -23,6 +23,15 @@ pub(super) fn name(value: Node<'_>, path: &Path<'_>) -> Result<String, Problem> 
     check_name(value, text, "pipeline name")
 }
 
+/// A name of `what` (e.g. "model name") that follows the pipeline-name
+/// rules.
+pub(super) fn name_of(value: Node<'_>, path: &Path<'_>, what: &str) -> Result<String, Problem> {
+    let Some(text) = value.text() else {
+        return Err(wrong_type(value, path, "a name like `churn`"));
+    };
+    check_name(value, text, what)
+}
+
 /// A key of `stages:`; the error points at the key.
 pub(super) fn stage_name(key: Node<'_>) -> Result<String, Problem> {
     let Some(text) = key.text() else {

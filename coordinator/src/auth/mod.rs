@@ -170,7 +170,9 @@ pub(crate) fn rule(method: &str) -> Option<Rule> {
             "ListPipelines" | "GetPipeline" | "GetRun" | "ListRuns" | "WatchRun" | "StreamLogs"
             | "ListAgents" | "ListArtifacts" | "ListEnvironments" | "EnvironmentHistory"
             | "MetricHistory" | "GetRelease" | "GetProvenance" | "GetProvenanceKey" | "Lineage"
-            | "ListCaches" | "RolloutStatus" => Rule::read(Viewer),
+            | "ListCaches" | "RolloutStatus" | "ListModels" | "GetModelVersion" => {
+                Rule::read(Viewer)
+            }
             "CancelRun"
             | "RetryStage"
             | "ApproveStage"
@@ -179,7 +181,9 @@ pub(crate) fn rule(method: &str) -> Option<Rule> {
             | "UnfreezeEnvironment"
             | "RolloutPromote"
             | "RolloutAbort"
-            | "ClearCaches" => Rule::write(Operator),
+            | "ClearCaches"
+            | "SetModelAlias"
+            | "Promote" => Rule::write(Operator),
             "DrainAgent" | "CollectGarbage" | "CreateToken" | "RevokeToken" | "SetSecret"
             | "DeleteSecret" => Rule::write(Admin),
             "ListTokens" | "ListSecrets" | "ListAudit" => Rule::read(Admin),

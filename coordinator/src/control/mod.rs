@@ -17,6 +17,7 @@ use tonic::{Request, Response, Status};
 
 mod environments;
 mod lineage;
+mod models;
 mod rollout;
 mod security;
 
@@ -825,6 +826,36 @@ impl ControlService for ControlApi {
         request: Request<pb::ListAuditRequest>,
     ) -> Result<Response<pb::ListAuditResponse>, Status> {
         Ok(Response::new(self.list_audit(request.into_inner().limit)?))
+    }
+
+    async fn list_models(
+        &self,
+        _request: Request<pb::ListModelsRequest>,
+    ) -> Result<Response<pb::ListModelsResponse>, Status> {
+        Ok(Response::new(self.models_list().await?))
+    }
+
+    async fn get_model_version(
+        &self,
+        request: Request<pb::GetModelVersionRequest>,
+    ) -> Result<Response<pb::ModelVersion>, Status> {
+        Ok(Response::new(
+            self.model_version(request.into_inner().model).await?,
+        ))
+    }
+
+    async fn set_model_alias(
+        &self,
+        request: Request<pb::SetModelAliasRequest>,
+    ) -> Result<Response<pb::Model>, Status> {
+        self.set_model_alias_request(request).await
+    }
+
+    async fn promote(
+        &self,
+        request: Request<pb::PromoteRequest>,
+    ) -> Result<Response<pb::Run>, Status> {
+        self.promote_request(request).await
     }
 }
 

@@ -227,6 +227,7 @@ impl Engine {
             pipeline_digest: refusal.digest,
             params: Default::default(),
             variables: refusal.variables,
+            promote: None,
         };
         let key = StageKey { run: id, idx: 0 };
         let mut stage = StageRecord::new(key, &refusal.file, Vec::new());

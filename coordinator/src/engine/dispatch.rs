@@ -221,7 +221,7 @@ impl Engine {
         let Some(active) = self.runs.get(&key.run) else {
             return Vec::new();
         };
-        if active.record.rollback.is_some() {
+        if active.record.rollback.is_some() || active.record.promote.is_some() {
             return Vec::new();
         }
         active
@@ -341,13 +341,18 @@ impl Engine {
     }
 
     /// The stage's image; a rollback re-deploys in the exact image the
-    /// restored release recorded (by digest), whatever its tag says now.
+    /// restored release recorded (by digest), whatever its tag says now,
+    /// and a promote in the image of the release it promotes.
     fn image_for(&self, key: StageKey, stage: &spec::Stage) -> String {
         let restored = self
             .runs
             .get(&key.run)
-            .and_then(|run| run.record.rollback.as_ref())
-            .and_then(|plan| self.delivery.release(plan.to))
+            .and_then(|run| {
+                let record = &run.record;
+                let promoted = record.promote.as_ref().map(|plan| plan.from_release);
+                record.rollback.as_ref().map(|plan| plan.to).or(promoted)
+            })
+            .and_then(|id| self.delivery.release(id))
             .and_then(|release| release.image_digest.clone());
         restored.or_else(|| stage.image.clone()).unwrap_or_default()
     }

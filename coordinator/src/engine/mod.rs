@@ -30,6 +30,7 @@ mod dispatch;
 mod logs;
 mod placement;
 mod pool;
+mod promote;
 mod rollout;
 mod route;
 mod runs;
@@ -141,6 +142,23 @@ pub(crate) enum Event {
         environment: EnvKey,
         command: delivery::rollout::RolloutCommand,
         reply: Reply<pb::Rollout>,
+    },
+    /// `kiln promote NAME@N --to ENV`; see [`promote`]. `stored`: the
+    /// source run's stages, read by the caller off the loop.
+    Promote {
+        model: String,
+        environment: String,
+        user: String,
+        stored: Option<(RunId, Vec<StageRecord>)>,
+        reply: Reply<pb::Run>,
+    },
+    /// `kiln model alias NAME@N ALIAS [--rm]`.
+    SetModelAlias {
+        model: String,
+        alias: String,
+        remove: bool,
+        user: String,
+        reply: Reply<()>,
     },
     /// What a monitor saw; see [`monitor`].
     MonitorSample(delivery::monitor::Observation),
@@ -348,11 +366,12 @@ impl Engine {
             })
             .collect();
         let next_run_id = store.last_run_id()? + 1;
-        let delivery = delivery::DeliveryController::load(
+        let mut delivery = delivery::DeliveryController::load(
             store.environments()?,
             store.releases()?,
             metrics.clone(),
         );
+        delivery.load_aliases(store.model_aliases()?);
         let mut engine = Self {
             store: store.clone(),
             blobs,
@@ -488,6 +507,26 @@ impl Engine {
                 reply,
             } => {
                 let result = self.rollout_command(&environment, command);
+                self.reply(reply, result);
+            }
+            Event::Promote {
+                model,
+                environment,
+                user,
+                stored,
+                reply,
+            } => {
+                let result = self.promote(&model, &environment, &user, stored);
+                self.reply_run(reply, result);
+            }
+            Event::SetModelAlias {
+                model,
+                alias,
+                remove,
+                user,
+                reply,
+            } => {
+                let result = self.set_model_alias(&model, &alias, remove, &user);
                 self.reply(reply, result);
             }
             Event::MonitorSample(observation) => self.observe(observation),

@@ -45,15 +45,13 @@ pub(super) struct RunView<'a> {
 
 impl RunView<'_> {
     /// Every metric of the run so far; later stages win on a name clash.
-    /// The stages a best-of gate did not pick do not count.
+    /// The stages a best-of gate did not pick do not count. A promote run
+    /// has the metrics of the version it deploys.
     pub(super) fn metrics(&self) -> BTreeMap<String, Option<f64>> {
-        let losers: Vec<&str> = self
-            .stages
-            .iter()
-            .filter_map(|stage| stage.gate.as_ref()?.selection.as_ref())
-            .flat_map(|selection| selection.losers())
-            .collect();
-        self.metrics_without(&losers)
+        if let Some(plan) = &self.record.promote {
+            return plan.metrics.clone();
+        }
+        crate::models::run_metrics(self.stages)
     }
 
     /// [`RunView::metrics`], leaving out the stages named in `left_out`.
@@ -68,9 +66,12 @@ impl RunView<'_> {
     }
 
     /// Artifacts stage `idx` gets: the outputs of the stages it needs, or
-    /// a rollback plan's fixed artifacts.
+    /// a rollback or promote plan's fixed artifacts.
     pub(super) fn inputs_of(&self, idx: usize) -> Vec<StageArtifact> {
         if let Some(plan) = &self.record.rollback {
+            return plan.inputs.clone();
+        }
+        if let Some(plan) = &self.record.promote {
             return plan.inputs.clone();
         }
         self.spec.stages[idx]
@@ -175,6 +176,7 @@ impl Engine {
             pipeline_digest: source.pipeline_digest,
             params: source.params,
             variables: source.variables,
+            promote: None,
         };
         let stages: Vec<StageRecord> = spec
             .parsed
@@ -363,6 +365,8 @@ impl Engine {
             return;
         };
         let passed = self.stage(key).is_some_and(|stage| passes(stage, &spec));
+        // A promote run's left-out stages stand for outputs it already has.
+        let outside = self.outside_promote(key.run);
         if passed {
             if state == StageState::Succeeded
                 && spec.parsed.stages[key.idx as usize].environment.is_some()
@@ -372,11 +376,13 @@ impl Engine {
             }
             for &dependent in &spec.dependents[key.idx as usize] {
                 let all_done = spec.parsed.stages[dependent].needs.iter().all(|&need| {
-                    self.stage(StageKey {
-                        run: key.run,
-                        idx: need as u32,
-                    })
-                    .is_some_and(|stage| passes(stage, &spec))
+                    outside.contains(&need)
+                        || self
+                            .stage(StageKey {
+                                run: key.run,
+                                idx: need as u32,
+                            })
+                            .is_some_and(|stage| passes(stage, &spec))
                 });
                 let dependent_key = StageKey {
                     run: key.run,
@@ -391,6 +397,7 @@ impl Engine {
                 let blocked_by = spec.parsed.stages[dependent]
                     .needs
                     .iter()
+                    .filter(|need| !outside.contains(need))
                     .find_map(|&need| {
                         let need = self.stage(StageKey {
                             run: key.run,
@@ -993,6 +1000,7 @@ impl Engine {
             pipeline_digest: spec.record.digest.clone(),
             params: BTreeMap::new(),
             variables,
+            promote: None,
         };
         let stages: Vec<StageRecord> = spec
             .parsed

@@ -21,6 +21,7 @@
 //! c <pipeline> 0x00 <cache key>                   shared cache entry
 //! C <pipeline> 0x00 <cache key>                   last `kiln cache clear` of the key
 //!                                                 ("" key: of the whole pipeline)
+//! Y <model> 0x00 <alias>                          user-set model alias
 //! ```
 //!
 //! Schema 1 (before environments belonged to pipelines) had `E <environment>`
@@ -44,6 +45,7 @@ pub(super) const MONITOR_SAMPLE: u8 = b'S';
 pub(super) const CACHE: u8 = b'c';
 pub(super) const CACHE_CLEARED: u8 = b'C';
 pub(super) const DELIVERY: u8 = b'W';
+pub(super) const MODEL_ALIAS: u8 = b'Y';
 /// Where the store records its schema version.
 pub(super) const SCHEMA: &[u8] = b"Mschema";
 
@@ -58,6 +60,13 @@ pub(super) fn delivery(pipeline: &str, key: &str) -> Vec<u8> {
     bytes.push(0);
     bytes.extend_from_slice(key.as_bytes());
     bytes
+}
+
+pub(super) fn model_alias(model: &str, alias: &str) -> Vec<u8> {
+    let mut key = named(MODEL_ALIAS, model);
+    key.push(0);
+    key.extend_from_slice(alias.as_bytes());
+    key
 }
 
 pub(super) fn named(prefix: u8, name: &str) -> Vec<u8> {

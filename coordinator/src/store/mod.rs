@@ -116,6 +116,10 @@ pub(crate) struct RunRecord {
     /// `KILN_BRANCH`, `KILN_TAG`, `KILN_MR_ID` where they apply).
     #[serde(default)]
     pub(crate) variables: BTreeMap<String, String>,
+    /// Set for a run `kiln promote` started to deploy an existing model
+    /// version to another environment.
+    #[serde(default)]
+    pub(crate) promote: Option<PromotePlan>,
 }
 
 #[cfg(test)]
@@ -139,6 +143,7 @@ impl RunRecord {
             pipeline_digest: String::new(),
             params: Default::default(),
             variables: Default::default(),
+            promote: None,
         }
     }
 }
@@ -369,6 +374,69 @@ pub(crate) struct ReleaseRecord {
     /// the decision. Set once the rollout ended.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) rollout: Option<RolloutRecord>,
+    /// The model version it is (the environment stage's `model:`).
+    #[serde(default)]
+    pub(crate) model: Option<ModelVersion>,
+    /// Set for a release `kiln promote` made: who decided, when, from
+    /// which release (its gates' re-checked values are in `gates`).
+    #[serde(default)]
+    pub(crate) promotion: Option<Promotion>,
+}
+
+/// `name@version`: a release is a version of the model its environment
+/// stage names; every release of one run is the same version.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub(crate) struct ModelVersion {
+    pub(crate) name: String,
+    pub(crate) version: u32,
+}
+
+impl std::fmt::Display for ModelVersion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}@{}", self.name, self.version)
+    }
+}
+
+/// How a promoted release came to be.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub(crate) struct Promotion {
+    /// Who asked (`kiln promote`).
+    pub(crate) by: String,
+    pub(crate) at_ms: u64,
+    /// The release whose artifacts and image it deploys.
+    pub(crate) from_release: u64,
+}
+
+/// What a promote run deploys: an existing release's exact artifacts into
+/// another environment, after that environment's gates passed again on
+/// the version's recorded metrics.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub(crate) struct PromotePlan {
+    pub(crate) environment: EnvKey,
+    pub(crate) model: ModelVersion,
+    pub(crate) from_release: u64,
+    /// The environment stage that deploys it.
+    pub(crate) stage: String,
+    /// The source release's artifacts, by digest (its own deploy stage's
+    /// outputs left out).
+    pub(crate) inputs: Vec<StageArtifact>,
+    /// The metrics the gates were checked on.
+    pub(crate) metrics: BTreeMap<String, Option<f64>>,
+    /// The gate stages that took part (decided at the request).
+    pub(crate) gates: Vec<String>,
+    pub(crate) by: String,
+    pub(crate) at_ms: u64,
+}
+
+/// A user-set alias of a model (`champion`, `challenger`); the aliases
+/// named after environments follow the live releases and are not stored.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub(crate) struct ModelAliasRecord {
+    pub(crate) model: String,
+    pub(crate) alias: String,
+    pub(crate) version: u32,
+    pub(crate) set_by: String,
+    pub(crate) set_ms: u64,
 }
 
 /// An artifact with the stage that produced it.
@@ -479,6 +547,9 @@ pub(crate) enum Op {
         release: u64,
         at_ms: u64,
     },
+    ModelAlias(ModelAliasRecord),
+    /// Forgets a user-set alias: (model, alias).
+    RemoveModelAlias(String, String),
 }
 
 /// A shared cache entry: the archives an agent saved under a pipeline's
@@ -591,4 +662,6 @@ pub(crate) trait Store: Send + Sync + 'static {
     /// The clear markers of `pipeline`'s caches (the whole pipeline's has
     /// key "").
     fn caches_cleared(&self, pipeline: &str) -> Result<Vec<CacheClearedRecord>>;
+    /// Every user-set model alias, by model and alias.
+    fn model_aliases(&self) -> Result<Vec<ModelAliasRecord>>;
 }

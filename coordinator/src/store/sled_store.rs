@@ -15,9 +15,9 @@ use serde::de::DeserializeOwned;
 
 use super::{
     AuditRecord, Batch, CacheClearedRecord, CacheRecord, DeliveryRecord, EnvironmentRecord,
-    LogLine, MonitorSampleRecord, Op, PipelineRecord, ProvenanceRecord, RawWrite, ReleaseRecord,
-    Result, RunRecord, SecretRecord, StageRecord, Store, StoreError, StoredLog, TokenRecord,
-    TriggerStateRecord, keys,
+    LogLine, ModelAliasRecord, MonitorSampleRecord, Op, PipelineRecord, ProvenanceRecord, RawWrite,
+    ReleaseRecord, Result, RunRecord, SecretRecord, StageRecord, Store, StoreError, StoredLog,
+    TokenRecord, TriggerStateRecord, keys,
 };
 
 pub(crate) struct SledStore {
@@ -180,6 +180,15 @@ impl Store for SledStore {
                 }
                 Op::RemoveCacheCleared(pipeline, key) => {
                     writes.remove(keys::cache_cleared(pipeline, key));
+                }
+                Op::ModelAlias(record) => {
+                    writes.insert(
+                        keys::model_alias(&record.model, &record.alias),
+                        encode(record),
+                    );
+                }
+                Op::RemoveModelAlias(model, alias) => {
+                    writes.remove(keys::model_alias(model, alias));
                 }
                 Op::DeleteRun(run) => {
                     // The keys are listed before the batch is applied (a
@@ -364,6 +373,10 @@ impl Store for SledStore {
 
     fn caches_cleared(&self, pipeline: &str) -> Result<Vec<CacheClearedRecord>> {
         self.scan(&keys::cache_cleared(pipeline, ""))
+    }
+
+    fn model_aliases(&self) -> Result<Vec<ModelAliasRecord>> {
+        self.scan(&[keys::MODEL_ALIAS])
     }
 
     fn monitor_samples(&self, release: u64, limit: usize) -> Result<Vec<MonitorSampleRecord>> {

@@ -252,3 +252,41 @@ fn an_endpoint_belongs_to_an_environment_stage() {
          `127.0.0.1:9102`",
     );
 }
+
+#[test]
+fn a_model_names_what_an_environment_stage_releases() {
+    let pipeline = parse_ok(
+        r#"
+        pipeline: p
+        stages:
+          deploy:
+            environment: staging
+            model: churn
+            commands: [./deploy.sh staging]
+        "#,
+    );
+    assert_eq!(pipeline.stages[0].model.as_deref(), Some("churn"));
+    check(
+        "
+        pipeline: p
+        stages:
+          train:
+            model: churn
+            commands: [x]
+        ",
+        "kiln.yml:4:12: stage `train` has a `model` but no `environment`; `model` names what \
+         an environment stage releases",
+    );
+    check(
+        "
+        pipeline: p
+        stages:
+          deploy:
+            environment: staging
+            model: Churn@2
+            commands: [x]
+        ",
+        "kiln.yml:5:12: bad model name `Churn@2`; use lowercase letters, digits, `.`, `_` and \
+         `-`, starting with a letter or digit, at most 64 characters",
+    );
+}

@@ -67,6 +67,11 @@ impl Environments {
         self.releases.get(&id)
     }
 
+    /// Every release, oldest first.
+    pub(super) fn releases(&self) -> impl Iterator<Item = &ReleaseRecord> {
+        self.releases.values()
+    }
+
     pub(super) fn live(&self, environment: &EnvKey) -> Option<u64> {
         self.environments.get(environment)?.live
     }
@@ -239,6 +244,8 @@ mod tests {
             restored_by_rollback: false,
             endpoint: None,
             rollout: None,
+            model: None,
+            promotion: None,
         }
     }
 

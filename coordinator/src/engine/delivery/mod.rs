@@ -30,6 +30,9 @@
 mod alerts;
 mod environments;
 mod gates;
+mod models;
+#[cfg(test)]
+mod models_tests;
 pub(crate) mod monitor;
 pub(crate) mod rollout;
 #[cfg(test)]
@@ -48,12 +51,13 @@ use crate::delivery::alerts::Alert;
 use crate::error::ApiError;
 use crate::metrics::Metrics;
 use crate::store::{
-    EnvironmentRecord, GateDecision, MonitorSampleRecord, Op, ReleaseRecord, ReleaseState,
-    RollbackPlan, Selection, StageArtifact,
+    EnvironmentRecord, GateDecision, MonitorSampleRecord, Op, Promotion, ReleaseRecord,
+    ReleaseState, RollbackPlan, Selection, StageArtifact,
 };
 use environments::{Environments, Watch};
 
 pub(crate) use gates::parse_metrics;
+pub(super) use models::{PromoteRequest, PromoteStart};
 
 /// What the run book asks of the delivery controller; the event loop
 /// routes these after each event (and between dispatch rounds), so the DAG
@@ -132,6 +136,8 @@ pub(super) struct DeliveryController {
     /// Runs of a rollout to start (a step, or the restore after an abort);
     /// the loop drains these through the run book.
     rollout_runs: Vec<RollbackStart>,
+    /// User-set model aliases by (model, alias); see [`models`].
+    aliases: std::collections::BTreeMap<(String, String), crate::store::ModelAliasRecord>,
 }
 
 impl DeliveryController {
@@ -148,6 +154,7 @@ impl DeliveryController {
             to_sign: Vec::new(),
             retrains: Vec::new(),
             rollout_runs: Vec::new(),
+            aliases: Default::default(),
         }
     }
 
@@ -340,6 +347,20 @@ impl DeliveryController {
             restored_by_rollback: false,
             endpoint: stage_spec.endpoint.clone(),
             rollout: None,
+            // A promote deploys the version it names; any other run's
+            // release is the version that run trained.
+            model: match &run.record.promote {
+                Some(plan) => Some(plan.model.clone()),
+                None => stage_spec
+                    .model
+                    .as_deref()
+                    .map(|model| self.model_version(model, run.record.id)),
+            },
+            promotion: run.record.promote.as_ref().map(|plan| Promotion {
+                by: plan.by.clone(),
+                at_ms: plan.at_ms,
+                from_release: plan.from_release,
+            }),
         };
         // With a `strategy:` and a live release to replace, the release
         // takes part of the traffic first.
@@ -544,7 +565,14 @@ impl DeliveryController {
             return (None, Breach::Quiet);
         }
         if let Ok(values) = values {
-            self.metrics.monitor_sampled(environment, release, values);
+            let model = self
+                .environments
+                .release(release)
+                .and_then(|r| r.model.as_ref())
+                .map(ToString::to_string)
+                .unwrap_or_default();
+            self.metrics
+                .monitor_sampled(environment, release, &model, values);
         }
         let sample = MonitorSampleRecord {
             release,

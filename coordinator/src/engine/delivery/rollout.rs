@@ -505,8 +505,14 @@ impl DeliveryController {
         let environment = observation.environment.clone();
         let (breached, observed) = monitor::judge(analysis, &observation.values);
         if let Ok(values) = &observation.values {
+            let model = self
+                .environments
+                .release(observation.release)
+                .and_then(|r| r.model.as_ref())
+                .map(ToString::to_string)
+                .unwrap_or_default();
             self.metrics
-                .monitor_sampled(&environment, observation.release, values);
+                .monitor_sampled(&environment, observation.release, &model, values);
         }
         let round = AnalysisRound {
             step: rollout.step,

@@ -36,14 +36,14 @@ stages:
 
 /// A run of `yaml`'s pipeline whose `evaluate` measured `recall`, every
 /// stage's record as the run book would hold it.
-struct Run {
-    record: RunRecord,
-    stages: Vec<StageRecord>,
+pub(super) struct Run {
+    pub(super) record: RunRecord,
+    pub(super) stages: Vec<StageRecord>,
     spec: spec::Pipeline,
 }
 
 impl Run {
-    fn new(yaml: &str, id: u64, recall: f64) -> Self {
+    pub(super) fn new(yaml: &str, id: u64, recall: f64) -> Self {
         let spec = spec::parse("kiln.yml", yaml).unwrap();
         let run = RunId(id);
         let record = RunRecord {
@@ -70,7 +70,7 @@ impl Run {
         }
     }
 
-    fn view(&self) -> RunView<'_> {
+    pub(super) fn view(&self) -> RunView<'_> {
         RunView {
             record: &self.record,
             stages: &self.stages,
@@ -78,12 +78,12 @@ impl Run {
         }
     }
 
-    fn idx(&self, name: &str) -> usize {
+    pub(super) fn idx(&self, name: &str) -> usize {
         self.spec.stage_idx(name).unwrap()
     }
 }
 
-fn controller() -> DeliveryController {
+pub(super) fn controller() -> DeliveryController {
     DeliveryController::load(Vec::new(), Vec::new(), Default::default())
 }
 

@@ -32,6 +32,7 @@ impl Engine {
                 }
             }
         }
+        self.retry_parked_deploys();
     }
 
     fn write_all(&mut self, ops: Vec<Op>) {

@@ -112,6 +112,14 @@ pub(crate) struct RunRecord {
     /// `KILN_BRANCH`, `KILN_TAG`, `KILN_MR_ID` where they apply).
     #[serde(default)]
     pub(crate) variables: BTreeMap<String, String>,
+    /// The pipeline's `concurrency:` group as this run rendered it: runs
+    /// of one pipeline and group never overlap.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) group: Option<String>,
+    /// Created while an older run of its group was under way: no stage
+    /// starts until the older runs have ended.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub(crate) waiting: bool,
 }
 
 #[cfg(test)]
@@ -135,6 +143,8 @@ impl RunRecord {
             pipeline_digest: String::new(),
             params: Default::default(),
             variables: Default::default(),
+            group: None,
+            waiting: false,
         }
     }
 }

@@ -214,6 +214,7 @@ pub async fn run(
         events: events_tx.clone(),
         repos: Arc::new(repos::Repos::new(&config.data_dir)),
         parsed: parsed.clone(),
+        store: store.clone(),
     };
     let runtime = engine::DeliveryRuntime {
         http: delivery::http_client(),

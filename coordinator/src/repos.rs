@@ -126,6 +126,64 @@ impl Repos {
         })
     }
 
+    /// Whether `older` is an ancestor of `newer` (and not the same commit).
+    pub(crate) async fn is_ancestor(
+        &self,
+        repo: &str,
+        older: &str,
+        newer: &str,
+    ) -> Result<bool, ApiError> {
+        if older == newer {
+            return Ok(false);
+        }
+        let dir = self.git_dir(repo, false).await?;
+        let output = git(&dir, &["merge-base", "--is-ancestor", older, newer]).await?;
+        match output.status.code() {
+            Some(0) => Ok(true),
+            Some(1) => Ok(false),
+            _ => Err(git_failed("compare commits in", repo, &output)),
+        }
+    }
+
+    /// The paths `commit` changed since `base`; `None` when `base` is not
+    /// in the repository (a rewritten branch): then everything counts as
+    /// changed.
+    pub(crate) async fn changed_paths(
+        &self,
+        repo: &str,
+        base: &str,
+        commit: &str,
+    ) -> Result<Option<Vec<String>>, ApiError> {
+        let dir = self.git_dir(repo, false).await?;
+        if rev_parse(&dir, base).await?.is_none() {
+            return Ok(None);
+        }
+        let output = git(
+            &dir,
+            &[
+                "diff",
+                "--name-only",
+                "-z",
+                "--no-renames",
+                base,
+                commit,
+                "--",
+            ],
+        )
+        .await?;
+        if !output.status.success() {
+            return Err(git_failed("diff", commit, &output));
+        }
+        Ok(Some(
+            output
+                .stdout
+                .split(|&byte| byte == 0)
+                .filter(|name| !name.is_empty())
+                .map(|name| String::from_utf8_lossy(name).into_owned())
+                .collect(),
+        ))
+    }
+
     /// The pipeline files at `commit`: `kiln.yml` at the root and every
     /// `.kiln/*.yml` (or `*.yaml`), in that order.
     pub(crate) async fn pipeline_files(

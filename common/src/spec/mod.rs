@@ -18,13 +18,15 @@
 //! settings (`executor`, `pull`, `resources`, `network`), `delivery` the
 //! delivery keys of a stage, `triggers` the pipeline's `triggers:`,
 //! `services` a stage's `services:`, `cache` its `cache:`, `retention` the
-//! pipeline's `retention:`;
+//! pipeline's `retention:`, `conditions` a stage's `if:`/`changes:` and the
+//! pipeline's `concurrency:`;
 //! `suggest` is a small helper. Durations are read by [`crate::duration`].
 
 use std::collections::BTreeMap;
 use std::fmt;
 use std::time::Duration;
 
+pub use conditions::{Concurrency, Facts, StageCondition};
 pub use delivery::{
     Approval, Condition, Gate, MaxRegression, Monitor, MonitorSource, OnBreach, OnMissing, Op,
     Select,
@@ -38,6 +40,7 @@ pub use triggers::{
 };
 
 mod cache;
+mod conditions;
 mod container;
 mod delivery;
 mod matrix;
@@ -102,6 +105,8 @@ pub struct Pipeline {
     /// `env:` at the top level (already merged into every stage's `env`,
     /// under the stage's own values).
     pub env: BTreeMap<String, String>,
+    /// `concurrency:` runs of one group never overlap.
+    pub concurrency: Option<Concurrency>,
 }
 
 /// `retention: {keep: {runs: N, days: D}}`: a finished run is kept while it
@@ -178,6 +183,8 @@ pub struct Stage {
     pub services: Vec<Service>,
     /// `cache:` directories restored before the stage and saved after it.
     pub cache: Option<Cache>,
+    /// `if:` and `changes:`: the stage runs only when they hold.
+    pub condition: Option<StageCondition>,
 }
 
 /// A stage's `cache:`.

@@ -11,6 +11,7 @@ use std::fmt;
 use std::time::Duration;
 
 use super::cache;
+use super::conditions::{self, Concurrency, StageCondition};
 use super::container::{self, ContainerDraft};
 use super::delivery::{self, DeliveryDraft};
 use super::matrix::{self, MatrixDraft};
@@ -36,6 +37,7 @@ pub(super) struct Draft {
     pub(super) env: BTreeMap<String, String>,
     /// Never empty, in file order.
     pub(super) stages: Vec<StageDraft>,
+    pub(super) concurrency: Option<Concurrency>,
 }
 
 /// The `defaults:` mapping; `None` where the file leaves a setting out.
@@ -82,6 +84,8 @@ pub(super) struct StageDraft {
     pub(super) services: Option<(Vec<Service>, Position)>,
     /// `cache:` as read.
     pub(super) cache: Option<Cache>,
+    /// `if:` and `changes:`.
+    pub(super) condition: Option<StageCondition>,
 }
 
 /// A name and where it was written, so that a reference can be blamed.
@@ -121,6 +125,7 @@ struct TopLevel {
     params: Option<Vec<(Param, Position)>>,
     env: BTreeMap<String, String>,
     stages: Option<Vec<StageDraft>>,
+    concurrency: Option<Concurrency>,
 }
 
 // The tables are kept one key per line by hand: they read as the schema.
@@ -135,6 +140,7 @@ const TOP_LEVEL_FIELDS: &[Field<TopLevel>] = &[
     ("env", |top, v, path| set(&mut top.env, values::env(v, path))),
     ("stages", |top, v, path| set(&mut top.stages, read_stages(v, path).map(Some))),
     ("retention", |top, v, path| set(&mut top.retention, retention::read(v, path).map(Some))),
+    ("concurrency", |top, v, path| set(&mut top.concurrency, conditions::read_concurrency(v, path).map(Some))),
 ];
 
 #[rustfmt::skip]
@@ -173,6 +179,8 @@ const STAGE_FIELDS: &[Field<StageDraft>] = &[
     ("strategy", |s, v, path| set(&mut s.delivery.strategy, super::strategy::read(v, path, &s.name.clone()).map(Some))),
     ("services", |s, v, path| set(&mut s.services, services::read(v, path, &s.name.clone()).map(Some))),
     ("cache", |s, v, path| set(&mut s.cache, cache::read(v, path, &s.name.clone()).map(Some))),
+    ("if", |s, v, path| conditions::read_if(&mut s.condition, v, path)),
+    ("changes", |s, v, path| conditions::read_changes(&mut s.condition, v, path)),
 ];
 
 /// The long form `artifacts: {paths: [...], when: always}`.
@@ -227,6 +235,11 @@ pub(super) fn read(document: &Document<'_>) -> Result<Draft, Problem> {
     };
     let params = top.params.unwrap_or_default();
     check_param_names(&params, &top.env, &stages)?;
+    for stage in &stages {
+        conditions::check_params(stage.condition.as_ref(), &params)?;
+    }
+    conditions::check_group_params(top.concurrency.as_ref(), &params)?;
+    conditions::check_schedule_params(&top.triggers, &params)?;
     Ok(Draft {
         name,
         defaults: top.defaults,
@@ -236,6 +249,7 @@ pub(super) fn read(document: &Document<'_>) -> Result<Draft, Problem> {
         params: params.into_iter().map(|(param, _)| param).collect(),
         env: top.env,
         stages,
+        concurrency: top.concurrency,
     })
 }
 
@@ -339,6 +353,7 @@ fn read_stage(key: Node<'_>, body: Node<'_>) -> Result<StageDraft, Problem> {
         cell_of: None,
         services: None,
         cache: None,
+        condition: None,
     };
     // `build:` with nothing under it is a stage without commands, not a type error.
     if !body.is_null() {

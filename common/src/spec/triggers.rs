@@ -285,11 +285,17 @@ fn schedule(value: Node<'_>, path: &Path<'_>) -> Result<Vec<Schedule>, Problem> 
         ));
     }
     let mut schedules: Vec<Schedule> = Vec::with_capacity(items.len());
-    for item in items {
+    for entry in items {
+        // `{cron: "0 3 * * *", params: {EPOCHS: 50}}`: a schedule whose
+        // runs get these parameter values.
+        let (item, params) = match schedule_with_params(entry, path)? {
+            Some((cron, params)) => (cron, Some(params)),
+            None => (entry, None),
+        };
         let Some(expression) = item.string() else {
             return Err(wrong_type(item, path, EXPECTED));
         };
-        let schedule = Schedule::parse(expression).map_err(|why| {
+        let mut schedule = Schedule::parse(expression).map_err(|why| {
             Problem::new(
                 item.position(),
                 format!(
@@ -304,9 +310,57 @@ fn schedule(value: Node<'_>, path: &Path<'_>) -> Result<Vec<Schedule>, Problem> 
                 format!("cron expression `{expression}` is listed twice in {path}; list it once"),
             ));
         }
+        if let Some((params, position)) = params {
+            schedule.params = params;
+            schedule.params_at = Some(position);
+        }
         schedules.push(schedule);
     }
     Ok(schedules)
+}
+
+/// The `cron` and `params` of a `{cron, params}` schedule entry; `None`
+/// for a plain cron string.
+#[allow(clippy::type_complexity)]
+fn schedule_with_params<'n>(
+    entry: Node<'n>,
+    path: &Path<'_>,
+) -> Result<
+    Option<(
+        Node<'n>,
+        (std::collections::BTreeMap<String, String>, Position),
+    )>,
+    Problem,
+> {
+    let Some(entries) = entry.entries() else {
+        return Ok(None);
+    };
+    let (mut cron, mut params) = (None, None);
+    for (key, value) in entries {
+        match key.text() {
+            Some("cron") => cron = Some(value),
+            Some("params") => params = Some((values::env(value, path)?, value.position())),
+            _ => {
+                return Err(Problem::new(
+                    key.position(),
+                    format!(
+                        "unknown key `{}` in a schedule of {path}; expected one of: cron, params",
+                        key.text().unwrap_or_default()
+                    ),
+                ));
+            }
+        }
+    }
+    let cron = cron.ok_or_else(|| {
+        Problem::new(
+            entry.position(),
+            format!("a schedule of {path} has no `cron`; write `{{cron: \"0 3 * * *\", params: {{...}}}}`"),
+        )
+    })?;
+    Ok(Some((
+        cron,
+        params.unwrap_or_else(|| (Default::default(), entry.position())),
+    )))
 }
 
 #[derive(Default)]

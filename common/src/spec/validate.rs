@@ -37,6 +37,7 @@ pub(super) fn pipeline(draft: Draft) -> Result<Pipeline, Problem> {
         retention: draft.retention,
         params: draft.params,
         env: draft.env,
+        concurrency: draft.concurrency,
     })
 }
 
@@ -256,6 +257,7 @@ fn with_defaults(stage: StageDraft, needs: Vec<usize>, defaults: &Defaults) -> S
             .map(|(services, _)| services)
             .unwrap_or_default(),
         cache: stage.cache,
+        condition: stage.condition,
     }
 }
 

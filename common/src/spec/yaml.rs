@@ -133,6 +133,26 @@ impl<'a> Node<'a> {
         }
     }
 
+    /// Where the first character of a one-line plain or quoted scalar's
+    /// value is (after its quote); `None` for block scalars and values
+    /// over several lines, whose characters cannot be placed by offset.
+    pub(super) fn value_start(self) -> Option<Position> {
+        let YamlData::Representation(text, style, _) = &self.yaml.data else {
+            return None;
+        };
+        let skip = match style {
+            saphyr::ScalarStyle::Plain => 0,
+            saphyr::ScalarStyle::SingleQuoted | saphyr::ScalarStyle::DoubleQuoted => 1,
+            _ => return None,
+        };
+        let start = self.position();
+        let one_line = self.yaml.span.start.line() == self.yaml.span.end.line();
+        (!text.contains('\n') && one_line).then_some(Position {
+            line: start.line,
+            column: start.column + skip,
+        })
+    }
+
     /// True for `~`, `null` and a key with nothing after it.
     pub(super) fn is_null(self) -> bool {
         matches!(self.scalar(), Some(Scalar::Null))

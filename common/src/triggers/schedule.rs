@@ -15,6 +15,7 @@
 //!   new `last_fired`; before the first firing it passes the pipeline's
 //!   registration time, so slots before registration never fire.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;
 
@@ -28,6 +29,12 @@ pub struct Schedule {
     /// As written in the file, for messages and display.
     expression: String,
     cron: Cron,
+    /// `params:` a run this schedule starts is given (`{cron, params}`
+    /// form), checked against the pipeline's declarations when the file
+    /// is read.
+    pub params: BTreeMap<String, String>,
+    /// Where those `params:` are written, for the check's error.
+    pub params_at: Option<crate::spec::Position>,
 }
 
 impl Schedule {
@@ -45,6 +52,8 @@ impl Schedule {
         let schedule = Schedule {
             expression: expression.to_owned(),
             cron,
+            params: BTreeMap::new(),
+            params_at: None,
         };
         if schedule.matches_some_day() {
             Ok(schedule)

@@ -55,6 +55,9 @@ pub(crate) struct TriggerRequest {
     pub(crate) deliveries: Vec<String>,
     /// Written with the run, atomically (schedule and data triggers).
     pub(crate) trigger_state: Option<TriggerStateRecord>,
+    /// Paths `commit` changed since the branch's previous build, for
+    /// `changes:`; `None`: everything (or no stage asks).
+    pub(crate) changed: Option<Vec<String>>,
 }
 
 /// A run that could not start, as the refused run records it.
@@ -97,6 +100,7 @@ impl Engine {
             variables,
             deliveries,
             trigger_state,
+            changed,
         } = request;
         let (version, pipeline_digest) = match at_commit {
             None => (pipeline.version, String::new()),
@@ -135,6 +139,7 @@ impl Engine {
             pipeline_digest,
             params,
             variables,
+            changed,
         };
         let result = self.trigger(&pipeline, version, source, triggered_by, datasets);
         if let Ok(run) = &result {
@@ -228,6 +233,8 @@ impl Engine {
             params: Default::default(),
             variables: refusal.variables,
             promote: None,
+            group: None,
+            waiting: false,
         };
         let key = StageKey { run: id, idx: 0 };
         let mut stage = StageRecord::new(key, &refusal.file, Vec::new());

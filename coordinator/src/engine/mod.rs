@@ -25,6 +25,7 @@
 mod agents;
 mod at_commit;
 mod checks;
+mod conditions;
 mod delivery;
 mod dispatch;
 mod logs;
@@ -177,6 +178,12 @@ pub(crate) enum Event {
         finished: pb::StageFinished,
         checked: checks::Checked,
     },
+    /// Git's answer for an environment stage held by the outdated-deploy
+    /// guard; see [`conditions`].
+    DeployGuardChecked {
+        check: Box<conditions::GuardCheck>,
+        outdated: Result<bool, String>,
+    },
 }
 
 /// A release to watch: the runner starts a monitor task for it.
@@ -309,6 +316,15 @@ pub(crate) struct Engine {
     checks: Vec<checks::OutputCheck>,
     /// Assignments waiting for their secrets to be opened off the loop.
     secrets_to_open: Vec<checks::SecretsToOpen>,
+    /// Environment stages waiting for the outdated-deploy check, for the
+    /// runner to ask git; and the stages it cleared.
+    guard_checks: Vec<conditions::GuardCheck>,
+    guard_cleared: BTreeSet<StageKey>,
+    /// Environment stages whose check is in flight.
+    guard_pending: BTreeSet<StageKey>,
+    /// Environment stages waiting for another run's deploy to the same
+    /// environment to end.
+    parked_deploys: BTreeSet<StageKey>,
     /// Attempts with a check in flight.
     checking: BTreeSet<AttemptKey>,
     /// Delivery work the run book asked for, routed after each event.
@@ -394,6 +410,10 @@ impl Engine {
             delivery_events: Vec::new(),
             checks: Vec::new(),
             secrets_to_open: Vec::new(),
+            guard_checks: Vec::new(),
+            guard_cleared: BTreeSet::new(),
+            guard_pending: BTreeSet::new(),
+            parked_deploys: BTreeSet::new(),
             checking: BTreeSet::new(),
             ready_since: HashMap::new(),
             dirty: Dirty::default(),
@@ -418,6 +438,7 @@ impl Engine {
                 Err(error) => engine.fail_unparsable_run(record, stages, &error),
             }
         }
+        engine.resume_conditions();
         // Everything recovered is durable: readers may see it at once.
         let update = std::mem::take(&mut engine.view_update);
         engine.view.apply(crate::read::ViewUpdate {
@@ -535,6 +556,9 @@ impl Engine {
                 finished,
                 checked,
             } => self.outputs_checked(&agent, finished, checked),
+            Event::DeployGuardChecked { check, outdated } => {
+                self.deploy_guard_checked(*check, outdated)
+            }
             Event::SecretsOpened {
                 agent,
                 key,
@@ -596,6 +620,10 @@ impl Engine {
     /// Secrets to open on the blocking pool; each reports back as an event.
     pub(crate) fn take_secrets_to_open(&mut self) -> Vec<checks::SecretsToOpen> {
         std::mem::take(&mut self.secrets_to_open)
+    }
+
+    pub(crate) fn take_guard_checks(&mut self) -> Vec<conditions::GuardCheck> {
+        std::mem::take(&mut self.guard_checks)
     }
 
     /// Pushes ready stages to agents, then returns the pending group.
@@ -860,6 +888,18 @@ pub(crate) async fn run_engine(
                 if let Ok(event) = checked {
                     let _ = events.send(event).await;
                 }
+            });
+        }
+        for check in engine.take_guard_checks() {
+            let (repos, events) = (delivery.starter.repos.clone(), delivery.events.clone());
+            tokio::spawn(async move {
+                let outdated = repos
+                    .is_ancestor(&check.repo, &check.commit, &check.live_commit)
+                    .await
+                    .map_err(|error| error.to_string());
+                // A lost answer leaves the stage pending; the next start
+                // asks again.
+                let _ = events.send(check.answered(outdated)).await;
             });
         }
         for work in engine.take_secrets_to_open() {

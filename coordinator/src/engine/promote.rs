@@ -98,6 +98,8 @@ impl Engine {
             params: BTreeMap::new(),
             variables: BTreeMap::from([("KILN_EVENT".to_owned(), "promote".to_owned())]),
             promote: Some(plan),
+            group: None,
+            waiting: false,
         };
         let mut stages: Vec<StageRecord> = spec
             .parsed

@@ -33,6 +33,7 @@ impl Engine {
             }
             self.start_rollout_runs();
         }
+        self.retry_parked_deploys();
     }
 
     fn write_all(&mut self, ops: Vec<Op>) {

@@ -34,6 +34,9 @@ pub(super) struct RunSource {
     /// variables; see [`RunRecord`].
     pub(super) params: BTreeMap<String, String>,
     pub(super) variables: BTreeMap<String, String>,
+    /// Paths the commit changed since the branch's previous build, for
+    /// `changes:`; `None`: everything.
+    pub(super) changed: Option<Vec<String>>,
 }
 
 /// A run as the run book lends it to others (delivery), read-only.
@@ -177,6 +180,8 @@ impl Engine {
             params: source.params,
             variables: source.variables,
             promote: None,
+            group: None,
+            waiting: false,
         };
         let stages: Vec<StageRecord> = spec
             .parsed
@@ -204,18 +209,12 @@ impl Engine {
             .insert(id, ActiveRun::new(record, stages, spec.clone()));
         self.save_run(id);
         for idx in 0..spec.parsed.stages.len() {
-            if spec.parsed.stages[idx].needs.is_empty() {
-                self.make_ready(StageKey {
-                    run: id,
-                    idx: idx as u32,
-                });
-            } else {
-                self.save_stage(StageKey {
-                    run: id,
-                    idx: idx as u32,
-                });
-            }
+            self.save_stage(StageKey {
+                run: id,
+                idx: idx as u32,
+            });
         }
+        self.start_new_run(id, source.changed);
         Ok(id)
     }
 
@@ -342,6 +341,9 @@ impl Engine {
     }
 
     pub(super) fn make_ready(&mut self, key: StageKey) {
+        if self.deploy_needs_guard(key) {
+            return;
+        }
         if self.move_stage(key, StageState::Ready) {
             self.ready.push_back(key);
             self.ready_since.insert(key, std::time::Instant::now());
@@ -425,7 +427,7 @@ impl Engine {
 
     /// Ends a stage's current attempt in a finished state (without moving
     /// the DAG on); false if the state machine refused.
-    fn end_attempt(
+    pub(super) fn end_attempt(
         &mut self,
         key: StageKey,
         state: StageState,
@@ -480,13 +482,61 @@ impl Engine {
     }
 
     fn skip(&mut self, key: StageKey, blocker: &str) -> bool {
+        self.skip_because(key, format!("`{blocker}` did not succeed"))
+    }
+
+    /// Skips a waiting stage; `reason` follows "skipped: " in its message
+    /// and in the one line of its log.
+    pub(super) fn skip_because(&mut self, key: StageKey, reason: String) -> bool {
         if !self.move_stage(key, StageState::Skipped) {
             return false;
         }
-        if let Some(stage) = self.stage_mut(key) {
-            stage.message = format!("skipped: `{blocker}` did not succeed");
-        }
+        let now = self.clock.now_ms();
+        let text = format!("skipped: {reason}");
+        let Some(stage) = self.stage_mut(key) else {
+            return true;
+        };
+        stage.message = text.clone();
+        stage.finished_ms = Some(now);
+        let (attempt, seq) = (stage.attempt, stage.next_log_seq);
+        stage.next_log_seq += 1;
+        stage.log_bytes += text.len() as u64;
+        self.write(Op::Log(crate::store::StoredLog {
+            key,
+            attempt,
+            seq,
+            line: crate::store::LogLine {
+                stream: crate::store::LogStream::System,
+                text,
+                at_ms: now,
+            },
+        }));
         true
+    }
+
+    /// Skips what waits on `key`, a stage that was itself skipped (by its
+    /// condition or the deploy guard): a stage that needs a skipped stage
+    /// is skipped too.
+    pub(super) fn skip_dependents_of_skipped(
+        &mut self,
+        key: StageKey,
+        spec: &PipelineSpec,
+        name: &str,
+    ) {
+        let mut todo = spec.dependents[key.idx as usize].clone();
+        while let Some(idx) = todo.pop() {
+            let dependent = StageKey {
+                run: key.run,
+                idx: idx as u32,
+            };
+            let waiting = self.stage(dependent).is_some_and(|stage| {
+                matches!(stage.state, StageState::Pending | StageState::Ready)
+            });
+            if waiting && self.skip_because(dependent, format!("needs `{name}`, which was skipped"))
+            {
+                todo.extend(spec.dependents[idx].iter().copied());
+            }
+        }
     }
 
     /// Re-queues a stage whose attempt ended without success, as a new
@@ -637,8 +687,10 @@ impl Engine {
             return;
         };
         self.metrics.run_finished(active.record.state);
+        let record = active.record.clone();
         self.save_run(run);
         self.retire(run);
+        self.group_run_ended(&record);
     }
 
     /// Moves a finished run out of the live set once its last snapshot is
@@ -1001,6 +1053,8 @@ impl Engine {
             params: BTreeMap::new(),
             variables,
             promote: None,
+            group: None,
+            waiting: false,
         };
         let stages: Vec<StageRecord> = spec
             .parsed
@@ -1042,7 +1096,7 @@ impl Engine {
 
 /// Whether a finished stage lets the stages after it run: it succeeded,
 /// or it failed (or timed out) and says `allow_failure: true`.
-fn passes(stage: &StageRecord, spec: &PipelineSpec) -> bool {
+pub(super) fn passes(stage: &StageRecord, spec: &PipelineSpec) -> bool {
     match stage.state {
         StageState::Succeeded => true,
         StageState::Failed | StageState::TimedOut => spec

@@ -158,6 +158,7 @@ impl Harness {
                     variables: Default::default(),
                     deliveries: Vec::new(),
                     trigger_state: None,
+                    changed: None,
                 },
                 reply,
             })

@@ -120,6 +120,14 @@ pub(crate) struct RunRecord {
     /// version to another environment.
     #[serde(default)]
     pub(crate) promote: Option<PromotePlan>,
+    /// The pipeline's `concurrency:` group as this run rendered it: runs
+    /// of one pipeline and group never overlap.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) group: Option<String>,
+    /// Created while an older run of its group was under way: no stage
+    /// starts until the older runs have ended.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub(crate) waiting: bool,
 }
 
 #[cfg(test)]
@@ -144,6 +152,8 @@ impl RunRecord {
             params: Default::default(),
             variables: Default::default(),
             promote: None,
+            group: None,
+            waiting: false,
         }
     }
 }

@@ -51,6 +51,8 @@ pub(crate) struct TriggeredRun {
     pub(crate) variables: BTreeMap<String, String>,
     /// A webhook delivery's idempotency keys; see `TriggerRequest`.
     pub(crate) deliveries: Vec<String>,
+    /// Found by the starter for `changes:`; see `TriggerRequest`.
+    pub(crate) changed: Option<Vec<String>>,
 }
 
 impl TriggeredRun {
@@ -71,6 +73,7 @@ impl TriggeredRun {
             params: BTreeMap::new(),
             variables: BTreeMap::from([("KILN_EVENT".to_owned(), event.to_owned())]),
             deliveries: Vec::new(),
+            changed: None,
         }
     }
 }
@@ -83,7 +86,12 @@ pub(crate) struct Starter {
     pub(crate) events: mpsc::Sender<Event>,
     pub(crate) repos: Arc<Repos>,
     pub(crate) parsed: Arc<ParsedPipelines>,
+    /// Where the branch's previous build is found, for `changes:`.
+    pub(crate) store: Arc<dyn Store>,
 }
+
+/// How far back the previous build of a branch is looked for.
+const PREVIOUS_BUILD_LOOKBACK: usize = 500;
 
 impl Starter {
     /// Resolves the revision, reads the pipeline file at that commit and
@@ -106,7 +114,7 @@ impl Starter {
             // The run fails at once with the file's own error.
             Some(_) => None,
         };
-        if let Some(declared) = declared {
+        if let Some(declared) = &declared {
             run.params = spec::resolve_params(&declared.params, &run.params)
                 .map_err(ApiError::InvalidArgument)?;
         }
@@ -123,7 +131,60 @@ impl Starter {
                 run.variables.insert(name.to_owned(), value);
             }
         }
+        let asks_changes = declared.is_some_and(|declared| {
+            declared.stages.iter().any(|stage| {
+                stage
+                    .condition
+                    .as_ref()
+                    .is_some_and(|condition| !condition.changes.is_empty())
+            })
+        });
+        run.changed = if asks_changes {
+            self.changed_since_previous_build(&run, &commit).await?
+        } else {
+            None
+        };
         self.send(run, at_commit, (commit, rev), None).await
+    }
+
+    /// The paths `commit` changed since the last commit of the same
+    /// branch that a run of this pipeline built (another commit than this
+    /// one, so a re-run sees what its first run saw); `None` — everything
+    /// — for a branch's first build, a tag or a commit with no branch.
+    async fn changed_since_previous_build(
+        &self,
+        run: &TriggeredRun,
+        commit: &str,
+    ) -> Result<Option<Vec<String>>, ApiError> {
+        let Some(branch) = run.variables.get("KILN_BRANCH").cloned() else {
+            return Ok(None);
+        };
+        let (store, pipeline, commit_owned) = (
+            self.store.clone(),
+            run.pipeline.name.clone(),
+            commit.to_owned(),
+        );
+        let previous = tokio::task::spawn_blocking(move || {
+            let runs = store.runs(
+                Some(&pipeline),
+                kiln_common::ids::RunId(u64::MAX),
+                PREVIOUS_BUILD_LOOKBACK,
+            )?;
+            Ok::<_, ApiError>(runs.into_iter().find_map(|record| {
+                (record.variables.get("KILN_BRANCH") == Some(&branch)
+                    && !record.commit.is_empty()
+                    && record.commit != commit_owned)
+                    .then_some(record.commit)
+            }))
+        })
+        .await
+        .map_err(|error| ApiError::Internal(format!("previous build lookup: {error}")))??;
+        let Some(base) = previous else {
+            return Ok(None);
+        };
+        self.repos
+            .changed_paths(&run.pipeline.repo, &base, commit)
+            .await
     }
 
     /// Starts a run of an uploaded source snapshot: the registered
@@ -167,6 +228,7 @@ impl Starter {
             variables: run.variables,
             deliveries: run.deliveries,
             trigger_state: run.trigger_state,
+            changed: run.changed,
         };
         self.events
             .send(Event::Trigger { request, reply })
@@ -292,6 +354,7 @@ pub(crate) async fn run_watcher(
         events,
         repos,
         parsed: parsed.clone(),
+        store: store.clone(),
     };
     let mut watched: HashMap<String, Watched> = HashMap::new();
     let mut pipelines: Vec<Arc<PipelineRecord>> = Vec::new();
@@ -362,6 +425,14 @@ pub(crate) async fn run_watcher(
                     format!("schedule:{}", expressions.join(" | ")),
                 );
                 run.trigger_state = Some(state.clone());
+                // The parameters of the schedule whose slot this is.
+                run.params = entry
+                    .triggers
+                    .schedule
+                    .iter()
+                    .find(|schedule| schedule.due(last_fired, now) == Some(slot))
+                    .map(|schedule| schedule.params.clone())
+                    .unwrap_or_default();
                 match starter.start(run).await {
                     Ok(run) => {
                         entry.state = state;

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use axum::Json;
 use axum::body::Bytes;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 
 use kiln_common::spec::Triggers;
@@ -48,10 +48,11 @@ fn reply(status: StatusCode, message: impl Into<String>) -> Reply {
 pub(crate) async fn push(
     State(hooks): State<Hooks>,
     Path(name): Path<String>,
+    Query(query): Query<Vec<(String, String)>>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Reply {
-    let (status, body, target) = handle(&hooks, &name, &headers, &body).await;
+    let (status, body, target) = handle(&hooks, &name, &query, &headers, &body).await;
     // Like gRPC calls without a valid token, unsigned deliveries are only
     // logged: anyone who reaches the port could otherwise fill the log.
     let before_verification = [
@@ -83,6 +84,7 @@ pub(crate) async fn push(
 async fn handle(
     hooks: &Hooks,
     name: &str,
+    query: &[(String, String)],
     headers: &HeaderMap,
     body: &[u8],
 ) -> (StatusCode, Json<serde_json::Value>, String) {
@@ -132,6 +134,17 @@ async fn handle(
     let Some((mut run, git_ref, commit)) = run else {
         return fail(StatusCode::OK, "pong".into());
     };
+    // Parameters come from the hook's URL (`/hooks/train?EPOCHS=20`), set
+    // where the forge's webhook is configured; the starter checks them
+    // against the file's `params:` like `kiln run -p`.
+    for (param, value) in query {
+        if run.params.insert(param.clone(), value.clone()).is_some() {
+            return fail(
+                StatusCode::BAD_REQUEST,
+                format!("parameter `{param}` is given twice in the hook's URL; give it once"),
+            );
+        }
+    }
     // One run per delivery id, and per event, ref and commit: a forge
     // that sends again, or two hooks for one push, start nothing more.
     run.deliveries = delivery

@@ -84,7 +84,7 @@ fn unknown_keys() {
           build: { commands: [make] }
         ",
         "kiln.yml:2:1: unknown key `stage` at the top level; expected one of: pipeline, \
-         defaults, triggers, on, timeout, params, env, stages, retention (did you mean `stages`?)",
+         defaults, triggers, on, timeout, params, env, stages, retention, concurrency (did you mean `stages`?)",
     );
     check(
         "
@@ -92,7 +92,7 @@ fn unknown_keys() {
         trigger: { push: { branches: [main] } }
         ",
         "kiln.yml:2:1: unknown key `trigger` at the top level; expected one of: pipeline, \
-         defaults, triggers, on, timeout, params, env, stages, retention (did you mean `triggers`?)",
+         defaults, triggers, on, timeout, params, env, stages, retention, concurrency (did you mean `triggers`?)",
     );
     check(
         "
@@ -115,7 +115,7 @@ fn unknown_keys() {
          commands, env, secrets, timeout, retries, allow_failure, matrix, image, agent, executor, \
          pull, \
          resources, network, \
-         artifacts, metrics, environment, endpoint, model, gate, monitor, strategy, services, cache (did you mean `commands`?)",
+         artifacts, metrics, environment, endpoint, model, gate, monitor, strategy, services, cache, if, changes (did you mean `commands`?)",
     );
     check(
         "
@@ -127,7 +127,7 @@ fn unknown_keys() {
          commands, env, secrets, timeout, retries, allow_failure, matrix, image, agent, executor, \
          pull, \
          resources, network, \
-         artifacts, metrics, environment, endpoint, model, gate, monitor, strategy, services, cache (did you mean `needs`?)",
+         artifacts, metrics, environment, endpoint, model, gate, monitor, strategy, services, cache, if, changes (did you mean `needs`?)",
     );
     check(
         "

@@ -162,6 +162,11 @@ impl DeliveryController {
         self.environments.release(id)
     }
 
+    /// The live release of `environment`, itself.
+    pub(super) fn live_release(&self, environment: &EnvKey) -> Option<&ReleaseRecord> {
+        self.environments.champion(environment)
+    }
+
     /// The live release of `environment`.
     #[cfg(test)]
     pub(super) fn live(&self, environment: &EnvKey) -> Option<u64> {

@@ -132,8 +132,13 @@ async fn remote(
             name,
             branch,
             file,
+            status,
         }) => {
-            let request = repo::prepare(&source, name, branch, file)?;
+            let mut request = repo::prepare(&source, name, branch, file)?;
+            request.status_forge = status.status.unwrap_or_default();
+            request.status_url = status.status_url.unwrap_or_default();
+            request.status_project = status.status_project.unwrap_or_default();
+            request.status_token_secret = status.status_token_secret.unwrap_or_default();
             repo::add(c, format, request).await
         }
         Command::Repo(RepoCommand::List) => repo::list(c, format).await,

@@ -69,6 +69,7 @@ mod tests {
             path: String::new(),
             digest: String::new(),
             repository: String::new(),
+            status: None,
         }
     }
 

@@ -6,7 +6,9 @@
 //! engine loop: what it finds reaches the engine inside the event that
 //! starts the run. A local repository is read in place; a remote one
 //! through a bare mirror under `DATA/repos/`, fetched when the revision or
-//! commit asked for may be newer than the mirror.
+//! commit asked for may be newer than the mirror. The mirror fetches
+//! branches, tags and the heads of merge requests (`refs/pull/*/head`,
+//! `refs/merge-requests/*/head`), so a merge request from a fork is built.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -126,6 +128,49 @@ impl Repos {
         })
     }
 
+    /// The pipeline file at `path` and every file it includes (`include:`,
+    /// read at the same commit), as the one text a version stores (see
+    /// `kiln_common::spec::Sources`); `Ok(None)` when the commit has no
+    /// file at `path`. An included file that is missing is left out: the
+    /// parse names it and the line that includes it.
+    pub(crate) async fn read_pipeline(
+        &self,
+        repo: &str,
+        commit: &str,
+        path: &str,
+    ) -> Result<Option<String>, ApiError> {
+        let Some(text) = self.read_file(repo, commit, path).await? else {
+            return Ok(None);
+        };
+        let mut sources = kiln_common::spec::Sources::new(path, &text);
+        let mut absent = std::collections::HashSet::new();
+        // Each round reads one more level of includes; the parser refuses
+        // more than MAX_INCLUDED_FILES, so a few more rounds than that end
+        // any chain.
+        for _ in 0..=kiln_common::spec::MAX_INCLUDED_FILES {
+            let wanted: Vec<String> = sources
+                .missing()
+                .into_iter()
+                .filter(|p| !absent.contains(p))
+                .take(kiln_common::spec::MAX_INCLUDED_FILES + 1)
+                .collect();
+            if wanted.is_empty() {
+                break;
+            }
+            for included in wanted {
+                match self.read_file(repo, commit, &included).await? {
+                    Some(text) => {
+                        sources.included.insert(included, text);
+                    }
+                    None => {
+                        absent.insert(included);
+                    }
+                }
+            }
+        }
+        Ok(Some(sources.bundle()))
+    }
+
     /// The pipeline files at `commit`: `kiln.yml` at the root and every
     /// `.kiln/*.yml` (or `*.yaml`), in that order.
     pub(crate) async fn pipeline_files(
@@ -201,6 +246,10 @@ impl Repos {
                     repo,
                     "+refs/heads/*:refs/heads/*",
                     "+refs/tags/*:refs/tags/*",
+                    // A merge request from a fork: its commits are only
+                    // under these (GitHub and Gitea; GitLab).
+                    "+refs/pull/*/head:refs/pull/*/head",
+                    "+refs/merge-requests/*/head:refs/merge-requests/*/head",
                 ],
             )
             .await?;

@@ -19,6 +19,7 @@
 //! W <pipeline> 0x00 <key>                          webhook delivery that started a run
 //! M schema                                        store schema version (u32)
 //! c <pipeline> 0x00 <cache key>                   shared cache entry
+//! Q <forge, project, commit, context>             queued commit status report
 //! ```
 //!
 //! Schema 1 (before environments belonged to pipelines) had `E <environment>`
@@ -41,6 +42,7 @@ pub(super) const TRIGGER_STATE: u8 = b'G';
 pub(super) const MONITOR_SAMPLE: u8 = b'S';
 pub(super) const CACHE: u8 = b'c';
 pub(super) const DELIVERY: u8 = b'W';
+pub(super) const COMMIT_STATUS: u8 = b'Q';
 /// Where the store records its schema version.
 pub(super) const SCHEMA: &[u8] = b"Mschema";
 

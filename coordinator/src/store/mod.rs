@@ -79,6 +79,10 @@ pub(crate) struct PipelineRecord {
     /// The repository's name (`kiln repo add --name`), "" if none.
     #[serde(default)]
     pub(crate) repository: String,
+    /// Where runs report their state on their commit (`kiln repo add
+    /// --status`), if anywhere.
+    #[serde(default)]
+    pub(crate) status: Option<crate::forge_status::StatusTarget>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -439,6 +443,13 @@ pub(crate) enum Op {
         release: u64,
         at_ms: u64,
     },
+    /// Forgets a webhook delivery key: (pipeline, key).
+    RemoveDelivery(String, String),
+    /// Queues a commit status report (`forge_status`), replacing the one
+    /// queued for the same commit and context.
+    CommitStatus(crate::forge_status::CommitStatusRecord),
+    /// Dequeues a sent report, unless a newer one replaced it since.
+    RemoveCommitStatus(crate::forge_status::CommitStatusRecord),
 }
 
 /// A shared cache entry: the archives an agent saved under a pipeline's
@@ -530,6 +541,8 @@ pub(crate) trait Store: Send + Sync + 'static {
     fn trigger_state(&self, pipeline: &str) -> Result<Option<TriggerStateRecord>>;
     /// Every webhook delivery that started a run.
     fn deliveries(&self) -> Result<Vec<DeliveryRecord>>;
+    /// Every queued commit status report, oldest commit key first.
+    fn commit_statuses(&self) -> Result<Vec<crate::forge_status::CommitStatusRecord>>;
     /// The newest `limit` monitor samples of `release`, oldest first.
     fn monitor_samples(&self, release: u64, limit: usize) -> Result<Vec<MonitorSampleRecord>>;
     fn cache(&self, pipeline: &str, key: &str) -> Result<Option<CacheRecord>>;

@@ -188,7 +188,11 @@ impl Starter {
             return Ok(None);
         }
         let path = pipeline.path.clone();
-        let text = match self.repos.read_file(&pipeline.repo, commit, &path).await {
+        let text = match self
+            .repos
+            .read_pipeline(&pipeline.repo, commit, &path)
+            .await
+        {
             Ok(Some(text)) => text,
             Ok(None) => {
                 return Ok(Some(FileAtCommit {

@@ -563,7 +563,7 @@ pub(crate) enum RepoCommand {
         #[arg(long, value_name = "PATH")]
         file: Option<String>,
         #[command(flatten)]
-        status: StatusArgs,
+        status: Box<StatusArgs>,
     },
     /// List registered repositories and their pipelines.
     List,
@@ -587,4 +587,9 @@ pub(crate) struct StatusArgs {
     /// The kiln secret holding the API token (`kiln secret set NAME`).
     #[arg(long, value_name = "SECRET", requires = "status")]
     pub(crate) status_token_secret: Option<String>,
+    /// Poll the repository this often (`1m`, at least `1s`) for new
+    /// commits on branches and tags the pipelines' `on:` filters accept:
+    /// for a forge without webhooks.
+    #[arg(long, value_name = "DURATION")]
+    pub(crate) poll: Option<String>,
 }

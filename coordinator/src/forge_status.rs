@@ -75,7 +75,7 @@ pub(crate) struct StatusTarget {
 /// The status target an `AddRepository` request asks for, checked.
 pub(crate) fn target_of(
     request: &kiln_proto::v1::AddRepositoryRequest,
-) -> Result<Option<StatusTarget>, crate::error::ApiError> {
+) -> Result<Option<Box<StatusTarget>>, crate::error::ApiError> {
     use crate::error::ApiError::InvalidArgument;
     let forge = request.status_forge.trim();
     if forge.is_empty() {
@@ -104,12 +104,12 @@ pub(crate) fn target_of(
             "--status-token-secret `{token_secret}` must be a kiln secret's name (like FORGE_TOKEN) holding the API token"
         )));
     }
-    Ok(Some(StatusTarget {
+    Ok(Some(Box::new(StatusTarget {
         forge,
         url: url.to_owned(),
         project: project.to_owned(),
         token_secret: token_secret.to_owned(),
-    }))
+    })))
 }
 
 /// One queued report: the latest state of one commit and context.

@@ -253,6 +253,7 @@ pub async fn run(
             view: view.clone(),
             parsed: parsed.clone(),
             repos: starter.repos.clone(),
+            writer: writer.clone(),
         },
         events_tx.clone(),
         stop_rx.clone(),

@@ -70,6 +70,7 @@ mod tests {
             digest: String::new(),
             repository: String::new(),
             status: None,
+            poll_ms: 0,
         }
     }
 

@@ -171,6 +171,22 @@ impl Repos {
         Ok(Some(sources.bundle()))
     }
 
+    /// The branches and tags of `repo` as it is now (`git ls-remote`), ref
+    /// → commit, for polling.
+    pub(crate) async fn remote_refs(
+        &self,
+        repo: &str,
+    ) -> Result<std::collections::BTreeMap<String, String>, ApiError> {
+        let here = std::env::temp_dir();
+        let listed = git(&here, &["ls-remote", "--heads", "--tags", "--", repo]).await?;
+        if !listed.status.success() {
+            return Err(git_failed("list the refs of", repo, &listed));
+        }
+        Ok(crate::triggers::poll::parse_ls_remote(
+            &String::from_utf8_lossy(&listed.stdout),
+        ))
+    }
+
     /// The pipeline files at `commit`: `kiln.yml` at the root and every
     /// `.kiln/*.yml` (or `*.yaml`), in that order.
     pub(crate) async fn pipeline_files(

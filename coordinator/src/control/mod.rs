@@ -233,6 +233,7 @@ impl ControlService for ControlApi {
             path: normalized_file(&request.path)?,
             repository: String::new(),
             status: None,
+            poll_ms: 0,
         };
         let (record, created) = self
             .ask(|reply| Event::Register { pipeline, reply })
@@ -264,6 +265,11 @@ impl ControlService for ControlApi {
             branch => branch.to_owned(),
         };
         let status = crate::forge_status::target_of(&request)?;
+        if request.poll_ms != 0 && request.poll_ms < 1000 {
+            return Err(Status::invalid_argument(
+                "--poll must be at least 1s; a forge is not polled more often than that",
+            ));
+        }
         let repos = &self.starter.repos;
         let commit = repos.resolve(&url, &branch, "").await?;
         let files = match normalized_file(&request.file)? {
@@ -323,6 +329,7 @@ impl ControlService for ControlApi {
                 path: file,
                 repository: repository.clone(),
                 status: status.clone(),
+                poll_ms: request.poll_ms,
             });
         }
         let mut registered = Vec::new();

@@ -175,7 +175,9 @@ pub(crate) struct NewPipeline {
     /// The repository's name, "" if none.
     pub(crate) repository: String,
     /// Where runs report their state on their commit.
-    pub(crate) status: Option<crate::forge_status::StatusTarget>,
+    pub(crate) status: Option<Box<crate::forge_status::StatusTarget>>,
+    /// `--poll` in ms; 0 = never.
+    pub(crate) poll_ms: u64,
 }
 
 /// A pipeline version, parsed once and shared by its runs.
@@ -665,7 +667,7 @@ impl Engine {
             let target = self
                 .latest
                 .get(&run.pipeline)
-                .and_then(|p| p.status.as_ref());
+                .and_then(|p| p.status.as_deref());
             if let Some(report) = crate::forge_status::CommitStatusRecord::of(run, target) {
                 self.batch.push(Op::CommitStatus(report));
             }
@@ -726,6 +728,7 @@ impl Engine {
             path: new.path,
             repository: new.repository,
             status: new.status,
+            poll_ms: new.poll_ms,
         };
         if let Some(latest) = self.latest.get(&record.name) {
             if same_settings(latest, &record) && version_digest(latest) == record.digest {
@@ -761,6 +764,7 @@ fn same_settings(a: &PipelineRecord, b: &PipelineRecord) -> bool {
         &a.path,
         &a.repository,
         &a.status,
+        a.poll_ms,
     ) == (
         &b.repo,
         &b.branch,
@@ -768,6 +772,7 @@ fn same_settings(a: &PipelineRecord, b: &PipelineRecord) -> bool {
         &b.path,
         &b.repository,
         &b.status,
+        b.poll_ms,
     )
 }
 

@@ -142,6 +142,7 @@ impl Harness {
             path: String::new(),
             repository: String::new(),
             status: None,
+            poll_ms: 0,
         };
         let (pipeline, _) = self
             .ask(|reply| Event::Register { pipeline, reply })

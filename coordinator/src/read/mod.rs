@@ -283,6 +283,7 @@ mod tests {
             digest: String::new(),
             repository: String::new(),
             status: None,
+            poll_ms: 0,
         }
     }
 

@@ -82,7 +82,13 @@ pub(crate) struct PipelineRecord {
     /// Where runs report their state on their commit (`kiln repo add
     /// --status`), if anywhere.
     #[serde(default)]
-    pub(crate) status: Option<crate::forge_status::StatusTarget>,
+    /// Boxed: most pipelines have none, and the record travels inside
+    /// engine events.
+    pub(crate) status: Option<Box<crate::forge_status::StatusTarget>>,
+    /// How often the repository is polled for new commits (`kiln repo add
+    /// --poll`), in ms; 0 = never.
+    #[serde(default)]
+    pub(crate) poll_ms: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -176,6 +182,10 @@ pub(crate) struct TriggerStateRecord {
     pub(crate) last_fired_ms: Option<u64>,
     /// The content digest of the watched data that last started a run.
     pub(crate) data_digest: Option<String>,
+    /// Branches and tags (full ref → commit) the last poll of the
+    /// repository saw (`kiln repo add --poll`); `None` before the first.
+    #[serde(default)]
+    pub(crate) refs: Option<BTreeMap<String, String>>,
 }
 
 /// A release's signed provenance (written once, by the signer).

@@ -44,7 +44,8 @@ use crate::args::{
 };
 use crate::client::Coordinator;
 use crate::commands::{
-    agents, artifacts, cache, delivery, logs, metrics, pipeline, provenance, repo, runs, security,
+    agents, artifacts, cache, delivery, logs, metrics, pipeline, provenance, repo, rollout, runs,
+    security,
 };
 use crate::error::{CliError, Outcome};
 
@@ -192,6 +193,7 @@ async fn remote(
         Command::Reject(args) => delivery::decide(c, format, &args, false).await,
         Command::Rollback(args) => delivery::rollback(c, format, &args).await,
         Command::Metrics(args) => metrics::metrics(c, format, &args).await,
+        Command::Rollout(command) => rollout::rollout(c, format, &command).await,
         Command::Token(command) => security::token(c, format, command).await,
         Command::Secret(command) => security::secret(c, format, command).await,
         Command::Audit(args) => security::audit(c, format, args.limit).await,

@@ -11,6 +11,7 @@ pub(crate) mod metrics;
 pub(crate) mod pipeline;
 pub(crate) mod provenance;
 pub(crate) mod repo;
+pub(crate) mod rollout;
 pub(crate) mod runs;
 pub(crate) mod security;
 pub(crate) mod watch;

@@ -169,6 +169,7 @@ const STAGE_FIELDS: &[Field<StageDraft>] = &[
     ("endpoint", |s, v, path| set(&mut s.delivery.endpoint, delivery::endpoint(v, path).map(Some))),
     ("gate", |s, v, path| set(&mut s.delivery.gate, delivery::gate(v, path, &s.name.clone()).map(Some))),
     ("monitor", |s, v, path| set(&mut s.delivery.monitor, delivery::monitor(v, path, &s.name.clone()).map(Some))),
+    ("strategy", |s, v, path| set(&mut s.delivery.strategy, super::strategy::read(v, path, &s.name.clone()).map(Some))),
     ("services", |s, v, path| set(&mut s.services, services::read(v, path, &s.name.clone()).map(Some))),
     ("cache", |s, v, path| set(&mut s.cache, cache::read(v, path, &s.name.clone()).map(Some))),
 ];
@@ -395,6 +396,7 @@ fn check_delivery(stage: &StageDraft) -> Result<(), Problem> {
             (stage.delivery.metrics.is_some(), "metrics"),
             (stage.delivery.environment.is_some(), "environment"),
             (stage.delivery.monitor.is_some(), "monitor"),
+            (stage.delivery.strategy.is_some(), "strategy"),
             (stage.services.is_some(), "services"),
             (stage.cache.is_some(), "cache"),
             (stage.delivery.endpoint.is_some(), "endpoint"),
@@ -415,6 +417,16 @@ fn check_delivery(stage: &StageDraft) -> Result<(), Problem> {
             *at,
             format!(
                 "stage `{name}` has an `endpoint` but no `environment`; an endpoint is where an environment stage's release is served"
+            ),
+        ));
+    }
+    if let Some((_, at)) = &stage.delivery.strategy
+        && stage.delivery.environment.is_none()
+    {
+        return Err(Problem::new(
+            *at,
+            format!(
+                "stage `{name}` has a `strategy` but no `environment`; a strategy says how an environment stage's release replaces the live one"
             ),
         ));
     }

@@ -248,6 +248,7 @@ fn with_defaults(stage: StageDraft, needs: Vec<usize>, defaults: &Defaults) -> S
         endpoint: stage.delivery.endpoint.map(|(url, _)| url),
         gate: stage.delivery.gate.map(|(gate, _)| gate),
         monitor: stage.delivery.monitor.map(|(monitor, _)| monitor),
+        strategy: stage.delivery.strategy.map(|(strategy, _)| strategy),
         cell_of: stage.cell_of,
         services: stage
             .services

@@ -170,13 +170,15 @@ pub(crate) fn rule(method: &str) -> Option<Rule> {
             "ListPipelines" | "GetPipeline" | "GetRun" | "ListRuns" | "WatchRun" | "StreamLogs"
             | "ListAgents" | "ListArtifacts" | "ListEnvironments" | "EnvironmentHistory"
             | "MetricHistory" | "GetRelease" | "GetProvenance" | "GetProvenanceKey" | "Lineage"
-            | "ListCaches" => Rule::read(Viewer),
+            | "ListCaches" | "RolloutStatus" => Rule::read(Viewer),
             "CancelRun"
             | "RetryStage"
             | "ApproveStage"
             | "RejectStage"
             | "Rollback"
             | "UnfreezeEnvironment"
+            | "RolloutPromote"
+            | "RolloutAbort"
             | "ClearCaches" => Rule::write(Operator),
             "DrainAgent" | "CollectGarbage" | "CreateToken" | "RevokeToken" | "SetSecret"
             | "DeleteSecret" => Rule::write(Admin),

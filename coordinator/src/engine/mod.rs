@@ -30,6 +30,7 @@ mod dispatch;
 mod logs;
 mod placement;
 mod pool;
+mod rollout;
 mod route;
 mod runs;
 #[cfg(test)]
@@ -53,6 +54,7 @@ use crate::store::{Batch, Op, PipelineRecord, RunRecord, StageRecord, Store};
 use crate::views;
 
 pub(crate) use at_commit::{FileAtCommit, TriggerRequest};
+pub(crate) use delivery::rollout::RolloutCommand;
 pub(crate) use pool::{AgentTx, ConnId};
 
 pub(crate) type Reply<T> = oneshot::Sender<Result<T, ApiError>>;
@@ -133,6 +135,12 @@ pub(crate) enum Event {
     Unfreeze {
         environment: EnvKey,
         reply: Reply<pb::Environment>,
+    },
+    /// `kiln rollout status|promote|abort`.
+    Rollout {
+        environment: EnvKey,
+        command: delivery::rollout::RolloutCommand,
+        reply: Reply<pb::Rollout>,
     },
     /// What a monitor saw; see [`monitor`].
     MonitorSample(delivery::monitor::Observation),
@@ -414,6 +422,7 @@ impl Engine {
         engine.expire_deliveries();
         // Releases still inside their watch window get their monitor back.
         engine.resume_monitors();
+        engine.resume_rollouts();
         engine.update_gauges();
         Ok(engine)
     }
@@ -487,6 +496,14 @@ impl Engine {
                     .map(|env| views::environment(&env));
                 self.reply(reply, result);
             }
+            Event::Rollout {
+                environment,
+                command,
+                reply,
+            } => {
+                let result = self.rollout_command(&environment, command);
+                self.reply(reply, result);
+            }
             Event::MonitorSample(observation) => self.observe(observation),
             Event::OutputsChecked {
                 agent,
@@ -509,6 +526,7 @@ impl Engine {
     pub(crate) fn tick(&mut self) {
         self.expire_leases();
         self.expire_runs();
+        self.rollout_tick();
     }
 
     /// Monitors to start, alerts to send: work for the runner, outside the

@@ -20,6 +20,8 @@
 //! M schema                                        store schema version (u32)
 //! c <pipeline> 0x00 <cache key>                   shared cache entry
 //! Q <forge, project, commit, context>             queued commit status report
+//! C <pipeline> 0x00 <cache key>                   last `kiln cache clear` of the key
+//!                                                 ("" key: of the whole pipeline)
 //! ```
 //!
 //! Schema 1 (before environments belonged to pipelines) had `E <environment>`
@@ -41,6 +43,7 @@ pub(super) const PROVENANCE: u8 = b'V';
 pub(super) const TRIGGER_STATE: u8 = b'G';
 pub(super) const MONITOR_SAMPLE: u8 = b'S';
 pub(super) const CACHE: u8 = b'c';
+pub(super) const CACHE_CLEARED: u8 = b'C';
 pub(super) const DELIVERY: u8 = b'W';
 pub(super) const COMMIT_STATUS: u8 = b'Q';
 /// Where the store records its schema version.
@@ -67,7 +70,16 @@ pub(super) fn named(prefix: u8, name: &str) -> Vec<u8> {
 
 /// `c <pipeline> 0x00 <key>`; `key` "" gives the pipeline's prefix.
 pub(super) fn cache(pipeline: &str, key: &str) -> Vec<u8> {
-    let mut out = vec![CACHE];
+    cache_key(CACHE, pipeline, key)
+}
+
+/// `C <pipeline> 0x00 <key>`; `key` "" is the whole pipeline's clear.
+pub(super) fn cache_cleared(pipeline: &str, key: &str) -> Vec<u8> {
+    cache_key(CACHE_CLEARED, pipeline, key)
+}
+
+fn cache_key(prefix: u8, pipeline: &str, key: &str) -> Vec<u8> {
+    let mut out = vec![prefix];
     out.extend_from_slice(pipeline.as_bytes());
     out.push(0);
     out.extend_from_slice(key.as_bytes());

@@ -8,6 +8,7 @@
 
 mod keys;
 mod migrate;
+mod rollout;
 mod security;
 mod sled_store;
 
@@ -17,6 +18,9 @@ use kiln_common::ids::{EnvKey, RunId, StageKey};
 use serde::{Deserialize, Serialize};
 
 pub(crate) use crate::state::{RunState, StageState};
+pub(crate) use rollout::{
+    AnalysisRound, MAX_ROUNDS, RolloutKind, RolloutOutcome, RolloutPhase, RolloutRecord,
+};
 pub(crate) use security::{AuditRecord, Role, SecretRecord, TokenRecord};
 pub(crate) use sled_store::{RawWriter, SledStore};
 
@@ -217,6 +221,23 @@ pub(crate) struct RollbackPlan {
     /// rollback succeeds, the pipeline runs again on its newest commit.
     #[serde(default)]
     pub(crate) retrain: bool,
+    /// Set for a run that deploys one step of a rollout (`to` at
+    /// `weight`), or restores `to` at 100% after an abort; such a run
+    /// re-deploys fixed artifacts like a rollback, but the rollout decides
+    /// what its end means.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) rollout: Option<RolloutStep>,
+}
+
+/// What a rollout's run deploys.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub(crate) struct RolloutStep {
+    /// The step (index into the rollout's `steps`).
+    pub(crate) step: usize,
+    /// Traffic percent given as `KILN_TRAFFIC_WEIGHT`.
+    pub(crate) weight: u32,
+    /// The previous release put back at 100% after an abort.
+    pub(crate) restore: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -318,6 +339,11 @@ pub(crate) enum ReleaseState {
     Live,
     Superseded,
     RolledBack,
+    /// Being rolled out (`strategy:`): takes part of the traffic, not live.
+    RollingOut,
+    /// Its rollout was aborted; the previous release stayed (or was put
+    /// back) at 100%.
+    Aborted,
 }
 
 /// A model that went live in an environment, with its lineage.
@@ -353,6 +379,10 @@ pub(crate) struct ReleaseRecord {
     /// stages after it got it in `KILN_ENDPOINT`.
     #[serde(default)]
     pub(crate) endpoint: Option<String>,
+    /// How it was rolled out (`strategy:`): steps, every analysis round,
+    /// the decision. Set once the rollout ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) rollout: Option<RolloutRecord>,
 }
 
 /// An artifact with the stage that produced it.
@@ -371,6 +401,10 @@ pub(crate) struct EnvironmentRecord {
     /// Set by a monitor with `on_breach: freeze`: no promotions until
     /// unfrozen.
     pub(crate) frozen: Option<String>,
+    /// A rollout in progress (`strategy:`); no other release deploys here
+    /// meanwhile.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) rollout: Option<RolloutRecord>,
 }
 
 impl EnvironmentRecord {
@@ -380,6 +414,7 @@ impl EnvironmentRecord {
             key,
             live: None,
             frozen: None,
+            rollout: None,
         }
     }
 }
@@ -448,6 +483,11 @@ pub(crate) enum Op {
     DeleteRun(RunId),
     /// Forgets a shared cache entry: (pipeline, key).
     RemoveCache(String, String),
+    /// Records a `kiln cache clear` (agents drop copies saved before it).
+    CacheCleared(CacheClearedRecord),
+    /// Forgets a key's clear marker, made redundant by a clear of the
+    /// whole pipeline: (pipeline, key).
+    RemoveCacheCleared(String, String),
     /// A sample thinned out of the history (see `delivery::history`).
     RemoveMonitorSample {
         release: u64,
@@ -471,6 +511,18 @@ pub(crate) struct CacheRecord {
     pub(crate) archives: Vec<ArtifactRecord>,
     pub(crate) created_ms: u64,
     pub(crate) agent: String,
+}
+
+/// The last `kiln cache clear` of a pipeline's cache key (`key` "": of all
+/// its keys). `generation` only grows; an agent's own copy saved while an
+/// older generation was in force is dropped instead of restored.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub(crate) struct CacheClearedRecord {
+    pub(crate) pipeline: String,
+    pub(crate) key: String,
+    /// The coordinator's clock at the clear (ms), raised past the previous
+    /// generation if the clock did not move.
+    pub(crate) generation: u64,
 }
 
 /// One round of a release's monitor: what it read and whether it breached.
@@ -559,4 +611,7 @@ pub(crate) trait Store: Send + Sync + 'static {
     /// Shared cache entries of `pipeline` (every pipeline's for `None`), by
     /// pipeline and key.
     fn caches(&self, pipeline: Option<&str>) -> Result<Vec<CacheRecord>>;
+    /// The clear markers of `pipeline`'s caches (the whole pipeline's has
+    /// key "").
+    fn caches_cleared(&self, pipeline: &str) -> Result<Vec<CacheClearedRecord>>;
 }

@@ -18,6 +18,7 @@ mod reuse;
 mod robustness;
 mod secrets;
 mod services;
+mod strategy;
 mod triggers;
 
 use super::*;

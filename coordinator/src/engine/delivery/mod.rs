@@ -31,6 +31,9 @@ mod alerts;
 mod environments;
 mod gates;
 pub(crate) mod monitor;
+pub(crate) mod rollout;
+#[cfg(test)]
+mod rollout_tests;
 #[cfg(test)]
 mod tests;
 
@@ -126,6 +129,9 @@ pub(super) struct DeliveryController {
     to_sign: Vec<u64>,
     /// Pipelines to run again after a rollback; the runner drains these.
     retrains: Vec<Retrain>,
+    /// Runs of a rollout to start (a step, or the restore after an abort);
+    /// the loop drains these through the run book.
+    rollout_runs: Vec<RollbackStart>,
 }
 
 impl DeliveryController {
@@ -141,6 +147,7 @@ impl DeliveryController {
             alerts: Vec::new(),
             to_sign: Vec::new(),
             retrains: Vec::new(),
+            rollout_runs: Vec::new(),
         }
     }
 
@@ -171,6 +178,11 @@ impl DeliveryController {
     pub(super) fn watch(&mut self, request: MonitorRequest) {
         self.environments.start_watch(request.release);
         self.monitor_requests.push(request);
+    }
+
+    /// Whether a release is live in `environment`.
+    pub(super) fn has_live(&self, environment: &EnvKey) -> bool {
+        self.environments.live(environment).is_some()
     }
 
     /// Why `environment` refuses deployments now, if it does.
@@ -279,6 +291,9 @@ impl DeliveryController {
             return Vec::new();
         };
         if let Some(plan) = &run.record.rollback {
+            if plan.rollout.is_some() {
+                return self.rollout_run_ended(plan, true, Some(stage_spec), now);
+            }
             // The rollback run is at the restored release's pipeline
             // version: this is the `monitor:` it was released with.
             return self.rollback_ended(plan, true, stage_spec.monitor.as_ref(), now);
@@ -324,7 +339,16 @@ impl DeliveryController {
             monitor_until_ms,
             restored_by_rollback: false,
             endpoint: stage_spec.endpoint.clone(),
+            rollout: None,
         };
+        // With a `strategy:` and a live release to replace, the release
+        // takes part of the traffic first.
+        if let Some(strategy) = &stage_spec.strategy
+            && self.rollout_applies(&environment, strategy)
+        {
+            self.to_sign.push(id);
+            return self.begin_rollout(release, strategy, now);
+        }
         let ops = self.make_live(release, ReleaseState::Superseded, None);
         self.to_sign.push(id);
         if let (Some(monitor), Some(until_ms)) = (&stage_spec.monitor, monitor_until_ms) {
@@ -372,6 +396,13 @@ impl DeliveryController {
         let live = self.environments.live(environment).ok_or_else(|| {
             ApiError::FailedPrecondition(format!("nothing is live in `{environment}`"))
         })?;
+        if let Some(rollout) = self.environments.rollout(environment) {
+            return Err(ApiError::FailedPrecondition(format!(
+                "release {} is being rolled out in `{environment}`; `kiln rollout abort` puts \
+                 release {} back at 100%",
+                rollout.candidate, rollout.previous
+            )));
+        }
         if let Some(running) = running {
             return Err(ApiError::FailedPrecondition(format!(
                 "a rollback of `{environment}` is already running as run {running}"
@@ -388,7 +419,10 @@ impl DeliveryController {
             None => history
                 .iter()
                 .rev()
-                .find(|release| release.id < live && release.state != ReleaseState::RolledBack)
+                .find(|release| {
+                    release.id < live
+                        && matches!(release.state, ReleaseState::Superseded | ReleaseState::Live)
+                })
                 .ok_or_else(|| {
                     ApiError::FailedPrecondition(format!(
                         "`{environment}` has no earlier release to roll back to; pass --to RELEASE"
@@ -413,6 +447,7 @@ impl DeliveryController {
                 .collect(),
             reason,
             retrain: false,
+            rollout: None,
         };
         Ok(RollbackStart {
             plan,
@@ -432,6 +467,9 @@ impl DeliveryController {
         monitor: Option<&spec::Monitor>,
         now: u64,
     ) -> Vec<Op> {
+        if plan.rollout.is_some() {
+            return self.rollout_run_ended(plan, succeeded, None, now);
+        }
         self.metrics.rollback_finished(&plan.environment, succeeded);
         if !succeeded {
             self.alert_rollback_failed(plan);

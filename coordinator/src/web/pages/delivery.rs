@@ -100,6 +100,8 @@ fn release_state(state: ReleaseState) -> &'static str {
         ReleaseState::Live => "live",
         ReleaseState::Superseded => "superseded",
         ReleaseState::RolledBack => "rolled_back",
+        ReleaseState::RollingOut => "rolling_out",
+        ReleaseState::Aborted => "aborted",
     }
 }
 

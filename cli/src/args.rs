@@ -592,7 +592,34 @@ pub(crate) enum RepoCommand {
         /// One pipeline file inside the repository, e.g. `ml/kiln.yml`.
         #[arg(long, value_name = "PATH")]
         file: Option<String>,
+        #[command(flatten)]
+        status: Box<StatusArgs>,
     },
     /// List registered repositories and their pipelines.
     List,
+}
+
+/// `kiln repo add --status ...`: where runs report their state on their
+/// commit.
+#[derive(Debug, Default, clap::Args)]
+pub(crate) struct StatusArgs {
+    /// Report each run's state on its commit: gitea (or forgejo), github
+    /// or gitlab.
+    #[arg(long, value_name = "FORGE", requires_all = ["status_url", "status_project", "status_token_secret"])]
+    pub(crate) status: Option<String>,
+    /// The forge API's base URL: the server's root for Gitea/Forgejo and
+    /// GitLab, https://api.github.com for GitHub.
+    #[arg(long, value_name = "URL", requires = "status")]
+    pub(crate) status_url: Option<String>,
+    /// owner/repo (GitHub, Gitea) or GitLab's project id or group/project.
+    #[arg(long, value_name = "PROJECT", requires = "status")]
+    pub(crate) status_project: Option<String>,
+    /// The kiln secret holding the API token (`kiln secret set NAME`).
+    #[arg(long, value_name = "SECRET", requires = "status")]
+    pub(crate) status_token_secret: Option<String>,
+    /// Poll the repository this often (`1m`, at least `1s`) for new
+    /// commits on branches and tags the pipelines' `on:` filters accept:
+    /// for a forge without webhooks.
+    #[arg(long, value_name = "DURATION")]
+    pub(crate) poll: Option<String>,
 }

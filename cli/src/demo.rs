@@ -331,6 +331,7 @@ fn start_coordinator(
         },
         secret_key_file: None,
         max_agents_per_token: 64,
+        max_delivery_keys: kiln_coordinator::MAX_DELIVERY_KEYS,
         // Loopback only, so plain text.
         tls: None,
     };

@@ -133,8 +133,18 @@ async fn remote(
             name,
             branch,
             file,
+            status,
         }) => {
-            let request = repo::prepare(&source, name, branch, file)?;
+            let mut request = repo::prepare(&source, name, branch, file)?;
+            request.status_forge = status.status.unwrap_or_default();
+            request.status_url = status.status_url.unwrap_or_default();
+            request.status_project = status.status_project.unwrap_or_default();
+            request.status_token_secret = status.status_token_secret.unwrap_or_default();
+            if let Some(poll) = status.poll {
+                let every = kiln_common::duration::parse(&poll)
+                    .map_err(|error| CliError::Input(format!("--poll `{poll}`: {error}")))?;
+                request.poll_ms = u64::try_from(every.as_millis()).unwrap_or(u64::MAX);
+            }
             repo::add(c, format, request).await
         }
         Command::Repo(RepoCommand::List) => repo::list(c, format).await,

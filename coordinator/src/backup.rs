@@ -717,6 +717,7 @@ mod tests {
                     pipeline: "counter".into(),
                     last_fired_ms: Some(i),
                     data_digest: None,
+                    refs: None,
                 }),
             ],
         }

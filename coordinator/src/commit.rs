@@ -231,6 +231,9 @@ mod tests {
         fn deliveries(&self) -> Result<Vec<crate::store::DeliveryRecord>> {
             self.inner.deliveries()
         }
+        fn commit_statuses(&self) -> Result<Vec<crate::forge_status::CommitStatusRecord>> {
+            self.inner.commit_statuses()
+        }
         fn run(&self, id: RunId) -> Result<Option<RunRecord>> {
             self.inner.run(id)
         }

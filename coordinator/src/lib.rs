@@ -30,7 +30,10 @@ mod commit;
 mod control;
 mod delivery;
 mod engine;
+
+pub use engine::MAX_DELIVERY_KEYS;
 mod error;
+mod forge_status;
 mod gc;
 mod http;
 mod metrics;
@@ -81,6 +84,9 @@ pub struct Config {
     pub secret_key_file: Option<PathBuf>,
     /// How many agents may be connected with one agent token at once.
     pub max_agents_per_token: usize,
+    /// Webhook delivery keys remembered for idempotency; past it the
+    /// oldest runs' keys are forgotten ([`MAX_DELIVERY_KEYS`]).
+    pub max_delivery_keys: usize,
     /// TLS for both listeners (client certificates only on gRPC); `None` =
     /// plain text, which the binary allows only on loopback or with
     /// `--insecure`.
@@ -182,6 +188,7 @@ pub async fn run(
         lease_ttl: config.lease_ttl,
         heartbeat_interval: config.heartbeat_interval,
         max_run_artifact_bytes: config.artifacts.max_run_bytes,
+        max_delivery_keys: config.max_delivery_keys,
     };
     let mut engine = engine::Engine::recover(
         store.clone(),
@@ -252,6 +259,7 @@ pub async fn run(
             view: view.clone(),
             parsed: parsed.clone(),
             repos: starter.repos.clone(),
+            writer: writer.clone(),
         },
         events_tx.clone(),
         stop_rx.clone(),
@@ -262,6 +270,23 @@ pub async fn run(
         blobs.clone(),
         config.artifacts.cache_keep_days,
     );
+    let status_reporter = {
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let dashboard = match &config.http_listener {
+            Some(listener) => format!("{scheme}://{}", listener.local_addr()?),
+            None => String::new(),
+        };
+        tokio::spawn(forge_status::run_reporter(
+            forge_status::Reporter {
+                store: store.clone(),
+                writer: writer.clone(),
+                secrets: secrets.clone(),
+                http: delivery::http_client(),
+                dashboard,
+            },
+            stop_rx.clone(),
+        ))
+    };
     let reader = read::Reader::new(store.clone(), view.clone(), parsed.clone());
     let engine_task = tokio::spawn(engine::run_engine(
         engine,
@@ -408,6 +433,7 @@ pub async fn run(
     let _ = tokio::time::timeout(DRAIN_GRACE, signer).await;
     let _ = tokio::time::timeout(DRAIN_GRACE, watcher).await;
     let _ = tokio::time::timeout(DRAIN_GRACE, compactor).await;
+    let _ = tokio::time::timeout(DRAIN_GRACE, status_reporter).await;
     if let Some(periodic_gc) = periodic_gc {
         let _ = tokio::time::timeout(DRAIN_GRACE, periodic_gc).await;
     }

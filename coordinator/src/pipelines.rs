@@ -69,6 +69,8 @@ mod tests {
             path: String::new(),
             digest: String::new(),
             repository: String::new(),
+            status: None,
+            poll_ms: 0,
         }
     }
 

@@ -6,7 +6,9 @@
 //! engine loop: what it finds reaches the engine inside the event that
 //! starts the run. A local repository is read in place; a remote one
 //! through a bare mirror under `DATA/repos/`, fetched when the revision or
-//! commit asked for may be newer than the mirror.
+//! commit asked for may be newer than the mirror. The mirror fetches
+//! branches, tags and the heads of merge requests (`refs/pull/*/head`,
+//! `refs/merge-requests/*/head`), so a merge request from a fork is built.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -184,6 +186,65 @@ impl Repos {
         ))
     }
 
+    /// The pipeline file at `path` and every file it includes (`include:`,
+    /// read at the same commit), as the one text a version stores (see
+    /// `kiln_common::spec::Sources`); `Ok(None)` when the commit has no
+    /// file at `path`. An included file that is missing is left out: the
+    /// parse names it and the line that includes it.
+    pub(crate) async fn read_pipeline(
+        &self,
+        repo: &str,
+        commit: &str,
+        path: &str,
+    ) -> Result<Option<String>, ApiError> {
+        let Some(text) = self.read_file(repo, commit, path).await? else {
+            return Ok(None);
+        };
+        let mut sources = kiln_common::spec::Sources::new(path, &text);
+        let mut absent = std::collections::HashSet::new();
+        // Each round reads one more level of includes; the parser refuses
+        // more than MAX_INCLUDED_FILES, so a few more rounds than that end
+        // any chain.
+        for _ in 0..=kiln_common::spec::MAX_INCLUDED_FILES {
+            let wanted: Vec<String> = sources
+                .missing()
+                .into_iter()
+                .filter(|p| !absent.contains(p))
+                .take(kiln_common::spec::MAX_INCLUDED_FILES + 1)
+                .collect();
+            if wanted.is_empty() {
+                break;
+            }
+            for included in wanted {
+                match self.read_file(repo, commit, &included).await? {
+                    Some(text) => {
+                        sources.included.insert(included, text);
+                    }
+                    None => {
+                        absent.insert(included);
+                    }
+                }
+            }
+        }
+        Ok(Some(sources.bundle()))
+    }
+
+    /// The branches and tags of `repo` as it is now (`git ls-remote`), ref
+    /// → commit, for polling.
+    pub(crate) async fn remote_refs(
+        &self,
+        repo: &str,
+    ) -> Result<std::collections::BTreeMap<String, String>, ApiError> {
+        let here = std::env::temp_dir();
+        let listed = git(&here, &["ls-remote", "--heads", "--tags", "--", repo]).await?;
+        if !listed.status.success() {
+            return Err(git_failed("list the refs of", repo, &listed));
+        }
+        Ok(crate::triggers::poll::parse_ls_remote(
+            &String::from_utf8_lossy(&listed.stdout),
+        ))
+    }
+
     /// The pipeline files at `commit`: `kiln.yml` at the root and every
     /// `.kiln/*.yml` (or `*.yaml`), in that order.
     pub(crate) async fn pipeline_files(
@@ -259,6 +320,10 @@ impl Repos {
                     repo,
                     "+refs/heads/*:refs/heads/*",
                     "+refs/tags/*:refs/tags/*",
+                    // A merge request from a fork: its commits are only
+                    // under these (GitHub and Gitea; GitLab).
+                    "+refs/pull/*/head:refs/pull/*/head",
+                    "+refs/merge-requests/*/head:refs/merge-requests/*/head",
                 ],
             )
             .await?;

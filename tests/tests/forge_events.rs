@@ -255,3 +255,141 @@ async fn github_gitea_and_gitlab_events_start_the_right_runs_once() -> Result<()
     assert_eq!(run_count(coordinator).await?, 3);
     Ok(())
 }
+
+/// Delivery keys (`W` records) are bounded: past `--max-webhook-deliveries`
+/// the oldest runs' keys are forgotten, so a very late redelivery starts a
+/// run again while a recent one still does not, also after a restart.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_oldest_delivery_keys_expire_past_the_bound() -> Result<()> {
+    let options = kiln_tests::CoordinatorOptions {
+        // Each push leaves two keys: its delivery id, and its event, ref
+        // and commit.
+        extra_args: vec!["--max-webhook-deliveries".into(), "4".into()],
+        ..Default::default()
+    };
+    let mut farm = Farm::start(&options, &[("expiry-agent", "", 2)])?;
+    let repo = Repo::new(PIPELINE)?;
+    let commits = [
+        repo.commit("model.txt", "1\n")?,
+        repo.commit("model.txt", "2\n")?,
+        repo.commit("model.txt", "3\n")?,
+    ];
+    let coordinator = &farm.coordinator;
+    let added = coordinator.kiln(&["repo", "add", repo.path().to_str().unwrap()]);
+    ensure!(
+        added.status.success(),
+        "{}",
+        String::from_utf8_lossy(&added.stderr)
+    );
+    coordinator
+        .client()
+        .await?
+        .set_secret(pb::SetSecretRequest {
+            name: "HOOK_KEY".into(),
+            value: KEY.into(),
+        })
+        .await?;
+    let push = |commit: &str| json!({"ref": "refs/heads/main", "after": commit});
+    for (n, commit) in commits.iter().enumerate() {
+        let body = push(commit);
+        let delivery = format!("gh-{n}");
+        let (status, answer) =
+            deliver(coordinator, &body, &github(&body, "push", &delivery)).await?;
+        assert_eq!(status, 201, "{answer}");
+        shown(coordinator, &answer).await?;
+    }
+    assert_eq!(run_count(coordinator).await?, 3);
+    // The newest delivery is still remembered ...
+    let newest = push(&commits[2]);
+    let (status, answer) = deliver(coordinator, &newest, &github(&newest, "push", "gh-2")).await?;
+    assert_eq!(status, 200, "{answer}");
+    // ... the oldest is not: the same delivery starts a run again.
+    let oldest = push(&commits[0]);
+    let (status, answer) = deliver(coordinator, &oldest, &github(&oldest, "push", "gh-0")).await?;
+    assert_eq!(status, 201, "the first run's keys expired: {answer}");
+    shown(coordinator, &answer).await?;
+    assert_eq!(run_count(coordinator).await?, 4);
+
+    // What expired is gone from the store too: after a restart the bound
+    // holds and the recent keys are still there.
+    farm.coordinator
+        .crash_and_restart(&options, Duration::from_millis(100))?;
+    let coordinator = &farm.coordinator;
+    let (status, answer) = deliver(coordinator, &oldest, &github(&oldest, "push", "gh-0")).await?;
+    assert_eq!(status, 200, "the repeat's own keys are recent: {answer}");
+    let middle = push(&commits[1]);
+    let (status, answer) = deliver(coordinator, &middle, &github(&middle, "push", "gh-1")).await?;
+    assert_eq!(status, 201, "the second run's keys expired: {answer}");
+    shown(coordinator, &answer).await?;
+    Ok(())
+}
+
+/// A pull request from a fork: its head commit is on no branch of the
+/// repository, only under `refs/pull/N/head` (GitHub, Gitea) or
+/// `refs/merge-requests/N/head` (GitLab). A remote repository's mirror
+/// fetches those, so the run starts instead of a 422.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pull_request_from_a_fork_is_built_from_its_pull_ref() -> Result<()> {
+    let farm = Farm::start(&Default::default(), &[("fork-agent", "", 2)])?;
+    let repo = Repo::new(PIPELINE)?;
+    repo.commit("model.txt", "base\n")?;
+    // The fork's commits, reachable only from the pull and merge request refs.
+    git(&repo, &["checkout", "-q", "-b", "fork"])?;
+    let github_head = repo.commit("model.txt", "from a fork\n")?;
+    let gitlab_head = repo.commit("model.txt", "from another fork\n")?;
+    git(&repo, &["checkout", "-q", "main"])?;
+    git(&repo, &["update-ref", "refs/pull/9/head", &github_head])?;
+    git(
+        &repo,
+        &["update-ref", "refs/merge-requests/4/head", &gitlab_head],
+    )?;
+    git(&repo, &["branch", "-q", "-D", "fork"])?;
+    let url = format!("file://{}", repo.path().display());
+    let coordinator = &farm.coordinator;
+    let added = coordinator.kiln(&["repo", "add", &url, "--name", "forked"]);
+    ensure!(
+        added.status.success(),
+        "{}",
+        String::from_utf8_lossy(&added.stderr)
+    );
+    coordinator
+        .client()
+        .await?
+        .set_secret(pb::SetSecretRequest {
+            name: "HOOK_KEY".into(),
+            value: KEY.into(),
+        })
+        .await?;
+
+    let opened = json!({"action": "opened", "number": 9, "pull_request": {
+        "head": {"sha": github_head, "ref": "feature"}, "base": {"ref": "main"}}});
+    let (status, answer) = deliver(
+        coordinator,
+        &opened,
+        &github(&opened, "pull_request", "pr-9"),
+    )
+    .await?;
+    assert_eq!(status, 201, "{answer}");
+    assert_eq!(
+        shown(coordinator, &answer).await?,
+        "event=merge_request branch=feature tag= mr=9"
+    );
+
+    let request = json!({
+        "object_kind": "merge_request",
+        "object_attributes": {"iid": 4, "action": "open", "source_branch": "feature",
+            "target_branch": "main", "last_commit": {"id": gitlab_head}},
+    });
+    let (status, answer) = deliver(
+        coordinator,
+        &request,
+        &gitlab("Merge Request Hook", KEY, "mr-4"),
+    )
+    .await?;
+    assert_eq!(status, 201, "{answer}");
+    assert_eq!(
+        shown(coordinator, &answer).await?,
+        "event=merge_request branch=feature tag= mr=4"
+    );
+    Ok(())
+}

@@ -67,6 +67,7 @@ pub(crate) fn prepare(dir: &Path) -> Result<Prepared, CliError> {
     let file_name = file.display().to_string();
     let spec_yaml = std::fs::read_to_string(&file)
         .map_err(|e| CliError::Input(format!("cannot read {file_name}: {e}")))?;
+    let spec_yaml = with_includes(dir, spec_yaml)?;
     // The coordinator validates too; checking here first needs no network
     // and points at the same file:line:col.
     kiln_common::spec::parse(&file_name, &spec_yaml).map_err(|e| CliError::Input(e.to_string()))?;
@@ -88,6 +89,45 @@ pub(crate) fn prepare(dir: &Path) -> Result<Prepared, CliError> {
         path,
     };
     Ok(Prepared { request, drift })
+}
+
+/// `dir/kiln.yml` and the files it includes (`include:`), read from the
+/// work tree, as the one text a version stores; the file alone when it
+/// includes nothing. Paths are the repository's, as the coordinator reads
+/// them at a commit; a missing file is left for the parse to name.
+fn with_includes(dir: &Path, text: String) -> Result<String, CliError> {
+    use kiln_common::spec::{MAX_INCLUDED_FILES, Sources};
+    let mut sources = Sources::new("kiln.yml", &text);
+    if sources.missing().is_empty() {
+        return Ok(text);
+    }
+    let source = git::locate(dir)?;
+    if !source.subdir.is_empty() {
+        sources.path = format!("{}/kiln.yml", source.subdir);
+    }
+    let root = Path::new(&source.repo);
+    let mut absent = std::collections::HashSet::new();
+    for _ in 0..=MAX_INCLUDED_FILES {
+        let wanted: Vec<String> = sources
+            .missing()
+            .into_iter()
+            .filter(|path| !absent.contains(path))
+            .collect();
+        if wanted.is_empty() {
+            break;
+        }
+        for path in wanted {
+            match std::fs::read_to_string(root.join(&path)) {
+                Ok(text) => {
+                    sources.included.insert(path, text);
+                }
+                Err(_) => {
+                    absent.insert(path);
+                }
+            }
+        }
+    }
+    Ok(sources.bundle())
 }
 
 /// Sends a prepared registration; shared with `kiln demo`.

@@ -54,6 +54,7 @@ pub(crate) fn prepare(
         branch: branch.clone().unwrap_or_default(),
         file: file.clone().unwrap_or_default(),
         name: name.unwrap_or_default(),
+        ..Default::default()
     };
     if Path::new(source).is_dir() {
         let located = git::locate(Path::new(source))?;

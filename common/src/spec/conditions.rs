@@ -402,8 +402,8 @@ fn at_offset(value: Node<'_>, text: &str, offset: usize) -> Position {
     };
     let chars = text[..offset.min(text.len())].chars().count();
     Position {
-        line: start.line,
         column: start.column + chars,
+        ..start
     }
 }
 

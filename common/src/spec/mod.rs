@@ -7,8 +7,11 @@
 //!
 //! # Layout
 //! The text goes through three passes, each in its own module:
-//! - `yaml`: text to a tree of nodes that know their line and column
+//! - `yaml`: text to a tree of nodes that know their file, line and column
 //!   (saphyr), plus the repeated keys the tree itself cannot hold.
+//! - `compose`: `include:`, merge keys (`<<`) and `extends:` resolved on
+//!   that tree, so the passes after it see one plain file ([`Sources`]:
+//!   a file and the files it includes, stored as one bundle text).
 //! - `schema`: the tree to a draft, one table of known keys per mapping;
 //!   every wrong key, type or value stops here, pointing at its node.
 //! - `validate`: the draft to a [`Pipeline`]: required keys, `needs` resolved
@@ -26,6 +29,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::time::Duration;
 
+pub use compose::{MAX_EXTENDS_DEPTH, MAX_INCLUDED_FILES};
 pub use conditions::{Concurrency, Facts, StageCondition};
 pub use delivery::{
     Approval, Condition, Gate, MaxRegression, Monitor, MonitorSource, OnBreach, OnMissing, Op,
@@ -33,6 +37,7 @@ pub use delivery::{
 };
 pub use params::{MAX_PARAM_BYTES, MAX_PARAMS, Param, ParamKind, resolve as resolve_params};
 pub use services::{DEFAULT_HEALTH_TIMEOUT, MAX_SERVICES};
+pub use sources::{BUNDLE_HEADER, Sources};
 pub use strategy::{DEFAULT_PAUSE, Strategy, StrategyKind};
 pub use triggers::{
     DEFAULT_DATA_EVERY, DataTrigger, MAX_SCHEDULES, MIN_DATA_INTERVAL, MergeRequestTrigger,
@@ -40,6 +45,7 @@ pub use triggers::{
 };
 
 mod cache;
+mod compose;
 mod conditions;
 mod container;
 mod delivery;
@@ -48,6 +54,7 @@ mod params;
 mod retention;
 mod schema;
 mod services;
+mod sources;
 mod strategy;
 mod suggest;
 mod triggers;
@@ -291,6 +298,20 @@ pub struct Position {
     pub line: usize,
     /// Column in characters (not bytes), counting from 1.
     pub column: usize,
+    /// Which file: 0 for the pipeline file itself, else the number
+    /// `compose` gave an included file.
+    source: usize,
+}
+
+impl Position {
+    /// Line `line`, column `column` of the pipeline file itself.
+    pub(crate) fn at(line: usize, column: usize) -> Self {
+        Self {
+            line,
+            column,
+            source: 0,
+        }
+    }
 }
 
 /// One clear error about a pipeline file.
@@ -336,13 +357,30 @@ impl fmt::Display for Position {
 /// Stops at the first problem: each pass needs the previous one to have
 /// succeeded (a cycle check over stages with unknown `needs` would only add
 /// noise), so one precise error beats a list of knock-on ones.
+///
+/// `text` may be a bundle of the file and the files it includes (see
+/// [`Sources::bundle`]); a plain file that has `include:` fails, naming
+/// the file it cannot read — use [`parse_sources`] with the files read.
 pub fn parse(file: &str, text: &str) -> Result<Pipeline, SpecError> {
-    let parsed = check_size(text)
-        .and_then(|()| yaml::load(text))
+    parse_sources(&Sources::unbundle(file, text))
+}
+
+/// Parses a pipeline file and the files it includes. An error names the
+/// file that holds the mistake (an included one, or one a template came
+/// from), with its line and column.
+pub fn parse_sources(sources: &Sources) -> Result<Pipeline, SpecError> {
+    let mut paths = Vec::new();
+    let parsed = std::iter::once(&sources.text)
+        .chain(sources.included.values())
+        .try_for_each(|text| check_size(text))
+        .and_then(|()| compose::compose(sources, &mut paths))
         .and_then(|document| schema::read(&document))
         .and_then(validate::pipeline);
     parsed.map_err(|problem| SpecError {
-        file: file.to_owned(),
+        file: paths
+            .get(problem.position.source)
+            .cloned()
+            .unwrap_or_else(|| sources.path.clone()),
         position: problem.position,
         message: problem.message,
     })
@@ -354,7 +392,7 @@ fn check_size(text: &str) -> Result<(), Problem> {
         return Ok(());
     }
     Err(Problem::new(
-        Position { line: 1, column: 1 },
+        Position::at(1, 1),
         format!(
             "the file is {} bytes, more than the limit of {MAX_FILE_BYTES} bytes (1 MiB); \
              a pipeline file holds stages, not data: move large content into the repository",

@@ -209,7 +209,7 @@ const RESOURCES_FIELDS: &[Field<ContainerDraft>] = &[
 pub(super) fn read(document: &Document<'_>) -> Result<Draft, Problem> {
     let Some(root) = document.root().filter(|root| !root.is_null()) else {
         return Err(Problem::new(
-            Position { line: 1, column: 1 },
+            Position::at(1, 1),
             "the file is empty; a pipeline needs at least `pipeline: NAME` and `stages:`",
         ));
     };

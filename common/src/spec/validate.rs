@@ -52,7 +52,7 @@ fn expand_matrices(stages: Vec<StageDraft>) -> Result<Vec<StageDraft>, Problem> 
     }
     if expanded.len() > super::MAX_STAGES {
         return Err(Problem::new(
-            super::Position { line: 1, column: 1 },
+            super::Position::at(1, 1),
             format!(
                 "the pipeline has {} stages once its matrices are expanded; at most {} are \
                  accepted",

@@ -21,7 +21,7 @@ use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 
 use saphyr::{MarkedYaml, Scalar, YamlData, YamlLoader};
-use saphyr_parser::{Event, Marker, Parser, ScanError, SpannedEventReceiver};
+use saphyr_parser::{Event, Marker, Parser, ScanError, Span, SpannedEventReceiver};
 
 use super::{Position, Problem};
 
@@ -35,14 +35,23 @@ const MAX_DEPTH: usize = 64;
 const MAX_ALIAS_NODES: usize = 100_000;
 
 /// A loaded file: its single document, if it has one, and its repeated keys.
+/// After `compose`, the tree may hold nodes of several files (each node's
+/// markers say which).
 pub(super) struct Document<'i> {
-    root: Option<MarkedYaml<'i>>,
-    duplicates: Duplicates,
+    pub(super) root: Option<MarkedYaml<'i>>,
+    pub(super) duplicates: Duplicates,
 }
 
 /// The first repeated key of each mapping, by the mapping's start (a char
-/// index, which no two mappings share).
-type Duplicates = HashMap<usize, (String, Position)>;
+/// index shifted by its file's [`SOURCE_STRIDE`], which no two mappings
+/// share, even across files).
+pub(super) type Duplicates = HashMap<usize, (String, Position)>;
+
+/// Markers of file `n` (0 = the pipeline file, then the files it
+/// includes, see `compose`) have `n * SOURCE_STRIDE` added to their char
+/// index, so a node of a composed tree still knows which file it came
+/// from. Far beyond [`super::MAX_FILE_BYTES`].
+const SOURCE_STRIDE: usize = 1 << 32;
 
 /// One node of a [`Document`], with the questions the schema asks of it.
 #[derive(Clone, Copy)]
@@ -51,9 +60,9 @@ pub(super) struct Node<'a> {
     duplicates: &'a Duplicates,
 }
 
-/// Loads `text`; fails on YAML syntax, on more than one document and on
-/// nesting beyond [`MAX_DEPTH`].
-pub(super) fn load(text: &str) -> Result<Document<'_>, Problem> {
+/// Loads `text`, the file numbered `source`; fails on YAML syntax, on more
+/// than one document and on nesting beyond [`MAX_DEPTH`].
+pub(super) fn load(text: &str, source: usize) -> Result<Document<'_>, Problem> {
     let mut loader = YamlLoader::<MarkedYaml>::default();
     loader.early_parse(false);
     loader.allow_duplicate_keys(true);
@@ -61,7 +70,8 @@ pub(super) fn load(text: &str) -> Result<Document<'_>, Problem> {
     let mut keys = KeyTracker::default();
     let mut n_documents = 0;
     for event in Parser::new_from_str(text) {
-        let (event, span) = event.map_err(syntax_error)?;
+        let (event, span) = event.map_err(|error| syntax_error(error, source))?;
+        let span = Span::new(shift(span.start, source), shift(span.end, source));
         if let Event::DocumentStart(_) = event {
             n_documents += 1;
             if n_documents > 1 {
@@ -76,7 +86,7 @@ pub(super) fn load(text: &str) -> Result<Document<'_>, Problem> {
         loader.on_event(event, span);
         // Alias expansion beyond saphyr's node budget is reported here.
         if let Some(error) = loader.error() {
-            return Err(syntax_error(error.clone()));
+            return Err(syntax_error(error.clone(), 0));
         }
     }
     Ok(Document {
@@ -148,8 +158,8 @@ impl<'a> Node<'a> {
         let start = self.position();
         let one_line = self.yaml.span.start.line() == self.yaml.span.end.line();
         (!text.contains('\n') && one_line).then_some(Position {
-            line: start.line,
             column: start.column + skip,
+            ..start
         })
     }
 
@@ -289,9 +299,11 @@ impl KeyTracker {
     }
 }
 
-fn syntax_error(error: ScanError) -> Problem {
+/// `source` shifts a marker the parser made; the loader's own errors carry
+/// markers of events, already shifted (pass 0).
+fn syntax_error(error: ScanError, source: usize) -> Problem {
     Problem::new(
-        position(*error.marker()),
+        position(shift(*error.marker(), source)),
         format!(
             "invalid yaml: {}; fix the syntax here (indentation, quotes, brackets)",
             error.info()
@@ -299,9 +311,18 @@ fn syntax_error(error: ScanError) -> Problem {
     )
 }
 
-fn position(mark: Marker) -> Position {
+fn shift(mark: Marker, source: usize) -> Marker {
+    Marker::new(
+        mark.index() + source * SOURCE_STRIDE,
+        mark.line(),
+        mark.col(),
+    )
+}
+
+pub(super) fn position(mark: Marker) -> Position {
     Position {
         line: mark.line(),
         column: mark.col() + 1,
+        source: mark.index() / SOURCE_STRIDE,
     }
 }

@@ -78,6 +78,10 @@ struct Flags {
     /// Agents that may be connected at once with one agent token.
     #[arg(long, default_value_t = 64)]
     max_agents_per_token: usize,
+    /// Webhook delivery keys remembered so a redelivery starts no second
+    /// run; past it the oldest runs' keys are forgotten.
+    #[arg(long, default_value_t = kiln_coordinator::MAX_DELIVERY_KEYS)]
+    max_webhook_deliveries: usize,
     /// PEM certificate chain: serve gRPC and HTTP over TLS.
     #[arg(long, env = "KILN_TLS_CERT", value_name = "PEM", requires = "tls_key")]
     tls_cert: Option<PathBuf>,
@@ -311,6 +315,7 @@ async fn serve(flags: Flags) -> Result<(), Failure> {
         },
         secret_key_file: flags.secret_key_file,
         max_agents_per_token: flags.max_agents_per_token,
+        max_delivery_keys: flags.max_webhook_deliveries,
         tls,
     };
     // Installed before readiness is announced, so a stop that follows at

@@ -210,6 +210,8 @@ impl ControlService for ControlApi {
             subdir: request.subdir,
             path: normalized_file(&request.path)?,
             repository: String::new(),
+            status: None,
+            poll_ms: 0,
         };
         let (record, created) = self
             .ask(|reply| Event::Register { pipeline, reply })
@@ -240,6 +242,12 @@ impl ControlService for ControlApi {
             "" => "main".to_owned(),
             branch => branch.to_owned(),
         };
+        let status = crate::forge_status::target_of(&request)?;
+        if request.poll_ms != 0 && request.poll_ms < 1000 {
+            return Err(Status::invalid_argument(
+                "--poll must be at least 1s; a forge is not polled more often than that",
+            ));
+        }
         let repos = &self.starter.repos;
         let commit = repos.resolve(&url, &branch, "").await?;
         let files = match normalized_file(&request.file)? {
@@ -258,14 +266,25 @@ impl ControlService for ControlApi {
             "" => crate::repos::default_name(&url),
             name => name.to_owned(),
         };
-        // Every file is read and checked before any is registered.
-        let mut pipelines: Vec<NewPipeline> = Vec::new();
+        // Every file is read and checked before any is registered. A file
+        // another one includes (say `.kiln/templates.yml`) is part of that
+        // pipeline, not one of its own.
+        let mut texts = Vec::new();
         for file in files {
-            let text = repos.read_file(&url, &commit, &file).await?.ok_or_else(|| {
+            let text = repos.read_pipeline(&url, &commit, &file).await?.ok_or_else(|| {
                 ApiError::FailedPrecondition(format!(
                     "{file} is not in {url} at the head of `{branch}` ({commit}); commit it first"
                 ))
             })?;
+            texts.push((file, text));
+        }
+        let included: std::collections::HashSet<String> = texts
+            .iter()
+            .flat_map(|(file, text)| spec::Sources::unbundle(file, text).included.into_keys())
+            .collect();
+        texts.retain(|(file, _)| !included.contains(file));
+        let mut pipelines: Vec<NewPipeline> = Vec::new();
+        for (file, text) in texts {
             let parsed = self
                 .starter
                 .parsed
@@ -287,6 +306,8 @@ impl ControlService for ControlApi {
                 branch: branch.clone(),
                 path: file,
                 repository: repository.clone(),
+                status: status.clone(),
+                poll_ms: request.poll_ms,
             });
         }
         let mut registered = Vec::new();

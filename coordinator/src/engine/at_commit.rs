@@ -169,6 +169,35 @@ impl Engine {
                 run,
             }));
         }
+        self.expire_deliveries();
+    }
+
+    /// Keeps the remembered delivery keys (`W` records) bounded: past
+    /// `max_delivery_keys`, the keys of the oldest runs go, down to nine
+    /// tenths of it (so the sort runs once per tenth). A forgotten key
+    /// lets a very late redelivery of the same delivery start a run again.
+    pub(super) fn expire_deliveries(&mut self) {
+        let cap = self.config.max_delivery_keys.max(1);
+        if self.deliveries.len() <= cap {
+            return;
+        }
+        let keep = cap - cap / 10;
+        let mut by_age: Vec<(RunId, (String, String))> = self
+            .deliveries
+            .iter()
+            .map(|(key, run)| (*run, key.clone()))
+            .collect();
+        by_age.sort();
+        let expired = by_age.len() - keep;
+        tracing::info!(
+            expired,
+            kept = keep,
+            "forgetting the oldest webhook delivery keys"
+        );
+        for (_, key) in by_age.into_iter().take(expired) {
+            self.deliveries.remove(&key);
+            self.write(Op::RemoveDelivery(key.0, key.1));
+        }
     }
 
     /// The version of `pipeline` whose file is `text`: the one stored

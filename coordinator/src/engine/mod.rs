@@ -207,6 +207,10 @@ pub(crate) struct NewPipeline {
     pub(crate) path: String,
     /// The repository's name, "" if none.
     pub(crate) repository: String,
+    /// Where runs report their state on their commit.
+    pub(crate) status: Option<Box<crate::forge_status::StatusTarget>>,
+    /// `--poll` in ms; 0 = never.
+    pub(crate) poll_ms: u64,
 }
 
 /// A pipeline version, parsed once and shared by its runs.
@@ -279,7 +283,15 @@ pub(crate) struct EngineConfig {
     pub(crate) heartbeat_interval: Duration,
     /// Total bytes of stage outputs one run may store.
     pub(crate) max_run_artifact_bytes: u64,
+    /// Webhook delivery keys remembered (`W` records); past it the keys
+    /// of the oldest runs are forgotten (`at_commit::expire_deliveries`).
+    pub(crate) max_delivery_keys: usize,
 }
+
+/// [`EngineConfig::max_delivery_keys`] unless configured: a forge
+/// redelivers within hours, and a busy farm starts far fewer webhook runs
+/// than this in that time.
+pub const MAX_DELIVERY_KEYS: usize = 10_000;
 
 pub(crate) struct Engine {
     store: Arc<dyn Store>,
@@ -446,6 +458,8 @@ impl Engine {
             pipelines: engine.latest.values().cloned().collect(),
             ..update
         });
+        // A lower --max-webhook-deliveries applies at once.
+        engine.expire_deliveries();
         // Releases still inside their watch window get their monitor back.
         engine.resume_monitors();
         engine.resume_rollouts();
@@ -733,6 +747,16 @@ impl Engine {
     }
 
     fn write(&mut self, op: Op) {
+        // A run's state goes to its commit's forge too, in the same batch.
+        if let Op::Run(run) = &op {
+            let target = self
+                .latest
+                .get(&run.pipeline)
+                .and_then(|p| p.status.as_deref());
+            if let Some(report) = crate::forge_status::CommitStatusRecord::of(run, target) {
+                self.batch.push(Op::CommitStatus(report));
+            }
+        }
         self.batch.push(op);
     }
 
@@ -788,6 +812,8 @@ impl Engine {
             registered_ms: self.clock.now_ms(),
             path: new.path,
             repository: new.repository,
+            status: new.status,
+            poll_ms: new.poll_ms,
         };
         if let Some(latest) = self.latest.get(&record.name) {
             if same_settings(latest, &record) && version_digest(latest) == record.digest {
@@ -816,8 +842,23 @@ impl Engine {
 /// Whether two versions build from the same place the same way: a new
 /// version with other settings never shares a run's file with an old one.
 fn same_settings(a: &PipelineRecord, b: &PipelineRecord) -> bool {
-    (&a.repo, &a.branch, &a.subdir, &a.path, &a.repository)
-        == (&b.repo, &b.branch, &b.subdir, &b.path, &b.repository)
+    (
+        &a.repo,
+        &a.branch,
+        &a.subdir,
+        &a.path,
+        &a.repository,
+        &a.status,
+        a.poll_ms,
+    ) == (
+        &b.repo,
+        &b.branch,
+        &b.subdir,
+        &b.path,
+        &b.repository,
+        &b.status,
+        b.poll_ms,
+    )
 }
 
 /// A version's digest; versions stored before digests get theirs here.

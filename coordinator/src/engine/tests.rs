@@ -49,6 +49,7 @@ impl Harness {
             lease_ttl: Duration::from_millis(LEASE_MS),
             heartbeat_interval: Duration::from_millis(500),
             max_run_artifact_bytes: 1 << 30,
+            max_delivery_keys: super::MAX_DELIVERY_KEYS,
         };
         let blobs = Arc::new(BlobStore::open(dir.path(), 1 << 30).unwrap());
         let engine = Engine::recover(
@@ -140,6 +141,8 @@ impl Harness {
             subdir: String::new(),
             path: String::new(),
             repository: String::new(),
+            status: None,
+            poll_ms: 0,
         };
         let (pipeline, _) = self
             .ask(|reply| Event::Register { pipeline, reply })

@@ -19,6 +19,7 @@
 //! W <pipeline> 0x00 <key>                          webhook delivery that started a run
 //! M schema                                        store schema version (u32)
 //! c <pipeline> 0x00 <cache key>                   shared cache entry
+//! Q <forge, project, commit, context>             queued commit status report
 //! C <pipeline> 0x00 <cache key>                   last `kiln cache clear` of the key
 //!                                                 ("" key: of the whole pipeline)
 //! Y <model> 0x00 <alias>                          user-set model alias
@@ -46,6 +47,7 @@ pub(super) const CACHE: u8 = b'c';
 pub(super) const CACHE_CLEARED: u8 = b'C';
 pub(super) const DELIVERY: u8 = b'W';
 pub(super) const MODEL_ALIAS: u8 = b'Y';
+pub(super) const COMMIT_STATUS: u8 = b'Q';
 /// Where the store records its schema version.
 pub(super) const SCHEMA: &[u8] = b"Mschema";
 

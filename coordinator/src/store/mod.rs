@@ -83,6 +83,16 @@ pub(crate) struct PipelineRecord {
     /// The repository's name (`kiln repo add --name`), "" if none.
     #[serde(default)]
     pub(crate) repository: String,
+    /// Where runs report their state on their commit (`kiln repo add
+    /// --status`), if anywhere.
+    #[serde(default)]
+    /// Boxed: most pipelines have none, and the record travels inside
+    /// engine events.
+    pub(crate) status: Option<Box<crate::forge_status::StatusTarget>>,
+    /// How often the repository is polled for new commits (`kiln repo add
+    /// --poll`), in ms; 0 = never.
+    #[serde(default)]
+    pub(crate) poll_ms: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -191,6 +201,10 @@ pub(crate) struct TriggerStateRecord {
     pub(crate) last_fired_ms: Option<u64>,
     /// The content digest of the watched data that last started a run.
     pub(crate) data_digest: Option<String>,
+    /// Branches and tags (full ref → commit) the last poll of the
+    /// repository saw (`kiln repo add --poll`); `None` before the first.
+    #[serde(default)]
+    pub(crate) refs: Option<BTreeMap<String, String>>,
 }
 
 /// A release's signed provenance (written once, by the signer).
@@ -560,6 +574,13 @@ pub(crate) enum Op {
     ModelAlias(ModelAliasRecord),
     /// Forgets a user-set alias: (model, alias).
     RemoveModelAlias(String, String),
+    /// Forgets a webhook delivery key: (pipeline, key).
+    RemoveDelivery(String, String),
+    /// Queues a commit status report (`forge_status`), replacing the one
+    /// queued for the same commit and context.
+    CommitStatus(crate::forge_status::CommitStatusRecord),
+    /// Dequeues a sent report, unless a newer one replaced it since.
+    RemoveCommitStatus(crate::forge_status::CommitStatusRecord),
 }
 
 /// A shared cache entry: the archives an agent saved under a pipeline's
@@ -663,6 +684,8 @@ pub(crate) trait Store: Send + Sync + 'static {
     fn trigger_state(&self, pipeline: &str) -> Result<Option<TriggerStateRecord>>;
     /// Every webhook delivery that started a run.
     fn deliveries(&self) -> Result<Vec<DeliveryRecord>>;
+    /// Every queued commit status report, oldest commit key first.
+    fn commit_statuses(&self) -> Result<Vec<crate::forge_status::CommitStatusRecord>>;
     /// The newest `limit` monitor samples of `release`, oldest first.
     fn monitor_samples(&self, release: u64, limit: usize) -> Result<Vec<MonitorSampleRecord>>;
     fn cache(&self, pipeline: &str, key: &str) -> Result<Option<CacheRecord>>;

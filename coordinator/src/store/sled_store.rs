@@ -230,6 +230,24 @@ impl Store for SledStore {
                 Op::RemoveMonitorSample { release, at_ms } => {
                     writes.remove(keys::monitor_sample(*release, *at_ms));
                 }
+                Op::RemoveDelivery(pipeline, key) => writes.remove(keys::delivery(pipeline, key)),
+                Op::CommitStatus(record) => {
+                    writes.insert(
+                        keys::named(keys::COMMIT_STATUS, &record.key()),
+                        encode(record),
+                    );
+                }
+                Op::RemoveCommitStatus(record) => {
+                    // A point read; the commit thread is the only writer.
+                    let key = keys::named(keys::COMMIT_STATUS, &record.key());
+                    if self
+                        .db
+                        .get(&key)?
+                        .is_some_and(|stored| *stored == encode(record)[..])
+                    {
+                        writes.remove(key);
+                    }
+                }
             }
         }
         self.db.apply_batch(writes.batch)?;
@@ -419,6 +437,10 @@ impl Store for SledStore {
 
     fn deliveries(&self) -> Result<Vec<DeliveryRecord>> {
         self.scan::<DeliveryRecord>(&[keys::DELIVERY])
+    }
+
+    fn commit_statuses(&self) -> Result<Vec<crate::forge_status::CommitStatusRecord>> {
+        self.scan(&[keys::COMMIT_STATUS])
     }
 
     fn trigger_state(&self, pipeline: &str) -> Result<Option<TriggerStateRecord>> {

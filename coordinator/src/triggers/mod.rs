@@ -9,6 +9,7 @@
 //! for the latest of them (see `kiln_common::triggers::schedule`).
 
 pub(crate) mod dataset;
+pub(crate) mod poll;
 pub(crate) mod webhook;
 
 use std::collections::hash_map::Entry;
@@ -250,7 +251,11 @@ impl Starter {
             return Ok(None);
         }
         let path = pipeline.path.clone();
-        let text = match self.repos.read_file(&pipeline.repo, commit, &path).await {
+        let text = match self
+            .repos
+            .read_pipeline(&pipeline.repo, commit, &path)
+            .await
+        {
             Ok(Some(text)) => text,
             Ok(None) => {
                 return Ok(Some(FileAtCommit {
@@ -297,6 +302,8 @@ struct Watched {
     /// A slot whose run could not start (say, the branch is gone): not
     /// retried every tick, only at the next slot.
     failed_slot: Option<u64>,
+    /// When the repository is polled next (`--poll`).
+    next_ref_poll_ms: u64,
 }
 
 struct DataPoll {
@@ -334,6 +341,8 @@ pub(crate) struct Watcher {
     pub(crate) parsed: Arc<ParsedPipelines>,
     /// Where runs' revisions and pipeline files are read.
     pub(crate) repos: Arc<Repos>,
+    /// Writes the refs a poll saw (`poll`).
+    pub(crate) writer: crate::commit::Writer,
 }
 
 /// Watches schedules and data until `stop`.
@@ -349,6 +358,7 @@ pub(crate) async fn run_watcher(
         view,
         parsed,
         repos,
+        writer,
     } = watcher;
     let starter = Starter {
         events,
@@ -384,6 +394,7 @@ pub(crate) async fn run_watcher(
                         }),
                         data: None,
                         failed_slot: None,
+                        next_ref_poll_ms: 0,
                     }),
                     Err(error) => {
                         tracing::error!(%error, pipeline = %pipeline.name, "cannot read trigger state");
@@ -453,6 +464,22 @@ pub(crate) async fn run_watcher(
                     poll_data(&blobs, &starter, pipeline, &entry.state, data, now).await
                 {
                     entry.state = state;
+                }
+            }
+            if pipeline.poll_ms > 0 && now >= entry.next_ref_poll_ms {
+                entry.next_ref_poll_ms = now + pipeline.poll_ms;
+                if let Some(state) =
+                    poll::poll_refs(&starter, pipeline, &entry.triggers, &entry.state).await
+                {
+                    let batch = crate::store::Batch {
+                        ops: vec![crate::store::Op::TriggerState(state.clone())],
+                    };
+                    match writer.write(batch).await {
+                        Ok(()) => entry.state = state,
+                        Err(error) => {
+                            tracing::warn!(pipeline = %pipeline.name, %error, "cannot record the polled refs");
+                        }
+                    }
                 }
             }
         }

@@ -151,7 +151,7 @@ async fn handle(
         .id
         .iter()
         .map(|id| format!("delivery:{id}"))
-        .chain([format!("{}:{git_ref}:{commit}", delivery.event.kind())])
+        .chain([commit_key(delivery.event.kind(), &git_ref, &commit)])
         .collect();
     match hooks.starter.start(run).await {
         Ok(run) => (
@@ -249,4 +249,11 @@ fn wanted_run(
 /// The one mapping of API errors to HTTP statuses.
 fn status_of(error: &crate::error::ApiError) -> StatusCode {
     StatusCode::from_u16(error.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
+}
+
+/// The idempotency key of an event, ref and commit, shared by webhook
+/// deliveries and polls (`poll`): the ref is a push's branch name, a
+/// tag's `refs/tags/T`, a merge request's `!N`.
+pub(crate) fn commit_key(kind: &str, git_ref: &str, commit: &str) -> String {
+    format!("{kind}:{git_ref}:{commit}")
 }

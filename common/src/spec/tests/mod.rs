@@ -14,6 +14,7 @@ mod matrix;
 mod params;
 mod pipelines;
 mod policy;
+mod reuse;
 mod robustness;
 mod secrets;
 mod services;

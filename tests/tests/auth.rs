@@ -135,6 +135,7 @@ fn spec() -> BTreeMap<String, Expect> {
             "GetProvenanceKey",
             "Lineage",
             "ListCaches",
+            "RolloutStatus",
         ],
         users(Viewer),
     );
@@ -148,6 +149,8 @@ fn spec() -> BTreeMap<String, Expect> {
             "Rollback",
             "ClearCaches",
             "UnfreezeEnvironment",
+            "RolloutPromote",
+            "RolloutAbort",
         ],
         users(Operator),
     );

@@ -13,6 +13,11 @@
 //! so an agent that never ran the stage gets it. Anything that goes wrong
 //! with a cache is logged and the stage runs without it: a cache only ever
 //! saves time.
+//!
+//! Every lookup first asks the coordinator (`GetCache`) for the key's
+//! `kiln cache clear` generation; an entry of this agent saved under an
+//! older generation is removed instead of restored, so a clear reaches
+//! every agent's own copies, even an agent offline when it was made.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -58,6 +63,10 @@ struct EntryFile {
     paths: Vec<String>,
     /// Digests and sizes of the archives, in the same order.
     archives: Vec<(String, u64)>,
+    /// The clear generation in force when the entry was looked up (0:
+    /// never cleared, or saved before generations were recorded).
+    #[serde(default)]
+    generation: u64,
 }
 
 /// A stage's cache once its key is rendered.
@@ -66,6 +75,8 @@ pub(crate) struct Lookup {
     key: String,
     paths: Vec<String>,
     shared: bool,
+    /// The clear generation the coordinator gave for the key.
+    generation: u64,
     /// Whether it was restored: a hit is not saved again.
     pub(crate) hit: bool,
 }
@@ -109,14 +120,48 @@ impl Caches {
                 return None;
             }
         };
+        let asked = client
+            .get_cache(pb::GetCacheRequest {
+                pipeline: pipeline.to_owned(),
+                key: key.clone(),
+            })
+            .await;
+        let (shared_entry, generation) = match asked {
+            Ok(answer) => {
+                let answer = answer.into_inner();
+                (answer.entry, answer.cleared_generation)
+            }
+            Err(status) => {
+                // Whether the key was cleared is unknown: no copy is used.
+                log.system(format!(
+                    "cache `{key}`: cannot ask the coordinator about it ({}); running without it",
+                    status.message()
+                ))
+                .await;
+                return None;
+            }
+        };
         let mut lookup = Lookup {
             pipeline: pipeline.to_owned(),
             key,
             paths: cache.paths.clone(),
             shared: cache.shared,
+            generation,
             hit: false,
         };
         let local = self.entry_dir(pipeline, &lookup.key);
+        if entry_generation(&local)
+            .await
+            .is_some_and(|saved| saved < generation)
+        {
+            log.system(format!(
+                "cache `{}`: this agent's copy was cleared by `kiln cache clear`; removing it",
+                lookup.key
+            ))
+            .await;
+            let _saving = self.saving.lock().await;
+            let _ = tokio::fs::remove_dir_all(&local).await;
+        }
         match unpack_entry(&local, dir).await {
             Ok(Some(files)) => {
                 touch(&local.join(ENTRY_FILE));
@@ -138,9 +183,9 @@ impl Caches {
                 let _ = tokio::fs::remove_dir_all(&local).await;
             }
         }
-        if lookup.shared {
-            match self.fetch_shared(&lookup, dir, client).await {
-                Ok(Some((files, agent))) => {
+        if let (true, Some(shared)) = (lookup.shared, shared_entry) {
+            match self.fetch_shared(&lookup, shared, dir, client).await {
+                Ok((files, agent)) => {
                     log.system(format!(
                         "cache `{}`: restored from the coordinator, saved by {agent} ({files} files)",
                         lookup.key
@@ -149,7 +194,6 @@ impl Caches {
                     lookup.hit = true;
                     return Some(lookup);
                 }
-                Ok(None) => {}
                 Err(why) => {
                     log.system(format!(
                         "cache `{}`: cannot fetch the shared copy ({why})",
@@ -276,6 +320,7 @@ impl Caches {
             key: lookup.key.clone(),
             paths: kept.iter().map(|(path, _)| path.clone()).collect(),
             archives: kept.into_iter().map(|(_, archive)| archive).collect(),
+            generation: lookup.generation,
         };
         let json = serde_json::to_vec(&file).map_err(|e| e.to_string())?;
         let placed = async {
@@ -292,26 +337,16 @@ impl Caches {
         Ok(Some(file))
     }
 
-    /// Downloads a shared entry (verified by digest) into a local entry,
-    /// then restores it. `None`: the coordinator has no live entry.
+    /// Downloads the coordinator's entry (verified by digest) into a local
+    /// entry, then restores it; returns the files restored and the agent
+    /// that saved it.
     async fn fetch_shared(
         &self,
         lookup: &Lookup,
+        shared: pb::CacheEntry,
         dir: &Path,
         client: &mut ArtifactServiceClient<KilnChannel>,
-    ) -> Result<Option<(u64, String)>, String> {
-        let found = client
-            .get_cache(pb::GetCacheRequest {
-                pipeline: lookup.pipeline.clone(),
-                key: lookup.key.clone(),
-            })
-            .await
-            .map_err(|status| status.message().to_owned())?
-            .into_inner()
-            .entry;
-        let Some(shared) = found else {
-            return Ok(None);
-        };
+    ) -> Result<(u64, String), String> {
         let tmp = self.tmp_dir();
         let fetched = async {
             tokio::fs::create_dir_all(&tmp)
@@ -332,6 +367,7 @@ impl Caches {
                     .iter()
                     .map(|a| (a.digest.clone(), a.size))
                     .collect(),
+                generation: lookup.generation,
             };
             let json = serde_json::to_vec(&file).map_err(|e| e.to_string())?;
             tokio::fs::write(tmp.join(ENTRY_FILE), json)
@@ -357,7 +393,7 @@ impl Caches {
         let files = unpack_entry(&entry, dir)
             .await?
             .ok_or("the fetched copy vanished")?;
-        Ok(Some((files, shared.agent)))
+        Ok((files, shared.agent))
     }
 
     /// Removes the least recently used entries until the rest fit.
@@ -366,6 +402,14 @@ impl Caches {
         let max_bytes = self.max_bytes;
         let _ = tokio::task::spawn_blocking(move || evict_lru(&dir, max_bytes)).await;
     }
+}
+
+/// The clear generation an entry of this agent was saved under; `None`
+/// when there is no readable entry.
+async fn entry_generation(entry: &Path) -> Option<u64> {
+    let json = tokio::fs::read(entry.join(ENTRY_FILE)).await.ok()?;
+    let file: EntryFile = serde_json::from_slice(&json).ok()?;
+    Some(file.generation)
 }
 
 /// Unpacks every archive of the entry at `entry` into `dir`; `None` when
@@ -424,6 +468,7 @@ async fn share(
                 archives,
                 ..Default::default()
             }),
+            cleared_generation: file.generation,
         })
         .await
         .map_err(|status| status.message().to_owned())?;

@@ -101,9 +101,10 @@ impl ArtifactService for ArtifactApi {
         request: Request<pb::GetCacheRequest>,
     ) -> Result<Response<pb::GetCacheResponse>, Status> {
         let request = request.into_inner();
-        let entry = self.caches.get(&request.pipeline, &request.key).await?;
+        let (entry, cleared_generation) = self.caches.get(&request.pipeline, &request.key).await?;
         Ok(Response::new(pb::GetCacheResponse {
             entry: entry.as_ref().map(caches::view),
+            cleared_generation,
         }))
     }
 
@@ -112,11 +113,13 @@ impl ArtifactService for ArtifactApi {
         request: Request<pb::PutCacheRequest>,
     ) -> Result<Response<pb::PutCacheResponse>, Status> {
         let agent = Principal::of(&request)?.name;
+        let request = request.into_inner();
         let entry = request
-            .into_inner()
             .entry
             .ok_or_else(|| Status::invalid_argument("PutCache needs an entry"))?;
-        self.caches.put(entry, &agent).await?;
+        self.caches
+            .put(entry, request.cleared_generation, &agent)
+            .await?;
         Ok(Response::new(pb::PutCacheResponse {}))
     }
 }

@@ -5,6 +5,13 @@
 //! commit thread once every archive is in the blob store). An entry lives
 //! `cache_keep_days` after it was saved: older ones are misses, and `kiln gc`
 //! forgets them and lets their blobs go.
+//!
+//! `kiln cache clear` also reaches what agents keep on their own disks: it
+//! records a clear marker whose generation only grows, `GetCache` tells an
+//! agent the generation in force for a key, and an agent drops (instead of
+//! restoring) a copy it saved under an older one. An agent that was offline
+//! during the clear learns it at its next lookup. A `PutCache` of an entry
+//! looked up before a clear is refused.
 
 use std::sync::Arc;
 
@@ -14,7 +21,7 @@ use tonic::Status;
 
 use crate::blobs::{BlobStore, parse_digest};
 use crate::commit::Writer;
-use crate::store::{ArtifactRecord, Batch, CacheRecord, Op, Store};
+use crate::store::{ArtifactRecord, Batch, CacheClearedRecord, CacheRecord, Op, Store};
 
 /// Most archives (cache paths) one entry may have.
 const MAX_ARCHIVES: usize = 16;
@@ -45,26 +52,47 @@ impl Caches {
         }
     }
 
-    /// The live entry of `pipeline` under `key`, if any (read on the
-    /// blocking pool).
+    /// The live entry of `pipeline` under `key`, if any, and the clear
+    /// generation in force for the key (0: never cleared). Read on the
+    /// blocking pool.
     pub(crate) async fn get(
         &self,
         pipeline: &str,
         key: &str,
-    ) -> Result<Option<CacheRecord>, Status> {
+    ) -> Result<(Option<CacheRecord>, u64), Status> {
         let (store, pipeline, key) = (self.store.clone(), pipeline.to_owned(), key.to_owned());
-        let found = tokio::task::spawn_blocking(move || store.cache(&pipeline, &key))
-            .await
-            .map_err(|error| Status::internal(error.to_string()))?
-            .map_err(internal)?;
+        let (found, generation) = tokio::task::spawn_blocking(move || {
+            let generation = generation_of(&store.caches_cleared(&pipeline)?, &key);
+            Ok::<_, crate::store::StoreError>((store.cache(&pipeline, &key)?, generation))
+        })
+        .await
+        .map_err(|error| Status::internal(error.to_string()))?
+        .map_err(internal)?;
         let keep_days = self.keep_days;
-        Ok(found.filter(|entry| !expired(entry, now_ms(), keep_days)))
+        Ok((
+            found.filter(|entry| !expired(entry, now_ms(), keep_days)),
+            generation,
+        ))
     }
 
-    /// Records `entry`, saved by `agent`, once each of its archives is a
-    /// stored blob of the size it claims.
-    pub(crate) async fn put(&self, entry: pb::CacheEntry, agent: &str) -> Result<(), Status> {
+    /// Records `entry`, saved by `agent` under clear generation
+    /// `generation`, once each of its archives is a stored blob of the size
+    /// it claims. An entry looked up before the key was last cleared is
+    /// refused: it may hold what the clear meant to remove.
+    pub(crate) async fn put(
+        &self,
+        entry: pb::CacheEntry,
+        generation: u64,
+        agent: &str,
+    ) -> Result<(), Status> {
         let record = record_of(entry, agent, now_ms())?;
+        let (_, in_force) = self.get(&record.pipeline, &record.key).await?;
+        if generation < in_force {
+            return Err(Status::failed_precondition(format!(
+                "cache `{}` of pipeline {} was cleared after this copy was looked up; not shared",
+                record.key, record.pipeline
+            )));
+        }
         for archive in &record.archives {
             let digest = parse_digest(&archive.digest)?;
             match self.blobs.stat(&digest) {
@@ -103,8 +131,17 @@ impl Caches {
 
     /// Forgets the entries of `pipeline` (under `key` only, unless "");
     /// returns how many.
+    /// Agents' own copies are dropped at their next lookup: the clear
+    /// marker is written in the same batch.
     pub(crate) async fn clear(&self, pipeline: &str, key: &str) -> Result<u32, Status> {
         let entries = self.list(pipeline).await?;
+        let markers = {
+            let (store, pipeline) = (self.store.clone(), pipeline.to_owned());
+            tokio::task::spawn_blocking(move || store.caches_cleared(&pipeline))
+                .await
+                .map_err(|error| Status::internal(error.to_string()))?
+                .map_err(internal)?
+        };
         let mut batch = Batch::default();
         for entry in entries
             .iter()
@@ -113,9 +150,22 @@ impl Caches {
             batch.push(Op::RemoveCache(entry.pipeline.clone(), entry.key.clone()));
         }
         let removed = batch.ops.len() as u32;
-        if removed > 0 {
-            self.writer.write(batch).await.map_err(Status::from)?;
+        // A whole-pipeline clear makes every key's own marker redundant.
+        if key.is_empty() {
+            for marker in markers.iter().filter(|marker| !marker.key.is_empty()) {
+                batch.push(Op::RemoveCacheCleared(
+                    marker.pipeline.clone(),
+                    marker.key.clone(),
+                ));
+            }
         }
+        let newest = markers.iter().map(|marker| marker.generation).max();
+        batch.push(Op::CacheCleared(CacheClearedRecord {
+            pipeline: pipeline.to_owned(),
+            key: key.to_owned(),
+            generation: now_ms().max(newest.map_or(0, |newest| newest + 1)),
+        }));
+        self.writer.write(batch).await.map_err(Status::from)?;
         Ok(removed)
     }
 
@@ -134,6 +184,17 @@ impl Caches {
     pub(crate) fn keep_days(&self) -> u32 {
         self.keep_days
     }
+}
+
+/// The clear generation in force for `key`: its own marker's or the whole
+/// pipeline's, whichever is newer; 0 when neither exists.
+fn generation_of(markers: &[CacheClearedRecord], key: &str) -> u64 {
+    markers
+        .iter()
+        .filter(|marker| marker.key.is_empty() || marker.key == key)
+        .map(|marker| marker.generation)
+        .max()
+        .unwrap_or(0)
 }
 
 /// Whether `entry` is past `keep_days` at `now_ms`.
@@ -211,4 +272,66 @@ fn now_ms() -> u64 {
 fn internal(error: crate::store::StoreError) -> Status {
     tracing::error!(%error, "cache index read failed");
     Status::internal("the cache index cannot be read")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::commit::Committer;
+    use crate::store::SledStore;
+
+    fn open(dir: &std::path::Path) -> Caches {
+        let store: Arc<dyn Store> = Arc::new(SledStore::open(&dir.join("db")).unwrap());
+        let (committer, _thread) = Committer::start(store.clone(), |_| {});
+        let blobs = Arc::new(BlobStore::open(dir, 1 << 20).unwrap());
+        Caches::new(store, Writer::new(committer), blobs, 7)
+    }
+
+    /// An entry under `key` whose one archive is a stored blob.
+    fn entry(caches: &Caches, key: &str) -> pb::CacheEntry {
+        let blob = caches
+            .blobs
+            .store_with(|out: &mut dyn std::io::Write| out.write_all(b"wheels"))
+            .unwrap();
+        pb::CacheEntry {
+            pipeline: "p".into(),
+            key: key.into(),
+            archives: vec![pb::CacheArchive {
+                path: ".cache".into(),
+                digest: blob.digest.to_string(),
+                size: blob.size,
+            }],
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn clears_raise_the_generation_and_refuse_entries_looked_up_before_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let caches = open(dir.path());
+        assert_eq!(caches.get("p", "a").await.unwrap().1, 0, "never cleared");
+
+        caches.clear("p", "a").await.unwrap();
+        let (_, a1) = caches.get("p", "a").await.unwrap();
+        assert!(a1 > 0);
+        assert_eq!(caches.get("p", "b").await.unwrap().1, 0, "only key a");
+        let refused = caches
+            .put(entry(&caches, "a"), 0, "agent")
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
+        assert!(refused.message().contains("cleared after"), "{refused}");
+        caches.put(entry(&caches, "a"), a1, "agent").await.unwrap();
+
+        // A clear of the whole pipeline covers every key, grows even when
+        // the clock has not moved, and makes key a's own marker redundant.
+        caches.clear("p", "").await.unwrap();
+        let (found, all) = caches.get("p", "b").await.unwrap();
+        assert!(all > a1, "{all} > {a1}");
+        assert_eq!(caches.get("p", "a").await.unwrap(), (None, all));
+        assert!(found.is_none());
+        let markers = caches.store.caches_cleared("p").unwrap();
+        assert_eq!(markers.len(), 1, "{markers:?}");
+        assert_eq!(generation_of(&markers, "anything"), all);
+    }
 }

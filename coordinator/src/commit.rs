@@ -286,6 +286,9 @@ mod tests {
         fn caches(&self, pipeline: Option<&str>) -> Result<Vec<crate::store::CacheRecord>> {
             self.inner.caches(pipeline)
         }
+        fn caches_cleared(&self, pipeline: &str) -> Result<Vec<crate::store::CacheClearedRecord>> {
+            self.inner.caches_cleared(pipeline)
+        }
         fn audit(&self, limit: usize) -> Result<Vec<AuditRecord>> {
             self.inner.audit(limit)
         }

@@ -7,16 +7,152 @@
 //! every run that finished within `keep_days`, and the archives of shared
 //! cache entries saved within `cache_keep_days`. Everything else older than
 //! the grace period goes.
+//!
+//! [`Collector`] is one pass of all of that, for `kiln gc` and for the
+//! coordinator's own periodic pass ([`run_periodic`], `--gc-every`).
 
 use std::collections::{HashMap, HashSet};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use kiln_common::ids::RunId;
 use kiln_common::spec::Retention;
+use kiln_proto::v1 as pb;
+use tokio::sync::watch;
 use tonic::Status;
 
 use crate::blobs::{BlobStore, GC_GRACE, GcReport};
-use crate::store::{CacheRecord, RunRecord, Store};
+use crate::caches::Caches;
+use crate::commit::Writer;
+use crate::read::Reader;
+use crate::store::{Batch, CacheRecord, Op, RunRecord, Store};
+
+/// Runs deleted per commit batch: a large backlog is deleted in slices so
+/// each batch stays small.
+const RUNS_DELETED_PER_BATCH: usize = 16;
+
+/// One garbage collection pass: retention's runs (deleted through the
+/// commit thread), then unreferenced blobs and expired shared caches.
+#[derive(Clone)]
+pub(crate) struct Collector {
+    pub(crate) reader: Reader,
+    pub(crate) blobs: Arc<BlobStore>,
+    pub(crate) writer: Writer,
+    pub(crate) caches: Caches,
+    /// Outputs of runs finished within this many days are kept, unless a
+    /// request names its own.
+    pub(crate) keep_days: u32,
+}
+
+impl Collector {
+    /// Each pipeline's `retention:` policy, from its latest version.
+    fn retention_policies(&self) -> HashMap<String, Retention> {
+        let mut policies = HashMap::new();
+        for record in self.reader.view().pipelines() {
+            if let Ok(pipeline) = self.reader.parsed().get(&record)
+                && let Some(retention) = pipeline.retention
+            {
+                policies.insert(record.name.clone(), retention);
+            }
+        }
+        policies
+    }
+
+    /// One pass; `keep_days` 0 means the coordinator's own setting. A dry
+    /// run reports what would go and changes nothing.
+    pub(crate) async fn collect(
+        &self,
+        keep_days: u32,
+        dry_run: bool,
+    ) -> Result<pb::GcResponse, Status> {
+        let keep_days = if keep_days == 0 {
+            self.keep_days
+        } else {
+            keep_days
+        };
+        let store = self.reader.store().clone();
+        let policies = self.retention_policies();
+        let now_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let expired_runs = {
+            let store = store.clone();
+            tokio::task::spawn_blocking(move || expired_runs(&*store, &policies, now_ms))
+                .await
+                .map_err(|error| Status::internal(format!("retention panicked: {error}")))??
+        };
+        let runs_deleted: Vec<u64> = expired_runs.iter().map(|run| run.id.0).collect();
+        if !dry_run {
+            for chunk in expired_runs.chunks(RUNS_DELETED_PER_BATCH) {
+                let mut batch = Batch::default();
+                for run in chunk {
+                    batch.push(Op::DeleteRun(run.id));
+                }
+                self.writer.write(batch).await?;
+            }
+            if !runs_deleted.is_empty() {
+                tracing::info!(runs = runs_deleted.len(), "retention deleted finished runs");
+            }
+        }
+        let dropped: HashSet<RunId> = expired_runs.iter().map(|run| run.id).collect();
+        let cache_keep_days = self.caches.keep_days();
+        let blobs = self.blobs.clone();
+        let (report, expired_caches) = tokio::task::spawn_blocking(move || {
+            collect(
+                &*store,
+                &blobs,
+                keep_days,
+                cache_keep_days,
+                &dropped,
+                dry_run,
+            )
+        })
+        .await
+        .map_err(|error| Status::internal(format!("garbage collection panicked: {error}")))??;
+        let caches_expired = expired_caches.len() as u64;
+        if !dry_run {
+            self.caches.forget(expired_caches).await?;
+        }
+        Ok(pb::GcResponse {
+            blobs_deleted: report.deleted,
+            bytes_freed: report.freed,
+            blobs_kept: report.kept,
+            caches_expired,
+            runs_deleted,
+        })
+    }
+}
+
+/// The coordinator's own garbage collection: a pass every `every` (the
+/// first one `every` after start) until shutdown. A failed pass is logged
+/// and the next one tries again; `kiln gc` can run one any time.
+pub(crate) async fn run_periodic(
+    collector: Collector,
+    every: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => {}
+            _ = stop.wait_for(|stopped| *stopped) => return,
+        }
+        match collector.collect(0, false).await {
+            Ok(report) => tracing::info!(
+                runs_deleted = report.runs_deleted.len(),
+                blobs_deleted = report.blobs_deleted,
+                bytes_freed = report.bytes_freed,
+                caches_expired = report.caches_expired,
+                "periodic garbage collection"
+            ),
+            Err(status) => tracing::warn!(
+                error = status.message(),
+                "periodic garbage collection failed; the next pass tries again"
+            ),
+        }
+    }
+}
 
 const DAY_MS: u64 = 24 * 3_600_000;
 

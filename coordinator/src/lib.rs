@@ -109,6 +109,9 @@ pub struct ArtifactPolicy {
     /// A shared cache entry is used, and its archives kept, this many days
     /// after it was saved.
     pub cache_keep_days: u32,
+    /// The coordinator runs a garbage collection pass (retention, blobs,
+    /// caches: what `kiln gc` does) this often; `None`: only `kiln gc`.
+    pub gc_every: Option<Duration>,
 }
 
 impl Default for ArtifactPolicy {
@@ -118,6 +121,7 @@ impl Default for ArtifactPolicy {
             max_run_bytes: 256 << 30,
             keep_days: 30,
             cache_keep_days: 7,
+            gc_every: Some(Duration::from_secs(3600)),
         }
     }
 }
@@ -288,16 +292,26 @@ pub async fn run(
     let reflection_v1alpha = reflection().build_v1alpha()?;
     // One control service for the CLI (gRPC) and the dashboard's buttons,
     // so both follow the same rules.
+    let collector = gc::Collector {
+        reader: reader.clone(),
+        blobs: blobs.clone(),
+        writer: writer.clone(),
+        caches: caches.clone(),
+        keep_days: config.artifacts.keep_days,
+    };
+    let periodic_gc = config
+        .artifacts
+        .gc_every
+        .map(|every| tokio::spawn(gc::run_periodic(collector.clone(), every, stop_rx.clone())));
     let control = Arc::new(control::ControlApi::new(
         starter.clone(),
         reader.clone(),
         blobs.clone(),
-        config.artifacts.keep_days,
         tokens,
         secrets.clone(),
         provenance_key.clone(),
         caches.clone(),
-        writer.clone(),
+        collector,
     ));
     let web = Arc::new(web::Web::new(
         reader,
@@ -392,6 +406,9 @@ pub async fn run(
     let _ = tokio::time::timeout(DRAIN_GRACE, signer).await;
     let _ = tokio::time::timeout(DRAIN_GRACE, watcher).await;
     let _ = tokio::time::timeout(DRAIN_GRACE, compactor).await;
+    if let Some(periodic_gc) = periodic_gc {
+        let _ = tokio::time::timeout(DRAIN_GRACE, periodic_gc).await;
+    }
     // Streams still open after the grace are cut.
     let mut grpc = grpc;
     if tokio::time::timeout(DRAIN_GRACE, &mut grpc).await.is_err() {

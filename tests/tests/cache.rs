@@ -2,7 +2,8 @@
 //! cache's paths after the stage succeeds, the next run on the same agent
 //! restores them, a changed key file misses again, and a `shared` cache
 //! saved by one agent is restored by another through the coordinator's
-//! index and blob store; `kiln cache ls|clear` see and forget it.
+//! index and blob store; `kiln cache ls|clear` see and forget it, and a
+//! clear also reaches an agent's own copy of a cache that is not shared.
 
 use std::time::Duration;
 
@@ -85,6 +86,29 @@ stages:
     assert_eq!(
         String::from_utf8_lossy(&listed.stdout).trim(),
         "no shared caches"
+    );
+
+    // `kiln cache clear` still reaches the agent's own copy: the next run
+    // drops it and builds again, and the run after that hits the new one.
+    let cleared = farm.coordinator.kiln(&["cache", "clear", "cached"]);
+    assert!(cleared.status.success(), "{cleared:?}");
+    assert!(
+        String::from_utf8_lossy(&cleared.stdout).contains("agents drop their own copies"),
+        "{cleared:?}"
+    );
+    let (rebuilt, texts) = run_and_log(&farm, &repo, "deps").await?;
+    assert!(
+        has(
+            &texts,
+            "this agent's copy was cleared by `kiln cache clear`"
+        ),
+        "{texts:#?}"
+    );
+    assert!(has(&texts, "deps built"), "{texts:#?}");
+    let (_, texts) = run_and_log(&farm, &repo, "deps").await?;
+    assert!(
+        has(&texts, &format!("deps cached from run {rebuilt}")),
+        "{texts:#?}"
     );
     Ok(())
 }

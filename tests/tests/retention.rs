@@ -135,3 +135,48 @@ stages:
     assert_eq!(report["runs_deleted"], serde_json::json!([]), "{report}");
     Ok(())
 }
+
+/// With `--gc-every`, the coordinator applies retention by itself: nobody
+/// calls `kiln gc`, yet the runs past `keep: {runs: 1}` go.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_coordinator_applies_retention_on_its_own() -> Result<()> {
+    let options = CoordinatorOptions {
+        extra_args: vec!["--gc-every".into(), "1s".into()],
+        ..CoordinatorOptions::default()
+    };
+    let farm = Farm::start(&options, &[("keeper", "", 1)])?;
+    let repo = Repo::new(
+        r#"
+pipeline: pruned
+retention: { keep: { runs: 1 } }
+stages:
+  build: { commands: ["true"] }
+"#,
+    )?;
+    let mut client = farm.coordinator.client().await?;
+    for _ in 0..3 {
+        let id = register_and_run(&farm.coordinator, &repo).await?;
+        let run = wait_run(&mut client, id, LIMIT).await?;
+        assert_eq!(run.state, pb::RunState::Succeeded as i32, "{run:#?}");
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let left: Vec<u64> = client
+            .list_runs(pb::ListRunsRequest::default())
+            .await?
+            .into_inner()
+            .runs
+            .iter()
+            .map(|run| run.id)
+            .collect();
+        if left == [3] {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "runs still stored 30 s after the last one finished: {left:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Ok(())
+}

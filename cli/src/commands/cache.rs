@@ -75,7 +75,7 @@ pub(crate) async fn clear(
         OutputFormat::Json => output::json(&serde_json::json!({ "removed": removed }))?,
         OutputFormat::Table => output::line(format!(
             "forgot {removed} shared cache entries of {pipeline}; their blobs go at the next \
-             `kiln gc`"
+             garbage collection, and agents drop their own copies at their next use"
         ))?,
     }
     Ok(Outcome::Ok)

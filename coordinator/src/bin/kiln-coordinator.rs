@@ -56,6 +56,11 @@ struct Flags {
     /// this many days after an agent saved it.
     #[arg(long, default_value_t = kiln_coordinator::ArtifactPolicy::default().cache_keep_days)]
     cache_keep_days: u32,
+    /// How often the coordinator runs a garbage collection pass itself
+    /// (pipelines' `retention:`, unreferenced artifacts, expired caches:
+    /// what `kiln gc` does); `off` leaves it to `kiln gc`.
+    #[arg(long, value_name = "DURATION|off", default_value = "1h", value_parser = parse_gc_every)]
+    gc_every: GcEvery,
     /// Prometheus Alertmanager to post alerts to (root URL).
     #[arg(long, env = "KILN_ALERTMANAGER_URL")]
     alertmanager_url: Option<String>,
@@ -137,6 +142,17 @@ enum Command {
 
 /// Exit code when the flags ask for something unsafe (as clap's usage errors).
 const EXIT_USAGE: u8 = 2;
+
+/// `--gc-every`: a period, or `off`.
+#[derive(Clone, Copy, Debug)]
+struct GcEvery(Option<Duration>);
+
+fn parse_gc_every(text: &str) -> Result<GcEvery, String> {
+    if text == "off" {
+        return Ok(GcEvery(None));
+    }
+    parse_duration(text).map(|every| GcEvery(Some(every)))
+}
 
 /// A duration flag (`10s`, `1500ms`, `1m30s`); a lease or heartbeat of zero
 /// makes no sense.
@@ -286,6 +302,7 @@ async fn serve(flags: Flags) -> Result<(), Failure> {
             max_run_bytes: flags.max_run_artifact_bytes,
             keep_days: flags.artifact_keep_days,
             cache_keep_days: flags.cache_keep_days,
+            gc_every: flags.gc_every.0,
         },
         alerts: kiln_coordinator::AlertTargets {
             alertmanager_url: flags.alertmanager_url,

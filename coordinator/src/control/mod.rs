@@ -3,7 +3,6 @@
 //! artifacts) go through the [`Reader`] at the durable watermark, never
 //! through the engine or the commit thread.
 
-use std::collections::{HashMap, HashSet};
 use std::pin::Pin;
 use std::sync::Arc;
 
@@ -25,7 +24,6 @@ use crate::auth::tokens::Tokens;
 use crate::auth::{Principal, audited};
 use crate::blobs::{BlobStore, parse_digest};
 use crate::caches::{self, Caches};
-use crate::commit::Writer;
 use crate::engine::{Event, NewPipeline, Reply, RolloutCommand};
 use crate::error::ApiError;
 use crate::gc;
@@ -33,12 +31,9 @@ use crate::pipelines::ParsedPipelines;
 use crate::provenance::ProvenanceKey;
 use crate::read::{LogRequest, Reader};
 use crate::secrets::Secrets;
-use crate::store::{Batch, Op, PipelineRecord, Store};
+use crate::store::{PipelineRecord, Store};
 use crate::triggers::{Starter, TriggeredRun};
 use crate::views;
-
-/// Runs one retention batch deletes: each carries a run's every log key.
-const RUNS_DELETED_PER_BATCH: usize = 16;
 
 /// Runs listed when the request says 0.
 const DEFAULT_RUN_LIMIT: usize = 50;
@@ -50,17 +45,13 @@ pub(crate) struct ControlApi {
     reader: Reader,
     store: Arc<dyn Store>,
     blobs: Arc<BlobStore>,
-    /// `kiln gc` keeps outputs of runs finished within this many days.
-    keep_days: u32,
     tokens: Arc<Tokens>,
     secrets: Arc<Secrets>,
     provenance_key: Arc<ProvenanceKey>,
-    /// The shared cache index: `kiln cache ls|clear`, and what `kiln gc`
-    /// keeps of it.
+    /// The shared cache index: `kiln cache ls|clear`.
     caches: Caches,
-    /// Deletes the runs retention lets go (`kiln gc`), through the commit
-    /// thread.
-    writer: Writer,
+    /// `kiln gc`: retention's runs, unreferenced blobs, expired caches.
+    collector: gc::Collector,
 }
 
 impl ControlApi {
@@ -69,12 +60,11 @@ impl ControlApi {
         starter: Starter,
         reader: Reader,
         blobs: Arc<BlobStore>,
-        keep_days: u32,
         tokens: Arc<Tokens>,
         secrets: Arc<Secrets>,
         provenance_key: Arc<ProvenanceKey>,
         caches: Caches,
-        writer: Writer,
+        collector: gc::Collector,
     ) -> Self {
         Self {
             events: starter.events.clone(),
@@ -82,26 +72,12 @@ impl ControlApi {
             store: reader.store().clone(),
             reader,
             blobs,
-            keep_days,
             tokens,
             secrets,
             provenance_key,
             caches,
-            writer,
+            collector,
         }
-    }
-
-    /// Each pipeline's `retention:`, from its latest version.
-    fn retention_policies(&self) -> HashMap<String, spec::Retention> {
-        let mut policies = HashMap::new();
-        for record in self.reader.view().pipelines() {
-            if let Ok(pipeline) = self.reader.parsed().get(&record)
-                && let Some(retention) = pipeline.retention
-            {
-                policies.insert(record.name.clone(), retention);
-            }
-        }
-        policies
     }
 
     /// Sends an event carrying a reply channel and waits for the answer.
@@ -718,60 +694,11 @@ impl ControlService for ControlApi {
         request: Request<pb::GcRequest>,
     ) -> Result<Response<pb::GcResponse>, Status> {
         let request = request.into_inner();
-        let keep_days = if request.keep_days == 0 {
-            self.keep_days
-        } else {
-            request.keep_days
-        };
-        let (store, blobs) = (self.store.clone(), self.blobs.clone());
-        let policies = self.retention_policies();
-        let now_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
-        let expired_runs = {
-            let store = store.clone();
-            tokio::task::spawn_blocking(move || gc::expired_runs(&*store, &policies, now_ms))
-                .await
-                .map_err(|error| Status::internal(format!("retention panicked: {error}")))??
-        };
-        let runs_deleted: Vec<u64> = expired_runs.iter().map(|run| run.id.0).collect();
-        if !request.dry_run {
-            for chunk in expired_runs.chunks(RUNS_DELETED_PER_BATCH) {
-                let mut batch = Batch::default();
-                for run in chunk {
-                    batch.push(Op::DeleteRun(run.id));
-                }
-                self.writer.write(batch).await?;
-            }
-            if !runs_deleted.is_empty() {
-                tracing::info!(runs = runs_deleted.len(), "retention deleted finished runs");
-            }
-        }
-        let dropped: HashSet<RunId> = expired_runs.iter().map(|run| run.id).collect();
-        let cache_keep_days = self.caches.keep_days();
-        let (report, expired_caches) = tokio::task::spawn_blocking(move || {
-            gc::collect(
-                &*store,
-                &blobs,
-                keep_days,
-                cache_keep_days,
-                &dropped,
-                request.dry_run,
-            )
-        })
-        .await
-        .map_err(|error| Status::internal(format!("garbage collection panicked: {error}")))??;
-        let caches_expired = expired_caches.len() as u64;
-        if !request.dry_run {
-            self.caches.forget(expired_caches).await?;
-        }
-        Ok(Response::new(pb::GcResponse {
-            blobs_deleted: report.deleted,
-            bytes_freed: report.freed,
-            blobs_kept: report.kept,
-            caches_expired,
-            runs_deleted,
-        }))
+        Ok(Response::new(
+            self.collector
+                .collect(request.keep_days, request.dry_run)
+                .await?,
+        ))
     }
 
     async fn list_caches(

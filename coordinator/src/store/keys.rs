@@ -19,6 +19,8 @@
 //! W <pipeline> 0x00 <key>                          webhook delivery that started a run
 //! M schema                                        store schema version (u32)
 //! c <pipeline> 0x00 <cache key>                   shared cache entry
+//! C <pipeline> 0x00 <cache key>                   last `kiln cache clear` of the key
+//!                                                 ("" key: of the whole pipeline)
 //! ```
 //!
 //! Schema 1 (before environments belonged to pipelines) had `E <environment>`
@@ -40,6 +42,7 @@ pub(super) const PROVENANCE: u8 = b'V';
 pub(super) const TRIGGER_STATE: u8 = b'G';
 pub(super) const MONITOR_SAMPLE: u8 = b'S';
 pub(super) const CACHE: u8 = b'c';
+pub(super) const CACHE_CLEARED: u8 = b'C';
 pub(super) const DELIVERY: u8 = b'W';
 /// Where the store records its schema version.
 pub(super) const SCHEMA: &[u8] = b"Mschema";
@@ -65,7 +68,16 @@ pub(super) fn named(prefix: u8, name: &str) -> Vec<u8> {
 
 /// `c <pipeline> 0x00 <key>`; `key` "" gives the pipeline's prefix.
 pub(super) fn cache(pipeline: &str, key: &str) -> Vec<u8> {
-    let mut out = vec![CACHE];
+    cache_key(CACHE, pipeline, key)
+}
+
+/// `C <pipeline> 0x00 <key>`; `key` "" is the whole pipeline's clear.
+pub(super) fn cache_cleared(pipeline: &str, key: &str) -> Vec<u8> {
+    cache_key(CACHE_CLEARED, pipeline, key)
+}
+
+fn cache_key(prefix: u8, pipeline: &str, key: &str) -> Vec<u8> {
+    let mut out = vec![prefix];
     out.extend_from_slice(pipeline.as_bytes());
     out.push(0);
     out.extend_from_slice(key.as_bytes());

@@ -469,6 +469,11 @@ pub(crate) enum Op {
     DeleteRun(RunId),
     /// Forgets a shared cache entry: (pipeline, key).
     RemoveCache(String, String),
+    /// Records a `kiln cache clear` (agents drop copies saved before it).
+    CacheCleared(CacheClearedRecord),
+    /// Forgets a key's clear marker, made redundant by a clear of the
+    /// whole pipeline: (pipeline, key).
+    RemoveCacheCleared(String, String),
     /// A sample thinned out of the history (see `delivery::history`).
     RemoveMonitorSample {
         release: u64,
@@ -485,6 +490,18 @@ pub(crate) struct CacheRecord {
     pub(crate) archives: Vec<ArtifactRecord>,
     pub(crate) created_ms: u64,
     pub(crate) agent: String,
+}
+
+/// The last `kiln cache clear` of a pipeline's cache key (`key` "": of all
+/// its keys). `generation` only grows; an agent's own copy saved while an
+/// older generation was in force is dropped instead of restored.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub(crate) struct CacheClearedRecord {
+    pub(crate) pipeline: String,
+    pub(crate) key: String,
+    /// The coordinator's clock at the clear (ms), raised past the previous
+    /// generation if the clock did not move.
+    pub(crate) generation: u64,
 }
 
 /// One round of a release's monitor: what it read and whether it breached.
@@ -571,4 +588,7 @@ pub(crate) trait Store: Send + Sync + 'static {
     /// Shared cache entries of `pipeline` (every pipeline's for `None`), by
     /// pipeline and key.
     fn caches(&self, pipeline: Option<&str>) -> Result<Vec<CacheRecord>>;
+    /// The clear markers of `pipeline`'s caches (the whole pipeline's has
+    /// key "").
+    fn caches_cleared(&self, pipeline: &str) -> Result<Vec<CacheClearedRecord>>;
 }

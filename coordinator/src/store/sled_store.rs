@@ -14,9 +14,9 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::{
-    AuditRecord, Batch, CacheRecord, DeliveryRecord, EnvironmentRecord, LogLine,
-    MonitorSampleRecord, Op, PipelineRecord, ProvenanceRecord, RawWrite, ReleaseRecord, Result,
-    RunRecord, SecretRecord, StageRecord, Store, StoreError, StoredLog, TokenRecord,
+    AuditRecord, Batch, CacheClearedRecord, CacheRecord, DeliveryRecord, EnvironmentRecord,
+    LogLine, MonitorSampleRecord, Op, PipelineRecord, ProvenanceRecord, RawWrite, ReleaseRecord,
+    Result, RunRecord, SecretRecord, StageRecord, Store, StoreError, StoredLog, TokenRecord,
     TriggerStateRecord, keys,
 };
 
@@ -172,6 +172,15 @@ impl Store for SledStore {
                     writes.insert(keys::cache(&record.pipeline, &record.key), encode(record));
                 }
                 Op::RemoveCache(pipeline, key) => writes.remove(keys::cache(pipeline, key)),
+                Op::CacheCleared(record) => {
+                    writes.insert(
+                        keys::cache_cleared(&record.pipeline, &record.key),
+                        encode(record),
+                    );
+                }
+                Op::RemoveCacheCleared(pipeline, key) => {
+                    writes.remove(keys::cache_cleared(pipeline, key));
+                }
                 Op::DeleteRun(run) => {
                     // The keys are listed before the batch is applied (a
                     // batch holds point writes only); the commit thread is
@@ -351,6 +360,10 @@ impl Store for SledStore {
             Some(pipeline) => self.scan(&keys::cache(pipeline, "")),
             None => self.scan(&[keys::CACHE]),
         }
+    }
+
+    fn caches_cleared(&self, pipeline: &str) -> Result<Vec<CacheClearedRecord>> {
+        self.scan(&keys::cache_cleared(pipeline, ""))
     }
 
     fn monitor_samples(&self, release: u64, limit: usize) -> Result<Vec<MonitorSampleRecord>> {

@@ -357,6 +357,13 @@ async fn kiln_rollout_promote_and_abort_move_a_paused_rollout() -> Result<()> {
             && text.contains("step 1 of 3 at 10%, analysing"),
         "{text}"
     );
+    let page = environment_page(&farm).await?;
+    assert!(
+        page.contains("Rollout in progress")
+            && page.contains("1 of 3 at 10% ([10%] → 50% → 100%)")
+            && page.contains("analysing until"),
+        "the environment page shows the rollout: {page}"
+    );
     let promoted = farm.coordinator.kiln(&["rollout", "promote", "production"]);
     assert_eq!(promoted.status.code(), Some(0), "{promoted:?}");
     let rollout = ended(&farm, candidate, Duration::from_secs(30)).await?;
@@ -439,4 +446,48 @@ async fn a_coordinator_restarted_mid_rollout_resumes_it() -> Result<()> {
         ]
     );
     Ok(())
+}
+
+/// The dashboard's page of shop/production, signed in as the admin.
+async fn environment_page(farm: &Farm) -> Result<String> {
+    let base = format!("http://{}", farm.coordinator.http);
+    let client = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()?;
+    let cookie = |response: &reqwest::Response, name: &str| {
+        response
+            .headers()
+            .get_all(reqwest::header::SET_COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .find_map(|v| v.strip_prefix(&format!("{name}="))?.split(';').next())
+            .map(str::to_owned)
+            .with_context(|| format!("no {name} cookie"))
+    };
+    let form = client.get(format!("{base}/login")).send().await?;
+    let login = cookie(&form, "kiln_login")?;
+    let token: String = farm
+        .coordinator
+        .admin_token
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect();
+    let signed = client
+        .post(format!("{base}/login"))
+        .header(reqwest::header::COOKIE, format!("kiln_login={login}"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(format!("token={token}&csrf={login}&next=%2Fruns"))
+        .send()
+        .await?;
+    let session = cookie(&signed, "kiln_session")?;
+    Ok(client
+        .get(format!("{base}/environments/shop/production"))
+        .header(reqwest::header::COOKIE, format!("kiln_session={session}"))
+        .send()
+        .await?
+        .text()
+        .await?)
 }

@@ -327,13 +327,23 @@ async fn samples_chart(
     releases: &[ReleaseRecord],
 ) -> Result<Option<(String, String)>, tonic::Status> {
     let newest_first: Vec<ReleaseRecord> = releases.iter().rev().cloned().collect();
+    let Some(environment) = newest_first.first().map(|r| r.environment.clone()) else {
+        return Ok(None);
+    };
     let parsed = web.reader.parsed().clone();
     blocking(web, move |store| {
+        // The metric history `kiln metrics` reads: what the compactor kept.
+        let (_, history) = crate::delivery::history::read(store, &environment, 0)?;
         for release in newest_first {
-            let samples = store.monitor_samples(release.id, MAX_SAMPLES)?;
+            let mut samples: Vec<_> = history
+                .iter()
+                .filter(|sample| sample.release == release.id)
+                .cloned()
+                .collect();
             if samples.is_empty() {
                 continue;
             }
+            samples.drain(..samples.len().saturating_sub(MAX_SAMPLES));
             let monitor = store
                 .pipeline(&release.pipeline, release.pipeline_version)?
                 .and_then(|record| parsed.get(&record).ok())

@@ -1031,7 +1031,14 @@ impl Engine {
         })?;
         let id = RunId(self.next_run_id);
         self.next_run_id += 1;
-        tracing::warn!(run = %id, environment = %plan.environment, from = plan.from, to = plan.to, "rolling back: release {} replaces release {}", plan.to, plan.from);
+        match &plan.rollout {
+            Some(step) => {
+                tracing::info!(run = %id, environment = %plan.environment, release = plan.to, weight = step.weight, restore = step.restore, "deploying a rollout step")
+            }
+            None => {
+                tracing::warn!(run = %id, environment = %plan.environment, from = plan.from, to = plan.to, "rolling back: release {} replaces release {}", plan.to, plan.from)
+            }
+        }
         let record = RunRecord {
             id,
             pipeline: pipeline.name.clone(),

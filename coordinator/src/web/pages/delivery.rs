@@ -139,6 +139,8 @@ struct EnvironmentPage {
     samples_chart: String,
     /// What that chart shows, for its caption.
     samples_caption: String,
+    /// The rollout in progress (`strategy:`), if any.
+    rollout: Option<RolloutView>,
     rollback_href: String,
     unfreeze_href: String,
     can_rollback: bool,
@@ -219,9 +221,99 @@ async fn environment_page(web: &Web, signed: &Signed, pipeline: String, name: St
         chart,
         samples_chart,
         samples_caption,
+        rollout: env.rollout.as_ref().map(rollout_view),
         rollback_href: format!("{href}/rollback"),
         unfreeze_href: format!("{href}/unfreeze"),
     }))
+}
+
+/// A rollout in progress, for people: where it is and the newest rounds.
+struct RolloutView {
+    kind: &'static str,
+    candidate: u64,
+    previous: u64,
+    /// `10% → [50%] → 100%`, the current step in brackets.
+    steps: String,
+    step: usize,
+    n_steps: usize,
+    weight: u32,
+    phase: String,
+    reason: String,
+    rounds: Vec<RoundRow>,
+}
+
+struct RoundRow {
+    step: usize,
+    at: String,
+    values: String,
+    breached: bool,
+}
+
+/// Rounds the environment page shows (the newest).
+const ROUNDS_SHOWN: usize = 20;
+
+fn rollout_view(rollout: &crate::store::RolloutRecord) -> RolloutView {
+    use crate::store::{RolloutKind, RolloutPhase};
+    let steps = rollout
+        .steps
+        .iter()
+        .enumerate()
+        .map(|(i, weight)| {
+            let weight = if *weight == 0 {
+                "shadow".to_owned()
+            } else {
+                format!("{weight}%")
+            };
+            if i == rollout.step {
+                format!("[{weight}]")
+            } else {
+                weight
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" → ");
+    RolloutView {
+        kind: match rollout.kind {
+            RolloutKind::Canary => "canary",
+            RolloutKind::Shadow => "shadow",
+        },
+        candidate: rollout.candidate,
+        previous: rollout.previous,
+        steps,
+        step: rollout.step + 1,
+        n_steps: rollout.steps.len(),
+        weight: rollout.weight(),
+        phase: match rollout.phase {
+            RolloutPhase::Deploying => "deploying".to_owned(),
+            RolloutPhase::Analysing { until_ms } => {
+                format!("analysing until {}", format::time(until_ms))
+            }
+            RolloutPhase::Restoring => "restoring the previous release".to_owned(),
+            RolloutPhase::Ended => "ended".to_owned(),
+        },
+        reason: rollout.reason.clone().unwrap_or_default(),
+        rounds: rollout
+            .rounds
+            .iter()
+            .rev()
+            .take(ROUNDS_SHOWN)
+            .map(|round| RoundRow {
+                step: round.step + 1,
+                at: format::time(round.at_ms),
+                values: round
+                    .values
+                    .iter()
+                    .map(|(metric, value)| match value {
+                        Some(value) => format!("{metric}={value:.4}"),
+                        None => format!("{metric}=missing"),
+                    })
+                    .chain(round.error.iter().map(|error| format!("error: {error}")))
+                    .collect::<Vec<_>>()
+                    .join(" "),
+                breached: round.breached,
+            })
+            .collect(),
+    }
 }
 
 /// Most samples one chart draws (the newest).
@@ -235,13 +327,23 @@ async fn samples_chart(
     releases: &[ReleaseRecord],
 ) -> Result<Option<(String, String)>, tonic::Status> {
     let newest_first: Vec<ReleaseRecord> = releases.iter().rev().cloned().collect();
+    let Some(environment) = newest_first.first().map(|r| r.environment.clone()) else {
+        return Ok(None);
+    };
     let parsed = web.reader.parsed().clone();
     blocking(web, move |store| {
+        // The metric history `kiln metrics` reads: what the compactor kept.
+        let (_, history) = crate::delivery::history::read(store, &environment, 0)?;
         for release in newest_first {
-            let samples = store.monitor_samples(release.id, MAX_SAMPLES)?;
+            let mut samples: Vec<_> = history
+                .iter()
+                .filter(|sample| sample.release == release.id)
+                .cloned()
+                .collect();
             if samples.is_empty() {
                 continue;
             }
+            samples.drain(..samples.len().saturating_sub(MAX_SAMPLES));
             let monitor = store
                 .pipeline(&release.pipeline, release.pipeline_version)?
                 .and_then(|record| parsed.get(&record).ok())

@@ -166,6 +166,9 @@ pub(crate) enum Command {
     Promote(crate::commands::models::PromoteArgs),
     /// What the monitors read from an environment's releases, and their metrics.
     Metrics(MetricsArgs),
+    /// A progressive rollout (`strategy:`): where it is, or move it on.
+    #[command(subcommand)]
+    Rollout(RolloutCommand),
     /// Check a file (a model file, or an artifact archive) against a
     /// release's signed provenance.
     Verify(VerifyArgs),
@@ -487,6 +490,27 @@ pub(crate) struct RollbackArgs {
     /// of the same pipeline that was live before the current one.
     #[arg(long)]
     pub(crate) to: Option<u64>,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum RolloutCommand {
+    /// The rollout in progress (or the last one): step, traffic weight,
+    /// analysis rounds, outcome.
+    Status {
+        /// PIPELINE/ENV, or ENV alone when only one pipeline has it.
+        environment: String,
+    },
+    /// Skip the remaining pauses and steps: the candidate takes all
+    /// traffic next.
+    Promote {
+        /// PIPELINE/ENV, or ENV alone when only one pipeline has it.
+        environment: String,
+    },
+    /// Stop the rollout: the previous release is deployed again at 100%.
+    Abort {
+        /// PIPELINE/ENV, or ENV alone when only one pipeline has it.
+        environment: String,
+    },
 }
 
 #[derive(Debug, Args)]

@@ -402,6 +402,8 @@ pub(crate) async fn run_scenario(
             pb::ReleaseState::Live => "live",
             pb::ReleaseState::Superseded => "superseded",
             pb::ReleaseState::RolledBack => "rolled back",
+            pb::ReleaseState::RollingOut => "rolling out",
+            pb::ReleaseState::Aborted => "aborted",
             pb::ReleaseState::Unspecified => "?",
         };
         let recall = release

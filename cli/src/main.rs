@@ -44,8 +44,8 @@ use crate::args::{
 };
 use crate::client::Coordinator;
 use crate::commands::{
-    agents, artifacts, cache, delivery, logs, metrics, models, pipeline, provenance, repo, runs,
-    security,
+    agents, artifacts, cache, delivery, logs, metrics, models, pipeline, provenance, repo, rollout,
+    runs, security,
 };
 use crate::error::{CliError, Outcome};
 
@@ -185,6 +185,7 @@ async fn remote(
         Command::Model(command) => models::model(c, format, command).await,
         Command::Promote(args) => models::promote(c, format, &args).await,
         Command::Metrics(args) => metrics::metrics(c, format, &args).await,
+        Command::Rollout(command) => rollout::rollout(c, format, &command).await,
         Command::Token(command) => security::token(c, format, command).await,
         Command::Secret(command) => security::secret(c, format, command).await,
         Command::Audit(args) => security::audit(c, format, args.limit).await,

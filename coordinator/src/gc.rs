@@ -354,6 +354,7 @@ mod tests {
             endpoint: None,
             model: None,
             promotion: None,
+            rollout: None,
         }));
         store.apply(&batch).unwrap();
         let (report, _) = collect(&store, &blobs, 1, 7, &HashSet::new(), false).unwrap();

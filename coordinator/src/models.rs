@@ -240,6 +240,7 @@ mod tests {
                 version,
             }),
             promotion: None,
+            rollout: None,
         }
     }
 

@@ -150,6 +150,8 @@ pub(crate) fn release(record: &ReleaseRecord) -> pb::Release {
             ReleaseState::Live => pb::ReleaseState::Live,
             ReleaseState::Superseded => pb::ReleaseState::Superseded,
             ReleaseState::RolledBack => pb::ReleaseState::RolledBack,
+            ReleaseState::RollingOut => pb::ReleaseState::RollingOut,
+            ReleaseState::Aborted => pb::ReleaseState::Aborted,
         } as i32,
         reason: record.reason.clone().unwrap_or_default(),
         monitor_until_ms: record.monitor_until_ms.unwrap_or_default(),
@@ -166,6 +168,10 @@ pub(crate) fn release(record: &ReleaseRecord) -> pb::Release {
             at_ms: p.at_ms,
             from_release: p.from_release,
         }),
+        rollout: record
+            .rollout
+            .as_ref()
+            .map(|rollout| self::rollout(&record.environment, rollout)),
         datasets: Vec::new(),
         repo: String::new(),
         provenance_digest: String::new(),
@@ -230,5 +236,66 @@ pub(crate) fn stage_state(state: StageState) -> pb::StageState {
         StageState::Cancelled => pb::StageState::Cancelled,
         StageState::Skipped => pb::StageState::Skipped,
         StageState::AwaitingApproval => pb::StageState::AwaitingApproval,
+    }
+}
+
+pub(crate) fn rollout(
+    environment: &kiln_common::ids::EnvKey,
+    record: &crate::store::RolloutRecord,
+) -> pb::Rollout {
+    use crate::store::{RolloutKind, RolloutOutcome, RolloutPhase};
+    let (phase, analysis_until_ms) = match record.phase {
+        RolloutPhase::Deploying => ("deploying", 0),
+        RolloutPhase::Analysing { until_ms } => ("analysing", until_ms),
+        RolloutPhase::Restoring => ("restoring", 0),
+        RolloutPhase::Ended => ("ended", 0),
+    };
+    pb::Rollout {
+        pipeline: environment.pipeline().to_owned(),
+        environment: environment.name.clone(),
+        kind: match record.kind {
+            RolloutKind::Canary => "canary",
+            RolloutKind::Shadow => "shadow",
+        }
+        .to_owned(),
+        candidate: record.candidate,
+        previous: record.previous,
+        steps: record.steps.clone(),
+        step: record.step as u32,
+        weight: record.weight(),
+        phase: phase.to_owned(),
+        analysis_until_ms,
+        outcome: match record.outcome {
+            None => "",
+            Some(RolloutOutcome::Promoted) => "promoted",
+            Some(RolloutOutcome::Aborted) => "aborted",
+            Some(RolloutOutcome::RestoreFailed) => "restore_failed",
+        }
+        .to_owned(),
+        reason: record.reason.clone().unwrap_or_default(),
+        started_ms: record.started_ms,
+        finished_ms: record.finished_ms.unwrap_or_default(),
+        rounds: record
+            .rounds
+            .iter()
+            .map(|round| pb::AnalysisRound {
+                step: round.step as u32,
+                at_ms: round.at_ms,
+                values: round
+                    .values
+                    .iter()
+                    .filter_map(|(name, value)| Some((name.clone(), (*value)?)))
+                    .collect(),
+                missing: round
+                    .values
+                    .iter()
+                    .filter(|(_, value)| value.is_none())
+                    .map(|(name, _)| name.clone())
+                    .collect(),
+                error: round.error.clone().unwrap_or_default(),
+                breached: round.breached,
+            })
+            .collect(),
+        promote_requested: record.promote_requested,
     }
 }

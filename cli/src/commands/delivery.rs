@@ -114,6 +114,8 @@ impl From<pb::Release> for ReleaseView {
             pb::ReleaseState::Live => "live",
             pb::ReleaseState::Superseded => "superseded",
             pb::ReleaseState::RolledBack => "rolled_back",
+            pb::ReleaseState::RollingOut => "rolling_out",
+            pb::ReleaseState::Aborted => "aborted",
             pb::ReleaseState::Unspecified => "unknown",
         };
         ReleaseView {

@@ -68,6 +68,8 @@ pub(crate) async fn metrics(
                     pb::ReleaseState::Live => "live",
                     pb::ReleaseState::Superseded => "superseded",
                     pb::ReleaseState::RolledBack => "rolled_back",
+                    pb::ReleaseState::RollingOut => "rolling_out",
+                    pb::ReleaseState::Aborted => "aborted",
                     pb::ReleaseState::Unspecified => "unknown",
                 },
                 created_ms: release.created_ms,

@@ -12,6 +12,7 @@ pub(crate) mod models;
 pub(crate) mod pipeline;
 pub(crate) mod provenance;
 pub(crate) mod repo;
+pub(crate) mod rollout;
 pub(crate) mod runs;
 pub(crate) mod security;
 pub(crate) mod watch;

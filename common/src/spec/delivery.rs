@@ -162,6 +162,8 @@ pub(super) struct DeliveryDraft {
     pub(super) model: Option<(String, Position)>,
     pub(super) gate: Option<(Gate, Position)>,
     pub(super) monitor: Option<(Monitor, Position)>,
+    /// `strategy:` (canary or shadow) and where it was written.
+    pub(super) strategy: Option<(super::Strategy, Position)>,
 }
 
 /// `metrics: build/metrics.json`.
@@ -267,22 +269,66 @@ pub(super) fn monitor(
     let place = format!(" in `monitor` of stage `{stage}`");
     read_fields(&mut draft, value, MONITOR_FIELDS, &path.to_string(), &place)?;
     let at = value.position();
+    Ok((finish_monitor(draft, at, stage, "monitor")?, at))
+}
+
+/// The rules of a `strategy:` (canary `analysis:`, shadow `compare:`):
+/// the monitor's syntax, without `for` (the step's pause is the window) or
+/// `on_breach` (a breach aborts the rollout).
+#[rustfmt::skip]
+const ANALYSIS_FIELDS: &[Field<MonitorDraft>] = &[
+    ("scrape", |m, v, path| set(&mut m.scrape, scrape(v, path).map(Some))),
+    ("prometheus", |m, v, path| set(&mut m.prometheus, prometheus(v, path).map(Some))),
+    ("every", |m, v, path| set(&mut m.every, values::timeout(v, path).map(Some))),
+    ("rollback_when", |m, v, path| set(&mut m.rollback_when, conditions(v, path))),
+    ("failure_limit", |m, v, path| set(&mut m.failure_limit, failure_limit(v, path).map(Some))),
+    ("on_missing", |m, v, path| set(&mut m.on_missing, on_missing(v, path))),
+];
+
+/// `analysis:` of a canary or `compare:` of a shadow (`key`), watched for
+/// `window` at a time.
+pub(super) fn analysis(
+    value: Node<'_>,
+    path: &Path<'_>,
+    stage: &str,
+    key: &str,
+    window: Duration,
+) -> Result<Monitor, Problem> {
+    let mut draft = MonitorDraft::default();
+    let place = format!(" in `{key}` of stage `{stage}`");
+    read_fields(
+        &mut draft,
+        value,
+        ANALYSIS_FIELDS,
+        &path.to_string(),
+        &place,
+    )?;
+    draft.window = Some(window);
+    finish_monitor(draft, value.position(), stage, key)
+}
+
+/// Checks what the fields of a `monitor:`-like mapping (`key`) left and
+/// fills in the defaults.
+fn finish_monitor(
+    draft: MonitorDraft,
+    at: Position,
+    stage: &str,
+    key: &str,
+) -> Result<Monitor, Problem> {
     let source = match (draft.scrape, draft.prometheus) {
         (Some((url, labels)), None) => MonitorSource::Scrape { url, labels },
         (None, Some((url, query))) => MonitorSource::Prometheus { url, query },
         (Some(_), Some(_)) => {
             return Err(Problem::new(
                 at,
-                format!(
-                    "`monitor` of stage `{stage}` has both `scrape` and `prometheus`; keep one"
-                ),
+                format!("`{key}` of stage `{stage}` has both `scrape` and `prometheus`; keep one"),
             ));
         }
         (None, None) => {
             return Err(Problem::new(
                 at,
                 format!(
-                    "`monitor` of stage `{stage}` has no source; add `scrape: URL` or `prometheus: {{url, query}}`"
+                    "`{key}` of stage `{stage}` has no source; add `scrape: URL` or `prometheus: {{url, query}}`"
                 ),
             ));
         }
@@ -291,7 +337,7 @@ pub(super) fn monitor(
         return Err(Problem::new(
             at,
             format!(
-                "`monitor` of stage `{stage}` has no `rollback_when`; add e.g. `rollback_when: {{error_ratio: \"> 0.05\"}}`"
+                "`{key}` of stage `{stage}` has no `rollback_when`; add e.g. `rollback_when: {{error_ratio: \"> 0.05\"}}`"
             ),
         ));
     }
@@ -303,7 +349,7 @@ pub(super) fn monitor(
             ),
         ));
     }
-    let monitor = Monitor {
+    Ok(Monitor {
         source,
         every: draft.every.unwrap_or(Duration::from_secs(10)),
         window: draft.window.unwrap_or(Duration::from_secs(600)),
@@ -312,8 +358,7 @@ pub(super) fn monitor(
         on_missing: draft.on_missing,
         on_breach: draft.on_breach.0,
         retrain: draft.on_breach.1,
-    };
-    Ok((monitor, at))
+    })
 }
 
 /// `{metric: ">= 0.9", ...}`.

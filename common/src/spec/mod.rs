@@ -31,6 +31,7 @@ pub use delivery::{
 };
 pub use params::{MAX_PARAM_BYTES, MAX_PARAMS, Param, ParamKind, resolve as resolve_params};
 pub use services::{DEFAULT_HEALTH_TIMEOUT, MAX_SERVICES};
+pub use strategy::{DEFAULT_PAUSE, Strategy, StrategyKind};
 pub use triggers::{
     DEFAULT_DATA_EVERY, DataTrigger, MAX_SCHEDULES, MIN_DATA_INTERVAL, MergeRequestTrigger,
     PushTrigger, Triggers,
@@ -44,6 +45,7 @@ mod params;
 mod retention;
 mod schema;
 mod services;
+mod strategy;
 mod suggest;
 mod triggers;
 mod validate;
@@ -165,6 +167,9 @@ pub struct Stage {
     pub gate: Option<Gate>,
     /// `monitor:` watches the release this stage makes.
     pub monitor: Option<Monitor>,
+    /// `strategy:` how its release replaces the live one (canary steps or
+    /// a shadow); `None`: all at once.
+    pub strategy: Option<Strategy>,
     /// For a cell of a `matrix:` (`train[lr=0.1]`): the stage as written
     /// (`train`).
     pub cell_of: Option<String>,

@@ -170,6 +170,7 @@ const STAGE_FIELDS: &[Field<StageDraft>] = &[
     ("model", |s, v, path| set(&mut s.delivery.model, delivery::model(v, path).map(Some))),
     ("gate", |s, v, path| set(&mut s.delivery.gate, delivery::gate(v, path, &s.name.clone()).map(Some))),
     ("monitor", |s, v, path| set(&mut s.delivery.monitor, delivery::monitor(v, path, &s.name.clone()).map(Some))),
+    ("strategy", |s, v, path| set(&mut s.delivery.strategy, super::strategy::read(v, path, &s.name.clone()).map(Some))),
     ("services", |s, v, path| set(&mut s.services, services::read(v, path, &s.name.clone()).map(Some))),
     ("cache", |s, v, path| set(&mut s.cache, cache::read(v, path, &s.name.clone()).map(Some))),
 ];
@@ -396,6 +397,7 @@ fn check_delivery(stage: &StageDraft) -> Result<(), Problem> {
             (stage.delivery.metrics.is_some(), "metrics"),
             (stage.delivery.environment.is_some(), "environment"),
             (stage.delivery.monitor.is_some(), "monitor"),
+            (stage.delivery.strategy.is_some(), "strategy"),
             (stage.services.is_some(), "services"),
             (stage.cache.is_some(), "cache"),
             (stage.delivery.endpoint.is_some(), "endpoint"),
@@ -427,6 +429,16 @@ fn check_delivery(stage: &StageDraft) -> Result<(), Problem> {
             *at,
             format!(
                 "stage `{name}` has a `model` but no `environment`; `model` names what an environment stage releases"
+            ),
+        ));
+    }
+    if let Some((_, at)) = &stage.delivery.strategy
+        && stage.delivery.environment.is_none()
+    {
+        return Err(Problem::new(
+            *at,
+            format!(
+                "stage `{name}` has a `strategy` but no `environment`; a strategy says how an environment stage's release replaces the live one"
             ),
         ));
     }

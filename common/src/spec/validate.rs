@@ -249,6 +249,7 @@ fn with_defaults(stage: StageDraft, needs: Vec<usize>, defaults: &Defaults) -> S
         model: stage.delivery.model.map(|(name, _)| name),
         gate: stage.delivery.gate.map(|(gate, _)| gate),
         monitor: stage.delivery.monitor.map(|(monitor, _)| monitor),
+        strategy: stage.delivery.strategy.map(|(strategy, _)| strategy),
         cell_of: stage.cell_of,
         services: stage
             .services

@@ -170,13 +170,17 @@ pub(crate) fn rule(method: &str) -> Option<Rule> {
             "ListPipelines" | "GetPipeline" | "GetRun" | "ListRuns" | "WatchRun" | "StreamLogs"
             | "ListAgents" | "ListArtifacts" | "ListEnvironments" | "EnvironmentHistory"
             | "MetricHistory" | "GetRelease" | "GetProvenance" | "GetProvenanceKey" | "Lineage"
-            | "ListCaches" | "ListModels" | "GetModelVersion" => Rule::read(Viewer),
+            | "ListCaches" | "RolloutStatus" | "ListModels" | "GetModelVersion" => {
+                Rule::read(Viewer)
+            }
             "CancelRun"
             | "RetryStage"
             | "ApproveStage"
             | "RejectStage"
             | "Rollback"
             | "UnfreezeEnvironment"
+            | "RolloutPromote"
+            | "RolloutAbort"
             | "ClearCaches"
             | "SetModelAlias"
             | "Promote" => Rule::write(Operator),

@@ -18,13 +18,14 @@ use tonic::{Request, Response, Status};
 mod environments;
 mod lineage;
 mod models;
+mod rollout;
 mod security;
 
 use crate::auth::tokens::Tokens;
 use crate::auth::{Principal, audited};
 use crate::blobs::{BlobStore, parse_digest};
 use crate::caches::{self, Caches};
-use crate::engine::{Event, NewPipeline, Reply};
+use crate::engine::{Event, NewPipeline, Reply, RolloutCommand};
 use crate::error::ApiError;
 use crate::gc;
 use crate::pipelines::ParsedPipelines;
@@ -665,6 +666,28 @@ impl ControlService for ControlApi {
                 .await?,
             target,
         ))
+    }
+
+    async fn rollout_status(
+        &self,
+        request: Request<pb::RolloutRequest>,
+    ) -> Result<Response<pb::Rollout>, Status> {
+        self.rollout(request, RolloutCommand::Status).await
+    }
+
+    async fn rollout_promote(
+        &self,
+        request: Request<pb::RolloutRequest>,
+    ) -> Result<Response<pb::Rollout>, Status> {
+        self.rollout(request, RolloutCommand::Promote).await
+    }
+
+    async fn rollout_abort(
+        &self,
+        request: Request<pb::RolloutRequest>,
+    ) -> Result<Response<pb::Rollout>, Status> {
+        let user = Principal::of(&request)?.name.clone();
+        self.rollout(request, RolloutCommand::Abort { user }).await
     }
 
     async fn collect_garbage(

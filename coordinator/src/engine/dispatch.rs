@@ -90,6 +90,7 @@ impl Engine {
                     .stage_env(stage_spec)
                     .into_iter()
                     .chain(endpoints(&spec.parsed, key.idx as usize))
+                    .chain(self.traffic_env(key))
                     .collect(),
                 timeout_ms: stage_spec.timeout.as_millis() as u64,
                 source: Some(pb::Source {
@@ -273,6 +274,14 @@ impl Engine {
             // Gates are the delivery controller's to decide.
             self.delivery_events
                 .push(super::delivery::DeliveryEvent::GateReady(key));
+            return true;
+        }
+        let rolling_out = stage_spec
+            .environment
+            .as_deref()
+            .and_then(|env| self.rollout_blocks(key, env));
+        if let Some(reason) = rolling_out {
+            self.settle_stage(key, StageState::Failed, None, reason);
             return true;
         }
         if let Some(reason) = frozen {

@@ -31,6 +31,7 @@ mod logs;
 mod placement;
 mod pool;
 mod promote;
+mod rollout;
 mod route;
 mod runs;
 #[cfg(test)]
@@ -54,6 +55,7 @@ use crate::store::{Batch, Op, PipelineRecord, RunRecord, StageRecord, Store};
 use crate::views;
 
 pub(crate) use at_commit::{FileAtCommit, TriggerRequest};
+pub(crate) use delivery::rollout::RolloutCommand;
 pub(crate) use pool::{AgentTx, ConnId};
 
 pub(crate) type Reply<T> = oneshot::Sender<Result<T, ApiError>>;
@@ -151,6 +153,12 @@ pub(crate) enum Event {
         remove: bool,
         user: String,
         reply: Reply<()>,
+    },
+    /// `kiln rollout status|promote|abort`.
+    Rollout {
+        environment: EnvKey,
+        command: delivery::rollout::RolloutCommand,
+        reply: Reply<pb::Rollout>,
     },
     /// What a monitor saw; see [`monitor`].
     MonitorSample(delivery::monitor::Observation),
@@ -419,6 +427,7 @@ impl Engine {
         });
         // Releases still inside their watch window get their monitor back.
         engine.resume_monitors();
+        engine.resume_rollouts();
         engine.update_gauges();
         Ok(engine)
     }
@@ -512,6 +521,14 @@ impl Engine {
                 let result = self.set_model_alias(&model, &alias, remove, &user);
                 self.reply(reply, result);
             }
+            Event::Rollout {
+                environment,
+                command,
+                reply,
+            } => {
+                let result = self.rollout_command(&environment, command);
+                self.reply(reply, result);
+            }
             Event::MonitorSample(observation) => self.observe(observation),
             Event::OutputsChecked {
                 agent,
@@ -534,6 +551,7 @@ impl Engine {
     pub(crate) fn tick(&mut self) {
         self.expire_leases();
         self.expire_runs();
+        self.rollout_tick();
     }
 
     /// Monitors to start, alerts to send: work for the runner, outside the

@@ -31,6 +31,7 @@ impl Engine {
                     }
                 }
             }
+            self.start_rollout_runs();
         }
     }
 
@@ -141,6 +142,9 @@ impl Engine {
     /// A monitor sample: delivery judges it against the release's
     /// `monitor:` and may ask for a rollback or freeze the environment.
     pub(super) fn observe(&mut self, observation: Observation) {
+        if self.rollout_observe(&observation) {
+            return;
+        }
         let Some(monitor) = self
             .delivery
             .release(observation.release)

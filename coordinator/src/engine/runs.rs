@@ -965,6 +965,7 @@ impl Engine {
         triggered_by: String,
     ) -> Result<RunId, ApiError> {
         let RollbackStart { plan, target } = start;
+        let variables = rollout_variables(plan.rollout.as_ref());
         let pipeline =
             self.latest.get(&target.pipeline).cloned().ok_or_else(|| {
                 ApiError::NotFound(format!("pipeline `{}` is gone", target.pipeline))
@@ -984,7 +985,11 @@ impl Engine {
             pipeline: pipeline.name.clone(),
             pipeline_version: target.pipeline_version,
             commit: target.commit.clone(),
-            rev: format!("rollback to release {}", target.id),
+            rev: match &plan.rollout {
+                Some(step) if step.restore => format!("restore release {} at 100%", target.id),
+                Some(step) => format!("rollout of release {} at {}%", target.id, step.weight),
+                None => format!("rollback to release {}", target.id),
+            },
             state: RunState::Queued,
             triggered_by,
             created_ms: self.clock.now_ms(),
@@ -994,7 +999,7 @@ impl Engine {
             datasets: Vec::new(),
             pipeline_digest: spec.record.digest.clone(),
             params: BTreeMap::new(),
-            variables: BTreeMap::from([("KILN_EVENT".to_owned(), "rollback".to_owned())]),
+            variables,
             promote: None,
         };
         let stages: Vec<StageRecord> = spec
@@ -1087,4 +1092,20 @@ fn drain_matching<T: Ord + Copy>(
         set.remove(item);
     }
     taken
+}
+
+/// What a rollback run's stage is told: `KILN_EVENT=rollback`, or for a
+/// rollout's run `KILN_EVENT=rollout` and the traffic it is to set.
+fn rollout_variables(step: Option<&crate::store::RolloutStep>) -> BTreeMap<String, String> {
+    let Some(step) = step else {
+        return BTreeMap::from([("KILN_EVENT".to_owned(), "rollback".to_owned())]);
+    };
+    BTreeMap::from([
+        ("KILN_EVENT".to_owned(), "rollout".to_owned()),
+        ("KILN_TRAFFIC_WEIGHT".to_owned(), step.weight.to_string()),
+        (
+            "KILN_TRAFFIC_MODE".to_owned(),
+            kiln_common::spec::Strategy::traffic_mode(step.weight).to_owned(),
+        ),
+    ])
 }

@@ -8,6 +8,7 @@
 
 mod keys;
 mod migrate;
+mod rollout;
 mod security;
 mod sled_store;
 
@@ -17,6 +18,9 @@ use kiln_common::ids::{EnvKey, RunId, StageKey};
 use serde::{Deserialize, Serialize};
 
 pub(crate) use crate::state::{RunState, StageState};
+pub(crate) use rollout::{
+    AnalysisRound, MAX_ROUNDS, RolloutKind, RolloutOutcome, RolloutPhase, RolloutRecord,
+};
 pub(crate) use security::{AuditRecord, Role, SecretRecord, TokenRecord};
 pub(crate) use sled_store::{RawWriter, SledStore};
 
@@ -208,6 +212,23 @@ pub(crate) struct RollbackPlan {
     /// rollback succeeds, the pipeline runs again on its newest commit.
     #[serde(default)]
     pub(crate) retrain: bool,
+    /// Set for a run that deploys one step of a rollout (`to` at
+    /// `weight`), or restores `to` at 100% after an abort; such a run
+    /// re-deploys fixed artifacts like a rollback, but the rollout decides
+    /// what its end means.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) rollout: Option<RolloutStep>,
+}
+
+/// What a rollout's run deploys.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub(crate) struct RolloutStep {
+    /// The step (index into the rollout's `steps`).
+    pub(crate) step: usize,
+    /// Traffic percent given as `KILN_TRAFFIC_WEIGHT`.
+    pub(crate) weight: u32,
+    /// The previous release put back at 100% after an abort.
+    pub(crate) restore: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -309,6 +330,11 @@ pub(crate) enum ReleaseState {
     Live,
     Superseded,
     RolledBack,
+    /// Being rolled out (`strategy:`): takes part of the traffic, not live.
+    RollingOut,
+    /// Its rollout was aborted; the previous release stayed (or was put
+    /// back) at 100%.
+    Aborted,
 }
 
 /// A model that went live in an environment, with its lineage.
@@ -351,6 +377,10 @@ pub(crate) struct ReleaseRecord {
     /// which release (its gates' re-checked values are in `gates`).
     #[serde(default)]
     pub(crate) promotion: Option<Promotion>,
+    /// How it was rolled out (`strategy:`): steps, every analysis round,
+    /// the decision. Set once the rollout ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) rollout: Option<RolloutRecord>,
 }
 
 /// `name@version`: a release is a version of the model its environment
@@ -425,6 +455,10 @@ pub(crate) struct EnvironmentRecord {
     /// Set by a monitor with `on_breach: freeze`: no promotions until
     /// unfrozen.
     pub(crate) frozen: Option<String>,
+    /// A rollout in progress (`strategy:`); no other release deploys here
+    /// meanwhile.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) rollout: Option<RolloutRecord>,
 }
 
 impl EnvironmentRecord {
@@ -434,6 +468,7 @@ impl EnvironmentRecord {
             key,
             live: None,
             frozen: None,
+            rollout: None,
         }
     }
 }

@@ -45,7 +45,27 @@ MODELS = ("hgb", "logreg")
 FAULTS = ("none", "invert")
 
 
-def build_model(kind: str = "hgb", seed: int = DEFAULT_SEED) -> Pipeline:
+def parse_class_weight(text: str) -> str | dict[int, float] | None:
+    """``balanced``, ``none``, or a number: how much one buyer weighs against one non-buyer."""
+    text = text.strip().lower()
+    if text in ("balanced", "none"):
+        return None if text == "none" else "balanced"
+    try:
+        weight = float(text)
+    except ValueError:
+        weight = -1.0
+    if not 0.0 < weight < 1000.0:  # NaN fails too
+        raise ValueError(
+            f"class weight must be 'balanced', 'none' or a buyer weight in (0, 1000), got {text!r}"
+        )
+    return {0: 1.0, 1: weight}
+
+
+def build_model(
+    kind: str = "hgb",
+    seed: int = DEFAULT_SEED,
+    class_weight: str | dict[int, float] | None = "balanced",
+) -> Pipeline:
     """The estimator: gradient-boosted trees (default) or a scaled logistic regression."""
     if kind == "hgb":
         classifier = HistGradientBoostingClassifier(
@@ -53,12 +73,12 @@ def build_model(kind: str = "hgb", seed: int = DEFAULT_SEED) -> Pipeline:
             learning_rate=0.05,
             max_depth=3,
             l2_regularization=1.0,
-            class_weight="balanced",
+            class_weight=class_weight,
             random_state=seed,
         )
         return Pipeline([("classifier", classifier)])
     if kind == "logreg":
-        classifier = LogisticRegression(C=0.01, class_weight="balanced", max_iter=2000)
+        classifier = LogisticRegression(C=0.01, class_weight=class_weight, max_iter=2000)
         return Pipeline([("scale", StandardScaler()), ("classifier", classifier)])
     raise ValueError(f"unknown model {kind!r}; choose one of {', '.join(MODELS)}")
 
@@ -104,13 +124,14 @@ def train(
     seed: int = DEFAULT_SEED,
     folds: int = DEFAULT_FOLDS,
     demo_fault: str = "none",
+    class_weight: str = "balanced",
 ) -> dict[str, Any]:
     """Train on ``data/train.csv`` and write ``model.pkl`` + ``model.json`` into ``out``."""
     if demo_fault not in FAULTS:
         raise ValueError(f"unknown demo fault {demo_fault!r}; choose one of {', '.join(FAULTS)}")
     frame = schema.load(data / "train.csv")
     x, y = schema.split_xy(frame)
-    model = build_model(kind, seed)
+    model = build_model(kind, seed, parse_class_weight(class_weight))
     # One OpenMP thread: the trees' histogram sums then add up in the same
     # order on every machine (bit-identical models whatever the core count),
     # and no spinning worker threads fight over a container's CPU quota.
@@ -130,6 +151,7 @@ def train(
         "positive_label": schema.POSITIVE,
         "threshold": threshold,
         "flag_rate": flag_rate,
+        "class_weight": class_weight.strip().lower(),
         "cross_validated": cross_validated,
         "training_rows": int(len(frame)),
         "training_positives": int(y.sum()),
@@ -157,6 +179,9 @@ def train(
     tmp.write_bytes(blob)
     os.replace(tmp, out / "model.pkl")
     write_json(out / "model.json", meta)
+    # The sweep's best-of gate picks a cell by these (training-set
+    # cross-validation: the held-out test set never chooses the model).
+    write_json(out / "cv-metrics.json", {f"cv_{k}": v for k, v in cross_validated.items()})
     return meta
 
 
@@ -175,6 +200,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED)
     parser.add_argument("--folds", type=int, default=DEFAULT_FOLDS)
     parser.add_argument(
+        "--class-weight",
+        default=os.environ.get("class_weight") or "balanced",
+        help="'balanced', 'none' or the weight of one buyer against one non-buyer "
+        "(default: $class_weight, set by the sweep's matrix, or balanced)",
+    )
+    parser.add_argument(
         "--demo-fault",
         choices=FAULTS,
         default=os.environ.get("KILN_DEMO_FAULT") or "none",
@@ -184,18 +215,26 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         meta = train(
-            args.data, args.out, args.model, args.flag_rate, args.seed, args.folds, args.demo_fault
+            args.data,
+            args.out,
+            args.model,
+            args.flag_rate,
+            args.seed,
+            args.folds,
+            args.demo_fault,
+            args.class_weight,
         )
     except schema.SchemaError as err:
         print(f"train: invalid input: {err}", file=sys.stderr)
         return 2
-    except ValueError as err:  # a bad --flag-rate or KILN_DEMO_FAULT
+    except ValueError as err:  # a bad --flag-rate, --class-weight or KILN_DEMO_FAULT
         print(f"train: {err}", file=sys.stderr)
         return 2
     cv = meta["cross_validated"]
     print(
         f"train: {meta['estimator']} on {meta['training_rows']} customers "
-        f"({meta['training_positives']} buyers), seed {meta['seed']}"
+        f"({meta['training_positives']} buyers), class weight {meta['class_weight']}, "
+        f"seed {meta['seed']}"
     )
     print(
         f"train: threshold {meta['threshold']:.4f} flags {meta['flag_rate']:.0%} of customers; "
@@ -207,7 +246,10 @@ def main(argv: list[str] | None = None) -> int:
             f"train: DEMO FAULT '{meta['demo_fault']}' is set in model.json: the model itself is "
             "sound and passes offline evaluation, but serve.py will invert its predictions live",
         )
-    print(f"train: wrote {args.out}/model.pkl and model.json, version {meta['version']}")
+    print(
+        f"train: wrote {args.out}/model.pkl, model.json and cv-metrics.json, "
+        f"version {meta['version']}"
+    )
     return 0
 
 

@@ -99,3 +99,32 @@ def test_evaluate_rejects_a_model_with_other_features(project: Path, tmp_path: P
     assert evaluate.main(["--data", str(project / "build/data"), "--model", str(model_dir),
                           "--out", str(tmp_path / "m.json")]) == 2
     assert not (tmp_path / "m.json").exists()
+
+
+def test_cross_validated_metrics_are_written_for_the_sweep(project: Path) -> None:
+    """cv-metrics.json: the flat numbers the best-of gate picks a sweep cell by."""
+    cv = read_json(project / "build/model/cv-metrics.json")
+    meta = read_json(project / "build/model/model.json")
+    assert cv == {f"cv_{k}": v for k, v in meta["cross_validated"].items()}
+    assert set(cv) == {"cv_roc_auc", "cv_precision", "cv_recall"}
+
+
+def test_the_class_weight_changes_the_model(project: Path, tmp_path: Path) -> None:
+    meta = train.train(project / "build/data", tmp_path, folds=3, class_weight="1")
+    balanced = read_json(project / "build/model/model.json")
+    assert meta["class_weight"] == "1" and balanced["class_weight"] == "balanced"
+    assert balanced["params"]["class_weight"] == "balanced"
+    assert (tmp_path / "model.pkl").read_bytes() != (project / "build/model/model.pkl").read_bytes()
+
+
+@pytest.mark.parametrize("text", ["heavy", "0", "-3", "nan", "5000"])
+def test_a_bad_class_weight_is_refused(project: Path, tmp_path: Path, text: str) -> None:
+    assert train.main(["--data", str(project / "build/data"), "--out", str(tmp_path),
+                       "--class-weight", text]) == 2
+    assert not (tmp_path / "model.pkl").exists()
+
+
+def test_class_weights_parse() -> None:
+    assert train.parse_class_weight("Balanced") == "balanced"
+    assert train.parse_class_weight("none") is None
+    assert train.parse_class_weight("5") == {0: 1.0, 1: 5.0}

@@ -115,7 +115,7 @@ fn unknown_keys() {
          commands, env, secrets, timeout, retries, allow_failure, matrix, image, agent, executor, \
          pull, \
          resources, network, \
-         artifacts, metrics, environment, endpoint, model, gate, monitor, services, cache (did you mean `commands`?)",
+         artifacts, metrics, environment, endpoint, model, gate, monitor, strategy, services, cache (did you mean `commands`?)",
     );
     check(
         "
@@ -127,7 +127,7 @@ fn unknown_keys() {
          commands, env, secrets, timeout, retries, allow_failure, matrix, image, agent, executor, \
          pull, \
          resources, network, \
-         artifacts, metrics, environment, endpoint, model, gate, monitor, services, cache (did you mean `needs`?)",
+         artifacts, metrics, environment, endpoint, model, gate, monitor, strategy, services, cache (did you mean `needs`?)",
     );
     check(
         "

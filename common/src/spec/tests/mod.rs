@@ -17,6 +17,7 @@ mod policy;
 mod robustness;
 mod secrets;
 mod services;
+mod strategy;
 mod triggers;
 
 use super::*;

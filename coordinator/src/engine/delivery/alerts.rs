@@ -13,7 +13,13 @@ use crate::engine::runs::RunView;
 use crate::store::RollbackPlan;
 
 impl DeliveryController {
-    fn raise(&mut self, name: &str, severity: &str, labels: &[(&str, String)], summary: String) {
+    pub(super) fn raise(
+        &mut self,
+        name: &str,
+        severity: &str,
+        labels: &[(&str, String)],
+        summary: String,
+    ) {
         let labels: BTreeMap<String, String> = labels
             .iter()
             .filter(|(_, value)| !value.is_empty())
@@ -96,7 +102,10 @@ impl DeliveryController {
 /// An environment alert's labels: the pipeline is its own label, so
 /// routes and silences can tell `credit/production` from
 /// `churn/production`.
-fn environment_labels(environment: &EnvKey, release: u64) -> [(&'static str, String); 3] {
+pub(super) fn environment_labels(
+    environment: &EnvKey,
+    release: u64,
+) -> [(&'static str, String); 3] {
     [
         ("pipeline", environment.pipeline().to_owned()),
         ("environment", environment.name.clone()),

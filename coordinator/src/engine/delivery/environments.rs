@@ -15,7 +15,7 @@ use std::collections::{BTreeMap, HashMap};
 use kiln_common::ids::EnvKey;
 
 use crate::error::ApiError;
-use crate::store::{EnvironmentRecord, Op, ReleaseRecord, ReleaseState};
+use crate::store::{EnvironmentRecord, Op, ReleaseRecord, ReleaseState, RolloutRecord};
 
 /// What a monitor sample means for its release.
 #[derive(Debug, PartialEq, Eq)]
@@ -151,6 +151,37 @@ impl Environments {
         Some(Op::Environment(env.clone()))
     }
 
+    /// The rollout in progress in `environment`.
+    pub(super) fn rollout(&self, environment: &EnvKey) -> Option<&RolloutRecord> {
+        self.environments.get(environment)?.rollout.as_ref()
+    }
+
+    /// Environments with a rollout in progress.
+    pub(super) fn rollouts(&self) -> impl Iterator<Item = (&EnvKey, &RolloutRecord)> {
+        self.environments
+            .iter()
+            .filter_map(|(key, env)| Some((key, env.rollout.as_ref()?)))
+    }
+
+    /// Sets (or, `None`, ends) the rollout of an environment that exists;
+    /// the write.
+    pub(super) fn set_rollout(
+        &mut self,
+        environment: &EnvKey,
+        rollout: Option<RolloutRecord>,
+    ) -> Option<Op> {
+        let env = self.environments.get_mut(environment)?;
+        env.rollout = rollout;
+        Some(Op::Environment(env.clone()))
+    }
+
+    /// Keeps a release that is not live (a rollout's candidate, or one
+    /// whose rollout ended); the write.
+    pub(super) fn put(&mut self, release: ReleaseRecord) -> Op {
+        self.releases.insert(release.id, release.clone());
+        Op::Release(release)
+    }
+
     /// A (new) watch of `release` begins: its breaches count from zero.
     pub(super) fn start_watch(&mut self, release: u64) {
         self.breaches.insert(release, Some(0));
@@ -214,6 +245,7 @@ mod tests {
             endpoint: None,
             model: None,
             promotion: None,
+            rollout: None,
         }
     }
 

@@ -34,6 +34,9 @@ mod models;
 #[cfg(test)]
 mod models_tests;
 pub(crate) mod monitor;
+pub(crate) mod rollout;
+#[cfg(test)]
+mod rollout_tests;
 #[cfg(test)]
 mod tests;
 
@@ -132,6 +135,9 @@ pub(super) struct DeliveryController {
     retrains: Vec<Retrain>,
     /// User-set model aliases by (model, alias); see [`models`].
     aliases: std::collections::BTreeMap<(String, String), crate::store::ModelAliasRecord>,
+    /// Runs of a rollout to start (a step, or the restore after an abort);
+    /// the loop drains these through the run book.
+    rollout_runs: Vec<RollbackStart>,
 }
 
 impl DeliveryController {
@@ -148,6 +154,7 @@ impl DeliveryController {
             to_sign: Vec::new(),
             retrains: Vec::new(),
             aliases: Default::default(),
+            rollout_runs: Vec::new(),
         }
     }
 
@@ -178,6 +185,11 @@ impl DeliveryController {
     pub(super) fn watch(&mut self, request: MonitorRequest) {
         self.environments.start_watch(request.release);
         self.monitor_requests.push(request);
+    }
+
+    /// Whether a release is live in `environment`.
+    pub(super) fn has_live(&self, environment: &EnvKey) -> bool {
+        self.environments.live(environment).is_some()
     }
 
     /// Why `environment` refuses deployments now, if it does.
@@ -286,6 +298,9 @@ impl DeliveryController {
             return Vec::new();
         };
         if let Some(plan) = &run.record.rollback {
+            if plan.rollout.is_some() {
+                return self.rollout_run_ended(plan, true, Some(stage_spec), now);
+            }
             // The rollback run is at the restored release's pipeline
             // version: this is the `monitor:` it was released with.
             return self.rollback_ended(plan, true, stage_spec.monitor.as_ref(), now);
@@ -345,7 +360,16 @@ impl DeliveryController {
                 at_ms: plan.at_ms,
                 from_release: plan.from_release,
             }),
+            rollout: None,
         };
+        // With a `strategy:` and a live release to replace, the release
+        // takes part of the traffic first.
+        if let Some(strategy) = &stage_spec.strategy
+            && self.rollout_applies(&environment, strategy)
+        {
+            self.to_sign.push(id);
+            return self.begin_rollout(release, strategy, now);
+        }
         let ops = self.make_live(release, ReleaseState::Superseded, None);
         self.to_sign.push(id);
         if let (Some(monitor), Some(until_ms)) = (&stage_spec.monitor, monitor_until_ms) {
@@ -393,6 +417,13 @@ impl DeliveryController {
         let live = self.environments.live(environment).ok_or_else(|| {
             ApiError::FailedPrecondition(format!("nothing is live in `{environment}`"))
         })?;
+        if let Some(rollout) = self.environments.rollout(environment) {
+            return Err(ApiError::FailedPrecondition(format!(
+                "release {} is being rolled out in `{environment}`; `kiln rollout abort` puts \
+                 release {} back at 100%",
+                rollout.candidate, rollout.previous
+            )));
+        }
         if let Some(running) = running {
             return Err(ApiError::FailedPrecondition(format!(
                 "a rollback of `{environment}` is already running as run {running}"
@@ -409,7 +440,10 @@ impl DeliveryController {
             None => history
                 .iter()
                 .rev()
-                .find(|release| release.id < live && release.state != ReleaseState::RolledBack)
+                .find(|release| {
+                    release.id < live
+                        && matches!(release.state, ReleaseState::Superseded | ReleaseState::Live)
+                })
                 .ok_or_else(|| {
                     ApiError::FailedPrecondition(format!(
                         "`{environment}` has no earlier release to roll back to; pass --to RELEASE"
@@ -434,6 +468,7 @@ impl DeliveryController {
                 .collect(),
             reason,
             retrain: false,
+            rollout: None,
         };
         Ok(RollbackStart {
             plan,
@@ -453,6 +488,9 @@ impl DeliveryController {
         monitor: Option<&spec::Monitor>,
         now: u64,
     ) -> Vec<Op> {
+        if plan.rollout.is_some() {
+            return self.rollout_run_ended(plan, succeeded, None, now);
+        }
         self.metrics.rollback_finished(&plan.environment, succeeded);
         if !succeeded {
             self.alert_rollback_failed(plan);
@@ -527,12 +565,7 @@ impl DeliveryController {
             return (None, Breach::Quiet);
         }
         if let Ok(values) = values {
-            let model = self
-                .environments
-                .release(release)
-                .and_then(|r| r.model.as_ref())
-                .map(ToString::to_string)
-                .unwrap_or_default();
+            let model = self.model_label(release);
             self.metrics
                 .monitor_sampled(environment, release, &model, values);
         }

@@ -95,11 +95,13 @@ struct ReleaseRow {
     metrics: String,
 }
 
-fn release_state(state: ReleaseState) -> &'static str {
+pub(super) fn release_state(state: ReleaseState) -> &'static str {
     match state {
         ReleaseState::Live => "live",
         ReleaseState::Superseded => "superseded",
         ReleaseState::RolledBack => "rolled_back",
+        ReleaseState::RollingOut => "rolling_out",
+        ReleaseState::Aborted => "aborted",
     }
 }
 

@@ -9,7 +9,6 @@ use axum::response::Response;
 
 use super::{Page, Signed, Web, blocking, fail, finish};
 use crate::models;
-use crate::store::ReleaseState;
 use crate::web::format::{self, Chrome, render, short};
 
 struct ModelRow {
@@ -175,11 +174,7 @@ async fn model_page(web: &Web, signed: &Signed, reference: String) -> Page {
                     href: format!("/releases/{}", release.id),
                     id: release.id,
                     environment: release.environment.to_string(),
-                    state: match release.state {
-                        ReleaseState::Live => "live",
-                        ReleaseState::Superseded => "superseded",
-                        ReleaseState::RolledBack => "rolled_back",
-                    },
+                    state: super::delivery::release_state(release.state),
                     how: match &release.promotion {
                         Some(p) => format!("promoted from release {} by {}", p.from_release, p.by),
                         None => format!("run {}", release.run.0),

@@ -137,6 +137,7 @@ fn spec() -> BTreeMap<String, Expect> {
             "ListCaches",
             "ListModels",
             "GetModelVersion",
+            "RolloutStatus",
         ],
         users(Viewer),
     );
@@ -152,6 +153,8 @@ fn spec() -> BTreeMap<String, Expect> {
             "UnfreezeEnvironment",
             "SetModelAlias",
             "Promote",
+            "RolloutPromote",
+            "RolloutAbort",
         ],
         users(Operator),
     );

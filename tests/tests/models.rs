@@ -202,6 +202,30 @@ async fn versions_promote_aliases_compare_and_a_restart() -> Result<()> {
         "{env_history}"
     );
 
+    // The dashboard's models pages show the version and how it got there.
+    let page = |path: String| {
+        let farm = &farm;
+        async move {
+            anyhow::Ok(
+                reqwest::Client::new()
+                    .get(format!("http://{}{path}", farm.coordinator.http))
+                    .bearer_auth(&farm.coordinator.admin_token)
+                    .send()
+                    .await?
+                    .text()
+                    .await?,
+            )
+        }
+    };
+    let list = page("/models".into()).await?;
+    assert!(list.contains(r#"href="/models/churn@2""#), "{list}");
+    let version = page("/models/churn@production".into()).await?;
+    assert!(version.contains("<h1>churn@2</h1>"), "{version}");
+    assert!(
+        version.contains(&format!("promoted from release {} by admin", staging_2.id)),
+        "{version}"
+    );
+
     // churn@3 fails the gate in its own run; promoting it is refused with
     // the gate's values, and nothing changes.
     let third = train(&farm, &repo, "weak\n", 0.6, None).await?;

@@ -394,10 +394,6 @@ pub(crate) struct ReleaseRecord {
     /// stages after it got it in `KILN_ENDPOINT`.
     #[serde(default)]
     pub(crate) endpoint: Option<String>,
-    /// How it was rolled out (`strategy:`): steps, every analysis round,
-    /// the decision. Set once the rollout ended.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub(crate) rollout: Option<RolloutRecord>,
     /// The model version it is (the environment stage's `model:`).
     #[serde(default)]
     pub(crate) model: Option<ModelVersion>,
@@ -405,6 +401,10 @@ pub(crate) struct ReleaseRecord {
     /// which release (its gates' re-checked values are in `gates`).
     #[serde(default)]
     pub(crate) promotion: Option<Promotion>,
+    /// How it was rolled out (`strategy:`): steps, every analysis round,
+    /// the decision. Set once the rollout ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) rollout: Option<RolloutRecord>,
 }
 
 /// `name@version`: a release is a version of the model its environment

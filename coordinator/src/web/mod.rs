@@ -116,6 +116,8 @@ pub(crate) fn router(web: Arc<Web>) -> Router {
             post(actions::unfreeze),
         )
         .route("/releases/{release}", get(pages::release))
+        .route("/models", get(pages::models_list))
+        .route("/models/{model}", get(pages::model))
         .route("/agents", get(pages::agents))
         .route(
             "/static/style.css",

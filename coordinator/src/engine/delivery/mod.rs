@@ -570,12 +570,7 @@ impl DeliveryController {
             return (None, Breach::Quiet);
         }
         if let Ok(values) = values {
-            let model = self
-                .environments
-                .release(release)
-                .and_then(|r| r.model.as_ref())
-                .map(ToString::to_string)
-                .unwrap_or_default();
+            let model = self.model_label(release);
             self.metrics
                 .monitor_sampled(environment, release, &model, values);
         }

@@ -52,6 +52,16 @@ impl DeliveryController {
             .collect();
     }
 
+    /// `NAME@N` of `release`, "" if it names no model: the
+    /// `kiln_monitor_value` label.
+    pub(super) fn model_label(&self, release: u64) -> String {
+        self.environments
+            .release(release)
+            .and_then(|r| r.model.as_ref())
+            .map(ToString::to_string)
+            .unwrap_or_default()
+    }
+
     /// The version a release of `model` made by `run` is.
     pub(super) fn model_version(&self, model: &str, run: RunId) -> ModelVersion {
         models::version_for(self.environments.releases(), model, run)

@@ -505,12 +505,7 @@ impl DeliveryController {
         let environment = observation.environment.clone();
         let (breached, observed) = monitor::judge(analysis, &observation.values);
         if let Ok(values) = &observation.values {
-            let model = self
-                .environments
-                .release(observation.release)
-                .and_then(|r| r.model.as_ref())
-                .map(ToString::to_string)
-                .unwrap_or_default();
+            let model = self.model_label(observation.release);
             self.metrics
                 .monitor_sampled(&environment, observation.release, &model, values);
         }

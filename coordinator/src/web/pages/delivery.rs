@@ -95,7 +95,7 @@ struct ReleaseRow {
     metrics: String,
 }
 
-fn release_state(state: ReleaseState) -> &'static str {
+pub(super) fn release_state(state: ReleaseState) -> &'static str {
     match state {
         ReleaseState::Live => "live",
         ReleaseState::Superseded => "superseded",

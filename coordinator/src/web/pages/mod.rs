@@ -5,6 +5,7 @@
 
 mod agents;
 mod delivery;
+mod models;
 mod runs;
 mod stage;
 
@@ -13,6 +14,7 @@ use kiln_proto::v1 as pb;
 
 pub(crate) use agents::agents;
 pub(crate) use delivery::{environment, environments, release};
+pub(crate) use models::{model, models_list};
 pub(crate) use runs::{pipelines, run, runs};
 pub(crate) use stage::stage;
 

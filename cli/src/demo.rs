@@ -332,6 +332,7 @@ fn start_coordinator(
         secret_key_file: None,
         max_agents_per_token: 64,
         max_delivery_keys: kiln_coordinator::MAX_DELIVERY_KEYS,
+        public_url: None,
         // Loopback only, so plain text.
         tls: None,
     };

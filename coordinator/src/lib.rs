@@ -87,6 +87,10 @@ pub struct Config {
     /// Webhook delivery keys remembered for idempotency; past it the
     /// oldest runs' keys are forgotten ([`MAX_DELIVERY_KEYS`]).
     pub max_delivery_keys: usize,
+    /// The dashboard's address as people reach it (`https://kiln.example.org`),
+    /// for the links Kiln sends out (commit statuses); `None`: the HTTP
+    /// listener's own address.
+    pub public_url: Option<String>,
     /// TLS for both listeners (client certificates only on gRPC); `None` =
     /// plain text, which the binary allows only on loopback or with
     /// `--insecure`.
@@ -272,9 +276,10 @@ pub async fn run(
     );
     let status_reporter = {
         let scheme = if tls.is_some() { "https" } else { "http" };
-        let dashboard = match &config.http_listener {
-            Some(listener) => format!("{scheme}://{}", listener.local_addr()?),
-            None => String::new(),
+        let dashboard = match (&config.public_url, &config.http_listener) {
+            (Some(url), _) => url.trim_end_matches('/').to_owned(),
+            (None, Some(listener)) => format!("{scheme}://{}", listener.local_addr()?),
+            (None, None) => String::new(),
         };
         tokio::spawn(forge_status::run_reporter(
             forge_status::Reporter {

@@ -284,7 +284,11 @@ async fn each_forge_gets_the_runs_state_per_its_documented_api() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_failing_forge_is_retried_and_a_queued_report_survives_a_restart() -> Result<()> {
-    let options = CoordinatorOptions::default();
+    // Behind a proxy: the links name the address people reach.
+    let options = CoordinatorOptions {
+        extra_args: vec!["--public-url".into(), "https://kiln.example.org/".into()],
+        ..CoordinatorOptions::default()
+    };
     let mut farm = Farm::start(&options, &[("status-agent", "", 2)])?;
     set_secret(&farm)?;
 
@@ -300,6 +304,11 @@ async fn a_failing_forge_is_retried_and_a_queued_report_survives_a_restart() -> 
         format!("/api/v1/repos/team/retry/statuses/{}", done.commit)
     );
     assert_eq!(flaky.failed.load(Ordering::SeqCst), 3);
+    assert_eq!(
+        got.body["target_url"],
+        format!("https://kiln.example.org/runs/{}", done.id),
+        "--public-url names the run links"
+    );
 
     // A forge that is down while the run ends: the report waits in the
     // queue, through a crash of the coordinator, and is delivered after.

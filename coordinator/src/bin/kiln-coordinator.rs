@@ -82,6 +82,11 @@ struct Flags {
     /// run; past it the oldest runs' keys are forgotten.
     #[arg(long, default_value_t = kiln_coordinator::MAX_DELIVERY_KEYS)]
     max_webhook_deliveries: usize,
+    /// The dashboard's address as people reach it (behind a proxy, say),
+    /// for the run links in commit statuses; default: the --http
+    /// listener's own address.
+    #[arg(long, env = "KILN_PUBLIC_URL", value_name = "URL", value_parser = parse_public_url)]
+    public_url: Option<String>,
     /// PEM certificate chain: serve gRPC and HTTP over TLS.
     #[arg(long, env = "KILN_TLS_CERT", value_name = "PEM", requires = "tls_key")]
     tls_cert: Option<PathBuf>,
@@ -146,6 +151,24 @@ enum Command {
 
 /// Exit code when the flags ask for something unsafe (as clap's usage errors).
 const EXIT_USAGE: u8 = 2;
+
+/// `--public-url`: an absolute http(s) URL with a host, no query or
+/// fragment (run links are appended to it).
+fn parse_public_url(text: &str) -> Result<String, String> {
+    let rest = text
+        .strip_prefix("https://")
+        .or_else(|| text.strip_prefix("http://"))
+        .ok_or_else(|| format!("`{text}` must start with https:// or http://"))?;
+    if rest.is_empty() || rest.starts_with('/') {
+        return Err(format!("`{text}` names no host"));
+    }
+    if rest.contains(['?', '#', ' ']) {
+        return Err(format!(
+            "`{text}` may not hold a query, a fragment or spaces: run links are appended to it"
+        ));
+    }
+    Ok(text.trim_end_matches('/').to_owned())
+}
 
 /// `--gc-every`: a period, or `off`.
 #[derive(Clone, Copy, Debug)]
@@ -316,6 +339,7 @@ async fn serve(flags: Flags) -> Result<(), Failure> {
         secret_key_file: flags.secret_key_file,
         max_agents_per_token: flags.max_agents_per_token,
         max_delivery_keys: flags.max_webhook_deliveries,
+        public_url: flags.public_url,
         tls,
     };
     // Installed before readiness is announced, so a stop that follows at
@@ -389,6 +413,42 @@ mod tests {
         let line = refusal("HTTP", addr("0.0.0.0:7701"));
         assert!(line.starts_with("refusing to serve HTTP on 0.0.0.0:7701 without TLS"));
         assert!(!line.contains('\n'));
+    }
+
+    #[test]
+    fn public_urls_are_absolute_http_with_a_host_and_nothing_after_the_path() {
+        assert_eq!(
+            parse_public_url("https://kiln.example.org/ci/").unwrap(),
+            "https://kiln.example.org/ci"
+        );
+        assert_eq!(
+            parse_public_url("http://10.0.0.5:7701").unwrap(),
+            "http://10.0.0.5:7701"
+        );
+        for bad in [
+            "kiln.example.org",
+            "ftp://x",
+            "https://",
+            "https:///x",
+            "https://x/?a=1",
+        ] {
+            assert!(parse_public_url(bad).is_err(), "{bad}");
+        }
+        // Wiring check: the flag reaches the parsed flags, gc off works.
+        let flags = Flags::try_parse_from([
+            "kiln-coordinator",
+            "--public-url",
+            "https://kiln.example.org/",
+            "--gc-every",
+            "off",
+        ])
+        .unwrap();
+        assert_eq!(
+            flags.public_url.as_deref(),
+            Some("https://kiln.example.org")
+        );
+        assert!(flags.gc_every.0.is_none());
+        assert!(Flags::try_parse_from(["kiln-coordinator", "--gc-every", "0s"]).is_err());
     }
 
     #[test]

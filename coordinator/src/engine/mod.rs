@@ -778,6 +778,22 @@ impl Engine {
         self.run_replies.push((reply, result));
     }
 
+    /// Version `version` of pipeline `name` and the index of its stage
+    /// `stage`: a release names the stage that made it, which that version
+    /// must still have for a rollback or promote to deploy it again.
+    fn spec_with_stage(
+        &mut self,
+        name: &str,
+        version: u32,
+        stage: &str,
+    ) -> Result<(Arc<PipelineSpec>, usize), ApiError> {
+        let spec = self.spec(name, version)?;
+        let idx = spec.parsed.stage_idx(stage).ok_or_else(|| {
+            ApiError::FailedPrecondition(format!("stage `{stage}` is not in version {version}"))
+        })?;
+        Ok((spec, idx))
+    }
+
     /// The parsed pipeline version, from cache or store.
     fn spec(&mut self, name: &str, version: u32) -> Result<Arc<PipelineSpec>, ApiError> {
         if let Some(spec) = self.specs.get(&(name.to_owned(), version)) {

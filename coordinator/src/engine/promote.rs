@@ -69,13 +69,8 @@ impl Engine {
             source,
             gates,
         } = start;
-        let spec = self.spec(&source.pipeline, source.pipeline_version)?;
-        let idx = spec.parsed.stage_idx(&plan.stage).ok_or_else(|| {
-            ApiError::FailedPrecondition(format!(
-                "stage `{}` is not in version {}",
-                plan.stage, source.pipeline_version
-            ))
-        })?;
+        let (spec, idx) =
+            self.spec_with_stage(&source.pipeline, source.pipeline_version, &plan.stage)?;
         let id = RunId(self.next_run_id);
         self.next_run_id += 1;
         let now = self.clock.now_ms();

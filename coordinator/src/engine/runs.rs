@@ -1022,13 +1022,8 @@ impl Engine {
             self.latest.get(&target.pipeline).cloned().ok_or_else(|| {
                 ApiError::NotFound(format!("pipeline `{}` is gone", target.pipeline))
             })?;
-        let spec = self.spec(&target.pipeline, target.pipeline_version)?;
-        let idx = spec.parsed.stage_idx(&target.stage).ok_or_else(|| {
-            ApiError::FailedPrecondition(format!(
-                "stage `{}` is not in version {}",
-                target.stage, target.pipeline_version
-            ))
-        })?;
+        let (spec, idx) =
+            self.spec_with_stage(&target.pipeline, target.pipeline_version, &target.stage)?;
         let id = RunId(self.next_run_id);
         self.next_run_id += 1;
         match &plan.rollout {

@@ -407,6 +407,19 @@ pub(crate) struct ReleaseRecord {
     pub(crate) rollout: Option<RolloutRecord>,
 }
 
+impl ReleaseRecord {
+    /// What deploying this release again is fed: its artifacts by digest,
+    /// its own environment stage's outputs left out. Rollbacks, rollout
+    /// steps and promotes all deploy exactly these.
+    pub(crate) fn redeploy_inputs(&self) -> Vec<StageArtifact> {
+        self.artifacts
+            .iter()
+            .filter(|artifact| artifact.stage != self.stage)
+            .cloned()
+            .collect()
+    }
+}
+
 /// `name@version`: a release is a version of the model its environment
 /// stage names; every release of one run is the same version.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]

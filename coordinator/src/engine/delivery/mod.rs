@@ -465,12 +465,7 @@ impl DeliveryController {
             from: live,
             to: target.id,
             stage: target.stage.clone(),
-            inputs: target
-                .artifacts
-                .iter()
-                .filter(|a| a.stage != target.stage)
-                .cloned()
-                .collect(),
+            inputs: target.redeploy_inputs(),
             reason,
             retrain: false,
             rollout: None,

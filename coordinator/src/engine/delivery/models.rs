@@ -231,12 +231,7 @@ impl DeliveryController {
             model,
             from_release: source.id,
             stage: stage.name.clone(),
-            inputs: source
-                .artifacts
-                .iter()
-                .filter(|a| a.stage != source.stage)
-                .cloned()
-                .collect(),
+            inputs: source.redeploy_inputs(),
             metrics,
             gates: decided
                 .iter()

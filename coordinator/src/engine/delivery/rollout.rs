@@ -402,12 +402,7 @@ impl DeliveryController {
                 from,
                 to,
                 stage: target.stage.clone(),
-                inputs: target
-                    .artifacts
-                    .iter()
-                    .filter(|a| a.stage != target.stage)
-                    .cloned()
-                    .collect(),
+                inputs: target.redeploy_inputs(),
                 reason,
                 retrain: false,
                 rollout: Some(RolloutStep {

@@ -235,19 +235,13 @@ fn changes_glob(pattern: &str) -> Result<globset::Glob, globset::Error> {
 
 // ---------------------------------------------------------------- reading
 
-/// `if:` of a stage.
-pub(super) fn read_if(
-    condition: &mut Option<StageCondition>,
-    value: Node<'_>,
-    path: &Path<'_>,
-) -> Result<(), Problem> {
+/// The non-blank text of `value`, at most [`MAX_EXPRESSION_BYTES`];
+/// otherwise an error saying it must be `expected`.
+fn bounded_text<'a>(value: Node<'a>, path: &Path<'_>, expected: &str) -> Result<&'a str, Problem> {
     let Some(text) = value.text().filter(|text| !text.trim().is_empty()) else {
         return Err(Problem::new(
             value.position(),
-            format!(
-                "{path} must be an expression like `branch == \"main\"`; found {}",
-                value.describe()
-            ),
+            format!("{path} must be {expected}; found {}", value.describe()),
         ));
     };
     if text.len() > MAX_EXPRESSION_BYTES {
@@ -256,6 +250,16 @@ pub(super) fn read_if(
             format!("{path} is longer than {MAX_EXPRESSION_BYTES} bytes; shorten it"),
         ));
     }
+    Ok(text)
+}
+
+/// `if:` of a stage.
+pub(super) fn read_if(
+    condition: &mut Option<StageCondition>,
+    value: Node<'_>,
+    path: &Path<'_>,
+) -> Result<(), Problem> {
+    let text = bounded_text(value, path, "an expression like `branch == \"main\"`")?;
     let mut parser = Parser::new(text);
     let parsed = parser.expression(0).and_then(|expr| match parser.peek() {
         None => Ok(expr),
@@ -495,21 +499,7 @@ pub(super) fn check_group_params(
 }
 
 fn group(value: Node<'_>, path: &Path<'_>) -> Result<GroupTemplate, Problem> {
-    let Some(text) = value.text().filter(|text| !text.trim().is_empty()) else {
-        return Err(Problem::new(
-            value.position(),
-            format!(
-                "{path} must be a group name like `deploy-{{{{ branch }}}}`; found {}",
-                value.describe()
-            ),
-        ));
-    };
-    if text.len() > MAX_EXPRESSION_BYTES {
-        return Err(Problem::new(
-            value.position(),
-            format!("{path} is longer than {MAX_EXPRESSION_BYTES} bytes; shorten it"),
-        ));
-    }
+    let text = bounded_text(value, path, "a group name like `deploy-{{ branch }}`")?;
     let mut parts = Vec::new();
     let mut param_refs = Vec::new();
     let mut rest = text;

@@ -330,31 +330,17 @@ mod tests {
         stage.outputs = vec![output(&model), output(&scratch)];
         batch.push(Op::Stage(stage));
         batch.push(Op::Release(ReleaseRecord {
-            id: 1,
-            environment: kiln_common::ids::EnvKey::of_pipeline("p", "production"),
-            run,
-            pipeline: "p".into(),
-            pipeline_version: 1,
-            commit: "c".into(),
-            source_digest: None,
-            stage: "deploy".into(),
             artifacts: vec![StageArtifact {
                 stage: "train".into(),
                 artifact: output(&model),
             }],
-            image_digest: None,
-            metrics: Default::default(),
-            gates: Vec::new(),
-            triggered_by: "test".into(),
             created_ms: 1,
             state: ReleaseState::Superseded,
-            reason: None,
-            monitor_until_ms: None,
-            restored_by_rollback: false,
-            endpoint: None,
-            rollout: None,
-            model: None,
-            promotion: None,
+            ..ReleaseRecord::for_test(
+                1,
+                kiln_common::ids::EnvKey::of_pipeline("p", "production"),
+                run.0,
+            )
         }));
         store.apply(&batch).unwrap();
         let (report, _) = collect(&store, &blobs, 1, 7, &HashSet::new(), false).unwrap();

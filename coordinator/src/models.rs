@@ -216,31 +216,14 @@ mod tests {
 
     fn release(id: u64, run: u64, env: &str, model: Option<(&str, u32)>) -> ReleaseRecord {
         ReleaseRecord {
-            id,
-            environment: EnvKey::of_pipeline("churn", env),
-            run: RunId(run),
-            pipeline: "churn".into(),
-            pipeline_version: 1,
             commit: "c".repeat(40),
-            source_digest: None,
-            stage: "deploy".into(),
-            artifacts: Vec::new(),
-            image_digest: None,
-            metrics: BTreeMap::new(),
-            gates: Vec::new(),
-            triggered_by: "test".into(),
             created_ms: id,
             state: ReleaseState::Superseded,
-            reason: None,
-            monitor_until_ms: None,
-            restored_by_rollback: false,
-            endpoint: None,
             model: model.map(|(name, version)| ModelVersion {
                 name: name.into(),
                 version,
             }),
-            promotion: None,
-            rollout: None,
+            ..ReleaseRecord::for_test(id, EnvKey::of_pipeline("churn", env), run)
         }
     }
 

@@ -407,6 +407,39 @@ pub(crate) struct ReleaseRecord {
     pub(crate) rollout: Option<RolloutRecord>,
 }
 
+#[cfg(test)]
+impl ReleaseRecord {
+    /// Release `id` of run `run` into `environment`, made by stage
+    /// `deploy` of version 1 at commit `c` with no artifacts, live; tests
+    /// set what else they need.
+    pub(crate) fn for_test(id: u64, environment: EnvKey, run: u64) -> Self {
+        ReleaseRecord {
+            id,
+            pipeline: environment.pipeline().to_owned(),
+            environment,
+            run: RunId(run),
+            pipeline_version: 1,
+            commit: "c".into(),
+            source_digest: None,
+            stage: "deploy".into(),
+            artifacts: Vec::new(),
+            image_digest: None,
+            metrics: BTreeMap::new(),
+            gates: Vec::new(),
+            triggered_by: "test".into(),
+            created_ms: 0,
+            state: ReleaseState::Live,
+            reason: None,
+            monitor_until_ms: None,
+            restored_by_rollback: false,
+            endpoint: None,
+            model: None,
+            promotion: None,
+            rollout: None,
+        }
+    }
+}
+
 impl ReleaseRecord {
     /// What deploying this release again is fed: its artifacts by digest,
     /// its own environment stage's outputs left out. Rollbacks, rollout

@@ -218,34 +218,12 @@ impl Environments {
 
 #[cfg(test)]
 mod tests {
-    use kiln_common::ids::RunId;
-
     use super::*;
 
     fn release(id: u64, pipeline: &str, env: &str) -> ReleaseRecord {
         ReleaseRecord {
-            id,
-            environment: EnvKey::of_pipeline(pipeline, env),
-            run: RunId(id),
-            pipeline: pipeline.into(),
-            pipeline_version: 1,
             commit: "c".repeat(40),
-            source_digest: None,
-            stage: "deploy".into(),
-            artifacts: Vec::new(),
-            image_digest: None,
-            metrics: BTreeMap::new(),
-            gates: Vec::new(),
-            triggered_by: "test".into(),
-            created_ms: 0,
-            state: ReleaseState::Live,
-            reason: None,
-            monitor_until_ms: None,
-            restored_by_rollback: false,
-            endpoint: None,
-            rollout: None,
-            model: None,
-            promotion: None,
+            ..ReleaseRecord::for_test(id, EnvKey::of_pipeline(pipeline, env), id)
         }
     }
 

@@ -10,7 +10,11 @@
 //! 2. The demo openly commits a fault (`KILN_DEMO_FAULT: invert`: the model
 //!    inverts its answers when served). Its offline metrics pass, its live
 //!    ones in staging do not: the gate stops it before production.
-//! 3. The fault is reverted and a new release reaches production. Then the
+//! 3. The fault is reverted and a new release rolls out to production as a
+//!    canary: the router in front of production's two model servers gives
+//!    it 25%, then 50% of the traffic while the coordinator analyses its
+//!    answers, then all of it ([`crate::demo_rollout`] prints each step,
+//!    round and decision from the coordinator's record). Then the
 //!    production traffic goes wrong upstream (half the customers arrive with
 //!    their attributes shifted): the monitor sees the input drift, rolls
 //!    back, watches the restored release, sees it drift too, and freezes
@@ -18,8 +22,10 @@
 //!    as the webhook receives them.
 //! 4. It ends with the production history and the live model's lineage.
 //!
-//! The model server and the traffic run as containers of the same image,
-//! started with the `docker` CLI: they are the demo's scenery, not Kiln.
+//! The model servers, the router and the traffic run as containers of the
+//! same image, started with the `docker` CLI: they are the demo's scenery,
+//! not Kiln. Production's address (127.0.0.1:9101) is the router; the live
+//! release is served on 9111, a canary's candidate on 9112.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -28,17 +34,20 @@ use std::time::Duration;
 
 use kiln_proto::v1 as pb;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::watch;
 
 use crate::args::OutputFormat;
 use crate::client::Coordinator;
 use crate::commands::{pipeline, runs, watch as progress};
 use crate::error::{CliError, Outcome};
-use crate::output;
+use crate::{demo_rollout, output};
 
 pub(crate) const IMAGE: &str = "kiln/python-ml:bookworm";
 /// Where deploy.sh installs models (the example's kiln.yml says so too).
 const SERVE_ROOT: &str = "/tmp/kiln-serve";
 const SERVER: &str = "kiln-demo-serve";
+const CANDIDATE_SERVER: &str = "kiln-demo-serve-candidate";
+const ROUTER: &str = "kiln-demo-router";
 const STAGING_SERVER: &str = "kiln-demo-serve-staging";
 const TRAFFIC: &str = "kiln-demo-traffic";
 
@@ -261,7 +270,9 @@ fn docker_run_detached(name: &str, repo: &Path, command: &[&str]) -> Result<(), 
 /// Stops the scenery containers.
 pub(crate) fn stop_scenery() {
     docker_rm(TRAFFIC);
+    docker_rm(ROUTER);
     docker_rm(SERVER);
+    docker_rm(CANDIDATE_SERVER);
     docker_rm(STAGING_SERVER);
 }
 
@@ -282,12 +293,15 @@ pub(crate) async fn run_scenario(
     say(
         format,
         &format!(
-            "starting model servers: staging on 127.0.0.1:9102, production on 127.0.0.1:9101 (serving {SERVE_ROOT}/ENV)"
+            "starting model servers (serving {SERVE_ROOT}/ENV): staging on 127.0.0.1:9102; \
+             production's router on 127.0.0.1:9101 in front of the live release (9111) and a \
+             canary's candidate (9112)"
         ),
     )?;
-    for (name, env, port) in [
-        (STAGING_SERVER, "staging", "9102"),
-        (SERVER, "production", "9101"),
+    for (name, env, link, port) in [
+        (STAGING_SERVER, "staging", "current", "9102"),
+        (SERVER, "production", "current", "9111"),
+        (CANDIDATE_SERVER, "production", "candidate", "9112"),
     ] {
         let env_dir = format!("{SERVE_ROOT}/{env}");
         docker_run_detached(
@@ -298,6 +312,8 @@ pub(crate) async fn run_scenario(
                 "serve.py",
                 "--env-dir",
                 &env_dir,
+                "--link",
+                link,
                 "--port",
                 port,
                 "--min-feedback",
@@ -307,6 +323,20 @@ pub(crate) async fn run_scenario(
             ],
         )?;
     }
+    let router_state = format!("{SERVE_ROOT}/production/router");
+    docker_run_detached(
+        ROUTER,
+        repo,
+        &[
+            "python",
+            "router.py",
+            "serve",
+            "--port",
+            "9101",
+            "--state-dir",
+            &router_state,
+        ],
+    )?;
 
     say(
         format,
@@ -357,11 +387,19 @@ pub(crate) async fn run_scenario(
 
     say(
         format,
-        "act 3: the fault is reverted and a new release goes through staging to production",
+        "act 3: the fault is reverted and a new release goes through staging, then rolls out to \
+         production as a CANARY: the router gives it 25%, then 50% of the traffic for 8s each \
+         while the coordinator reads the router's error ratio of its answers every 2s, then 100%",
     )?;
     set_fault(repo, "invert", "none")?;
-    let third = ship(coordinator, repo, format).await?;
-    print_gate(&third, format)?;
+    let (_, canary) = ship_with_rollout(coordinator, repo, format).await?;
+    let Some(promoted) = canary.filter(|rollout| rollout.outcome == "promoted") else {
+        say(
+            format,
+            "the canary did not reach 100%, so there is no new release to watch in production",
+        )?;
+        return Ok(Outcome::RunNotSucceeded);
+    };
     say(
         format,
         "UPSTREAM DATA FAULT, openly: from now on half the production customers arrive with \
@@ -370,7 +408,7 @@ pub(crate) async fn run_scenario(
     )?;
     docker_rm(TRAFFIC);
     start_traffic(repo, "0.5")?;
-    let rolled_back = wait_for_rollback(coordinator, third.id).await?;
+    let rolled_back = wait_for_rollback(coordinator, promoted.candidate).await?;
     match &rolled_back {
         Some(release) => say(
             format,
@@ -416,8 +454,10 @@ pub(crate) async fn run_scenario(
             ""
         };
         output::line(format!(
-            "  release {:>2}  run {:>2}  {state:<11} recall={recall}{restored}",
-            release.id, release.run_id
+            "  release {:>2}  run {:>2}  {state:<11} recall={recall}{restored}{}",
+            release.id,
+            release.run_id,
+            demo_rollout::summary(release)
         ))?;
     }
     if let Some(live) = history.iter().find(|r| r.state() == pb::ReleaseState::Live) {
@@ -479,12 +519,67 @@ async fn ship(
     repo: &Path,
     format: OutputFormat,
 ) -> Result<pb::Run, CliError> {
+    let run_id = start_run(coordinator, repo, format).await?;
+    progress::follow(coordinator, run_id, format).await?;
+    coordinator.get_run(run_id).await
+}
+
+/// Registers the repository's pipeline and triggers a run; its id.
+async fn start_run(
+    coordinator: &Coordinator,
+    repo: &Path,
+    format: OutputFormat,
+) -> Result<u64, CliError> {
     let prepared = pipeline::prepare(repo)?;
     let registered = pipeline::submit(coordinator, prepared.request).await?;
     output::progress(format, &pipeline::registered_line(&registered))?;
-    let run = runs::trigger(coordinator, &registered.pipeline.name, None).await?;
-    progress::follow(coordinator, run.id, format).await?;
-    coordinator.get_run(run.id).await
+    Ok(runs::trigger(coordinator, &registered.pipeline.name, None)
+        .await?
+        .id)
+}
+
+/// Ships like [`ship`] while following the production rollout the run
+/// starts; returns the run and the rollout once it ended (`None` if none
+/// started or it did not end). Waits for the rollout's end whether the run
+/// finishes at its first step or only after the last. The run's gates are
+/// printed when the rollout starts (or, without one, when the run ends).
+async fn ship_with_rollout(
+    coordinator: &Coordinator,
+    repo: &Path,
+    format: OutputFormat,
+) -> Result<(pb::Run, Option<pb::Rollout>), CliError> {
+    let before = demo_rollout::current(coordinator, PIPELINE, "production")
+        .await
+        .map(|rollout| rollout.candidate);
+    let run_id = start_run(coordinator, repo, format).await?;
+    let (done, run_done) = watch::channel(None);
+    let shipping = async {
+        let run = match progress::follow(coordinator, run_id, format).await {
+            Ok(_) => coordinator.get_run(run_id).await,
+            Err(error) => Err(error),
+        };
+        let succeeded = run
+            .as_ref()
+            .is_ok_and(|run| run.state == pb::RunState::Succeeded as i32);
+        let _ = done.send(Some(succeeded));
+        run
+    };
+    let gates = async {
+        let run = coordinator.get_run(run_id).await?;
+        print_gate(&run, format)
+    };
+    let watched = demo_rollout::Watched {
+        pipeline: PIPELINE,
+        environment: "production",
+        before,
+    };
+    let following = demo_rollout::follow(coordinator, watched, gates, run_done, format);
+    let (run, rollout) = tokio::join!(shipping, following);
+    let (run, rollout) = (run?, rollout?);
+    if rollout.is_none() {
+        print_gate(&run, format)?;
+    }
+    Ok((run, rollout))
 }
 
 /// Each gate in a few lines: its summary, then one line per rule, a
@@ -544,13 +639,13 @@ fn print_gate(run: &pb::Run, format: OutputFormat) -> Result<(), CliError> {
 
 async fn wait_for_rollback(
     coordinator: &Coordinator,
-    bad_run: u64,
+    release: u64,
 ) -> Result<Option<pb::Release>, CliError> {
     for _ in 0..180 {
         let history = production_history(coordinator).await?;
         if let Some(release) = history
             .iter()
-            .find(|r| r.run_id == bad_run && r.state() == pb::ReleaseState::RolledBack)
+            .find(|r| r.id == release && r.state() == pb::ReleaseState::RolledBack)
         {
             return Ok(Some(release.clone()));
         }

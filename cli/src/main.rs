@@ -25,6 +25,7 @@ mod completion;
 mod context;
 mod demo;
 mod demo_ml;
+mod demo_rollout;
 mod error;
 mod git;
 mod output;

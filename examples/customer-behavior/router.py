@@ -5,7 +5,8 @@ deploy script tells it. Two commands:
 
     python router.py serve --port 9100 --state-dir /tmp/kiln-serve/router
     python router.py set --state-dir DIR --url http://127.0.0.1:9102 \
-        --weight "$KILN_TRAFFIC_WEIGHT" --mode "$KILN_TRAFFIC_MODE"
+        --weight "$KILN_TRAFFIC_WEIGHT" --mode "$KILN_TRAFFIC_MODE" \
+        [--wait-for VERSION]
 
 `set` records where the release just deployed is served and how much
 traffic it gets: at weight 100 (`full`) it becomes the `stable` backend
@@ -13,6 +14,9 @@ and the candidate is dropped; below, it is the `candidate`, which gets
 `weight` percent of requests (`canary`) or, at 0 (`shadow`), a mirrored
 copy of every request whose answer is compared with the stable one's and
 never returned. Each `set` is appended to `history.log` in the state dir.
+With `--wait-for VERSION`, `set` first waits (up to --wait seconds, else
+fails and changes nothing) until the backend's `/healthz` names that model
+version, so no request reaches a server still loading the release.
 
 `serve` forwards every request to a backend and exports, per backend, in
 the Prometheus text format at `/metrics` (counts since the routes last
@@ -23,6 +27,11 @@ changed, so a new candidate starts clean):
     router_error_ratio{backend="candidate"}   errors / requests
     router_shadow_disagreement_ratio          mirrored answers that differ
     router_weight                             the candidate's percent
+
+followed by the stable backend's own `/metrics`, unchanged: scraping the
+router is scraping the live model (its `model_error_ratio`, ...), so one
+address serves the traffic and the monitor's metrics. The candidate's own
+metrics are on its backend.
 """
 
 import argparse
@@ -44,6 +53,25 @@ def read_routes(state_dir):
             return json.load(f)
     except (OSError, ValueError):
         return {"stable": None, "candidate": None, "weight": 0, "mode": "full"}
+
+
+def wait_for_version(url, version, limit):
+    """Waits until `url`/healthz answers with `version` loaded."""
+    deadline = time.monotonic() + limit
+    seen = "no answer"
+    while True:
+        status, body = forward(url, "GET", "/healthz", None, {})
+        try:
+            seen = json.loads(body).get("model_version") or f"HTTP {status}"
+        except ValueError:
+            seen = f"HTTP {status}"
+        if status == 200 and seen == version:
+            return
+        if time.monotonic() >= deadline:
+            raise SystemExit(
+                f"router: {url} did not serve {version} within {limit:g}s (it serves: {seen}); "
+                "routes unchanged")
+        time.sleep(0.2)
 
 
 def set_route(state_dir, url, weight, mode):
@@ -100,7 +128,8 @@ def forward(url, method, path, body, headers):
         return 502, b"no answer from backend\n"
 
 
-def serve(port, state_dir):
+def make_server(port, state_dir):
+    """The router's HTTP server on 127.0.0.1:`port` (0: any free port)."""
     counts = Counts()
 
     class Handler(BaseHTTPRequestHandler):
@@ -143,7 +172,12 @@ def serve(port, state_dir):
                     lines.append("# TYPE router_shadow_disagreement_ratio gauge")
                     ratio = counts.disagreed / counts.mirrored
                     lines.append(f"router_shadow_disagreement_ratio {ratio}")
-            self.reply(200, ("\n".join(lines) + "\n").encode(), "text/plain; version=0.0.4")
+            text = "\n".join(lines) + "\n"
+            if routes.get("stable"):
+                status, stable = forward(routes["stable"], "GET", "/metrics", None, {})
+                if status == 200:
+                    text += stable.decode("utf-8", "replace")
+            self.reply(200, text.encode(), "text/plain; version=0.0.4")
 
         def route(self, method):
             routes = read_routes(state_dir)
@@ -172,6 +206,12 @@ def serve(port, state_dir):
             self.reply(status, answer)
 
     server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+    server.daemon_threads = True
+    return server
+
+
+def serve(port, state_dir):
+    server = make_server(port, state_dir)
     print(f"router on http://127.0.0.1:{port}, routes in {state_dir}", flush=True)
     server.serve_forever()
 
@@ -187,10 +227,15 @@ def main():
     set_args.add_argument("--url", required=True)
     set_args.add_argument("--weight", type=int, default=100)
     set_args.add_argument("--mode", default="full")
+    set_args.add_argument("--wait-for", metavar="VERSION",
+                          help="first wait until the backend's /healthz names this version")
+    set_args.add_argument("--wait", type=float, default=30, help="seconds --wait-for waits")
     args = parser.parse_args()
     if args.command == "serve":
         serve(args.port, args.state_dir)
     else:
+        if args.wait_for:
+            wait_for_version(args.url, args.wait_for, args.wait)
         set_route(args.state_dir, args.url, args.weight, args.mode)
 
 

@@ -5,7 +5,9 @@
 Serves the model that ``deploy.sh ENV`` installed as ``ENV_DIR/current``
 (``model.pkl``, ``model.json``, ``VERSION``) and reloads it within a second of
 ``current`` changing, so a deployment or a rollback needs no restart. Listens
-on 127.0.0.1 only.
+on 127.0.0.1 only. ``--link candidate`` serves ``ENV_DIR/candidate`` instead:
+the release a canary is rolling out, beside the live one (router.py splits the
+traffic between the two servers).
 
 - ``POST /predict``  ``{"rows": [[85 numbers], ...]}`` or
   ``{"customers": [{"MOSTYPE": 33, ...}, ...]}`` ->
@@ -182,9 +184,12 @@ class ModelServer(ThreadingHTTPServer):
         fault: Optional[str] = None,
         drift_window: int = 500,
         drift_min_rows: int = 500,
+        link: str = "current",
     ) -> None:
         super().__init__((HOST, port), Handler)
         self.env_dir = env_dir
+        # The symlink in env_dir this server follows: `current` or `candidate`.
+        self.link = link
         self.poll = poll
         self.server_fault = fault
         self.stats = Stats(window_size=window, min_feedback=min_feedback)
@@ -215,8 +220,8 @@ class ModelServer(ThreadingHTTPServer):
             self.check_for_new_model()
 
     def check_for_new_model(self) -> None:
-        """Reload when ``current`` points elsewhere or its VERSION file changed."""
-        current = self.env_dir / "current"
+        """Reload when the link points elsewhere or its VERSION file changed."""
+        current = self.env_dir / self.link
         try:
             info = os.stat(current / "VERSION")
             real = os.path.realpath(current)
@@ -256,7 +261,7 @@ class ModelServer(ThreadingHTTPServer):
         """The model to answer with, or :class:`Unavailable`."""
         model = self.model
         if model is None:
-            raise Unavailable(f"no model deployed in {self.env_dir}/current")
+            raise Unavailable(f"no model deployed in {self.env_dir}/{self.link}")
         return model
 
     def predict(self, body: dict[str, Any]) -> dict[str, Any]:
@@ -509,6 +514,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--env-dir", type=Path, required=True,
                         help="the environment's serving directory (deploy.sh's target)")
     parser.add_argument("--port", type=int, default=9101)
+    parser.add_argument("--link", choices=("current", "candidate"), default="current",
+                        help="serve ENV_DIR/current (the live release, default) or "
+                             "ENV_DIR/candidate (a canary's)")
     parser.add_argument("--window", type=int, default=300,
                         help="feedback items in the error-ratio window (default 300)")
     parser.add_argument("--min-feedback", type=int, default=100,
@@ -529,7 +537,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s serve: %(message)s", stream=sys.stderr)
     server = ModelServer(args.env_dir, args.port, args.window, args.min_feedback, args.poll,
-                         args.fault, args.drift_window, args.drift_min_rows)
+                         args.fault, args.drift_window, args.drift_min_rows, args.link)
     if args.fault:
         LOG.warning("!!! DEMO FAULT '%s' requested for this server: every model it serves "
                     "will answer wrongly on purpose", args.fault)

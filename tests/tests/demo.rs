@@ -1,7 +1,9 @@
 //! `kiln demo` end to end: the customer-behavior example trained, tested
 //! and evaluated in Docker on the real Caravan data, accepted live in
 //! staging and released to production; an openly injected serving fault
-//! stopped in staging by the live answers; an upstream data fault in
+//! stopped in staging by the live answers; the next release rolled out to
+//! production as a canary through the example's router, step by step with
+//! the coordinator's analysis, to 100%; an upstream data fault in
 //! production rolled back by the coordinator's monitor, the restored
 //! release watched, and production frozen with an alert blaming the data.
 //!
@@ -51,6 +53,34 @@ async fn the_demo_promotes_a_model_and_rolls_back_a_degraded_one() -> Result<()>
         "{all}"
     );
     assert!(all.contains("live_accuracy"), "{all}");
+    // The canary act, as the coordinator recorded it while it ran: the
+    // first step's weight, its analysis rounds with the router's values,
+    // and the decision. (The demo exits 0 only if it was promoted.)
+    assert!(
+        all.contains("canary step 1 of 3: release")
+            && all.contains("takes 25% of production's traffic"),
+        "{all}"
+    );
+    assert!(
+        all.contains("analysis at 25%: router_error_ratio=")
+            && all.contains("analysis at 50%: router_error_ratio="),
+        "{all}"
+    );
+    assert!(all.contains("canary decision: promoted to 100%"), "{all}");
+    // The production history, read back from the coordinator, keeps the
+    // rollout on the release it promoted (later rolled back by the monitor).
+    let canaried = all
+        .lines()
+        .find(|line| line.contains(" canary 25%->50%->100% promoted after "))
+        .unwrap_or_else(|| panic!("no promoted canary in the history: {all}"));
+    assert!(canaried.contains("rolled back"), "{canaried}");
+    let rounds: u32 = canaried
+        .split(" promoted after ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no round count in {canaried}"));
+    assert!(rounds >= 2, "analysed at 25% and at 50%: {canaried}");
     assert!(
         all.contains("was rolled back: 3 consecutive breaches"),
         "{all}"

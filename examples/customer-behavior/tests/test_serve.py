@@ -27,12 +27,13 @@ DEPLOY = ROOT / "deploy.sh"
 
 
 def deploy(project: Path, serve_root: Path, env: str = "staging",
-           model_dir: str = "build/model") -> subprocess.CompletedProcess[str]:
+           model_dir: str = "build/model",
+           extra_env: Optional[dict[str, str]] = None) -> subprocess.CompletedProcess[str]:
     """Run deploy.sh the way the pipeline does (cwd = the project)."""
     return subprocess.run(
         ["sh", str(DEPLOY), env, model_dir], cwd=project, capture_output=True, text=True,
-        env={"PATH": os.environ["PATH"], "KILN_SERVE_ROOT": str(serve_root)}, timeout=30,
-        check=False,
+        env={"PATH": os.environ["PATH"], "KILN_SERVE_ROOT": str(serve_root), **(extra_env or {})},
+        timeout=30, check=False,
     )
 
 
@@ -62,8 +63,9 @@ class Client:
         return float(match.group(1))
 
 
-def start(env_dir: Path, fault: Optional[str] = None) -> serve.ModelServer:
-    server = serve.ModelServer(env_dir, 0, window=20, min_feedback=5, poll=0.05, fault=fault)
+def start(env_dir: Path, fault: Optional[str] = None, link: str = "current") -> serve.ModelServer:
+    server = serve.ModelServer(env_dir, 0, window=20, min_feedback=5, poll=0.05, fault=fault,
+                               link=link)
     server.start_watching()
     threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
                      daemon=True).start()

@@ -122,13 +122,13 @@ struct Shown {
 }
 
 impl Shown {
-    /// The lines not printed yet: a step when it starts, each recorded
-    /// analysis round, and the decision.
+    /// The lines not printed yet: a step when it starts (or when its
+    /// first round is seen), each recorded analysis round, and the
+    /// decision.
     fn news(&mut self, rollout: &pb::Rollout) -> Vec<String> {
         let mut lines = Vec::new();
-        let n_steps = rollout.steps.len();
-        // Rounds first: those of a step are recorded before the next starts.
         for round in rollout.rounds.iter().skip(self.rounds) {
+            self.announce(rollout, round.step, &mut lines);
             let weight = rollout.steps.get(round.step as usize).copied().unwrap_or(0);
             lines.push(format!(
                 "      analysis at {weight}%: {}",
@@ -136,33 +136,52 @@ impl Shown {
             ));
         }
         self.rounds = rollout.rounds.len();
-        let step = rollout.step + 1;
-        if rollout.outcome.is_empty() && rollout.phase != "restoring" && step > self.step {
-            self.step = step;
-            let rest = 100u32.saturating_sub(rollout.weight);
-            let previous = if rest > 0 {
-                format!(", release {} the other {rest}%", rollout.previous)
-            } else {
-                format!("; release {} leaves", rollout.previous)
-            };
-            lines.push(format!(
-                "canary step {step} of {n_steps}: release {} takes {}% of production's traffic{previous}",
-                rollout.candidate, rollout.weight
-            ));
+        if rollout.outcome.is_empty() && rollout.phase != "restoring" {
+            self.announce(rollout, rollout.step, &mut lines);
         }
         match rollout.outcome.as_str() {
             "" => {}
-            "promoted" => lines.push(format!(
-                "canary decision: promoted to 100%: release {} is live after {} analysis rounds without a breach",
-                rollout.candidate,
-                rollout.rounds.len()
-            )),
+            "promoted" => {
+                let breached = rollout.rounds.iter().filter(|r| r.breached).count();
+                let breaches = match breached {
+                    0 => "none breached".to_owned(),
+                    n => format!("{n} breached, never enough in a row to abort"),
+                };
+                lines.push(format!(
+                    "canary decision: promoted to 100%: release {} is live after {} analysis rounds, {breaches}",
+                    rollout.candidate,
+                    rollout.rounds.len()
+                ));
+            }
             outcome => lines.push(format!(
                 "canary decision: {outcome}: {}; release {} serves all of production's traffic again",
                 rollout.reason, rollout.previous
             )),
         }
         lines
+    }
+}
+
+impl Shown {
+    /// Says step `step` (0-based) started, unless it was said.
+    fn announce(&mut self, rollout: &pb::Rollout, step: u32, lines: &mut Vec<String>) {
+        if step < self.step {
+            return;
+        }
+        self.step = step + 1;
+        let weight = rollout.steps.get(step as usize).copied().unwrap_or(0);
+        let rest = 100u32.saturating_sub(weight);
+        let previous = if rest > 0 {
+            format!(", release {} the other {rest}%", rollout.previous)
+        } else {
+            format!("; release {} leaves", rollout.previous)
+        };
+        lines.push(format!(
+            "canary step {} of {}: release {} takes {weight}% of production's traffic{previous}",
+            step + 1,
+            rollout.steps.len(),
+            rollout.candidate
+        ));
     }
 }
 
@@ -258,8 +277,9 @@ mod tests {
         assert_eq!(
             promoted,
             [
+                "canary step 2 of 3: release 3 takes 50% of production's traffic, release 1 the other 50%",
                 "      analysis at 50%: router_error_ratio=0.0000 -> ok",
-                "canary decision: promoted to 100%: release 3 is live after 2 analysis rounds without a breach",
+                "canary decision: promoted to 100%: release 3 is live after 2 analysis rounds, none breached",
             ]
         );
     }
@@ -268,10 +288,11 @@ mod tests {
     fn an_abort_says_why_and_who_serves() {
         let mut shown = Shown::default();
         let lines = shown.news(&rollout(0, &[(0, 1.0, true), (0, 1.0, true)], "aborted"));
-        assert_eq!(lines.len(), 3, "{lines:?}");
-        assert!(lines[1].ends_with("router_error_ratio=1.0000 -> BREACH"));
+        assert_eq!(lines.len(), 4, "{lines:?}");
+        assert!(lines[0].starts_with("canary step 1 of 3: release 3 takes 25%"));
+        assert!(lines[2].ends_with("router_error_ratio=1.0000 -> BREACH"));
         assert_eq!(
-            lines[2],
+            lines[3],
             "canary decision: aborted: analysis breached: router_error_ratio=1 > 0.05; release 1 serves all of production's traffic again"
         );
     }

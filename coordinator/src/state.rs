@@ -37,6 +37,7 @@ impl RunState {
 ///    │          │  ▲        │           │
 ///    │          │  └────────┴───────────┘  re-queued as a new attempt
 ///    │          ├──▶ awaiting_approval ──▶ succeeded | failed | cancelled   (gates)
+/// assigned | running ──▶ rolling_out ──▶ succeeded | failed | cancelled     (`strategy:`)
 ///    └──────────┴──▶ skipped | cancelled | failed | succeeded               (no agent)
 /// failed | timed_out | cancelled ──▶ ready        (retry)
 /// skipped | cancelled ──▶ pending                 (a need is retried)
@@ -55,6 +56,11 @@ pub(crate) enum StageState {
     Skipped,
     /// A manual gate that passed its checks and waits for `kiln approve`.
     AwaitingApproval,
+    /// An environment stage with a `strategy:` whose command deployed the
+    /// first step: the stage (and so its dependents and the run) waits for
+    /// the rollout to end. Promoted: it succeeds; aborted: it fails with
+    /// the abort's reason. No agent holds it.
+    RollingOut,
 }
 
 impl StageState {
@@ -84,6 +90,8 @@ impl StageState {
             (Running, Ready) => true,
             (Assigned | Running, Succeeded | Failed | TimedOut | Cancelled) => true,
             (AwaitingApproval, Succeeded | Failed | Cancelled) => true,
+            (Assigned | Running, RollingOut) => true,
+            (RollingOut, Succeeded | Failed | Cancelled) => true,
             (Failed | TimedOut | Cancelled, Ready) => true,
             (Skipped | Cancelled, Pending) => true,
             _ => false,
@@ -103,6 +111,7 @@ impl StageState {
             Self::Cancelled => "cancelled",
             Self::Skipped => "skipped",
             Self::AwaitingApproval => "awaiting_approval",
+            Self::RollingOut => "rolling_out",
         }
     }
 }
@@ -111,7 +120,7 @@ impl StageState {
 mod tests {
     use super::StageState::{self, *};
 
-    const ALL: [StageState; 10] = [
+    const ALL: [StageState; 11] = [
         Pending,
         Ready,
         Assigned,
@@ -122,6 +131,7 @@ mod tests {
         Cancelled,
         Skipped,
         AwaitingApproval,
+        RollingOut,
     ];
 
     #[test]
@@ -148,7 +158,7 @@ mod tests {
 
     #[test]
     fn a_stage_not_on_an_agent_cannot_time_out_or_start() {
-        for from in [Pending, Ready, AwaitingApproval, Skipped] {
+        for from in [Pending, Ready, AwaitingApproval, Skipped, RollingOut] {
             assert!(!from.can_become(TimedOut), "{from:?}");
             assert!(!from.can_become(Running), "{from:?}");
         }

@@ -299,6 +299,12 @@ async fn a_canary_of_a_good_model_goes_through_three_steps() -> Result<()> {
         text.contains("rolling_out") && text.contains("rolling out release"),
         "`kiln status` shows the stage waiting for the rollout: {text}"
     );
+    let run_page = page(&farm, &format!("/runs/{run}")).await?;
+    assert!(
+        run_page.contains(r#"<span class="badge rolling_out">rolling_out</span>"#)
+            && run_page.contains(&format!("rolling out release {candidate} to")),
+        "the dashboard shows the stage waiting for the rollout: {run_page}"
+    );
 
     let rollout = ended(&farm, candidate, Duration::from_secs(60)).await?;
     assert_eq!(rollout.outcome, "promoted", "{rollout:#?}");
@@ -369,6 +375,10 @@ async fn a_canary_of_a_good_model_goes_through_three_steps() -> Result<()> {
             ))
             && !run_page.contains("back from release"),
         "the run page says it is a rollout step, not a rollback: {run_page}"
+    );
+    assert!(
+        run_page.contains(r#"<dd id="trigger">rollout "#),
+        "{run_page}"
     );
     assert_eq!(rollout.steps, [10, 50, 100]);
     assert_eq!(rollout.previous, first);

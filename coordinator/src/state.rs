@@ -73,6 +73,12 @@ impl StageState {
         )
     }
 
+    /// Its attempt is over: no agent works on it and its log is complete
+    /// (finished, or `rolling_out`, which waits for the coordinator only).
+    pub(crate) fn attempt_over(self) -> bool {
+        self.is_finished() || self == Self::RollingOut
+    }
+
     /// On an agent: assigned or running.
     pub(crate) fn is_held(self) -> bool {
         matches!(self, Self::Assigned | Self::Running)
@@ -163,6 +169,23 @@ mod tests {
             assert!(!from.can_become(Running), "{from:?}");
         }
         assert!(!Pending.can_become(Assigned), "pending skips ready");
+    }
+
+    #[test]
+    fn a_rolling_out_stage_waits_for_the_coordinator_alone() {
+        assert!(!RollingOut.is_finished(), "its run does not finish");
+        assert!(!RollingOut.is_held(), "no agent holds it");
+        assert!(RollingOut.attempt_over(), "its agent is done");
+        let leaves: Vec<StageState> = ALL
+            .into_iter()
+            .filter(|&to| RollingOut.can_become(to))
+            .collect();
+        assert_eq!(leaves, [Succeeded, Failed, Cancelled]);
+        let enters: Vec<StageState> = ALL
+            .into_iter()
+            .filter(|from| from.can_become(RollingOut))
+            .collect();
+        assert_eq!(enters, [Assigned, Running], "only a deploy that ran");
     }
 
     #[test]

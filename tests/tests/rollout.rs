@@ -545,7 +545,7 @@ async fn kiln_rollout_promote_and_abort_move_a_paused_rollout() -> Result<()> {
     let (next, other) = (backend(200, "1").await?, backend(200, "1").await?);
     let (farm, router, repo, first) = live_first(&slow, &stable).await?;
 
-    let candidate = ship_candidate(&farm, &repo, &next).await?;
+    let (run, candidate) = start_candidate(&farm, &repo, &next).await?;
     let shown = farm
         .coordinator
         .kiln(&["rollout", "status", "shop/production"]);
@@ -560,8 +560,11 @@ async fn kiln_rollout_promote_and_abort_move_a_paused_rollout() -> Result<()> {
     assert!(
         page.contains("Rollout in progress")
             && page.contains("1 of 3 at 10% ([10%] → 50% → 100%)")
-            && page.contains("analysing until"),
-        "the environment page shows the rollout: {page}"
+            && page.contains("analysing until")
+            && page.contains(&format!(
+                r#"<a href="/runs/{run}">run {run}</a> waits for it"#
+            )),
+        "the environment page shows the rollout and the run that waits: {page}"
     );
     let promoted = farm.coordinator.kiln(&["rollout", "promote", "production"]);
     assert_eq!(promoted.status.code(), Some(0), "{promoted:?}");

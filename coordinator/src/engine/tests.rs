@@ -1134,3 +1134,56 @@ fn a_rolling_out_stage_holds_its_run_through_a_repeated_completion_and_a_restart
     h.finish(&agent, after[0], pb::Outcome::Succeeded);
     assert_eq!(h.run(second).state, pb::RunState::Succeeded as i32);
 }
+
+#[test]
+fn a_run_past_its_timeout_during_its_rollout_aborts_the_rollout() {
+    let mut h = Harness::new();
+    let mut agent = h.connect("one", 1, 1, vec![]);
+    // The run's 30s pass during the rollout's 1m pause.
+    let timed = CANARY_THEN_AFTER.replace("pipeline: w\n", "pipeline: w\ntimeout: 30s\n");
+    let first = h.start_run(&timed);
+    for _ in 0..2 {
+        let stage = agent.assignments()[0];
+        h.finish(&agent, stage, pb::Outcome::Succeeded);
+    }
+    assert_eq!(h.run(first).state, pb::RunState::Succeeded as i32);
+    let second = h.start_run(&timed);
+    let deploy = agent.assignments()[0];
+    h.finish(&agent, deploy, pb::Outcome::Succeeded);
+    assert_eq!(
+        h.stage(second, "deploy").state,
+        pb::StageState::RollingOut as i32
+    );
+
+    h.clock.advance(31_000);
+    h.send(&agent, Msg::Heartbeat(pb::Heartbeat { running: 0 }));
+    h.engine.tick();
+    h.commit();
+    assert_eq!(h.run(second).state, pb::RunState::Failed as i32);
+    let stage = h.stage(second, "deploy");
+    assert_eq!(stage.state, pb::StageState::Cancelled as i32);
+    assert!(
+        stage.message.contains("the run's timeout of 30s passed")
+            && stage.message.contains("its rollout is aborted"),
+        "{}",
+        stage.message
+    );
+    assert_eq!(
+        h.stage(second, "after").state,
+        pb::StageState::Cancelled as i32
+    );
+    // Release 1 is deployed again at 100%.
+    let restore = agent.assignments();
+    assert_eq!(restore.len(), 1, "the restore's run");
+    h.finish(&agent, restore[0], pb::Outcome::Succeeded);
+    assert_eq!(
+        h.engine.delivery.live(&EnvKey::of_pipeline("w", "prod")),
+        Some(1)
+    );
+    let aborted = h.engine.delivery.release(2).unwrap();
+    assert_eq!(aborted.state, crate::store::ReleaseState::Aborted);
+    assert_eq!(
+        aborted.reason.as_deref(),
+        Some("run 2 that made release 2 was stopped (the run's timeout of 30s passed)")
+    );
+}

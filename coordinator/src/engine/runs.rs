@@ -1096,7 +1096,8 @@ impl Engine {
             pipeline_version: target.pipeline_version,
             commit: target.commit.clone(),
             rev: match &plan.rollout {
-                Some(_) => plan.describe(),
+                Some(step) if step.restore => format!("restore release {} at 100%", target.id),
+                Some(step) => format!("rollout of release {} at {}%", target.id, step.weight),
                 None => format!("rollback to release {}", target.id),
             },
             state: RunState::Queued,

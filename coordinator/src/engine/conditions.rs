@@ -91,7 +91,7 @@ impl Engine {
                 idx: idx as u32,
             };
             tracing::info!(stage = %key, %reason, "stage skipped by its condition");
-            if self.skip_because(key, reason) {
+            if self.skip_settled(key, reason) {
                 let name = spec.parsed.stages[idx].name.clone();
                 self.skip_dependents_of_skipped(key, &spec, &name);
             }
@@ -360,7 +360,7 @@ impl Engine {
                     short(&check.commit)
                 );
                 tracing::warn!(stage = %key, %reason, "stage skipped");
-                if self.skip_because(key, reason) {
+                if self.skip_settled(key, reason) {
                     let Some(spec) = self.runs.get(&key.run).map(|run| run.spec.clone()) else {
                         return;
                     };

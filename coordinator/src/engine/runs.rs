@@ -147,6 +147,7 @@ impl StageRecord {
             metrics: BTreeMap::new(),
             gate: None,
             gpus: Vec::new(),
+            settled: false,
         }
     }
 }
@@ -548,9 +549,21 @@ impl Engine {
         true
     }
 
+    /// Skips a waiting stage for good ([`StageRecord::settled`]): by its
+    /// condition, the deploy guard, or a stage it needs skipped so.
+    pub(super) fn skip_settled(&mut self, key: StageKey, reason: String) -> bool {
+        if !self.skip_because(key, reason) {
+            return false;
+        }
+        if let Some(stage) = self.stage_mut(key) {
+            stage.settled = true;
+        }
+        true
+    }
+
     /// Skips what waits on `key`, a stage that was itself skipped (by its
     /// condition or the deploy guard): a stage that needs a skipped stage
-    /// is skipped too.
+    /// is skipped too, for good.
     pub(super) fn skip_dependents_of_skipped(
         &mut self,
         key: StageKey,
@@ -566,7 +579,7 @@ impl Engine {
             let waiting = self.stage(dependent).is_some_and(|stage| {
                 matches!(stage.state, StageState::Pending | StageState::Ready)
             });
-            if waiting && self.skip_because(dependent, format!("needs `{name}`, which was skipped"))
+            if waiting && self.skip_settled(dependent, format!("needs `{name}`, which was skipped"))
             {
                 todo.extend(spec.dependents[idx].iter().copied());
             }
@@ -922,16 +935,17 @@ impl Engine {
                 gone.artifact.path, gone.stage, gone.artifact.digest
             )));
         }
-        // Dependents that were skipped or cancelled because of it wait again.
+        // Dependents that were skipped or cancelled because of it wait
+        // again; those skipped for good (their condition) stay skipped.
         let mut todo = spec.dependents[idx].clone();
         while let Some(dependent) = todo.pop() {
             let dependent_key = StageKey {
                 run,
                 idx: dependent as u32,
             };
-            let waits_for_it = self
-                .stage(dependent_key)
-                .is_some_and(|s| matches!(s.state, StageState::Skipped | StageState::Cancelled));
+            let waits_for_it = self.stage(dependent_key).is_some_and(|s| {
+                matches!(s.state, StageState::Skipped | StageState::Cancelled) && !s.settled
+            });
             if waits_for_it && self.new_attempt(dependent_key, StageState::Pending, false, true, "")
             {
                 todo.extend(spec.dependents[dependent].iter().copied());

@@ -664,6 +664,49 @@ fn retrying_one_of_two_failed_needs_still_lets_the_run_finish() {
 }
 
 #[test]
+fn a_retry_upstream_leaves_stages_skipped_by_their_condition_skipped() {
+    let mut h = Harness::new();
+    // `publish` never runs on this run (no branch is "release"), nor does
+    // `announce` after it; `report` was skipped only because `a` failed.
+    let run = h.start_run(
+        "pipeline: p\nstages:\n  a: { commands: [x] }\n  publish: { needs: [a], if: 'branch == \"release\"', commands: [y] }\n  announce: { needs: [publish], commands: [z] }\n  report: { needs: [a], commands: [w] }\n",
+    );
+    assert_eq!(
+        h.stage(run, "publish").state,
+        pb::StageState::Skipped as i32
+    );
+    let mut agents = [h.connect("one", 1, 2, vec![])];
+    let first = assignments(&mut agents);
+    assert_eq!(first.len(), 1);
+    h.finish(&agents[0], first[0].1, pb::Outcome::Failed);
+    assert_eq!(h.stage(run, "report").state, pb::StageState::Skipped as i32);
+    assert_eq!(h.run(run).state, pb::RunState::Failed as i32);
+
+    h.ask(|reply| Event::RetryStage {
+        stored: None,
+        run,
+        stage: "a".into(),
+        reply,
+    })
+    .unwrap();
+    let again = assignments(&mut agents);
+    h.finish(&agents[0], again[0].1, pb::Outcome::Succeeded);
+    let after = assignments(&mut agents);
+    assert_eq!(after.len(), 1, "only report runs after the retried a");
+    h.finish(&agents[0], after[0].1, pb::Outcome::Succeeded);
+    for name in ["publish", "announce"] {
+        let stage = h.stage(run, name);
+        assert_eq!(stage.state, pb::StageState::Skipped as i32, "{name}");
+    }
+    assert!(
+        h.stage(run, "publish").message.contains("is false"),
+        "{}",
+        h.stage(run, "publish").message
+    );
+    assert_eq!(h.run(run).state, pb::RunState::Succeeded as i32);
+}
+
+#[test]
 fn gates_are_decided_even_when_no_agent_has_a_free_slot() {
     let mut h = Harness::new();
     let run = h.start_run(

@@ -349,6 +349,12 @@ pub(crate) struct StageRecord {
     /// restarted coordinator reserves the same ones again.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub(crate) gpus: Vec<u32>,
+    /// Skipped for a reason a retry does not undo: its own `if:` or
+    /// `changes:` was false, the outdated-deploy guard skipped it, or a
+    /// stage it needs was skipped so. Retrying a failed stage upstream
+    /// reopens the stages its failure skipped, never these.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub(crate) settled: bool,
 }
 
 /// What a gate decided, with every check's inputs.

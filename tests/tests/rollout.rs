@@ -208,12 +208,24 @@ async fn start_candidate(farm: &Farm, repo: &Repo, model: &str) -> Result<(u64, 
     assert_eq!(register.status.code(), Some(0), "{register:?}");
     let started = farm.coordinator.kiln(&["run", "shop"]);
     let run: u64 = String::from_utf8(started.stdout)?.trim().parse()?;
+    // The release is read from the store, the run from what readers see
+    // once that is durable: wait for both.
     let candidate = eventually(
         Duration::from_secs(60),
         "the candidate release",
         || async move {
             let releases = history(farm, "shop/production").await?;
-            Ok(releases.iter().find(|r| r.run_id == run).map(|r| r.id))
+            let deployed = !matches!(
+                state(stage(&run_of(farm, run).await?, "deploy")),
+                pb::StageState::Pending
+                    | pb::StageState::Ready
+                    | pb::StageState::Assigned
+                    | pb::StageState::Running
+            );
+            Ok(releases
+                .iter()
+                .find(|r| r.run_id == run && deployed)
+                .map(|r| r.id))
         },
     )
     .await?;
@@ -801,9 +813,16 @@ async fn promoting_a_version_into_a_canary_environment_goes_through_its_steps() 
         let farm = &farm;
         async move {
             let releases = history(farm, "shop/production").await?;
+            let deployed = !matches!(
+                state(stage(&run_of(farm, promote_run).await?, "deploy")),
+                pb::StageState::Pending
+                    | pb::StageState::Ready
+                    | pb::StageState::Assigned
+                    | pb::StageState::Running
+            );
             Ok(releases
                 .iter()
-                .find(|r| r.run_id == promote_run)
+                .find(|r| r.run_id == promote_run && deployed)
                 .map(|r| r.id))
         }
     })

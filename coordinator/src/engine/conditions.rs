@@ -160,7 +160,8 @@ impl Engine {
     }
 
     /// Cancels `run` for the newer `by` of the same group; an environment
-    /// stage an agent holds goes on to its end, and nothing starts after.
+    /// stage an agent holds (or one rolling out) goes on to its end, and
+    /// nothing starts after.
     fn supersede(&mut self, run: RunId, by: RunId, group: &str) {
         let Some(active) = self.runs.get_mut(&run) else {
             return;
@@ -177,8 +178,10 @@ impl Engine {
             if stage.state.is_finished() {
                 continue;
             }
-            let deploying =
-                stage.state.is_held() && spec.parsed.stages[key.idx as usize].environment.is_some();
+            // A rollout the stage started goes on too: the run ends with it.
+            let deploying = (stage.state.is_held()
+                && spec.parsed.stages[key.idx as usize].environment.is_some())
+                || stage.state == StageState::RollingOut;
             if deploying {
                 tracing::info!(stage = %key, "environment stage of a superseded run finishes first");
                 continue;

@@ -221,6 +221,17 @@ pub(crate) fn run_header(run: &RunView, now_ms: u64) -> String {
             .join(" ")
     };
     let mut inputs = String::new();
+    if let Some(plan) = &run.rollback {
+        let what = if plan.summary.is_empty() {
+            format!(
+                "roll back {}/{} from release {} to release {}: {}",
+                plan.pipeline, plan.environment, plan.from_release, plan.to_release, plan.reason
+            )
+        } else {
+            plan.summary.clone()
+        };
+        inputs.push_str(&format!("deploys    {what}\n"));
+    }
     if !run.variables.is_empty() {
         inputs.push_str(&format!("event      {}\n", pairs(&run.variables)));
     }

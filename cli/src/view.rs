@@ -43,15 +43,20 @@ pub(crate) enum StageState {
     Skipped,
     /// A manual gate that passed its checks, waiting for `kiln approve`.
     AwaitingApproval,
+    /// An environment stage whose rollout (`strategy:`) is under way; the
+    /// stages after it wait for its end.
+    RollingOut,
 }
 
 /// A run (`kiln status`, `kiln runs`, `kiln run`, `cancel`, `retry`).
 ///
 /// JSON: `{id, pipeline, pipeline_version, pipeline_digest, params,
 /// variables, commit, rev, state, triggered_by, created_ms, finished_ms,
-/// stages: [StageView], rollback}`; `rollback` is
-/// `{pipeline, environment, from_release, to_release, reason}` for a run
-/// that puts a release back, else `null`.
+/// stages: [StageView], rollback}`; `rollback` is `{pipeline,
+/// environment, from_release, to_release, reason, kind, step, steps,
+/// weight, model, summary}` for a run the coordinator started to deploy a
+/// release (`kind`: `rollback`, `rollout_step`, `rollout_restore`), else
+/// `null`.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub(crate) struct RunView {
     pub(crate) id: u64,
@@ -80,7 +85,9 @@ pub(crate) struct RunView {
     pub(crate) rollback: Option<RollbackView>,
 }
 
-/// What a rollback run restores, in which environment of which pipeline.
+/// What a run the coordinator started deploys, in which environment of
+/// which pipeline: a rollback, one step of a rollout, or the restore
+/// after an aborted rollout (`kind`).
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub(crate) struct RollbackView {
     pub(crate) pipeline: String,
@@ -88,6 +95,17 @@ pub(crate) struct RollbackView {
     pub(crate) from_release: u64,
     pub(crate) to_release: u64,
     pub(crate) reason: String,
+    /// `rollback`, `rollout_step` or `rollout_restore`.
+    pub(crate) kind: String,
+    /// A rollout step's number (1-based) of `steps` and its traffic
+    /// percent; `null` for a rollback.
+    pub(crate) step: Option<u32>,
+    pub(crate) steps: Option<u32>,
+    pub(crate) weight: Option<u32>,
+    /// "caravan@4", when the release is a model version.
+    pub(crate) model: Option<String>,
+    /// The coordinator's one line: "rollout step 2/3 of caravan@4 …".
+    pub(crate) summary: String,
 }
 
 /// One stage of a run.
@@ -318,6 +336,7 @@ impl StageState {
             StageState::Cancelled => "cancelled",
             StageState::Skipped => "skipped",
             StageState::AwaitingApproval => "awaiting_approval",
+            StageState::RollingOut => "rolling_out",
         }
     }
 }
@@ -359,6 +378,7 @@ impl From<pb::StageState> for StageState {
             pb::StageState::Cancelled => StageState::Cancelled,
             pb::StageState::Skipped => StageState::Skipped,
             pb::StageState::AwaitingApproval => StageState::AwaitingApproval,
+            pb::StageState::RollingOut => StageState::RollingOut,
         }
     }
 }
@@ -379,13 +399,31 @@ impl From<pb::Run> for RunView {
             created_ms: when(run.created_ms),
             finished_ms: when(run.finished_ms),
             stages: run.stages.into_iter().map(StageView::from).collect(),
-            rollback: run.rollback.map(|plan| RollbackView {
-                pipeline: plan.pipeline,
-                environment: plan.environment,
-                from_release: plan.from_release,
-                to_release: plan.to_release,
-                reason: plan.reason,
-            }),
+            rollback: run.rollback.map(RollbackView::from),
+        }
+    }
+}
+
+impl From<pb::RollbackPlan> for RollbackView {
+    fn from(plan: pb::RollbackPlan) -> Self {
+        // A coordinator from before `kind` was sent made only rollbacks.
+        let rollout = plan.kind.starts_with("rollout");
+        RollbackView {
+            pipeline: plan.pipeline,
+            environment: plan.environment,
+            from_release: plan.from_release,
+            to_release: plan.to_release,
+            reason: plan.reason,
+            kind: if rollout {
+                plan.kind
+            } else {
+                "rollback".into()
+            },
+            step: rollout.then_some(plan.step),
+            steps: (rollout && plan.steps > 0).then_some(plan.steps),
+            weight: rollout.then_some(plan.weight),
+            model: (!plan.model.is_empty()).then_some(plan.model),
+            summary: plan.summary,
         }
     }
 }

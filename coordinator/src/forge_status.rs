@@ -9,8 +9,11 @@
 //! the queue from the store, posts each report with backon's exponential
 //! backoff, and removes it through the commit thread only if it is still
 //! the one it posted. A report survives a restart; one whose forge keeps
-//! failing is retried at the next round, each round at most once a
-//! [`ROUND_RETRY`].
+//! failing is tried again in later rounds, [`ROUND_RETRY`] after the first
+//! failed round and twice as long after each further one, up to
+//! [`MAX_ROUND_RETRY`]. `kiln_commit_status_rounds_total{forge,outcome}`
+//! counts the rounds and `kiln_commit_status_queued` the waiting reports,
+//! so a forge that keeps refusing shows on `/metrics`.
 //!
 //! The token comes from Kiln's secret store (`--status-token-secret`), is
 //! opened on the blocking pool for each round and never logged.
@@ -24,14 +27,17 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::commit;
+use crate::metrics::Metrics;
 use crate::secrets::Secrets;
 use crate::store::{Batch, Op, RunRecord, RunState, Store};
 
 /// How often the queue is looked at.
 const POLL: Duration = Duration::from_millis(500);
 /// A report that failed every attempt of a round waits this long before
-/// its next round.
+/// its next round, doubled after each further failed round...
 const ROUND_RETRY: Duration = Duration::from_secs(10);
+/// ...up to this.
+const MAX_ROUND_RETRY: Duration = Duration::from_secs(600);
 /// Attempts per report per round.
 const ATTEMPTS: usize = 5;
 /// One request's limit.
@@ -53,6 +59,15 @@ impl Forge {
             "github" => Some(Self::Github),
             "gitlab" => Some(Self::Gitlab),
             _ => None,
+        }
+    }
+
+    /// The label value in metrics.
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Self::Gitea => "gitea",
+            Self::Github => "github",
+            Self::Gitlab => "gitlab",
         }
     }
 }
@@ -250,13 +265,21 @@ pub(crate) struct Reporter {
     /// The dashboard's root (`http://127.0.0.1:7701`); a run's link is
     /// `{dashboard}/runs/{id}`.
     pub(crate) dashboard: String,
+    pub(crate) metrics: Arc<Metrics>,
+}
+
+/// How long a report waits after `failed` rounds in a row failed.
+fn round_delay(failed: u32) -> Duration {
+    let doubled = ROUND_RETRY.saturating_mul(1 << failed.saturating_sub(1).min(16));
+    doubled.min(MAX_ROUND_RETRY)
 }
 
 /// Posts queued reports until `stop`.
 pub(crate) async fn run_reporter(reporter: Reporter, mut stop: watch::Receiver<bool>) {
     let reporter = Arc::new(reporter);
-    // A report whose round failed, and when it may be tried again.
-    let mut wait_until: HashMap<String, tokio::time::Instant> = HashMap::new();
+    // A report whose last round failed: how many rounds in a row failed,
+    // and when it may be tried again.
+    let mut failing: HashMap<String, (u32, tokio::time::Instant)> = HashMap::new();
     loop {
         tokio::select! {
             _ = stop.changed() => return,
@@ -271,19 +294,24 @@ pub(crate) async fn run_reporter(reporter: Reporter, mut stop: watch::Receiver<b
             }
             Err(_) => continue,
         };
+        reporter.metrics.set_commit_statuses_queued(queued.len());
+        let keys: std::collections::HashSet<String> = queued.iter().map(|r| r.key()).collect();
+        failing.retain(|key, _| keys.contains(key));
         let now = tokio::time::Instant::now();
-        wait_until.retain(|_, until| *until > now);
         for record in queued {
             let key = record.key();
-            if wait_until.contains_key(&key) {
+            if failing.get(&key).is_some_and(|(_, until)| *until > now) {
                 continue;
             }
             let sent = tokio::select! {
                 _ = stop.changed() => return,
                 sent = reporter.send(&record) => sent,
             };
+            let forge = record.target.forge.name();
+            reporter.metrics.commit_status_round(forge, sent.is_ok());
             match sent {
                 Ok(()) => {
+                    failing.remove(&key);
                     if let Err(error) = reporter
                         .writer
                         .write(Batch {
@@ -295,8 +323,10 @@ pub(crate) async fn run_reporter(reporter: Reporter, mut stop: watch::Receiver<b
                     }
                 }
                 Err(error) => {
-                    tracing::warn!(commit = %record.commit, context = %record.context, %error, "commit status not accepted; retried later");
-                    wait_until.insert(key, now + ROUND_RETRY);
+                    let rounds = failing.get(&key).map_or(1, |(rounds, _)| rounds + 1);
+                    let delay = round_delay(rounds);
+                    tracing::warn!(commit = %record.commit, context = %record.context, %error, rounds, retry_in = ?delay, "commit status not accepted; retried later");
+                    failing.insert(key, (rounds, now + delay));
                 }
             }
         }
@@ -371,6 +401,13 @@ mod tests {
             run: 7,
             state,
         }
+    }
+
+    #[test]
+    fn a_failing_report_waits_twice_as_long_each_round_up_to_ten_minutes() {
+        let waits: Vec<u64> = (1..=8).map(|n| round_delay(n).as_secs()).collect();
+        assert_eq!(waits, [10, 20, 40, 80, 160, 320, 600, 600]);
+        assert_eq!(round_delay(u32::MAX), MAX_ROUND_RETRY);
     }
 
     #[test]

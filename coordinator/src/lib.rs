@@ -288,6 +288,7 @@ pub async fn run(
                 secrets: secrets.clone(),
                 http: delivery::http_client(),
                 dashboard,
+                metrics: metrics.clone(),
             },
             stop_rx.clone(),
         ))

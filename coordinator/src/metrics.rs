@@ -71,6 +71,10 @@ pub(crate) struct Metrics {
     alerts: IntCounterVec,
     /// Alerts dropped because the alerter's queue was full or closed.
     alerts_dropped: IntCounter,
+    /// Commit status rounds (a report's attempts) by forge and outcome.
+    commit_statuses: IntCounterVec,
+    /// Reports queued and not yet accepted by their forge.
+    commit_statuses_queued: IntGauge,
     /// The last monitor sample of the live release of each environment.
     monitor_values: GaugeVec,
     /// The series `monitor_values` holds per environment (release, its
@@ -174,6 +178,16 @@ impl Default for Metrics {
         registry
             .register(Box::new(alerts_dropped.clone()))
             .expect("unique metric name");
+        let commit_statuses = counters(
+            "kiln_commit_status_rounds_total",
+            "Commit status reports sent to a forge (each round of up to 5 attempts), by forge and \
+             outcome; a failed round is tried again later.",
+            &["forge", "outcome"],
+        );
+        let commit_statuses_queued = gauge(
+            "kiln_commit_status_queued",
+            "Commit status reports waiting for their forge to accept them.",
+        );
         let monitor_values = GaugeVec::new(
             Opts::new(
                 "kiln_monitor_value",
@@ -225,6 +239,11 @@ impl Default for Metrics {
                 alerts.with_label_values(&[destination, outcome]);
             }
         }
+        for forge in ["gitea", "github", "gitlab"] {
+            for outcome in ["sent", "failed"] {
+                commit_statuses.with_label_values(&[forge, outcome]);
+            }
+        }
         Self {
             registry,
             active_runs,
@@ -241,6 +260,8 @@ impl Default for Metrics {
             monitor_breaches,
             alerts,
             alerts_dropped,
+            commit_statuses,
+            commit_statuses_queued,
             monitor_values,
             monitor_series: Mutex::default(),
         }
@@ -387,6 +408,19 @@ impl Metrics {
     /// An alert never reached the alerter (queue full or alerter stopped).
     pub(crate) fn alert_dropped(&self) {
         self.alerts_dropped.inc();
+    }
+
+    /// One round of a commit status report to `forge` ended.
+    pub(crate) fn commit_status_round(&self, forge: &str, sent: bool) {
+        let outcome = if sent { "sent" } else { "failed" };
+        self.commit_statuses
+            .with_label_values(&[forge, outcome])
+            .inc();
+    }
+
+    /// How many commit status reports wait for their forge.
+    pub(crate) fn set_commit_statuses_queued(&self, queued: usize) {
+        self.commit_statuses_queued.set(queued as i64);
     }
 
     /// The Prometheus text exposition (format 0.0.4) of everything above.

@@ -37,6 +37,7 @@ impl RunState {
 ///    │          │  ▲        │           │
 ///    │          │  └────────┴───────────┘  re-queued as a new attempt
 ///    │          ├──▶ awaiting_approval ──▶ succeeded | failed | cancelled   (gates)
+/// assigned | running ──▶ rolling_out ──▶ succeeded | failed | cancelled     (`strategy:`)
 ///    └──────────┴──▶ skipped | cancelled | failed | succeeded               (no agent)
 /// failed | timed_out | cancelled ──▶ ready        (retry)
 /// skipped | cancelled ──▶ pending                 (a need is retried)
@@ -55,6 +56,11 @@ pub(crate) enum StageState {
     Skipped,
     /// A manual gate that passed its checks and waits for `kiln approve`.
     AwaitingApproval,
+    /// An environment stage with a `strategy:` whose command deployed the
+    /// first step: the stage (and so its dependents and the run) waits for
+    /// the rollout to end. Promoted: it succeeds; aborted: it fails with
+    /// the abort's reason. No agent holds it.
+    RollingOut,
 }
 
 impl StageState {
@@ -65,6 +71,12 @@ impl StageState {
             self,
             Self::Succeeded | Self::Failed | Self::TimedOut | Self::Cancelled | Self::Skipped
         )
+    }
+
+    /// Its attempt is over: no agent works on it and its log is complete
+    /// (finished, or `rolling_out`, which waits for the coordinator only).
+    pub(crate) fn attempt_over(self) -> bool {
+        self.is_finished() || self == Self::RollingOut
     }
 
     /// On an agent: assigned or running.
@@ -84,6 +96,8 @@ impl StageState {
             (Running, Ready) => true,
             (Assigned | Running, Succeeded | Failed | TimedOut | Cancelled) => true,
             (AwaitingApproval, Succeeded | Failed | Cancelled) => true,
+            (Assigned | Running, RollingOut) => true,
+            (RollingOut, Succeeded | Failed | Cancelled) => true,
             (Failed | TimedOut | Cancelled, Ready) => true,
             (Skipped | Cancelled, Pending) => true,
             _ => false,
@@ -103,6 +117,7 @@ impl StageState {
             Self::Cancelled => "cancelled",
             Self::Skipped => "skipped",
             Self::AwaitingApproval => "awaiting_approval",
+            Self::RollingOut => "rolling_out",
         }
     }
 }
@@ -111,7 +126,7 @@ impl StageState {
 mod tests {
     use super::StageState::{self, *};
 
-    const ALL: [StageState; 10] = [
+    const ALL: [StageState; 11] = [
         Pending,
         Ready,
         Assigned,
@@ -122,6 +137,7 @@ mod tests {
         Cancelled,
         Skipped,
         AwaitingApproval,
+        RollingOut,
     ];
 
     #[test]
@@ -148,11 +164,28 @@ mod tests {
 
     #[test]
     fn a_stage_not_on_an_agent_cannot_time_out_or_start() {
-        for from in [Pending, Ready, AwaitingApproval, Skipped] {
+        for from in [Pending, Ready, AwaitingApproval, Skipped, RollingOut] {
             assert!(!from.can_become(TimedOut), "{from:?}");
             assert!(!from.can_become(Running), "{from:?}");
         }
         assert!(!Pending.can_become(Assigned), "pending skips ready");
+    }
+
+    #[test]
+    fn a_rolling_out_stage_waits_for_the_coordinator_alone() {
+        assert!(!RollingOut.is_finished(), "its run does not finish");
+        assert!(!RollingOut.is_held(), "no agent holds it");
+        assert!(RollingOut.attempt_over(), "its agent is done");
+        let leaves: Vec<StageState> = ALL
+            .into_iter()
+            .filter(|&to| RollingOut.can_become(to))
+            .collect();
+        assert_eq!(leaves, [Succeeded, Failed, Cancelled]);
+        let enters: Vec<StageState> = ALL
+            .into_iter()
+            .filter(|from| from.can_become(RollingOut))
+            .collect();
+        assert_eq!(enters, [Assigned, Running], "only a deploy that ran");
     }
 
     #[test]

@@ -34,6 +34,17 @@ pub(crate) fn run(record: &RunRecord, stages: &[StageRecord]) -> pb::Run {
             from_release: plan.from,
             to_release: plan.to,
             reason: plan.reason.clone(),
+            kind: plan.kind().to_owned(),
+            step: plan.rollout.as_ref().map_or(0, |step| step.step as u32 + 1),
+            steps: plan.rollout.as_ref().map_or(0, |step| step.steps as u32),
+            weight: plan.rollout.as_ref().map_or(0, |step| step.weight),
+            model: plan
+                .rollout
+                .as_ref()
+                .and_then(|step| step.model.as_ref())
+                .map(ToString::to_string)
+                .unwrap_or_default(),
+            summary: plan.describe(),
         }),
     }
 }
@@ -236,6 +247,7 @@ pub(crate) fn stage_state(state: StageState) -> pb::StageState {
         StageState::Cancelled => pb::StageState::Cancelled,
         StageState::Skipped => pb::StageState::Skipped,
         StageState::AwaitingApproval => pb::StageState::AwaitingApproval,
+        StageState::RollingOut => pb::StageState::RollingOut,
     }
 }
 

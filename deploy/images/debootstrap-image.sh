@@ -23,7 +23,17 @@
 #                          on, e.g. python3-pythran pulling in gcc and boost)
 #   --strip-python-tests   delete the test suites that Python packages ship
 #                          in dist-packages (numpy/tests, pandas/tests, ...)
+#   --host-ca              trust the build host's local CAs too (the *.crt in
+#                          /usr/local/share/ca-certificates): a proxy that
+#                          intercepts TLS on the way out (a company's, or a
+#                          sandbox's egress) is then trusted inside the image,
+#                          e.g. by pip; needs ca-certificates among PACKAGES
 #   --force                rebuild even if IMAGE:TAG exists
+#
+# The image is labelled with a digest of its recipe (this script, the
+# options, the packages and, with --host-ca, those certificates); an image
+# with another recipe's label is rebuilt, so a changed recipe reaches a
+# machine that built the old one.
 #
 # Environment: KILN_IMAGE_TMP, else TMPDIR, else /var/tmp is where the root
 # filesystem is assembled (the ML image needs about 400 MB there).
@@ -38,6 +48,7 @@ security_mirror=${KILN_DEBIAN_SECURITY_MIRROR-http://deb.debian.org/debian-secur
 changes=()
 stubs=()
 strip_python_tests=false
+host_ca=false
 force=false
 
 usage() {
@@ -52,6 +63,7 @@ while (($#)); do
     --change) changes+=("$2"); shift 2 ;;
     --stub) stubs+=("$2"); shift 2 ;;
     --strip-python-tests) strip_python_tests=true; shift ;;
+    --host-ca) host_ca=true; shift ;;
     --force) force=true; shift ;;
     -h | --help) usage; exit 0 ;;
     --) shift; break ;;
@@ -81,10 +93,25 @@ if command -v flock >/dev/null 2>&1; then
   exec 9>"/tmp/kiln-image-${image//[^A-Za-z0-9._-]/_}.lock"
   flock 9
 fi
+host_cas=()
+if $host_ca; then
+  shopt -s nullglob
+  host_cas=(/usr/local/share/ca-certificates/*.crt)
+  shopt -u nullglob
+fi
+recipe=$({
+  printf '%s\n' "$suite" "$mirror" "$strip_python_tests" "${packages[@]}" -- "${stubs[@]}" -- "${changes[@]}"
+  cat "$0"
+  ((${#host_cas[@]} == 0)) || cat "${host_cas[@]}"
+} | sha256sum | cut -c1-16)
 previous=$(docker image inspect --format '{{.Id}}' "$image" 2>/dev/null || true)
 if ! $force && [[ -n $previous ]]; then
-  step "already exists ($previous); nothing to do (--force rebuilds it)"
-  exit 0
+  built=$(docker image inspect --format '{{index .Config.Labels "io.kiln.recipe"}}' "$image")
+  if [[ $built == "$recipe" ]]; then
+    step "already exists ($previous); nothing to do (--force rebuilds it)"
+    exit 0
+  fi
+  step "exists with another recipe (${built:-none}, now $recipe): rebuilding"
 fi
 if ((EUID != 0)); then
   echo "error: building $image needs root (debootstrap and chroot); try: sudo $0 $image ${packages[*]}" >&2
@@ -199,6 +226,20 @@ if ((${#packages[@]})); then
   step "$(grep -c '^Setting up ' "$tmp/install.log" || true) packages set up"
 fi
 
+if ((${#host_cas[@]})); then
+  step "trusting the build host's ${#host_cas[@]} local CA certificates"
+  if [[ ! -x $rootfs/usr/sbin/update-ca-certificates ]]; then
+    echo "error: --host-ca needs the ca-certificates package among the image's packages" >&2
+    exit 1
+  fi
+  mkdir -p "$rootfs/usr/local/share/ca-certificates"
+  cp "${host_cas[@]}" "$rootfs/usr/local/share/ca-certificates/"
+  if ! in_root update-ca-certificates >"$tmp/ca.log" 2>&1; then
+    cat "$tmp/ca.log" >&2
+    exit 1
+  fi
+fi
+
 step "stripping caches, docs and logs"
 in_root apt-get clean
 umount "$rootfs/proc"
@@ -229,6 +270,7 @@ import_changes=(
   --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin'
   --change 'ENV LANG=C.UTF-8'
   --change "LABEL org.opencontainers.image.title=\"$image\""
+  --change "LABEL io.kiln.recipe=$recipe"
   --change "LABEL org.opencontainers.image.description=\"Debian $suite minbase + ${packages[*]:-nothing}, built offline by deploy/images/debootstrap-image.sh\""
 )
 for change in "${changes[@]}"; do

@@ -283,7 +283,11 @@ fn copy_tree(from: &Path, to: &Path) -> Result<()> {
     for entry in std::fs::read_dir(from)? {
         let entry = entry?;
         let name = entry.file_name();
-        if name == "build" || name == "__pycache__" || name == ".pytest_cache" || name == "kiln.yml"
+        if name == "build"
+            || name == "__pycache__"
+            || name == ".pytest_cache"
+            || name == ".venv"
+            || name == "kiln.yml"
         {
             continue;
         }

@@ -179,6 +179,17 @@ async fn run(farm: &Farm, pipeline: &str) -> Result<pb::Run> {
     wait_run(&mut client, run.id, LIMIT).await
 }
 
+/// The value of one sample of the coordinator's `/metrics`, as written
+/// (`name{labels}`), or `None` when it has no such sample.
+fn metric(farm: &Farm, sample: &str) -> Result<Option<f64>> {
+    let (status, text) = kiln_tests::prom::http_get(&farm.coordinator.http, "/metrics")?;
+    ensure!(status == 200, "/metrics answered {status}");
+    Ok(text.lines().find_map(|line| {
+        let value = line.strip_prefix(sample)?.strip_prefix(' ')?;
+        value.trim().parse().ok()
+    }))
+}
+
 fn pipeline(name: &str, command: &str) -> String {
     format!("pipeline: {name}\nstages:\n  only: {{ commands: [\"{command}\"] }}\n")
 }
@@ -326,6 +337,16 @@ async fn a_failing_forge_is_retried_and_a_queued_report_survives_a_restart() -> 
             .then_some(()))
     })
     .await?;
+    // /metrics shows the forge refusing and the report waiting.
+    eventually(LIMIT, "a failed round on /metrics", || async {
+        let failed = metric(
+            &farm,
+            r#"kiln_commit_status_rounds_total{forge="github",outcome="failed"}"#,
+        )?;
+        Ok(failed.is_some_and(|n| n >= 1.0).then_some(()))
+    })
+    .await?;
+    assert!(metric(&farm, "kiln_commit_status_queued")?.is_some_and(|n| n >= 1.0));
     farm.coordinator
         .crash_and_restart(&options, Duration::from_millis(200))?;
     down.down.store(false, Ordering::SeqCst);
@@ -337,5 +358,14 @@ async fn a_failing_forge_is_retried_and_a_queued_report_survives_a_restart() -> 
         got.path,
         format!("/repos/team/restart/statuses/{}", done.commit)
     );
+    eventually(LIMIT, "the queue drained on /metrics", || async {
+        let sent = metric(
+            &farm,
+            r#"kiln_commit_status_rounds_total{forge="github",outcome="sent"}"#,
+        )?;
+        let queued = metric(&farm, "kiln_commit_status_queued")?;
+        Ok((sent.is_some_and(|n| n >= 1.0) && queued == Some(0.0)).then_some(()))
+    })
+    .await?;
     Ok(())
 }

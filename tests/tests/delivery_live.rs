@@ -15,7 +15,30 @@ use kiln_tests::delivery::{
     ship_run, state, webhook,
 };
 use kiln_tests::docker::start_docker_agent;
-use kiln_tests::{Repo, stage};
+use kiln_tests::{Repo, logs, stage};
+
+/// The `unit-tests` stage's cache lines (what the agent did with its
+/// virtualenv cache) and its wall time in seconds.
+async fn unit_tests_cache(farm: &kiln_tests::Farm, run: &pb::Run) -> Result<(String, f64)> {
+    let mut client = farm.coordinator.client().await?;
+    let lines = logs(&mut client, run.id, "unit-tests").await?;
+    let cache: Vec<String> = lines
+        .iter()
+        .filter_map(|entry| entry.line.as_ref())
+        .map(|line| line.text.clone())
+        .filter(|text| text.contains("cache `venv-py311-"))
+        .collect();
+    assert!(
+        !cache.is_empty(),
+        "run {}: unit-tests logged no cache line",
+        run.id
+    );
+    let unit = stage(run, "unit-tests");
+    Ok((
+        cache.join("; "),
+        unit.finished_ms.saturating_sub(unit.started_ms) as f64 / 1000.0,
+    ))
+}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn live_acceptance_stops_a_model_that_passes_offline_but_answers_wrongly() -> Result<()> {
@@ -94,6 +117,10 @@ async fn live_acceptance_stops_a_model_that_passes_offline_but_answers_wrongly()
     );
     let production = history(&farm, "customer-behavior/production").await?;
     assert_eq!(production.len(), 1);
+    // The unit tests' virtualenv (requirements-test.txt from PyPI) was
+    // built on this first run and kept as the stage's cache.
+    let (first_cache, first_secs) = unit_tests_cache(&farm, &good).await?;
+    assert!(first_cache.contains("miss"), "{first_cache}");
 
     // The demo's fault: the same estimator, inverted when served.
     let kiln_yml = std::fs::read_to_string(repo.path().join("kiln.yml"))?;
@@ -116,6 +143,14 @@ async fn live_acceptance_stops_a_model_that_passes_offline_but_answers_wrongly()
     for metric in ["recall", "precision", "accuracy", "roc_auc"] {
         assert!(check(metric).passed, "offline {metric} passes: {gate:#?}");
     }
+    // Same requirements file: the second run restores the virtualenv
+    // instead of asking PyPI again.
+    let (second_cache, second_secs) = unit_tests_cache(&farm, &inverted).await?;
+    assert!(second_cache.contains("restored"), "{second_cache}");
+    println!(
+        "unit-tests: {first_secs:.1} s on the first run ({first_cache}), \
+         {second_secs:.1} s on the second ({second_cache})"
+    );
     let live_accuracy = check("live_accuracy");
     assert!(
         !live_accuracy.passed && live_accuracy.value.unwrap() < 0.5,

@@ -5,8 +5,11 @@
 //! The deploy stage only tells the router what Kiln gave it
 //! (`KILN_TRAFFIC_WEIGHT`, `KILN_TRAFFIC_MODE`); the coordinator analyses
 //! the candidate's share through the router's per-backend metrics and
-//! goes on, promotes or restores the previous release at 100%. Every test
-//! binds its own free ports: no fixed port, no lock.
+//! goes on, promotes or restores the previous release at 100%. The run
+//! that deployed the first step waits: its deploy stage is `rolling_out`
+//! and the stage after it (`after`) runs only once the candidate takes
+//! all traffic. Every test binds its own free ports: no fixed port, no
+//! lock.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -14,8 +17,10 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use kiln_proto::v1 as pb;
-use kiln_tests::delivery::{farm, free_port, history, release_state, ship_pipeline, webhook};
-use kiln_tests::{CoordinatorOptions, Farm, Repo, eventually};
+use kiln_tests::delivery::{
+    farm, free_port, history, release_state, ship_pipeline, state, webhook,
+};
+use kiln_tests::{CoordinatorOptions, Farm, Repo, eventually, get_run, stage, wait_run};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
@@ -42,6 +47,9 @@ stages:
       - 'python3 {router} set --state-dir {state} --url "$(cat build/model/weights)" --weight "$KILN_TRAFFIC_WEIGHT" --mode "$KILN_TRAFFIC_MODE"'
     strategy:
 {strategy}
+  after:
+    needs: [deploy]
+    commands: ["echo the candidate takes all traffic"]
 "#
     )
     .replace("ROUTER_PORT", &router_port.to_string())
@@ -189,25 +197,201 @@ async fn live_first(strategy: &str, stable_url: &str) -> Result<(Farm, Router, R
     Ok((farm, router, repo, releases[0].id))
 }
 
-/// Ships `model` (a backend URL); returns the candidate release's id.
+/// Starts a run that ships `model` (a backend URL); returns the run and,
+/// once its deploy stage made it, the candidate release. The run itself
+/// goes on until the rollout ends.
+async fn start_candidate(farm: &Farm, repo: &Repo, model: &str) -> Result<(u64, u64)> {
+    repo.commit("model.txt", model)?;
+    let register = farm
+        .coordinator
+        .kiln(&["pipeline", "register", repo.path().to_str().unwrap()]);
+    assert_eq!(register.status.code(), Some(0), "{register:?}");
+    let started = farm.coordinator.kiln(&["run", "shop"]);
+    let run: u64 = String::from_utf8(started.stdout)?.trim().parse()?;
+    // The release is read from the store, the run from what readers see
+    // once that is durable: wait for both.
+    let candidate = eventually(
+        Duration::from_secs(60),
+        "the candidate release",
+        || async move {
+            let releases = history(farm, "shop/production").await?;
+            let deployed = !matches!(
+                state(stage(&run_of(farm, run).await?, "deploy")),
+                pb::StageState::Pending
+                    | pb::StageState::Ready
+                    | pb::StageState::Assigned
+                    | pb::StageState::Running
+            );
+            Ok(releases
+                .iter()
+                .find(|r| r.run_id == run && deployed)
+                .map(|r| r.id))
+        },
+    )
+    .await?;
+    Ok((run, candidate))
+}
+
+/// [`start_candidate`], for the tests that follow the rollout only.
 async fn ship_candidate(farm: &Farm, repo: &Repo, model: &str) -> Result<u64> {
-    let run = ship_pipeline(farm, repo, "shop", model, "{}").await?;
-    assert_eq!(run.state, pb::RunState::Succeeded as i32, "{run:#?}");
-    let releases = history(farm, "shop/production").await?;
-    Ok(releases.iter().find(|r| r.run_id == run.id).unwrap().id)
+    Ok(start_candidate(farm, repo, model).await?.1)
+}
+
+async fn run_of(farm: &Farm, run: u64) -> Result<pb::Run> {
+    let mut client = farm.coordinator.client().await?;
+    get_run(&mut client, run).await
+}
+
+async fn finished(farm: &Farm, run: u64) -> Result<pb::Run> {
+    let mut client = farm.coordinator.client().await?;
+    wait_run(&mut client, run, Duration::from_secs(90)).await
+}
+
+/// While the rollout of its candidate goes on, run `run` waits: running,
+/// its deploy stage `rolling_out` saying so, the stage after it pending.
+fn assert_waits_for_the_rollout(run: &pb::Run) {
+    assert_eq!(run.state, pb::RunState::Running as i32, "{run:#?}");
+    let deploy = stage(run, "deploy");
+    assert_eq!(state(deploy), pb::StageState::RollingOut, "{run:#?}");
+    assert!(
+        deploy.message.starts_with("rolling out") && deploy.message.contains("shop/production"),
+        "the stage says why it waits: {}",
+        deploy.message
+    );
+    assert_eq!(state(stage(run, "after")), pb::StageState::Pending);
+}
+
+/// The runs the coordinator started for the rollout of `candidate`, by
+/// kind of plan (`rollout_step`, `rollout_restore`), oldest first.
+async fn rollout_runs(farm: &Farm, candidate: u64) -> Result<Vec<pb::Run>> {
+    let mut client = farm.coordinator.client().await?;
+    let mut runs = Vec::new();
+    let newest = client
+        .list_runs(pb::ListRunsRequest::default())
+        .await?
+        .into_inner()
+        .runs;
+    for listed in newest {
+        let run = get_run(&mut client, listed.id).await?;
+        let ours = run.rollback.as_ref().is_some_and(|plan| {
+            plan.kind.starts_with("rollout")
+                && (plan.to_release == candidate || plan.from_release == candidate)
+        });
+        if ours {
+            runs.push(run);
+        }
+    }
+    runs.sort_by_key(|run| run.id);
+    Ok(runs)
+}
+
+/// A page of the dashboard, as the admin.
+async fn page(farm: &Farm, path: &str) -> Result<String> {
+    Ok(reqwest::Client::new()
+        .get(format!("http://{}{path}", farm.coordinator.http))
+        .bearer_auth(&farm.coordinator.admin_token)
+        .send()
+        .await?
+        .text()
+        .await?)
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_canary_of_a_good_model_goes_through_three_steps() -> Result<()> {
     let (stable, good) = (backend(200, "1").await?, backend(200, "1").await?);
     let (farm, router, repo, first) = live_first(CANARY, &stable).await?;
-    let candidate = ship_candidate(&farm, &repo, &good).await?;
+    let (run, candidate) = start_candidate(&farm, &repo, &good).await?;
     let releases = history(&farm, "shop/production").await?;
     let rolling = releases.iter().find(|r| r.id == candidate).unwrap();
     assert_eq!(release_state(rolling), pb::ReleaseState::RollingOut);
+    assert_waits_for_the_rollout(&run_of(&farm, run).await?);
+    let shown = farm.coordinator.kiln(&["status", &run.to_string()]);
+    let text = String::from_utf8_lossy(&shown.stdout);
+    assert!(
+        text.contains("rolling_out") && text.contains("rolling out release"),
+        "`kiln status` shows the stage waiting for the rollout: {text}"
+    );
+    let run_page = page(&farm, &format!("/runs/{run}")).await?;
+    assert!(
+        run_page.contains(r#"<span class="badge rolling_out">rolling_out</span>"#)
+            && run_page.contains(&format!("rolling out release {candidate} to")),
+        "the dashboard shows the stage waiting for the rollout: {run_page}"
+    );
 
     let rollout = ended(&farm, candidate, Duration::from_secs(60)).await?;
     assert_eq!(rollout.outcome, "promoted", "{rollout:#?}");
+    // The run went on only once the candidate took all traffic.
+    let done = finished(&farm, run).await?;
+    assert_eq!(done.state, pb::RunState::Succeeded as i32, "{done:#?}");
+    let deploy = stage(&done, "deploy");
+    assert_eq!(state(deploy), pb::StageState::Succeeded);
+    assert!(
+        deploy.message.contains("rolled out") && deploy.message.contains("passed 2 step(s)"),
+        "{}",
+        deploy.message
+    );
+    let after = stage(&done, "after");
+    assert_eq!(state(after), pb::StageState::Succeeded);
+    assert!(
+        after.started_ms >= rollout.finished_ms,
+        "`after` started at {} before the rollout ended at {}",
+        after.started_ms,
+        rollout.finished_ms
+    );
+
+    // The runs that deployed steps 2 and 3 say what they are.
+    let steps = rollout_runs(&farm, candidate).await?;
+    let said: Vec<(String, String)> = steps
+        .iter()
+        .map(|run| {
+            let plan = run.rollback.clone().unwrap();
+            (plan.kind, plan.summary)
+        })
+        .collect();
+    assert_eq!(
+        said,
+        [
+            (
+                "rollout_step".to_owned(),
+                format!("rollout step 2/3 of release {candidate} to production at 50%")
+            ),
+            (
+                "rollout_step".to_owned(),
+                format!("rollout step 3/3 of release {candidate} to production at 100%")
+            ),
+        ]
+    );
+    let second = steps[0].id.to_string();
+    let shown = farm.coordinator.kiln(&["status", &second]);
+    let text = String::from_utf8_lossy(&shown.stdout);
+    assert!(
+        text.contains(&format!(
+            "deploys    rollout step 2/3 of release {candidate} to production at 50%"
+        )),
+        "{text}"
+    );
+    let json = farm
+        .coordinator
+        .kiln(&["--output", "json", "status", &second]);
+    let json: serde_json::Value = serde_json::from_slice(&json.stdout)?;
+    assert_eq!(json["rollback"]["kind"], "rollout_step", "{json}");
+    assert_eq!(
+        (&json["rollback"]["step"], &json["rollback"]["weight"]),
+        (&serde_json::json!(2), &serde_json::json!(50))
+    );
+    let run_page = page(&farm, &format!("/runs/{second}")).await?;
+    assert!(
+        run_page.contains("<dt>Rollout step</dt>")
+            && run_page.contains(&format!(
+                "rollout step 2/3 of release {candidate} to production at 50%"
+            ))
+            && !run_page.contains("back from release"),
+        "the run page says it is a rollout step, not a rollback: {run_page}"
+    );
+    assert!(
+        run_page.contains(r#"<dd id="trigger">rollout "#),
+        "{run_page}"
+    );
     assert_eq!(rollout.steps, [10, 50, 100]);
     assert_eq!(rollout.previous, first);
     let analysed: std::collections::BTreeSet<u32> =
@@ -249,7 +433,8 @@ async fn a_canary_of_a_good_model_goes_through_three_steps() -> Result<()> {
 async fn a_canary_of_a_bad_model_aborts_and_restores_the_previous_release_at_100() -> Result<()> {
     let (stable, bad) = (backend(200, "1").await?, backend(500, "boom").await?);
     let (farm, router, repo, first) = live_first(CANARY, &stable).await?;
-    let candidate = ship_candidate(&farm, &repo, &bad).await?;
+    let (run, candidate) = start_candidate(&farm, &repo, &bad).await?;
+    assert_waits_for_the_rollout(&run_of(&farm, run).await?);
 
     let rollout = ended(&farm, candidate, Duration::from_secs(60)).await?;
     assert_eq!(rollout.outcome, "aborted", "{rollout:#?}");
@@ -258,6 +443,32 @@ async fn a_canary_of_a_bad_model_aborts_and_restores_the_previous_release_at_100
         rollout.reason.contains("router_error_ratio=1"),
         "the abort's values are recorded: {}",
         rollout.reason
+    );
+    // The deploy stage fails with the abort's values; what needs it is
+    // skipped, as after any failed stage.
+    let done = finished(&farm, run).await?;
+    assert_eq!(done.state, pb::RunState::Failed as i32, "{done:#?}");
+    let deploy = stage(&done, "deploy");
+    assert_eq!(state(deploy), pb::StageState::Failed);
+    assert!(
+        deploy.message.contains("aborted at step 1 of 3 (10%)")
+            && deploy.message.contains("router_error_ratio=1")
+            && deploy
+                .message
+                .contains(&format!("release {first} is back at 100%")),
+        "{}",
+        deploy.message
+    );
+    assert_eq!(state(stage(&done, "after")), pb::StageState::Skipped);
+    let restores = rollout_runs(&farm, candidate).await?;
+    assert_eq!(restores.len(), 1, "{restores:#?}");
+    let plan = restores[0].rollback.clone().unwrap();
+    assert_eq!(plan.kind, "rollout_restore");
+    assert_eq!(
+        plan.summary,
+        format!(
+            "restore release {first} in production at 100% after the aborted rollout of release {candidate}"
+        )
     );
     assert!(rollout.rounds.iter().filter(|r| r.breached).count() >= 2);
     assert_eq!(
@@ -346,7 +557,7 @@ async fn kiln_rollout_promote_and_abort_move_a_paused_rollout() -> Result<()> {
     let (next, other) = (backend(200, "1").await?, backend(200, "1").await?);
     let (farm, router, repo, first) = live_first(&slow, &stable).await?;
 
-    let candidate = ship_candidate(&farm, &repo, &next).await?;
+    let (run, candidate) = start_candidate(&farm, &repo, &next).await?;
     let shown = farm
         .coordinator
         .kiln(&["rollout", "status", "shop/production"]);
@@ -361,8 +572,11 @@ async fn kiln_rollout_promote_and_abort_move_a_paused_rollout() -> Result<()> {
     assert!(
         page.contains("Rollout in progress")
             && page.contains("1 of 3 at 10% ([10%] → 50% → 100%)")
-            && page.contains("analysing until"),
-        "the environment page shows the rollout: {page}"
+            && page.contains("analysing until")
+            && page.contains(&format!(
+                r#"<a href="/runs/{run}">run {run}</a> waits for it"#
+            )),
+        "the environment page shows the rollout and the run that waits: {page}"
     );
     let promoted = farm.coordinator.kiln(&["rollout", "promote", "production"]);
     assert_eq!(promoted.status.code(), Some(0), "{promoted:?}");
@@ -378,7 +592,7 @@ async fn kiln_rollout_promote_and_abort_move_a_paused_rollout() -> Result<()> {
         "promote skipped the pause and the 50% step"
     );
 
-    let second = ship_candidate(&farm, &repo, &other).await?;
+    let (run, second) = start_candidate(&farm, &repo, &other).await?;
     let aborted = farm
         .coordinator
         .kiln(&["rollout", "abort", "shop/production"]);
@@ -386,6 +600,10 @@ async fn kiln_rollout_promote_and_abort_move_a_paused_rollout() -> Result<()> {
     let rollout = ended(&farm, second, Duration::from_secs(30)).await?;
     assert_eq!(rollout.outcome, "aborted");
     assert_eq!(rollout.reason, "aborted by admin", "who aborted it");
+    let done = finished(&farm, run).await?;
+    let deploy = stage(&done, "deploy");
+    assert_eq!(state(deploy), pb::StageState::Failed);
+    assert!(deploy.message.contains("aborted by admin"), "{deploy:#?}");
     assert_eq!(router.routes()["stable"], next.as_str());
     let again = farm
         .coordinator
@@ -413,7 +631,7 @@ async fn a_coordinator_restarted_mid_rollout_resumes_it() -> Result<()> {
     let stable = backend(200, "1").await?;
     let good = backend(200, "1").await?;
     let (mut farm, router, repo, _) = live_first(&slower, &stable).await?;
-    let candidate = ship_candidate(&farm, &repo, &good).await?;
+    let (run, candidate) = start_candidate(&farm, &repo, &good).await?;
     let before = status(&farm).await?;
     assert_eq!((before.phase.as_str(), before.weight), ("analysing", 10));
 
@@ -430,8 +648,15 @@ async fn a_coordinator_restarted_mid_rollout_resumes_it() -> Result<()> {
         (candidate, 0, before.analysis_until_ms),
         "the same rollout, at the same step, with the same pause"
     );
+    // The run still waits for it, durably.
+    assert_waits_for_the_rollout(&run_of(&farm, run).await?);
     let rollout = ended(&farm, candidate, Duration::from_secs(90)).await?;
     assert_eq!(rollout.outcome, "promoted", "{rollout:#?}");
+    let done = finished(&farm, run).await?;
+    assert_eq!(done.state, pb::RunState::Succeeded as i32, "{done:#?}");
+    let after = stage(&done, "after");
+    assert_eq!(state(after), pb::StageState::Succeeded);
+    assert!(after.started_ms >= rollout.finished_ms);
     assert!(
         rollout.rounds.iter().any(|r| r.step == 1),
         "analysed again after the restart"
@@ -443,6 +668,201 @@ async fn a_coordinator_restarted_mid_rollout_resumes_it() -> Result<()> {
             (10, good.clone()),
             (50, good.clone()),
             (100, good.clone())
+        ]
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cancelling_a_run_mid_rollout_aborts_the_rollout_and_restores_the_previous_release()
+-> Result<()> {
+    let slow = CANARY.replace("pause: 2s", "pause: 10m");
+    let (stable, next) = (backend(200, "1").await?, backend(200, "1").await?);
+    let (farm, router, repo, first) = live_first(&slow, &stable).await?;
+    let (run, candidate) = start_candidate(&farm, &repo, &next).await?;
+    assert_waits_for_the_rollout(&run_of(&farm, run).await?);
+
+    let cancelled = farm.coordinator.kiln(&["cancel", &run.to_string()]);
+    assert_eq!(cancelled.status.code(), Some(0), "{cancelled:?}");
+    let done = finished(&farm, run).await?;
+    assert_eq!(done.state, pb::RunState::Cancelled as i32, "{done:#?}");
+    let deploy = stage(&done, "deploy");
+    assert_eq!(state(deploy), pb::StageState::Cancelled);
+    assert!(
+        deploy.message.contains("its rollout is aborted"),
+        "{}",
+        deploy.message
+    );
+    assert_eq!(state(stage(&done, "after")), pb::StageState::Cancelled);
+    let rollout = ended(&farm, candidate, Duration::from_secs(30)).await?;
+    assert_eq!(rollout.outcome, "aborted", "{rollout:#?}");
+    assert_eq!(
+        rollout.reason,
+        format!("run {run} that made release {candidate} was stopped (cancelled by user)")
+    );
+    assert_eq!(
+        router.weights(),
+        [
+            (100, stable.clone()),
+            (10, next.clone()),
+            (100, stable.clone())
+        ],
+        "the previous release is back at 100%"
+    );
+    let releases = history(&farm, "shop/production").await?;
+    let live = releases.iter().find(|r| r.id == first).unwrap();
+    assert_eq!(release_state(live), pb::ReleaseState::Live);
+    Ok(())
+}
+
+/// Two environments of one model: staging (deployed as is) and
+/// production (with `strategy`), behind a gate that waits for a person.
+fn promote_spec(state: &Path, router_port: u16, strategy: &str) -> String {
+    let (router, state) = (router_py(), state.display());
+    let router = router.display();
+    format!(
+        r#"
+pipeline: shop
+stages:
+  train:
+    commands: ["mkdir -p build/model", "cp model.txt build/model/weights", "cp metrics.json build/metrics.json"]
+    artifacts: [build/model]
+    metrics: build/metrics.json
+  deploy-staging:
+    needs: [train]
+    environment: staging
+    model: shop
+    commands: ["cat build/model/weights"]
+  signoff:
+    needs: [deploy-staging]
+    gate:
+      require: {{ recall: ">= 0.5" }}
+      approval: manual
+  deploy:
+    needs: [train, signoff]
+    environment: production
+    model: shop
+    commands:
+      - 'python3 {router} set --state-dir {state} --url "$(cat build/model/weights)" --weight "$KILN_TRAFFIC_WEIGHT" --mode "$KILN_TRAFFIC_MODE"'
+    strategy:
+{strategy}
+"#
+    )
+    .replace("ROUTER_PORT", &router_port.to_string())
+}
+
+/// Runs `shop` on `model`; the gate is approved or rejected (`verdict`).
+async fn run_to_gate(farm: &Farm, repo: &Repo, model: &str, verdict: &str) -> Result<pb::Run> {
+    repo.commit("model.txt", model)?;
+    repo.commit("metrics.json", r#"{"recall": 0.9}"#)?;
+    let started = farm.coordinator.kiln(&["run", "shop"]);
+    let run: u64 = String::from_utf8(started.stdout)?.trim().parse()?;
+    decide(farm, run, verdict).await?;
+    finished(farm, run).await
+}
+
+/// Waits until `signoff` of `run` waits for a person, then decides it.
+async fn decide(farm: &Farm, run: u64, verdict: &str) -> Result<()> {
+    eventually(Duration::from_secs(60), "the gate to wait", || async move {
+        let run = run_of(farm, run).await?;
+        Ok((state(stage(&run, "signoff")) == pb::StageState::AwaitingApproval).then_some(()))
+    })
+    .await?;
+    let decided = farm
+        .coordinator
+        .kiln(&[verdict, &run.to_string(), "signoff"]);
+    assert_eq!(decided.status.code(), Some(0), "{decided:?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn promoting_a_version_into_a_canary_environment_goes_through_its_steps() -> Result<()> {
+    let (hook, _alerts) = webhook().await?;
+    let farm = farm(&hook)?;
+    let router = Router::start().await?;
+    let repo = Repo::new(&promote_spec(router.state.path(), router.port, CANARY))?;
+    let register = farm
+        .coordinator
+        .kiln(&["pipeline", "register", repo.path().to_str().unwrap()]);
+    assert_eq!(register.status.code(), Some(0), "{register:?}");
+    let (stable, good) = (backend(200, "1").await?, backend(200, "1").await?);
+
+    // shop@1 goes to production at once (nothing to replace); shop@2
+    // stops in staging.
+    let first = run_to_gate(&farm, &repo, &stable, "approve").await?;
+    assert_eq!(first.state, pb::RunState::Succeeded as i32, "{first:#?}");
+    let second = run_to_gate(&farm, &repo, &good, "reject").await?;
+    assert_eq!(second.state, pb::RunState::Failed as i32, "{second:#?}");
+    assert_eq!(history(&farm, "shop/production").await?.len(), 1);
+
+    // Promoted to production, shop@2 is rolled out like a pipeline's
+    // deploy: 10%, analysed, 50%, analysed, 100%.
+    let out = farm
+        .coordinator
+        .kiln(&["promote", "shop@2", "--to", "production"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let promote_run: u64 = text
+        .split("(run ")
+        .nth(1)
+        .and_then(|rest| rest.split(')').next())
+        .context("the run id")?
+        .parse()?;
+    decide(&farm, promote_run, "approve").await?;
+    let candidate = eventually(Duration::from_secs(60), "the promoted release", || {
+        let farm = &farm;
+        async move {
+            let releases = history(farm, "shop/production").await?;
+            let deployed = !matches!(
+                state(stage(&run_of(farm, promote_run).await?, "deploy")),
+                pb::StageState::Pending
+                    | pb::StageState::Ready
+                    | pb::StageState::Assigned
+                    | pb::StageState::Running
+            );
+            Ok(releases
+                .iter()
+                .find(|r| r.run_id == promote_run && deployed)
+                .map(|r| r.id))
+        }
+    })
+    .await?;
+    let waiting = run_of(&farm, promote_run).await?;
+    assert_eq!(waiting.state, pb::RunState::Running as i32, "{waiting:#?}");
+    assert_eq!(
+        state(stage(&waiting, "deploy")),
+        pb::StageState::RollingOut,
+        "{waiting:#?}"
+    );
+    let rollout = ended(&farm, candidate, Duration::from_secs(60)).await?;
+    assert_eq!(rollout.outcome, "promoted", "{rollout:#?}");
+    let done = finished(&farm, promote_run).await?;
+    assert_eq!(done.state, pb::RunState::Succeeded as i32, "{done:#?}");
+    assert_eq!(
+        router.weights(),
+        [
+            (100, stable.clone()),
+            (10, good.clone()),
+            (50, good.clone()),
+            (100, good.clone())
+        ],
+        "the promote's deploy was the first step; the coordinator made the others"
+    );
+    let releases = history(&farm, "shop/production").await?;
+    let live = releases.iter().find(|r| r.id == candidate).unwrap();
+    assert_eq!(release_state(live), pb::ReleaseState::Live);
+    assert_eq!((live.model.as_str(), live.model_version), ("shop", 2));
+    assert!(live.promotion.is_some(), "{live:#?}");
+    let summaries: Vec<String> = rollout_runs(&farm, candidate)
+        .await?
+        .into_iter()
+        .map(|run| run.rollback.unwrap().summary)
+        .collect();
+    assert_eq!(
+        summaries,
+        [
+            format!("rollout step 2/3 of shop@2 (release {candidate}) to production at 50%"),
+            format!("rollout step 3/3 of shop@2 (release {candidate}) to production at 100%"),
         ]
     );
     Ok(())

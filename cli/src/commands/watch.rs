@@ -169,6 +169,9 @@ fn describe(stage: &StageView) -> String {
         StageState::AwaitingApproval => {
             format!("waiting for approval: kiln approve <run> {}", stage.name)
         }
+        // The coordinator's message says where the rollout is.
+        StageState::RollingOut if why.starts_with("rolling out") => why,
+        StageState::RollingOut => format!("rolling out{because}"),
         StageState::Unknown => "in a state this kiln does not know".to_owned(),
     }
 }

@@ -63,7 +63,9 @@ impl Engine {
                 stage.agent.as_deref().unwrap_or("no agent")
             ));
         }
-        if stage.state.is_finished() {
+        // A `rolling_out` stage's attempt is over too: a repeated
+        // completion must not settle it again.
+        if stage.state.attempt_over() {
             Fence::Settled
         } else {
             Fence::Current

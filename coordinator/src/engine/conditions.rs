@@ -91,7 +91,7 @@ impl Engine {
                 idx: idx as u32,
             };
             tracing::info!(stage = %key, %reason, "stage skipped by its condition");
-            if self.skip_because(key, reason) {
+            if self.skip_settled(key, reason) {
                 let name = spec.parsed.stages[idx].name.clone();
                 self.skip_dependents_of_skipped(key, &spec, &name);
             }
@@ -160,7 +160,8 @@ impl Engine {
     }
 
     /// Cancels `run` for the newer `by` of the same group; an environment
-    /// stage an agent holds goes on to its end, and nothing starts after.
+    /// stage an agent holds (or one rolling out) goes on to its end, and
+    /// nothing starts after.
     fn supersede(&mut self, run: RunId, by: RunId, group: &str) {
         let Some(active) = self.runs.get_mut(&run) else {
             return;
@@ -177,8 +178,10 @@ impl Engine {
             if stage.state.is_finished() {
                 continue;
             }
-            let deploying =
-                stage.state.is_held() && spec.parsed.stages[key.idx as usize].environment.is_some();
+            // A rollout the stage started goes on too: the run ends with it.
+            let deploying = (stage.state.is_held()
+                && spec.parsed.stages[key.idx as usize].environment.is_some())
+                || stage.state == StageState::RollingOut;
             if deploying {
                 tracing::info!(stage = %key, "environment stage of a superseded run finishes first");
                 continue;
@@ -357,7 +360,7 @@ impl Engine {
                     short(&check.commit)
                 );
                 tracing::warn!(stage = %key, %reason, "stage skipped");
-                if self.skip_because(key, reason) {
+                if self.skip_settled(key, reason) {
                     let Some(spec) = self.runs.get(&key.run).map(|run| run.spec.clone()) else {
                         return;
                     };

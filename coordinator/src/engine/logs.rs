@@ -252,7 +252,7 @@ impl Engine {
         let plans = crate::read::select_stage(run, plans, stage.as_deref())?;
         let live = plans
             .iter()
-            .any(|plan| !active.stages[plan.key.idx as usize].state.is_finished());
+            .any(|plan| !active.stages[plan.key.idx as usize].state.attempt_over());
         if live {
             let idx = stage.as_ref().and(plans.first().map(|plan| plan.key.idx));
             active.followers.push(Follower { stage: idx, tap });

@@ -98,6 +98,20 @@ impl Engine {
             .delivery
             .deployed(&active.view(), key.idx as usize, now);
         self.write_all(ops);
+        // A stage held for a rollout that did not begin (never expected:
+        // both are decided in the same turn) must not wait forever.
+        let holds = self
+            .stage(key)
+            .is_some_and(|stage| stage.state == StageState::RollingOut);
+        let began = self
+            .delivery
+            .rollouts_by_run()
+            .iter()
+            .any(|(run, _, _)| *run == key.run);
+        if holds && !began {
+            tracing::error!(stage = %key, "a stage waited for a rollout that did not begin; it succeeds");
+            self.end_rollout_stage(key, true, "deployed".into());
+        }
         let signed = self.delivery.take_to_sign();
         if let Some(signer) = self.release_signer.clone()
             && !signed.is_empty()

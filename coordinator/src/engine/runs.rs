@@ -147,6 +147,7 @@ impl StageRecord {
             metrics: BTreeMap::new(),
             gate: None,
             gpus: Vec::new(),
+            settled: false,
         }
     }
 }
@@ -360,9 +361,49 @@ impl Engine {
         exit_code: Option<i32>,
         message: String,
     ) {
+        let deployed = state == StageState::Succeeded
+            && self
+                .stage_spec(key)
+                .is_some_and(|stage| stage.environment.is_some());
+        if deployed && self.hold_for_rollout(key, exit_code) {
+            self.delivery_events
+                .push(super::delivery::DeliveryEvent::Deployed(key));
+            return;
+        }
         if !self.end_attempt(key, state, exit_code, message) {
             return;
         }
+        if deployed {
+            self.delivery_events
+                .push(super::delivery::DeliveryEvent::Deployed(key));
+        }
+        self.move_on(key);
+    }
+
+    /// The rollout a `rolling_out` stage waited for ended: promoted, the
+    /// stage succeeds and the stages after it run; aborted, it fails with
+    /// the abort's reason and they are skipped.
+    pub(super) fn end_rollout_stage(&mut self, key: StageKey, promoted: bool, message: String) {
+        if !self
+            .stage(key)
+            .is_some_and(|stage| stage.state == StageState::RollingOut)
+        {
+            return;
+        }
+        let exit_code = self.stage(key).and_then(|stage| stage.exit_code);
+        let state = if promoted {
+            StageState::Succeeded
+        } else {
+            StageState::Failed
+        };
+        if self.end_attempt(key, state, exit_code, message) {
+            self.move_on(key);
+        }
+    }
+
+    /// Moves the DAG on after stage `key` ended: dependents become ready
+    /// or are skipped, and the run finishes when nothing is left.
+    fn move_on(&mut self, key: StageKey) {
         let Some(spec) = self.runs.get(&key.run).map(|run| run.spec.clone()) else {
             return;
         };
@@ -370,12 +411,6 @@ impl Engine {
         // A promote run's left-out stages stand for outputs it already has.
         let outside = self.outside_promote(key.run);
         if passed {
-            if state == StageState::Succeeded
-                && spec.parsed.stages[key.idx as usize].environment.is_some()
-            {
-                self.delivery_events
-                    .push(super::delivery::DeliveryEvent::Deployed(key));
-            }
             for &dependent in &spec.dependents[key.idx as usize] {
                 let all_done = spec.parsed.stages[dependent].needs.iter().all(|&need| {
                     outside.contains(&need)
@@ -514,9 +549,21 @@ impl Engine {
         true
     }
 
+    /// Skips a waiting stage for good ([`StageRecord::settled`]): by its
+    /// condition, the deploy guard, or a stage it needs skipped so.
+    pub(super) fn skip_settled(&mut self, key: StageKey, reason: String) -> bool {
+        if !self.skip_because(key, reason) {
+            return false;
+        }
+        if let Some(stage) = self.stage_mut(key) {
+            stage.settled = true;
+        }
+        true
+    }
+
     /// Skips what waits on `key`, a stage that was itself skipped (by its
     /// condition or the deploy guard): a stage that needs a skipped stage
-    /// is skipped too.
+    /// is skipped too, for good.
     pub(super) fn skip_dependents_of_skipped(
         &mut self,
         key: StageKey,
@@ -532,7 +579,7 @@ impl Engine {
             let waiting = self.stage(dependent).is_some_and(|stage| {
                 matches!(stage.state, StageState::Pending | StageState::Ready)
             });
-            if waiting && self.skip_because(dependent, format!("needs `{name}`, which was skipped"))
+            if waiting && self.skip_settled(dependent, format!("needs `{name}`, which was skipped"))
             {
                 todo.extend(spec.dependents[idx].iter().copied());
             }
@@ -776,7 +823,16 @@ impl Engine {
             return;
         };
         active.record.state = run_state;
+        let rolling_out = active
+            .stages
+            .iter()
+            .any(|stage| stage.state == StageState::RollingOut);
         let keys: Vec<StageKey> = active.stages.iter().map(|stage| stage.key).collect();
+        // A release this run is rolling out is aborted: the previous one
+        // goes back to 100% rather than staying at part of the traffic.
+        if rolling_out {
+            self.abort_rollout_of_run(run, &format!("was stopped ({message})"));
+        }
         for key in keys {
             let Some(stage) = self.stage(key) else {
                 continue;
@@ -784,6 +840,7 @@ impl Engine {
             if stage.state.is_finished() {
                 continue;
             }
+            let was_rolling_out = stage.state == StageState::RollingOut;
             let state = if stage.state.is_held() {
                 if let Some(agent) = stage.agent.clone() {
                     self.send_cancel(&agent, key, stage.attempt, stop_reason);
@@ -792,9 +849,17 @@ impl Engine {
             } else {
                 StageState::Cancelled
             };
-            self.end_attempt(key, state, None, message.to_owned());
+            let message = if was_rolling_out {
+                format!("{message}; its rollout is aborted and the previous release restored")
+            } else {
+                message.to_owned()
+            };
+            self.end_attempt(key, state, None, message);
         }
         self.finish_run_if_done(run);
+        if rolling_out {
+            self.start_rollout_runs();
+        }
     }
 
     pub(super) fn retry_stage(
@@ -870,16 +935,17 @@ impl Engine {
                 gone.artifact.path, gone.stage, gone.artifact.digest
             )));
         }
-        // Dependents that were skipped or cancelled because of it wait again.
+        // Dependents that were skipped or cancelled because of it wait
+        // again; those skipped for good (their condition) stay skipped.
         let mut todo = spec.dependents[idx].clone();
         while let Some(dependent) = todo.pop() {
             let dependent_key = StageKey {
                 run,
                 idx: dependent as u32,
             };
-            let waits_for_it = self
-                .stage(dependent_key)
-                .is_some_and(|s| matches!(s.state, StageState::Skipped | StageState::Cancelled));
+            let waits_for_it = self.stage(dependent_key).is_some_and(|s| {
+                matches!(s.state, StageState::Skipped | StageState::Cancelled) && !s.settled
+            });
             if waits_for_it && self.new_attempt(dependent_key, StageState::Pending, false, true, "")
             {
                 todo.extend(spec.dependents[dependent].iter().copied());
@@ -1018,6 +1084,10 @@ impl Engine {
     ) -> Result<RunId, ApiError> {
         let RollbackStart { plan, target } = start;
         let variables = rollout_variables(plan.rollout.as_ref());
+        let left_out = match plan.rollout {
+            Some(_) => "not part of a rollout's run",
+            None => "not part of a rollback",
+        };
         let pipeline =
             self.latest.get(&target.pipeline).cloned().ok_or_else(|| {
                 ApiError::NotFound(format!("pipeline `{}` is gone", target.pipeline))
@@ -1074,7 +1144,7 @@ impl Engine {
                 );
                 if i != idx {
                     record.state = StageState::Skipped;
-                    record.message = "not part of a rollback".into();
+                    record.message = left_out.into();
                 }
                 record
             })

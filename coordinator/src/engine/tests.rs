@@ -664,6 +664,49 @@ fn retrying_one_of_two_failed_needs_still_lets_the_run_finish() {
 }
 
 #[test]
+fn a_retry_upstream_leaves_stages_skipped_by_their_condition_skipped() {
+    let mut h = Harness::new();
+    // `publish` never runs on this run (no branch is "release"), nor does
+    // `announce` after it; `report` was skipped only because `a` failed.
+    let run = h.start_run(
+        "pipeline: p\nstages:\n  a: { commands: [x] }\n  publish: { needs: [a], if: 'branch == \"release\"', commands: [y] }\n  announce: { needs: [publish], commands: [z] }\n  report: { needs: [a], commands: [w] }\n",
+    );
+    assert_eq!(
+        h.stage(run, "publish").state,
+        pb::StageState::Skipped as i32
+    );
+    let mut agents = [h.connect("one", 1, 2, vec![])];
+    let first = assignments(&mut agents);
+    assert_eq!(first.len(), 1);
+    h.finish(&agents[0], first[0].1, pb::Outcome::Failed);
+    assert_eq!(h.stage(run, "report").state, pb::StageState::Skipped as i32);
+    assert_eq!(h.run(run).state, pb::RunState::Failed as i32);
+
+    h.ask(|reply| Event::RetryStage {
+        stored: None,
+        run,
+        stage: "a".into(),
+        reply,
+    })
+    .unwrap();
+    let again = assignments(&mut agents);
+    h.finish(&agents[0], again[0].1, pb::Outcome::Succeeded);
+    let after = assignments(&mut agents);
+    assert_eq!(after.len(), 1, "only report runs after the retried a");
+    h.finish(&agents[0], after[0].1, pb::Outcome::Succeeded);
+    for name in ["publish", "announce"] {
+        let stage = h.stage(run, name);
+        assert_eq!(stage.state, pb::StageState::Skipped as i32, "{name}");
+    }
+    assert!(
+        h.stage(run, "publish").message.contains("is false"),
+        "{}",
+        h.stage(run, "publish").message
+    );
+    assert_eq!(h.run(run).state, pb::RunState::Succeeded as i32);
+}
+
+#[test]
 fn gates_are_decided_even_when_no_agent_has_a_free_slot() {
     let mut h = Harness::new();
     let run = h.start_run(
@@ -1035,4 +1078,155 @@ fn an_assignment_leaves_only_with_its_secrets_opened_off_the_loop() {
     assert_eq!(b.state, pb::StageState::Failed as i32);
     assert!(b.message.contains("NOT_SET"), "{}", b.message);
     assert!(b.agent.is_empty(), "it never reached an agent");
+}
+
+const CANARY_THEN_AFTER: &str = "
+pipeline: w
+stages:
+  deploy:
+    environment: prod
+    commands: [x]
+    strategy:
+      canary:
+        steps: [10, 100]
+        pause: 1m
+        analysis:
+          scrape: http://127.0.0.1:9/metrics
+          every: 1s
+          rollback_when: { error_ratio: \"> 0.5\" }
+  after:
+    needs: [deploy]
+    commands: [y]
+";
+
+#[test]
+fn a_rolling_out_stage_holds_its_run_through_a_repeated_completion_and_a_restart() {
+    let mut h = Harness::new();
+    let mut agent = h.connect("one", 1, 1, vec![]);
+    // Release 1 goes live at once (nothing to replace): no rollout.
+    let first = h.start_run(CANARY_THEN_AFTER);
+    let deploy = agent.assignments()[0];
+    h.finish(&agent, deploy, pb::Outcome::Succeeded);
+    let after = agent.assignments()[0];
+    h.finish(&agent, after, pb::Outcome::Succeeded);
+    assert_eq!(h.run(first).state, pb::RunState::Succeeded as i32);
+
+    let second = h.start_run(CANARY_THEN_AFTER);
+    let deploy = agent.assignments()[0];
+    h.finish(&agent, deploy, pb::Outcome::Succeeded);
+    let stage = h.stage(second, "deploy");
+    assert_eq!(stage.state, pb::StageState::RollingOut as i32);
+    assert!(
+        stage
+            .message
+            .starts_with("rolling out release 2 to `w/prod`"),
+        "{}",
+        stage.message
+    );
+    assert_eq!(
+        h.stage(second, "after").state,
+        pb::StageState::Pending as i32
+    );
+    assert!(agent.assignments().is_empty(), "`after` waits");
+
+    // The agent did not hear the ack and reports again: acknowledged as
+    // settled, and the stage still waits.
+    agent.received();
+    h.finish(&agent, deploy, pb::Outcome::Succeeded);
+    let acked = acks(agent.received());
+    assert!(
+        acked.iter().all(|ack| ack.finished && !ack.rejected),
+        "{acked:?}"
+    );
+    assert_eq!(
+        h.stage(second, "deploy").state,
+        pb::StageState::RollingOut as i32
+    );
+
+    h.restart();
+    assert_eq!(h.run(second).state, pb::RunState::Running as i32);
+    assert_eq!(
+        h.stage(second, "deploy").state,
+        pb::StageState::RollingOut as i32
+    );
+
+    // The pause ends: the last step deploys, the candidate goes live, and
+    // only then does the run go on.
+    h.clock.advance(60_001);
+    h.engine.tick();
+    h.commit();
+    // (The agent's lease lapsed with the pause: it comes back.)
+    let mut agent = h.connect("one", 3, 1, vec![]);
+    let step = agent.assignments();
+    assert_eq!(step.len(), 1, "the 100% step's run");
+    assert_ne!(step[0].run_id, second.0);
+    h.finish(&agent, step[0], pb::Outcome::Succeeded);
+    assert_eq!(
+        h.engine.delivery.live(&EnvKey::of_pipeline("w", "prod")),
+        Some(2)
+    );
+    let stage = h.stage(second, "deploy");
+    assert_eq!(stage.state, pb::StageState::Succeeded as i32);
+    assert!(
+        stage.message.starts_with("rolled out to `w/prod`"),
+        "{}",
+        stage.message
+    );
+    let after = agent.assignments();
+    assert_eq!(after.len(), 1, "`after` runs now");
+    h.finish(&agent, after[0], pb::Outcome::Succeeded);
+    assert_eq!(h.run(second).state, pb::RunState::Succeeded as i32);
+}
+
+#[test]
+fn a_run_past_its_timeout_during_its_rollout_aborts_the_rollout() {
+    let mut h = Harness::new();
+    let mut agent = h.connect("one", 1, 1, vec![]);
+    // The run's 30s pass during the rollout's 1m pause.
+    let timed = CANARY_THEN_AFTER.replace("pipeline: w\n", "pipeline: w\ntimeout: 30s\n");
+    let first = h.start_run(&timed);
+    for _ in 0..2 {
+        let stage = agent.assignments()[0];
+        h.finish(&agent, stage, pb::Outcome::Succeeded);
+    }
+    assert_eq!(h.run(first).state, pb::RunState::Succeeded as i32);
+    let second = h.start_run(&timed);
+    let deploy = agent.assignments()[0];
+    h.finish(&agent, deploy, pb::Outcome::Succeeded);
+    assert_eq!(
+        h.stage(second, "deploy").state,
+        pb::StageState::RollingOut as i32
+    );
+
+    h.clock.advance(31_000);
+    h.send(&agent, Msg::Heartbeat(pb::Heartbeat { running: 0 }));
+    h.engine.tick();
+    h.commit();
+    assert_eq!(h.run(second).state, pb::RunState::Failed as i32);
+    let stage = h.stage(second, "deploy");
+    assert_eq!(stage.state, pb::StageState::Cancelled as i32);
+    assert!(
+        stage.message.contains("the run's timeout of 30s passed")
+            && stage.message.contains("its rollout is aborted"),
+        "{}",
+        stage.message
+    );
+    assert_eq!(
+        h.stage(second, "after").state,
+        pb::StageState::Cancelled as i32
+    );
+    // Release 1 is deployed again at 100%.
+    let restore = agent.assignments();
+    assert_eq!(restore.len(), 1, "the restore's run");
+    h.finish(&agent, restore[0], pb::Outcome::Succeeded);
+    assert_eq!(
+        h.engine.delivery.live(&EnvKey::of_pipeline("w", "prod")),
+        Some(1)
+    );
+    let aborted = h.engine.delivery.release(2).unwrap();
+    assert_eq!(aborted.state, crate::store::ReleaseState::Aborted);
+    assert_eq!(
+        aborted.reason.as_deref(),
+        Some("run 2 that made release 2 was stopped (the run's timeout of 30s passed)")
+    );
 }

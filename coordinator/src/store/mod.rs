@@ -253,6 +253,57 @@ pub(crate) struct RolloutStep {
     pub(crate) weight: u32,
     /// The previous release put back at 100% after an abort.
     pub(crate) restore: bool,
+    /// How many steps the rollout has (0 in records from before it was
+    /// kept).
+    #[serde(default)]
+    pub(crate) steps: usize,
+    /// The model version the run deploys, if its release is one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) model: Option<ModelVersion>,
+}
+
+impl RollbackPlan {
+    /// What kind of run carries this plan: `rollback`, `rollout_step` or
+    /// `rollout_restore`.
+    pub(crate) fn kind(&self) -> &'static str {
+        match &self.rollout {
+            None => "rollback",
+            Some(step) if step.restore => "rollout_restore",
+            Some(_) => "rollout_step",
+        }
+    }
+
+    /// What the run is for, in one line: "rollout step 2/3 of caravan@4
+    /// to production at 50%", "roll back shop/production from release 3
+    /// to release 2: …".
+    pub(crate) fn describe(&self) -> String {
+        let Some(step) = &self.rollout else {
+            return format!(
+                "roll back `{}` from release {} to release {}: {}",
+                self.environment, self.from, self.to, self.reason
+            );
+        };
+        let what = match &step.model {
+            Some(model) => format!("{model} (release {})", self.to),
+            None => format!("release {}", self.to),
+        };
+        let environment = &self.environment.name;
+        if step.restore {
+            return format!(
+                "restore {what} in {environment} at 100% after the aborted rollout of release {}",
+                self.from
+            );
+        }
+        let of = if step.steps > 0 {
+            format!("{}/{}", step.step + 1, step.steps)
+        } else {
+            (step.step + 1).to_string()
+        };
+        format!(
+            "rollout step {of} of {what} to {environment} at {}%",
+            step.weight
+        )
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -298,6 +349,12 @@ pub(crate) struct StageRecord {
     /// restarted coordinator reserves the same ones again.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub(crate) gpus: Vec<u32>,
+    /// Skipped for a reason a retry does not undo: its own `if:` or
+    /// `changes:` was false, the outdated-deploy guard skipped it, or a
+    /// stage it needs was skipped so. Retrying a failed stage upstream
+    /// reopens the stages its failure skipped, never these.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub(crate) settled: bool,
 }
 
 /// What a gate decided, with every check's inputs.

@@ -527,6 +527,7 @@ mod tests {
                 metrics: Default::default(),
                 gate: None,
                 gpus: vec![0],
+                settled: false,
             }));
             for seq in [0, 1, 256] {
                 batch.push(Op::Log(StoredLog {

@@ -120,6 +120,7 @@ pub(crate) fn stage_state(state: i32) -> &'static str {
         Ok(pb::StageState::Cancelled) => "cancelled",
         Ok(pb::StageState::Skipped) => "skipped",
         Ok(pb::StageState::AwaitingApproval) => "awaiting_approval",
+        Ok(pb::StageState::RollingOut) => "rolling_out",
         _ => "unknown",
     }
 }
@@ -144,11 +145,16 @@ pub(crate) fn run_is_active(state: i32) -> bool {
     )
 }
 
-/// What started a run: `push`, `schedule`, `data`, `rollback`, `manual`,
-/// from its `triggered_by` (`manual:alice`, `push:…`, …).
+/// What started a run: `push`, `schedule`, `data`, `rollback`,
+/// `rollout` (a step of a rollout, or its restore), `manual`, from its
+/// `triggered_by` (`manual:alice`, `push:…`, …).
 pub(crate) fn trigger_kind(run: &pb::Run) -> &'static str {
-    if run.rollback.is_some() {
-        return "rollback";
+    if let Some(plan) = &run.rollback {
+        return if plan.kind.starts_with("rollout") {
+            "rollout"
+        } else {
+            "rollback"
+        };
     }
     let by = run.triggered_by.as_str();
     for kind in ["push", "schedule", "data", "rollback", "manual"] {

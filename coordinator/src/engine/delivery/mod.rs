@@ -136,6 +136,9 @@ pub(super) struct DeliveryController {
     /// Runs of a rollout to start (a step, or the restore after an abort);
     /// the loop drains these through the run book.
     rollout_runs: Vec<RollbackStart>,
+    /// Rollouts that ended since the loop last asked: the run book ends
+    /// the `rolling_out` stage of the run that made each candidate.
+    rollouts_ended: Vec<rollout::RolloutEnded>,
     /// User-set model aliases by (model, alias); see [`models`].
     aliases: std::collections::BTreeMap<(String, String), crate::store::ModelAliasRecord>,
 }
@@ -154,6 +157,7 @@ impl DeliveryController {
             to_sign: Vec::new(),
             retrains: Vec::new(),
             rollout_runs: Vec::new(),
+            rollouts_ended: Vec::new(),
             aliases: Default::default(),
         }
     }

@@ -22,8 +22,14 @@
 //! The rollout lives on its environment record, written with every
 //! change, so a restarted coordinator resumes it: an analysis restarts for
 //! what is left of its pause, and a step's run is recovered like any run.
+//!
+//! The run that made the candidate waits for all of this: its environment
+//! stage stays `rolling_out` (so the stages after it and the run itself
+//! wait) until the rollout ends, and each end is queued
+//! ([`RolloutEnded`]) for the run book: promoted, the stage succeeds;
+//! aborted, it fails with the abort's reason.
 
-use kiln_common::ids::EnvKey;
+use kiln_common::ids::{EnvKey, RunId};
 use kiln_common::spec::{self, Strategy, StrategyKind};
 
 use super::monitor::{self, Observation};
@@ -48,11 +54,23 @@ pub(crate) enum RolloutCommand {
     },
 }
 
+/// A rollout ended: the run book ends the `rolling_out` environment
+/// stage of the run that made its candidate.
+#[derive(Debug, PartialEq)]
+pub(crate) struct RolloutEnded {
+    pub(crate) run: RunId,
+    /// The environment stage's name.
+    pub(crate) stage: String,
+    pub(crate) promoted: bool,
+    /// What the stage's message says: the decision and the values behind it.
+    pub(crate) message: String,
+}
+
 impl DeliveryController {
     /// Whether a release made with `strategy` in `environment` is rolled
     /// out: only over a live release (a first one, or a one-step canary,
     /// goes live at once), and one rollout at a time.
-    pub(super) fn rollout_applies(&self, environment: &EnvKey, strategy: &Strategy) -> bool {
+    pub(crate) fn rollout_applies(&self, environment: &EnvKey, strategy: &Strategy) -> bool {
         self.environments.live(environment).is_some()
             && strategy.steps.len() > 1
             && self.environments.rollout(environment).is_none()
@@ -207,6 +225,15 @@ impl DeliveryController {
             )
         });
         tracing::info!(%environment, candidate = candidate.id, "rollout promoted");
+        self.rollouts_ended.push(RolloutEnded {
+            run: candidate.run,
+            stage: candidate.stage.clone(),
+            promoted: true,
+            message: format!(
+                "rolled out to `{environment}`: {}",
+                rollout.reason.as_deref().unwrap_or_default()
+            ),
+        });
         candidate.state = ReleaseState::Live;
         candidate.monitor_until_ms = monitor.map(|m| now + m.window.as_millis() as u64);
         candidate.rollout = Some(rollout);
@@ -356,6 +383,24 @@ impl DeliveryController {
             .into_iter()
             .collect();
         if let Some(mut candidate) = self.environments.release(rollout.candidate).cloned() {
+            let restored = match outcome {
+                RolloutOutcome::RestoreFailed => format!(
+                    "restoring release {} failed and `{environment}` is frozen",
+                    rollout.previous
+                ),
+                _ => format!("release {} is back at 100%", rollout.previous),
+            };
+            self.rollouts_ended.push(RolloutEnded {
+                run: candidate.run,
+                stage: candidate.stage.clone(),
+                promoted: false,
+                message: format!(
+                    "rollout to `{environment}` aborted at step {} of {} ({}%): {reason}; {restored}",
+                    rollout.step + 1,
+                    rollout.steps.len(),
+                    rollout.weight()
+                ),
+            });
             candidate.state = ReleaseState::Aborted;
             candidate.reason = Some(reason);
             candidate.rollout = Some(rollout);
@@ -409,6 +454,8 @@ impl DeliveryController {
                     step: rollout.step,
                     weight,
                     restore,
+                    steps: rollout.steps.len(),
+                    model: target.model.clone(),
                 }),
             },
             target,
@@ -641,6 +688,81 @@ impl DeliveryController {
             .collect()
     }
 
+    /// Rollouts that ended since the last call.
+    pub(crate) fn take_rollouts_ended(&mut self) -> Vec<RolloutEnded> {
+        std::mem::take(&mut self.rollouts_ended)
+    }
+
+    /// Rollouts in progress by the run that made their candidate: the run,
+    /// its environment stage, and where the rollout is, in words.
+    pub(crate) fn rollouts_by_run(&self) -> Vec<(RunId, String, String)> {
+        self.environments
+            .rollouts()
+            .filter_map(|(environment, rollout)| {
+                let candidate = self.environments.release(rollout.candidate)?;
+                Some((
+                    candidate.run,
+                    candidate.stage.clone(),
+                    progress(environment, rollout),
+                ))
+            })
+            .collect()
+    }
+
+    /// The run `run` is stopped (cancelled, or past its `timeout:`) while
+    /// the candidate it made is rolled out: the rollout is aborted, and
+    /// the previous release restored at 100%. Returns the writes.
+    pub(crate) fn abort_rollout_of_run(&mut self, run: RunId, why: &str, now: u64) -> Vec<Op> {
+        let found = self
+            .environments
+            .rollouts()
+            .find_map(|(environment, rollout)| {
+                let candidate = self.environments.release(rollout.candidate)?;
+                (candidate.run == run).then(|| (environment.clone(), rollout.clone()))
+            });
+        let Some((environment, rollout)) = found else {
+            return Vec::new();
+        };
+        if rollout.phase == RolloutPhase::Restoring || rollout.reason.is_some() {
+            return Vec::new();
+        }
+        let reason = format!("run {run} that made release {} {why}", rollout.candidate);
+        self.abort(&environment, rollout, reason, now)
+    }
+
+    /// How the rollout of the release that run `run`'s stage `stage` made
+    /// ended, for a `rolling_out` stage found after a restart whose
+    /// rollout is no longer in progress: `(promoted, message)`.
+    pub(crate) fn rollout_outcome_of_run(&self, run: RunId, stage: &str) -> (bool, String) {
+        let release = self
+            .environments
+            .releases()
+            .filter(|release| release.run == run && release.stage == stage)
+            .last();
+        match release {
+            Some(release) if release.state == ReleaseState::Aborted => (
+                false,
+                format!(
+                    "rollout of release {} aborted: {}",
+                    release.id,
+                    release.reason.as_deref().unwrap_or("no reason recorded")
+                ),
+            ),
+            Some(release) => (
+                true,
+                format!(
+                    "release {} was rolled out to `{}`",
+                    release.id, release.environment
+                ),
+            ),
+            None => (
+                false,
+                "the rollout this stage started has no record; retry the stage to deploy again"
+                    .to_owned(),
+            ),
+        }
+    }
+
     /// Why a run's environment stage may not deploy to `environment` now:
     /// a rollout there owns the router until it ends.
     pub(crate) fn rollout_in_progress(&self, environment: &EnvKey) -> Option<String> {
@@ -654,4 +776,29 @@ impl DeliveryController {
             environment
         ))
     }
+}
+
+/// Where `rollout` is, as a `rolling_out` stage's message says it.
+fn progress(environment: &EnvKey, rollout: &RolloutRecord) -> String {
+    let at = format!(
+        "step {} of {} ({}%)",
+        rollout.step + 1,
+        rollout.steps.len(),
+        rollout.weight()
+    );
+    let doing = match &rollout.phase {
+        RolloutPhase::Deploying => format!("deploying {at}"),
+        RolloutPhase::Analysing { .. } => format!("{at} deployed, analysing"),
+        RolloutPhase::Restoring => format!(
+            "aborted at {at} ({}); restoring release {} at 100%",
+            rollout.reason.as_deref().unwrap_or("no reason"),
+            rollout.previous
+        ),
+        RolloutPhase::Ended => "ended".to_owned(),
+    };
+    format!(
+        "rolling out release {} to `{environment}`: {doing}; the stages after it wait for the \
+         rollout (`kiln rollout status {environment}`)",
+        rollout.candidate
+    )
 }

@@ -168,7 +168,28 @@ fn a_canary_goes_through_its_steps_and_goes_live() {
         plan.rollout.as_ref().map(|s| (s.step, s.weight, s.restore)),
         Some((1, 50, false))
     );
+    assert_eq!(
+        (plan.kind(), plan.describe().as_str()),
+        (
+            "rollout_step",
+            "rollout step 2/3 of release 2 to production at 50%"
+        ),
+        "the step's run says what it is"
+    );
     assert_eq!(rollout(&mut delivery).weight(), 50);
+    assert_eq!(
+        delivery.rollouts_by_run(),
+        [(
+            RunId(2),
+            "deploy".to_owned(),
+            "rolling out release 2 to `credit/production`: step 2 of 3 (50%) deployed, \
+             analysing; the stages after it wait for the rollout (`kiln rollout status \
+             credit/production`)"
+                .to_owned()
+        )],
+        "run 2's deploy stage waits for it"
+    );
+    assert!(delivery.take_rollouts_ended().is_empty());
 
     delivery.rollout_tick(2 * MINUTE + 10);
     let plan = run_queued(&mut delivery, 4, true, 2 * MINUTE + 20);
@@ -186,6 +207,17 @@ fn a_canary_goes_through_its_steps_and_goes_live() {
     assert!(
         delivery.rollout_in_progress(&env()).is_none(),
         "the environment takes deployments again"
+    );
+    let ended = delivery.take_rollouts_ended();
+    assert_eq!(ended.len(), 1);
+    assert_eq!(
+        (ended[0].run, ended[0].stage.as_str()),
+        (RunId(2), "deploy")
+    );
+    assert!(ended[0].promoted);
+    assert_eq!(
+        ended[0].message,
+        "rolled out to `credit/production`: passed 2 step(s) of analysis; release 2 takes all traffic"
     );
 }
 
@@ -220,6 +252,18 @@ fn breaches_in_a_row_abort_and_restore_the_previous_release_at_100() {
     );
     let (_, alerts) = delivery.take_work();
     assert!(alerts.iter().any(|a| a.name == "KilnRolloutAborted"));
+    let ended = delivery.take_rollouts_ended();
+    assert_eq!(ended.len(), 1);
+    assert!(!ended[0].promoted, "run 2's deploy stage fails");
+    assert!(
+        ended[0]
+            .message
+            .starts_with("rollout to `credit/production` aborted at step 1 of 3 (10%): ")
+            && ended[0].message.contains("error_ratio=0.4")
+            && ended[0].message.ends_with("; release 1 is back at 100%"),
+        "{}",
+        ended[0].message
+    );
     assert!(
         delivery
             .plan_rollback(&env(), None, "x".into(), None)
@@ -338,4 +382,29 @@ fn a_restarted_controller_resumes_the_rollout_from_its_records() {
     let plan = run_queued(&mut restarted, 3, true, 3_000);
     assert_eq!(plan.to, 1);
     assert_eq!(restarted.release(2).unwrap().state, ReleaseState::Aborted);
+}
+
+#[test]
+fn a_run_stopped_mid_rollout_aborts_it() {
+    let mut delivery = rolling_out();
+    assert!(
+        delivery
+            .abort_rollout_of_run(RunId(9), "was stopped (cancelled by user)", 1_000)
+            .is_empty(),
+        "run 9 made no candidate"
+    );
+    let ops = delivery.abort_rollout_of_run(RunId(2), "was stopped (cancelled by user)", 1_000);
+    assert!(!ops.is_empty());
+    let plan = run_queued(&mut delivery, 3, true, 2_000);
+    assert_eq!(
+        plan.describe(),
+        "restore release 1 in production at 100% after the aborted rollout of release 2"
+    );
+    let aborted = delivery.release(2).unwrap();
+    assert_eq!(aborted.state, ReleaseState::Aborted);
+    assert_eq!(
+        aborted.reason.as_deref(),
+        Some("run 2 that made release 2 was stopped (cancelled by user)")
+    );
+    assert_eq!(delivery.live(&env()), Some(1));
 }

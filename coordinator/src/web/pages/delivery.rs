@@ -221,7 +221,13 @@ async fn environment_page(web: &Web, signed: &Signed, pipeline: String, name: St
         chart,
         samples_chart,
         samples_caption,
-        rollout: env.rollout.as_ref().map(rollout_view),
+        rollout: env.rollout.as_ref().map(|rollout| {
+            let run = mine
+                .iter()
+                .find(|release| release.id == rollout.candidate)
+                .map(|release| release.run.0);
+            rollout_view(rollout, run)
+        }),
         rollback_href: format!("{href}/rollback"),
         unfreeze_href: format!("{href}/unfreeze"),
     }))
@@ -232,6 +238,8 @@ struct RolloutView {
     kind: &'static str,
     candidate: u64,
     previous: u64,
+    /// The run whose environment stage started it: it waits for the end.
+    run: Option<u64>,
     /// `10% → [50%] → 100%`, the current step in brackets.
     steps: String,
     step: usize,
@@ -252,7 +260,7 @@ struct RoundRow {
 /// Rounds the environment page shows (the newest).
 const ROUNDS_SHOWN: usize = 20;
 
-fn rollout_view(rollout: &crate::store::RolloutRecord) -> RolloutView {
+fn rollout_view(rollout: &crate::store::RolloutRecord, run: Option<u64>) -> RolloutView {
     use crate::store::{RolloutKind, RolloutPhase};
     let steps = rollout
         .steps
@@ -279,6 +287,7 @@ fn rollout_view(rollout: &crate::store::RolloutRecord) -> RolloutView {
         },
         candidate: rollout.candidate,
         previous: rollout.previous,
+        run,
         steps,
         step: rollout.step + 1,
         n_steps: rollout.steps.len(),

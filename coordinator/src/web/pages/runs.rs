@@ -263,7 +263,10 @@ struct RunPage {
     run: RunRow,
     version: u32,
     commit: String,
+    /// What a run the coordinator started deploys (a rollback, a
+    /// rollout's step or restore), under `rollback_label`.
     rollback: String,
+    rollback_label: &'static str,
     datasets: Vec<String>,
     dag: String,
     stages: Vec<StageRow>,
@@ -375,17 +378,23 @@ async fn run_page(web: &Web, signed: &Signed, id: u64) -> Page {
         rollback: run
             .rollback
             .as_ref()
-            .map(|plan| {
-                format!(
+            .map(|plan| match plan.kind.as_str() {
+                "rollout_step" | "rollout_restore" => plan.summary.clone(),
+                _ => format!(
                     "rolls {}/{} back from release {} to release {}: {}",
                     plan.pipeline,
                     plan.environment,
                     plan.from_release,
                     plan.to_release,
                     plan.reason
-                )
+                ),
             })
             .unwrap_or_default(),
+        rollback_label: match run.rollback.as_ref().map(|plan| plan.kind.as_str()) {
+            Some("rollout_step") => "Rollout step",
+            Some("rollout_restore") => "Rollout restore",
+            _ => "Rollback",
+        },
         datasets: run
             .datasets
             .iter()

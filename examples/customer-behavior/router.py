@@ -28,10 +28,11 @@ changed, so a new candidate starts clean):
     router_shadow_disagreement_ratio          mirrored answers that differ
     router_weight                             the candidate's percent
 
-followed by the stable backend's own `/metrics`, unchanged: scraping the
-router is scraping the live model (its `model_error_ratio`, ...), so one
-address serves the traffic and the monitor's metrics. The candidate's own
-metrics are on its backend.
+followed by the stable backend's own `/metrics`, unchanged, when it answers
+in the Prometheus text format (`text/plain`): scraping the router is
+scraping the live model (its `model_error_ratio`, ...), so one address
+serves the traffic and the monitor's metrics. The candidate's own metrics
+are on its backend.
 """
 
 import argparse
@@ -174,9 +175,7 @@ def make_server(port, state_dir):
                     lines.append(f"router_shadow_disagreement_ratio {ratio}")
             text = "\n".join(lines) + "\n"
             if routes.get("stable"):
-                status, stable = forward(routes["stable"], "GET", "/metrics", None, {})
-                if status == 200:
-                    text += stable.decode("utf-8", "replace")
+                text += live_metrics(routes["stable"])
             self.reply(200, text.encode(), "text/plain; version=0.0.4")
 
         def route(self, method):
@@ -208,6 +207,18 @@ def make_server(port, state_dir):
     server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
     server.daemon_threads = True
     return server
+
+
+def live_metrics(url):
+    """The backend's /metrics text if it answers one in the Prometheus text
+    format, else "" (a backend without metrics adds nothing)."""
+    try:
+        with urllib.request.urlopen(url.rstrip("/") + "/metrics", timeout=2) as response:
+            if not response.headers.get("Content-Type", "").startswith("text/plain"):
+                return ""
+            return response.read().decode("utf-8", "replace")
+    except (OSError, ValueError):
+        return ""
 
 
 def serve(port, state_dir):

@@ -14,6 +14,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Optional
 
@@ -191,14 +192,31 @@ def test_a_canary_step_needs_a_router_and_a_percent(project: Path, tmp_path: Pat
     assert full.returncode == 0 and "production now serves" in full.stdout, full.stderr
 
 
-def test_the_router_still_answers_metrics_when_the_live_server_is_down(tmp_path: Path) -> None:
-    router.set_route(str(tmp_path), "http://127.0.0.1:9", 100, "full")
+def test_the_router_adds_only_a_live_servers_prometheus_text(tmp_path: Path) -> None:
+    class NotMetrics(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            self.send_response(200)
+            self.send_header("Content-Type", "application/octet-stream")
+            self.send_header("Content-Length", "1")
+            self.end_headers()
+            self.wfile.write(b"1")
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    plain = ThreadingHTTPServer(("127.0.0.1", 0), NotMetrics)
+    threading.Thread(target=plain.serve_forever, daemon=True).start()
     server = router.make_server(0, str(tmp_path))
     threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/metrics"
     try:
-        status, text = http(f"http://127.0.0.1:{server.server_address[1]}/metrics")
-        assert status == 200 and "router_weight 0" in text and "model_" not in text, text
+        for live in (f"http://127.0.0.1:{plain.server_address[1]}", "http://127.0.0.1:9"):
+            router.set_route(str(tmp_path), live, 100, "full")
+            status, text = http(url)
+            samples = [line for line in text.splitlines() if not line.startswith("#")]
+            assert status == 200 and "router_weight 0" in samples, text
+            assert all(line.startswith("router_") for line in samples), f"{live}: {text}"
     finally:
-        server.shutdown()
-        server.server_close()
-
+        for stop in (server, plain):
+            stop.shutdown()
+            stop.server_close()

@@ -204,16 +204,6 @@ async fn a_repository_registered_once_runs_the_pipeline_file_of_each_commit() ->
     Ok(())
 }
 
-fn git(repo: &Repo, args: &[&str]) -> Result<()> {
-    let output = std::process::Command::new("git")
-        .arg("-C")
-        .arg(repo.path())
-        .args(args)
-        .output()?;
-    ensure!(output.status.success(), "git {args:?}: {}", stderr(&output));
-    Ok(())
-}
-
 /// Another branch's file runs as its own (side) version, but the
 /// pipeline's current version — what its triggers, settings and page come
 /// from — stays the registered branch's file until that branch has the
@@ -224,12 +214,9 @@ async fn another_branchs_file_runs_but_never_becomes_the_current_version() -> Re
     let mut farm = Farm::start(&options, &[("side-agent", "", 2)])?;
     let (v1, v2) = (V1.replace("pac", "side"), V2.replace("pac", "side"));
     let repo = Repo::new(&v1)?;
-    let added = farm
-        .coordinator
-        .kiln(&["repo", "add", repo.path().to_str().unwrap()]);
-    ensure!(added.status.success(), "{}", stderr(&added));
+    farm.coordinator.add_repo(&repo, &[])?;
 
-    git(&repo, &["checkout", "-q", "-b", "feature"])?;
+    repo.git(&["checkout", "-q", "-b", "feature"])?;
     repo.commit("kiln.yml", &v2)?;
     let run = run_at(&farm, "side", "feature").await?;
     assert_eq!(run.state, pb::RunState::Succeeded as i32, "{run:#?}");
@@ -250,8 +237,8 @@ async fn another_branchs_file_runs_but_never_becomes_the_current_version() -> Re
 
     // The file reaches main: main's run makes it current, as a new version
     // (version 2 stays the side version its run built).
-    git(&repo, &["checkout", "-q", "main"])?;
-    git(&repo, &["merge", "-q", "--ff-only", "feature"])?;
+    repo.git(&["checkout", "-q", "main"])?;
+    repo.git(&["merge", "-q", "--ff-only", "feature"])?;
     let run = run_at(&farm, "side", "").await?;
     assert_eq!(run.state, pb::RunState::Succeeded as i32, "{run:#?}");
     assert_eq!(

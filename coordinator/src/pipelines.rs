@@ -57,21 +57,7 @@ mod tests {
     use super::*;
 
     fn record(version: u32, yaml: &str) -> PipelineRecord {
-        PipelineRecord {
-            name: "p".into(),
-            version,
-            file_name: "kiln.yml".into(),
-            spec_yaml: yaml.into(),
-            repo: String::new(),
-            branch: "main".into(),
-            subdir: String::new(),
-            registered_ms: 0,
-            path: String::new(),
-            digest: String::new(),
-            repository: String::new(),
-            status: None,
-            poll_ms: 0,
-        }
+        PipelineRecord::for_test("p", version, yaml)
     }
 
     #[test]

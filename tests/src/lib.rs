@@ -13,7 +13,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 use kiln_common::channel::{KilnChannel, Token};
 use kiln_proto::v1 as pb;
 use pb::control_service_client::ControlServiceClient;
@@ -301,6 +301,19 @@ impl Coordinator {
     pub fn kiln(&self, args: &[&str]) -> Output {
         kiln(&self.url(), args)
     }
+
+    /// `kiln repo add REPO OPTIONS...`, which must succeed; its output.
+    pub fn add_repo(&self, repo: &Repo, options: &[&str]) -> Result<String> {
+        let mut args = vec!["repo", "add", repo.path().to_str().expect("a UTF-8 path")];
+        args.extend_from_slice(options);
+        let added = self.kiln(&args);
+        ensure!(
+            added.status.success(),
+            "kiln {args:?}: {}",
+            String::from_utf8_lossy(&added.stderr)
+        );
+        Ok(String::from_utf8_lossy(&added.stdout).into_owned())
+    }
 }
 
 /// Runs the CLI against `url` as the coordinator's admin and returns what
@@ -389,6 +402,11 @@ impl Repo {
 
     pub fn path(&self) -> &Path {
         self.dir.path()
+    }
+
+    /// `git ARGS` in the repository, which must succeed; its output, trimmed.
+    pub fn git(&self, args: &[&str]) -> Result<String> {
+        Ok(git(self.path(), args)?.trim().to_owned())
     }
 
     /// Writes `file` and commits it; returns the commit id.

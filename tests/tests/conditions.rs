@@ -6,8 +6,7 @@
 //! release of a newer one.
 
 use std::collections::HashMap;
-use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
@@ -18,28 +17,6 @@ const LIMIT: Duration = Duration::from_secs(90);
 
 fn stdout(output: &Output) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
-}
-
-fn git(dir: &Path, args: &[&str]) -> Result<()> {
-    let output = Command::new("git").arg("-C").arg(dir).args(args).output()?;
-    ensure!(
-        output.status.success(),
-        "git {args:?}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    Ok(())
-}
-
-fn add_repo(farm: &Farm, repo: &Repo) -> Result<()> {
-    let added = farm
-        .coordinator
-        .kiln(&["repo", "add", repo.path().to_str().unwrap()]);
-    ensure!(
-        added.status.success(),
-        "{}",
-        String::from_utf8_lossy(&added.stderr)
-    );
-    Ok(())
 }
 
 /// Starts `pipeline` at `rev` with `params`; returns the run's id.
@@ -119,7 +96,7 @@ stages:
 async fn if_and_changes_skip_stages_with_their_reason() -> Result<()> {
     let farm = Farm::start(&Default::default(), &[("cond-agent", "", 4)])?;
     let repo = Repo::new(CONDITIONS)?;
-    add_repo(&farm, &repo)?;
+    farm.coordinator.add_repo(&repo, &[])?;
 
     // The branch's first build: everything counts as changed.
     let run = run_to_end(&farm, "cond", "", &[]).await?;
@@ -169,7 +146,7 @@ async fn if_and_changes_skip_stages_with_their_reason() -> Result<()> {
 
     // Another branch: `release` is skipped by its `if:`, and what needs it
     // is skipped too.
-    git(repo.path(), &["checkout", "-q", "-b", "dev"])?;
+    repo.git(&["checkout", "-q", "-b", "dev"])?;
     repo.commit("notes.txt", "dev work\n")?;
     let run = run_to_end(&farm, "cond", "dev", &[]).await?;
     assert_eq!(run.state, pb::RunState::Succeeded as i32, "{run:#?}");
@@ -212,7 +189,7 @@ stages:
 async fn a_newer_run_cancels_the_older_but_not_its_running_deploy() -> Result<()> {
     let farm = Farm::start(&Default::default(), &[("conc-agent", "", 4)])?;
     let repo = Repo::new(CONCURRENT)?;
-    add_repo(&farm, &repo)?;
+    farm.coordinator.add_repo(&repo, &[])?;
 
     // The older run is still building: it is cancelled outright.
     let older = start(&farm, "conc", "", &[("BUILD", "60")]).await?;
@@ -293,7 +270,7 @@ async fn without_cancel_in_progress_a_newer_run_waits_for_the_older() -> Result<
         r#"concurrency: "deploy-{{ branch }}""#,
     );
     let repo = Repo::new(&queued)?;
-    add_repo(&farm, &repo)?;
+    farm.coordinator.add_repo(&repo, &[])?;
     let older = start(&farm, "conc", "", &[("BUILD", "3")]).await?;
     until_running(&farm, older, "build").await?;
     let newer = start(&farm, "conc", "", &[]).await?;
@@ -363,7 +340,7 @@ async fn live(farm: &Farm, pipeline: &str) -> Result<(u64, String)> {
 async fn an_older_commit_never_replaces_a_newer_release() -> Result<()> {
     let farm = Farm::start(&Default::default(), &[("guard-agent", "", 4)])?;
     let repo = Repo::new(GUARDED)?;
-    add_repo(&farm, &repo)?;
+    farm.coordinator.add_repo(&repo, &[])?;
     let old_commit = repo.commit("model.txt", "v1\n")?;
     let new_commit = repo.commit("model.txt", "v2\n")?;
 
@@ -471,7 +448,7 @@ async fn epochs_line(farm: &Farm, run: u64) -> Result<String> {
 async fn webhooks_and_schedules_start_runs_with_parameters() -> Result<()> {
     let farm = Farm::start(&Default::default(), &[("sourced-agent", "", 2)])?;
     let repo = Repo::new(SOURCED)?;
-    add_repo(&farm, &repo)?;
+    farm.coordinator.add_repo(&repo, &[])?;
     let mut client = farm.coordinator.client().await?;
     client
         .set_secret(pb::SetSecretRequest {

@@ -5,7 +5,6 @@
 //! payloads are shaped as each forge documents them; the forges themselves
 //! do not run here.
 
-use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
@@ -36,18 +35,18 @@ fn sign(body: &[u8], key: &str) -> String {
     hex::encode(mac.finalize().into_bytes())
 }
 
-fn git(repo: &Repo, args: &[&str]) -> Result<String> {
-    let output = Command::new("git")
-        .arg("-C")
-        .arg(repo.path())
-        .args(args)
-        .output()?;
-    ensure!(
-        output.status.success(),
-        "git {args:?}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    Ok(String::from_utf8(output.stdout)?.trim().to_owned())
+/// Adds `repo` and stores the webhook secret its pipeline names.
+async fn add_with_hook_key(coordinator: &Coordinator, repo: &Repo) -> Result<()> {
+    coordinator.add_repo(repo, &[])?;
+    coordinator
+        .client()
+        .await?
+        .set_secret(pb::SetSecretRequest {
+            name: "HOOK_KEY".into(),
+            value: KEY.into(),
+        })
+        .await?;
+    Ok(())
 }
 
 /// POSTs a delivery; returns the status and the JSON answer.
@@ -133,24 +132,11 @@ async fn github_gitea_and_gitlab_events_start_the_right_runs_once() -> Result<()
     let coordinator = &farm.coordinator;
     let repo = Repo::new(PIPELINE)?;
     let main = repo.commit("model.txt", "v1\n")?;
-    git(&repo, &["tag", "v1"])?;
-    git(&repo, &["checkout", "-q", "-b", "feature"])?;
+    repo.git(&["tag", "v1"])?;
+    repo.git(&["checkout", "-q", "-b", "feature"])?;
     let feature = repo.commit("model.txt", "v2\n")?;
-    git(&repo, &["checkout", "-q", "main"])?;
-    let added = coordinator.kiln(&["repo", "add", repo.path().to_str().unwrap()]);
-    ensure!(
-        added.status.success(),
-        "{}",
-        String::from_utf8_lossy(&added.stderr)
-    );
-    coordinator
-        .client()
-        .await?
-        .set_secret(pb::SetSecretRequest {
-            name: "HOOK_KEY".into(),
-            value: KEY.into(),
-        })
-        .await?;
+    repo.git(&["checkout", "-q", "main"])?;
+    add_with_hook_key(coordinator, &repo).await?;
 
     // GitHub: a branch push, without the repository fields Kiln ignores.
     let push = json!({"ref": "refs/heads/main", "after": main, "pusher": {"name": "ada"}});
@@ -275,20 +261,7 @@ async fn the_oldest_delivery_keys_expire_past_the_bound() -> Result<()> {
         repo.commit("model.txt", "3\n")?,
     ];
     let coordinator = &farm.coordinator;
-    let added = coordinator.kiln(&["repo", "add", repo.path().to_str().unwrap()]);
-    ensure!(
-        added.status.success(),
-        "{}",
-        String::from_utf8_lossy(&added.stderr)
-    );
-    coordinator
-        .client()
-        .await?
-        .set_secret(pb::SetSecretRequest {
-            name: "HOOK_KEY".into(),
-            value: KEY.into(),
-        })
-        .await?;
+    add_with_hook_key(coordinator, &repo).await?;
     let push = |commit: &str| json!({"ref": "refs/heads/main", "after": commit});
     for (n, commit) in commits.iter().enumerate() {
         let body = push(commit);
@@ -334,16 +307,13 @@ async fn a_pull_request_from_a_fork_is_built_from_its_pull_ref() -> Result<()> {
     let repo = Repo::new(PIPELINE)?;
     repo.commit("model.txt", "base\n")?;
     // The fork's commits, reachable only from the pull and merge request refs.
-    git(&repo, &["checkout", "-q", "-b", "fork"])?;
+    repo.git(&["checkout", "-q", "-b", "fork"])?;
     let github_head = repo.commit("model.txt", "from a fork\n")?;
     let gitlab_head = repo.commit("model.txt", "from another fork\n")?;
-    git(&repo, &["checkout", "-q", "main"])?;
-    git(&repo, &["update-ref", "refs/pull/9/head", &github_head])?;
-    git(
-        &repo,
-        &["update-ref", "refs/merge-requests/4/head", &gitlab_head],
-    )?;
-    git(&repo, &["branch", "-q", "-D", "fork"])?;
+    repo.git(&["checkout", "-q", "main"])?;
+    repo.git(&["update-ref", "refs/pull/9/head", &github_head])?;
+    repo.git(&["update-ref", "refs/merge-requests/4/head", &gitlab_head])?;
+    repo.git(&["branch", "-q", "-D", "fork"])?;
     let url = format!("file://{}", repo.path().display());
     let coordinator = &farm.coordinator;
     let added = coordinator.kiln(&["repo", "add", &url, "--name", "forked"]);

@@ -69,14 +69,7 @@ async fn included_files_templates_and_merge_keys_build_the_run() -> Result<()> {
     let repo = Repo::new(ROOT)?;
     repo.commit("ci/templates.yml", TEMPLATES)?;
     repo.commit("ci/lint.yml", LINT)?;
-    let added = farm
-        .coordinator
-        .kiln(&["repo", "add", repo.path().to_str().unwrap()]);
-    ensure!(
-        added.status.success(),
-        "{}",
-        String::from_utf8_lossy(&added.stderr)
-    );
+    farm.coordinator.add_repo(&repo, &[])?;
 
     let run = run_head(&farm).await?;
     assert_eq!(run.state, pb::RunState::Succeeded as i32, "{run:#?}");

@@ -204,6 +204,59 @@ async fn a_repository_registered_once_runs_the_pipeline_file_of_each_commit() ->
     Ok(())
 }
 
+/// Another branch's file runs as its own (side) version, but the
+/// pipeline's current version — what its triggers, settings and page come
+/// from — stays the registered branch's file until that branch has the
+/// file too; through a restart.
+#[tokio::test(flavor = "multi_thread")]
+async fn another_branchs_file_runs_but_never_becomes_the_current_version() -> Result<()> {
+    let options = Default::default();
+    let mut farm = Farm::start(&options, &[("side-agent", "", 2)])?;
+    let (v1, v2) = (V1.replace("pac", "side"), V2.replace("pac", "side"));
+    let repo = Repo::new(&v1)?;
+    farm.coordinator.add_repo(&repo, &[])?;
+
+    repo.git(&["checkout", "-q", "-b", "feature"])?;
+    repo.commit("kiln.yml", &v2)?;
+    let run = run_at(&farm, "side", "feature").await?;
+    assert_eq!(run.state, pb::RunState::Succeeded as i32, "{run:#?}");
+    assert_eq!(
+        (names(&run), run.pipeline_version),
+        (vec!["one", "two"], 2),
+        "the branch's run builds the branch's file"
+    );
+    let current = latest_version(&farm, "side").await?;
+    assert_eq!(
+        (current.version, current.spec_yaml.as_str()),
+        (1, v1.as_str()),
+        "the feature branch's file is not the pipeline's"
+    );
+    farm.coordinator
+        .crash_and_restart(&options, Duration::from_millis(100))?;
+    assert_eq!(latest_version(&farm, "side").await?.version, 1);
+
+    // The file reaches main: main's run makes it current, as a new version
+    // (version 2 stays the side version its run built).
+    repo.git(&["checkout", "-q", "main"])?;
+    repo.git(&["merge", "-q", "--ff-only", "feature"])?;
+    let run = run_at(&farm, "side", "").await?;
+    assert_eq!(run.state, pb::RunState::Succeeded as i32, "{run:#?}");
+    assert_eq!(
+        (run.pipeline_version, run.pipeline_digest.as_str()),
+        (3, digest(&v2).as_str())
+    );
+    let current = latest_version(&farm, "side").await?;
+    assert_eq!(
+        (current.version, current.spec_yaml.as_str()),
+        (3, v2.as_str())
+    );
+    // Main again with the same file: the same version.
+    repo.commit("README", "again\n")?;
+    let run = run_at(&farm, "side", "").await?;
+    assert_eq!(run.pipeline_version, 3);
+    Ok(())
+}
+
 /// A remote repository (a `file://` URL: the coordinator reads it through
 /// its own mirror) holding several pipelines: `kiln.yml` and `.kiln/*.yml`,
 /// each registered by one `kiln repo add` and run on its own.

@@ -4,7 +4,6 @@
 //! for what was there before polling began, none for a commit a webhook
 //! delivery already started, and none again after a restart.
 
-use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Result, ensure};
@@ -29,20 +28,6 @@ stages:
   show:
     commands: ["echo event=$KILN_EVENT branch=${KILN_BRANCH:-} tag=${KILN_TAG:-}"]
 "#;
-
-fn git(repo: &Repo, args: &[&str]) -> Result<()> {
-    let output = Command::new("git")
-        .arg("-C")
-        .arg(repo.path())
-        .args(args)
-        .output()?;
-    ensure!(
-        output.status.success(),
-        "git {args:?}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    Ok(())
-}
 
 /// Every run of the pipeline, oldest first, as (commit, event variable).
 async fn runs(coordinator: &Coordinator) -> Result<Vec<pb::Run>> {
@@ -97,7 +82,7 @@ async fn polling_starts_one_run_per_new_commit_and_none_twice() -> Result<()> {
     let mut farm = Farm::start(&options, &[("poll-agent", "", 2)])?;
     let repo = Repo::new(PIPELINE)?;
     repo.commit("model.txt", "before polling\n")?;
-    git(&repo, &["tag", "v0"])?;
+    repo.git(&["tag", "v0"])?;
     let coordinator = &farm.coordinator;
     coordinator
         .client()
@@ -107,12 +92,7 @@ async fn polling_starts_one_run_per_new_commit_and_none_twice() -> Result<()> {
             value: KEY.into(),
         })
         .await?;
-    let added = coordinator.kiln(&["repo", "add", repo.path().to_str().unwrap(), "--poll", "1s"]);
-    ensure!(
-        added.status.success(),
-        "{}",
-        String::from_utf8_lossy(&added.stderr)
-    );
+    coordinator.add_repo(&repo, &["--poll", "1s"])?;
 
     // What was there before polling began starts nothing.
     tokio::time::sleep(QUIET).await;
@@ -130,11 +110,11 @@ async fn polling_starts_one_run_per_new_commit_and_none_twice() -> Result<()> {
     assert_eq!(runs(coordinator).await?.len(), 1, "one run per commit");
 
     // A commit a webhook delivered first: the poll starts nothing more.
-    git(&repo, &["checkout", "-q", "-b", "side"])?;
+    repo.git(&["checkout", "-q", "-b", "side"])?;
     let second = repo.commit("model.txt", "2\n")?;
     assert_eq!(push_hook(coordinator, &second).await?, 201);
-    git(&repo, &["checkout", "-q", "main"])?;
-    git(&repo, &["merge", "-q", "--ff-only", "side"])?;
+    repo.git(&["checkout", "-q", "main"])?;
+    repo.git(&["merge", "-q", "--ff-only", "side"])?;
     tokio::time::sleep(QUIET).await;
     let seen = wait_for_runs(coordinator, 2).await?;
     assert_eq!(seen.len(), 2, "{seen:#?}");
@@ -146,11 +126,11 @@ async fn polling_starts_one_run_per_new_commit_and_none_twice() -> Result<()> {
     );
 
     // A branch the filters leave out, and a tag they accept.
-    git(&repo, &["checkout", "-q", "-b", "feature"])?;
+    repo.git(&["checkout", "-q", "-b", "feature"])?;
     let third = repo.commit("model.txt", "3\n")?;
-    git(&repo, &["checkout", "-q", "main"])?;
-    git(&repo, &["tag", "-a", "v1", "-m", "v1", &third])?;
-    git(&repo, &["tag", "nightly", &third])?;
+    repo.git(&["checkout", "-q", "main"])?;
+    repo.git(&["tag", "-a", "v1", "-m", "v1", &third])?;
+    repo.git(&["tag", "nightly", &third])?;
     let seen = wait_for_runs(coordinator, 3).await?;
     assert_eq!(seen[2].commit, third);
     assert_eq!(

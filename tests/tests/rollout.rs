@@ -210,26 +210,28 @@ async fn start_candidate(farm: &Farm, repo: &Repo, model: &str) -> Result<(u64, 
     let run: u64 = String::from_utf8(started.stdout)?.trim().parse()?;
     // The release is read from the store, the run from what readers see
     // once that is durable: wait for both.
-    let candidate = eventually(
-        Duration::from_secs(60),
-        "the candidate release",
-        || async move {
-            let releases = history(farm, "shop/production").await?;
-            let deployed = !matches!(
-                state(stage(&run_of(farm, run).await?, "deploy")),
-                pb::StageState::Pending
-                    | pb::StageState::Ready
-                    | pb::StageState::Assigned
-                    | pb::StageState::Running
-            );
-            Ok(releases
-                .iter()
-                .find(|r| r.run_id == run && deployed)
-                .map(|r| r.id))
-        },
-    )
-    .await?;
+    let candidate = release_of_run(farm, run, "the candidate release").await?;
     Ok((run, candidate))
+}
+
+/// The production release that `run`'s deploy stage made, once the stage
+/// is past running and readers see it.
+async fn release_of_run(farm: &Farm, run: u64, what: &str) -> Result<u64> {
+    eventually(Duration::from_secs(60), what, || async move {
+        let releases = history(farm, "shop/production").await?;
+        let deployed = !matches!(
+            state(stage(&run_of(farm, run).await?, "deploy")),
+            pb::StageState::Pending
+                | pb::StageState::Ready
+                | pb::StageState::Assigned
+                | pb::StageState::Running
+        );
+        Ok(releases
+            .iter()
+            .find(|r| r.run_id == run && deployed)
+            .map(|r| r.id))
+    })
+    .await
 }
 
 /// [`start_candidate`], for the tests that follow the rollout only.
@@ -809,24 +811,7 @@ async fn promoting_a_version_into_a_canary_environment_goes_through_its_steps() 
         .context("the run id")?
         .parse()?;
     decide(&farm, promote_run, "approve").await?;
-    let candidate = eventually(Duration::from_secs(60), "the promoted release", || {
-        let farm = &farm;
-        async move {
-            let releases = history(farm, "shop/production").await?;
-            let deployed = !matches!(
-                state(stage(&run_of(farm, promote_run).await?, "deploy")),
-                pb::StageState::Pending
-                    | pb::StageState::Ready
-                    | pb::StageState::Assigned
-                    | pb::StageState::Running
-            );
-            Ok(releases
-                .iter()
-                .find(|r| r.run_id == promote_run && deployed)
-                .map(|r| r.id))
-        }
-    })
-    .await?;
+    let candidate = release_of_run(&farm, promote_run, "the promoted release").await?;
     let waiting = run_of(&farm, promote_run).await?;
     assert_eq!(waiting.state, pb::RunState::Running as i32, "{waiting:#?}");
     assert_eq!(

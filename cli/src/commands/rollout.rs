@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 
 use kiln_common::ids::EnvKey;
+use kiln_common::spec::Strategy;
 use kiln_proto::v1 as pb;
 use serde::Serialize;
 
@@ -126,23 +127,8 @@ pub(crate) async fn rollout(
 /// The rollout for people: one line of where it is, the steps, then the
 /// analysis rounds.
 fn text(view: &RolloutView, now_ms: u64) -> String {
-    let steps: Vec<String> = view
-        .steps
-        .iter()
-        .enumerate()
-        .map(|(i, weight)| {
-            let weight = if *weight == 0 {
-                "shadow".to_owned()
-            } else {
-                format!("{weight}%")
-            };
-            if i + 1 == view.step as usize {
-                format!("[{weight}]")
-            } else {
-                weight
-            }
-        })
-        .collect();
+    // `view.step` counts from 1.
+    let steps = Strategy::steps_text(&view.steps, (view.step as usize).wrapping_sub(1));
     let mut out = format!(
         "{} of release {} in {}/{} (replacing release {}): step {} of {} at {}%, {}",
         view.kind,
@@ -164,7 +150,7 @@ fn text(view: &RolloutView, now_ms: u64) -> String {
     if let Some(outcome) = &view.outcome {
         out.push_str(&format!(": {outcome}"));
     }
-    out.push_str(&format!("\nsteps: {}", steps.join(" → ")));
+    out.push_str(&format!("\nsteps: {steps}"));
     if let Some(reason) = &view.reason {
         out.push_str(&format!("\nreason: {reason}"));
     }

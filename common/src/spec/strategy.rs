@@ -49,6 +49,28 @@ impl Strategy {
             _ => "canary",
         }
     }
+
+    /// The steps for people, the current one (0-based `current`) in
+    /// brackets: `10% → [50%] → 100%`, a shadow step as `shadow`.
+    pub fn steps_text(steps: &[u32], current: usize) -> String {
+        steps
+            .iter()
+            .enumerate()
+            .map(|(i, &weight)| {
+                let weight = if weight == 0 {
+                    "shadow".to_owned()
+                } else {
+                    format!("{weight}%")
+                };
+                if i == current {
+                    format!("[{weight}]")
+                } else {
+                    weight
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(" → ")
+    }
 }
 
 /// The default pause between canary steps and the default shadow window.

@@ -108,10 +108,20 @@ impl Engine {
                 path,
                 digest,
                 read: Ok((text, parsed)),
-            }) => (
-                self.version_at_commit(&pipeline, &path, text, digest.clone(), parsed),
-                digest,
-            ),
+            }) => {
+                // A merge request's source branch may share the name.
+                let on_branch = variables.get("KILN_BRANCH") == Some(&pipeline.branch)
+                    && !variables.contains_key("KILN_MR_ID");
+                let version = self.version_at_commit(
+                    &pipeline,
+                    &path,
+                    text,
+                    digest.clone(),
+                    parsed,
+                    on_branch,
+                );
+                (version, digest)
+            }
             Some(FileAtCommit {
                 path,
                 digest,
@@ -201,7 +211,14 @@ impl Engine {
     }
 
     /// The version of `pipeline` whose file is `text`: the one stored
-    /// under `digest`, or a new one with the latest version's settings.
+    /// under `digest`, or a new one with the current version's settings.
+    ///
+    /// `on_branch`: the run builds the registered branch, whose file is
+    /// the pipeline's current version (its triggers, settings and page);
+    /// when that file is not the current version, it becomes it — as a new
+    /// version even when an older or side version holds the same file,
+    /// since versions never change. Any other run's file is stored as a
+    /// side version, for its runs only.
     pub(super) fn version_at_commit(
         &mut self,
         pipeline: &PipelineRecord,
@@ -209,25 +226,32 @@ impl Engine {
         text: String,
         digest: String,
         parsed: Arc<spec::Pipeline>,
+        on_branch: bool,
     ) -> u32 {
         let key = (pipeline.name.clone(), digest.clone());
-        if let Some(&version) = self.digests.get(&key) {
+        let current = self.latest.get(&pipeline.name).unwrap_or(pipeline);
+        if let Some(&version) = self.digests.get(&key)
+            && (!on_branch || version == current.version)
+        {
             return version;
         }
-        let latest = self.latest.get(&pipeline.name).unwrap_or(pipeline);
         let record = PipelineRecord {
-            version: latest.version + 1,
+            version: self.next_version(&pipeline.name),
             file_name: path.to_owned(),
             spec_yaml: text,
             path: path.to_owned(),
             digest,
             registered_ms: self.clock.now_ms(),
-            ..latest.clone()
+            side: !on_branch,
+            ..current.clone()
         };
-        tracing::info!(pipeline = %record.name, version = record.version, digest = %record.digest, "new pipeline version read at a run's commit");
+        tracing::info!(pipeline = %record.name, version = record.version, digest = %record.digest, side = record.side, "new pipeline version read at a run's commit");
         self.write(Op::Pipeline(record.clone()));
-        self.view_update.pipelines.push(record.clone());
-        self.latest.insert(record.name.clone(), record.clone());
+        if on_branch {
+            self.view_update.pipelines.push(record.clone());
+            self.latest.insert(record.name.clone(), record.clone());
+        }
+        self.top_version.insert(record.name.clone(), record.version);
         self.digests.insert(key, record.version);
         // Not durable yet, so `spec` could not read it back from the store.
         let spec = Arc::new(PipelineSpec::new(record.clone(), parsed));

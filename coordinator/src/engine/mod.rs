@@ -304,8 +304,12 @@ pub(crate) struct Engine {
     clock: Arc<dyn Clock>,
     config: EngineConfig,
     metrics: Arc<Metrics>,
-    /// Latest version of every pipeline, by name.
+    /// The current version of every pipeline, by name: the newest that is
+    /// not a side version ([`PipelineRecord::side`]).
     latest: HashMap<String, PipelineRecord>,
+    /// The highest version number of every pipeline, side versions
+    /// included: the next version's number follows it.
+    top_version: HashMap<String, u32>,
     /// The version holding each file (pipeline, "sha256:<hex>"), among the
     /// versions with the latest settings (repository, branch, path): a
     /// file read at a commit gets a new version only when it is new.
@@ -380,8 +384,13 @@ impl Engine {
             .into_iter()
             .map(|record| (record.name.clone(), record))
             .collect();
-        let digests = store
-            .pipeline_versions()?
+        let versions = store.pipeline_versions()?;
+        let mut top_version: HashMap<String, u32> = HashMap::new();
+        for record in &versions {
+            let top = top_version.entry(record.name.clone()).or_default();
+            *top = (*top).max(record.version);
+        }
+        let digests = versions
             .into_iter()
             .filter(|record| {
                 latest
@@ -407,6 +416,7 @@ impl Engine {
             config,
             metrics,
             latest,
+            top_version,
             digests,
             deliveries: store
                 .deliveries()?
@@ -811,11 +821,13 @@ impl Engine {
         Ok(spec)
     }
 
+    /// The number of `name`'s next version.
+    fn next_version(&self, name: &str) -> u32 {
+        self.top_version.get(name).map_or(1, |top| top + 1)
+    }
+
     fn register(&mut self, new: NewPipeline) -> Result<(PipelineRecord, bool), ApiError> {
-        let version = self
-            .latest
-            .get(&new.name)
-            .map_or(1, |latest| latest.version + 1);
+        let version = self.next_version(&new.name);
         let record = PipelineRecord {
             name: new.name,
             version,
@@ -830,6 +842,7 @@ impl Engine {
             repository: new.repository,
             status: new.status,
             poll_ms: new.poll_ms,
+            side: false,
         };
         if let Some(latest) = self.latest.get(&record.name) {
             if same_settings(latest, &record) && version_digest(latest) == record.digest {
@@ -845,6 +858,7 @@ impl Engine {
             .insert((record.name.clone(), record.digest.clone()), record.version);
         self.write(Op::Pipeline(record.clone()));
         self.view_update.pipelines.push(record.clone());
+        self.top_version.insert(record.name.clone(), record.version);
         self.latest.insert(record.name.clone(), record.clone());
         Ok((record, true))
     }

@@ -270,21 +270,7 @@ mod tests {
     use super::*;
 
     fn pipeline(name: &str, version: u32) -> PipelineRecord {
-        PipelineRecord {
-            name: name.into(),
-            version,
-            file_name: "kiln.yml".into(),
-            spec_yaml: String::new(),
-            repo: String::new(),
-            branch: "main".into(),
-            subdir: String::new(),
-            registered_ms: 0,
-            path: String::new(),
-            digest: String::new(),
-            repository: String::new(),
-            status: None,
-            poll_ms: 0,
-        }
+        PipelineRecord::for_test(name, version, "")
     }
 
     #[test]

@@ -93,6 +93,12 @@ pub(crate) struct PipelineRecord {
     /// --poll`), in ms; 0 = never.
     #[serde(default)]
     pub(crate) poll_ms: u64,
+    /// Read at the commit of a run that did not build the registered
+    /// branch (another branch, a tag, a pinned commit): stored for its
+    /// runs, never the pipeline's current version, whose triggers,
+    /// settings and page are the newest version that is not a side one.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub(crate) side: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -138,6 +144,30 @@ pub(crate) struct RunRecord {
     /// starts until the older runs have ended.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub(crate) waiting: bool,
+}
+
+#[cfg(test)]
+impl PipelineRecord {
+    /// Version `version` of `name` registered from branch `main` as the
+    /// snapshot `yaml`; tests set what else they need.
+    pub(crate) fn for_test(name: &str, version: u32, yaml: &str) -> Self {
+        Self {
+            name: name.into(),
+            version,
+            file_name: "kiln.yml".into(),
+            spec_yaml: yaml.into(),
+            repo: String::new(),
+            branch: "main".into(),
+            subdir: String::new(),
+            registered_ms: 0,
+            path: String::new(),
+            digest: String::new(),
+            repository: String::new(),
+            status: None,
+            poll_ms: 0,
+            side: false,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -747,7 +777,8 @@ pub(crate) trait Store: Send + Sync + 'static {
     fn record_writes(&self, on: bool) -> Vec<RawWrite>;
 
     fn pipeline(&self, name: &str, version: u32) -> Result<Option<PipelineRecord>>;
-    /// The latest version of every pipeline, by name.
+    /// The current version of every pipeline, by name: the newest that is
+    /// not a side version.
     fn latest_pipelines(&self) -> Result<Vec<PipelineRecord>>;
     /// Every stored version of every pipeline, by name then version.
     fn pipeline_versions(&self) -> Result<Vec<PipelineRecord>>;

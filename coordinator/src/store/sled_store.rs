@@ -295,6 +295,9 @@ impl Store for SledStore {
     fn latest_pipelines(&self) -> Result<Vec<PipelineRecord>> {
         let mut latest: Vec<PipelineRecord> = Vec::new();
         for record in self.scan::<PipelineRecord>(&[keys::PIPELINE])? {
+            if record.side {
+                continue;
+            }
             // Versions of one name are adjacent and ascending.
             match latest.last_mut() {
                 Some(last) if last.name == record.name => *last = record,

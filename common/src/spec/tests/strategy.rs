@@ -120,3 +120,14 @@ fn bad_strategies_say_what_to_change() {
          release replaces the live one",
     );
 }
+
+#[test]
+fn steps_read_with_the_current_one_in_brackets() {
+    use crate::spec::Strategy;
+    assert_eq!(
+        Strategy::steps_text(&[10, 50, 100], 1),
+        "10% → [50%] → 100%"
+    );
+    assert_eq!(Strategy::steps_text(&[0, 100], 0), "[shadow] → 100%");
+    assert_eq!(Strategy::steps_text(&[25, 100], usize::MAX), "25% → 100%");
+}

@@ -262,24 +262,7 @@ const ROUNDS_SHOWN: usize = 20;
 
 fn rollout_view(rollout: &crate::store::RolloutRecord, run: Option<u64>) -> RolloutView {
     use crate::store::{RolloutKind, RolloutPhase};
-    let steps = rollout
-        .steps
-        .iter()
-        .enumerate()
-        .map(|(i, weight)| {
-            let weight = if *weight == 0 {
-                "shadow".to_owned()
-            } else {
-                format!("{weight}%")
-            };
-            if i == rollout.step {
-                format!("[{weight}]")
-            } else {
-                weight
-            }
-        })
-        .collect::<Vec<_>>()
-        .join(" → ");
+    let steps = kiln_common::spec::Strategy::steps_text(&rollout.steps, rollout.step);
     RolloutView {
         kind: match rollout.kind {
             RolloutKind::Canary => "canary",

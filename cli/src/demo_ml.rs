@@ -385,11 +385,13 @@ pub(crate) async fn run_scenario(
         say(format, "the inverted model was NOT stopped in staging")?;
     }
 
+    let (canary, monitor) = production_plan(repo)?;
     say(
         format,
-        "act 3: the fault is reverted and a new release goes through staging, then rolls out to \
-         production as a CANARY: the router gives it 25%, then 50% of the traffic for 8s each \
-         while the coordinator reads the router's error ratio of its answers every 2s, then 100%",
+        &format!(
+            "act 3: the fault is reverted and a new release goes through staging, then rolls out to \
+             production as a CANARY: {canary}"
+        ),
     )?;
     set_fault(repo, "invert", "none")?;
     let (_, canary) = ship_with_rollout(coordinator, repo, format).await?;
@@ -402,9 +404,10 @@ pub(crate) async fn run_scenario(
     };
     say(
         format,
-        "UPSTREAM DATA FAULT, openly: from now on half the production customers arrive with \
-         every attribute shifted one column over. The monitor scrapes the server every 2s \
-         (error ratio and input drift, model_input_psi) and rolls back after 3 breaches.",
+        &format!(
+            "UPSTREAM DATA FAULT, openly: from now on half the production customers arrive with \
+             every attribute shifted one column over. {monitor}"
+        ),
     )?;
     docker_rm(TRAFFIC);
     start_traffic(repo, "0.5")?;
@@ -492,6 +495,60 @@ fn start_traffic(repo: &Path, drift_share: &str) -> Result<(), CliError> {
             drift_share,
         ],
     )
+}
+
+/// What the example's `deploy-production` says of its canary and its
+/// monitor, in a sentence each, read from the demo repository's kiln.yml
+/// (so the narration never disagrees with the file).
+fn production_plan(repo: &Path) -> Result<(String, String), CliError> {
+    use kiln_common::duration::format as secs;
+    let path = repo.join("kiln.yml");
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| CliError::Input(format!("cannot read {}: {e}", path.display())))?;
+    let pipeline = kiln_common::spec::parse("kiln.yml", &text)
+        .map_err(|e| CliError::Input(format!("the demo's kiln.yml: {e}")))?;
+    let stage = pipeline
+        .stages
+        .iter()
+        .find(|stage| stage.name == "deploy-production")
+        .ok_or_else(|| CliError::Input("the demo's kiln.yml has no deploy-production".into()))?;
+    let (Some(strategy), Some(monitor)) = (&stage.strategy, &stage.monitor) else {
+        return Err(CliError::Input(
+            "the demo's deploy-production needs a `strategy:` and a `monitor:`".into(),
+        ));
+    };
+    let rules = |monitor: &kiln_common::spec::Monitor| {
+        monitor
+            .rollback_when
+            .keys()
+            .cloned()
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let steps: Vec<String> = strategy.steps.iter().map(|w| format!("{w}%")).collect();
+    let canary = match &strategy.analysis {
+        Some(analysis) => format!(
+            "{} of the traffic, each step for {} while the coordinator reads {} every {} \
+             ({} bad reads in a row abort)",
+            steps.join(", then "),
+            secs(strategy.pause),
+            rules(analysis),
+            secs(analysis.every),
+            analysis.failure_limit
+        ),
+        None => format!(
+            "{} of the traffic, each step for {}",
+            steps.join(", then "),
+            secs(strategy.pause)
+        ),
+    };
+    let monitor = format!(
+        "The monitor scrapes production every {} ({}) and rolls back after {} breaches in a row.",
+        secs(monitor.every),
+        rules(monitor),
+        monitor.failure_limit
+    );
+    Ok((canary, monitor))
 }
 
 /// Commits the train stage's `KILN_DEMO_FAULT: from` as `to`.
@@ -743,4 +800,28 @@ async fn production_history(coordinator: &Coordinator) -> Result<Vec<pb::Release
 
 fn say(format: OutputFormat, text: &str) -> Result<(), CliError> {
     output::progress(format, &format!("\n==> {text}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_narration_reads_the_examples_canary_and_monitor_from_its_file() {
+        let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/customer-behavior");
+        let (canary, monitor) = production_plan(&example).unwrap();
+        assert_eq!(
+            canary,
+            "25%, then 50%, then 100% of the traffic, each step for 8s while the coordinator reads \
+             router_error_ratio every 2s (2 bad reads in a row abort)"
+        );
+        assert_eq!(
+            monitor,
+            "The monitor scrapes production every 2s (model_error_ratio, model_input_psi) and \
+             rolls back after 3 breaches in a row."
+        );
+        let elsewhere = tempfile::tempdir().unwrap();
+        let missing = production_plan(elsewhere.path()).unwrap_err();
+        assert!(missing.to_string().contains("kiln.yml"), "{missing}");
+    }
 }

@@ -368,6 +368,7 @@ pub(crate) async fn run_scenario(
     set_fault(repo, "none", "invert")?;
     let second = ship(coordinator, repo, format).await?;
     print_gate(&second, format)?;
+    say_cache(coordinator, [&first, &second], format).await?;
     let stopped = second.state != pb::RunState::Succeeded as i32
         && second
             .stages
@@ -494,6 +495,56 @@ fn start_traffic(repo: &Path, drift_share: &str) -> Result<(), CliError> {
             "--drift-share",
             drift_share,
         ],
+    )
+}
+
+/// The `unit-tests` stage's cache in two runs of the same
+/// requirements-test.txt: the first builds the virtualenv from PyPI, the
+/// second restores it; each run's stage time and the agent's own words.
+async fn say_cache(
+    coordinator: &Coordinator,
+    runs: [&pb::Run; 2],
+    format: OutputFormat,
+) -> Result<(), CliError> {
+    let mut seen = Vec::new();
+    for run in runs {
+        let Some(stage) = run.stages.iter().find(|s| s.name == "unit-tests") else {
+            return Ok(());
+        };
+        let secs = stage.finished_ms.saturating_sub(stage.started_ms) as f64 / 1000.0;
+        let request = pb::StreamLogsRequest {
+            run_id: run.id,
+            stage: stage.name.clone(),
+            follow: false,
+            resume: Vec::new(),
+        };
+        let mut said = String::from("no cache line");
+        let mut entries = coordinator
+            .stream_logs(request)
+            .await
+            .map_err(|status| CliError::Coordinator(status.message().to_owned()))?;
+        while let Some(entry) = entries
+            .message()
+            .await
+            .map_err(|status| CliError::Coordinator(status.message().to_owned()))?
+        {
+            let text = entry.line.map(|line| line.text).unwrap_or_default();
+            if let Some((_, what)) = text.split_once("`: ")
+                && text.starts_with("cache `")
+                && (what.starts_with("miss") || what.starts_with("restored"))
+            {
+                said = what.to_owned();
+            }
+        }
+        seen.push(format!("run {}: {secs:.1}s ({said})", run.id));
+    }
+    say(
+        format,
+        &format!(
+            "unit-tests keeps its virtualenv of requirements-test.txt (from PyPI) as a stage \
+             cache: {}",
+            seen.join("; ")
+        ),
     )
 }
 

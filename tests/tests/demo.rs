@@ -53,6 +53,18 @@ async fn the_demo_promotes_a_model_and_rolls_back_a_degraded_one() -> Result<()>
         "{all}"
     );
     assert!(all.contains("live_accuracy"), "{all}");
+    // The second run restored the unit tests' virtualenv that the first
+    // built from PyPI, as the agent logged it.
+    let cache = all
+        .lines()
+        .find(|line| line.contains("unit-tests keeps its virtualenv"))
+        .unwrap_or_else(|| panic!("no cache line: {all}"));
+    assert!(
+        cache.contains("(miss; saved after the stage succeeds)")
+            && cache.contains("(restored from "),
+        "{cache}"
+    );
+    println!("{cache}");
     // The canary act, as the coordinator recorded it while it ran: the
     // first step's weight, its analysis rounds with the router's values,
     // and the decision. (The demo exits 0 only if it was promoted.)

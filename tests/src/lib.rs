@@ -302,6 +302,18 @@ impl Coordinator {
         kiln(&self.url(), args)
     }
 
+    /// Stores the secret `name` (a webhook's key, a forge token).
+    pub async fn set_secret(&self, name: &str, value: &str) -> Result<()> {
+        self.client()
+            .await?
+            .set_secret(pb::SetSecretRequest {
+                name: name.into(),
+                value: value.into(),
+            })
+            .await?;
+        Ok(())
+    }
+
     /// `kiln repo add REPO OPTIONS...`, which must succeed; its output.
     pub fn add_repo(&self, repo: &Repo, options: &[&str]) -> Result<String> {
         let mut args = vec!["repo", "add", repo.path().to_str().expect("a UTF-8 path")];

@@ -449,13 +449,8 @@ async fn webhooks_and_schedules_start_runs_with_parameters() -> Result<()> {
     let farm = Farm::start(&Default::default(), &[("sourced-agent", "", 2)])?;
     let repo = Repo::new(SOURCED)?;
     farm.coordinator.add_repo(&repo, &[])?;
-    let mut client = farm.coordinator.client().await?;
-    client
-        .set_secret(pb::SetSecretRequest {
-            name: "HOOK_KEY".into(),
-            value: HOOK_KEY.into(),
-        })
-        .await?;
+    farm.coordinator.set_secret("HOOK_KEY", HOOK_KEY).await?;
+    let client = farm.coordinator.client().await?;
 
     let commit = repo.commit("model.txt", "v2\n")?;
     let (status, answer) = push_hook(&farm, "EPOCHS=ten", &commit).await?;

@@ -38,14 +38,7 @@ fn sign(body: &[u8], key: &str) -> String {
 /// Adds `repo` and stores the webhook secret its pipeline names.
 async fn add_with_hook_key(coordinator: &Coordinator, repo: &Repo) -> Result<()> {
     coordinator.add_repo(repo, &[])?;
-    coordinator
-        .client()
-        .await?
-        .set_secret(pb::SetSecretRequest {
-            name: "HOOK_KEY".into(),
-            value: KEY.into(),
-        })
-        .await?;
+    coordinator.set_secret("HOOK_KEY", KEY).await?;
     Ok(())
 }
 
@@ -322,14 +315,7 @@ async fn a_pull_request_from_a_fork_is_built_from_its_pull_ref() -> Result<()> {
         "{}",
         String::from_utf8_lossy(&added.stderr)
     );
-    coordinator
-        .client()
-        .await?
-        .set_secret(pb::SetSecretRequest {
-            name: "HOOK_KEY".into(),
-            value: KEY.into(),
-        })
-        .await?;
+    coordinator.set_secret("HOOK_KEY", KEY).await?;
 
     let opened = json!({"action": "opened", "number": 9, "pull_request": {
         "head": {"sha": github_head, "ref": "feature"}, "base": {"ref": "main"}}});

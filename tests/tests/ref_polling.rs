@@ -84,14 +84,7 @@ async fn polling_starts_one_run_per_new_commit_and_none_twice() -> Result<()> {
     repo.commit("model.txt", "before polling\n")?;
     repo.git(&["tag", "v0"])?;
     let coordinator = &farm.coordinator;
-    coordinator
-        .client()
-        .await?
-        .set_secret(pb::SetSecretRequest {
-            name: "HOOK_KEY".into(),
-            value: KEY.into(),
-        })
-        .await?;
+    coordinator.set_secret("HOOK_KEY", KEY).await?;
     coordinator.add_repo(&repo, &["--poll", "1s"])?;
 
     // What was there before polling began starts nothing.

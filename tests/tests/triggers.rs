@@ -92,14 +92,7 @@ stages:
     // No secret set yet: the hook cannot be checked, so nothing runs.
     let (status, _) = deliver(coordinator, &pipeline, body.clone(), &[]).await?;
     assert_eq!(status, 503);
-    coordinator
-        .client()
-        .await?
-        .set_secret(pb::SetSecretRequest {
-            name: "HOOK_KEY".into(),
-            value: HOOK_KEY.into(),
-        })
-        .await?;
+    coordinator.set_secret("HOOK_KEY", HOOK_KEY).await?;
 
     let (status, answer) = deliver(coordinator, &pipeline, body.clone(), &[]).await?;
     assert_eq!(status, 401, "unsigned: {answer}");

@@ -7,8 +7,8 @@ use std::collections::BTreeMap;
 
 use kiln_common::ids::{RunId, StageKey};
 
+use super::Engine;
 use super::delivery::{PromoteRequest, PromoteStart};
-use super::{ActiveRun, Engine};
 use crate::error::ApiError;
 use crate::store::{RunRecord, RunState, StageRecord, StageState};
 
@@ -132,15 +132,7 @@ impl Engine {
             }
             stage.gate = Some(decision);
         }
-        let n_stages = stages.len();
-        self.runs.insert(id, ActiveRun::new(record, stages, spec));
-        self.save_run(id);
-        for i in 0..n_stages {
-            self.save_stage(StageKey {
-                run: id,
-                idx: i as u32,
-            });
-        }
+        self.insert_new_run(record, stages, spec);
         if !waiting {
             self.make_ready(StageKey {
                 run: id,

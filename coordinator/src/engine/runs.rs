@@ -206,17 +206,26 @@ impl Engine {
             })
             .collect();
         tracing::info!(run = %id, pipeline = %record.pipeline, commit = %record.commit, "run triggered");
-        self.runs
-            .insert(id, ActiveRun::new(record, stages, spec.clone()));
-        self.save_run(id);
-        for idx in 0..spec.parsed.stages.len() {
-            self.save_stage(StageKey {
-                run: id,
-                idx: idx as u32,
-            });
-        }
+        self.insert_new_run(record, stages, spec);
         self.start_new_run(id, source.changed);
         Ok(id)
+    }
+
+    /// Holds a run just created and queues its record and every stage's
+    /// for the next commit.
+    pub(super) fn insert_new_run(
+        &mut self,
+        record: RunRecord,
+        stages: Vec<StageRecord>,
+        spec: Arc<PipelineSpec>,
+    ) {
+        let id = record.id;
+        let keys: Vec<StageKey> = stages.iter().map(|stage| stage.key).collect();
+        self.runs.insert(id, ActiveRun::new(record, stages, spec));
+        self.save_run(id);
+        for key in keys {
+            self.save_stage(key);
+        }
     }
 
     /// Puts a run loaded from the store back to work after a restart.
@@ -501,6 +510,19 @@ impl Engine {
     }
 
     fn skip_dependents(&mut self, key: StageKey, spec: &PipelineSpec, failed: &str) {
+        let reason = format!("`{failed}` did not succeed");
+        self.skip_waiting_dependents(key, spec, &reason, false);
+    }
+
+    /// Skips every stage still waiting on `key`, transitively, for
+    /// `reason`; `settled`: for good ([`StageRecord::settled`]).
+    fn skip_waiting_dependents(
+        &mut self,
+        key: StageKey,
+        spec: &PipelineSpec,
+        reason: &str,
+        settled: bool,
+    ) {
         let mut todo = spec.dependents[key.idx as usize].clone();
         while let Some(idx) = todo.pop() {
             let dependent = StageKey {
@@ -510,7 +532,13 @@ impl Engine {
             let waiting = self.stage(dependent).is_some_and(|stage| {
                 matches!(stage.state, StageState::Pending | StageState::Ready)
             });
-            if waiting && self.skip(dependent, failed) {
+            let skipped = waiting
+                && if settled {
+                    self.skip_settled(dependent, reason.to_owned())
+                } else {
+                    self.skip_because(dependent, reason.to_owned())
+                };
+            if skipped {
                 todo.extend(spec.dependents[idx].iter().copied());
             }
         }
@@ -570,20 +598,8 @@ impl Engine {
         spec: &PipelineSpec,
         name: &str,
     ) {
-        let mut todo = spec.dependents[key.idx as usize].clone();
-        while let Some(idx) = todo.pop() {
-            let dependent = StageKey {
-                run: key.run,
-                idx: idx as u32,
-            };
-            let waiting = self.stage(dependent).is_some_and(|stage| {
-                matches!(stage.state, StageState::Pending | StageState::Ready)
-            });
-            if waiting && self.skip_settled(dependent, format!("needs `{name}`, which was skipped"))
-            {
-                todo.extend(spec.dependents[idx].iter().copied());
-            }
-        }
+        let reason = format!("needs `{name}`, which was skipped");
+        self.skip_waiting_dependents(key, spec, &reason, true);
     }
 
     /// Re-queues a stage whose attempt ended without success, as a new
@@ -1149,15 +1165,7 @@ impl Engine {
                 record
             })
             .collect();
-        let n_stages = stages.len();
-        self.runs.insert(id, ActiveRun::new(record, stages, spec));
-        self.save_run(id);
-        for i in 0..n_stages {
-            self.save_stage(StageKey {
-                run: id,
-                idx: i as u32,
-            });
-        }
+        self.insert_new_run(record, stages, spec);
         self.make_ready(StageKey {
             run: id,
             idx: idx as u32,
